@@ -1,0 +1,229 @@
+//! Policy test cases kept beside the policies (`*.test.yaml`), run by `agt-jail policy test`.
+//!
+//! ```yaml
+//! policies: [policy.yaml]        # relative to this file
+//! stage: pre_tool                # optional
+//! agent: did:agt:coder           # optional
+//! cases:
+//!   - name: rm -rf / is blocked
+//!     context: {event: exec, exec: {argv: [rm, -rf, /]}}
+//!     repeat: 1                  # optional: evaluate N times through one rate limiter
+//!     expect: {action: deny, matched_rule: block-destructive-rm}   # or just: deny
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::limit::{ManualClock, RateLimiter};
+use crate::toolkit::Ctx;
+use crate::yaml::{self, Kind, Node};
+use crate::{Action, Decision, EvalOptions, LoadError, PolicySet, Strategy};
+
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub file: String,
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub cases: Vec<CaseResult>,
+    /// Test files that could not be loaded (each counts as a failure).
+    pub errors: Vec<LoadError>,
+}
+
+impl Report {
+    pub fn failed(&self) -> usize {
+        self.cases.iter().filter(|c| !c.passed).count() + self.errors.len()
+    }
+}
+
+/// Deepest directory recursion when looking for test files.
+const MAX_DIR_DEPTH: usize = 16;
+
+/// Finds `*.test.yaml` / `*.test.yml` under `dir` (or `dir` itself if it is a file).
+pub fn find_test_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if dir.is_file() {
+        out.push(dir.to_path_buf());
+        return out;
+    }
+    let mut todo = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth)) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() && depth < MAX_DIR_DEPTH {
+                todo.push((p, depth + 1));
+            } else if ft.is_file() {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if n.ends_with(".test.yaml") || n.ends_with(".test.yml") {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn run_dir(dir: &Path) -> Report {
+    let mut report = Report::default();
+    let files = find_test_files(dir);
+    if files.is_empty() {
+        report.errors.push(LoadError::new(
+            dir.display().to_string(),
+            yaml::Pos::default(),
+            "no *.test.yaml files found",
+        ));
+    }
+    for f in files {
+        if let Err(e) = run_file(&f, &mut report) {
+            report.errors.push(e);
+        }
+    }
+    report
+}
+
+struct Expect {
+    action: Option<Action>,
+    allowed: Option<bool>,
+    matched_rule: Option<Option<String>>,
+}
+
+fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
+    let file = path.display().to_string();
+    let bytes = crate::read_limited(path)?;
+    let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
+    let node = yaml::parse(text).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
+    let cx = Ctx { file: &file };
+    cx.check_keys(&node, &["policies", "stage", "agent", "strategy", "rego_query", "cases"], "test file")?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let pnode = node
+        .get("policies")
+        .ok_or_else(|| cx.err(node.pos, "missing \"policies\" (the policy files under test)"))?;
+    let policies: Vec<PathBuf> = cx.string_list(pnode, "policies")?.into_iter().map(|p| base.join(p)).collect();
+    let rego_query = cx.opt_string(&node, "rego_query")?;
+    let set = PolicySet::load_with(&policies, rego_query.as_deref())?;
+    let mut opts = EvalOptions::default();
+    if let Some(s) = cx.opt_string(&node, "stage")? {
+        opts.stage = s;
+    }
+    opts.agent = cx.opt_string(&node, "agent")?;
+    if let Some(n) = node.get("strategy") {
+        let s = cx.string(n, "strategy")?;
+        opts.strategy = Some(Strategy::parse(&s).ok_or_else(|| cx.err(n.pos, format!("invalid strategy {s:?}")))?);
+    }
+    let cases = match node.get("cases").map(|c| &c.kind) {
+        Some(Kind::Seq(items)) => items,
+        _ => return Err(cx.err(node.pos, "missing \"cases\" list")),
+    };
+    for (i, case) in cases.iter().enumerate() {
+        cx.check_keys(case, &["name", "context", "expect", "repeat", "stage", "agent"], "case")?;
+        let name = cx.opt_string(case, "name")?.unwrap_or_else(|| format!("case {}", i + 1));
+        let ctx = case
+            .get("context")
+            .ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"context\"")))?
+            .to_json();
+        let expect = parse_expect(&cx, case, &name)?;
+        let repeat = match case.get("repeat") {
+            None => 1,
+            Some(n) => match n.kind {
+                Kind::Int(r) if (1..=100_000).contains(&r) => r as u64,
+                _ => return Err(cx.err(n.pos, "repeat must be an integer from 1 to 100000")),
+            },
+        };
+        let mut case_opts = opts.clone();
+        if let Some(s) = cx.opt_string(case, "stage")? {
+            case_opts.stage = s;
+        }
+        if let Some(a) = cx.opt_string(case, "agent")? {
+            case_opts.agent = Some(a);
+        }
+        let mut limiter = RateLimiter::new(ManualClock::default());
+        let mut last: Option<Decision> = None;
+        for _ in 0..repeat {
+            last = Some(limiter.apply(set.evaluate(&ctx, &case_opts)));
+        }
+        let Some(d) = last else { continue };
+        let (passed, detail) = check(&expect, &d);
+        report.cases.push(CaseResult {
+            file: file.clone(),
+            name,
+            passed,
+            detail,
+        });
+    }
+    Ok(())
+}
+
+fn parse_expect(cx: &Ctx<'_>, case: &Node, name: &str) -> Result<Expect, LoadError> {
+    let n = case
+        .get("expect")
+        .ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"expect\"")))?;
+    let action_of = |n: &Node| -> Result<Action, LoadError> {
+        let s = cx.string(n, "expect.action")?;
+        Action::parse(&s).ok_or_else(|| cx.err(n.pos, format!("unknown action {s:?}")))
+    };
+    match &n.kind {
+        Kind::Str(_) => Ok(Expect {
+            action: Some(action_of(n)?),
+            allowed: None,
+            matched_rule: None,
+        }),
+        Kind::Map(_) => {
+            cx.check_keys(n, &["action", "allowed", "matched_rule"], "expect")?;
+            let action = n.get("action").map(action_of).transpose()?;
+            let allowed = match n.get("allowed").map(|a| (&a.kind, a.pos)) {
+                None => None,
+                Some((Kind::Bool(b), _)) => Some(*b),
+                Some((_, pos)) => return Err(cx.err(pos, "expect.allowed must be a boolean")),
+            };
+            let matched_rule = match n.get("matched_rule") {
+                None => None,
+                Some(m) if m.kind == Kind::Null => Some(None),
+                Some(m) => Some(Some(cx.string(m, "expect.matched_rule")?)),
+            };
+            Ok(Expect {
+                action,
+                allowed,
+                matched_rule,
+            })
+        }
+        _ => Err(cx.err(n.pos, "expect must be an action or a mapping {action, allowed, matched_rule}")),
+    }
+}
+
+fn check(e: &Expect, d: &Decision) -> (bool, String) {
+    let mut problems = Vec::new();
+    if let Some(a) = e.action {
+        if a != d.action {
+            problems.push(format!("action: expected {a}, got {}", d.action));
+        }
+    }
+    if let Some(a) = e.allowed {
+        if a != d.allowed {
+            problems.push(format!("allowed: expected {a}, got {}", d.allowed));
+        }
+    }
+    if let Some(m) = &e.matched_rule {
+        if m != &d.matched_rule {
+            problems.push(format!("matched_rule: expected {m:?}, got {:?}", d.matched_rule));
+        }
+    }
+    let got = serde_json::to_string(d).unwrap_or_default();
+    if problems.is_empty() {
+        (true, got)
+    } else {
+        (false, format!("{} (decision: {got})", problems.join("; ")))
+    }
+}
+
+/// Parses one JSON context for evaluation (shared with the CLI).
+pub fn parse_context(text: &str) -> Result<Value, String> {
+    serde_json::from_str::<Value>(text).map_err(|e| format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+}

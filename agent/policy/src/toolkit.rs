@@ -1,0 +1,468 @@
+//! `apiVersion: governance.toolkit/v1` documents (AGT's `agentmesh.governance.PolicyEngine`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::expr::Expr;
+use crate::limit::{LimitRef, RateSpec};
+use crate::yaml::{Kind, Node, Pos};
+use crate::{Action, Decision, Document, LoadError, Strategy, MAX_EXTENDS_DEPTH};
+
+/// Policy scope, for most_specific_wins (agent > organization > tenant > global).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Global = 0,
+    Tenant = 1,
+    Organization = 2,
+    Agent = 3,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Rule {
+    pub name: String,
+    pub description: Option<String>,
+    pub stage: String,
+    pub condition_src: String,
+    pub condition: Expr,
+    pub action: Action,
+    pub priority: i64,
+    pub enabled: bool,
+    pub limit: Option<RateSpec>,
+    pub approvers: Vec<String>,
+    /// Came from an `extends` parent; a child can never override such a deny.
+    pub inherited: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    pub file: String,
+    pub name: String,
+    pub name_pos: Pos,
+    pub agent: Option<String>,
+    pub agents: Vec<String>,
+    pub scope: Scope,
+    pub rules: Vec<Rule>,
+    pub default_action: Action,
+    pub strategy: Option<Strategy>,
+    pub strategy_pos: Pos,
+}
+
+impl Policy {
+    /// AGT's `Policy.applies_to`: exact `agent`, listed in `agents`, or `*` in `agents`.
+    pub fn applies_to(&self, agent: &str) -> bool {
+        self.agent.as_deref() == Some(agent) || self.agents.iter().any(|a| a == agent || a == "*")
+    }
+}
+
+const TOP_KEYS: &[&str] = &[
+    "apiVersion",
+    "version",
+    "name",
+    "description",
+    "extends",
+    "agent",
+    "agents",
+    "scope",
+    "rules",
+    "default_action",
+    "created_at",
+    "updated_at",
+    "conflict_strategy",
+];
+const RULE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "stage",
+    "condition",
+    "action",
+    "limit",
+    "approvers",
+    "priority",
+    "enabled",
+];
+const STAGES: &[&str] = &["pre_input", "pre_tool", "post_tool", "pre_output"];
+
+pub(crate) struct Ctx<'a> {
+    pub file: &'a str,
+}
+
+impl Ctx<'_> {
+    pub fn err(&self, pos: Pos, msg: impl Into<String>) -> LoadError {
+        LoadError::new(self.file, pos, msg)
+    }
+
+    pub fn check_keys(&self, node: &Node, allowed: &[&str], what: &str) -> Result<(), LoadError> {
+        if let Kind::Map(entries) = &node.kind {
+            for (k, _) in entries {
+                match &k.kind {
+                    Kind::Str(s) if allowed.contains(&s.as_str()) => {}
+                    Kind::Str(s) => {
+                        return Err(self.err(
+                            k.pos,
+                            format!("unknown {what} field {s:?}; expected one of: {}", allowed.join(", ")),
+                        ))
+                    }
+                    _ => return Err(self.err(k.pos, format!("{what} keys must be strings"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn string(&self, node: &Node, what: &str) -> Result<String, LoadError> {
+        match &node.kind {
+            Kind::Str(s) => Ok(s.clone()),
+            _ => Err(self.err(node.pos, format!("expected a string for {what}, found {}", node.type_name()))),
+        }
+    }
+
+    pub fn opt_string(&self, parent: &Node, key: &str) -> Result<Option<String>, LoadError> {
+        match parent.get(key) {
+            None => Ok(None),
+            Some(n) if n.kind == Kind::Null => Ok(None),
+            Some(n) => self.string(n, key).map(Some),
+        }
+    }
+
+    pub fn string_list(&self, node: &Node, what: &str) -> Result<Vec<String>, LoadError> {
+        match &node.kind {
+            Kind::Null => Ok(Vec::new()),
+            Kind::Seq(items) => items.iter().map(|i| self.string(i, what)).collect(),
+            _ => Err(self.err(node.pos, format!("expected a list of strings for {what}, found {}", node.type_name()))),
+        }
+    }
+
+    pub fn int(&self, node: &Node, what: &str) -> Result<i64, LoadError> {
+        match &node.kind {
+            Kind::Int(i) => Ok(*i),
+            _ => Err(self.err(node.pos, format!("expected an integer for {what}, found {}", node.type_name()))),
+        }
+    }
+}
+
+/// Where a condition's character `offset` lands in the file, for single-line scalars.
+fn condition_pos(node: &Node, src: &str, offset: usize) -> Pos {
+    if src.contains('\n') {
+        return node.pos;
+    }
+    Pos {
+        line: node.pos.line,
+        col: node.pos.col + offset + usize::from(node.quoted),
+    }
+}
+
+pub(crate) fn parse(node: &Node, file: &str, path: Option<&Path>, stack: &mut Vec<PathBuf>) -> Result<Policy, LoadError> {
+    let cx = Ctx { file };
+    cx.check_keys(node, TOP_KEYS, "policy")?;
+    if let Some(v) = node.get("apiVersion") {
+        let s = cx.string(v, "apiVersion")?;
+        if s != "governance.toolkit/v1" && s != "1.0" {
+            return Err(cx.err(
+                v.pos,
+                format!("unsupported apiVersion {s:?}; expected \"governance.toolkit/v1\""),
+            ));
+        }
+    }
+    let name_node = node
+        .get("name")
+        .ok_or_else(|| cx.err(node.pos, "missing required field \"name\""))?;
+    let name = cx.string(name_node, "name")?;
+    let default_action = match node.get("default_action") {
+        None => Action::Deny,
+        Some(n) => match cx.string(n, "default_action")?.as_str() {
+            "allow" => Action::Allow,
+            "deny" => Action::Deny,
+            other => return Err(cx.err(n.pos, format!("invalid default_action {other:?}; expected allow or deny"))),
+        },
+    };
+    let agent = cx.opt_string(node, "agent")?;
+    let agents = match node.get("agents") {
+        Some(n) => cx.string_list(n, "agents")?,
+        None => Vec::new(),
+    };
+    let scope = match cx.opt_string(node, "scope")?.as_deref() {
+        None | Some("global") => Scope::Global,
+        Some("tenant") => Scope::Tenant,
+        Some("organization") => Scope::Organization,
+        Some("agent") => Scope::Agent,
+        // AGT maps unknown scopes to global; so do we, for identical decisions.
+        Some(_) => Scope::Global,
+    };
+    let (strategy, strategy_pos) = match node.get("conflict_strategy") {
+        None => (None, Pos::default()),
+        Some(n) => {
+            let s = cx.string(n, "conflict_strategy")?;
+            let st = Strategy::parse(&s).ok_or_else(|| {
+                cx.err(
+                    n.pos,
+                    format!("invalid conflict_strategy {s:?}; expected priority_first_match, deny_overrides, allow_overrides or most_specific_wins"),
+                )
+            })?;
+            (Some(st), n.pos)
+        }
+    };
+    let mut rules = Vec::new();
+    match node.get("rules") {
+        None => {}
+        Some(n) => match &n.kind {
+            Kind::Null => {}
+            Kind::Seq(items) => {
+                for item in items {
+                    rules.push(parse_rule(&cx, item)?);
+                }
+            }
+            _ => return Err(cx.err(n.pos, format!("expected a list for rules, found {}", n.type_name()))),
+        },
+    }
+    let mut policy = Policy {
+        file: file.to_string(),
+        name,
+        name_pos: name_node.pos,
+        agent,
+        agents,
+        scope,
+        rules,
+        default_action,
+        strategy,
+        strategy_pos,
+    };
+    if let Some(ext) = node.get("extends") {
+        let refs: Vec<(String, Pos)> = match &ext.kind {
+            Kind::Null => Vec::new(),
+            Kind::Str(s) => vec![(s.clone(), ext.pos)],
+            Kind::Seq(items) => items
+                .iter()
+                .map(|i| cx.string(i, "extends").map(|s| (s, i.pos)))
+                .collect::<Result<_, _>>()?,
+            _ => return Err(cx.err(ext.pos, "expected a path or list of paths for extends")),
+        };
+        if !refs.is_empty() {
+            let Some(path) = path else {
+                return Err(cx.err(ext.pos, "extends needs the policy to be loaded from a file"));
+            };
+            resolve_extends(&cx, &mut policy, path, &refs, stack)?;
+        }
+    }
+    Ok(policy)
+}
+
+fn resolve_extends(
+    cx: &Ctx<'_>,
+    policy: &mut Policy,
+    path: &Path,
+    refs: &[(String, Pos)],
+    stack: &mut Vec<PathBuf>,
+) -> Result<(), LoadError> {
+    let io = |pos: Pos, what: &str, e: std::io::Error| cx.err(pos, format!("{what}: {e}"));
+    let me = std::fs::canonicalize(path).map_err(|e| io(Pos::default(), "cannot resolve policy path", e))?;
+    let base = me.parent().map(Path::to_path_buf).unwrap_or_default();
+    if stack.len() >= MAX_EXTENDS_DEPTH {
+        return Err(cx.err(refs[0].1, format!("extends chain deeper than {MAX_EXTENDS_DEPTH} files")));
+    }
+    stack.push(me.clone());
+    let mut parent_rules: Vec<Rule> = Vec::new();
+    for (r, pos) in refs {
+        let candidate = base.join(r);
+        let real = std::fs::canonicalize(&candidate)
+            .map_err(|e| io(*pos, &format!("extends {r:?} cannot be read at {}", candidate.display()), e))?;
+        if !real.starts_with(&base) {
+            stack.pop();
+            return Err(cx.err(
+                *pos,
+                format!(
+                    "extends {r:?} resolves to {} which is outside the policy directory {}",
+                    real.display(),
+                    base.display()
+                ),
+            ));
+        }
+        if stack.contains(&real) {
+            let chain: Vec<String> = stack.iter().chain(std::iter::once(&real)).map(|p| p.display().to_string()).collect();
+            return Err(cx.err(*pos, format!("circular extends: {}", chain.join(" -> "))));
+        }
+        let parent = match crate::load_document_inner(&real, stack)? {
+            Document::Toolkit(p) => p,
+            Document::V4(_) => {
+                return Err(cx.err(*pos, format!("extends {r:?} is an Agent-OS v4 document, not governance.toolkit/v1")))
+            }
+        };
+        // Diamonds: the first parent to define a rule name wins, as in AGT.
+        for mut rule in parent.rules {
+            if !parent_rules.iter().any(|p| p.name == rule.name) {
+                rule.inherited = true;
+                parent_rules.push(rule);
+            }
+        }
+    }
+    stack.pop();
+    // Additive only: a child rule that reuses a parent deny's name with a permissive action is
+    // dropped (AGT drops allow/log; warn is also permissive here).
+    let own = std::mem::take(&mut policy.rules);
+    let denied: Vec<&str> = parent_rules
+        .iter()
+        .filter(|r| r.action.is_deny_class())
+        .map(|r| r.name.as_str())
+        .collect();
+    let kept: Vec<Rule> = own
+        .into_iter()
+        .filter(|r| !(denied.contains(&r.name.as_str()) && r.action.is_allowed()))
+        .collect();
+    policy.rules = parent_rules;
+    policy.rules.extend(kept);
+    Ok(())
+}
+
+fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
+    if !matches!(node.kind, Kind::Map(_)) {
+        return Err(cx.err(node.pos, format!("expected a rule mapping, found {}", node.type_name())));
+    }
+    cx.check_keys(node, RULE_KEYS, "rule")?;
+    let name = cx.string(
+        node.get("name").ok_or_else(|| cx.err(node.pos, "rule is missing required field \"name\""))?,
+        "rule name",
+    )?;
+    let cond_node = node
+        .get("condition")
+        .ok_or_else(|| cx.err(node.pos, format!("rule {name:?} is missing required field \"condition\"")))?;
+    let condition_src = cx.string(cond_node, "condition")?;
+    let condition = Expr::parse(&condition_src).map_err(|e| {
+        cx.err(
+            condition_pos(cond_node, &condition_src, e.offset),
+            format!("rule {name:?}: condition: {}", e.message),
+        )
+    })?;
+    let action = match node.get("action") {
+        None => Action::Deny,
+        Some(n) => {
+            let s = cx.string(n, "action")?;
+            match Action::parse(&s) {
+                Some(a @ (Action::Allow | Action::Deny | Action::Warn | Action::RequireApproval | Action::Log | Action::Kill)) => a,
+                _ => {
+                    return Err(cx.err(
+                        n.pos,
+                        format!("invalid action {s:?}; expected allow, deny, warn, require_approval, log or kill"),
+                    ))
+                }
+            }
+        }
+    };
+    let stage = match node.get("stage") {
+        None => "pre_tool".to_string(),
+        Some(n) => {
+            let s = cx.string(n, "stage")?;
+            if !STAGES.contains(&s.as_str()) {
+                return Err(cx.err(n.pos, format!("invalid stage {s:?}; expected one of {}", STAGES.join(", "))));
+            }
+            s
+        }
+    };
+    let priority = match node.get("priority") {
+        None => 0,
+        Some(n) => cx.int(n, "priority")?,
+    };
+    let enabled = match node.get("enabled") {
+        None => true,
+        Some(n) => match n.kind {
+            Kind::Bool(b) => b,
+            _ => return Err(cx.err(n.pos, format!("expected a boolean for enabled, found {}", n.type_name()))),
+        },
+    };
+    let limit = match node.get("limit") {
+        None => None,
+        Some(n) if n.kind == Kind::Null => None,
+        Some(n) => {
+            let s = cx.string(n, "limit")?;
+            Some(RateSpec::parse(&s).map_err(|m| cx.err(n.pos, m))?)
+        }
+    };
+    let approvers = match node.get("approvers") {
+        None => Vec::new(),
+        Some(n) => cx.string_list(n, "approvers")?,
+    };
+    Ok(Rule {
+        name,
+        description: cx.opt_string(node, "description")?,
+        stage,
+        condition_src,
+        condition,
+        action,
+        priority,
+        enabled,
+        limit,
+        approvers,
+        inherited: false,
+    })
+}
+
+struct Candidate<'a> {
+    policy: &'a Policy,
+    rule: &'a Rule,
+}
+
+/// Collects matching rules across the applicable policies and resolves them with `strategy`.
+/// `None` when nothing matched (the caller then consults Rego, then the default).
+pub(crate) fn evaluate(applicable: &[&Policy], ctx: &Value, stage: &str, strategy: Strategy) -> Option<Decision> {
+    let mut cands: Vec<Candidate<'_>> = Vec::new();
+    for p in applicable {
+        for r in &p.rules {
+            if r.enabled && r.stage == stage && r.condition.eval(ctx) {
+                cands.push(Candidate { policy: p, rule: r });
+            }
+        }
+    }
+    if cands.is_empty() {
+        return None;
+    }
+    // AGT sorts stably by priority, descending; ties keep load order. `max_by_key` would keep
+    // the last maximum, so pick the first maximum explicitly.
+    fn best<'a, 'b>(it: impl Iterator<Item = &'b Candidate<'a>>, key: impl Fn(&Candidate<'a>) -> (i64, i64)) -> Option<&'b Candidate<'a>>
+    where
+        'a: 'b,
+    {
+        let mut out: Option<&Candidate<'a>> = None;
+        for c in it {
+            if out.is_none_or(|o| key(c) > key(o)) {
+                out = Some(c);
+            }
+        }
+        out
+    }
+    let prio = |c: &Candidate<'_>| (c.rule.priority, 0);
+    let winner = match strategy {
+        Strategy::PriorityFirstMatch => best(cands.iter(), prio),
+        Strategy::DenyOverrides => best(cands.iter().filter(|c| c.rule.action.is_deny_class()), prio)
+            .or_else(|| best(cands.iter(), prio)),
+        Strategy::AllowOverrides => {
+            best(cands.iter().filter(|c| c.rule.action == Action::Allow), prio).or_else(|| best(cands.iter(), prio))
+        }
+        Strategy::MostSpecificWins => best(cands.iter(), |c| (c.policy.scope as i64, c.rule.priority)),
+    }?;
+    // Extends floor: a child's permissive rule never beats a matching deny inherited from a parent.
+    let winner = if winner.rule.action.is_allowed() && !winner.rule.inherited {
+        best(
+            cands
+                .iter()
+                .filter(|c| std::ptr::eq(c.policy, winner.policy) && c.rule.inherited && c.rule.action.is_deny_class()),
+            prio,
+        )
+        .unwrap_or(winner)
+    } else {
+        winner
+    };
+    let r = winner.rule;
+    let mut d = Decision::new(
+        r.action,
+        Some(r.name.clone()),
+        Some(winner.policy.name.clone()),
+        r.description.clone().unwrap_or_else(|| format!("Rule {} matched", r.name)),
+    );
+    d.approvers = r.approvers.clone();
+    d.limit = r.limit.as_ref().map(|spec| LimitRef {
+        agent: String::new(),
+        policy: winner.policy.name.clone(),
+        rule: r.name.clone(),
+        spec: spec.clone(),
+    });
+    Some(d)
+}
