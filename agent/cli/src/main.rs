@@ -1,0 +1,63 @@
+//! `agt-jail`: the command-line edge. Errors become one line on stderr and an exit code;
+//! every library below returns typed errors.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod exec_cmd;
+mod policy_cmd;
+
+/// Exit status for agt-jail's own failures (bad flags, bad policy, kernel refused), as `docker run` does.
+pub const EXIT_INTERNAL: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "agt-jail",
+    version,
+    about = "Enforce AI-agent policy below the application: jails, eBPF, policy kernel",
+    long_about = "agt-jail runs AI agents in a jail and enforces policy in the kernel, below the \
+                  agent's own process, so a prompt-injected or compromised agent cannot skip the check."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
+    Exec(exec_cmd::ExecArgs),
+    /// Lint, evaluate and test policies (AGT governance.toolkit/v1, Agent-OS v4, Rego).
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version are not failures and print in full.
+            if !err.use_stderr() {
+                let _ = err.print();
+                return ExitCode::SUCCESS;
+            }
+            // Usage errors: one line, the one that says what is wrong.
+            // clap's first paragraph says what is wrong (it may wrap onto indented lines).
+            let rendered = err.render().to_string();
+            let reason: Vec<&str> = rendered
+                .lines()
+                .skip_while(|line| line.trim().is_empty())
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let reason = reason.join(" ");
+            let reason = reason.trim_start_matches("error: ");
+            eprintln!("agt-jail: {reason} (see --help)");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    match cli.command {
+        Command::Exec(args) => exec_cmd::run(args),
+        Command::Policy(cmd) => policy_cmd::run(cmd),
+    }
+}

@@ -1,0 +1,16 @@
+//! Userspace side of agt-jail's eBPF programs: load the committed object, attach it to
+//! agent cgroups, fill its rule maps and decode its events.
+//!
+//! The object is built from `ebpf/agt-jail-ebpf` by `cargo xtask build-ebpf` and
+//! committed, so this crate builds on stable without bpf-linker.
+
+mod btf;
+mod events;
+mod programs;
+
+pub use btf::{KernelOffsets, OffsetError};
+pub use events::{decode, DecodeError, Event, EventReader, NetFamily};
+pub use programs::{AgentPrograms, ConnectRule, LoaderError};
+
+/// The eBPF object, embedded at build time. Aligned because aya parses it in place.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/agt-jail.bpf.o");

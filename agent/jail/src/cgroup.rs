@@ -1,0 +1,357 @@
+//! Agent cgroups: created (and given to the BPF loader) before the agent runs,
+//! killed and removed on every exit path.
+//!
+//! All paths are derived from a root passed in, so the logic runs against a
+//! temporary directory in unit tests and against `/sys/fs/cgroup` in production.
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy is mounted (looked in {mountinfo}); agt-jail needs cgroup2 for attaching BPF programs")]
+    NoCgroup2 { mountinfo: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot create cgroup {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot open cgroup {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cgroup {path} still has processes after {waited_ms} ms of SIGKILL")]
+    StillPopulated { path: PathBuf, waited_ms: u128 },
+    #[error("cannot remove cgroup {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
+}
+
+/// Where the cgroup hierarchies are mounted on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupLayout {
+    /// The cgroup2 mount: `/sys/fs/cgroup` on pure v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones.
+    pub v2: PathBuf,
+    /// True when v1 controller hierarchies (memory, pids, cpu...) are mounted beside it.
+    pub hybrid: bool,
+}
+
+impl CgroupLayout {
+    /// Reads the layout from a mountinfo file (normally `/proc/self/mountinfo`).
+    pub fn detect(mountinfo: &Path) -> Result<Self, CgroupError> {
+        let text = fs::read_to_string(mountinfo).map_err(|source| CgroupError::Read {
+            path: mountinfo.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).ok_or_else(|| CgroupError::NoCgroup2 {
+            mountinfo: mountinfo.to_path_buf(),
+        })
+    }
+
+    /// Parses mountinfo text (proc(5) format): the mount point is field 5, the
+    /// filesystem type follows the " - " separator.
+    pub fn parse(mountinfo: &str) -> Option<Self> {
+        let mut v2 = None;
+        let mut hybrid = false;
+        for line in mountinfo.lines() {
+            let Some((left, right)) = line.split_once(" - ") else { continue };
+            let Some(mount_point) = left.split_whitespace().nth(4) else { continue };
+            match right.split_whitespace().next() {
+                Some("cgroup2") if v2.is_none() => v2 = Some(PathBuf::from(unescape_mount_path(mount_point))),
+                Some("cgroup") => hybrid = true,
+                _ => {}
+            }
+        }
+        v2.map(|v2| Self { v2, hybrid })
+    }
+
+    /// The directory under which agt-jail creates agent cgroups.
+    pub fn agents_parent(&self) -> PathBuf {
+        self.v2.join("agt-jail")
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mount_path(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let value = bytes[i + 1..i + 4].iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+            if let Ok(byte) = u8::try_from(value) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One agent's cgroup v2 directory.
+#[derive(Debug)]
+pub struct AgentCgroup {
+    path: PathBuf,
+    dir: File,
+    id: u64,
+    removed: bool,
+}
+
+/// How long [`AgentCgroup::remove`] waits for killed processes to leave.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl AgentCgroup {
+    /// Creates `parent/name` (and `parent` if needed). The name must be fresh: an
+    /// existing cgroup is never adopted, so two agents never share one.
+    pub fn create(parent: &Path, name: &str) -> Result<Self, CgroupError> {
+        fs::create_dir_all(parent).map_err(|source| CgroupError::Create {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        let path = parent.join(name);
+        fs::create_dir(&path).map_err(|source| CgroupError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        match Self::open(&path) {
+            Ok(cgroup) => Ok(cgroup),
+            Err(err) => {
+                let _ = fs::remove_dir(&path);
+                Err(err)
+            }
+        }
+    }
+
+    fn open(path: &Path) -> Result<Self, CgroupError> {
+        let dir = File::open(path).map_err(|source| CgroupError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let meta = dir.metadata().map_err(|source| CgroupError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // On cgroup2 the directory's inode number is the cgroup id that
+        // bpf_get_current_cgroup_id() returns.
+        Ok(Self { path: path.to_path_buf(), dir, id: meta.ino(), removed: false })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cgroup id as BPF programs see it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The open directory, for attaching cgroup BPF programs.
+    pub fn dir(&self) -> &File {
+        &self.dir
+    }
+
+    /// `cgroup.procs`, opened for writing, for a child to move itself in before exec.
+    pub fn procs_for_join(&self) -> Result<File, CgroupError> {
+        let path = self.path.join("cgroup.procs");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|source| CgroupError::Open { path, source })
+    }
+
+    /// Process ids currently in the cgroup.
+    pub fn pids(&self) -> Result<Vec<libc::pid_t>, CgroupError> {
+        let path = self.path.join("cgroup.procs");
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(text.lines().filter_map(|line| line.trim().parse().ok()).collect()),
+            // The cgroup is already gone: nothing is in it.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(CgroupError::Read { path, source }),
+        }
+    }
+
+    /// Kills every process in the cgroup: `cgroup.kill` where the kernel has it
+    /// (5.14+, atomic against forks), otherwise SIGKILL to each listed pid, repeated
+    /// until the cgroup is empty.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        let kill_file = self.path.join("cgroup.kill");
+        if kill_file.exists() {
+            fs::write(&kill_file, "1").map_err(|source| CgroupError::Write { path: kill_file, source })?;
+        } else {
+            for pid in self.pids()? {
+                sys::kill(pid, libc::SIGKILL).map_err(|source| CgroupError::Write {
+                    path: self.path.join("cgroup.procs"),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills what is left, waits for the cgroup to empty and removes it.
+    pub fn remove(mut self) -> Result<(), CgroupError> {
+        self.remove_inner()
+    }
+
+    fn remove_inner(&mut self) -> Result<(), CgroupError> {
+        if self.removed {
+            return Ok(());
+        }
+        let started = Instant::now();
+        loop {
+            if self.pids()?.is_empty() {
+                match fs::remove_dir(&self.path) {
+                    Ok(()) => {
+                        self.removed = true;
+                        return Ok(());
+                    }
+                    // Exiting tasks can keep the cgroup busy for a moment after
+                    // cgroup.procs reads empty.
+                    Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                        self.removed = true;
+                        return Ok(());
+                    }
+                    Err(source) => return Err(CgroupError::Remove { path: self.path.clone(), source }),
+                }
+            } else {
+                self.kill_all()?;
+            }
+            if started.elapsed() > DRAIN_TIMEOUT {
+                return Err(CgroupError::StillPopulated {
+                    path: self.path.clone(),
+                    waited_ms: started.elapsed().as_millis(),
+                });
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for AgentCgroup {
+    fn drop(&mut self) {
+        // Every exit path removes the cgroup; an explicit remove() reports errors.
+        let _ = self.remove_inner();
+    }
+}
+
+/// Names agent cgroups `<owner pid>-<sequence>` so stale ones can be recognised.
+pub fn cgroup_name(owner: u32, sequence: u64) -> String {
+    format!("{owner}-{sequence}")
+}
+
+/// Removes empty agent cgroups whose owning agt-jail process is gone (it was killed
+/// with SIGKILL and could not clean up). `proc_root` is normally `/proc`.
+/// Returns the paths removed.
+pub fn sweep_stale(parent: &Path, proc_root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(parent) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name.to_str().and_then(|n| n.split_once('-')).map(|(pid, _)| pid.to_string()) else {
+            continue;
+        };
+        if owner.parse::<u32>().is_err() || proc_root.join(&owner).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if let Ok(mut cgroup) = AgentCgroup::open(&path) {
+            if cgroup.remove_inner().is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const PURE: &str = "30 23 0:27 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+
+    #[test]
+    fn detects_hybrid_layout() {
+        let layout = CgroupLayout::parse(HYBRID).unwrap();
+        assert_eq!(layout.v2, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert!(layout.hybrid);
+        assert_eq!(layout.agents_parent(), PathBuf::from("/sys/fs/cgroup/unified/agt-jail"));
+    }
+
+    #[test]
+    fn detects_pure_v2_layout() {
+        let layout = CgroupLayout::parse(PURE).unwrap();
+        assert_eq!(layout.v2, PathBuf::from("/sys/fs/cgroup"));
+        assert!(!layout.hybrid);
+    }
+
+    #[test]
+    fn no_cgroup2_is_none_and_garbage_does_not_panic() {
+        assert!(CgroupLayout::parse("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n").is_none());
+        assert!(CgroupLayout::parse("garbage\n - \n\\\\\\ - cgroup2\n").is_none());
+        assert!(CgroupLayout::parse("").is_none());
+    }
+
+    #[test]
+    fn unescapes_octal_in_mount_points() {
+        let line = "41 31 0:38 / /mnt/my\\040cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(CgroupLayout::parse(line).unwrap().v2, PathBuf::from("/mnt/my cgroup"));
+        assert_eq!(unescape_mount_path("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn detect_reports_the_file() {
+        let err = CgroupLayout::detect(Path::new("/nonexistent/mountinfo")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/mountinfo"));
+    }
+
+    // On an ordinary filesystem, a "cgroup" is a directory with a cgroup.procs file;
+    // enough to test naming, creation, refusal to adopt, and sweeping.
+    fn fake_cgroup(parent: &Path, name: &str) -> PathBuf {
+        let path = parent.join(name);
+        fs::create_dir_all(&path).unwrap();
+        fs::write(path.join("cgroup.procs"), "").unwrap();
+        path
+    }
+
+    #[test]
+    fn create_refuses_an_existing_cgroup() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake_cgroup(tmp.path(), "1-1");
+        let err = AgentCgroup::create(tmp.path(), "1-1").unwrap_err();
+        assert!(matches!(err, CgroupError::Create { .. }), "{err}");
+    }
+
+    #[test]
+    fn sweep_removes_only_cgroups_of_dead_owners() {
+        let tmp = tempfile::tempdir().unwrap();
+        let proc_root = tmp.path().join("proc");
+        fs::create_dir_all(proc_root.join("100")).unwrap();
+        let parent = tmp.path().join("agt-jail");
+        let alive = fake_cgroup(&parent, &cgroup_name(100, 1));
+        let dead = fake_cgroup(&parent, &cgroup_name(200, 1));
+        let foreign = fake_cgroup(&parent, "not-ours");
+        // A real cgroupfs lets rmdir succeed with the control files present; a plain
+        // directory does not, so empty the fake of its file first.
+        fs::remove_file(dead.join("cgroup.procs")).unwrap();
+        let removed = sweep_stale(&parent, &proc_root);
+        assert!(alive.exists());
+        assert!(foreign.exists());
+        assert!(!dead.exists());
+        assert_eq!(removed, vec![dead]);
+    }
+}

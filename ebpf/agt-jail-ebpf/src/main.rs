@@ -1,0 +1,83 @@
+//! agt-jail's eBPF programs.
+//!
+//! Every program is scoped to agents: the first thing each does is look the current
+//! cgroup up in `AGENT_CGROUPS`, so tasks that are not agents pay one hash lookup.
+//! Events go to one shared ring buffer; a full buffer increments `EVENT_DROPS`
+//! (never silently lost: userspace reports the counter), and never changes a verdict.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod exec;
+
+use agt_jail_common::{EventHeader, MAX_AGENTS, EVENT_RING_BYTES};
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+
+/// cgroup v2 id → agent id. Written by userspace before the agent's first process joins.
+#[map]
+static AGENT_CGROUPS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_AGENTS, 0);
+
+/// All events, in order per CPU.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+/// Events that did not fit into `EVENTS` (index 0), summed over CPUs by userspace.
+#[map]
+static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The agent the current task belongs to, or `None` for tasks outside agents.
+#[inline(always)]
+fn current_agent() -> Option<(u64, u64)> {
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is a plain u64 copied out before the map can change it.
+    let agent_id = unsafe { AGENT_CGROUPS.get(&cgroup_id) }.copied()?;
+    Some((cgroup_id, agent_id))
+}
+
+#[inline(always)]
+fn header(kind: u32, verdict: u32, cgroup_id: u64, agent_id: u64) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: as above.
+    let ktime_ns = unsafe { bpf_ktime_get_boot_ns() };
+    EventHeader {
+        kind,
+        verdict,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        cgroup_id,
+        agent_id,
+        ktime_ns,
+    }
+}
+
+#[inline(always)]
+fn count_drop() {
+    if let Some(counter) = EVENT_DROPS.get_ptr_mut(0) {
+        // SAFETY: the pointer is this CPU's slot of a per-CPU array; nothing else writes it
+        // while this program runs (programs do not preempt each other on one CPU here).
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Reads a u64 load-time constant that userspace sets with `EbpfLoader::set_global`.
+/// The volatile read keeps the compiler from folding the default value in.
+#[inline(always)]
+fn load_time_constant(value: &u64) -> u64 {
+    // SAFETY: `value` is a valid reference to a static.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,111 @@
+//! Helpers every agt-jail test uses to say what it needs from the kernel.
+//!
+//! A test may skip only when the kernel lacks a feature. It then prints why and
+//! appends the reason to `$AGT_JAIL_SKIP_LOG`, so `cargo xtask test` reports how many
+//! skipped. Inside the test VM (`AGT_JAIL_IN_VM=1`) every requirement must hold:
+//! a missing feature there is a failure, never a skip, so the VM proves what the
+//! host cannot.
+use std::{fs::OpenOptions, io::Write, path::Path};
+
+/// What a test needs from the machine it runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Effective uid 0 (CI runs as root).
+    Root,
+    /// A cgroup v2 hierarchy is mounted (pure or hybrid layout).
+    CgroupV2,
+    /// BPF LSM programs can be loaded (Tier A): `bpf` in the active LSM list and the
+    /// kernel accepts BPF_PROG_TYPE_LSM.
+    BpfLsm,
+    /// Kernel BTF at /sys/kernel/btf/vmlinux (tp_btf programs and struct offsets).
+    Btf,
+}
+
+impl Need {
+    /// Why the need is not met on this machine, or `None` when it is.
+    pub fn missing(self) -> Option<String> {
+        match self {
+            Need::Root => {
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let euid = unsafe { libc::geteuid() };
+                (euid != 0).then(|| format!("needs root (euid is {euid})"))
+            }
+            Need::CgroupV2 => {
+                let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+                (!mounts.lines().any(|l| l.contains(" - cgroup2 ")))
+                    .then(|| "no cgroup2 hierarchy mounted".to_string())
+            }
+            Need::Btf => (!Path::new("/sys/kernel/btf/vmlinux").exists())
+                .then(|| "kernel has no BTF at /sys/kernel/btf/vmlinux".to_string()),
+            Need::BpfLsm => bpf_lsm_missing(),
+        }
+    }
+}
+
+fn bpf_lsm_missing() -> Option<String> {
+    let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    if !lsm.split(',').any(|name| name.trim() == "bpf") {
+        return Some(format!(
+            "BPF LSM is not active (/sys/kernel/security/lsm: {:?}; mount securityfs or boot with lsm=...,bpf)",
+            lsm.trim()
+        ));
+    }
+    // `bpf` listed is not enough: some vendor kernels list it and refuse the program
+    // type. AGT_JAIL_BPF_LSM_LOADS is set by the test binary's own probe.
+    match std::env::var("AGT_JAIL_BPF_LSM_LOADS").as_deref() {
+        Ok("0") => Some("the kernel lists bpf but refuses BPF_PROG_TYPE_LSM programs".to_string()),
+        _ => None,
+    }
+}
+
+/// True when running inside agt-jail's test VM.
+pub fn in_vm() -> bool {
+    std::env::var("AGT_JAIL_IN_VM").as_deref() == Ok("1")
+}
+
+/// Checks every need. Returns true when the test can run. When one is missing, outside
+/// the VM it records a skip and returns false; inside the VM it panics (a failure).
+pub fn require(test: &str, needs: &[Need]) -> bool {
+    let missing: Vec<String> = needs.iter().filter_map(|need| need.missing()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    unmet(test, &missing.join("; "));
+    false
+}
+
+/// Records that `test` cannot run here because of `reason` (a kernel feature found
+/// missing only by trying, e.g. a program the kernel refuses to load). Outside the VM it
+/// logs a skip; inside the VM it panics (a failure). The caller returns right after.
+pub fn unmet(test: &str, reason: &str) {
+    if in_vm() {
+        panic!("{test}: required in the test VM but missing: {reason}");
+    }
+    eprintln!("SKIP {test}: {reason}");
+    if let Ok(log) = std::env::var("AGT_JAIL_SKIP_LOG") {
+        if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(file, "{test}: {reason}");
+        }
+    }
+}
+
+/// The running test's name: libtest names each test's thread after the test.
+pub fn current_test_name(fallback: &str) -> String {
+    std::thread::current()
+        .name()
+        .filter(|name| *name != "main")
+        .map_or_else(|| fallback.to_string(), str::to_owned)
+}
+
+/// `require!(Need::Root, Need::Btf)` at the top of a test: returns early (skip) when a need is missing.
+#[macro_export]
+macro_rules! require {
+    ($($need:expr),+ $(,)?) => {
+        if !$crate::require(
+            &$crate::current_test_name(concat!(module_path!(), ":", line!())),
+            &[$($need),+],
+        ) {
+            return;
+        }
+    };
+}

@@ -1,0 +1,8 @@
+use anyhow::Result;
+
+#[derive(clap::Args)]
+pub struct Options {}
+
+pub fn run(_opts: &Options) -> Result<()> {
+    anyhow::bail!("demo: not written yet")
+}

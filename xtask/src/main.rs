@@ -1,0 +1,42 @@
+//! `cargo xtask ...`: the project's developer tasks, in Rust so they run wherever cargo runs.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod build_ebpf;
+mod demo;
+mod test;
+mod util;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "agt-jail developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Rebuild the eBPF object from ebpf/ (installs nightly rust-src and bpf-linker if missing).
+    BuildEbpf(build_ebpf::Options),
+    /// Run the whole test suite: unit, root integration, policy tests; prints a pass/fail/skip summary.
+    Test(test::Options),
+    /// Show the main job: a jailed command whose denied connect is reported (needs root).
+    Demo(demo::Options),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::BuildEbpf(opts) => build_ebpf::run(&opts),
+        Task::Test(opts) => test::run(&opts),
+        Task::Demo(opts) => demo::run(&opts),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

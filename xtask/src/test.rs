@@ -1,0 +1,102 @@
+//! The whole test suite in one command, with one summary line at the end.
+//!
+//! Tests that need a kernel feature this host lacks skip with a reason; they append
+//! that reason to the skip log named by `AGT_JAIL_SKIP_LOG`, so the summary can say
+//! how many skipped and why instead of counting them as passes.
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::repo_root;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Extra arguments for `cargo test` (e.g. a test name filter).
+    #[arg(last = true)]
+    cargo_args: Vec<String>,
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let root = repo_root();
+    let skip_log = root.join("target/test-skips.log");
+    fs::create_dir_all(root.join("target")).context("cannot create target/")?;
+    let _ = fs::remove_file(&skip_log);
+
+    let mut tally = Tally::default();
+    let mut failures = Vec::new();
+
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(&root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(&opts.cargo_args)
+        .env("AGT_JAIL_SKIP_LOG", &skip_log);
+    if let Err(err) = run_counting(&mut cargo, &mut tally) {
+        failures.push(format!("{err:#}"));
+    }
+
+    let skipped: Vec<String> = fs::read_to_string(&skip_log)
+        .map(|text| text.lines().map(str::to_owned).collect())
+        .unwrap_or_default();
+    if !skipped.is_empty() {
+        println!("\nskipped (this kernel lacks what they need):");
+        for line in &skipped {
+            println!("  {line}");
+        }
+    }
+    let skipped_count = skipped.len() as u64;
+    let passed = tally.passed.saturating_sub(skipped_count);
+    println!();
+    for failure in &failures {
+        println!("failed step: {failure}");
+    }
+    println!("{passed} passed, {} failed, {skipped_count} skipped", tally.failed);
+    if tally.failed > 0 || !failures.is_empty() {
+        bail!("test suite failed");
+    }
+    Ok(())
+}
+
+/// Runs `cmd`, echoing its stdout and adding up libtest's `test result:` lines.
+fn run_counting(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("cannot read test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                tally.passed += count_before(rest, " passed");
+                tally.failed += count_before(rest, " failed");
+            }
+        }
+    }
+    let status = child.wait().context("cannot wait for cargo test")?;
+    if !status.success() {
+        bail!("{shown} exited with {status}");
+    }
+    Ok(())
+}
+
+/// In "ok. 3 passed; 1 failed; ..." finds the number before `label`.
+fn count_before(text: &str, label: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| {
+            let part = part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ");
+            part.strip_suffix(label.trim_start()).and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
