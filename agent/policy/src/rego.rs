@@ -27,22 +27,24 @@ impl std::fmt::Debug for RegoPolicy {
     }
 }
 
-/// regorus errors are `file:line:col: message` plus source context; find the location.
+/// regorus errors look like `--> file:line:col`, a source excerpt, then `error: message`.
 fn locate(msg: &str) -> (Pos, String) {
+    let mut pos = Pos { line: 1, col: 1 };
     for line in msg.lines() {
-        let mut parts = line.rsplitn(4, ':');
-        let _ = parts.next();
-        // Look for "...:<line>:<col>:" anywhere in the message.
-        let fields: Vec<&str> = line.split(':').collect();
-        for w in fields.windows(3) {
-            if let (Ok(l), Ok(c)) = (w[1].trim().parse::<usize>(), w[2].trim().parse::<usize>()) {
-                let _ = w[0];
-                let rest = line.splitn(2, &format!("{}:{}:", w[1], w[2])).nth(1).unwrap_or(line).trim();
-                return (Pos { line: l, col: c }, if rest.is_empty() { line.trim().to_string() } else { rest.to_string() });
+        if let Some(loc) = line.trim().strip_prefix("-->") {
+            let mut it = loc.trim().rsplitn(3, ':');
+            if let (Some(c), Some(l)) = (it.next(), it.next()) {
+                if let (Ok(l), Ok(c)) = (l.parse(), c.parse()) {
+                    pos = Pos { line: l, col: c };
+                }
             }
         }
     }
-    (Pos { line: 1, col: 1 }, msg.lines().next().unwrap_or(msg).to_string())
+    let message = msg
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("error:").map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| msg.lines().map(str::trim).filter(|l| !l.is_empty()).last().unwrap_or(msg).to_string());
+    (pos, message)
 }
 
 impl RegoPolicy {
