@@ -84,7 +84,8 @@ fn open_input(input: &str) -> Result<Box<dyn BufRead>, String> {
     if input == "-" {
         Ok(Box::new(std::io::BufReader::new(std::io::stdin())))
     } else {
-        let f = std::fs::File::open(input).map_err(|e| format!("{input}: cannot read input: {e}"))?;
+        let f =
+            std::fs::File::open(input).map_err(|e| format!("{input}: cannot read input: {e}"))?;
         Ok(Box::new(std::io::BufReader::new(f)))
     }
 }
@@ -114,7 +115,10 @@ fn eval(args: &EvalArgs) -> ExitCode {
     let mut out = BufWriter::new(stdout.lock());
     if !args.batch {
         let mut buf = Vec::new();
-        if let Err(e) = reader.take(MAX_CONTEXT_BYTES as u64 + 1).read_to_end(&mut buf) {
+        if let Err(e) = reader
+            .take(MAX_CONTEXT_BYTES as u64 + 1)
+            .read_to_end(&mut buf)
+        {
             eprintln!("{}: cannot read input: {e}", args.input);
             return ExitCode::from(2);
         }
@@ -141,7 +145,11 @@ fn eval(args: &EvalArgs) -> ExitCode {
         buf.clear();
         line_no += 1;
         // Bounded read: a line longer than the limit is an error, not an allocation.
-        let n = match reader.by_ref().take(MAX_CONTEXT_BYTES as u64 + 1).read_until(b'\n', &mut buf) {
+        let n = match reader
+            .by_ref()
+            .take(MAX_CONTEXT_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+        {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("{}: cannot read input: {e}", args.input);
@@ -156,7 +164,9 @@ fn eval(args: &EvalArgs) -> ExitCode {
             let mut sink = Vec::new();
             let _ = reader.read_until(b'\n', &mut sink);
             bad_input = true;
-            Decision::error(format!("invalid input line {line_no}: longer than {MAX_CONTEXT_BYTES} bytes"))
+            Decision::error(format!(
+                "invalid input line {line_no}: longer than {MAX_CONTEXT_BYTES} bytes"
+            ))
         } else {
             if buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -190,7 +200,8 @@ fn decode(buf: &[u8]) -> Result<serde_json::Value, String> {
     if buf.len() > MAX_CONTEXT_BYTES {
         return Err(format!("input larger than {MAX_CONTEXT_BYTES} bytes"));
     }
-    let text = std::str::from_utf8(buf).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    let text = std::str::from_utf8(buf)
+        .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     testrun::parse_context(text)
 }
 

@@ -201,7 +201,7 @@ impl Expr {
 }
 
 fn compare(op: CmpOp, l: &Value, r: &Value) -> bool {
-    use std::cmp::Ordering::{Equal, Greater, Less};
+    use std::cmp::Ordering::{Greater, Less};
     match op {
         CmpOp::Eq => py_eq(l, r),
         CmpOp::Ne => !py_eq(l, r),
@@ -224,13 +224,17 @@ fn compare(op: CmpOp, l: &Value, r: &Value) -> bool {
                 (CmpOp::Lt, Some(o)) => o == Less,
                 (CmpOp::Le, Some(o)) => o != Greater,
                 (CmpOp::Gt, Some(o)) => o == Greater,
-                (_, Some(o)) => o != Less || o == Equal,
+                (_, Some(o)) => o != Less,
             }
         }
         CmpOp::In => py_in(l, r).unwrap_or(false),
         CmpOp::NotIn => !py_in(l, r).unwrap_or(false),
-        CmpOp::StartsWith => matches!((l, r), (Value::String(a), Value::String(b)) if a.starts_with(b.as_str())),
-        CmpOp::EndsWith => matches!((l, r), (Value::String(a), Value::String(b)) if a.ends_with(b.as_str())),
+        CmpOp::StartsWith => {
+            matches!((l, r), (Value::String(a), Value::String(b)) if a.starts_with(b.as_str()))
+        }
+        CmpOp::EndsWith => {
+            matches!((l, r), (Value::String(a), Value::String(b)) if a.ends_with(b.as_str()))
+        }
         CmpOp::Contains => match (l, r) {
             (Value::String(a), Value::String(b)) => a.contains(b.as_str()),
             (Value::Array(items), x) => items.iter().any(|i| py_eq(i, x)),
@@ -318,7 +322,10 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             _ => None,
         };
         if let Some(t) = simple {
-            out.push(Token { tok: t, offset: start });
+            out.push(Token {
+                tok: t,
+                offset: start,
+            });
             i += 1;
             continue;
         }
@@ -331,13 +338,19 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             _ => None,
         };
         if let Some(op) = two {
-            out.push(Token { tok: Tok::Op(op), offset: start });
+            out.push(Token {
+                tok: Tok::Op(op),
+                offset: start,
+            });
             i += 2;
             continue;
         }
         if c == '<' || c == '>' {
             let op = if c == '<' { CmpOp::Lt } else { CmpOp::Gt };
-            out.push(Token { tok: Tok::Op(op), offset: start });
+            out.push(Token {
+                tok: Tok::Op(op),
+                offset: start,
+            });
             i += 1;
             continue;
         }
@@ -372,7 +385,10 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
                     s.push(d);
                 }
             }
-            out.push(Token { tok: Tok::Str(s), offset: start });
+            out.push(Token {
+                tok: Tok::Str(s),
+                offset: start,
+            });
             continue;
         }
         let negative_number = c == '-' && next.is_some_and(|d| d.is_ascii_digit());
@@ -407,17 +423,25 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             }
             let text: String = chars[start..i].iter().collect();
             let value = if is_float {
-                text.parse::<f64>().ok().and_then(serde_json::Number::from_f64).map(Value::Number)
-            } else {
-                text.parse::<i64>()
+                text.parse::<f64>()
                     .ok()
-                    .map(Value::from)
-                    .or_else(|| text.parse::<f64>().ok().and_then(serde_json::Number::from_f64).map(Value::Number))
+                    .and_then(serde_json::Number::from_f64)
+                    .map(Value::Number)
+            } else {
+                text.parse::<i64>().ok().map(Value::from).or_else(|| {
+                    text.parse::<f64>()
+                        .ok()
+                        .and_then(serde_json::Number::from_f64)
+                        .map(Value::Number)
+                })
             };
             let Some(v) = value else {
                 return Err(err(start, format!("number {text} is out of range")));
             };
-            out.push(Token { tok: Tok::Num(v), offset: start });
+            out.push(Token {
+                tok: Tok::Num(v),
+                offset: start,
+            });
             continue;
         }
         if is_word(c) {
@@ -501,7 +525,11 @@ impl ParserState {
             self.i += 1;
             parts.push(self.and()?);
         }
-        Ok(if parts.len() == 1 { parts.remove(0) } else { Expr::Or(parts) })
+        Ok(if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Expr::Or(parts)
+        })
     }
 
     fn and(&mut self) -> Result<Expr, ExprError> {
@@ -510,7 +538,11 @@ impl ParserState {
             self.i += 1;
             parts.push(self.unary()?);
         }
-        Ok(if parts.len() == 1 { parts.remove(0) } else { Expr::And(parts) })
+        Ok(if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Expr::And(parts)
+        })
     }
 
     fn enter(&mut self) -> Result<(), ExprError> {
@@ -552,7 +584,9 @@ impl ParserState {
         let left = self.operand()?;
         let op = match self.peek() {
             Some(Tok::Op(op)) => *op,
-            Some(Tok::Not) if self.tokens.get(self.i + 1).map(|t| &t.tok) == Some(&Tok::Op(CmpOp::In)) => {
+            Some(Tok::Not)
+                if self.tokens.get(self.i + 1).map(|t| &t.tok) == Some(&Tok::Op(CmpOp::In)) =>
+            {
                 self.i += 1;
                 CmpOp::NotIn
             }
@@ -564,16 +598,27 @@ impl ParserState {
                     return self.error("a string pattern");
                 };
                 self.i += 1;
-                let re_src = if glob { glob_to_regex(&source) } else { source.clone() };
+                let re_src = if glob {
+                    glob_to_regex(&source)
+                } else {
+                    source.clone()
+                };
                 let regex = regex::RegexBuilder::new(&re_src)
                     .size_limit(REGEX_SIZE_LIMIT)
                     .build()
                     .map_err(|e| ExprError {
                         offset: at,
-                        message: format!("invalid pattern {source:?}: {}", first_line(&e.to_string())),
+                        message: format!(
+                            "invalid pattern {source:?}: {}",
+                            first_line(&e.to_string())
+                        ),
                     })?;
                 let pattern = Pattern { source, regex };
-                return Ok(if glob { Expr::Glob(left, pattern) } else { Expr::Matches(left, pattern) });
+                return Ok(if glob {
+                    Expr::Glob(left, pattern)
+                } else {
+                    Expr::Matches(left, pattern)
+                });
             }
             _ => return Ok(Expr::Truthy(left)),
         };
@@ -626,7 +671,7 @@ impl ParserState {
 }
 
 fn first_line(s: &str) -> String {
-    s.lines().last().unwrap_or(s).trim().to_string()
+    s.lines().next_back().unwrap_or(s).trim().to_string()
 }
 
 /// Shell-style glob to an anchored regex: `**` crosses `/`, `*` and `?` do not, `[...]` classes.
@@ -646,7 +691,11 @@ pub fn glob_to_regex(glob: &str) -> String {
             '?' => re.push_str("[^/]"),
             '[' => {
                 // Copy a bracket class if it is closed; otherwise the '[' is literal.
-                if let Some(end) = chars[i + 1..].iter().position(|d| *d == ']').map(|p| p + i + 1) {
+                if let Some(end) = chars[i + 1..]
+                    .iter()
+                    .position(|d| *d == ']')
+                    .map(|p| p + i + 1)
+                {
                     let body: String = chars[i + 1..end].iter().collect();
                     let body = match body.strip_prefix('!') {
                         Some(rest) => format!("^{rest}"),
@@ -697,7 +746,10 @@ mod tests {
         assert!(ev("event != \"open\"", &c));
         assert!(ev("proc.uid < 1000", &c));
         assert!(ev("proc.uid >= 0 and proc.uid <= 0", &c));
-        assert!(ev("n > 5", &c), "numeric strings compare as numbers, like AGT");
+        assert!(
+            ev("n > 5", &c),
+            "numeric strings compare as numbers, like AGT"
+        );
         assert!(ev("missing < 5", &c), "missing counts as 0, like AGT");
         assert!(ev("event in ['exec', 'open']", &c));
         assert!(ev("event not in ['open']", &c));

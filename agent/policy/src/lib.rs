@@ -44,7 +44,10 @@ pub enum Action {
 impl Action {
     /// allow, warn, log and audit let the action proceed; the others stop it.
     pub fn is_allowed(self) -> bool {
-        matches!(self, Action::Allow | Action::Warn | Action::Log | Action::Audit)
+        matches!(
+            self,
+            Action::Allow | Action::Warn | Action::Log | Action::Audit
+        )
     }
 
     /// Actions that stop the event outright (used by deny_overrides and the extends floor).
@@ -139,7 +142,12 @@ pub struct Decision {
 }
 
 impl Decision {
-    pub fn new(action: Action, matched_rule: Option<String>, policy: Option<String>, reason: String) -> Self {
+    pub fn new(
+        action: Action,
+        matched_rule: Option<String>,
+        policy: Option<String>,
+        reason: String,
+    ) -> Self {
         Decision {
             allowed: action.is_allowed(),
             action,
@@ -242,8 +250,10 @@ impl PolicySet {
             let file = path.display().to_string();
             if path.extension().is_some_and(|e| e == "rego") {
                 let bytes = read_limited(path)?;
-                let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
-                set.rego.push(rego::RegoPolicy::new(&file, text, rego_query)?);
+                let text = yaml::check_bytes(&bytes)
+                    .map_err(|e| LoadError::new(&file, e.pos, e.message))?;
+                set.rego
+                    .push(rego::RegoPolicy::new(&file, text, rego_query)?);
             } else {
                 let doc = load_document(path)?;
                 set.add_document(doc, &file)?;
@@ -265,7 +275,11 @@ impl PolicySet {
     }
 
     /// Loads one Rego policy from text.
-    pub fn from_rego_str(name: &str, text: &str, query: Option<&str>) -> Result<PolicySet, LoadError> {
+    pub fn from_rego_str(
+        name: &str,
+        text: &str,
+        query: Option<&str>,
+    ) -> Result<PolicySet, LoadError> {
         let mut set = PolicySet::default();
         set.rego.push(rego::RegoPolicy::new(name, text, query)?);
         set.finish()?;
@@ -320,7 +334,9 @@ impl PolicySet {
     /// Evaluates one event context. Pure: same set, context and options give the same decision.
     pub fn evaluate(&self, ctx: &Value, opts: &EvalOptions) -> Decision {
         if !ctx.is_object() {
-            return Decision::error("evaluation error: the context must be a JSON object (fail closed)");
+            return Decision::error(
+                "evaluation error: the context must be a JSON object (fail closed)",
+            );
         }
         if !self.v4.is_empty() {
             return match self.v4.evaluate(ctx) {
@@ -333,11 +349,23 @@ impl PolicySet {
         let agent = opts
             .agent
             .clone()
-            .or_else(|| ctx.pointer("/agent/did").and_then(Value::as_str).map(str::to_string))
-            .or_else(|| ctx.pointer("/agent/id").and_then(Value::as_str).map(str::to_string))
+            .or_else(|| {
+                ctx.pointer("/agent/did")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .or_else(|| {
+                ctx.pointer("/agent/id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
             .unwrap_or_default();
         let strategy = opts.strategy.or(self.strategy).unwrap_or_default();
-        let applicable: Vec<&toolkit::Policy> = self.toolkit.iter().filter(|p| p.applies_to(&agent)).collect();
+        let applicable: Vec<&toolkit::Policy> = self
+            .toolkit
+            .iter()
+            .filter(|p| p.applies_to(&agent))
+            .collect();
         if let Some(mut d) = toolkit::evaluate(&applicable, ctx, &opts.stage, strategy) {
             if let Some(l) = d.limit.as_mut() {
                 l.agent = agent;
@@ -408,7 +436,13 @@ pub(crate) enum Document {
 pub(crate) fn read_limited(path: &Path) -> Result<Vec<u8>, LoadError> {
     use std::io::Read;
     let file = path.display().to_string();
-    let io = |e: std::io::Error| LoadError::new(&file, yaml::Pos::default(), format!("cannot read file: {e}"));
+    let io = |e: std::io::Error| {
+        LoadError::new(
+            &file,
+            yaml::Pos::default(),
+            format!("cannot read file: {e}"),
+        )
+    };
     let f = std::fs::File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
     f.take(yaml::limits::MAX_FILE_BYTES as u64 + 1)
@@ -435,7 +469,10 @@ fn load_document(path: &Path) -> Result<Document, LoadError> {
 /// Maximum depth of `extends` chains.
 pub const MAX_EXTENDS_DEPTH: usize = 16;
 
-pub(crate) fn load_document_inner(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Document, LoadError> {
+pub(crate) fn load_document_inner(
+    path: &Path,
+    stack: &mut Vec<PathBuf>,
+) -> Result<Document, LoadError> {
     let file = path.display().to_string();
     let bytes = read_limited(path)?;
     let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
@@ -470,7 +507,12 @@ mod tests {
 
     #[test]
     fn decision_json_shape() {
-        let d = Decision::new(Action::RequireApproval, Some("r".into()), Some("p".into()), "x".into());
+        let d = Decision::new(
+            Action::RequireApproval,
+            Some("r".into()),
+            Some("p".into()),
+            "x".into(),
+        );
         let v = serde_json::to_value(&d).unwrap();
         assert_eq!(
             v,
@@ -480,7 +522,8 @@ mod tests {
 
     #[test]
     fn non_object_context_fails_closed() {
-        let set = PolicySet::from_str("p", "name: p\nagents: ['*']\ndefault_action: allow\n").unwrap();
+        let set =
+            PolicySet::from_str("p", "name: p\nagents: ['*']\ndefault_action: allow\n").unwrap();
         let d = set.evaluate(&json!([1]), &EvalOptions::default());
         assert_eq!(d.action, Action::Deny);
         assert!(d.error);

@@ -22,7 +22,9 @@ impl RateSpec {
     pub fn parse(s: &str) -> Result<RateSpec, String> {
         let parts: Vec<&str> = s.split('/').collect();
         let [count, period] = parts.as_slice() else {
-            return Err(format!("invalid limit {s:?}: expected \"<count>/<period>\", e.g. \"100/hour\""));
+            return Err(format!(
+                "invalid limit {s:?}: expected \"<count>/<period>\", e.g. \"100/hour\""
+            ));
         };
         let max: u64 = count
             .trim()
@@ -33,7 +35,11 @@ impl RateSpec {
             "minute" => 60,
             "hour" => 3600,
             "day" => 86_400,
-            _ => return Err(format!("invalid limit {s:?}: period must be one of second, minute, hour, day")),
+            _ => {
+                return Err(format!(
+                    "invalid limit {s:?}: period must be one of second, minute, hour, day"
+                ))
+            }
         };
         Ok(RateSpec {
             max,
@@ -162,7 +168,11 @@ impl<C: Clock> RateLimiter<C> {
     }
 
     fn limited(&self, decision: Decision) -> Decision {
-        let text = decision.limit.as_ref().map(|l| l.spec.text.clone()).unwrap_or_default();
+        let text = decision
+            .limit
+            .as_ref()
+            .map(|l| l.spec.text.clone())
+            .unwrap_or_default();
         let mut d = Decision::new(
             Action::Deny,
             decision.matched_rule.clone(),
@@ -181,7 +191,12 @@ mod tests {
     use super::*;
 
     fn dec(limit: &str) -> Decision {
-        let mut d = Decision::new(Action::Allow, Some("r".into()), Some("p".into()), "ok".into());
+        let mut d = Decision::new(
+            Action::Allow,
+            Some("r".into()),
+            Some("p".into()),
+            "ok".into(),
+        );
         d.limit = Some(LimitRef {
             agent: "a".into(),
             policy: "p".into(),

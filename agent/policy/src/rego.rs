@@ -42,8 +42,18 @@ fn locate(msg: &str) -> (Pos, String) {
     }
     let message = msg
         .lines()
-        .find_map(|l| l.trim().strip_prefix("error:").map(|m| m.trim().to_string()))
-        .unwrap_or_else(|| msg.lines().map(str::trim).filter(|l| !l.is_empty()).last().unwrap_or(msg).to_string());
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("error:")
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| {
+            msg.lines()
+                .map(str::trim)
+                .rfind(|l| !l.is_empty())
+                .unwrap_or(msg)
+                .to_string()
+        });
     (pos, message)
 }
 
@@ -54,10 +64,12 @@ impl RegoPolicy {
             limit: REGO_TIME_LIMIT,
             check_interval: std::num::NonZeroU32::MIN,
         });
-        let package = engine.add_policy(file.to_string(), text.to_string()).map_err(|e| {
-            let (pos, msg) = locate(&e.to_string());
-            LoadError::new(file, pos, format!("rego: {msg}"))
-        })?;
+        let package = engine
+            .add_policy(file.to_string(), text.to_string())
+            .map_err(|e| {
+                let (pos, msg) = locate(&e.to_string());
+                LoadError::new(file, pos, format!("rego: {msg}"))
+            })?;
         let query = match query {
             Some(q) => q.to_string(),
             None => format!("{package}.allow"),
@@ -95,7 +107,9 @@ impl RegoPolicy {
             .first()
             .and_then(|r| r.expressions.first())
             .map(|e| e.value.clone());
-        let json = value.and_then(|v| v.to_json_str().ok()).and_then(|s| serde_json::from_str::<Value>(&s).ok());
+        let json = value
+            .and_then(|v| v.to_json_str().ok())
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok());
         let policy = Some(self.name.clone());
         match json {
             Some(Value::Bool(b)) => {
@@ -112,7 +126,10 @@ impl RegoPolicy {
                 )
             }
             Some(Value::Object(map)) => {
-                let decision = map.get("decision").and_then(Value::as_str).and_then(Action::parse);
+                let decision = map
+                    .get("decision")
+                    .and_then(Value::as_str)
+                    .and_then(Action::parse);
                 let reason = map
                     .get("reason")
                     .and_then(Value::as_str)

@@ -53,7 +53,9 @@ pub fn find_test_files(dir: &Path) -> Vec<PathBuf> {
     }
     let mut todo = vec![(dir.to_path_buf(), 0usize)];
     while let Some((d, depth)) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             let Ok(ft) = e.file_type() else { continue };
@@ -101,12 +103,30 @@ fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
     let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
     let node = yaml::parse(text).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
     let cx = Ctx { file: &file };
-    cx.check_keys(&node, &["policies", "stage", "agent", "strategy", "rego_query", "cases"], "test file")?;
+    cx.check_keys(
+        &node,
+        &[
+            "policies",
+            "stage",
+            "agent",
+            "strategy",
+            "rego_query",
+            "cases",
+        ],
+        "test file",
+    )?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let pnode = node
-        .get("policies")
-        .ok_or_else(|| cx.err(node.pos, "missing \"policies\" (the policy files under test)"))?;
-    let policies: Vec<PathBuf> = cx.string_list(pnode, "policies")?.into_iter().map(|p| base.join(p)).collect();
+    let pnode = node.get("policies").ok_or_else(|| {
+        cx.err(
+            node.pos,
+            "missing \"policies\" (the policy files under test)",
+        )
+    })?;
+    let policies: Vec<PathBuf> = cx
+        .string_list(pnode, "policies")?
+        .into_iter()
+        .map(|p| base.join(p))
+        .collect();
     let rego_query = cx.opt_string(&node, "rego_query")?;
     let set = PolicySet::load_with(&policies, rego_query.as_deref())?;
     let mut opts = EvalOptions::default();
@@ -116,15 +136,23 @@ fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
     opts.agent = cx.opt_string(&node, "agent")?;
     if let Some(n) = node.get("strategy") {
         let s = cx.string(n, "strategy")?;
-        opts.strategy = Some(Strategy::parse(&s).ok_or_else(|| cx.err(n.pos, format!("invalid strategy {s:?}")))?);
+        opts.strategy = Some(
+            Strategy::parse(&s).ok_or_else(|| cx.err(n.pos, format!("invalid strategy {s:?}")))?,
+        );
     }
     let cases = match node.get("cases").map(|c| &c.kind) {
         Some(Kind::Seq(items)) => items,
         _ => return Err(cx.err(node.pos, "missing \"cases\" list")),
     };
     for (i, case) in cases.iter().enumerate() {
-        cx.check_keys(case, &["name", "context", "expect", "repeat", "stage", "agent"], "case")?;
-        let name = cx.opt_string(case, "name")?.unwrap_or_else(|| format!("case {}", i + 1));
+        cx.check_keys(
+            case,
+            &["name", "context", "expect", "repeat", "stage", "agent"],
+            "case",
+        )?;
+        let name = cx
+            .opt_string(case, "name")?
+            .unwrap_or_else(|| format!("case {}", i + 1));
         let ctx = case
             .get("context")
             .ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"context\"")))?
@@ -194,7 +222,10 @@ fn parse_expect(cx: &Ctx<'_>, case: &Node, name: &str) -> Result<Expect, LoadErr
                 matched_rule,
             })
         }
-        _ => Err(cx.err(n.pos, "expect must be an action or a mapping {action, allowed, matched_rule}")),
+        _ => Err(cx.err(
+            n.pos,
+            "expect must be an action or a mapping {action, allowed, matched_rule}",
+        )),
     }
 }
 
@@ -212,7 +243,10 @@ fn check(e: &Expect, d: &Decision) -> (bool, String) {
     }
     if let Some(m) = &e.matched_rule {
         if m != &d.matched_rule {
-            problems.push(format!("matched_rule: expected {m:?}, got {:?}", d.matched_rule));
+            problems.push(format!(
+                "matched_rule: expected {m:?}, got {:?}",
+                d.matched_rule
+            ));
         }
     }
     let got = serde_json::to_string(d).unwrap_or_default();
@@ -225,5 +259,11 @@ fn check(e: &Expect, d: &Decision) -> (bool, String) {
 
 /// Parses one JSON context for evaluation (shared with the CLI).
 pub fn parse_context(text: &str) -> Result<Value, String> {
-    serde_json::from_str::<Value>(text).map_err(|e| format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+    serde_json::from_str::<Value>(text).map_err(|e| {
+        format!(
+            "invalid JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        )
+    })
 }

@@ -100,7 +100,10 @@ impl Ctx<'_> {
                     Kind::Str(s) => {
                         return Err(self.err(
                             k.pos,
-                            format!("unknown {what} field {s:?}; expected one of: {}", allowed.join(", ")),
+                            format!(
+                                "unknown {what} field {s:?}; expected one of: {}",
+                                allowed.join(", ")
+                            ),
                         ))
                     }
                     _ => return Err(self.err(k.pos, format!("{what} keys must be strings"))),
@@ -113,7 +116,10 @@ impl Ctx<'_> {
     pub fn string(&self, node: &Node, what: &str) -> Result<String, LoadError> {
         match &node.kind {
             Kind::Str(s) => Ok(s.clone()),
-            _ => Err(self.err(node.pos, format!("expected a string for {what}, found {}", node.type_name()))),
+            _ => Err(self.err(
+                node.pos,
+                format!("expected a string for {what}, found {}", node.type_name()),
+            )),
         }
     }
 
@@ -129,14 +135,23 @@ impl Ctx<'_> {
         match &node.kind {
             Kind::Null => Ok(Vec::new()),
             Kind::Seq(items) => items.iter().map(|i| self.string(i, what)).collect(),
-            _ => Err(self.err(node.pos, format!("expected a list of strings for {what}, found {}", node.type_name()))),
+            _ => Err(self.err(
+                node.pos,
+                format!(
+                    "expected a list of strings for {what}, found {}",
+                    node.type_name()
+                ),
+            )),
         }
     }
 
     pub fn int(&self, node: &Node, what: &str) -> Result<i64, LoadError> {
         match &node.kind {
             Kind::Int(i) => Ok(*i),
-            _ => Err(self.err(node.pos, format!("expected an integer for {what}, found {}", node.type_name()))),
+            _ => Err(self.err(
+                node.pos,
+                format!("expected an integer for {what}, found {}", node.type_name()),
+            )),
         }
     }
 }
@@ -152,7 +167,12 @@ fn condition_pos(node: &Node, src: &str, offset: usize) -> Pos {
     }
 }
 
-pub(crate) fn parse(node: &Node, file: &str, path: Option<&Path>, stack: &mut Vec<PathBuf>) -> Result<Policy, LoadError> {
+pub(crate) fn parse(
+    node: &Node,
+    file: &str,
+    path: Option<&Path>,
+    stack: &mut Vec<PathBuf>,
+) -> Result<Policy, LoadError> {
     let cx = Ctx { file };
     cx.check_keys(node, TOP_KEYS, "policy")?;
     if let Some(v) = node.get("apiVersion") {
@@ -173,7 +193,12 @@ pub(crate) fn parse(node: &Node, file: &str, path: Option<&Path>, stack: &mut Ve
         Some(n) => match cx.string(n, "default_action")?.as_str() {
             "allow" => Action::Allow,
             "deny" => Action::Deny,
-            other => return Err(cx.err(n.pos, format!("invalid default_action {other:?}; expected allow or deny"))),
+            other => {
+                return Err(cx.err(
+                    n.pos,
+                    format!("invalid default_action {other:?}; expected allow or deny"),
+                ))
+            }
         },
     };
     let agent = cx.opt_string(node, "agent")?;
@@ -212,7 +237,12 @@ pub(crate) fn parse(node: &Node, file: &str, path: Option<&Path>, stack: &mut Ve
                     rules.push(parse_rule(&cx, item)?);
                 }
             }
-            _ => return Err(cx.err(n.pos, format!("expected a list for rules, found {}", n.type_name()))),
+            _ => {
+                return Err(cx.err(
+                    n.pos,
+                    format!("expected a list for rules, found {}", n.type_name()),
+                ))
+            }
         },
     }
     let mut policy = Policy {
@@ -255,17 +285,26 @@ fn resolve_extends(
     stack: &mut Vec<PathBuf>,
 ) -> Result<(), LoadError> {
     let io = |pos: Pos, what: &str, e: std::io::Error| cx.err(pos, format!("{what}: {e}"));
-    let me = std::fs::canonicalize(path).map_err(|e| io(Pos::default(), "cannot resolve policy path", e))?;
+    let me = std::fs::canonicalize(path)
+        .map_err(|e| io(Pos::default(), "cannot resolve policy path", e))?;
     let base = me.parent().map(Path::to_path_buf).unwrap_or_default();
     if stack.len() >= MAX_EXTENDS_DEPTH {
-        return Err(cx.err(refs[0].1, format!("extends chain deeper than {MAX_EXTENDS_DEPTH} files")));
+        return Err(cx.err(
+            refs[0].1,
+            format!("extends chain deeper than {MAX_EXTENDS_DEPTH} files"),
+        ));
     }
     stack.push(me.clone());
     let mut parent_rules: Vec<Rule> = Vec::new();
     for (r, pos) in refs {
         let candidate = base.join(r);
-        let real = std::fs::canonicalize(&candidate)
-            .map_err(|e| io(*pos, &format!("extends {r:?} cannot be read at {}", candidate.display()), e))?;
+        let real = std::fs::canonicalize(&candidate).map_err(|e| {
+            io(
+                *pos,
+                &format!("extends {r:?} cannot be read at {}", candidate.display()),
+                e,
+            )
+        })?;
         if !real.starts_with(&base) {
             stack.pop();
             return Err(cx.err(
@@ -278,13 +317,20 @@ fn resolve_extends(
             ));
         }
         if stack.contains(&real) {
-            let chain: Vec<String> = stack.iter().chain(std::iter::once(&real)).map(|p| p.display().to_string()).collect();
+            let chain: Vec<String> = stack
+                .iter()
+                .chain(std::iter::once(&real))
+                .map(|p| p.display().to_string())
+                .collect();
             return Err(cx.err(*pos, format!("circular extends: {}", chain.join(" -> "))));
         }
         let parent = match crate::load_document_inner(&real, stack)? {
             Document::Toolkit(p) => p,
             Document::V4(_) => {
-                return Err(cx.err(*pos, format!("extends {r:?} is an Agent-OS v4 document, not governance.toolkit/v1")))
+                return Err(cx.err(
+                    *pos,
+                    format!("extends {r:?} is an Agent-OS v4 document, not governance.toolkit/v1"),
+                ))
             }
         };
         // Diamonds: the first parent to define a rule name wins, as in AGT.
@@ -315,16 +361,23 @@ fn resolve_extends(
 
 fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
     if !matches!(node.kind, Kind::Map(_)) {
-        return Err(cx.err(node.pos, format!("expected a rule mapping, found {}", node.type_name())));
+        return Err(cx.err(
+            node.pos,
+            format!("expected a rule mapping, found {}", node.type_name()),
+        ));
     }
     cx.check_keys(node, RULE_KEYS, "rule")?;
     let name = cx.string(
-        node.get("name").ok_or_else(|| cx.err(node.pos, "rule is missing required field \"name\""))?,
+        node.get("name")
+            .ok_or_else(|| cx.err(node.pos, "rule is missing required field \"name\""))?,
         "rule name",
     )?;
-    let cond_node = node
-        .get("condition")
-        .ok_or_else(|| cx.err(node.pos, format!("rule {name:?} is missing required field \"condition\"")))?;
+    let cond_node = node.get("condition").ok_or_else(|| {
+        cx.err(
+            node.pos,
+            format!("rule {name:?} is missing required field \"condition\""),
+        )
+    })?;
     let condition_src = cx.string(cond_node, "condition")?;
     let condition = Expr::parse(&condition_src).map_err(|e| {
         cx.err(
@@ -352,7 +405,10 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
         Some(n) => {
             let s = cx.string(n, "stage")?;
             if !STAGES.contains(&s.as_str()) {
-                return Err(cx.err(n.pos, format!("invalid stage {s:?}; expected one of {}", STAGES.join(", "))));
+                return Err(cx.err(
+                    n.pos,
+                    format!("invalid stage {s:?}; expected one of {}", STAGES.join(", ")),
+                ));
             }
             s
         }
@@ -365,7 +421,12 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
         None => true,
         Some(n) => match n.kind {
             Kind::Bool(b) => b,
-            _ => return Err(cx.err(n.pos, format!("expected a boolean for enabled, found {}", n.type_name()))),
+            _ => {
+                return Err(cx.err(
+                    n.pos,
+                    format!("expected a boolean for enabled, found {}", n.type_name()),
+                ))
+            }
         },
     };
     let limit = match node.get("limit") {
@@ -402,7 +463,12 @@ struct Candidate<'a> {
 
 /// Collects matching rules across the applicable policies and resolves them with `strategy`.
 /// `None` when nothing matched (the caller then consults Rego, then the default).
-pub(crate) fn evaluate(applicable: &[&Policy], ctx: &Value, stage: &str, strategy: Strategy) -> Option<Decision> {
+pub(crate) fn evaluate(
+    applicable: &[&Policy],
+    ctx: &Value,
+    stage: &str,
+    strategy: Strategy,
+) -> Option<Decision> {
     let mut cands: Vec<Candidate<'_>> = Vec::new();
     for p in applicable {
         for r in &p.rules {
@@ -416,7 +482,10 @@ pub(crate) fn evaluate(applicable: &[&Policy], ctx: &Value, stage: &str, strateg
     }
     // AGT sorts stably by priority, descending; ties keep load order. `max_by_key` would keep
     // the last maximum, so pick the first maximum explicitly.
-    fn best<'a, 'b>(it: impl Iterator<Item = &'b Candidate<'a>>, key: impl Fn(&Candidate<'a>) -> (i64, i64)) -> Option<&'b Candidate<'a>>
+    fn best<'a, 'b>(
+        it: impl Iterator<Item = &'b Candidate<'a>>,
+        key: impl Fn(&Candidate<'a>) -> (i64, i64),
+    ) -> Option<&'b Candidate<'a>>
     where
         'a: 'b,
     {
@@ -431,19 +500,27 @@ pub(crate) fn evaluate(applicable: &[&Policy], ctx: &Value, stage: &str, strateg
     let prio = |c: &Candidate<'_>| (c.rule.priority, 0);
     let winner = match strategy {
         Strategy::PriorityFirstMatch => best(cands.iter(), prio),
-        Strategy::DenyOverrides => best(cands.iter().filter(|c| c.rule.action.is_deny_class()), prio)
-            .or_else(|| best(cands.iter(), prio)),
-        Strategy::AllowOverrides => {
-            best(cands.iter().filter(|c| c.rule.action == Action::Allow), prio).or_else(|| best(cands.iter(), prio))
+        Strategy::DenyOverrides => {
+            best(cands.iter().filter(|c| c.rule.action.is_deny_class()), prio)
+                .or_else(|| best(cands.iter(), prio))
         }
-        Strategy::MostSpecificWins => best(cands.iter(), |c| (c.policy.scope as i64, c.rule.priority)),
+        Strategy::AllowOverrides => best(
+            cands.iter().filter(|c| c.rule.action == Action::Allow),
+            prio,
+        )
+        .or_else(|| best(cands.iter(), prio)),
+        Strategy::MostSpecificWins => {
+            best(cands.iter(), |c| (c.policy.scope as i64, c.rule.priority))
+        }
     }?;
     // Extends floor: a child's permissive rule never beats a matching deny inherited from a parent.
     let winner = if winner.rule.action.is_allowed() && !winner.rule.inherited {
         best(
-            cands
-                .iter()
-                .filter(|c| std::ptr::eq(c.policy, winner.policy) && c.rule.inherited && c.rule.action.is_deny_class()),
+            cands.iter().filter(|c| {
+                std::ptr::eq(c.policy, winner.policy)
+                    && c.rule.inherited
+                    && c.rule.action.is_deny_class()
+            }),
             prio,
         )
         .unwrap_or(winner)
@@ -455,7 +532,9 @@ pub(crate) fn evaluate(applicable: &[&Policy], ctx: &Value, stage: &str, strateg
         r.action,
         Some(r.name.clone()),
         Some(winner.policy.name.clone()),
-        r.description.clone().unwrap_or_else(|| format!("Rule {} matched", r.name)),
+        r.description
+            .clone()
+            .unwrap_or_else(|| format!("Rule {} matched", r.name)),
     );
     d.approvers = r.approvers.clone();
     d.limit = r.limit.as_ref().map(|spec| LimitRef {

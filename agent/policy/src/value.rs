@@ -55,10 +55,7 @@ pub fn py_eq(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x
-                    .iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| py_eq(v, w)))
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| py_eq(v, w)))
         }
         _ => false,
     }
@@ -163,7 +160,9 @@ pub fn py_float_str(s: &str) -> Option<f64> {
             if *c == '_' {
                 let before = i.checked_sub(1).and_then(|j| chars.get(j));
                 let after = chars.get(i + 1);
-                if !(before.is_some_and(char::is_ascii_digit) && after.is_some_and(char::is_ascii_digit)) {
+                if !(before.is_some_and(char::is_ascii_digit)
+                    && after.is_some_and(char::is_ascii_digit))
+                {
                     return None;
                 }
             }
@@ -207,7 +206,11 @@ fn py_repr(v: &Value) -> String {
             }
         }
         Value::String(s) => {
-            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let quote = if s.contains('\'') && !s.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
             let mut out = String::with_capacity(s.len() + 2);
             out.push(quote);
             for c in s.chars() {
@@ -287,10 +290,16 @@ mod tests {
 
     #[test]
     fn python_ordering() {
-        assert_eq!(py_cmp(&json!("a"), &json!("b")).unwrap(), Some(Ordering::Less));
+        assert_eq!(
+            py_cmp(&json!("a"), &json!("b")).unwrap(),
+            Some(Ordering::Less)
+        );
         assert!(py_cmp(&json!("a"), &json!(1)).is_err());
         assert!(py_cmp(&json!(null), &json!(1)).is_err());
-        assert_eq!(py_cmp(&json!([1, 2]), &json!([1])).unwrap(), Some(Ordering::Greater));
+        assert_eq!(
+            py_cmp(&json!([1, 2]), &json!([1])).unwrap(),
+            Some(Ordering::Greater)
+        );
     }
 
     #[test]

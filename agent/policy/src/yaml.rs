@@ -116,10 +116,7 @@ fn pos_of(m: &yaml_rust2::scanner::Marker) -> Pos {
 pub fn pos_at_byte(bytes: &[u8], offset: usize) -> Pos {
     let upto = &bytes[..offset.min(bytes.len())];
     let line = upto.iter().filter(|b| **b == b'\n').count() + 1;
-    let line_start = upto
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |p| p + 1);
+    let line_start = upto.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
     let col = String::from_utf8_lossy(&upto[line_start..]).chars().count() + 1;
     Pos { line, col }
 }
@@ -177,7 +174,7 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
                 docs += 1;
                 if docs > 1 {
                     return Err(err(
-                        "expected a single YAML document, found a second one".into(),
+                        "expected a single YAML document, found a second one".into()
                     ));
                 }
                 continue;
@@ -414,7 +411,9 @@ fn parse_float(s: &str) -> Option<f64> {
     };
     if !mantissa.contains('.')
         || mantissa.starts_with('_')
-        || !mantissa.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '_')
+        || !mantissa
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.' || c == '_')
         || mantissa.matches('.').count() > 1
     {
         return None;
