@@ -6,6 +6,7 @@
 
 mod btf;
 mod events;
+pub mod lsm;
 mod programs;
 
 pub use btf::{KernelOffsets, OffsetError};

@@ -9,6 +9,7 @@
 
 mod connect;
 mod exec;
+mod lsm;
 
 use agt_jail_common::{EventHeader, MAX_AGENTS, EVENT_RING_BYTES};
 use aya_ebpf::{
