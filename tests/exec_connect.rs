@@ -158,10 +158,7 @@ fn cgroup_is_removed_even_when_the_command_is_killed_and_leaves_children() {
     require!(Need::Root, Need::CgroupV2, Need::Btf);
     // The command starts a background sleeper and then kills itself with SIGKILL:
     // the sleeper must not survive and the cgroup must be gone.
-    let child = agt_jail()
-        .args(["exec", "--", "sh", "-c", "sleep 300 & kill -KILL $$"])
-        .spawn()
-        .unwrap();
+    let child = agt_jail().args(["exec", "--", "sh", "-c", "sleep 300 & kill -KILL $$"]).spawn().unwrap();
     let owner = child.id();
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(128 + 9));

@@ -28,8 +28,8 @@ pub fn run(opts: &Options) -> Result<()> {
     let committed = repo_root().join(COMMITTED_OBJECT);
     let fresh = fs::read(&built).with_context(|| format!("cannot read {}", built.display()))?;
     if opts.check {
-        let old = fs::read(&committed)
-            .with_context(|| format!("cannot read committed object {}", committed.display()))?;
+        let old =
+            fs::read(&committed).with_context(|| format!("cannot read committed object {}", committed.display()))?;
         if old != fresh {
             bail!(
                 "{COMMITTED_OBJECT} differs from a rebuild of ebpf/ ({} vs {} bytes): run `cargo xtask build-ebpf` and commit the object",
@@ -40,8 +40,7 @@ pub fn run(opts: &Options) -> Result<()> {
         println!("build-ebpf --check: {COMMITTED_OBJECT} matches the sources ({} bytes)", fresh.len());
         return Ok(());
     }
-    fs::write(&committed, &fresh)
-        .with_context(|| format!("cannot write {}", committed.display()))?;
+    fs::write(&committed, &fresh).with_context(|| format!("cannot write {}", committed.display()))?;
     println!("build-ebpf: wrote {COMMITTED_OBJECT} ({} bytes)", fresh.len());
     Ok(())
 }
@@ -51,7 +50,15 @@ pub fn ensure_toolchain() -> Result<()> {
     let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
         .unwrap_or_default();
     if !installed.lines().any(|line| line.starts_with("rust-src")) {
-        run_checked(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src"]))?;
+        run_checked(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
@@ -87,10 +94,8 @@ fn install_bpf_linker() -> Result<()> {
             .find(|name| name.starts_with("libLLVM") && name.ends_with(".so"))
             .context("nightly toolchain has no libLLVM*.so and llvm-22-dev is not installed")?;
         let name = dylib.trim_start_matches("lib").trim_end_matches(".so");
-        cmd.args(["--features", "llvm-22,no-llvm-linking"]).env(
-            "RUSTFLAGS",
-            format!("-L {0} -l dylib={name} -C link-arg=-Wl,-rpath,{0}", lib.display()),
-        );
+        cmd.args(["--features", "llvm-22,no-llvm-linking"])
+            .env("RUSTFLAGS", format!("-L {0} -l dylib={name} -C link-arg=-Wl,-rpath,{0}", lib.display()));
     }
     run_checked(&mut cmd)
 }
@@ -106,8 +111,8 @@ pub fn build() -> Result<PathBuf> {
     let target_dir = root.join("target/ebpf");
     let home = std::env::var("HOME").unwrap_or_default();
     let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
-    let sysroot = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))
-        .unwrap_or_default();
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"])).unwrap_or_default();
     // \x1f separates flags in CARGO_ENCODED_RUSTFLAGS, so paths with spaces survive.
     let flags = [
         "--cfg=bpf_target_arch=\"x86_64\"".to_string(),
@@ -118,10 +123,22 @@ pub fn build() -> Result<PathBuf> {
     .join("\x1f");
     let mut cmd = Command::new("rustup");
     clean_cargo_env(&mut cmd);
-    cmd.args(["run", NIGHTLY, "cargo", "build", "--quiet", "--release", "--locked", "--target", TARGET, "-Z", "build-std=core"])
-        .current_dir(&crate_dir)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", flags);
+    cmd.args([
+        "run",
+        NIGHTLY,
+        "cargo",
+        "build",
+        "--quiet",
+        "--release",
+        "--locked",
+        "--target",
+        TARGET,
+        "-Z",
+        "build-std=core",
+    ])
+    .current_dir(&crate_dir)
+    .env("CARGO_TARGET_DIR", &target_dir)
+    .env("CARGO_ENCODED_RUSTFLAGS", flags);
     run_checked(&mut cmd)?;
     Ok(target_dir.join(TARGET).join("release/agt-jail"))
 }

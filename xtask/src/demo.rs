@@ -1,8 +1,61 @@
-use anyhow::Result;
+//! `cargo xtask demo`: the main job, end to end, for a newcomer.
+//!
+//! Builds the release binary, starts a TCP service on 127.0.0.1, and runs the same
+//! client twice under `agt-jail exec`: once with the destination denied (the kernel
+//! refuses the connect with EPERM and the event says so), once without (it connects).
+use std::{net::TcpListener, process::Command, thread};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{is_root, repo_root, run_checked, target_dir};
 
 #[derive(clap::Args)]
 pub struct Options {}
 
 pub fn run(_opts: &Options) -> Result<()> {
-    anyhow::bail!("demo: not written yet")
+    if !is_root() {
+        bail!("the demo creates cgroups and loads BPF programs: run it as root (sudo -E env PATH=\"$PATH\" cargo xtask demo)");
+    }
+    let root = repo_root();
+    println!("==> building agt-jail (release, stable toolchain, embedded eBPF object)");
+    run_checked(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "agt-jail-cli",
+    ]))?;
+    let binary = target_dir().join("release/agt-jail");
+
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot start the demo service")?;
+    let port = listener.local_addr().context("no local address")?.port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let client = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo 'client: connected to 127.0.0.1:{port}'");
+
+    println!("\n==> a service listens on 127.0.0.1:{port}; the agent may not reach it");
+    println!("$ agt-jail exec --events - --deny-connect 127.0.0.1:{port} -- bash -c '<connect to 127.0.0.1:{port}>'");
+    let denied = Command::new(&binary)
+        .args(["exec", "--events", "-", "--deny-connect", &format!("127.0.0.1:{port}"), "--", "bash", "-c", &client])
+        .status()
+        .context("cannot run agt-jail")?;
+    println!("(exit status {})", denied.code().map_or_else(|| "signal".to_string(), |c| c.to_string()));
+
+    println!("\n==> the same client without the rule");
+    println!("$ agt-jail exec --events - -- bash -c '<connect to 127.0.0.1:{port}>'");
+    let allowed = Command::new(&binary)
+        .args(["exec", "--events", "-", "--", "bash", "-c", &client])
+        .status()
+        .context("cannot run agt-jail")?;
+    println!("(exit status {})", allowed.code().map_or_else(|| "signal".to_string(), |c| c.to_string()));
+
+    if denied.success() || !allowed.success() {
+        bail!("demo did not behave as expected: denied run {denied}, allowed run {allowed}");
+    }
+    println!("\nThe denied connect failed inside the command with EPERM, decided in the kernel by the");
+    println!("cgroup/connect4 program attached to the agent's cgroup before the command started.");
+    Ok(())
 }

@@ -45,9 +45,8 @@ pub fn run(opts: &Options) -> Result<()> {
         failures.push(format!("{err:#}"));
     }
 
-    let skipped: Vec<String> = fs::read_to_string(&skip_log)
-        .map(|text| text.lines().map(str::to_owned).collect())
-        .unwrap_or_default();
+    let skipped: Vec<String> =
+        fs::read_to_string(&skip_log).map(|text| text.lines().map(str::to_owned).collect()).unwrap_or_default();
     if !skipped.is_empty() {
         println!("\nskipped (this kernel lacks what they need):");
         for line in &skipped {
@@ -70,10 +69,7 @@ pub fn run(opts: &Options) -> Result<()> {
 /// Runs `cmd`, echoing its stdout and adding up libtest's `test result:` lines.
 fn run_counting(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {shown}"))?;
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start {shown}"))?;
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines() {
             let line = line.context("cannot read test output")?;

@@ -11,6 +11,11 @@ pub fn repo_root() -> PathBuf {
     manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
 }
 
+/// Where cargo puts build output: `$CARGO_TARGET_DIR`, else `target/` in the repo.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from)
+}
+
 /// Runs a command, failing with the command line when it exits non-zero.
 pub fn run_checked(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
@@ -24,9 +29,7 @@ pub fn run_checked(cmd: &mut Command) -> Result<()> {
 /// Runs a command and returns its stdout, or None when it cannot start or fails.
 pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A command with the environment the outer `cargo`/rustup put in place removed, so a

@@ -129,7 +129,9 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     let program_path = resolve_program(program).map_err(Failure::Spawn)?;
     // SAFETY: geteuid cannot fail and has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(anyhow::anyhow!("exec needs root: it creates cgroups and loads BPF programs (run it with sudo)").into());
+        return Err(
+            anyhow::anyhow!("exec needs root: it creates cgroups and loads BPF programs (run it with sudo)").into()
+        );
     }
 
     let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;

@@ -14,17 +14,9 @@ pub enum OffsetError {
     #[error("kernel BTF {path} has no struct {name}")]
     NoStruct { path: PathBuf, name: String },
     #[error("kernel BTF {path}: struct {name} has no member {member}")]
-    NoMember {
-        path: PathBuf,
-        name: String,
-        member: String,
-    },
+    NoMember { path: PathBuf, name: String, member: String },
     #[error("kernel BTF {path}: {name}.{member} is a bitfield, not a byte-addressable field")]
-    Bitfield {
-        path: PathBuf,
-        name: String,
-        member: String,
-    },
+    Bitfield { path: PathBuf, name: String, member: String },
 }
 
 /// The byte offsets the eBPF programs read through.
@@ -39,14 +31,10 @@ impl KernelOffsets {
     pub const VMLINUX: &'static str = "/sys/kernel/btf/vmlinux";
 
     pub fn from_btf_file(path: &Path) -> Result<Self, OffsetError> {
-        let btf = Btf::from_file(path).map_err(|err| OffsetError::Read {
-            path: path.to_path_buf(),
-            message: err.to_string(),
-        })?;
+        let btf = Btf::from_file(path)
+            .map_err(|err| OffsetError::Read { path: path.to_path_buf(), message: err.to_string() })?;
         let lookup = StructLookup { btf: &btf, path };
-        Ok(Self {
-            binprm_filename: lookup.member_offset("linux_binprm", "filename")?,
-        })
+        Ok(Self { binprm_filename: lookup.member_offset("linux_binprm", "filename")? })
     }
 }
 
@@ -65,17 +53,12 @@ impl StructLookup<'_> {
                 Type::Struct(s) if !s.members.is_empty() => Some(s),
                 _ => None,
             })
-            .ok_or_else(|| OffsetError::NoStruct {
-                path: self.path.to_path_buf(),
-                name: name.to_string(),
-            })?;
-        let bits = self
-            .find_member_bits(&strukt, member, 0)
-            .ok_or_else(|| OffsetError::NoMember {
-                path: self.path.to_path_buf(),
-                name: name.to_string(),
-                member: member.to_string(),
-            })?;
+            .ok_or_else(|| OffsetError::NoStruct { path: self.path.to_path_buf(), name: name.to_string() })?;
+        let bits = self.find_member_bits(&strukt, member, 0).ok_or_else(|| OffsetError::NoMember {
+            path: self.path.to_path_buf(),
+            name: name.to_string(),
+            member: member.to_string(),
+        })?;
         if bits % 8 != 0 {
             return Err(OffsetError::Bitfield {
                 path: self.path.to_path_buf(),

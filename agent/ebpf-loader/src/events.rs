@@ -8,20 +8,14 @@ use std::{
     time::Duration,
 };
 
-use agt_jail_common::{
-    ConnectEvent, EventHeader, EventKind, ExecEvent, Verdict, AF_INET, AF_INET6, EXEC_FILENAME_LEN,
-};
+use agt_jail_common::{ConnectEvent, EventHeader, EventKind, ExecEvent, Verdict, AF_INET, AF_INET6, EXEC_FILENAME_LEN};
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("event record of {len} bytes is shorter than the {need}-byte {what}")]
-    Short {
-        len: usize,
-        need: usize,
-        what: &'static str,
-    },
+    Short { len: usize, need: usize, what: &'static str },
     #[error("event record has unknown kind {0}")]
     UnknownKind(u32),
     #[error("event record has unknown verdict {0}")]
@@ -49,15 +43,7 @@ pub enum VerdictName {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     /// An agent's process completed an exec.
-    Exec {
-        pid: u32,
-        tgid: u32,
-        cgroup_id: u64,
-        agent_id: u64,
-        ktime_ns: u64,
-        filename: String,
-        verdict: VerdictName,
-    },
+    Exec { pid: u32, tgid: u32, cgroup_id: u64, agent_id: u64, ktime_ns: u64, filename: String, verdict: VerdictName },
     /// An agent's process was checked before an exec (Tier A, BPF LSM).
     ExecCheck {
         pid: u32,
@@ -190,12 +176,12 @@ impl EventReader {
     }
 
     /// Waits up to `timeout` for records, then drains them. Returns how many were read.
-    pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> std::io::Result<usize> {
-        let mut pollfd = libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+    pub fn poll(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(Result<Event, DecodeError>),
+    ) -> std::io::Result<usize> {
+        let mut pollfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: `pollfd` is a valid, initialised pollfd and we pass a count of 1.
         let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
@@ -241,7 +227,15 @@ mod tests {
         let decoded = decode(&bytes_of(&event)).unwrap();
         assert_eq!(
             decoded,
-            Event::Exec { pid: 11, tgid: 10, cgroup_id: 77, agent_id: 5, ktime_ns: 123, filename: "/bin/true".into(), verdict: VerdictName::Allow }
+            Event::Exec {
+                pid: 11,
+                tgid: 10,
+                cgroup_id: 77,
+                agent_id: 5,
+                ktime_ns: 123,
+                filename: "/bin/true".into(),
+                verdict: VerdictName::Allow
+            }
         );
     }
 
@@ -249,7 +243,13 @@ mod tests {
     fn decodes_denied_ipv4_connect() {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let event = ConnectEvent { header: header(EventKind::Connect, Verdict::Deny), family: AF_INET, port: 8080, protocol: 6, addr };
+        let event = ConnectEvent {
+            header: header(EventKind::Connect, Verdict::Deny),
+            family: AF_INET,
+            port: 8080,
+            protocol: 6,
+            addr,
+        };
         let decoded = decode(&bytes_of(&event)).unwrap();
         assert!(decoded.is_deny());
         let json = serde_json::to_value(&decoded).unwrap();
@@ -263,7 +263,13 @@ mod tests {
     #[test]
     fn decodes_ipv6_connect() {
         let addr = Ipv6Addr::LOCALHOST.octets();
-        let event = ConnectEvent { header: header(EventKind::Connect, Verdict::Allow), family: AF_INET6, port: 443, protocol: 17, addr };
+        let event = ConnectEvent {
+            header: header(EventKind::Connect, Verdict::Allow),
+            family: AF_INET6,
+            port: 443,
+            protocol: 17,
+            addr,
+        };
         let json = serde_json::to_value(decode(&bytes_of(&event)).unwrap()).unwrap();
         assert_eq!(json["addr"], "::1");
         assert_eq!(json["family"], "inet6");
@@ -279,7 +285,13 @@ mod tests {
         assert_eq!(decode(&bytes_of(&bad_verdict)), Err(DecodeError::UnknownVerdict(7)));
         // A header that claims exec but is cut short.
         assert!(matches!(decode(&bytes_of(&header(EventKind::Exec, Verdict::Allow))), Err(DecodeError::Short { .. })));
-        let event = ConnectEvent { header: header(EventKind::Connect, Verdict::Allow), family: 1, port: 1, protocol: 6, addr: [0; 16] };
+        let event = ConnectEvent {
+            header: header(EventKind::Connect, Verdict::Allow),
+            family: 1,
+            port: 1,
+            protocol: 6,
+            addr: [0; 16],
+        };
         assert_eq!(decode(&bytes_of(&event)), Err(DecodeError::UnknownFamily(1)));
         for len in 0..400 {
             let _ = decode(&vec![0xff; len]);
@@ -288,7 +300,12 @@ mod tests {
 
     #[test]
     fn filename_length_is_clamped() {
-        let event = ExecEvent { header: header(EventKind::Exec, Verdict::Allow), filename_len: 10_000, _pad: 0, filename: [b'a'; EXEC_FILENAME_LEN] };
+        let event = ExecEvent {
+            header: header(EventKind::Exec, Verdict::Allow),
+            filename_len: 10_000,
+            _pad: 0,
+            filename: [b'a'; EXEC_FILENAME_LEN],
+        };
         let Event::Exec { filename, .. } = decode(&bytes_of(&event)).unwrap() else { panic!("not exec") };
         assert_eq!(filename.len(), EXEC_FILENAME_LEN);
     }

@@ -118,9 +118,7 @@ impl AgentPrograms {
         exec.load(EXEC_TRACE, &btf).map_err(|err| program_error(EXEC_TRACE, err))?;
         exec.attach().map_err(|err| program_error(EXEC_TRACE, err))?;
 
-        let ring = bpf
-            .take_map("EVENTS")
-            .ok_or(LoaderError::Missing { what: "map", name: "EVENTS" })?;
+        let ring = bpf.take_map("EVENTS").ok_or(LoaderError::Missing { what: "map", name: "EVENTS" })?;
         let ring = RingBuf::try_from(ring).map_err(|err| LoaderError::Load(err.to_string()))?;
         Ok(Self { bpf, reader: Some(EventReader::new(ring)) })
     }
@@ -162,15 +160,11 @@ impl AgentPrograms {
 
     /// Events the kernel side could not queue because the ring buffer was full.
     pub fn dropped_events(&self) -> Result<u64, LoaderError> {
-        let map = self
-            .bpf
-            .map("EVENT_DROPS")
-            .ok_or(LoaderError::Missing { what: "map", name: "EVENT_DROPS" })?;
-        let drops: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|err| LoaderError::Map { map: "EVENT_DROPS", message: err.to_string() })?;
-        let per_cpu = drops
-            .get(&0, 0)
+        let map = self.bpf.map("EVENT_DROPS").ok_or(LoaderError::Missing { what: "map", name: "EVENT_DROPS" })?;
+        let drops: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
             .map_err(|err| LoaderError::Map { map: "EVENT_DROPS", message: err.to_string() })?;
+        let per_cpu =
+            drops.get(&0, 0).map_err(|err| LoaderError::Map { map: "EVENT_DROPS", message: err.to_string() })?;
         Ok(per_cpu.iter().sum())
     }
 
@@ -179,7 +173,10 @@ impl AgentPrograms {
         &mut self.bpf
     }
 
-    fn map<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>, LoaderError> {
+    fn map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, LoaderError> {
         let map = self.bpf.map_mut(name).ok_or(LoaderError::Missing { what: "map", name })?;
         HashMap::try_from(map).map_err(|err| LoaderError::Map { map: name, message: err.to_string() })
     }
@@ -208,7 +205,12 @@ fn summarize_verifier_log(message: &str) -> String {
     let tail: Vec<&str> = log[MARKER.len()..]
         .lines()
         .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with("verification time") && !line.starts_with("stack depth") && !line.starts_with("processed "))
+        .filter(|line| {
+            !line.is_empty()
+                && !line.starts_with("verification time")
+                && !line.starts_with("stack depth")
+                && !line.starts_with("processed ")
+        })
         .collect();
     let reason = tail.iter().rev().take(2).rev().copied().collect::<Vec<_>>().join(" / ");
     format!("{}verifier: {reason}", head.replace('\n', " "))

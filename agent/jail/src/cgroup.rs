@@ -16,7 +16,9 @@ use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup v2 hierarchy is mounted (looked in {mountinfo}); agt-jail needs cgroup2 for attaching BPF programs")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in {mountinfo}); agt-jail needs cgroup2 for attaching BPF programs"
+    )]
     NoCgroup2 { mountinfo: PathBuf },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
@@ -44,13 +46,9 @@ pub struct CgroupLayout {
 impl CgroupLayout {
     /// Reads the layout from a mountinfo file (normally `/proc/self/mountinfo`).
     pub fn detect(mountinfo: &Path) -> Result<Self, CgroupError> {
-        let text = fs::read_to_string(mountinfo).map_err(|source| CgroupError::Read {
-            path: mountinfo.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).ok_or_else(|| CgroupError::NoCgroup2 {
-            mountinfo: mountinfo.to_path_buf(),
-        })
+        let text = fs::read_to_string(mountinfo)
+            .map_err(|source| CgroupError::Read { path: mountinfo.to_path_buf(), source })?;
+        Self::parse(&text).ok_or_else(|| CgroupError::NoCgroup2 { mountinfo: mountinfo.to_path_buf() })
     }
 
     /// Parses mountinfo text (proc(5) format): the mount point is field 5, the
@@ -112,15 +110,9 @@ impl AgentCgroup {
     /// Creates `parent/name` (and `parent` if needed). The name must be fresh: an
     /// existing cgroup is never adopted, so two agents never share one.
     pub fn create(parent: &Path, name: &str) -> Result<Self, CgroupError> {
-        fs::create_dir_all(parent).map_err(|source| CgroupError::Create {
-            path: parent.to_path_buf(),
-            source,
-        })?;
+        fs::create_dir_all(parent).map_err(|source| CgroupError::Create { path: parent.to_path_buf(), source })?;
         let path = parent.join(name);
-        fs::create_dir(&path).map_err(|source| CgroupError::Create {
-            path: path.clone(),
-            source,
-        })?;
+        fs::create_dir(&path).map_err(|source| CgroupError::Create { path: path.clone(), source })?;
         match Self::open(&path) {
             Ok(cgroup) => Ok(cgroup),
             Err(err) => {
@@ -131,14 +123,8 @@ impl AgentCgroup {
     }
 
     fn open(path: &Path) -> Result<Self, CgroupError> {
-        let dir = File::open(path).map_err(|source| CgroupError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let meta = dir.metadata().map_err(|source| CgroupError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let dir = File::open(path).map_err(|source| CgroupError::Open { path: path.to_path_buf(), source })?;
+        let meta = dir.metadata().map_err(|source| CgroupError::Open { path: path.to_path_buf(), source })?;
         // On cgroup2 the directory's inode number is the cgroup id that
         // bpf_get_current_cgroup_id() returns.
         Ok(Self { path: path.to_path_buf(), dir, id: meta.ino(), removed: false })
@@ -161,10 +147,7 @@ impl AgentCgroup {
     /// `cgroup.procs`, opened for writing, for a child to move itself in before exec.
     pub fn procs_for_join(&self) -> Result<File, CgroupError> {
         let path = self.path.join("cgroup.procs");
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|source| CgroupError::Open { path, source })
+        fs::OpenOptions::new().write(true).open(&path).map_err(|source| CgroupError::Open { path, source })
     }
 
     /// Process ids currently in the cgroup.
@@ -187,10 +170,8 @@ impl AgentCgroup {
             fs::write(&kill_file, "1").map_err(|source| CgroupError::Write { path: kill_file, source })?;
         } else {
             for pid in self.pids()? {
-                sys::kill(pid, libc::SIGKILL).map_err(|source| CgroupError::Write {
-                    path: self.path.join("cgroup.procs"),
-                    source,
-                })?;
+                sys::kill(pid, libc::SIGKILL)
+                    .map_err(|source| CgroupError::Write { path: self.path.join("cgroup.procs"), source })?;
             }
         }
         Ok(())

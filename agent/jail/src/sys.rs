@@ -1,10 +1,31 @@
 //! The one place this crate makes raw system calls. Each wrapper states the
 //! conditions under which it is sound, so callers stay in safe Rust.
-use std::io;
+//!
+//! Wrappers used between clone and exec (marked "child-safe") allocate nothing and
+//! take no locks: the launcher clones a possibly multi-threaded parent with a raw
+//! clone(2), after which only async-signal-safe work is allowed. `io::Error` built from
+//! an errno does not allocate.
+use std::{ffi::CStr, io, ptr};
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn check_long(rc: libc::c_long) -> io::Result<libc::c_long> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
 
 /// Sends `signal` to process `pid`. Missing processes (ESRCH) are not an error:
 /// the caller wanted them gone or signalled, and a process that already exited
-/// satisfies that.
+/// satisfies that. Child-safe.
 pub fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     let rc = unsafe { libc::kill(pid, signal) };
@@ -31,4 +52,466 @@ pub fn write_all_raw(fd: libc::c_int, bytes: &[u8]) -> io::Result<()> {
         return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
     }
     Ok(())
+}
+
+/// read(2) into `buf`; returns the byte count (0 at end of file).
+pub fn read_raw(fd: libc::c_int, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// A pipe whose ends are close-on-exec. Returns (read, write).
+pub fn pipe_cloexec() -> io::Result<(libc::c_int, libc::c_int)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok((fds[0], fds[1]))
+}
+
+/// close(2). Child-safe.
+pub fn close(fd: libc::c_int) {
+    // SAFETY: closing an fd the caller owns; errors are irrelevant to callers.
+    unsafe { libc::close(fd) };
+}
+
+/// Marks every fd from `first` up close-on-exec (close_range, Linux 5.11), so the
+/// agent inherits only stdio. Child-safe.
+pub fn cloexec_from(first: libc::c_uint) -> io::Result<()> {
+    // SAFETY: close_range with plain integers.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    check_long(rc).map(|_| ())
+}
+
+/// dup2(2). Child-safe.
+pub fn dup2(from: libc::c_int, to: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain integers.
+    check(unsafe { libc::dup2(from, to) }).map(|_| ())
+}
+
+/// A raw clone(2) with `flags` (namespace flags | SIGCHLD) and no new stack: it
+/// behaves like fork(2) and returns 0 in the child. Unlike glibc's fork it runs no
+/// atfork handlers, so the child must only call child-safe functions until it execs
+/// or exits.
+pub fn clone_process(flags: libc::c_ulong) -> io::Result<libc::pid_t> {
+    // SAFETY: with a null stack the child continues on a copy of the caller's stack,
+    // exactly like fork(2); the other pointer arguments are null and unused because
+    // no CLONE_*TID / CLONE_SETTLS flag is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            ptr::null_mut::<libc::c_void>(),
+            ptr::null_mut::<libc::c_int>(),
+            ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    check_long(rc).map(|pid| pid as libc::pid_t)
+}
+
+/// unshare(2). Child-safe.
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain integer flags.
+    check(unsafe { libc::unshare(flags) }).map(|_| ())
+}
+
+/// Leaves the process immediately, without running Rust or libc exit handlers
+/// (they belong to the parent's copy of the address space). Child-safe.
+pub fn exit_now(code: libc::c_int) -> ! {
+    // SAFETY: _exit never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// waitpid(2), retrying on EINTR unless `interruptible`. Returns (pid, raw status).
+pub fn waitpid(pid: libc::pid_t, interruptible: bool) -> io::Result<(libc::pid_t, libc::c_int)> {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if rc >= 0 {
+            return Ok((rc, status));
+        }
+        let err = io::Error::last_os_error();
+        if interruptible || err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// mount(2) with optional source, fstype and data. Child-safe.
+pub fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let opt = |s: Option<&CStr>| s.map_or(ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is either null or a NUL-terminated string that outlives the call.
+    check(unsafe { libc::mount(opt(source), target.as_ptr(), opt(fstype), flags, opt(data).cast()) }).map(|_| ())
+}
+
+/// umount2(2). Child-safe.
+pub fn umount2(target: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: `target` is NUL-terminated.
+    check(unsafe { libc::umount2(target.as_ptr(), flags) }).map(|_| ())
+}
+
+/// pivot_root(2). Child-safe.
+pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> io::Result<()> {
+    // SAFETY: both paths are NUL-terminated strings.
+    check_long(unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) }).map(|_| ())
+}
+
+/// chdir(2). Child-safe.
+pub fn chdir(path: &CStr) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated.
+    check(unsafe { libc::chdir(path.as_ptr()) }).map(|_| ())
+}
+
+/// mkdir(2); an existing entry is not an error. Child-safe.
+pub fn mkdir(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated.
+    let rc = unsafe { libc::mkdir(path.as_ptr(), mode) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EEXIST) {
+        return Ok(());
+    }
+    Err(err)
+}
+
+/// Creates an empty regular file (a bind-mount target); existing is fine. Child-safe.
+pub fn touch(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated; the fd is closed right away.
+    let fd = check(unsafe {
+        libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW, mode)
+    })?;
+    close(fd);
+    Ok(())
+}
+
+/// symlink(2); an existing entry is not an error. Child-safe.
+pub fn symlink(target: &CStr, link: &CStr) -> io::Result<()> {
+    // SAFETY: both are NUL-terminated.
+    let rc = unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EEXIST) {
+        return Ok(());
+    }
+    Err(err)
+}
+
+/// open(2) with flags; returns the fd. Child-safe.
+pub fn open(path: &CStr, flags: libc::c_int) -> io::Result<libc::c_int> {
+    // SAFETY: `path` is NUL-terminated; no O_CREAT, so no mode is read.
+    check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })
+}
+
+/// Writes `bytes` to the file at `path` (cgroup.procs, uid_map, sysctls). Child-safe.
+pub fn write_file(path: &CStr, bytes: &[u8]) -> io::Result<()> {
+    let fd = open(path, libc::O_WRONLY)?;
+    let result = write_all_raw(fd, bytes);
+    close(fd);
+    result
+}
+
+/// Mount flags of the filesystem holding `path` (statvfs f_flag mapped to MS_*), so a
+/// read-only remount keeps the nosuid/nodev/noexec locks a user namespace requires.
+/// Child-safe.
+pub fn mount_flags_of(path: &CStr) -> io::Result<libc::c_ulong> {
+    // SAFETY: an all-zero statvfs is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is a valid out pointer.
+    check(unsafe { libc::statvfs(path.as_ptr(), &mut st) })?;
+    let map = [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    Ok(map.iter().filter(|(st_flag, _)| st.f_flag & st_flag != 0).fold(0, |acc, (_, ms)| acc | ms))
+}
+
+/// True when `fd` refers to a directory. Child-safe.
+pub fn fd_is_dir(fd: libc::c_int) -> io::Result<bool> {
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out pointer.
+    check(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+}
+
+/// sethostname(2). Child-safe.
+pub fn sethostname(name: &[u8]) -> io::Result<()> {
+    // SAFETY: `name` is valid for its length.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
+}
+
+/// setsid(2). Child-safe.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: no arguments.
+    check(unsafe { libc::setsid() }).map(|_| ())
+}
+
+/// Makes `fd` (a terminal) the controlling terminal of this session. Child-safe.
+pub fn set_controlling_tty(fd: libc::c_int) -> io::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) }).map(|_| ())
+}
+
+/// Brings the loopback interface up in the current network namespace. Child-safe.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket(2) with integer arguments.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: an all-zero ifreq is valid; the name fits in IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_name[0] = b'l' as libc::c_char;
+    req.ifr_name[1] = b'o' as libc::c_char;
+    // SAFETY: `req` is a valid ifreq for SIOCGIFFLAGS/SIOCSIFFLAGS; the union member
+    // written and read is ifru_flags.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            check(libc::ioctl(fd, libc::SIOCSIFFLAGS, &req)).map(|_| ())
+        }
+    };
+    close(fd);
+    result
+}
+
+/// prctl(2) with up to two integer arguments. Child-safe.
+pub fn prctl(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> io::Result<libc::c_int> {
+    // SAFETY: the options this crate uses take integer arguments only.
+    check(unsafe { libc::prctl(option, arg2, arg3, 0 as libc::c_ulong, 0 as libc::c_ulong) })
+}
+
+/// Clears the effective, permitted and inheritable capability sets. Child-safe.
+pub fn clear_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capset reads a v3 header and two data structs, which is what we pass.
+    check_long(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) }).map(|_| ())
+}
+
+/// setrlimit(2). Child-safe.
+pub fn setrlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {
+    let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: `limit` is a valid rlimit.
+    check(unsafe { libc::setrlimit(resource, &limit) }).map(|_| ())
+}
+
+/// The Landlock ABI version the kernel supports, or the errno when it has none.
+pub fn landlock_abi() -> io::Result<u32> {
+    // SAFETY: with a null attribute, size 0 and the VERSION flag the call only returns a number.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_landlock_create_ruleset, ptr::null::<libc::c_void>(), 0usize, 1 as libc::c_uint)
+    };
+    check_long(rc).map(|v| v as u32)
+}
+
+/// landlock_create_ruleset(2) with the three-field attribute (fs, net, scoped). Child-safe.
+pub fn landlock_create_ruleset(fs: u64, net: u64, scoped: u64, abi: u32) -> io::Result<libc::c_int> {
+    let attr = [fs, net, scoped];
+    // ABI 1-3 know only handled_access_fs, ABI 4-5 add net; a larger size with non-zero
+    // unknown fields is rejected, so pass the size this kernel understands.
+    let size = match abi {
+        0..=3 => 8usize,
+        4 | 5 => 16,
+        _ => 24,
+    };
+    // SAFETY: `attr` is valid for `size` bytes (at most 24).
+    let rc = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, attr.as_ptr(), size, 0 as libc::c_uint) };
+    check_long(rc).map(|fd| fd as libc::c_int)
+}
+
+/// Adds a path-beneath rule for the directory or file open at `parent_fd`. Child-safe.
+pub fn landlock_add_path_rule(ruleset: libc::c_int, access: u64, parent_fd: libc::c_int) -> io::Result<()> {
+    #[repr(C, packed)]
+    struct PathBeneath {
+        allowed_access: u64,
+        parent_fd: i32,
+    }
+    let rule = PathBeneath { allowed_access: access, parent_fd };
+    // SAFETY: rule type 1 (LANDLOCK_RULE_PATH_BENEATH) reads a packed PathBeneath.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_landlock_add_rule, ruleset, 1 as libc::c_uint, &rule, 0 as libc::c_uint) };
+    check_long(rc).map(|_| ())
+}
+
+/// Adds a TCP port rule. Child-safe.
+pub fn landlock_add_port_rule(ruleset: libc::c_int, access: u64, port: u16) -> io::Result<()> {
+    #[repr(C)]
+    struct NetPort {
+        allowed_access: u64,
+        port: u64,
+    }
+    let rule = NetPort { allowed_access: access, port: u64::from(port) };
+    // SAFETY: rule type 2 (LANDLOCK_RULE_NET_PORT) reads a NetPort.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_landlock_add_rule, ruleset, 2 as libc::c_uint, &rule, 0 as libc::c_uint) };
+    check_long(rc).map(|_| ())
+}
+
+/// landlock_restrict_self(2). Child-safe.
+pub fn landlock_restrict_self(ruleset: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain integers.
+    check_long(unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0 as libc::c_uint) }).map(|_| ())
+}
+
+/// Installs a classic-BPF seccomp filter (no_new_privs must already be set). Child-safe.
+pub fn seccomp_set_filter(filter: &[libc::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(filter.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let prog = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: `prog` points at `len` valid instructions that outlive the call (the
+    // kernel copies them).
+    let rc = unsafe {
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_TSYNC, &prog)
+    };
+    check_long(rc).map(|_| ())
+}
+
+/// Whether seccomp filter mode is available (prctl PR_GET_SECCOMP works and the
+/// action SECCOMP_RET_ERRNO is known to the kernel).
+pub fn seccomp_available() -> bool {
+    let action: u32 = libc::SECCOMP_RET_ERRNO;
+    // SAFETY: SECCOMP_GET_ACTION_AVAIL reads one u32.
+    let rc = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0 as libc::c_uint, &action) };
+    rc == 0
+}
+
+/// execve(2): returns only on failure. Child-safe.
+pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> io::Error {
+    // SAFETY: `argv` and `envp` are null-terminated arrays of pointers to
+    // NUL-terminated strings, all owned by the caller and alive during the call.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// Signal numbers recorded by [`install_forwarding_handlers`]'s handler, one bit each.
+static PENDING_SIGNALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn record_signal(signal: libc::c_int) {
+    if (1..64).contains(&signal) {
+        PENDING_SIGNALS.fetch_or(1u64 << signal, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Installs a recording handler (without SA_RESTART, so a blocking waitpid returns
+/// EINTR) for each of `signals`. pid 1 of a namespace only receives signals it has a
+/// handler for. Child-safe.
+pub fn install_forwarding_handlers(signals: &[libc::c_int]) -> io::Result<()> {
+    for &signal in signals {
+        // SAFETY: an all-zero sigaction is valid; we set the handler and an empty mask.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = record_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: `action.sa_mask` is a valid sigset_t; `action` is fully initialised and
+        // the handler only touches an atomic.
+        check(unsafe {
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, ptr::null_mut())
+        })?;
+    }
+    Ok(())
+}
+
+/// Takes the signals recorded since the last call (bit N set = signal N).
+pub fn take_pending_signals() -> u64 {
+    PENDING_SIGNALS.swap(0, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Restores default dispositions and an empty signal mask before exec. Child-safe.
+pub fn reset_signals() {
+    for signal in 1..32 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: SIG_DFL for a valid signal number.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    // SAFETY: an empty, initialised set is passed.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut());
+    }
+}
+
+/// The effective uid.
+pub fn geteuid() -> u32 {
+    // SAFETY: no preconditions, cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The effective gid.
+pub fn getegid() -> u32 {
+    // SAFETY: no preconditions, cannot fail.
+    unsafe { libc::getegid() }
+}
+
+/// Opens a pseudo-terminal pair; returns (master, slave).
+pub fn openpty() -> io::Result<(libc::c_int, libc::c_int)> {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: out pointers are valid; name, termios and winsize are null (unused).
+    check(unsafe { libc::openpty(&mut master, &mut slave, ptr::null_mut(), ptr::null(), ptr::null()) })?;
+    for fd in [master, slave] {
+        // SAFETY: F_SETFD on fds we just got.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((master, slave))
+}
+
+/// Copies the window size of terminal `from` to terminal `to` (best effort).
+pub fn copy_winsize(from: libc::c_int, to: libc::c_int) {
+    // SAFETY: an all-zero winsize is valid; both ioctls read/write one winsize.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(from, libc::TIOCGWINSZ, &mut ws) == 0 {
+            libc::ioctl(to, libc::TIOCSWINSZ, &ws);
+        }
+    }
+}
+
+/// uname(2) release string.
+pub fn kernel_release() -> String {
+    // SAFETY: an all-zero utsname is valid to be overwritten.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid out pointer.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: the kernel NUL-terminates release.
+    unsafe { CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned()
 }

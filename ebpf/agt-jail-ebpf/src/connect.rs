@@ -19,8 +19,7 @@ use crate::{count_drop, header, AGENT_CGROUPS, EVENTS};
 
 /// Denied destinations per agent; value is `RULE_DENY`. `port == 0` in a key means any port.
 #[map]
-static CONNECT_DENY: HashMap<ConnectRuleKey, u32> =
-    HashMap::with_max_entries(MAX_CONNECT_RULES, 0);
+static CONNECT_DENY: HashMap<ConnectRuleKey, u32> = HashMap::with_max_entries(MAX_CONNECT_RULES, 0);
 
 /// Return values of cgroup sock_addr programs.
 const REJECT: i32 = 0;
@@ -66,13 +65,7 @@ fn decide(sock_addr: &bpf_sock_addr, family: u16, addr: [u8; 16]) -> i32 {
     let agent = unsafe { AGENT_CGROUPS.get(&cgroup_id) }.copied();
     let verdict = match agent {
         Some(agent_id) => {
-            let mut key = ConnectRuleKey {
-                agent_id,
-                addr,
-                family,
-                port,
-                _pad: 0,
-            };
+            let mut key = ConnectRuleKey { agent_id, addr, family, port, _pad: 0 };
             // Values are read, not just tested for presence: OR-ing two map pointers
             // (what the optimiser makes of `a.is_some() || b.is_some()`) is refused
             // by the verifier, OR-ing two integers is not.
