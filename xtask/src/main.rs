@@ -7,6 +7,7 @@ mod build_ebpf;
 mod demo;
 mod test;
 mod util;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "agt-jail developer tasks")]
@@ -23,6 +24,8 @@ enum Task {
     Test(test::Options),
     /// Show the main job: a jailed command whose denied connect is reported (needs root).
     Demo(demo::Options),
+    /// Boot Debian kernels (6.1, 6.12) in QEMU and run the test suite inside (Tier A).
+    VmTest(vm::Options),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf(opts) => build_ebpf::run(&opts),
         Task::Test(opts) => test::run(&opts),
         Task::Demo(opts) => demo::run(&opts),
+        Task::VmTest(opts) => vm::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

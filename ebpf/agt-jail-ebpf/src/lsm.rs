@@ -8,9 +8,7 @@
 //! Loaded only where the kernel accepts BPF_PROG_TYPE_LSM; userspace loads this
 //! program on its own, so kernels that refuse it still run everything else.
 
-use agt_jail_common::{
-    EventKind, ExecEvent, ExecRuleKey, Verdict, EXEC_FILENAME_LEN, MAX_EXEC_RULES,
-};
+use agt_jail_common::{EventKind, ExecEvent, ExecRuleKey, Verdict, EXEC_FILENAME_LEN, MAX_EXEC_RULES};
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{lsm, map},
@@ -55,9 +53,7 @@ const OFFSET_MASK: u64 = 0xffff;
 
 #[inline(always)]
 fn offset(index: u32) -> Option<usize> {
-    LSM_OFFSETS
-        .get(index)
-        .map(|value| (*value & OFFSET_MASK) as usize)
+    LSM_OFFSETS.get(index).map(|value| (*value & OFFSET_MASK) as usize)
 }
 
 /// Reads a kernel value of type `T` at `base + offset`.
@@ -101,20 +97,14 @@ fn exec_denied(bprm: *const u8, agent_id: u64) -> Option<bool> {
     let ino: u64 = read_at(inode, offset(OFF_INODE_INO)?)?;
     let sb: *const u8 = read_at(inode, offset(OFF_INODE_SB)?)?;
     let dev: u32 = read_at(sb, offset(OFF_SB_DEV)?)?;
-    let key = ExecRuleKey {
-        agent_id,
-        dev: u64::from(dev),
-        ino,
-    };
+    let key = ExecRuleKey { agent_id, dev: u64::from(dev), ino };
     // SAFETY: the value is only tested for presence, never held across map updates.
     Some(unsafe { EXEC_DENY.get(&key) }.is_some())
 }
 
 #[inline(always)]
 fn report_deny(bprm: *const u8, cgroup_id: u64, agent_id: u64) {
-    let filename: *const u8 = offset(OFF_BINPRM_FILENAME)
-        .and_then(|at| read_at(bprm, at))
-        .unwrap_or(core::ptr::null());
+    let filename: *const u8 = offset(OFF_BINPRM_FILENAME).and_then(|at| read_at(bprm, at)).unwrap_or(core::ptr::null());
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count_drop();
         return;
@@ -123,12 +113,7 @@ fn report_deny(bprm: *const u8, cgroup_id: u64, agent_id: u64) {
     // SAFETY: `event` points at reserved ring-buffer memory of the right size, owned by
     // this program until submit; every field is written before submit.
     unsafe {
-        (*event).header = header(
-            EventKind::ExecCheck as u32,
-            Verdict::Deny as u32,
-            cgroup_id,
-            agent_id,
-        );
+        (*event).header = header(EventKind::ExecCheck as u32, Verdict::Deny as u32, cgroup_id, agent_id);
         (*event)._pad = 0;
         (*event).filename[0] = 0;
         let len = if filename.is_null() {
@@ -139,11 +124,7 @@ fn report_deny(bprm: *const u8, cgroup_id: u64, agent_id: u64) {
                 Err(_) => 0,
             }
         };
-        (*event).filename_len = if len > EXEC_FILENAME_LEN {
-            EXEC_FILENAME_LEN as u32
-        } else {
-            len as u32
-        };
+        (*event).filename_len = if len > EXEC_FILENAME_LEN { EXEC_FILENAME_LEN as u32 } else { len as u32 };
     }
     entry.submit(0);
 }

@@ -1,0 +1,100 @@
+#!/bin/sh
+# PID 1 of agt-jail's test VM (busybox sh, inside the initramfs built by `cargo xtask vm-test`).
+#
+# Mounts what the suite needs, runs every selected test on its own, one at a time, and
+# prints one machine-readable line per test and a final verdict on the serial console:
+#   AGT-VM-RESULT test=TARGET::NAME status=pass|fail|skip [reason=...]
+#   AGT-VM-VERDICT pass=N fail=N skip=N
+# The runner on the host reads those lines; anything else on the console is for people.
+# The same script runs under the Vagrant box (vm-tests/Vagrantfile) with AGT_VM_CONF set.
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+CONF=${AGT_VM_CONF:-/etc/agt-vm}
+
+if [ "$$" = 1 ]; then
+    /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
+    /bin/busybox --install -s
+    mkdir -p /proc /sys /dev /tmp /run /root
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev 2>/dev/null
+    mkdir -p /dev/pts /dev/shm
+    mount -t devpts devpts /dev/pts
+    mount -t tmpfs tmpfs /dev/shm
+    mount -t tmpfs tmpfs /tmp
+    mount -t tmpfs tmpfs /run
+    mount -t securityfs securityfs /sys/kernel/security || echo "agt-vm: cannot mount securityfs"
+    mount -t bpf bpf /sys/fs/bpf || echo "agt-vm: cannot mount bpffs"
+    mount -t tracefs tracefs /sys/kernel/tracing || echo "agt-vm: cannot mount tracefs"
+    mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+    # Pure cgroup v2, as on systemd hosts with the unified hierarchy.
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "agt-vm: cannot mount cgroup2"
+    for controller in $(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null); do
+        echo "+$controller" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+    done
+    ip link set lo up 2>/dev/null
+    hostname agt-vm
+    export HOME=/root
+fi
+
+export AGT_JAIL_IN_VM=1
+export RUST_BACKTRACE=1
+export AGT_JAIL_HOST_KERNEL="$(cat "$CONF/host-kernel" 2>/dev/null)"
+TEST_TIMEOUT=$(cat "$CONF/test-timeout" 2>/dev/null || echo 300)
+cd "$(cat "$CONF/cwd" 2>/dev/null || echo /)" 2>/dev/null || cd /
+
+echo "AGT-VM-INIT kernel=$(uname -r) host=$AGT_JAIL_HOST_KERNEL lsm=$(cat /sys/kernel/security/lsm 2>/dev/null)"
+
+# True when TARGET::NAME contains any line of the filter file (or the file is empty).
+selected() {
+    [ -s "$CONF/filter" ] || return 0
+    while IFS= read -r pattern; do
+        [ -z "$pattern" ] && continue
+        case "$1" in *"$pattern"*) return 0 ;; esac
+    done < "$CONF/filter"
+    return 1
+}
+
+pass=0
+fail=0
+skip=0
+while read -r target bin; do
+    [ -z "$bin" ] && continue
+    if ! "$bin" --list --format terse > /tmp/agt-vm-list 2>/tmp/agt-vm-list.err; then
+        echo "AGT-VM-RESULT test=$target::--list status=fail reason=cannot-list"
+        cat /tmp/agt-vm-list.err
+        fail=$((fail + 1))
+        continue
+    fi
+    "$bin" --list --format terse --ignored > /tmp/agt-vm-ignored 2>/dev/null
+    while IFS= read -r line; do
+        case "$line" in *": test") name=${line%: test} ;; *) continue ;; esac
+        full="$target::$name"
+        selected "$full" || continue
+        if grep -qxF "$line" /tmp/agt-vm-ignored; then
+            echo "AGT-VM-RESULT test=$full status=skip reason=ignored"
+            skip=$((skip + 1))
+            continue
+        fi
+        echo "AGT-VM-RUN test=$full"
+        timeout -s KILL "$TEST_TIMEOUT" "$bin" --exact "$name" --test-threads=1 --nocapture < /dev/null
+        rc=$?
+        echo
+        if [ "$rc" = 0 ]; then
+            echo "AGT-VM-RESULT test=$full status=pass"
+            pass=$((pass + 1))
+        else
+            echo "AGT-VM-RESULT test=$full status=fail reason=exit-$rc"
+            fail=$((fail + 1))
+        fi
+    done < /tmp/agt-vm-list
+done < "$CONF/tests"
+
+echo "AGT-VM-VERDICT pass=$pass fail=$fail skip=$skip"
+if [ "$$" = 1 ]; then
+    sync
+    poweroff -f
+    # poweroff should not return; if it does, leaving PID 1 panics the kernel and QEMU
+    # exits through -no-reboot.
+fi
+[ "$fail" = 0 ]

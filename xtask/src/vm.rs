@@ -1,0 +1,1003 @@
+//! `cargo xtask vm-test`: boots Debian kernels in QEMU and runs the test suite inside.
+//!
+//! Some enforcement (BPF LSM, "Tier A") only exists on kernels the build machine may not
+//! offer, so the suite also runs in a VM on each kernel of a small matrix:
+//!
+//! 1. host packages: qemu-system-x86 and busybox-static are installed with apt when
+//!    missing (as root); nothing else is needed on the host.
+//! 2. kernels: the newest `linux-image-6.1.0-N-amd64-unsigned` (bookworm) and
+//!    `linux-image-6.12.N+deb12-amd64-unsigned` (bookworm-security; on machines whose
+//!    archive lacks it, bookworm-backports is added once as
+//!    /etc/apt/sources.list.d/agt-jail-vm-backports.list) are fetched with
+//!    `apt-get download` and unpacked with `dpkg-deb -x` — never installed — and cached
+//!    under target/vm/kernels/PACKAGE_VERSION/. A cached kernel is used without asking
+//!    apt again unless `--refresh` is given.
+//! 3. tests: `cargo test --no-run` builds the integration test binaries (with
+//!    `--unit` the unit tests too); their paths come from cargo's JSON messages.
+//! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries and
+//!    `agt-jail` at their host paths (tests find the binary through the compile-time
+//!    `CARGO_BIN_EXE_agt-jail`), their shared libraries (ldd), the repository's
+//!    policies/ and profiles/, and the host's `uname -r`. Debug info is stripped to keep
+//!    it small. No kernel modules are needed: serial console, initramfs root, results
+//!    over the console.
+//! 5. QEMU: TCG (KVM only when a probe shows it runs guests), `lsm=...,bpf`, pure
+//!    cgroup v2. The init prints `AGT-VM-RESULT` lines and an `AGT-VM-VERDICT`; this
+//!    runner fails on any failed test, a missing verdict, a kernel panic or a timeout,
+//!    and then prints the tail of the guest console (the whole console is kept in
+//!    target/vm/logs/KERNEL.log).
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{is_root, output, repo_root};
+
+/// The kernel command line's LSM order: BPF LSM active next to Landlock.
+const LSM: &str = "lockdown,capability,landlock,bpf";
+const BACKPORTS_LIST: &str = "/etc/apt/sources.list.d/agt-jail-vm-backports.list";
+const CONSOLE_TAIL: usize = 80;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelChoice {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+    #[value(name = "all")]
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM when a probe shows QEMU can run guests with it, else TCG.
+    Auto,
+    Tcg,
+    Kvm,
+}
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Kernel(s) to boot.
+    #[arg(long, value_enum, default_value = "all")]
+    kernel: KernelChoice,
+    /// QEMU accelerator.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: Accel,
+    /// Limit for one VM run (boot + all tests), in seconds; past it the VM is killed and
+    /// the run fails.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+    /// Limit for one test inside the VM, in seconds (killed and failed past it).
+    #[arg(long, default_value_t = 300)]
+    test_timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// Ask apt for the newest kernel packages even when kernels are cached.
+    #[arg(long)]
+    refresh: bool,
+    /// Also run the unit-test binaries (default: the integration tests, `[[test]]` targets).
+    #[arg(long)]
+    unit: bool,
+    /// Print the whole guest console, not only the result lines.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Run only tests whose `TARGET::NAME` contains one of these strings.
+    #[arg(last = true)]
+    filter: Vec<String>,
+}
+
+/// A kernel series of the matrix and how its Debian packages are named.
+#[derive(Clone, Copy, Debug)]
+struct Series {
+    name: &'static str,
+    /// `apt-cache search --names-only` pattern.
+    search: &'static str,
+    /// Name prefix before the number that orders packages of the series.
+    prefix: &'static str,
+}
+
+const SERIES: [Series; 2] = [
+    Series { name: "6.1", search: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$", prefix: "linux-image-6.1.0-" },
+    Series {
+        name: "6.12",
+        search: r"^linux-image-6\.12\.[0-9]+\+(deb12|bpo)-amd64-unsigned$",
+        prefix: "linux-image-6.12.",
+    },
+];
+
+impl Series {
+    /// The number that orders this series' packages (ABI or patch level), if `package` is one.
+    fn rank(&self, package: &str) -> Option<u64> {
+        let rest = package.strip_prefix(self.prefix)?;
+        if !package.ends_with("-amd64-unsigned") {
+            return None;
+        }
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let after = &rest[digits.len()..];
+        let shaped = match self.name {
+            "6.1" => after == "-amd64-unsigned",
+            _ => after == "+deb12-amd64-unsigned" || after == "+bpo-amd64-unsigned",
+        };
+        shaped.then(|| digits.parse().ok()).flatten()
+    }
+}
+
+/// An unpacked kernel in the cache.
+#[derive(Debug)]
+struct Kernel {
+    series: &'static str,
+    package: String,
+    version: String,
+    vmlinuz: PathBuf,
+    /// `uname -r` of the guest (from the vmlinuz file name).
+    release: String,
+}
+
+struct TestBinary {
+    target: String,
+    path: PathBuf,
+}
+
+struct Built {
+    tests: Vec<TestBinary>,
+    agt_jail: Option<PathBuf>,
+}
+
+#[derive(Default, Debug)]
+struct Outcome {
+    pass: u64,
+    fail: u64,
+    skip: u64,
+    verdict: bool,
+    failed_tests: Vec<String>,
+    boot_secs: Option<f64>,
+    total_secs: f64,
+    problem: Option<String>,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let started = Instant::now();
+    let root = repo_root();
+    let vm_dir = root.join("target/vm");
+    fs::create_dir_all(&vm_dir).with_context(|| format!("cannot create {}", vm_dir.display()))?;
+
+    let mut apt = Apt::default();
+    ensure_host_packages(&mut apt)?;
+
+    let series: Vec<Series> = SERIES
+        .iter()
+        .copied()
+        .filter(|s| match opts.kernel {
+            KernelChoice::All => true,
+            KernelChoice::V6_1 => s.name == "6.1",
+            KernelChoice::V6_12 => s.name == "6.12",
+        })
+        .collect();
+    let mut kernels = Vec::new();
+    for s in &series {
+        let kernel = resolve_kernel(&vm_dir, s, opts.refresh, &mut apt)?;
+        println!("vm-test: kernel {} = {} {} ({})", s.name, kernel.package, kernel.version, kernel.release);
+        kernels.push(kernel);
+    }
+    let prepared = started.elapsed();
+
+    let build_started = Instant::now();
+    let built = build_tests(&root, opts.unit)?;
+    println!("vm-test: {} test binaries built in {:.1}s", built.tests.len(), build_started.elapsed().as_secs_f64());
+
+    let initrd = vm_dir.join("initramfs.cpio");
+    let image_started = Instant::now();
+    let size = build_initramfs(&root, &vm_dir, &built, opts, &initrd)?;
+    println!(
+        "vm-test: initramfs {} ({:.1} MiB) in {:.1}s",
+        initrd.display(),
+        size as f64 / (1024.0 * 1024.0),
+        image_started.elapsed().as_secs_f64()
+    );
+
+    let accel = choose_accel(opts.accel);
+    println!("vm-test: accelerator {accel}");
+    let logs = vm_dir.join("logs");
+    fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+
+    let mut outcomes = Vec::new();
+    for kernel in &kernels {
+        println!("vm-test: booting {} ({})", kernel.release, kernel.package);
+        let log = logs.join(format!("{}.log", kernel.series));
+        let outcome = boot(kernel, &initrd, accel, opts, &log)?;
+        outcomes.push((kernel, outcome, log));
+    }
+
+    println!();
+    println!("vm-test summary (kernels ready in {:.1}s):", prepared.as_secs_f64());
+    let mut failed = false;
+    for (kernel, outcome, log) in &outcomes {
+        let boot = outcome.boot_secs.map_or_else(|| "no init".to_string(), |secs| format!("init after {secs:.1}s"));
+        let ok = outcome.problem.is_none() && outcome.verdict && outcome.fail == 0;
+        println!(
+            "  {:<5} {:<24} {}  pass={} fail={} skip={}  {boot}, {:.1}s total  log {}",
+            kernel.series,
+            kernel.release,
+            if ok { "ok    " } else { "FAILED" },
+            outcome.pass,
+            outcome.fail,
+            outcome.skip,
+            outcome.total_secs,
+            log.display()
+        );
+        if let Some(problem) = &outcome.problem {
+            println!("        {problem}");
+        }
+        for test in &outcome.failed_tests {
+            println!("        failed: {test}");
+        }
+        failed |= !ok;
+    }
+    println!("vm-test: wall time {:.1}s", started.elapsed().as_secs_f64());
+    if failed {
+        bail!("vm-test failed");
+    }
+    Ok(())
+}
+
+/// Runs a command, failing with the command line when it exits non-zero.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Host packages and apt
+
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn available() -> bool {
+        output(Command::new("sh").args(["-c", "command -v apt-get"])).is_some()
+    }
+
+    fn update(&mut self) -> Result<()> {
+        if self.updated {
+            return Ok(());
+        }
+        if !is_root() {
+            bail!("apt-get update needs root; run as root or install the packages named above");
+        }
+        run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+        self.updated = true;
+        Ok(())
+    }
+
+    fn install(&mut self, packages: &[&str]) -> Result<()> {
+        self.update()?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    }
+}
+
+fn package_installed(name: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", name]))
+        .is_some_and(|status| status.contains("install ok installed"))
+}
+
+/// qemu-system-x86 and busybox-static (a static busybox is the guest's userland).
+fn ensure_host_packages(apt: &mut Apt) -> Result<()> {
+    let mut missing = Vec::new();
+    if output(Command::new("sh").args(["-c", "command -v qemu-system-x86_64"])).is_none() {
+        missing.push("qemu-system-x86");
+    }
+    if !package_installed("busybox-static") {
+        missing.push("busybox-static");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !Apt::available() {
+        bail!("missing host tools ({}) and no apt-get to install them", missing.join(", "));
+    }
+    println!("vm-test: installing {}", missing.join(" "));
+    apt.install(&missing)
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernels
+
+fn kernels_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("kernels")
+}
+
+/// The newest cached kernel of the series, or the newest in the archive (downloaded once).
+fn resolve_kernel(vm_dir: &Path, series: &Series, refresh: bool, apt: &mut Apt) -> Result<Kernel> {
+    let cache = kernels_dir(vm_dir);
+    if !refresh {
+        if let Some(kernel) = newest_cached(&cache, series) {
+            return Ok(kernel);
+        }
+    }
+    if !Apt::available() {
+        bail!("no cached {} kernel under {} and no apt-get to fetch one", series.name, cache.display());
+    }
+    apt.update()?;
+    let mut package = newest_in_archive(series)?;
+    if package.is_none() && series.name == "6.12" {
+        add_backports_source()?;
+        apt.updated = false;
+        apt.update()?;
+        package = newest_in_archive(series)?;
+    }
+    let package =
+        package.with_context(|| format!("apt knows no package matching {} (after apt-get update)", series.search))?;
+    let version = output(Command::new("apt-cache").args(["show", "--no-all-versions", &package]))
+        .and_then(|text| text.lines().find_map(|line| line.strip_prefix("Version: ").map(|v| v.trim().to_string())))
+        .with_context(|| format!("apt-cache show {package} gave no version"))?;
+    let dir = cache.join(format!("{package}_{version}"));
+    if let Some(kernel) = cached_kernel(&dir, series) {
+        return Ok(kernel);
+    }
+    download_kernel(&cache, &dir, &package)?;
+    cached_kernel(&dir, series).with_context(|| format!("{} holds no vmlinuz after unpacking", dir.display()))
+}
+
+fn newest_in_archive(series: &Series) -> Result<Option<String>> {
+    let found = output(Command::new("apt-cache").args(["search", "--names-only", series.search]))
+        .context("apt-cache search failed")?;
+    Ok(found
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter_map(|name| series.rank(name).map(|rank| (rank, name.to_string())))
+        .max()
+        .map(|(_, name)| name))
+}
+
+fn newest_cached(cache: &Path, series: &Series) -> Option<Kernel> {
+    let entries = fs::read_dir(cache).ok()?;
+    entries
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let package = name.split('_').next()?.to_string();
+            let rank = series.rank(&package)?;
+            let kernel = cached_kernel(&entry.path(), series)?;
+            Some((rank, kernel))
+        })
+        .max_by_key(|(rank, _)| *rank)
+        .map(|(_, kernel)| kernel)
+}
+
+fn cached_kernel(dir: &Path, series: &Series) -> Option<Kernel> {
+    let name = dir.file_name()?.to_str()?;
+    let (package, version) = name.split_once('_')?;
+    let vmlinuz = dir.join("vmlinuz");
+    let release = fs::read_to_string(dir.join("release")).ok()?.trim().to_string();
+    vmlinuz.is_file().then(|| Kernel {
+        series: series.name,
+        package: package.to_string(),
+        version: version.to_string(),
+        vmlinuz,
+        release,
+    })
+}
+
+/// `apt-get download` + `dpkg-deb -x` into a scratch directory; keeps vmlinuz, config
+/// and the release name, then drops the rest (modules are not needed).
+fn download_kernel(cache: &Path, dir: &Path, package: &str) -> Result<()> {
+    let scratch = cache.join(format!(".partial-{package}"));
+    let _ = fs::remove_dir_all(&scratch);
+    fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
+    // apt drops privileges to _apt for downloads when it can; a world-writable scratch
+    // directory lets it (otherwise it warns and downloads as root).
+    let _ = fs::set_permissions(&scratch, fs::Permissions::from_mode(0o777));
+    println!("vm-test: apt-get download {package}");
+    run_cmd(Command::new("apt-get").args(["download", "-qq", package]).current_dir(&scratch))?;
+    let deb = fs::read_dir(&scratch)?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    let unpacked = scratch.join("root");
+    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let boot = unpacked.join("boot");
+    let vmlinuz = fs::read_dir(&boot)
+        .with_context(|| format!("{} has no boot/", deb.display()))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .find(|path| path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .with_context(|| format!("{} has no boot/vmlinuz-*", deb.display()))?;
+    let release = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("odd vmlinuz name")?
+        .to_string();
+    let staged = scratch.join("kernel");
+    fs::create_dir_all(&staged)?;
+    fs::rename(&vmlinuz, staged.join("vmlinuz"))?;
+    let config = boot.join(format!("config-{release}"));
+    if config.exists() {
+        fs::rename(&config, staged.join("config"))?;
+    }
+    fs::write(staged.join("release"), format!("{release}\n"))?;
+    fs::write(staged.join("package"), format!("{package}\n"))?;
+    let _ = fs::remove_dir_all(dir);
+    fs::rename(&staged, dir).with_context(|| format!("cannot move the kernel to {}", dir.display()))?;
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Adds bookworm-backports as an apt source, once (the file is left for later runs).
+fn add_backports_source() -> Result<()> {
+    if Path::new(BACKPORTS_LIST).exists() {
+        return Ok(());
+    }
+    let release = fs::read_to_string("/etc/os-release").unwrap_or_default();
+    if !release.contains("VERSION_CODENAME=bookworm") {
+        bail!("no 6.12 kernel package in the apt archive and this is not Debian bookworm; add a source that has one");
+    }
+    println!("vm-test: adding apt source {BACKPORTS_LIST} (bookworm-backports) for the 6.12 kernel");
+    fs::write(
+        BACKPORTS_LIST,
+        "# Added by `cargo xtask vm-test` for the 6.12 test kernel.\n\
+         deb http://deb.debian.org/debian bookworm-backports main\n",
+    )
+    .with_context(|| format!("cannot write {BACKPORTS_LIST}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Test binaries
+
+fn build_tests(root: &Path, unit: bool) -> Result<Built> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args(["test", "--no-run", "--workspace", "--message-format=json-render-diagnostics"]);
+    if unit {
+        cmd.arg("--tests");
+    } else {
+        cmd.args(["--test", "*"]);
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().context("cannot start cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run failed with {}", out.status);
+    }
+    let mut built = Built { tests: Vec::new(), agt_jail: None };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(executable) = message["executable"].as_str() else {
+            continue;
+        };
+        let name = message["target"]["name"].as_str().unwrap_or_default().to_string();
+        let kinds: Vec<&str> = message["target"]["kind"]
+            .as_array()
+            .map(|kinds| kinds.iter().filter_map(|k| k.as_str()).collect())
+            .unwrap_or_default();
+        let is_test = message["profile"]["test"].as_bool().unwrap_or(false);
+        if is_test {
+            let package = message["package_id"].as_str().unwrap_or_default();
+            let target = if kinds.contains(&"test") { name } else { format!("{}/{name}", package_name(package)) };
+            if package_name(package) == "xtask" {
+                continue;
+            }
+            built.tests.push(TestBinary { target, path: PathBuf::from(executable) });
+        } else if kinds.contains(&"bin") && name == "agt-jail" {
+            built.agt_jail = Some(PathBuf::from(executable));
+        }
+    }
+    built.tests.sort_by(|a, b| a.target.cmp(&b.target));
+    built.tests.dedup_by(|a, b| a.path == b.path);
+    if built.tests.is_empty() {
+        bail!("cargo built no test binaries");
+    }
+    Ok(built)
+}
+
+/// The package name in a cargo package id (`path+file:///...#name@0.1.0` or `name 0.1.0 (...)`).
+fn package_name(id: &str) -> String {
+    if let Some((_, tail)) = id.rsplit_once('#') {
+        let name = tail.split('@').next().unwrap_or(tail);
+        // `#0.1.0` alone means the directory name is the package name.
+        if name.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            let path = id.rsplit_once('#').map_or(id, |(path, _)| path);
+            return path.rsplit('/').next().unwrap_or(path).to_string();
+        }
+        return name.to_string();
+    }
+    id.split_whitespace().next().unwrap_or(id).to_string()
+}
+
+// ---------------------------------------------------------------------------------------
+// Initramfs
+
+fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, out: &Path) -> Result<u64> {
+    let mut archive = Cpio::default();
+    for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc/agt-vm"] {
+        archive.dir(dir);
+    }
+    archive.device("dev/console", 0o600, 5, 1);
+    archive.file("init", 0o755, include_bytes!("../../vm-tests/init.sh").to_vec());
+
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("no busybox (install busybox-static)")?;
+    if !ldd(&busybox)?.is_empty() {
+        bail!("{} is not static (install busybox-static)", busybox.display());
+    }
+    archive.file("bin/busybox", 0o755, read(&busybox)?);
+    archive.symlink("bin/sh", "busybox");
+
+    let stage = vm_dir.join("stage");
+    let _ = fs::remove_dir_all(&stage);
+    fs::create_dir_all(&stage)?;
+    let mut elves: Vec<PathBuf> = built.tests.iter().map(|t| t.path.clone()).collect();
+    if let Some(bin) = &built.agt_jail {
+        elves.push(bin.clone());
+    }
+    let mut libraries = BTreeMap::new();
+    for elf in &elves {
+        archive.file(&rel(elf), 0o755, stripped(elf, &stage)?);
+        for lib in ldd(elf)? {
+            libraries.insert(lib.clone(), lib);
+        }
+    }
+    for lib in libraries.values() {
+        archive.file(&rel(lib), 0o755, read(lib)?);
+    }
+    for data in ["policies", "profiles"] {
+        add_tree(&mut archive, &root.join(data))?;
+    }
+
+    let host_kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    archive.file("etc/agt-vm/host-kernel", 0o644, host_kernel.trim().as_bytes().to_vec());
+    let list: String = built.tests.iter().map(|t| format!("{} {}\n", t.target, t.path.display())).collect();
+    archive.file("etc/agt-vm/tests", 0o644, list.into_bytes());
+    archive.file(
+        "etc/agt-vm/filter",
+        0o644,
+        opts.filter.iter().map(|f| format!("{f}\n")).collect::<String>().into_bytes(),
+    );
+    archive.file("etc/agt-vm/test-timeout", 0o644, opts.test_timeout.to_string().into_bytes());
+    archive.file("etc/agt-vm/cwd", 0o644, root.display().to_string().into_bytes());
+    archive.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n".to_vec(),
+    );
+    archive.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n".to_vec());
+
+    let bytes = archive.finish();
+    fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+    let _ = fs::remove_dir_all(&stage);
+    Ok(bytes.len() as u64)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// An absolute host path as a path inside the archive.
+fn rel(path: &Path) -> String {
+    path.to_string_lossy().trim_start_matches('/').to_string()
+}
+
+/// The ELF's bytes without debug info (objcopy), or as-is when objcopy is missing.
+fn stripped(elf: &Path, stage: &Path) -> Result<Vec<u8>> {
+    let name = elf.file_name().context("binary without a name")?;
+    let out = stage.join(name);
+    let ok =
+        Command::new("objcopy").arg("--strip-debug").arg(elf).arg(&out).status().is_ok_and(|status| status.success());
+    read(if ok { &out } else { elf })
+}
+
+/// The shared libraries (and dynamic loader) an ELF needs, as absolute paths.
+fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(elf).output().context("cannot run ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let candidate = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = candidate.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(path));
+        }
+    }
+    Ok(libs)
+}
+
+/// Adds a directory of small data files (policies, profiles) at its host path.
+fn add_tree(archive: &mut Cpio, dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            add_tree(archive, &path)?;
+        } else if meta.is_file() && meta.len() <= 1 << 20 {
+            archive.file(&rel(&path), 0o644, read(&path)?);
+        }
+    }
+    Ok(())
+}
+
+enum Node {
+    Dir,
+    File { mode: u32, data: Vec<u8> },
+    Symlink(String),
+    Device { mode: u32, major: u32, minor: u32 },
+}
+
+/// A cpio "newc" archive (what the kernel unpacks as an initramfs), built in memory.
+/// Parents are added for every path; entries are written in path order, so each
+/// directory precedes its contents. Timestamps are zero, so equal inputs give equal bytes.
+#[derive(Default)]
+struct Cpio {
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Cpio {
+    fn parents(&mut self, path: &str) {
+        let mut prefix = String::new();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            self.nodes.entry(prefix.clone()).or_insert(Node::Dir);
+        }
+    }
+
+    fn dir(&mut self, path: &str) {
+        self.parents(path);
+        self.nodes.entry(path.to_string()).or_insert(Node::Dir);
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) {
+        self.parents(path);
+        self.nodes.insert(path.to_string(), Node::File { mode, data });
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) {
+        self.parents(path);
+        self.nodes.insert(path.to_string(), Node::Symlink(target.to_string()));
+    }
+
+    fn device(&mut self, path: &str, mode: u32, major: u32, minor: u32) {
+        self.parents(path);
+        self.nodes.insert(path.to_string(), Node::Device { mode, major, minor });
+    }
+
+    fn finish(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (ino, (path, node)) in (1u32..).zip(&self.nodes) {
+            let (mode, data, rdev): (u32, &[u8], (u32, u32)) = match node {
+                Node::Dir => (0o040_755, &[], (0, 0)),
+                Node::File { mode, data } => (0o100_000 | mode, data, (0, 0)),
+                Node::Symlink(target) => (0o120_777, target.as_bytes(), (0, 0)),
+                Node::Device { mode, major, minor } => (0o020_000 | mode, &[], (*major, *minor)),
+            };
+            let nlink = if matches!(node, Node::Dir) { 2 } else { 1 };
+            write_entry(&mut out, ino, mode, nlink, rdev, path, data);
+        }
+        write_entry(&mut out, 0, 0, 1, (0, 0), "TRAILER!!!", &[]);
+        out
+    }
+}
+
+fn write_entry(out: &mut Vec<u8>, ino: u32, mode: u32, nlink: u32, rdev: (u32, u32), name: &str, data: &[u8]) {
+    let fields = [
+        ino,
+        mode,
+        0, // uid
+        0, // gid
+        nlink,
+        0, // mtime
+        data.len() as u32,
+        0, // devmajor
+        0, // devminor
+        rdev.0,
+        rdev.1,
+        name.len() as u32 + 1,
+        0, // check
+    ];
+    out.extend_from_slice(b"070701");
+    for field in fields {
+        out.extend_from_slice(format!("{field:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    pad4(out);
+    out.extend_from_slice(data);
+    pad4(out);
+}
+
+fn pad4(out: &mut Vec<u8>) {
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// QEMU
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Accelerator {
+    Tcg,
+    Kvm,
+}
+
+impl std::fmt::Display for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accelerator::Tcg => "tcg",
+            Accelerator::Kvm => "kvm",
+        })
+    }
+}
+
+fn choose_accel(wanted: Accel) -> Accelerator {
+    match wanted {
+        Accel::Tcg => Accelerator::Tcg,
+        Accel::Kvm => Accelerator::Kvm,
+        Accel::Auto if kvm_runs_guests() => Accelerator::Kvm,
+        Accel::Auto => Accelerator::Tcg,
+    }
+}
+
+/// /dev/kvm existing is not enough (some paravirtual KVMs make stock QEMU abort on its
+/// first vCPU run): start a guest with nothing to boot; still running after two seconds
+/// means KVM works.
+fn kvm_runs_guests() -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let Ok(mut child) = Command::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-cpu", "host", "-display", "none", "-monitor", "none", "-serial", "none"])
+        .args(["-nodefaults", "-no-reboot", "-m", "64"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    true
+}
+
+fn boot(kernel: &Kernel, initrd: &Path, accel: Accelerator, opts: &Options, log: &Path) -> Result<Outcome> {
+    let started = Instant::now();
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", &accel.to_string()])
+        .args(["-cpu", if accel == Accelerator::Kvm { "host" } else { "max" }])
+        .args(["-m", &opts.memory.to_string(), "-smp", "2"])
+        .args(["-nodefaults", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &format!("console=ttyS0 panic=-1 quiet lsm={LSM}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let readers = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ];
+    for reader in readers.into_iter().flatten() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(reader);
+            let mut buf = Vec::new();
+            while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+                let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                if tx.send(line).is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+        });
+    }
+    drop(tx);
+
+    let mut log_file = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(CONSOLE_TAIL);
+    let mut outcome = Outcome::default();
+    let deadline = started + Duration::from_secs(opts.timeout);
+    let mut verdict_at: Option<Instant> = None;
+    loop {
+        // After the verdict the guest powers off; give it a moment, then stop waiting.
+        let limit = verdict_at.map_or(deadline, |at| (at + Duration::from_secs(30)).min(deadline));
+        let now = Instant::now();
+        if now >= limit {
+            if verdict_at.is_none() {
+                outcome.problem = Some(format!("timed out after {}s (--timeout)", opts.timeout));
+            }
+            break;
+        }
+        match rx.recv_timeout(limit - now) {
+            Ok(line) => {
+                let _ = writeln!(log_file, "{line}");
+                if tail.len() == CONSOLE_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                observe(&line, started, &mut outcome, opts.verbose);
+                if line.contains("AGT-VM-VERDICT ") && verdict_at.is_none() {
+                    verdict_at = Some(Instant::now());
+                }
+                if line.contains("Kernel panic") && outcome.problem.is_none() {
+                    outcome.problem = Some(format!("kernel panic: {}", line.trim()));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    stop(&mut child);
+    outcome.total_secs = started.elapsed().as_secs_f64();
+    if outcome.problem.is_none() && !outcome.verdict {
+        outcome.problem = Some("the guest printed no AGT-VM-VERDICT".to_string());
+    }
+    if outcome.problem.is_none() && outcome.pass + outcome.fail == 0 {
+        outcome.problem = Some("no test ran (does the filter match any test?)".to_string());
+    }
+    let failed = outcome.problem.is_some() || outcome.fail > 0;
+    if failed {
+        println!("---- last {} lines of the {} console ----", tail.len(), kernel.release);
+        for line in &tail {
+            println!("{line}");
+        }
+        println!("---- end of console (whole log: {}) ----", log.display());
+    }
+    Ok(outcome)
+}
+
+/// Reads the init's result lines (they may follow other output on the same line).
+fn observe(line: &str, started: Instant, outcome: &mut Outcome, verbose: bool) {
+    if verbose {
+        println!("  | {line}");
+    }
+    if let Some(at) = line.find("AGT-VM-INIT ") {
+        outcome.boot_secs = Some(started.elapsed().as_secs_f64());
+        if !verbose {
+            println!("  {} (after {:.1}s)", &line[at..], started.elapsed().as_secs_f64());
+        }
+    } else if let Some(at) = line.find("AGT-VM-RESULT ") {
+        let result = &line[at..];
+        if !verbose {
+            println!("  {result}");
+        }
+        let test = field(result, "test").unwrap_or("?").to_string();
+        match field(result, "status") {
+            Some("pass") => outcome.pass += 1,
+            Some("skip") => outcome.skip += 1,
+            _ => {
+                outcome.fail += 1;
+                outcome.failed_tests.push(test);
+            }
+        }
+    } else if let Some(at) = line.find("AGT-VM-VERDICT ") {
+        let verdict = &line[at..];
+        if !verbose {
+            println!("  {verdict}");
+        }
+        outcome.verdict = true;
+        // The guest's own count must agree with the lines seen.
+        let guest_fail: u64 = field(verdict, "fail").and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
+        if guest_fail != outcome.fail {
+            outcome.problem =
+                Some(format!("verdict says fail={guest_fail} but {} failures were reported", outcome.fail));
+        }
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|part| part.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+}
+
+fn stop(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn series_rank_accepts_only_the_series() {
+        let [v61, v612] = SERIES;
+        assert_eq!(v61.rank("linux-image-6.1.0-56-amd64-unsigned"), Some(56));
+        assert_eq!(v61.rank("linux-image-6.1.0-56-cloud-amd64-unsigned"), None);
+        assert_eq!(v61.rank("linux-image-6.1.0-56-amd64"), None);
+        assert_eq!(v612.rank("linux-image-6.12.117+deb12-amd64-unsigned"), Some(117));
+        assert_eq!(v612.rank("linux-image-6.12.9+bpo-amd64-unsigned"), Some(9));
+        assert_eq!(v612.rank("linux-image-6.12.117+deb12-rt-amd64-unsigned"), None);
+        assert_eq!(v612.rank("linux-image-6.1.0-56-amd64-unsigned"), None);
+    }
+
+    #[test]
+    fn result_lines_are_counted() {
+        let mut outcome = Outcome::default();
+        let start = Instant::now();
+        observe("AGT-VM-RESULT test=a::b status=pass", start, &mut outcome, false);
+        observe("noise AGT-VM-RESULT test=a::c status=fail reason=exit-101", start, &mut outcome, false);
+        observe("AGT-VM-RESULT test=a::d status=skip reason=ignored", start, &mut outcome, false);
+        observe("AGT-VM-VERDICT pass=1 fail=1 skip=1", start, &mut outcome, false);
+        assert_eq!((outcome.pass, outcome.fail, outcome.skip), (1, 1, 1));
+        assert!(outcome.verdict && outcome.problem.is_none());
+        assert_eq!(outcome.failed_tests, vec!["a::c".to_string()]);
+    }
+
+    #[test]
+    fn verdict_disagreeing_with_lines_is_a_problem() {
+        let mut outcome = Outcome::default();
+        observe("AGT-VM-VERDICT pass=0 fail=2 skip=0", Instant::now(), &mut outcome, false);
+        assert!(outcome.problem.is_some());
+    }
+
+    #[test]
+    fn cpio_has_parents_first_and_a_trailer() {
+        let mut cpio = Cpio::default();
+        cpio.file("a/b/c", 0o644, b"xyz".to_vec());
+        cpio.symlink("bin/sh", "busybox");
+        let bytes = cpio.finish();
+        let text = String::from_utf8_lossy(&bytes);
+        let a = text.find("a\0").unwrap();
+        let ab = text.find("a/b\0").unwrap();
+        let abc = text.find("a/b/c\0").unwrap();
+        assert!(a < ab && ab < abc);
+        assert!(text.contains("TRAILER!!!"));
+        assert_eq!(bytes.len() % 4, 0);
+    }
+
+    #[test]
+    fn package_names_from_ids() {
+        assert_eq!(package_name("path+file:///work/main/agent/cli#agt-jail-cli@0.1.0"), "agt-jail-cli");
+        assert_eq!(package_name("path+file:///work/main/xtask#0.1.0"), "xtask");
+        assert_eq!(package_name("agt-jail-cli 0.1.0 (path+file:///x)"), "agt-jail-cli");
+    }
+}
