@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::repo_root;
+use crate::util::{repo_root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -43,6 +43,34 @@ pub fn run(opts: &Options) -> Result<()> {
         .env("AGT_JAIL_SKIP_LOG", &skip_log);
     if let Err(err) = run_counting(&mut cargo, &mut tally) {
         failures.push(format!("{err:#}"));
+    }
+
+    let agt_jail = target_dir().join("debug/agt-jail");
+    let checks: [(&str, Command); 2] = [
+        ("example policies pass their test cases (agt-jail policy test policies)", {
+            let mut cmd = Command::new(&agt_jail);
+            cmd.current_dir(&root).args(["policy", "test", "policies"]);
+            cmd
+        }),
+        ("decisions equal AGT's own evaluators (tests/differential/run.sh)", {
+            let mut cmd = Command::new("bash");
+            cmd.current_dir(&root).arg("tests/differential/run.sh").env("AGT_JAIL_BIN", &agt_jail);
+            cmd
+        }),
+    ];
+    for (name, mut cmd) in checks {
+        println!("\n==> {name}");
+        match cmd.status() {
+            Ok(status) if status.success() => tally.passed += 1,
+            Ok(status) => {
+                tally.failed += 1;
+                failures.push(format!("{name}: {status}"));
+            }
+            Err(err) => {
+                tally.failed += 1;
+                failures.push(format!("{name}: cannot start: {err}"));
+            }
+        }
     }
 
     let skipped: Vec<String> =
