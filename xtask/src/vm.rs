@@ -17,7 +17,8 @@
 //! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries and
 //!    `agt-jail` at their host paths (tests find the binary through the compile-time
 //!    `CARGO_BIN_EXE_agt-jail`), their shared libraries (ldd), the repository's
-//!    policies/ and profiles/, and the host's `uname -r`. Debug info is stripped to keep
+//!    policies/ and profiles/, the host programs listed in vm-tests/guest-tools (bash
+//!    for tests that use /dev/tcp) and the host's `uname -r`. Debug info is stripped to keep
 //!    it small. No kernel modules are needed: serial console, initramfs root, results
 //!    over the console.
 //! 5. QEMU: TCG (KVM only when a probe shows it runs guests), `lsm=...,bpf`, pure
@@ -564,6 +565,14 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
             libraries.insert(lib.clone(), lib);
         }
     }
+    for tool in guest_tools() {
+        let host = host_program(&tool)?;
+        archive.file(&format!("usr/bin/{tool}"), 0o755, read(&host)?);
+        archive.symlink(&format!("bin/{tool}"), &format!("/usr/bin/{tool}"));
+        for lib in ldd(&host)? {
+            libraries.insert(lib.clone(), lib);
+        }
+    }
     for lib in libraries.values() {
         archive.file(&rel(lib), 0o755, read(lib)?);
     }
@@ -593,6 +602,26 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
     fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
     let _ = fs::remove_dir_all(&stage);
     Ok(bytes.len() as u64)
+}
+
+/// Names listed in vm-tests/guest-tools (comments and blank lines dropped).
+fn guest_tools() -> Vec<String> {
+    include_str!("../../vm-tests/guest-tools")
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The host's copy of a program the guest needs, following symlinks.
+fn host_program(name: &str) -> Result<PathBuf> {
+    let found = ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.is_file())
+        .with_context(|| format!("vm-tests/guest-tools names {name}, which this host does not have"))?;
+    fs::canonicalize(&found).with_context(|| format!("cannot resolve {}", found.display()))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
