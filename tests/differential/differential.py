@@ -43,6 +43,7 @@ WORDS = ["exec", "file_open", "connect", "unlink", "rm", "curl", "python3", "/bi
          "pypi.org", "tcp", "udp", "read", "write", "inet", "did:agt:coder", "did:agt:plugin",
          "ab", "a_b", "x.y", "12", "7", "3.5", " 7 ", "1e3", "1_000", "inf", "nan", "-4",
          "abc", "0", "true", "yes", "ring2", "Exec", "élan"]
+EVENTS = ["exec", "file_open", "connect", "unlink"]
 AGENTS = ["did:agt:coder", "did:agt:plugin", "did:agt:data"]
 
 
@@ -70,6 +71,8 @@ def rand_value(r, depth=0):
 
 def rand_os_context(r):
     ctx = {}
+    if r.random() < 0.7:
+        ctx["event"] = r.choice(EVENTS)
     for p in PATHS:
         if r.random() < 0.6:
             parts = p.split(".")
@@ -140,8 +143,16 @@ def rand_toolkit_group(r, gid):
         if r.random() < 0.5:
             doc["scope"] = r.choice(["global", "tenant", "organization", "agent", "bogus"])
         rules = []
-        for i in range(r.randint(1, 8)):
-            rule = {"name": f"r{i}", "condition": rand_condition(r)}
+        # Half the policies guard most rules on the event type, which makes agt-jail index them.
+        guarded = r.random() < 0.5
+        for i in range(r.randint(1, 14)):
+            cond = rand_condition(r)
+            if guarded and r.random() < 0.85:
+                if r.random() < 0.7:
+                    cond = f"event == '{r.choice(EVENTS)}' and {cond}"
+                else:
+                    cond = f"event in ['{r.choice(EVENTS)}', '{r.choice(EVENTS)}'] and {cond}"
+            rule = {"name": f"r{i}", "condition": cond}
             if r.random() < 0.9:
                 rule["action"] = r.choice(["allow", "deny", "warn", "require_approval", "log"])
             if r.random() < 0.8:

@@ -134,18 +134,10 @@ pub fn lookup<'a>(ctx: &'a Value, parts: &[String]) -> &'a Value {
 impl Expr {
     pub fn parse(src: &str) -> Result<Expr, ExprError> {
         if src.len() > MAX_EXPR_BYTES {
-            return Err(ExprError {
-                offset: 0,
-                message: format!("condition is longer than {MAX_EXPR_BYTES} bytes"),
-            });
+            return Err(ExprError { offset: 0, message: format!("condition is longer than {MAX_EXPR_BYTES} bytes") });
         }
         let tokens = lex(src)?;
-        let mut p = ParserState {
-            tokens,
-            i: 0,
-            end: src.chars().count(),
-            depth: 0,
-        };
+        let mut p = ParserState { tokens, i: 0, end: src.chars().count(), depth: 0 };
         let e = p.or()?;
         if let Some(t) = p.tokens.get(p.i) {
             return Err(ExprError {
@@ -244,6 +236,132 @@ fn compare(op: CmpOp, l: &Value, r: &Value) -> bool {
     }
 }
 
+// ---------------------------------------------------------------- compiled form
+
+/// Interned context paths of one policy: each distinct path is looked up once per evaluation.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PathTable {
+    paths: Vec<Vec<String>>,
+}
+
+impl PathTable {
+    pub fn slot_of(&mut self, p: &[String]) -> u32 {
+        self.slot(p)
+    }
+
+    fn slot(&mut self, p: &[String]) -> u32 {
+        if let Some(i) = self.paths.iter().position(|q| q.as_slice() == p) {
+            return i as u32;
+        }
+        self.paths.push(p.to_vec());
+        (self.paths.len() - 1) as u32
+    }
+
+    pub fn slots<'a>(&'a self, ctx: &'a Value) -> Slots<'a> {
+        Slots { table: &self.paths, vals: vec![None; self.paths.len()], ctx }
+    }
+}
+
+/// Lazily resolved path values for one evaluation.
+pub(crate) struct Slots<'a> {
+    table: &'a [Vec<String>],
+    vals: Vec<Option<&'a Value>>,
+    ctx: &'a Value,
+}
+
+impl<'a> Slots<'a> {
+    pub fn get(&mut self, i: u32) -> &'a Value {
+        let i = i as usize;
+        match self.vals.get(i).copied().flatten() {
+            Some(v) => v,
+            None => {
+                let v = self.table.get(i).map_or(&NULL, |p| lookup(self.ctx, p));
+                if let Some(slot) = self.vals.get_mut(i) {
+                    *slot = Some(v);
+                }
+                v
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Arg {
+    Slot(u32),
+    Lit(Value),
+}
+
+/// The AST lowered for evaluation: paths become slots, `path == 'string'` gets a fast path.
+#[derive(Debug, Clone)]
+pub(crate) enum Prog {
+    EqStr(u32, Box<str>),
+    NeStr(u32, Box<str>),
+    Cmp(CmpOp, Arg, Arg),
+    Truthy(Arg),
+    Matches(Arg, Regex),
+    Glob(Arg, Regex),
+    Not(Box<Prog>),
+    And(Box<[Prog]>),
+    Or(Box<[Prog]>),
+}
+
+impl Prog {
+    pub fn compile(e: &Expr, t: &mut PathTable) -> Prog {
+        let mut arg = |o: &Operand| match o {
+            Operand::Path(p) => Arg::Slot(t.slot(p)),
+            Operand::Lit(v) => Arg::Lit(v.clone()),
+        };
+        match e {
+            Expr::Cmp(op @ (CmpOp::Eq | CmpOp::Ne), Operand::Path(p), Operand::Lit(Value::String(s)))
+            | Expr::Cmp(op @ (CmpOp::Eq | CmpOp::Ne), Operand::Lit(Value::String(s)), Operand::Path(p)) => {
+                let slot = t.slot(p);
+                if *op == CmpOp::Eq {
+                    Prog::EqStr(slot, s.clone().into_boxed_str())
+                } else {
+                    Prog::NeStr(slot, s.clone().into_boxed_str())
+                }
+            }
+            Expr::Cmp(op, l, r) => {
+                let l = arg(l);
+                let r = arg(r);
+                Prog::Cmp(*op, l, r)
+            }
+            Expr::Truthy(o) => Prog::Truthy(arg(o)),
+            Expr::Matches(o, p) => Prog::Matches(arg(o), p.regex.clone()),
+            Expr::Glob(o, p) => Prog::Glob(arg(o), p.regex.clone()),
+            Expr::Not(e) => Prog::Not(Box::new(Prog::compile(e, t))),
+            Expr::And(es) => Prog::And(es.iter().map(|e| Prog::compile(e, t)).collect()),
+            Expr::Or(es) => Prog::Or(es.iter().map(|e| Prog::compile(e, t)).collect()),
+        }
+    }
+
+    pub fn eval<'a>(&'a self, s: &mut Slots<'a>) -> bool {
+        fn val<'a>(a: &'a Arg, s: &mut Slots<'a>) -> &'a Value {
+            match a {
+                Arg::Slot(i) => s.get(*i),
+                Arg::Lit(v) => v,
+            }
+        }
+        match self {
+            Prog::EqStr(i, lit) => matches!(s.get(*i), Value::String(v) if v.as_str() == &**lit),
+            Prog::NeStr(i, lit) => !matches!(s.get(*i), Value::String(v) if v.as_str() == &**lit),
+            Prog::Cmp(op, l, r) => {
+                let l = val(l, s);
+                let r = val(r, s);
+                compare(*op, l, r)
+            }
+            Prog::Truthy(a) => truthy(val(a, s)),
+            Prog::Matches(a, re) | Prog::Glob(a, re) => match val(a, s) {
+                Value::String(v) => re.is_match(v),
+                _ => false,
+            },
+            Prog::Not(p) => !p.eval(s),
+            Prog::And(ps) => ps.iter().all(|p| p.eval(s)),
+            Prog::Or(ps) => ps.iter().any(|p| p.eval(s)),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- lexer
 
 #[derive(Debug, Clone, PartialEq)]
@@ -322,10 +440,7 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             _ => None,
         };
         if let Some(t) = simple {
-            out.push(Token {
-                tok: t,
-                offset: start,
-            });
+            out.push(Token { tok: t, offset: start });
             i += 1;
             continue;
         }
@@ -338,19 +453,13 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             _ => None,
         };
         if let Some(op) = two {
-            out.push(Token {
-                tok: Tok::Op(op),
-                offset: start,
-            });
+            out.push(Token { tok: Tok::Op(op), offset: start });
             i += 2;
             continue;
         }
         if c == '<' || c == '>' {
             let op = if c == '<' { CmpOp::Lt } else { CmpOp::Gt };
-            out.push(Token {
-                tok: Tok::Op(op),
-                offset: start,
-            });
+            out.push(Token { tok: Tok::Op(op), offset: start });
             i += 1;
             continue;
         }
@@ -385,10 +494,7 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
                     s.push(d);
                 }
             }
-            out.push(Token {
-                tok: Tok::Str(s),
-                offset: start,
-            });
+            out.push(Token { tok: Tok::Str(s), offset: start });
             continue;
         }
         let negative_number = c == '-' && next.is_some_and(|d| d.is_ascii_digit());
@@ -423,25 +529,17 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             }
             let text: String = chars[start..i].iter().collect();
             let value = if is_float {
-                text.parse::<f64>()
-                    .ok()
-                    .and_then(serde_json::Number::from_f64)
-                    .map(Value::Number)
+                text.parse::<f64>().ok().and_then(serde_json::Number::from_f64).map(Value::Number)
             } else {
-                text.parse::<i64>().ok().map(Value::from).or_else(|| {
-                    text.parse::<f64>()
-                        .ok()
-                        .and_then(serde_json::Number::from_f64)
-                        .map(Value::Number)
-                })
+                text.parse::<i64>()
+                    .ok()
+                    .map(Value::from)
+                    .or_else(|| text.parse::<f64>().ok().and_then(serde_json::Number::from_f64).map(Value::Number))
             };
             let Some(v) = value else {
                 return Err(err(start, format!("number {text} is out of range")));
             };
-            out.push(Token {
-                tok: Tok::Num(v),
-                offset: start,
-            });
+            out.push(Token { tok: Tok::Num(v), offset: start });
             continue;
         }
         if is_word(c) {
@@ -507,16 +605,11 @@ impl ParserState {
     }
 
     fn found(&self) -> String {
-        self.tokens
-            .get(self.i)
-            .map_or_else(|| "end of condition".to_string(), |t| t.tok.to_string())
+        self.tokens.get(self.i).map_or_else(|| "end of condition".to_string(), |t| t.tok.to_string())
     }
 
     fn error<T>(&self, expected: &str) -> Result<T, ExprError> {
-        Err(ExprError {
-            offset: self.offset(),
-            message: format!("expected {expected}, found {}", self.found()),
-        })
+        Err(ExprError { offset: self.offset(), message: format!("expected {expected}, found {}", self.found()) })
     }
 
     fn or(&mut self) -> Result<Expr, ExprError> {
@@ -525,11 +618,7 @@ impl ParserState {
             self.i += 1;
             parts.push(self.and()?);
         }
-        Ok(if parts.len() == 1 {
-            parts.remove(0)
-        } else {
-            Expr::Or(parts)
-        })
+        Ok(if parts.len() == 1 { parts.remove(0) } else { Expr::Or(parts) })
     }
 
     fn and(&mut self) -> Result<Expr, ExprError> {
@@ -538,11 +627,7 @@ impl ParserState {
             self.i += 1;
             parts.push(self.unary()?);
         }
-        Ok(if parts.len() == 1 {
-            parts.remove(0)
-        } else {
-            Expr::And(parts)
-        })
+        Ok(if parts.len() == 1 { parts.remove(0) } else { Expr::And(parts) })
     }
 
     fn enter(&mut self) -> Result<(), ExprError> {
@@ -584,9 +669,7 @@ impl ParserState {
         let left = self.operand()?;
         let op = match self.peek() {
             Some(Tok::Op(op)) => *op,
-            Some(Tok::Not)
-                if self.tokens.get(self.i + 1).map(|t| &t.tok) == Some(&Tok::Op(CmpOp::In)) =>
-            {
+            Some(Tok::Not) if self.tokens.get(self.i + 1).map(|t| &t.tok) == Some(&Tok::Op(CmpOp::In)) => {
                 self.i += 1;
                 CmpOp::NotIn
             }
@@ -598,27 +681,14 @@ impl ParserState {
                     return self.error("a string pattern");
                 };
                 self.i += 1;
-                let re_src = if glob {
-                    glob_to_regex(&source)
-                } else {
-                    source.clone()
-                };
-                let regex = regex::RegexBuilder::new(&re_src)
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
-                    .map_err(|e| ExprError {
+                let re_src = if glob { glob_to_regex(&source) } else { source.clone() };
+                let regex =
+                    regex::RegexBuilder::new(&re_src).size_limit(REGEX_SIZE_LIMIT).build().map_err(|e| ExprError {
                         offset: at,
-                        message: format!(
-                            "invalid pattern {source:?}: {}",
-                            first_line(&e.to_string())
-                        ),
+                        message: format!("invalid pattern {source:?}: {}", first_line(&e.to_string())),
                     })?;
                 let pattern = Pattern { source, regex };
-                return Ok(if glob {
-                    Expr::Glob(left, pattern)
-                } else {
-                    Expr::Matches(left, pattern)
-                });
+                return Ok(if glob { Expr::Glob(left, pattern) } else { Expr::Matches(left, pattern) });
             }
             _ => return Ok(Expr::Truthy(left)),
         };
@@ -691,11 +761,7 @@ pub fn glob_to_regex(glob: &str) -> String {
             '?' => re.push_str("[^/]"),
             '[' => {
                 // Copy a bracket class if it is closed; otherwise the '[' is literal.
-                if let Some(end) = chars[i + 1..]
-                    .iter()
-                    .position(|d| *d == ']')
-                    .map(|p| p + i + 1)
-                {
+                if let Some(end) = chars[i + 1..].iter().position(|d| *d == ']').map(|p| p + i + 1) {
                     let body: String = chars[i + 1..end].iter().collect();
                     let body = match body.strip_prefix('!') {
                         Some(rest) => format!("^{rest}"),
@@ -746,10 +812,7 @@ mod tests {
         assert!(ev("event != \"open\"", &c));
         assert!(ev("proc.uid < 1000", &c));
         assert!(ev("proc.uid >= 0 and proc.uid <= 0", &c));
-        assert!(
-            ev("n > 5", &c),
-            "numeric strings compare as numbers, like AGT"
-        );
+        assert!(ev("n > 5", &c), "numeric strings compare as numbers, like AGT");
         assert!(ev("missing < 5", &c), "missing counts as 0, like AGT");
         assert!(ev("event in ['exec', 'open']", &c));
         assert!(ev("event not in ['open']", &c));

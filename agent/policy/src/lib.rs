@@ -44,10 +44,7 @@ pub enum Action {
 impl Action {
     /// allow, warn, log and audit let the action proceed; the others stop it.
     pub fn is_allowed(self) -> bool {
-        matches!(
-            self,
-            Action::Allow | Action::Warn | Action::Log | Action::Audit
-        )
+        matches!(self, Action::Allow | Action::Warn | Action::Log | Action::Audit)
     }
 
     /// Actions that stop the event outright (used by deny_overrides and the extends floor).
@@ -142,12 +139,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    pub fn new(
-        action: Action,
-        matched_rule: Option<String>,
-        policy: Option<String>,
-        reason: String,
-    ) -> Self {
+    pub fn new(action: Action, matched_rule: Option<String>, policy: Option<String>, reason: String) -> Self {
         Decision {
             allowed: action.is_allowed(),
             action,
@@ -182,11 +174,7 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions {
-            stage: "pre_tool".to_string(),
-            agent: None,
-            strategy: None,
-        }
+        EvalOptions { stage: "pre_tool".to_string(), agent: None, strategy: None }
     }
 }
 
@@ -202,12 +190,7 @@ pub struct LoadError {
 
 impl LoadError {
     pub fn new(file: impl Into<String>, pos: yaml::Pos, message: impl Into<String>) -> Self {
-        LoadError {
-            file: file.into(),
-            line: pos.line.max(1),
-            col: pos.col.max(1),
-            message: message.into(),
-        }
+        LoadError { file: file.into(), line: pos.line.max(1), col: pos.col.max(1), message: message.into() }
     }
 }
 
@@ -250,10 +233,8 @@ impl PolicySet {
             let file = path.display().to_string();
             if path.extension().is_some_and(|e| e == "rego") {
                 let bytes = read_limited(path)?;
-                let text = yaml::check_bytes(&bytes)
-                    .map_err(|e| LoadError::new(&file, e.pos, e.message))?;
-                set.rego
-                    .push(rego::RegoPolicy::new(&file, text, rego_query)?);
+                let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
+                set.rego.push(rego::RegoPolicy::new(&file, text, rego_query)?);
             } else {
                 let doc = load_document(path)?;
                 set.add_document(doc, &file)?;
@@ -275,11 +256,7 @@ impl PolicySet {
     }
 
     /// Loads one Rego policy from text.
-    pub fn from_rego_str(
-        name: &str,
-        text: &str,
-        query: Option<&str>,
-    ) -> Result<PolicySet, LoadError> {
+    pub fn from_rego_str(name: &str, text: &str, query: Option<&str>) -> Result<PolicySet, LoadError> {
         let mut set = PolicySet::default();
         set.rego.push(rego::RegoPolicy::new(name, text, query)?);
         set.finish()?;
@@ -334,60 +311,41 @@ impl PolicySet {
     /// Evaluates one event context. Pure: same set, context and options give the same decision.
     pub fn evaluate(&self, ctx: &Value, opts: &EvalOptions) -> Decision {
         if !ctx.is_object() {
-            return Decision::error(
-                "evaluation error: the context must be a JSON object (fail closed)",
-            );
+            return Decision::error("evaluation error: the context must be a JSON object (fail closed)");
         }
         if !self.v4.is_empty() {
             return match self.v4.evaluate(ctx) {
                 Some(d) => d,
-                None => self
-                    .rego_decision(ctx)
-                    .unwrap_or_else(|| self.v4.default_decision()),
+                None => self.rego_decision(ctx).unwrap_or_else(|| self.v4.default_decision()),
             };
         }
-        let agent = opts
-            .agent
-            .clone()
-            .or_else(|| {
-                ctx.pointer("/agent/did")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .or_else(|| {
-                ctx.pointer("/agent/id")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        // The agent is only looked up when a policy or a limit needs it.
+        let agent = || -> &str {
+            opts.agent
+                .as_deref()
+                .or_else(|| ctx.pointer("/agent/did").and_then(Value::as_str))
+                .or_else(|| ctx.pointer("/agent/id").and_then(Value::as_str))
+                .unwrap_or_default()
+        };
         let strategy = opts.strategy.or(self.strategy).unwrap_or_default();
-        let applicable: Vec<&toolkit::Policy> = self
-            .toolkit
-            .iter()
-            .filter(|p| p.applies_to(&agent))
-            .collect();
-        if let Some(mut d) = toolkit::evaluate(&applicable, ctx, &opts.stage, strategy) {
+        let applies = |p: &&toolkit::Policy| p.wildcard || p.applies_to(agent());
+        if let Some(mut d) = toolkit::evaluate(self.toolkit.iter().filter(applies), ctx, &opts.stage, strategy) {
             if let Some(l) = d.limit.as_mut() {
-                l.agent = agent;
+                l.agent = agent().to_string();
             }
             return d;
         }
         if let Some(d) = self.rego_decision(ctx) {
             return d;
         }
-        match applicable.first() {
+        match self.toolkit.iter().find(applies) {
             Some(p) => Decision::new(
                 p.default_action,
                 None,
                 Some(p.name.clone()),
                 "No matching rules, using default".to_string(),
             ),
-            None => Decision::new(
-                Action::Deny,
-                None,
-                None,
-                "No policies loaded (deny by default)".to_string(),
-            ),
+            None => Decision::new(Action::Deny, None, None, "No policies loaded (deny by default)".to_string()),
         }
     }
 
@@ -436,26 +394,15 @@ pub(crate) enum Document {
 pub(crate) fn read_limited(path: &Path) -> Result<Vec<u8>, LoadError> {
     use std::io::Read;
     let file = path.display().to_string();
-    let io = |e: std::io::Error| {
-        LoadError::new(
-            &file,
-            yaml::Pos::default(),
-            format!("cannot read file: {e}"),
-        )
-    };
+    let io = |e: std::io::Error| LoadError::new(&file, yaml::Pos::default(), format!("cannot read file: {e}"));
     let f = std::fs::File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
-    f.take(yaml::limits::MAX_FILE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io)?;
+    f.take(yaml::limits::MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() > yaml::limits::MAX_FILE_BYTES {
         return Err(LoadError::new(
             &file,
             yaml::Pos::default(),
-            format!(
-                "file is larger than the {} byte limit for policy files",
-                yaml::limits::MAX_FILE_BYTES
-            ),
+            format!("file is larger than the {} byte limit for policy files", yaml::limits::MAX_FILE_BYTES),
         ));
     }
     Ok(bytes)
@@ -469,10 +416,7 @@ fn load_document(path: &Path) -> Result<Document, LoadError> {
 /// Maximum depth of `extends` chains.
 pub const MAX_EXTENDS_DEPTH: usize = 16;
 
-pub(crate) fn load_document_inner(
-    path: &Path,
-    stack: &mut Vec<PathBuf>,
-) -> Result<Document, LoadError> {
+pub(crate) fn load_document_inner(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Document, LoadError> {
     let file = path.display().to_string();
     let bytes = read_limited(path)?;
     let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
@@ -487,11 +431,7 @@ fn parse_document(
     stack: &mut Vec<PathBuf>,
 ) -> Result<Document, LoadError> {
     if !matches!(node.kind, yaml::Kind::Map(_)) {
-        return Err(LoadError::new(
-            file,
-            node.pos,
-            format!("expected a policy mapping, found {}", node.type_name()),
-        ));
+        return Err(LoadError::new(file, node.pos, format!("expected a policy mapping, found {}", node.type_name())));
     }
     if v4::looks_like_v4(node) {
         return v4::parse(node, file).map(|p| Document::V4(Box::new(p)));
@@ -507,12 +447,7 @@ mod tests {
 
     #[test]
     fn decision_json_shape() {
-        let d = Decision::new(
-            Action::RequireApproval,
-            Some("r".into()),
-            Some("p".into()),
-            "x".into(),
-        );
+        let d = Decision::new(Action::RequireApproval, Some("r".into()), Some("p".into()), "x".into());
         let v = serde_json::to_value(&d).unwrap();
         assert_eq!(
             v,
@@ -522,8 +457,7 @@ mod tests {
 
     #[test]
     fn non_object_context_fails_closed() {
-        let set =
-            PolicySet::from_str("p", "name: p\nagents: ['*']\ndefault_action: allow\n").unwrap();
+        let set = PolicySet::from_str("p", "name: p\nagents: ['*']\ndefault_action: allow\n").unwrap();
         let d = set.evaluate(&json!([1]), &EvalOptions::default());
         assert_eq!(d.action, Action::Deny);
         assert!(d.error);

@@ -22,30 +22,18 @@ impl RateSpec {
     pub fn parse(s: &str) -> Result<RateSpec, String> {
         let parts: Vec<&str> = s.split('/').collect();
         let [count, period] = parts.as_slice() else {
-            return Err(format!(
-                "invalid limit {s:?}: expected \"<count>/<period>\", e.g. \"100/hour\""
-            ));
+            return Err(format!("invalid limit {s:?}: expected \"<count>/<period>\", e.g. \"100/hour\""));
         };
-        let max: u64 = count
-            .trim()
-            .parse()
-            .map_err(|_| format!("invalid limit {s:?}: count must be a non-negative integer"))?;
+        let max: u64 =
+            count.trim().parse().map_err(|_| format!("invalid limit {s:?}: count must be a non-negative integer"))?;
         let period_secs = match period.trim().to_ascii_lowercase().as_str() {
             "second" => 1,
             "minute" => 60,
             "hour" => 3600,
             "day" => 86_400,
-            _ => {
-                return Err(format!(
-                    "invalid limit {s:?}: period must be one of second, minute, hour, day"
-                ))
-            }
+            _ => return Err(format!("invalid limit {s:?}: period must be one of second, minute, hour, day")),
         };
-        Ok(RateSpec {
-            max,
-            period_secs,
-            text: s.to_string(),
-        })
+        Ok(RateSpec { max, period_secs, text: s.to_string() })
     }
 }
 
@@ -122,10 +110,7 @@ impl Default for RateLimiter<MonotonicClock> {
 
 impl<C: Clock> RateLimiter<C> {
     pub fn new(clock: C) -> Self {
-        RateLimiter {
-            clock,
-            windows: HashMap::new(),
-        }
+        RateLimiter { clock, windows: HashMap::new() }
     }
 
     /// Charges the decision's limit (if any) and returns the decision to enforce: unchanged
@@ -159,20 +144,13 @@ impl<C: Clock> RateLimiter<C> {
             }
         }
         let period = Duration::from_secs(l.spec.period_secs);
-        let w = self.windows.entry(key).or_insert(Window {
-            count: 0,
-            reset_at: now + period,
-        });
+        let w = self.windows.entry(key).or_insert(Window { count: 0, reset_at: now + period });
         w.count += 1;
         decision
     }
 
     fn limited(&self, decision: Decision) -> Decision {
-        let text = decision
-            .limit
-            .as_ref()
-            .map(|l| l.spec.text.clone())
-            .unwrap_or_default();
+        let text = decision.limit.as_ref().map(|l| l.spec.text.clone()).unwrap_or_default();
         let mut d = Decision::new(
             Action::Deny,
             decision.matched_rule.clone(),
@@ -191,12 +169,7 @@ mod tests {
     use super::*;
 
     fn dec(limit: &str) -> Decision {
-        let mut d = Decision::new(
-            Action::Allow,
-            Some("r".into()),
-            Some("p".into()),
-            "ok".into(),
-        );
+        let mut d = Decision::new(Action::Allow, Some("r".into()), Some("p".into()), "ok".into());
         d.limit = Some(LimitRef {
             agent: "a".into(),
             policy: "p".into(),

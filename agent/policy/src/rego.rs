@@ -20,10 +20,7 @@ pub(crate) struct RegoPolicy {
 
 impl std::fmt::Debug for RegoPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegoPolicy")
-            .field("name", &self.name)
-            .field("query", &self.query)
-            .finish()
+        f.debug_struct("RegoPolicy").field("name", &self.name).field("query", &self.query).finish()
     }
 }
 
@@ -42,18 +39,8 @@ fn locate(msg: &str) -> (Pos, String) {
     }
     let message = msg
         .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("error:")
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| {
-            msg.lines()
-                .map(str::trim)
-                .rfind(|l| !l.is_empty())
-                .unwrap_or(msg)
-                .to_string()
-        });
+        .find_map(|l| l.trim().strip_prefix("error:").map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| msg.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or(msg).to_string());
     (pos, message)
 }
 
@@ -64,21 +51,15 @@ impl RegoPolicy {
             limit: REGO_TIME_LIMIT,
             check_interval: std::num::NonZeroU32::MIN,
         });
-        let package = engine
-            .add_policy(file.to_string(), text.to_string())
-            .map_err(|e| {
-                let (pos, msg) = locate(&e.to_string());
-                LoadError::new(file, pos, format!("rego: {msg}"))
-            })?;
+        let package = engine.add_policy(file.to_string(), text.to_string()).map_err(|e| {
+            let (pos, msg) = locate(&e.to_string());
+            LoadError::new(file, pos, format!("rego: {msg}"))
+        })?;
         let query = match query {
             Some(q) => q.to_string(),
             None => format!("{package}.allow"),
         };
-        Ok(RegoPolicy {
-            name: file.to_string(),
-            query,
-            engine: Mutex::new(engine),
-        })
+        Ok(RegoPolicy { name: file.to_string(), query, engine: Mutex::new(engine) })
     }
 
     pub fn evaluate(&self, ctx: &Value) -> Decision {
@@ -102,14 +83,8 @@ impl RegoPolicy {
                 return d;
             }
         };
-        let value = results
-            .result
-            .first()
-            .and_then(|r| r.expressions.first())
-            .map(|e| e.value.clone());
-        let json = value
-            .and_then(|v| v.to_json_str().ok())
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok());
+        let value = results.result.first().and_then(|r| r.expressions.first()).map(|e| e.value.clone());
+        let json = value.and_then(|v| v.to_json_str().ok()).and_then(|s| serde_json::from_str::<Value>(&s).ok());
         let policy = Some(self.name.clone());
         match json {
             Some(Value::Bool(b)) => {
@@ -118,18 +93,11 @@ impl RegoPolicy {
                     action,
                     None,
                     policy,
-                    format!(
-                        "OPA/Rego policy ({}): {}",
-                        self.query,
-                        if b { "allowed" } else { "denied" }
-                    ),
+                    format!("OPA/Rego policy ({}): {}", self.query, if b { "allowed" } else { "denied" }),
                 )
             }
             Some(Value::Object(map)) => {
-                let decision = map
-                    .get("decision")
-                    .and_then(Value::as_str)
-                    .and_then(Action::parse);
+                let decision = map.get("decision").and_then(Value::as_str).and_then(Action::parse);
                 let reason = map
                     .get("reason")
                     .and_then(Value::as_str)

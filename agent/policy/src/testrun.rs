@@ -103,30 +103,11 @@ fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
     let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
     let node = yaml::parse(text).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
     let cx = Ctx { file: &file };
-    cx.check_keys(
-        &node,
-        &[
-            "policies",
-            "stage",
-            "agent",
-            "strategy",
-            "rego_query",
-            "cases",
-        ],
-        "test file",
-    )?;
+    cx.check_keys(&node, &["policies", "stage", "agent", "strategy", "rego_query", "cases"], "test file")?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let pnode = node.get("policies").ok_or_else(|| {
-        cx.err(
-            node.pos,
-            "missing \"policies\" (the policy files under test)",
-        )
-    })?;
-    let policies: Vec<PathBuf> = cx
-        .string_list(pnode, "policies")?
-        .into_iter()
-        .map(|p| base.join(p))
-        .collect();
+    let pnode =
+        node.get("policies").ok_or_else(|| cx.err(node.pos, "missing \"policies\" (the policy files under test)"))?;
+    let policies: Vec<PathBuf> = cx.string_list(pnode, "policies")?.into_iter().map(|p| base.join(p)).collect();
     let rego_query = cx.opt_string(&node, "rego_query")?;
     let set = PolicySet::load_with(&policies, rego_query.as_deref())?;
     let mut opts = EvalOptions::default();
@@ -136,23 +117,15 @@ fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
     opts.agent = cx.opt_string(&node, "agent")?;
     if let Some(n) = node.get("strategy") {
         let s = cx.string(n, "strategy")?;
-        opts.strategy = Some(
-            Strategy::parse(&s).ok_or_else(|| cx.err(n.pos, format!("invalid strategy {s:?}")))?,
-        );
+        opts.strategy = Some(Strategy::parse(&s).ok_or_else(|| cx.err(n.pos, format!("invalid strategy {s:?}")))?);
     }
     let cases = match node.get("cases").map(|c| &c.kind) {
         Some(Kind::Seq(items)) => items,
         _ => return Err(cx.err(node.pos, "missing \"cases\" list")),
     };
     for (i, case) in cases.iter().enumerate() {
-        cx.check_keys(
-            case,
-            &["name", "context", "expect", "repeat", "stage", "agent"],
-            "case",
-        )?;
-        let name = cx
-            .opt_string(case, "name")?
-            .unwrap_or_else(|| format!("case {}", i + 1));
+        cx.check_keys(case, &["name", "context", "expect", "repeat", "stage", "agent"], "case")?;
+        let name = cx.opt_string(case, "name")?.unwrap_or_else(|| format!("case {}", i + 1));
         let ctx = case
             .get("context")
             .ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"context\"")))?
@@ -179,30 +152,19 @@ fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
         }
         let Some(d) = last else { continue };
         let (passed, detail) = check(&expect, &d);
-        report.cases.push(CaseResult {
-            file: file.clone(),
-            name,
-            passed,
-            detail,
-        });
+        report.cases.push(CaseResult { file: file.clone(), name, passed, detail });
     }
     Ok(())
 }
 
 fn parse_expect(cx: &Ctx<'_>, case: &Node, name: &str) -> Result<Expect, LoadError> {
-    let n = case
-        .get("expect")
-        .ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"expect\"")))?;
+    let n = case.get("expect").ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"expect\"")))?;
     let action_of = |n: &Node| -> Result<Action, LoadError> {
         let s = cx.string(n, "expect.action")?;
         Action::parse(&s).ok_or_else(|| cx.err(n.pos, format!("unknown action {s:?}")))
     };
     match &n.kind {
-        Kind::Str(_) => Ok(Expect {
-            action: Some(action_of(n)?),
-            allowed: None,
-            matched_rule: None,
-        }),
+        Kind::Str(_) => Ok(Expect { action: Some(action_of(n)?), allowed: None, matched_rule: None }),
         Kind::Map(_) => {
             cx.check_keys(n, &["action", "allowed", "matched_rule"], "expect")?;
             let action = n.get("action").map(action_of).transpose()?;
@@ -216,16 +178,9 @@ fn parse_expect(cx: &Ctx<'_>, case: &Node, name: &str) -> Result<Expect, LoadErr
                 Some(m) if m.kind == Kind::Null => Some(None),
                 Some(m) => Some(Some(cx.string(m, "expect.matched_rule")?)),
             };
-            Ok(Expect {
-                action,
-                allowed,
-                matched_rule,
-            })
+            Ok(Expect { action, allowed, matched_rule })
         }
-        _ => Err(cx.err(
-            n.pos,
-            "expect must be an action or a mapping {action, allowed, matched_rule}",
-        )),
+        _ => Err(cx.err(n.pos, "expect must be an action or a mapping {action, allowed, matched_rule}")),
     }
 }
 
@@ -243,10 +198,7 @@ fn check(e: &Expect, d: &Decision) -> (bool, String) {
     }
     if let Some(m) = &e.matched_rule {
         if m != &d.matched_rule {
-            problems.push(format!(
-                "matched_rule: expected {m:?}, got {:?}",
-                d.matched_rule
-            ));
+            problems.push(format!("matched_rule: expected {m:?}, got {:?}", d.matched_rule));
         }
     }
     let got = serde_json::to_string(d).unwrap_or_default();
@@ -259,11 +211,6 @@ fn check(e: &Expect, d: &Decision) -> (bool, String) {
 
 /// Parses one JSON context for evaluation (shared with the CLI).
 pub fn parse_context(text: &str) -> Result<Value, String> {
-    serde_json::from_str::<Value>(text).map_err(|e| {
-        format!(
-            "invalid JSON at line {} column {}: {e}",
-            e.line(),
-            e.column()
-        )
-    })
+    serde_json::from_str::<Value>(text)
+        .map_err(|e| format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::expr::Expr;
+use crate::expr::{Expr, PathTable, Prog};
 use crate::limit::{LimitRef, RateSpec};
 use crate::yaml::{Kind, Node, Pos};
 use crate::{Action, Decision, Document, LoadError, Strategy, MAX_EXTENDS_DEPTH};
@@ -25,6 +25,10 @@ pub(crate) struct Rule {
     pub stage: String,
     pub condition_src: String,
     pub condition: Expr,
+    /// `condition` lowered against the owning policy's path table.
+    pub prog: Prog,
+    /// Decision reason: the description, or AGT's "Rule NAME matched".
+    pub reason: String,
     pub action: Action,
     pub priority: i64,
     pub enabled: bool,
@@ -43,6 +47,11 @@ pub(crate) struct Policy {
     pub agents: Vec<String>,
     pub scope: Scope,
     pub rules: Vec<Rule>,
+    pub paths: PathTable,
+    /// Rules bucketed by their most selective string-equality guard (built after extends).
+    pub index: Option<RuleIndex>,
+    /// `*` in `agents`: applies to every agent without looking the agent up.
+    pub wildcard: bool,
     pub default_action: Action,
     pub strategy: Option<Strategy>,
     pub strategy_pos: Pos,
@@ -70,17 +79,8 @@ const TOP_KEYS: &[&str] = &[
     "updated_at",
     "conflict_strategy",
 ];
-const RULE_KEYS: &[&str] = &[
-    "name",
-    "description",
-    "stage",
-    "condition",
-    "action",
-    "limit",
-    "approvers",
-    "priority",
-    "enabled",
-];
+const RULE_KEYS: &[&str] =
+    &["name", "description", "stage", "condition", "action", "limit", "approvers", "priority", "enabled"];
 const STAGES: &[&str] = &["pre_input", "pre_tool", "post_tool", "pre_output"];
 
 pub(crate) struct Ctx<'a> {
@@ -100,10 +100,7 @@ impl Ctx<'_> {
                     Kind::Str(s) => {
                         return Err(self.err(
                             k.pos,
-                            format!(
-                                "unknown {what} field {s:?}; expected one of: {}",
-                                allowed.join(", ")
-                            ),
+                            format!("unknown {what} field {s:?}; expected one of: {}", allowed.join(", ")),
                         ))
                     }
                     _ => return Err(self.err(k.pos, format!("{what} keys must be strings"))),
@@ -116,10 +113,7 @@ impl Ctx<'_> {
     pub fn string(&self, node: &Node, what: &str) -> Result<String, LoadError> {
         match &node.kind {
             Kind::Str(s) => Ok(s.clone()),
-            _ => Err(self.err(
-                node.pos,
-                format!("expected a string for {what}, found {}", node.type_name()),
-            )),
+            _ => Err(self.err(node.pos, format!("expected a string for {what}, found {}", node.type_name()))),
         }
     }
 
@@ -135,23 +129,14 @@ impl Ctx<'_> {
         match &node.kind {
             Kind::Null => Ok(Vec::new()),
             Kind::Seq(items) => items.iter().map(|i| self.string(i, what)).collect(),
-            _ => Err(self.err(
-                node.pos,
-                format!(
-                    "expected a list of strings for {what}, found {}",
-                    node.type_name()
-                ),
-            )),
+            _ => Err(self.err(node.pos, format!("expected a list of strings for {what}, found {}", node.type_name()))),
         }
     }
 
     pub fn int(&self, node: &Node, what: &str) -> Result<i64, LoadError> {
         match &node.kind {
             Kind::Int(i) => Ok(*i),
-            _ => Err(self.err(
-                node.pos,
-                format!("expected an integer for {what}, found {}", node.type_name()),
-            )),
+            _ => Err(self.err(node.pos, format!("expected an integer for {what}, found {}", node.type_name()))),
         }
     }
 }
@@ -161,10 +146,7 @@ fn condition_pos(node: &Node, src: &str, offset: usize) -> Pos {
     if src.contains('\n') {
         return node.pos;
     }
-    Pos {
-        line: node.pos.line,
-        col: node.pos.col + offset + usize::from(node.quoted),
-    }
+    Pos { line: node.pos.line, col: node.pos.col + offset + usize::from(node.quoted) }
 }
 
 pub(crate) fn parse(
@@ -178,27 +160,17 @@ pub(crate) fn parse(
     if let Some(v) = node.get("apiVersion") {
         let s = cx.string(v, "apiVersion")?;
         if s != "governance.toolkit/v1" && s != "1.0" {
-            return Err(cx.err(
-                v.pos,
-                format!("unsupported apiVersion {s:?}; expected \"governance.toolkit/v1\""),
-            ));
+            return Err(cx.err(v.pos, format!("unsupported apiVersion {s:?}; expected \"governance.toolkit/v1\"")));
         }
     }
-    let name_node = node
-        .get("name")
-        .ok_or_else(|| cx.err(node.pos, "missing required field \"name\""))?;
+    let name_node = node.get("name").ok_or_else(|| cx.err(node.pos, "missing required field \"name\""))?;
     let name = cx.string(name_node, "name")?;
     let default_action = match node.get("default_action") {
         None => Action::Deny,
         Some(n) => match cx.string(n, "default_action")?.as_str() {
             "allow" => Action::Allow,
             "deny" => Action::Deny,
-            other => {
-                return Err(cx.err(
-                    n.pos,
-                    format!("invalid default_action {other:?}; expected allow or deny"),
-                ))
-            }
+            other => return Err(cx.err(n.pos, format!("invalid default_action {other:?}; expected allow or deny"))),
         },
     };
     let agent = cx.opt_string(node, "agent")?;
@@ -228,21 +200,17 @@ pub(crate) fn parse(
         }
     };
     let mut rules = Vec::new();
+    let mut paths = PathTable::default();
     match node.get("rules") {
         None => {}
         Some(n) => match &n.kind {
             Kind::Null => {}
             Kind::Seq(items) => {
                 for item in items {
-                    rules.push(parse_rule(&cx, item)?);
+                    rules.push(parse_rule(&cx, item, &mut paths)?);
                 }
             }
-            _ => {
-                return Err(cx.err(
-                    n.pos,
-                    format!("expected a list for rules, found {}", n.type_name()),
-                ))
-            }
+            _ => return Err(cx.err(n.pos, format!("expected a list for rules, found {}", n.type_name()))),
         },
     }
     let mut policy = Policy {
@@ -250,9 +218,12 @@ pub(crate) fn parse(
         name,
         name_pos: name_node.pos,
         agent,
+        wildcard: agents.iter().any(|a| a == "*"),
         agents,
         scope,
         rules,
+        paths,
+        index: None,
         default_action,
         strategy,
         strategy_pos,
@@ -261,10 +232,9 @@ pub(crate) fn parse(
         let refs: Vec<(String, Pos)> = match &ext.kind {
             Kind::Null => Vec::new(),
             Kind::Str(s) => vec![(s.clone(), ext.pos)],
-            Kind::Seq(items) => items
-                .iter()
-                .map(|i| cx.string(i, "extends").map(|s| (s, i.pos)))
-                .collect::<Result<_, _>>()?,
+            Kind::Seq(items) => {
+                items.iter().map(|i| cx.string(i, "extends").map(|s| (s, i.pos))).collect::<Result<_, _>>()?
+            }
             _ => return Err(cx.err(ext.pos, "expected a path or list of paths for extends")),
         };
         if !refs.is_empty() {
@@ -274,6 +244,7 @@ pub(crate) fn parse(
             resolve_extends(&cx, &mut policy, path, &refs, stack)?;
         }
     }
+    policy.index = RuleIndex::build(&policy.rules, &mut policy.paths);
     Ok(policy)
 }
 
@@ -285,26 +256,17 @@ fn resolve_extends(
     stack: &mut Vec<PathBuf>,
 ) -> Result<(), LoadError> {
     let io = |pos: Pos, what: &str, e: std::io::Error| cx.err(pos, format!("{what}: {e}"));
-    let me = std::fs::canonicalize(path)
-        .map_err(|e| io(Pos::default(), "cannot resolve policy path", e))?;
+    let me = std::fs::canonicalize(path).map_err(|e| io(Pos::default(), "cannot resolve policy path", e))?;
     let base = me.parent().map(Path::to_path_buf).unwrap_or_default();
     if stack.len() >= MAX_EXTENDS_DEPTH {
-        return Err(cx.err(
-            refs[0].1,
-            format!("extends chain deeper than {MAX_EXTENDS_DEPTH} files"),
-        ));
+        return Err(cx.err(refs[0].1, format!("extends chain deeper than {MAX_EXTENDS_DEPTH} files")));
     }
     stack.push(me.clone());
     let mut parent_rules: Vec<Rule> = Vec::new();
     for (r, pos) in refs {
         let candidate = base.join(r);
-        let real = std::fs::canonicalize(&candidate).map_err(|e| {
-            io(
-                *pos,
-                &format!("extends {r:?} cannot be read at {}", candidate.display()),
-                e,
-            )
-        })?;
+        let real = std::fs::canonicalize(&candidate)
+            .map_err(|e| io(*pos, &format!("extends {r:?} cannot be read at {}", candidate.display()), e))?;
         if !real.starts_with(&base) {
             stack.pop();
             return Err(cx.err(
@@ -317,20 +279,14 @@ fn resolve_extends(
             ));
         }
         if stack.contains(&real) {
-            let chain: Vec<String> = stack
-                .iter()
-                .chain(std::iter::once(&real))
-                .map(|p| p.display().to_string())
-                .collect();
+            let chain: Vec<String> =
+                stack.iter().chain(std::iter::once(&real)).map(|p| p.display().to_string()).collect();
             return Err(cx.err(*pos, format!("circular extends: {}", chain.join(" -> "))));
         }
         let parent = match crate::load_document_inner(&real, stack)? {
             Document::Toolkit(p) => p,
             Document::V4(_) => {
-                return Err(cx.err(
-                    *pos,
-                    format!("extends {r:?} is an Agent-OS v4 document, not governance.toolkit/v1"),
-                ))
+                return Err(cx.err(*pos, format!("extends {r:?} is an Agent-OS v4 document, not governance.toolkit/v1")))
             }
         };
         // Diamonds: the first parent to define a rule name wins, as in AGT.
@@ -345,52 +301,47 @@ fn resolve_extends(
     // Additive only: a child rule that reuses a parent deny's name with a permissive action is
     // dropped (AGT drops allow/log; warn is also permissive here).
     let own = std::mem::take(&mut policy.rules);
-    let denied: Vec<&str> = parent_rules
-        .iter()
-        .filter(|r| r.action.is_deny_class())
-        .map(|r| r.name.as_str())
-        .collect();
-    let kept: Vec<Rule> = own
-        .into_iter()
-        .filter(|r| !(denied.contains(&r.name.as_str()) && r.action.is_allowed()))
-        .collect();
+    let denied: Vec<&str> = parent_rules.iter().filter(|r| r.action.is_deny_class()).map(|r| r.name.as_str()).collect();
+    let kept: Vec<Rule> =
+        own.into_iter().filter(|r| !(denied.contains(&r.name.as_str()) && r.action.is_allowed())).collect();
+    // Inherited rules were lowered against the parent's path table; lower them against ours.
+    for r in &mut parent_rules {
+        r.prog = Prog::compile(&r.condition, &mut policy.paths);
+    }
     policy.rules = parent_rules;
     policy.rules.extend(kept);
     Ok(())
 }
 
-fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
+fn parse_rule(cx: &Ctx<'_>, node: &Node, paths: &mut PathTable) -> Result<Rule, LoadError> {
     if !matches!(node.kind, Kind::Map(_)) {
-        return Err(cx.err(
-            node.pos,
-            format!("expected a rule mapping, found {}", node.type_name()),
-        ));
+        return Err(cx.err(node.pos, format!("expected a rule mapping, found {}", node.type_name())));
     }
     cx.check_keys(node, RULE_KEYS, "rule")?;
     let name = cx.string(
-        node.get("name")
-            .ok_or_else(|| cx.err(node.pos, "rule is missing required field \"name\""))?,
+        node.get("name").ok_or_else(|| cx.err(node.pos, "rule is missing required field \"name\""))?,
         "rule name",
     )?;
-    let cond_node = node.get("condition").ok_or_else(|| {
-        cx.err(
-            node.pos,
-            format!("rule {name:?} is missing required field \"condition\""),
-        )
-    })?;
+    let cond_node = node
+        .get("condition")
+        .ok_or_else(|| cx.err(node.pos, format!("rule {name:?} is missing required field \"condition\"")))?;
     let condition_src = cx.string(cond_node, "condition")?;
     let condition = Expr::parse(&condition_src).map_err(|e| {
-        cx.err(
-            condition_pos(cond_node, &condition_src, e.offset),
-            format!("rule {name:?}: condition: {}", e.message),
-        )
+        cx.err(condition_pos(cond_node, &condition_src, e.offset), format!("rule {name:?}: condition: {}", e.message))
     })?;
     let action = match node.get("action") {
         None => Action::Deny,
         Some(n) => {
             let s = cx.string(n, "action")?;
             match Action::parse(&s) {
-                Some(a @ (Action::Allow | Action::Deny | Action::Warn | Action::RequireApproval | Action::Log | Action::Kill)) => a,
+                Some(
+                    a @ (Action::Allow
+                    | Action::Deny
+                    | Action::Warn
+                    | Action::RequireApproval
+                    | Action::Log
+                    | Action::Kill),
+                ) => a,
                 _ => {
                     return Err(cx.err(
                         n.pos,
@@ -405,10 +356,7 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
         Some(n) => {
             let s = cx.string(n, "stage")?;
             if !STAGES.contains(&s.as_str()) {
-                return Err(cx.err(
-                    n.pos,
-                    format!("invalid stage {s:?}; expected one of {}", STAGES.join(", ")),
-                ));
+                return Err(cx.err(n.pos, format!("invalid stage {s:?}; expected one of {}", STAGES.join(", "))));
             }
             s
         }
@@ -421,12 +369,7 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
         None => true,
         Some(n) => match n.kind {
             Kind::Bool(b) => b,
-            _ => {
-                return Err(cx.err(
-                    n.pos,
-                    format!("expected a boolean for enabled, found {}", n.type_name()),
-                ))
-            }
+            _ => return Err(cx.err(n.pos, format!("expected a boolean for enabled, found {}", n.type_name()))),
         },
     };
     let limit = match node.get("limit") {
@@ -441,9 +384,12 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
         None => Vec::new(),
         Some(n) => cx.string_list(n, "approvers")?,
     };
+    let description = cx.opt_string(node, "description")?;
     Ok(Rule {
+        reason: description.clone().unwrap_or_else(|| format!("Rule {name} matched")),
+        prog: Prog::compile(&condition, paths),
         name,
-        description: cx.opt_string(node, "description")?,
+        description,
         stage,
         condition_src,
         condition,
@@ -456,6 +402,7 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node) -> Result<Rule, LoadError> {
     })
 }
 
+#[derive(Clone, Copy)]
 struct Candidate<'a> {
     policy: &'a Policy,
     rule: &'a Rule,
@@ -463,64 +410,76 @@ struct Candidate<'a> {
 
 /// Collects matching rules across the applicable policies and resolves them with `strategy`.
 /// `None` when nothing matched (the caller then consults Rego, then the default).
-pub(crate) fn evaluate(
-    applicable: &[&Policy],
-    ctx: &Value,
+pub(crate) fn evaluate<'a>(
+    applicable: impl Iterator<Item = &'a Policy>,
+    ctx: &'a Value,
     stage: &str,
     strategy: Strategy,
 ) -> Option<Decision> {
-    let mut cands: Vec<Candidate<'_>> = Vec::new();
+    let mut cands: Vec<Candidate<'a>> = Vec::new();
     for p in applicable {
-        for r in &p.rules {
-            if r.enabled && r.stage == stage && r.condition.eval(ctx) {
+        let mut slots = p.paths.slots(ctx);
+        let mut consider = |r: &'a Rule, slots: &mut crate::expr::Slots<'a>| {
+            if r.enabled && r.stage == stage && r.prog.eval(slots) {
                 cands.push(Candidate { policy: p, rule: r });
+            }
+        };
+        match &p.index {
+            None => p.rules.iter().for_each(|r| consider(r, &mut slots)),
+            Some(ix) => {
+                // Only rules whose guard can hold, in load order (ties must resolve as in AGT).
+                let bucket: &[u32] = match slots.get(ix.slot) {
+                    Value::String(v) => ix.by_value.get(v.as_str()).map_or(&[], Vec::as_slice),
+                    _ => &[],
+                };
+                let (mut a, mut b) = (bucket.iter().peekable(), ix.unguarded.iter().peekable());
+                loop {
+                    let next = match (a.peek(), b.peek()) {
+                        (Some(x), Some(y)) if x < y => a.next(),
+                        (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                        (Some(_), None) => a.next(),
+                        (None, None) => break,
+                    };
+                    if let Some(r) = next.and_then(|i| p.rules.get(*i as usize)) {
+                        consider(r, &mut slots);
+                    }
+                }
             }
         }
     }
     if cands.is_empty() {
         return None;
     }
-    // AGT sorts stably by priority, descending; ties keep load order. `max_by_key` would keep
-    // the last maximum, so pick the first maximum explicitly.
-    fn best<'a, 'b>(
-        it: impl Iterator<Item = &'b Candidate<'a>>,
+    // AGT sorts stably by priority, descending; ties keep load order, so the first maximum wins.
+    fn best<'a>(
+        it: impl Iterator<Item = Candidate<'a>>,
         key: impl Fn(&Candidate<'a>) -> (i64, i64),
-    ) -> Option<&'b Candidate<'a>>
-    where
-        'a: 'b,
-    {
-        let mut out: Option<&Candidate<'a>> = None;
+    ) -> Option<Candidate<'a>> {
+        let mut out: Option<Candidate<'a>> = None;
         for c in it {
-            if out.is_none_or(|o| key(c) > key(o)) {
+            if out.as_ref().is_none_or(|o| key(&c) > key(o)) {
                 out = Some(c);
             }
         }
         out
     }
     let prio = |c: &Candidate<'_>| (c.rule.priority, 0);
+    let all = || cands.iter().copied();
     let winner = match strategy {
-        Strategy::PriorityFirstMatch => best(cands.iter(), prio),
+        Strategy::PriorityFirstMatch => best(all(), prio),
         Strategy::DenyOverrides => {
-            best(cands.iter().filter(|c| c.rule.action.is_deny_class()), prio)
-                .or_else(|| best(cands.iter(), prio))
+            best(all().filter(|c| c.rule.action.is_deny_class()), prio).or_else(|| best(all(), prio))
         }
-        Strategy::AllowOverrides => best(
-            cands.iter().filter(|c| c.rule.action == Action::Allow),
-            prio,
-        )
-        .or_else(|| best(cands.iter(), prio)),
-        Strategy::MostSpecificWins => {
-            best(cands.iter(), |c| (c.policy.scope as i64, c.rule.priority))
+        Strategy::AllowOverrides => {
+            best(all().filter(|c| c.rule.action == Action::Allow), prio).or_else(|| best(all(), prio))
         }
+        Strategy::MostSpecificWins => best(all(), |c| (c.policy.scope as i64, c.rule.priority)),
     }?;
     // Extends floor: a child's permissive rule never beats a matching deny inherited from a parent.
     let winner = if winner.rule.action.is_allowed() && !winner.rule.inherited {
         best(
-            cands.iter().filter(|c| {
-                std::ptr::eq(c.policy, winner.policy)
-                    && c.rule.inherited
-                    && c.rule.action.is_deny_class()
-            }),
+            all()
+                .filter(|c| std::ptr::eq(c.policy, winner.policy) && c.rule.inherited && c.rule.action.is_deny_class()),
             prio,
         )
         .unwrap_or(winner)
@@ -528,14 +487,7 @@ pub(crate) fn evaluate(
         winner
     };
     let r = winner.rule;
-    let mut d = Decision::new(
-        r.action,
-        Some(r.name.clone()),
-        Some(winner.policy.name.clone()),
-        r.description
-            .clone()
-            .unwrap_or_else(|| format!("Rule {} matched", r.name)),
-    );
+    let mut d = Decision::new(r.action, Some(r.name.clone()), Some(winner.policy.name.clone()), r.reason.clone());
     d.approvers = r.approvers.clone();
     d.limit = r.limit.as_ref().map(|spec| LimitRef {
         agent: String::new(),
@@ -544,4 +496,138 @@ pub(crate) fn evaluate(
         spec: spec.clone(),
     });
     Some(d)
+}
+
+/// Rules bucketed by the value of one context path that most of them test for string equality
+/// (`path == 'x'` or `path in ['x', 'y']` as a top-level conjunct). A rule whose guard value
+/// differs from the context's cannot match, so it is skipped without being evaluated.
+#[derive(Debug, Clone)]
+pub(crate) struct RuleIndex {
+    slot: u32,
+    by_value: std::collections::HashMap<String, Vec<u32>>,
+    unguarded: Vec<u32>,
+}
+
+/// Below this many rules a linear scan is as fast as the index.
+const INDEX_MIN_RULES: usize = 8;
+
+type Guard<'a> = (&'a [String], Vec<&'a str>);
+
+fn guard(e: &Expr) -> Option<Guard<'_>> {
+    use crate::expr::{CmpOp, Operand};
+    {
+        match e {
+            Expr::Cmp(CmpOp::Eq, Operand::Path(p), Operand::Lit(Value::String(s)))
+            | Expr::Cmp(CmpOp::Eq, Operand::Lit(Value::String(s)), Operand::Path(p)) => {
+                Some((p.as_slice(), vec![s.as_str()]))
+            }
+            Expr::Cmp(CmpOp::In, Operand::Path(p), Operand::Lit(Value::Array(items))) => {
+                let strs: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+                strs.map(|v| (p.as_slice(), v))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn guards(e: &Expr) -> Vec<Guard<'_>> {
+    match e {
+        Expr::And(es) => es.iter().filter_map(guard).collect(),
+        other => guard(other).into_iter().collect(),
+    }
+}
+
+impl RuleIndex {
+    fn build(rules: &[Rule], paths: &mut PathTable) -> Option<RuleIndex> {
+        if rules.len() < INDEX_MIN_RULES {
+            return None;
+        }
+        let all: Vec<Vec<Guard<'_>>> = rules.iter().map(|r| guards(&r.condition)).collect();
+        // Pick the path with the fewest expected rule evaluations per event.
+        let mut best: Option<(&[String], f64)> = None;
+        let mut seen: Vec<&[String]> = Vec::new();
+        for g in all.iter().flatten() {
+            if seen.contains(&g.0) {
+                continue;
+            }
+            seen.push(g.0);
+            let mut guarded = 0usize;
+            let mut values: std::collections::HashSet<&str> = Default::default();
+            for rg in &all {
+                if let Some((_, vs)) = rg.iter().find(|(p, _)| *p == g.0) {
+                    guarded += 1;
+                    values.extend(vs.iter().copied());
+                }
+            }
+            let cost = (rules.len() - guarded) as f64 + guarded as f64 / values.len().max(1) as f64;
+            if best.is_none_or(|(_, c)| cost < c) {
+                best = Some((g.0, cost));
+            }
+        }
+        let (path, cost) = best?;
+        if cost > rules.len() as f64 * 0.75 {
+            return None;
+        }
+        let mut ix = RuleIndex { slot: paths.slot_of(path), by_value: Default::default(), unguarded: Vec::new() };
+        for (i, rg) in all.iter().enumerate() {
+            match rg.iter().find(|(p, _)| *p == path) {
+                Some((_, vs)) => {
+                    let mut vs = vs.clone();
+                    vs.sort_unstable();
+                    vs.dedup();
+                    for v in vs {
+                        ix.by_value.entry(v.to_string()).or_default().push(i as u32);
+                    }
+                }
+                None => ix.unguarded.push(i as u32),
+            }
+        }
+        Some(ix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn policy(yaml: &str) -> Policy {
+        let node = crate::yaml::parse(yaml).unwrap();
+        parse(&node, "t.yaml", None, &mut Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn index_gives_the_same_decisions_as_a_scan() {
+        let mut doc = String::from("name: p\nagents: ['*']\nrules:\n");
+        let events = ["exec", "file_open", "connect"];
+        for i in 0..24 {
+            let cond = match i % 4 {
+                0 => format!("event == '{}' and proc.uid > {}", events[i % 3], i),
+                1 => format!("event in ['{}', 'unlink'] and file.path", events[i % 3]),
+                2 => format!("proc.uid == {i}"),
+                _ => format!("'{}' == event or net.port > {i}", events[i % 3]),
+            };
+            doc.push_str(&format!("  - {{name: r{i}, condition: \"{cond}\", action: deny, priority: {}}}\n", i % 3));
+        }
+        let indexed = policy(&doc);
+        assert!(indexed.index.is_some());
+        let mut scan = indexed.clone();
+        scan.index = None;
+        for ev in ["exec", "file_open", "connect", "unlink", "other"] {
+            for uid in [0, 5, 13, 30] {
+                for ctx in [
+                    json!({"event": ev, "proc": {"uid": uid}, "file": {"path": "/x"}, "net": {"port": uid}}),
+                    json!({"event": uid, "proc": {"uid": uid}}),
+                    json!({"proc": {"uid": uid}}),
+                ] {
+                    for st in [Strategy::PriorityFirstMatch, Strategy::DenyOverrides] {
+                        let a = evaluate([&indexed].into_iter(), &ctx, "pre_tool", st);
+                        let b = evaluate([&scan].into_iter(), &ctx, "pre_tool", st);
+                        assert_eq!(a, b, "{ctx}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -97,9 +97,9 @@ pub(crate) fn looks_like_v4(node: &Node) -> bool {
         return true;
     }
     match node.get("rules").map(|r| &r.kind) {
-        Some(Kind::Seq(items)) => items
-            .iter()
-            .any(|r| matches!(r.get("condition").map(|c| &c.kind), Some(Kind::Map(_)))),
+        Some(Kind::Seq(items)) => {
+            items.iter().any(|r| matches!(r.get("condition").map(|c| &c.kind), Some(Kind::Map(_))))
+        }
         _ => false,
     }
 }
@@ -116,15 +116,7 @@ const TOP_KEYS: &[&str] = &[
     "tool_allowlist",
     "sandbox_mounts",
 ];
-const RULE_KEYS: &[&str] = &[
-    "name",
-    "condition",
-    "action",
-    "priority",
-    "message",
-    "override",
-    "dynamic_condition",
-];
+const RULE_KEYS: &[&str] = &["name", "condition", "action", "priority", "message", "override", "dynamic_condition"];
 const DEFAULT_KEYS: &[&str] = &[
     "action",
     "max_tokens",
@@ -143,27 +135,19 @@ fn parse_action(cx: &Ctx<'_>, n: &Node) -> Result<Action, LoadError> {
         "deny" => Ok(Action::Deny),
         "audit" => Ok(Action::Audit),
         "block" => Ok(Action::Block),
-        _ => Err(cx.err(
-            n.pos,
-            format!("invalid action {s:?}; expected allow, deny, audit or block"),
-        )),
+        _ => Err(cx.err(n.pos, format!("invalid action {s:?}; expected allow, deny, audit or block"))),
     }
 }
 
 pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
     let cx = Ctx { file };
     cx.check_keys(node, TOP_KEYS, "policy")?;
-    let name = cx
-        .opt_string(node, "name")?
-        .unwrap_or_else(|| "unnamed".to_string());
+    let name = cx.opt_string(node, "name")?.unwrap_or_else(|| "unnamed".to_string());
     let default_action = match node.get("defaults") {
         None => Action::Deny,
         Some(d) => {
             if !matches!(d.kind, Kind::Map(_)) {
-                return Err(cx.err(
-                    d.pos,
-                    format!("expected a mapping for defaults, found {}", d.type_name()),
-                ));
+                return Err(cx.err(d.pos, format!("expected a mapping for defaults, found {}", d.type_name())));
             }
             cx.check_keys(d, DEFAULT_KEYS, "defaults")?;
             match d.get("action") {
@@ -177,24 +161,15 @@ pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
         let items = match &rs.kind {
             Kind::Seq(items) => items,
             Kind::Null => &Vec::new(),
-            _ => {
-                return Err(cx.err(
-                    rs.pos,
-                    format!("expected a list for rules, found {}", rs.type_name()),
-                ))
-            }
+            _ => return Err(cx.err(rs.pos, format!("expected a list for rules, found {}", rs.type_name()))),
         };
         for r in items {
             if !matches!(r.kind, Kind::Map(_)) {
-                return Err(cx.err(
-                    r.pos,
-                    format!("expected a rule mapping, found {}", r.type_name()),
-                ));
+                return Err(cx.err(r.pos, format!("expected a rule mapping, found {}", r.type_name())));
             }
             cx.check_keys(r, RULE_KEYS, "rule")?;
             let rname = cx.string(
-                r.get("name")
-                    .ok_or_else(|| cx.err(r.pos, "rule is missing required field \"name\""))?,
+                r.get("name").ok_or_else(|| cx.err(r.pos, "rule is missing required field \"name\""))?,
                 "rule name",
             )?;
             if let Some(dc) = r.get("dynamic_condition") {
@@ -202,65 +177,45 @@ pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
                     return Err(cx.err(dc.pos, "dynamic_condition is not supported by agt-jail (time and budget windows live outside the pure evaluator)"));
                 }
             }
-            let c = r.get("condition").ok_or_else(|| {
-                cx.err(
-                    r.pos,
-                    format!("rule {rname:?} is missing required field \"condition\""),
-                )
-            })?;
+            let c = r
+                .get("condition")
+                .ok_or_else(|| cx.err(r.pos, format!("rule {rname:?} is missing required field \"condition\"")))?;
             if !matches!(c.kind, Kind::Map(_)) {
-                return Err(cx.err(
-                    c.pos,
-                    "expected a condition mapping {field, operator, value}",
-                ));
+                return Err(cx.err(c.pos, "expected a condition mapping {field, operator, value}"));
             }
             cx.check_keys(c, &["field", "operator", "value"], "condition")?;
-            let field = cx.string(
-                c.get("field")
-                    .ok_or_else(|| cx.err(c.pos, "condition is missing \"field\""))?,
-                "field",
-            )?;
-            let op_node = c
-                .get("operator")
-                .ok_or_else(|| cx.err(c.pos, "condition is missing \"operator\""))?;
+            let field =
+                cx.string(c.get("field").ok_or_else(|| cx.err(c.pos, "condition is missing \"field\""))?, "field")?;
+            let op_node = c.get("operator").ok_or_else(|| cx.err(c.pos, "condition is missing \"operator\""))?;
             let op_s = cx.string(op_node, "operator")?;
             let op = Op::parse(&op_s).ok_or_else(|| {
                 cx.err(
                     op_node.pos,
-                    format!("invalid operator {op_s:?}; expected eq, ne, gt, lt, gte, lte, in, not_in, matches or contains"),
+                    format!(
+                        "invalid operator {op_s:?}; expected eq, ne, gt, lt, gte, lte, in, not_in, matches or contains"
+                    ),
                 )
             })?;
-            let value_node = c
-                .get("value")
-                .ok_or_else(|| cx.err(c.pos, "condition is missing \"value\""))?;
+            let value_node = c.get("value").ok_or_else(|| cx.err(c.pos, "condition is missing \"value\""))?;
             let value = value_node.to_json();
             let regex = if op == Op::Matches {
                 let pat = py_str(&value);
-                Some(
-                    regex::RegexBuilder::new(&pat)
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| {
-                            cx.err(
-                                value_node.pos,
-                                format!(
-                                    "invalid regex {pat:?}: {}",
-                                    e.to_string().lines().next_back().unwrap_or_default().trim()
-                                ),
-                            )
-                        })?,
-                )
+                Some(regex::RegexBuilder::new(&pat).size_limit(1 << 20).build().map_err(|e| {
+                    cx.err(
+                        value_node.pos,
+                        format!(
+                            "invalid regex {pat:?}: {}",
+                            e.to_string().lines().next_back().unwrap_or_default().trim()
+                        ),
+                    )
+                })?)
             } else {
                 None
             };
             let action = parse_action(
                 &cx,
-                r.get("action").ok_or_else(|| {
-                    cx.err(
-                        r.pos,
-                        format!("rule {rname:?} is missing required field \"action\""),
-                    )
-                })?,
+                r.get("action")
+                    .ok_or_else(|| cx.err(r.pos, format!("rule {rname:?} is missing required field \"action\"")))?,
             )?;
             let priority = match r.get("priority") {
                 None => 0,
@@ -280,11 +235,7 @@ pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
             });
         }
     }
-    Ok(V4Policy {
-        name,
-        rules,
-        default_action,
-    })
+    Ok(V4Policy { name, rules, default_action })
 }
 
 impl V4Set {
@@ -324,17 +275,9 @@ impl V4Set {
             match matches(r, ctx) {
                 Ok(false) => {}
                 Ok(true) => {
-                    let reason = if r.message.is_empty() {
-                        format!("Matched rule '{}'", r.name)
-                    } else {
-                        r.message.clone()
-                    };
-                    return Some(Decision::new(
-                        r.action,
-                        Some(r.name.clone()),
-                        Some(p.name.clone()),
-                        reason,
-                    ));
+                    let reason =
+                        if r.message.is_empty() { format!("Matched rule '{}'", r.name) } else { r.message.clone() };
+                    return Some(Decision::new(r.action, Some(r.name.clone()), Some(p.name.clone()), reason));
                 }
                 Err(e) => {
                     let mut d = Decision::error(format!(
@@ -354,12 +297,7 @@ impl V4Set {
             Some(p) => (p.default_action, Some(p.name.clone())),
             None => (Action::Deny, None),
         };
-        Decision::new(
-            action,
-            None,
-            policy,
-            "No rules matched; default action applied".to_string(),
-        )
+        Decision::new(action, None, policy, "No rules matched; default action applied".to_string())
     }
 
     pub fn rules(&self) -> Vec<RuleView<'_>> {
@@ -396,9 +334,8 @@ fn matches(r: &V4Rule, ctx: &Value) -> Result<bool, String> {
         return Ok(false);
     }
     let t = &r.value;
-    let ord = |want: fn(Ordering) -> bool| -> Result<bool, String> {
-        Ok(py_cmp(v, t).map_err(|e| e.0)?.is_some_and(want))
-    };
+    let ord =
+        |want: fn(Ordering) -> bool| -> Result<bool, String> { Ok(py_cmp(v, t).map_err(|e| e.0)?.is_some_and(want)) };
     match r.op {
         Op::Eq => Ok(py_eq(v, t)),
         Op::Ne => Ok(!py_eq(v, t)),

@@ -51,9 +51,7 @@ pub fn py_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Null, Value::Null) => true,
         (Value::String(x), Value::String(y)) => x == y,
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
-        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q)),
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| py_eq(v, w)))
         }
@@ -77,11 +75,7 @@ pub fn py_cmp(a: &Value, b: &Value) -> Result<Option<Ordering>, TypeMismatch> {
             }
             Ok(Some(x.len().cmp(&y.len())))
         }
-        _ => Err(TypeMismatch(format!(
-            "'<' not supported between instances of '{}' and '{}'",
-            py_type(a),
-            py_type(b)
-        ))),
+        _ => Err(TypeMismatch(format!("'<' not supported between instances of '{}' and '{}'", py_type(a), py_type(b)))),
     }
 }
 
@@ -115,24 +109,17 @@ pub fn py_in(needle: &Value, haystack: &Value) -> Result<bool, TypeMismatch> {
         Value::Array(items) => Ok(items.iter().any(|x| py_eq(needle, x))),
         Value::String(h) => match needle {
             Value::String(n) => Ok(h.contains(n.as_str())),
-            other => Err(TypeMismatch(format!(
-                "'in <string>' requires string as left operand, not {}",
-                py_type(other)
-            ))),
+            other => {
+                Err(TypeMismatch(format!("'in <string>' requires string as left operand, not {}", py_type(other))))
+            }
         },
         Value::Object(map) => match needle {
             Value::String(n) => Ok(map.contains_key(n)),
-            Value::Array(_) | Value::Object(_) => Err(TypeMismatch(format!(
-                "unhashable type: '{}'",
-                py_type(needle)
-            ))),
+            Value::Array(_) | Value::Object(_) => Err(TypeMismatch(format!("unhashable type: '{}'", py_type(needle)))),
             // JSON object keys are strings; a number or bool is never one of them.
             _ => Ok(false),
         },
-        other => Err(TypeMismatch(format!(
-            "argument of type '{}' is not iterable",
-            py_type(other)
-        ))),
+        other => Err(TypeMismatch(format!("argument of type '{}' is not iterable", py_type(other)))),
     }
 }
 
@@ -160,9 +147,7 @@ pub fn py_float_str(s: &str) -> Option<f64> {
             if *c == '_' {
                 let before = i.checked_sub(1).and_then(|j| chars.get(j));
                 let after = chars.get(i + 1);
-                if !(before.is_some_and(char::is_ascii_digit)
-                    && after.is_some_and(char::is_ascii_digit))
-                {
+                if !(before.is_some_and(char::is_ascii_digit) && after.is_some_and(char::is_ascii_digit)) {
                     return None;
                 }
             }
@@ -175,11 +160,7 @@ pub fn py_float_str(s: &str) -> Option<f64> {
     let body = lower.strip_prefix(['+', '-']).unwrap_or(&lower);
     // Rust also accepts forms Python does not; keep to Python's grammar.
     let named = matches!(body, "inf" | "infinity" | "nan");
-    if !named
-        && !body
-            .chars()
-            .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | '+' | '-'))
-    {
+    if !named && !body.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | '+' | '-')) {
         return None;
     }
     lower.parse::<f64>().ok()
@@ -206,11 +187,7 @@ fn py_repr(v: &Value) -> String {
             }
         }
         Value::String(s) => {
-            let quote = if s.contains('\'') && !s.contains('"') {
-                '"'
-            } else {
-                '\''
-            };
+            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
             let mut out = String::with_capacity(s.len() + 2);
             out.push(quote);
             for c in s.chars() {
@@ -234,10 +211,8 @@ fn py_repr(v: &Value) -> String {
             format!("[{}]", parts.join(", "))
         }
         Value::Object(map) => {
-            let parts: Vec<String> = map
-                .iter()
-                .map(|(k, v)| format!("{}: {}", py_repr(&Value::String(k.clone())), py_repr(v)))
-                .collect();
+            let parts: Vec<String> =
+                map.iter().map(|(k, v)| format!("{}: {}", py_repr(&Value::String(k.clone())), py_repr(v))).collect();
             format!("{{{}}}", parts.join(", "))
         }
     }
@@ -290,16 +265,10 @@ mod tests {
 
     #[test]
     fn python_ordering() {
-        assert_eq!(
-            py_cmp(&json!("a"), &json!("b")).unwrap(),
-            Some(Ordering::Less)
-        );
+        assert_eq!(py_cmp(&json!("a"), &json!("b")).unwrap(), Some(Ordering::Less));
         assert!(py_cmp(&json!("a"), &json!(1)).is_err());
         assert!(py_cmp(&json!(null), &json!(1)).is_err());
-        assert_eq!(
-            py_cmp(&json!([1, 2]), &json!([1])).unwrap(),
-            Some(Ordering::Greater)
-        );
+        assert_eq!(py_cmp(&json!([1, 2]), &json!([1])).unwrap(), Some(Ordering::Greater));
     }
 
     #[test]

@@ -54,10 +54,9 @@ pub struct YamlError {
 impl Node {
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.kind {
-            Kind::Map(entries) => entries
-                .iter()
-                .find(|(k, _)| matches!(&k.kind, Kind::Str(s) if s == key))
-                .map(|(_, v)| v),
+            Kind::Map(entries) => {
+                entries.iter().find(|(k, _)| matches!(&k.kind, Kind::Str(s) if s == key)).map(|(_, v)| v)
+            }
             _ => None,
         }
     }
@@ -89,13 +88,7 @@ impl Node {
                 for (k, v) in entries {
                     let key = match &k.kind {
                         Kind::Str(s) => s.clone(),
-                        other => Node {
-                            kind: other.clone(),
-                            pos: k.pos,
-                            quoted: false,
-                        }
-                        .to_json()
-                        .to_string(),
+                        other => Node { kind: other.clone(), pos: k.pos, quoted: false }.to_json().to_string(),
                     };
                     map.insert(key, v.to_json());
                 }
@@ -106,10 +99,7 @@ impl Node {
 }
 
 fn pos_of(m: &yaml_rust2::scanner::Marker) -> Pos {
-    Pos {
-        line: m.line(),
-        col: m.col() + 1,
-    }
+    Pos { line: m.line(), col: m.col() + 1 }
 }
 
 /// Line and column (1-based) of a byte offset, for errors found before the YAML parser runs.
@@ -147,11 +137,7 @@ enum Frame {
 /// Parses exactly one YAML document (an empty file is `Null`).
 pub fn parse(text: &str) -> Result<Node, YamlError> {
     if text.len() > limits::MAX_FILE_BYTES {
-        return check_bytes(text.as_bytes()).map(|_| Node {
-            kind: Kind::Null,
-            pos: Pos::default(),
-            quoted: false,
-        });
+        return check_bytes(text.as_bytes()).map(|_| Node { kind: Kind::Null, pos: Pos::default(), quoted: false });
     }
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
@@ -161,10 +147,8 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     let mut root: Option<Node> = None;
     let mut docs = 0usize;
     loop {
-        let (event, mark) = parser.next_token().map_err(|e| YamlError {
-            pos: pos_of(e.marker()),
-            message: e.info().to_string(),
-        })?;
+        let (event, mark) =
+            parser.next_token().map_err(|e| YamlError { pos: pos_of(e.marker()), message: e.info().to_string() })?;
         let pos = pos_of(&mark);
         let err = |message: String| YamlError { pos, message };
         let (node, anchor, size) = match event {
@@ -173,34 +157,24 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             Event::DocumentStart => {
                 docs += 1;
                 if docs > 1 {
-                    return Err(err(
-                        "expected a single YAML document, found a second one".into()
-                    ));
+                    return Err(err("expected a single YAML document, found a second one".into()));
                 }
                 continue;
             }
             Event::Alias(id) => {
-                let (n, size) = anchors
-                    .get(&id)
-                    .cloned()
-                    .ok_or_else(|| err("alias refers to an unknown anchor".into()))?;
+                let (n, size) =
+                    anchors.get(&id).cloned().ok_or_else(|| err("alias refers to an unknown anchor".into()))?;
                 (n, 0, size)
             }
             Event::Scalar(value, style, anchor, tag) => {
                 let kind = resolve_scalar(value, style, tag.as_ref()).map_err(err)?;
-                let quoted = matches!(
-                    style,
-                    TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted
-                );
+                let quoted = matches!(style, TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted);
                 (Node { kind, pos, quoted }, anchor, 1)
             }
             Event::SequenceStart(anchor, tag) => {
                 check_collection_tag(tag.as_ref(), "seq").map_err(err)?;
                 if stack.len() >= limits::MAX_DEPTH {
-                    return Err(err(format!(
-                        "nesting deeper than {} levels",
-                        limits::MAX_DEPTH
-                    )));
+                    return Err(err(format!("nesting deeper than {} levels", limits::MAX_DEPTH)));
                 }
                 stack.push(Frame::Seq(Vec::new(), pos, anchor));
                 continue;
@@ -208,10 +182,7 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             Event::MappingStart(anchor, tag) => {
                 check_collection_tag(tag.as_ref(), "map").map_err(err)?;
                 if stack.len() >= limits::MAX_DEPTH {
-                    return Err(err(format!(
-                        "nesting deeper than {} levels",
-                        limits::MAX_DEPTH
-                    )));
+                    return Err(err(format!("nesting deeper than {} levels", limits::MAX_DEPTH)));
                 }
                 stack.push(Frame::Map(Vec::new(), None, pos, anchor));
                 continue;
@@ -219,30 +190,14 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             Event::SequenceEnd => match stack.pop() {
                 Some(Frame::Seq(items, p, anchor)) => {
                     let size = 1 + items.len();
-                    (
-                        Node {
-                            kind: Kind::Seq(items),
-                            pos: p,
-                            quoted: false,
-                        },
-                        anchor,
-                        size,
-                    )
+                    (Node { kind: Kind::Seq(items), pos: p, quoted: false }, anchor, size)
                 }
                 _ => return Err(err("unbalanced sequence end".into())),
             },
             Event::MappingEnd => match stack.pop() {
                 Some(Frame::Map(entries, _, p, anchor)) => {
                     let size = 1 + entries.len() * 2;
-                    (
-                        Node {
-                            kind: Kind::Map(entries),
-                            pos: p,
-                            quoted: false,
-                        },
-                        anchor,
-                        size,
-                    )
+                    (Node { kind: Kind::Map(entries), pos: p, quoted: false }, anchor, size)
                 }
                 _ => return Err(err("unbalanced mapping end".into())),
             },
@@ -250,10 +205,7 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
         // Charge the node against the budget; alias copies are charged their full size.
         nodes = nodes.saturating_add(size);
         if nodes > limits::MAX_NODES {
-            return Err(err(format!(
-                "document has more than {} nodes (after expanding aliases)",
-                limits::MAX_NODES
-            )));
+            return Err(err(format!("document has more than {} nodes (after expanding aliases)", limits::MAX_NODES)));
         }
         if anchor > 0 {
             anchors.insert(anchor, (node.clone(), size.max(nodes_in(&node))));
@@ -264,16 +216,10 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             Some(Frame::Map(entries, key, _, _)) => match key.take() {
                 None => {
                     if matches!(node.kind, Kind::Seq(_) | Kind::Map(_)) {
-                        return Err(YamlError {
-                            pos: node.pos,
-                            message: "mapping keys must be scalars".into(),
-                        });
+                        return Err(YamlError { pos: node.pos, message: "mapping keys must be scalars".into() });
                     }
                     if entries.iter().any(|(k, _)| k.kind == node.kind) {
-                        return Err(YamlError {
-                            pos: node.pos,
-                            message: "duplicate mapping key".into(),
-                        });
+                        return Err(YamlError { pos: node.pos, message: "duplicate mapping key".into() });
                     }
                     *key = Some(node);
                 }
@@ -281,11 +227,7 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             },
         }
     }
-    Ok(root.unwrap_or(Node {
-        kind: Kind::Null,
-        pos: Pos { line: 1, col: 1 },
-        quoted: false,
-    }))
+    Ok(root.unwrap_or(Node { kind: Kind::Null, pos: Pos { line: 1, col: 1 }, quoted: false }))
 }
 
 /// Size of a subtree, used as the charge for each alias use.
@@ -322,11 +264,7 @@ fn check_collection_tag(tag: Option<&Tag>, expect: &str) -> Result<(), String> {
 
 fn resolve_scalar(value: String, style: TScalarStyle, tag: Option<&Tag>) -> Result<Kind, String> {
     if let Some(t) = tag {
-        let suffix = if t.handle == "!!" || t.handle == "tag:yaml.org,2002:" {
-            t.suffix.as_str()
-        } else {
-            ""
-        };
+        let suffix = if t.handle == "!!" || t.handle == "tag:yaml.org,2002:" { t.suffix.as_str() } else { "" };
         return match suffix {
             "str" => Ok(Kind::Str(value)),
             "int" => parse_int(&value).map(Kind::Int).ok_or_else(|| format!("{value:?} is not an integer")),
@@ -411,9 +349,7 @@ fn parse_float(s: &str) -> Option<f64> {
     };
     if !mantissa.contains('.')
         || mantissa.starts_with('_')
-        || !mantissa
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == '.' || c == '_')
+        || !mantissa.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '_')
         || mantissa.matches('.').count() > 1
     {
         return None;
@@ -455,9 +391,7 @@ mod tests {
     fn positions_are_one_based() {
         let n = parse("name: x\nrules:\n  - name: r\n").unwrap();
         let rules = n.get("rules").unwrap();
-        let Kind::Seq(items) = &rules.kind else {
-            panic!()
-        };
+        let Kind::Seq(items) = &rules.kind else { panic!() };
         assert_eq!(items[0].get("name").unwrap().pos, Pos { line: 3, col: 11 });
     }
 

@@ -8,9 +8,7 @@ use agt_jail_policy::{Action, EvalOptions, ManualClock, PolicySet, RateLimiter, 
 use serde_json::{json, Value};
 
 fn eval(yaml: &str, ctx: Value) -> agt_jail_policy::Decision {
-    PolicySet::from_str("t.yaml", yaml)
-        .unwrap()
-        .evaluate(&ctx, &EvalOptions::default())
+    PolicySet::from_str("t.yaml", yaml).unwrap().evaluate(&ctx, &EvalOptions::default())
 }
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -41,20 +39,9 @@ rules:
 fn conflict_strategies() {
     let set = PolicySet::from_str("c.yaml", CONFLICT).unwrap();
     let ctx = json!({"event": "exec"});
-    let with = |s| {
-        set.evaluate(
-            &ctx,
-            &EvalOptions {
-                strategy: Some(s),
-                ..Default::default()
-            },
-        )
-    };
+    let with = |s| set.evaluate(&ctx, &EvalOptions { strategy: Some(s), ..Default::default() });
     let d = with(Strategy::PriorityFirstMatch);
-    assert_eq!(
-        (d.action, d.matched_rule.as_deref()),
-        (Action::Warn, Some("high-warn"))
-    );
+    assert_eq!((d.action, d.matched_rule.as_deref()), (Action::Warn, Some("high-warn")));
     assert!(d.allowed, "warn is allowed");
     let d = with(Strategy::DenyOverrides);
     assert_eq!(d.matched_rule.as_deref(), Some("low-deny"));
@@ -77,10 +64,7 @@ fn most_specific_wins_uses_scope_then_priority() {
         "name: a\nagents: ['*']\nscope: agent\nrules:\n  - {name: a-allow, condition: \"event\", action: allow, priority: 1}\n",
     );
     let set = PolicySet::load(&[g, a]).unwrap();
-    let opts = EvalOptions {
-        strategy: Some(Strategy::MostSpecificWins),
-        ..Default::default()
-    };
+    let opts = EvalOptions { strategy: Some(Strategy::MostSpecificWins), ..Default::default() };
     let d = set.evaluate(&json!({"event": "x"}), &opts);
     assert_eq!(d.matched_rule.as_deref(), Some("a-allow"));
     assert_eq!(d.policy.as_deref(), Some("a"));
@@ -90,27 +74,15 @@ fn most_specific_wins_uses_scope_then_priority() {
 fn defaults_agents_and_stages() {
     let d = eval("name: p\nagents: ['*']\n", json!({}));
     assert_eq!(d.action, Action::Deny, "default_action is deny when absent");
-    let d = eval(
-        "name: p\nagent: did:x\ndefault_action: allow\n",
-        json!({"agent": {"did": "did:y"}}),
-    );
+    let d = eval("name: p\nagent: did:x\ndefault_action: allow\n", json!({"agent": {"did": "did:y"}}));
     assert_eq!(d.reason, "No policies loaded (deny by default)");
-    let d = eval(
-        "name: p\nagent: did:x\ndefault_action: allow\n",
-        json!({"agent": {"did": "did:x"}}),
-    );
+    let d = eval("name: p\nagent: did:x\ndefault_action: allow\n", json!({"agent": {"did": "did:x"}}));
     assert_eq!(d.action, Action::Allow);
     let yaml = "name: p\nagents: ['*']\ndefault_action: allow\nrules:\n  - {name: r, stage: post_tool, condition: 'event', action: deny}\n";
     assert_eq!(eval(yaml, json!({"event": "x"})).action, Action::Allow);
     let set = PolicySet::from_str("p", yaml).unwrap();
-    let opts = EvalOptions {
-        stage: "post_tool".into(),
-        ..Default::default()
-    };
-    assert_eq!(
-        set.evaluate(&json!({"event": "x"}), &opts).action,
-        Action::Deny
-    );
+    let opts = EvalOptions { stage: "post_tool".into(), ..Default::default() };
+    assert_eq!(set.evaluate(&json!({"event": "x"}), &opts).action, Action::Deny);
 }
 
 #[test]
@@ -136,14 +108,8 @@ fn extends_is_additive_and_confined() {
         "name: child\nextends: base.yaml\nagents: ['*']\ndefault_action: allow\nrules:\n  - {name: no-ssh, condition: 'file.path', action: allow, priority: 100}\n  - {name: open-all, condition: 'file.path', action: allow, priority: 100}\n",
     );
     let set = PolicySet::load(&[child]).unwrap();
-    let d = set.evaluate(
-        &json!({"file": {"path": "/h/.ssh/k"}}),
-        &EvalOptions::default(),
-    );
-    assert_eq!(
-        (d.action, d.matched_rule.as_deref()),
-        (Action::Deny, Some("no-ssh"))
-    );
+    let d = set.evaluate(&json!({"file": {"path": "/h/.ssh/k"}}), &EvalOptions::default());
+    assert_eq!((d.action, d.matched_rule.as_deref()), (Action::Deny, Some("no-ssh")));
     let d = set.evaluate(&json!({"file": {"path": "/h/x"}}), &EvalOptions::default());
     assert_eq!(d.matched_rule.as_deref(), Some("open-all"));
 
@@ -171,10 +137,7 @@ fn rate_limit_applies_to_the_matched_rule() {
     let ctx = json!({"event": "exec", "agent": {"did": "did:a"}});
     let d = set.evaluate(&ctx, &EvalOptions::default());
     let l = d.limit.clone().unwrap();
-    assert_eq!(
-        (l.agent.as_str(), l.rule.as_str(), l.spec.max),
-        ("did:a", "execs", 2)
-    );
+    assert_eq!((l.agent.as_str(), l.rule.as_str(), l.spec.max), ("did:a", "execs", 2));
     assert!(rl.apply(d.clone()).allowed);
     assert!(rl.apply(d.clone()).allowed);
     assert!(rl.apply(d.clone()).rate_limited);
@@ -189,7 +152,10 @@ fn load_err(yaml: &str) -> agt_jail_policy::LoadError {
 #[test]
 fn load_errors_are_located() {
     let e = load_err("name: p\nrules:\n  - name: r\n    condition: \"a == 'x' b\"\n");
-    assert_eq!(e.to_string(), "bad.yaml:4:26: rule \"r\": condition: expected `and`, `or` or end of condition, found path `b`");
+    assert_eq!(
+        e.to_string(),
+        "bad.yaml:4:26: rule \"r\": condition: expected `and`, `or` or end of condition, found path `b`"
+    );
     let e = load_err("name: p\nrules:\n  - name: r\n    condition: x\n    action: nuke\n");
     assert_eq!((e.line, e.col), (5, 13));
     assert!(e.message.contains("invalid action \"nuke\""));
@@ -227,10 +193,7 @@ rules:
 defaults: {action: allow}
 "#;
     let d = eval(yaml, json!({"tool_name": "shell"}));
-    assert_eq!(
-        (d.action, d.matched_rule.as_deref(), d.reason.as_str()),
-        (Action::Block, Some("high"), "no shells")
-    );
+    assert_eq!((d.action, d.matched_rule.as_deref(), d.reason.as_str()), (Action::Block, Some("high"), "no shells"));
     let d = eval(yaml, json!({"count": 9}));
     assert_eq!(d.action, Action::Audit);
     assert!(d.allowed);
@@ -256,16 +219,8 @@ fn rego_boolean_and_verdicts() {
         None,
     )
     .unwrap();
-    assert_eq!(
-        set.evaluate(&json!({"event": "exec"}), &EvalOptions::default())
-            .action,
-        Action::Allow
-    );
-    assert_eq!(
-        set.evaluate(&json!({"event": "open"}), &EvalOptions::default())
-            .action,
-        Action::Deny
-    );
+    assert_eq!(set.evaluate(&json!({"event": "exec"}), &EvalOptions::default()).action, Action::Allow);
+    assert_eq!(set.evaluate(&json!({"event": "open"}), &EvalOptions::default()).action, Action::Deny);
 
     let set = PolicySet::from_rego_str(
         "v.rego",
@@ -299,10 +254,7 @@ fn rules_are_enumerable() {
     let rules = set.rules();
     assert_eq!(rules.len(), 4);
     assert_eq!(rules[0].name, "low-deny");
-    assert!(matches!(
-        rules[0].condition,
-        Some(agt_jail_policy::Expr::Cmp(agt_jail_policy::CmpOp::Eq, _, _))
-    ));
+    assert!(matches!(rules[0].condition, Some(agt_jail_policy::Expr::Cmp(agt_jail_policy::CmpOp::Eq, _, _))));
 }
 
 // ------------------------------------------------------------------ adversarial inputs
@@ -312,9 +264,7 @@ fn billion_laughs() {
     let mut doc = String::from("name: p\na0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
     for i in 1..10 {
         let p = i - 1;
-        doc.push_str(&format!(
-            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
-        ));
+        doc.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
     }
     let e = load_err(&doc);
     assert!(e.message.contains("nodes"), "{e}");
@@ -322,22 +272,12 @@ fn billion_laughs() {
 
 #[test]
 fn deep_nesting() {
-    let e = load_err(&format!(
-        "name: p\nx: {}{}\n",
-        "[".repeat(10_000),
-        "]".repeat(10_000)
-    ));
+    let e = load_err(&format!("name: p\nx: {}{}\n", "[".repeat(10_000), "]".repeat(10_000)));
     assert!(e.line == 2, "{e}");
-    let e = load_err(&format!(
-        "name: p\nx: {}1{}\n",
-        "{a: ".repeat(10_000),
-        "}".repeat(10_000)
-    ));
+    let e = load_err(&format!("name: p\nx: {}1{}\n", "{a: ".repeat(10_000), "}".repeat(10_000)));
     assert!(e.line == 2, "{e}");
     let cond = format!("{}event{}", "(".repeat(5_000), ")".repeat(5_000));
-    let e = load_err(&format!(
-        "name: p\nrules:\n  - name: r\n    condition: \"{cond}\"\n"
-    ));
+    let e = load_err(&format!("name: p\nrules:\n  - name: r\n    condition: \"{cond}\"\n"));
     assert!(e.message.contains("nested deeper"), "{e}");
 }
 
@@ -365,9 +305,7 @@ fn huge_file_is_refused_before_parsing() {
 fn many_rules_within_limits_load() {
     let mut doc = String::from("name: p\nagents: ['*']\nrules:\n");
     for i in 0..5_000 {
-        doc.push_str(&format!(
-            "  - {{name: r{i}, condition: \"proc.uid == {i}\", action: deny}}\n"
-        ));
+        doc.push_str(&format!("  - {{name: r{i}, condition: \"proc.uid == {i}\", action: deny}}\n"));
     }
     let set = PolicySet::from_str("p", &doc).unwrap();
     let d = set.evaluate(&json!({"proc": {"uid": 4999}}), &EvalOptions::default());
