@@ -199,6 +199,7 @@ impl LoadError {
 pub struct RuleView<'a> {
     pub policy: &'a str,
     pub name: &'a str,
+    pub description: Option<&'a str>,
     pub action: Action,
     pub priority: i64,
     pub stage: Option<&'a str>,
@@ -361,6 +362,7 @@ impl PolicySet {
                 out.push(RuleView {
                     policy: &p.name,
                     name: &r.name,
+                    description: r.description.as_deref(),
                     action: r.action,
                     priority: r.priority,
                     stage: Some(&r.stage),

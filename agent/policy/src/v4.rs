@@ -307,6 +307,7 @@ impl V4Set {
                 out.push(RuleView {
                     policy: &p.name,
                     name: &r.name,
+                    description: (!r.message.is_empty()).then_some(r.message.as_str()),
                     action: r.action,
                     priority: r.priority,
                     stage: None,
