@@ -20,13 +20,14 @@ PYEOF
 if ! has_agt "$PY"; then
     VENV="${AGT_VENV:-target/agt-differential-venv}"
     if [ ! -x "$VENV/bin/python" ]; then
-        "$PY" -m venv "$VENV" 2>/dev/null || true
+        "$PY" -m venv "$VENV" >/dev/null 2>&1 || true
     fi
-    if [ -x "$VENV/bin/python" ]; then
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
         PY="$VENV/bin/python"
         has_agt "$PY" || "$PY" -m pip install --quiet --disable-pip-version-check "$AGT_PKG==$AGT_VERSION"
     else
-        # No venv module (e.g. Debian without python3-venv): install for the user instead.
+        # No usable venv (e.g. Debian without python3-venv): install for the user instead.
+        rm -rf "$VENV"
         "$PY" -m pip install --quiet --disable-pip-version-check --user "$AGT_PKG==$AGT_VERSION" \
             || "$PY" -m pip install --quiet --disable-pip-version-check --user --break-system-packages "$AGT_PKG==$AGT_VERSION"
     fi
