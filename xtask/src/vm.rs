@@ -195,7 +195,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let built = build_tests(&root, opts.unit)?;
     println!("vm-test: {} test binaries built in {:.1}s", built.tests.len(), build_started.elapsed().as_secs_f64());
 
-    let initrd = vm_dir.join("initramfs.cpio");
+    // Per-run names: several people may run the VM suite from one checkout at once.
+    let initrd = vm_dir.join(format!("initramfs-{}.cpio", std::process::id()));
+    let _remove_initrd = RemoveOnDrop(initrd.clone());
     let image_started = Instant::now();
     let size = build_initramfs(&root, &vm_dir, &built, opts, &initrd)?;
     println!(
@@ -258,6 +260,15 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
         bail!("{shown} failed with {status}");
     }
     Ok(())
+}
+
+/// Removes a per-run file however the run ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -402,7 +413,7 @@ fn cached_kernel(dir: &Path, series: &Series) -> Option<Kernel> {
 /// `apt-get download` + `dpkg-deb -x` into a scratch directory; keeps vmlinuz, config
 /// and the release name, then drops the rest (modules are not needed).
 fn download_kernel(cache: &Path, dir: &Path, package: &str) -> Result<()> {
-    let scratch = cache.join(format!(".partial-{package}"));
+    let scratch = cache.join(format!(".partial-{package}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
     // apt drops privileges to _apt for downloads when it can; a world-writable scratch
@@ -439,8 +450,11 @@ fn download_kernel(cache: &Path, dir: &Path, package: &str) -> Result<()> {
     }
     fs::write(staged.join("release"), format!("{release}\n"))?;
     fs::write(staged.join("package"), format!("{package}\n"))?;
-    let _ = fs::remove_dir_all(dir);
-    fs::rename(&staged, dir).with_context(|| format!("cannot move the kernel to {}", dir.display()))?;
+    // A concurrent run may have cached the same kernel meanwhile; then keep its copy.
+    if !dir.join("vmlinuz").is_file() {
+        let _ = fs::remove_dir_all(dir);
+        fs::rename(&staged, dir).with_context(|| format!("cannot move the kernel to {}", dir.display()))?;
+    }
     let _ = fs::remove_dir_all(&scratch);
     Ok(())
 }
@@ -551,7 +565,7 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
     archive.file("bin/busybox", 0o755, read(&busybox)?);
     archive.symlink("bin/sh", "busybox");
 
-    let stage = vm_dir.join("stage");
+    let stage = vm_dir.join(format!("stage-{}", std::process::id()));
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(&stage)?;
     let mut elves: Vec<PathBuf> = built.tests.iter().map(|t| t.path.clone()).collect();
