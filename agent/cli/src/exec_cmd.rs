@@ -7,9 +7,12 @@ use std::{
     fs::{File, OpenOptions},
     io::{self, BufWriter, Write},
     net::{IpAddr, SocketAddr},
-    os::unix::{
-        fs::PermissionsExt,
-        process::{CommandExt, ExitStatusExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::{
+            fs::PermissionsExt,
+            process::{CommandExt, ExitStatusExt},
+        },
     },
     path::{Path, PathBuf},
     process::{Command, ExitCode, ExitStatus},
@@ -22,7 +25,13 @@ use std::{
 };
 
 use agt_jail_ebpf_loader::{AgentPrograms, ConnectRule, Event, EventReader};
-use agt_jail_jail::{cgroup, spawn_in_cgroup, AgentCgroup, CgroupLayout, SpawnError};
+use agt_jail_jail::{
+    cgroup, host, launch, mounts,
+    profile::{self, Dest},
+    pty::{Pty, RawMode},
+    spawn_in_cgroup, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode, Profile,
+    SpawnError, WorkspaceMode,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use signal_hook::{
@@ -34,9 +43,19 @@ use crate::EXIT_INTERNAL;
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
+Rings (profiles/ring0..3.yaml, built in; --profile FILE loads another):
+  0  record mode (the default without --ring): own cgroup, observed, killable; not confined
+  1  privileged: system ro, workspace rw, broad TCP egress (ports 80/443/22/9418)
+  2  standard: system ro, workspace rw, secrets hidden, TCP egress only to --allow-connect
+  3  sandbox: no network, scratch /workspace, only the entry command may be executed
+Rings 1-3 run in new pid, mount, ipc, uts and cgroup namespaces (plus net with --net none),
+without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
+TERM, LANG and what --env adds.
+
 Examples:
   agt-jail exec --deny-connect 169.254.169.254:80 -- python3 agent.py
-  agt-jail exec --deny-connect '[::1]:8080' --events events.jsonl -- curl http://localhost:8080/
+  agt-jail exec --ring 2 --workspace ./proj --allow-connect 140.82.112.3:443 -- git pull
+  agt-jail exec --ring 3 --memory 256M --pids 32 -- /usr/bin/python3 -c 'print(1)'
 
 Exit status: the command's own; 128+N when it was killed by signal N; 125 when \
 agt-jail itself fails; 126/127 when the command cannot be run or is not found.")]
@@ -55,6 +74,62 @@ pub struct ExecArgs {
     /// Do not print denials on stderr.
     #[arg(long, short)]
     quiet: bool,
+
+    /// Ring 0-3 (built-in profile). Without --ring and --profile: ring 0 (record mode).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=3))]
+    ring: Option<u8>,
+
+    /// Profile file to use instead of the built-in one (its `ring` must match --ring if both are given).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+
+    /// Workspace directory, mounted at the same path (rw in rings 1-2, ro beside the scratch /workspace in ring 3). Default: the current directory (rings 1-2).
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+
+    /// Extra path visible and writable inside. Repeatable.
+    #[arg(long = "rw", value_name = "PATH")]
+    rw: Vec<PathBuf>,
+
+    /// Extra path visible read-only inside. Repeatable.
+    #[arg(long = "ro", value_name = "PATH")]
+    ro: Vec<PathBuf>,
+
+    /// Allow exec of this file (or everything under this directory). Repeatable.
+    #[arg(long = "allow-exec", value_name = "PATH")]
+    allow_exec: Vec<PathBuf>,
+
+    /// Allow TCP connect to ADDR:PORT or CIDR:PORT (allowlist mode; enforced by port, see docs/threat-model.md). Repeatable.
+    #[arg(long = "allow-connect", value_name = "DEST", value_parser = Dest::parse)]
+    allow_connect: Vec<Dest>,
+
+    /// Network: none (own namespace, loopback only), allowlist (TCP egress to --allow-connect only) or host.
+    #[arg(long, value_name = "MODE", value_parser = ["none", "allowlist", "host"])]
+    net: Option<String>,
+
+    /// Memory limit (e.g. 512M, 2G, max).
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+
+    /// Process/thread limit.
+    #[arg(long, value_name = "N")]
+    pids: Option<String>,
+
+    /// CPU limit in cores (e.g. 0.5, 2).
+    #[arg(long, value_name = "CORES")]
+    cpu: Option<String>,
+
+    /// Set KEY=VAL in the command's environment. Repeatable.
+    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+
+    /// Run the command on a new pseudo-terminal (rings 1-3).
+    #[arg(long)]
+    tty: bool,
+
+    /// Seconds between forwarding SIGTERM/SIGINT/SIGHUP and killing everything with SIGKILL.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    grace: u64,
 
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
@@ -76,10 +151,24 @@ pub fn parse_connect_rule(text: &str) -> std::result::Result<ConnectRule, String
     Ok(ConnectRule::from(addr))
 }
 
+/// Parses `KEY=VAL` for --env.
+fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !key.contains('\0') && !value.contains('\0') => {
+            Ok((key.to_string(), value.to_string()))
+        }
+        _ => Err(format!("'{text}' is not KEY=VAL")),
+    }
+}
+
 pub fn run(args: ExecArgs) -> ExitCode {
     match execute(&args) {
         Ok(status) => ExitCode::from(status),
         Err(Failure::Spawn(err)) => {
+            eprintln!("agt-jail: {err}");
+            ExitCode::from(err.shell_status().unwrap_or(EXIT_INTERNAL))
+        }
+        Err(Failure::Launch(err)) => {
             eprintln!("agt-jail: {err}");
             ExitCode::from(err.shell_status().unwrap_or(EXIT_INTERNAL))
         }
@@ -92,6 +181,7 @@ pub fn run(args: ExecArgs) -> ExitCode {
 
 enum Failure {
     Spawn(SpawnError),
+    Launch(LaunchError),
     Internal(anyhow::Error),
 }
 
@@ -122,70 +212,317 @@ fn resolve_program(program: &str) -> std::result::Result<PathBuf, SpawnError> {
     Err(if found_unexecutable { SpawnError::NotExecutable { program } } else { SpawnError::NotFound { program } })
 }
 
+/// The profile for this run: built-in ring or --profile, then the flags on top.
+fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
+    let mut profile = match &args.profile {
+        Some(path) => {
+            let profile = Profile::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(ring) = args.ring.filter(|r| *r != profile.ring) {
+                bail!("--ring {ring} does not match ring {} of profile {}", profile.ring, path.display());
+            }
+            profile
+        }
+        None => Profile::builtin(args.ring.unwrap_or(0)).map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    if !profile.confine {
+        let jail_only = [
+            ("--workspace", args.workspace.is_some()),
+            ("--rw", !args.rw.is_empty()),
+            ("--ro", !args.ro.is_empty()),
+            ("--allow-exec", !args.allow_exec.is_empty()),
+            ("--allow-connect", !args.allow_connect.is_empty()),
+            ("--net", args.net.as_deref().is_some_and(|n| n != "host")),
+            ("--tty", args.tty),
+        ];
+        if let Some((flag, _)) = jail_only.iter().find(|(_, given)| *given) {
+            bail!("{flag} needs a confined ring (--ring 1, 2 or 3); ring 0 is record mode");
+        }
+    }
+    if let Some(mode) = &args.net {
+        profile.net = NetMode::parse(mode).context("bad --net")?;
+    }
+    profile.allow_connect.extend(args.allow_connect.iter().cloned());
+    if !args.allow_connect.is_empty() && profile.net != NetMode::Allowlist {
+        bail!("--allow-connect needs network mode allowlist; add --net allowlist");
+    }
+    for (paths, list) in [(&args.rw, &mut profile.rw), (&args.ro, &mut profile.ro)] {
+        for path in paths {
+            let real = path.canonicalize().with_context(|| format!("cannot use {}", path.display()))?;
+            list.push(real.display().to_string());
+        }
+    }
+    if let Some(memory) = &args.memory {
+        profile.limits.memory = profile::parse_size(memory).map_err(|m| anyhow::anyhow!("--memory: {m}"))?;
+    }
+    if let Some(pids) = &args.pids {
+        profile.limits.pids = profile::parse_pids(pids).map_err(|m| anyhow::anyhow!("--pids: {m}"))?;
+    }
+    if let Some(cpu) = &args.cpu {
+        profile.limits.cpu_millis = profile::parse_cpu(cpu).map_err(|m| anyhow::anyhow!("--cpu: {m}"))?;
+    }
+    Ok(profile)
+}
+
+/// The scrubbed environment of a jailed command.
+fn jail_env(args: &ExecArgs, home: &str) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
+        ("HOME".to_string(), home.to_string()),
+    ];
+    for key in ["TERM", "LANG"] {
+        if let Ok(value) = std::env::var(key) {
+            env.push((key.to_string(), value));
+        }
+    }
+    if args.tty && !env.iter().any(|(k, _)| k == "TERM") {
+        env.push(("TERM".into(), "xterm".into()));
+    }
+    for (key, value) in &args.env {
+        env.retain(|(k, _)| k != key);
+        env.push((key.clone(), value.clone()));
+    }
+    env
+}
+
+/// Destinations an allowlist-mode agent never reaches unless explicitly listed: host
+/// loopback (services of the host) and the cloud metadata service.
+fn allowlist_denies(profile: &Profile) -> Vec<ConnectRule> {
+    let listed = |addr: IpAddr| {
+        let host_prefix = if addr.is_ipv4() { 32 } else { 128 };
+        profile.allow_connect.iter().any(|d| d.addr == addr && d.prefix == host_prefix)
+    };
+    ["127.0.0.1", "::1", "169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::"]
+        .iter()
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .filter(|a| !listed(*a))
+        .map(|a| ConnectRule::new(a, 0))
+        .collect()
+}
+
+/// A started command: a plain child (ring 0) or a jail's init.
+enum Running {
+    Plain(std::process::Child),
+    Jail(JailProcess),
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        match self {
+            Running::Plain(child) => child.id(),
+            Running::Jail(jail) => jail.pid.unsigned_abs(),
+        }
+    }
+
+    fn wait(self) -> io::Result<ExitStatus> {
+        match self {
+            Running::Plain(child) => wait_child(child),
+            Running::Jail(jail) => jail.wait().map(ExitStatus::from_raw),
+        }
+    }
+}
+
 fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     let Some((program, program_args)) = args.command.split_first() else {
         return Err(anyhow::anyhow!("no command given; usage: agt-jail exec [OPTIONS] -- CMD [ARGS]...").into());
     };
     let program_path = resolve_program(program).map_err(Failure::Spawn)?;
-    // SAFETY: geteuid cannot fail and has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    let profile = resolve_profile(args)?;
+    let root = host::euid() == 0;
+    if !root && !profile.confine {
         return Err(
             anyhow::anyhow!("exec needs root: it creates cgroups and loads BPF programs (run it with sudo)").into()
         );
     }
-
-    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
-    let parent = layout.agents_parent();
-    cgroup::sweep_stale(&parent, Path::new("/proc"));
-    let cgroup = AgentCgroup::create(&parent, &cgroup::cgroup_name(std::process::id(), 0))
-        .context("cannot create the agent's cgroup")?;
-    let agent_id = cgroup.id();
-
-    let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
-    programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
-    for rule in &args.deny_connect {
-        programs.deny_connect(agent_id, *rule).context("cannot install a connect rule")?;
+    if !root && profile.net != NetMode::None {
+        return Err(anyhow::anyhow!(
+            "without root only --net none is possible (allowlist and host egress rules need BPF programs, which need root)"
+        )
+        .into());
     }
-    programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
+    // What this kernel can enforce for the ring: refused before anything is created.
+    let enforcement =
+        if profile.confine { Some(launch::check_enforcement(&profile).map_err(Failure::Launch)?) } else { None };
+    for gap in enforcement.iter().flat_map(|e| &e.unenforced) {
+        eprintln!("agt-jail: warning: {gap}");
+    }
+    let workspace = match (&args.workspace, profile.workspace) {
+        (Some(dir), _) => Some(dir.canonicalize().with_context(|| format!("cannot use workspace {}", dir.display()))?),
+        (None, WorkspaceMode::Scratch) => None,
+        (None, _) if profile.confine => Some(std::env::current_dir().context("cannot read the current directory")?),
+        (None, _) => None,
+    };
+    if let Some(ws) = &workspace {
+        if !ws.is_dir() {
+            return Err(anyhow::anyhow!("workspace {} is not a directory", ws.display()).into());
+        }
+    }
 
-    let sink = EventSink::open(args.events.as_deref(), !args.quiet)?;
-    let reader = programs.take_events().context("event reader already taken")?;
+    // Root: the agent's cgroup (with limits) and its BPF programs, before it exists.
+    let mut governed = None;
+    if root {
+        let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
+        let parent = layout.agents_parent();
+        cgroup::sweep_stale(&parent, Path::new("/proc"));
+        cgroup::sweep_stale_v1(&layout, Path::new("/proc"));
+        let mut cgroup = AgentCgroup::create(&parent, &cgroup::cgroup_name(std::process::id(), 0))
+            .context("cannot create the agent's cgroup")?;
+        let limits = CgroupLimits {
+            memory: profile.limits.memory,
+            pids: profile.limits.pids,
+            cpu_millis: profile.limits.cpu_millis,
+        };
+        cgroup.apply_limits(&layout, &limits).context("cannot set the agent's limits")?;
+        let agent_id = cgroup.id();
+        let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
+        programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
+        let mut rules = args.deny_connect.clone();
+        if profile.confine && profile.net == NetMode::Allowlist {
+            rules.extend(allowlist_denies(&profile));
+        }
+        for rule in rules {
+            programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
+        }
+        programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
+        governed = Some((cgroup, programs));
+    } else {
+        eprintln!(
+            "agt-jail: warning: not root: no cgroup and no BPF programs; memory, pids and cpu limits are not enforced"
+        );
+    }
+
     let stop = Arc::new(AtomicBool::new(false));
-    let pump = {
+    let mut pump = None;
+    if let Some((_, programs)) = governed.as_mut() {
+        let sink = EventSink::open(args.events.as_deref(), !args.quiet)?;
+        let reader = programs.take_events().context("event reader already taken")?;
         let stop = Arc::clone(&stop);
-        thread::Builder::new()
-            .name("events".into())
-            .spawn(move || pump_events(reader, sink, &stop))
-            .context("cannot start the event thread")?
+        pump = Some(
+            thread::Builder::new()
+                .name("events".into())
+                .spawn(move || pump_events(reader, sink, &stop))
+                .context("cannot start the event thread")?,
+        );
+    }
+    let stop_pump = |pump: Option<thread::JoinHandle<Result<()>>>| {
+        stop.store(true, Ordering::SeqCst);
+        pump.map(|p| p.join())
     };
 
-    let mut command = Command::new(&program_path);
-    command.arg0(program).args(program_args);
-    let child = match spawn_in_cgroup(command, &cgroup) {
-        Ok(child) => child,
-        Err(err) => {
-            stop.store(true, Ordering::SeqCst);
-            let _ = pump.join();
-            return Err(Failure::Spawn(err));
+    let pty = if args.tty { Some(Pty::open().context("cannot open a pseudo-terminal")?) } else { None };
+    let started = if profile.confine {
+        let home = match (&workspace, profile.workspace) {
+            (_, WorkspaceMode::Scratch) => mounts::SCRATCH.to_string(),
+            (Some(ws), _) => ws.display().to_string(),
+            (None, _) => "/tmp".to_string(),
+        };
+        let cfg = JailConfig {
+            env: jail_env(args, &home),
+            profile: profile.clone(),
+            program: program_path.clone(),
+            argv: args.command.clone(),
+            workspace: workspace.clone(),
+            allow_exec: args.allow_exec.clone(),
+            cgroup_procs: governed.as_ref().map(|(c, _)| c.procs_paths()).unwrap_or_default(),
+            home: std::env::var_os("HOME").map(PathBuf::from),
+            rootless: !root,
+            tty: pty.as_ref().map(|p| p.slave.as_raw_fd()),
+        };
+        if let Some(pty) = &pty {
+            pty.copy_size_from_stdin();
+        }
+        let enforcement = enforcement.unwrap_or_default();
+        launch::launch(&cfg, &enforcement).map(Running::Jail).map_err(Failure::Launch)
+    } else {
+        let mut command = Command::new(&program_path);
+        command.arg0(program).args(program_args);
+        for (key, value) in &args.env {
+            command.env(key, value);
+        }
+        match governed.as_ref() {
+            Some((cgroup, _)) => spawn_in_cgroup(command, cgroup).map(Running::Plain).map_err(Failure::Spawn),
+            None => Err(Failure::Internal(anyhow::anyhow!("ring 0 needs root"))),
         }
     };
-    let child_pid = child.id();
-    let forwarder = SignalForwarder::start(child_pid)?;
-    let status = wait_child(child).context("cannot wait for the command")?;
+    let running = match started {
+        Ok(running) => running,
+        Err(err) => {
+            let _ = stop_pump(pump);
+            return Err(err);
+        }
+    };
+    // The agent holds the slave now; agt-jail keeps only the master.
+    let relay = pty.map(|pty| {
+        drop(pty.slave);
+        relay_pty(pty.master)
+    });
+    let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
+    let forwarder = SignalForwarder::start(running.pid(), profile.confine, kill_file, Duration::from_secs(args.grace))?;
+    let status = running.wait().context("cannot wait for the command")?;
     forwarder.stop();
+    if let Some((raw, output)) = relay {
+        let _ = output.join();
+        drop(raw);
+    }
 
     // The command is done; anything it left running goes with the cgroup, and the
     // events it caused are already in the ring buffer: drain them before leaving.
-    let cleanup = cgroup.remove().context("cannot remove the agent's cgroup");
-    stop.store(true, Ordering::SeqCst);
-    let pumped = pump.join().map_err(|_| anyhow::anyhow!("event thread panicked"))?;
-    let drops = programs.dropped_events().unwrap_or(0);
-    pumped.context("cannot write events")?;
+    let mut cleanup = Ok(());
+    let mut drops = 0;
+    if let Some((cgroup, programs)) = governed {
+        let ooms = cgroup.oom_kills();
+        if ooms > 0 {
+            eprintln!("agt-jail: the agent hit its memory limit: the OOM killer ended {ooms} process(es)");
+        }
+        cleanup = cgroup.remove().context("cannot remove the agent's cgroup");
+        drops = programs.dropped_events().unwrap_or(0);
+    }
+    if let Some(pumped) = stop_pump(pump) {
+        pumped.map_err(|_| anyhow::anyhow!("event thread panicked"))?.context("cannot write events")?;
+    }
     if drops > 0 {
         eprintln!("agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full");
     }
     cleanup?;
     Ok(exit_code(status))
+}
+
+/// Relays agt-jail's stdin to the pty and the pty to stdout (raw mode when stdin is a
+/// terminal). Returns the raw-mode guard and the output thread (done when the jail is).
+fn relay_pty(master: OwnedFd) -> (RawMode, thread::JoinHandle<()>) {
+    let raw = RawMode::enter();
+    let mut reader = File::from(master);
+    if let Ok(mut writer) = reader.try_clone() {
+        let _ = thread::Builder::new().name("tty-in".into()).spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buf = [0u8; 4096];
+            loop {
+                match io::Read::read(&mut stdin, &mut buf) {
+                    Ok(0) | Err(_) => {
+                        // End of input: an end-of-file character for the agent.
+                        let _ = writer.write_all(&[4]);
+                        break;
+                    }
+                    Ok(n) => {
+                        if writer.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let output = thread::spawn(move || {
+        let mut stdout = io::stdout();
+        let mut buf = [0u8; 4096];
+        // EIO once every slave fd is closed (the jail is gone).
+        while let Ok(n) = io::Read::read(&mut reader, &mut buf) {
+            if n == 0 || stdout.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let _ = stdout.flush();
+        }
+    });
+    (raw, output)
 }
 
 fn wait_child(mut child: std::process::Child) -> io::Result<ExitStatus> {
@@ -285,36 +622,60 @@ fn pump_events(mut reader: EventReader, mut sink: EventSink, stop: &AtomicBool) 
     sink.flush().context("cannot flush events")
 }
 
-/// Forwards termination signals sent to agt-jail to the command. Signals the terminal
-/// sends (Ctrl-C) already reach the command's process group, so those are not sent twice.
+/// Forwards termination signals sent to agt-jail to the command, then, after a grace
+/// period, kills everything it started. In ring 0 the command shares agt-jail's process
+/// group, so signals the terminal sends (Ctrl-C) already reached it and are not sent
+/// twice; a jail has its own session, so every signal is forwarded.
 struct SignalForwarder {
     handle: signal_hook::iterator::Handle,
     thread: thread::JoinHandle<()>,
+    done: Arc<AtomicBool>,
 }
 
 const FORWARDED: [libc::c_int; 5] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1];
 
 impl SignalForwarder {
-    fn start(child: u32) -> Result<Self> {
+    fn start(child: u32, jail: bool, kill_file: Option<PathBuf>, grace: Duration) -> Result<Self> {
         let mut signals = SignalsInfo::<WithOrigin>::new(FORWARDED).context("cannot install signal handlers")?;
         let handle = signals.handle();
         let pid = libc::pid_t::try_from(child).context("child pid out of range")?;
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = Arc::clone(&done);
         let thread = thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                let mut armed = false;
                 for origin in signals.forever() {
-                    if matches!(origin.cause, Cause::Kernel) {
+                    if !jail && matches!(origin.cause, Cause::Kernel) {
                         continue;
                     }
-                    // SAFETY: kill(2) with plain integers; a vanished child gives ESRCH.
-                    unsafe { libc::kill(pid, origin.signal) };
+                    let _ = host::kill(pid, origin.signal);
+                    if origin.signal == libc::SIGUSR1 || armed {
+                        continue;
+                    }
+                    armed = true;
+                    let finished = Arc::clone(&finished);
+                    let kill_file = kill_file.clone();
+                    let _ = thread::Builder::new().name("grace".into()).spawn(move || {
+                        thread::sleep(grace);
+                        if finished.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        // The whole cgroup (every process the agent started), else the
+                        // jail's init (its death ends the pid namespace).
+                        let killed = kill_file.as_ref().is_some_and(|f| f.exists() && std::fs::write(f, "1").is_ok());
+                        if !killed {
+                            let _ = host::kill(pid, libc::SIGKILL);
+                        }
+                    });
                 }
             })
             .context("cannot start the signal thread")?;
-        Ok(Self { handle, thread })
+        Ok(Self { handle, thread, done })
     }
 
     fn stop(self) {
+        self.done.store(true, Ordering::SeqCst);
         self.handle.close();
         let _ = self.thread.join();
     }

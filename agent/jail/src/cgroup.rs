@@ -32,6 +32,8 @@ pub enum CgroupError {
     StillPopulated { path: PathBuf, waited_ms: u128 },
     #[error("cannot remove cgroup {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
+    #[error("no {controller} controller is available (neither cgroup v2 nor a v1 hierarchy offers it); cannot enforce the {controller} limit")]
+    NoController { controller: String },
 }
 
 /// Where the cgroup hierarchies are mounted on this host.
@@ -41,6 +43,8 @@ pub struct CgroupLayout {
     pub v2: PathBuf,
     /// True when v1 controller hierarchies (memory, pids, cpu...) are mounted beside it.
     pub hybrid: bool,
+    /// v1 hierarchies by controller name (`memory` -> `/sys/fs/cgroup/memory`).
+    pub v1: Vec<(String, PathBuf)>,
 }
 
 impl CgroupLayout {
@@ -56,22 +60,109 @@ impl CgroupLayout {
     pub fn parse(mountinfo: &str) -> Option<Self> {
         let mut v2 = None;
         let mut hybrid = false;
+        let mut v1 = Vec::new();
         for line in mountinfo.lines() {
             let Some((left, right)) = line.split_once(" - ") else { continue };
             let Some(mount_point) = left.split_whitespace().nth(4) else { continue };
-            match right.split_whitespace().next() {
+            let mut fields = right.split_whitespace();
+            match fields.next() {
                 Some("cgroup2") if v2.is_none() => v2 = Some(PathBuf::from(unescape_mount_path(mount_point))),
-                Some("cgroup") => hybrid = true,
+                Some("cgroup") => {
+                    hybrid = true;
+                    // Super options name the controllers ("rw,cpu,cpuacct").
+                    let options = fields.nth(1).unwrap_or("");
+                    for controller in options.split(',').filter(|o| V1_CONTROLLERS.contains(o)) {
+                        if !v1.iter().any(|(c, _): &(String, PathBuf)| c == controller) {
+                            v1.push((controller.to_string(), PathBuf::from(unescape_mount_path(mount_point))));
+                        }
+                    }
+                }
                 _ => {}
             }
         }
-        v2.map(|v2| Self { v2, hybrid })
+        v2.map(|v2| Self { v2, hybrid, v1 })
     }
 
     /// The directory under which agt-jail creates agent cgroups.
     pub fn agents_parent(&self) -> PathBuf {
         self.v2.join("agt-jail")
     }
+
+    /// The v1 hierarchy of `controller`, when mounted.
+    pub fn v1_root(&self, controller: &str) -> Option<&Path> {
+        self.v1.iter().find(|(c, _)| c == controller).map(|(_, p)| p.as_path())
+    }
+
+    /// Controllers the v2 hierarchy offers (empty on this machine's hybrid layout).
+    pub fn v2_controllers(&self) -> Vec<String> {
+        fs::read_to_string(self.v2.join("cgroup.controllers"))
+            .map(|t| t.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Where each limited controller lives: v2 when it offers the controller, else the
+    /// v1 hierarchy, else nowhere (the limit cannot be enforced).
+    pub fn placement(&self, controller: &str) -> Placement {
+        if self.v2_controllers().iter().any(|c| c == controller) {
+            Placement::V2
+        } else if let Some(root) = self.v1_root(controller) {
+            Placement::V1(root.to_path_buf())
+        } else {
+            Placement::Missing
+        }
+    }
+}
+
+/// The v1 controllers agt-jail uses for limits.
+pub const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// Where a controller is found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    V2,
+    V1(PathBuf),
+    Missing,
+}
+
+/// Resource limits of one agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupLimits {
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    pub cpu_millis: Option<u64>,
+}
+
+/// Control-file writes that implement `limits`, for cgroup v2 or v1 (pure; tested).
+pub fn limit_writes(controller: &str, v2: bool, limits: &CgroupLimits) -> Vec<(&'static str, String)> {
+    const PERIOD: u64 = 100_000;
+    match (controller, v2) {
+        ("memory", true) => limits
+            .memory
+            .map(|m| {
+                vec![("memory.max", m.to_string()), ("memory.swap.max", "0".into()), ("memory.oom.group", "0".into())]
+            })
+            .unwrap_or_default(),
+        ("memory", false) => limits
+            .memory
+            .map(|m| vec![("memory.limit_in_bytes", m.to_string()), ("memory.memsw.limit_in_bytes", m.to_string())])
+            .unwrap_or_default(),
+        ("pids", _) => limits.pids.map(|p| vec![("pids.max", p.to_string())]).unwrap_or_default(),
+        ("cpu", true) => {
+            limits.cpu_millis.map(|c| vec![("cpu.max", format!("{} {PERIOD}", c * PERIOD / 1000))]).unwrap_or_default()
+        }
+        ("cpu", false) => limits
+            .cpu_millis
+            .map(|c| {
+                vec![("cpu.cfs_period_us", PERIOD.to_string()), ("cpu.cfs_quota_us", (c * PERIOD / 1000).to_string())]
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// Files whose absence is fine (no swap accounting, older kernels).
+fn optional_file(name: &str) -> bool {
+    matches!(name, "memory.swap.max" | "memory.memsw.limit_in_bytes" | "memory.oom.group")
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
@@ -101,6 +192,10 @@ pub struct AgentCgroup {
     dir: File,
     id: u64,
     removed: bool,
+    /// Matching v1 cgroups (hybrid hosts), joined and removed with this one.
+    v1: Vec<PathBuf>,
+    /// The memory controller's directory, for OOM reports.
+    memory: Option<(PathBuf, bool)>,
 }
 
 /// How long [`AgentCgroup::remove`] waits for killed processes to leave.
@@ -127,7 +222,83 @@ impl AgentCgroup {
         let meta = dir.metadata().map_err(|source| CgroupError::Open { path: path.to_path_buf(), source })?;
         // On cgroup2 the directory's inode number is the cgroup id that
         // bpf_get_current_cgroup_id() returns.
-        Ok(Self { path: path.to_path_buf(), dir, id: meta.ino(), removed: false })
+        Ok(Self { path: path.to_path_buf(), dir, id: meta.ino(), removed: false, v1: Vec::new(), memory: None })
+    }
+
+    /// Applies `limits`: on v2 where it offers the controller, otherwise in a v1 cgroup
+    /// of the same name (created here, joined with [`Self::procs_paths`]). A limit no
+    /// hierarchy can hold is an error: limits are never silently dropped.
+    pub fn apply_limits(&mut self, layout: &CgroupLayout, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        let name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        for controller in V1_CONTROLLERS {
+            let wanted = match controller {
+                "memory" => limits.memory.is_some(),
+                "pids" => limits.pids.is_some(),
+                _ => limits.cpu_millis.is_some(),
+            };
+            // Memory is always accounted (for OOM reports) where a controller exists.
+            if !wanted && controller != "memory" {
+                continue;
+            }
+            let (dir, v2) = match layout.placement(controller) {
+                Placement::V2 => {
+                    let parent = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
+                    for level in [layout.v2.clone(), parent] {
+                        let control = level.join("cgroup.subtree_control");
+                        let _ = fs::write(&control, format!("+{controller}"));
+                    }
+                    (self.path.clone(), true)
+                }
+                Placement::V1(root) => {
+                    let parent = root.join("agt-jail");
+                    fs::create_dir_all(&parent)
+                        .map_err(|source| CgroupError::Create { path: parent.clone(), source })?;
+                    let dir = parent.join(&name);
+                    match fs::create_dir(&dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && self.v1.contains(&dir) => {}
+                        Err(source) => return Err(CgroupError::Create { path: dir, source }),
+                    }
+                    if !self.v1.contains(&dir) {
+                        self.v1.push(dir.clone());
+                    }
+                    (dir, false)
+                }
+                Placement::Missing if wanted => {
+                    return Err(CgroupError::NoController { controller: controller.to_string() })
+                }
+                Placement::Missing => continue,
+            };
+            if controller == "memory" {
+                self.memory = Some((dir.clone(), v2));
+            }
+            for (file, value) in limit_writes(controller, v2, limits) {
+                let path = dir.join(file);
+                match fs::write(&path, &value) {
+                    Ok(()) => {}
+                    Err(e)
+                        if optional_file(file)
+                            && matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => {}
+                    Err(source) => return Err(CgroupError::Write { path, source }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `cgroup.procs` file the agent's first process must join (v2 first).
+    pub fn procs_paths(&self) -> Vec<PathBuf> {
+        std::iter::once(self.path.join("cgroup.procs")).chain(self.v1.iter().map(|d| d.join("cgroup.procs"))).collect()
+    }
+
+    /// How many times the kernel's OOM killer ran in the agent's memory cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let Some((dir, v2)) = &self.memory else { return 0 };
+        let file = if *v2 { "memory.events" } else { "memory.oom_control" };
+        fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|text| text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
+            .unwrap_or(0)
     }
 
     pub fn path(&self) -> &Path {
@@ -192,6 +363,7 @@ impl AgentCgroup {
                 match fs::remove_dir(&self.path) {
                     Ok(()) => {
                         self.removed = true;
+                        self.remove_v1();
                         return Ok(());
                     }
                     // Exiting tasks can keep the cgroup busy for a moment after
@@ -199,6 +371,7 @@ impl AgentCgroup {
                     Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
                     Err(err) if err.kind() == io::ErrorKind::NotFound => {
                         self.removed = true;
+                        self.remove_v1();
                         return Ok(());
                     }
                     Err(source) => return Err(CgroupError::Remove { path: self.path.clone(), source }),
@@ -217,6 +390,21 @@ impl AgentCgroup {
     }
 }
 
+impl AgentCgroup {
+    /// The v2 cgroup is empty, so its v1 twins are too (the same processes); a short
+    /// retry covers tasks that are still exiting.
+    fn remove_v1(&mut self) {
+        for dir in std::mem::take(&mut self.v1) {
+            for _ in 0..400 {
+                match fs::remove_dir(&dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => thread::sleep(Duration::from_millis(5)),
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
 impl Drop for AgentCgroup {
     fn drop(&mut self) {
         // Every exit path removes the cgroup; an explicit remove() reports errors.
@@ -227,6 +415,27 @@ impl Drop for AgentCgroup {
 /// Names agent cgroups `<owner pid>-<sequence>` so stale ones can be recognised.
 pub fn cgroup_name(owner: u32, sequence: u64) -> String {
     format!("{owner}-{sequence}")
+}
+
+/// [`sweep_stale`] for the v1 hierarchies agt-jail uses (hybrid hosts).
+pub fn sweep_stale_v1(layout: &CgroupLayout, proc_root: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for (_, root) in &layout.v1 {
+        let parent = root.join("agt-jail");
+        let Ok(entries) = fs::read_dir(&parent) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let owner = name.to_str().and_then(|n| n.split_once('-')).map(|(pid, _)| pid.to_string());
+            let Some(owner) = owner else { continue };
+            if owner.parse::<u32>().is_err() || proc_root.join(&owner).exists() {
+                continue;
+            }
+            if fs::remove_dir(entry.path()).is_ok() {
+                removed.push(entry.path());
+            }
+        }
+    }
+    removed
 }
 
 /// Removes empty agent cgroups whose owning agt-jail process is gone (it was killed
@@ -271,6 +480,53 @@ mod tests {
         assert_eq!(layout.v2, PathBuf::from("/sys/fs/cgroup/unified"));
         assert!(layout.hybrid);
         assert_eq!(layout.agents_parent(), PathBuf::from("/sys/fs/cgroup/unified/agt-jail"));
+    }
+
+    #[test]
+    fn finds_v1_controllers() {
+        let text = format!("{HYBRID}32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n39 31 0:36 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n");
+        let layout = CgroupLayout::parse(&text).unwrap();
+        assert_eq!(layout.v1_root("memory"), Some(Path::new("/sys/fs/cgroup/memory")));
+        assert_eq!(layout.v1_root("cpu"), Some(Path::new("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(layout.v1_root("pids"), Some(Path::new("/sys/fs/cgroup/pids")));
+        assert_eq!(layout.v1_root("cpuacct"), None);
+        assert!(CgroupLayout::parse(PURE).unwrap().v1.is_empty());
+    }
+
+    #[test]
+    fn limit_files_for_both_versions() {
+        let limits = CgroupLimits { memory: Some(1 << 30), pids: Some(64), cpu_millis: Some(500) };
+        assert_eq!(limit_writes("memory", true, &limits)[0], ("memory.max", "1073741824".to_string()));
+        assert_eq!(limit_writes("memory", false, &limits)[0], ("memory.limit_in_bytes", "1073741824".to_string()));
+        assert_eq!(limit_writes("pids", false, &limits), vec![("pids.max", "64".to_string())]);
+        assert_eq!(limit_writes("cpu", true, &limits), vec![("cpu.max", "50000 100000".to_string())]);
+        assert_eq!(limit_writes("cpu", false, &limits)[1], ("cpu.cfs_quota_us", "50000".to_string()));
+        assert!(limit_writes("cpu", true, &CgroupLimits::default()).is_empty());
+    }
+
+    #[test]
+    fn limits_go_to_v1_on_a_fake_hybrid_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let v2 = tmp.path().join("unified");
+        let mem = tmp.path().join("memory");
+        fs::create_dir_all(&v2).unwrap();
+        fs::create_dir_all(&mem).unwrap();
+        let layout = CgroupLayout { v2: v2.clone(), hybrid: true, v1: vec![("memory".into(), mem.clone())] };
+        let mut cgroup = AgentCgroup::create(&layout.agents_parent(), "1-0").unwrap();
+        let limits = CgroupLimits { memory: Some(64 << 20), pids: None, cpu_millis: None };
+        cgroup.apply_limits(&layout, &limits).unwrap();
+        assert_eq!(fs::read_to_string(mem.join("agt-jail/1-0/memory.limit_in_bytes")).unwrap(), "67108864");
+        assert_eq!(cgroup.procs_paths().len(), 2);
+        let err = cgroup.apply_limits(&layout, &CgroupLimits { pids: Some(5), ..Default::default() }).unwrap_err();
+        assert!(matches!(err, CgroupError::NoController { .. }), "{err}");
+        // A fake cgroup directory holds plain files; clear them so rmdir works.
+        for dir in [mem.join("agt-jail/1-0"), layout.agents_parent().join("1-0")] {
+            for entry in fs::read_dir(&dir).unwrap() {
+                fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+        }
+        cgroup.remove().unwrap();
+        assert!(!mem.join("agt-jail/1-0").exists());
     }
 
     #[test]

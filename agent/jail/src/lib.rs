@@ -1,10 +1,49 @@
 //! The synchronous launcher: everything between "run this agent" and its first
 //! instruction. No async runtime here: the pre-exec path must stay small, ordered
-//! and auditable. All raw syscalls go through [`sys`].
+//! and auditable. All raw syscalls go through [`sys`] (private).
 
 pub mod cgroup;
+pub mod landlock;
+pub mod launch;
+pub mod mounts;
+pub mod profile;
+pub mod pty;
+pub mod seccomp;
 pub mod spawn;
 mod sys;
+pub mod yaml;
 
-pub use cgroup::{AgentCgroup, CgroupError, CgroupLayout};
+pub use cgroup::{AgentCgroup, CgroupError, CgroupLayout, CgroupLimits};
+pub use launch::{JailConfig, JailProcess, LaunchError};
+pub use profile::{NetMode, Profile, ProfileError, WorkspaceMode};
 pub use spawn::{spawn_in_cgroup, SpawnError};
+
+/// Facts about the running kernel, for `agt-jail doctor` and start-up checks.
+pub mod host {
+    use crate::sys;
+
+    /// The Landlock ABI version, or None when Landlock is not enforced.
+    pub fn landlock_abi() -> Option<u32> {
+        sys::landlock_abi().ok().filter(|v| *v > 0)
+    }
+
+    /// Whether seccomp filters can be installed.
+    pub fn seccomp_available() -> bool {
+        sys::seccomp_available()
+    }
+
+    /// `uname -r`.
+    pub fn kernel_release() -> String {
+        sys::kernel_release()
+    }
+
+    /// The effective uid of this process.
+    pub fn euid() -> u32 {
+        sys::geteuid()
+    }
+
+    /// Sends `signal` to `pid` (ESRCH is not an error).
+    pub fn kill(pid: i32, signal: i32) -> std::io::Result<()> {
+        sys::kill(pid, signal)
+    }
+}

@@ -196,7 +196,7 @@ pub fn mkdir(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
 pub fn touch(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: `path` is NUL-terminated; the fd is closed right away.
     let fd = check(unsafe {
-        libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW, mode)
+        libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW, mode)
     })?;
     close(fd);
     Ok(())
@@ -397,9 +397,7 @@ pub fn seccomp_set_filter(filter: &[libc::sock_filter]) -> io::Result<()> {
     let prog = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
     // SAFETY: `prog` points at `len` valid instructions that outlive the call (the
     // kernel copies them).
-    let rc = unsafe {
-        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_TSYNC, &prog)
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0 as libc::c_uint, &prog) };
     check_long(rc).map(|_| ())
 }
 
@@ -514,4 +512,27 @@ pub fn kernel_release() -> String {
     }
     // SAFETY: the kernel NUL-terminates release.
     unsafe { CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// Switches terminal `fd` to raw mode; returns the previous settings, or None when
+/// `fd` is not a terminal.
+pub fn make_raw(fd: libc::c_int) -> Option<libc::termios> {
+    // SAFETY: an all-zero termios is valid to be overwritten; tcgetattr/cfmakeraw/
+    // tcsetattr read and write one termios.
+    unsafe {
+        let mut saved: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut saved) != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        libc::cfmakeraw(&mut raw);
+        libc::tcsetattr(fd, libc::TCSANOW, &raw);
+        Some(saved)
+    }
+}
+
+/// Restores terminal settings saved by [`make_raw`].
+pub fn restore_termios(fd: libc::c_int, saved: &libc::termios) {
+    // SAFETY: `saved` is a valid termios.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, saved) };
 }

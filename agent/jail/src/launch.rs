@@ -1,0 +1,896 @@
+//! The launcher for rings 1-3: one ordered sequence from "run this" to exec.
+//!
+//! ```text
+//! parent  prepare everything (paths, mount plan, Landlock plan, seccomp BPF, argv/env)
+//!   └─ clone(NEWPID|NEWNS|NEWIPC|NEWUTS[|NEWNET][|NEWUSER])      = jail init (pid 1)
+//!        uid/gid map (rootless) → join cgroups (v2 + v1) → unshare(NEWCGROUP)
+//!        → private mounts → build view → pivot_root → hostname → lo up
+//!        └─ fork                                                   = the agent
+//!             setsid/ctty → chdir → securebits + drop bounding/ambient/all caps
+//!             → rlimits → no_new_privs → Landlock → seccomp → exec
+//!        init: reap children, forward signals to the agent's group, exit with its status
+//! ```
+//!
+//! Everything the children need is built in the parent before clone: after a raw
+//! clone of a multi-threaded process only async-signal-safe work is allowed, so the
+//! child code only reads prepared data and makes system calls. A failure in a child
+//! is reported through a close-on-exec pipe as (stage, index, errno); the parent
+//! turns it into a message and nothing runs. EOF on that pipe means the exec happened.
+use std::{
+    ffi::CString,
+    io::{self, Read},
+    os::unix::{ffi::OsStrExt, fs::PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    landlock::{self, LandlockPlan, LandlockRequest},
+    mounts::{self, Bind, MountOp, ViewSpec},
+    profile::{self, NetMode, Profile, WorkspaceMode},
+    seccomp::Arch,
+    sys,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{0}")]
+    Config(String),
+    #[error("landlock is required by ring {ring} but {reason}")]
+    Landlock { ring: u8, reason: String },
+    #[error("cannot build the seccomp filter: {0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("cannot start the jail: {0}")]
+    Clone(io::Error),
+    #[error("jail setup failed at {stage}: {source}")]
+    Setup { stage: String, source: io::Error },
+    #[error("{program}: command not found inside the jail")]
+    NotFound { program: String },
+    #[error("{program}: permission denied inside the jail")]
+    NotExecutable { program: String },
+}
+
+impl LaunchError {
+    /// Exit status a shell would give (127/126), else None (agt-jail's 125).
+    pub fn shell_status(&self) -> Option<u8> {
+        match self {
+            LaunchError::NotFound { .. } => Some(127),
+            LaunchError::NotExecutable { .. } => Some(126),
+            _ => None,
+        }
+    }
+}
+
+/// What to run and how, after the CLI merged the profile with its flags.
+#[derive(Clone, Debug)]
+pub struct JailConfig {
+    pub profile: Profile,
+    /// The program as resolved on the host.
+    pub program: PathBuf,
+    /// argv, argv[0] as the user typed it.
+    pub argv: Vec<String>,
+    /// The complete environment of the agent (already scrubbed by the caller).
+    pub env: Vec<(String, String)>,
+    /// The host workspace directory (canonical), if any.
+    pub workspace: Option<PathBuf>,
+    /// Extra executables (`--allow-exec`).
+    pub allow_exec: Vec<PathBuf>,
+    /// `cgroup.procs` files to join before anything else (empty when rootless).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// The invoking user's home, for `~` in hide patterns.
+    pub home: Option<PathBuf>,
+    /// Use a user namespace (not root): uid 0 inside maps to the caller.
+    pub rootless: bool,
+    /// The pty slave to use as stdio and controlling terminal.
+    pub tty: Option<libc::c_int>,
+}
+
+/// What the jail will enforce on this host (for `exec` warnings and `doctor`).
+#[derive(Clone, Debug, Default)]
+pub struct Enforcement {
+    pub landlock_abi: u32,
+    pub unenforced: Vec<String>,
+}
+
+/// A started jail: its init process, as seen from the host.
+#[derive(Debug)]
+pub struct JailProcess {
+    pub pid: libc::pid_t,
+}
+
+impl JailProcess {
+    /// Waits for the jail's init; its exit code is the agent's (128+N when killed by N).
+    pub fn wait(&self) -> io::Result<libc::c_int> {
+        sys::waitpid(self.pid, false).map(|(_, status)| status)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parent side: planning (allocation allowed).
+
+/// Mount operations with their strings ready for the child.
+enum COp {
+    Mkdir(CString),
+    Touch(CString),
+    Bind(CString, CString),
+    RemountRo(CString),
+    Tmpfs(CString, CString, libc::c_ulong),
+    Proc(CString),
+    Devpts(CString),
+    Symlink(CString, CString),
+    HideFile(CString),
+    HideDir(CString),
+}
+
+struct LandlockChild {
+    plan: LandlockPlan,
+    paths: Vec<(CString, u64)>,
+}
+
+/// Everything the child needs, prepared in the parent.
+struct Plan {
+    clone_flags: libc::c_ulong,
+    rootless: bool,
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
+    cgroup_procs: Vec<CString>,
+    cgroup_ns: bool,
+    ops: Vec<COp>,
+    op_names: Vec<String>,
+    memfd_noexec: bool,
+    net_ns: bool,
+    uts_ns: bool,
+    cwd: CString,
+    landlock: Option<LandlockChild>,
+    seccomp: Option<Vec<libc::sock_filter>>,
+    exe: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    tty: Option<libc::c_int>,
+}
+
+fn cstr(text: impl AsRef<[u8]>) -> Result<CString, LaunchError> {
+    CString::new(text.as_ref())
+        .map_err(|_| LaunchError::Config(format!("'{}' contains a NUL byte", String::from_utf8_lossy(text.as_ref()))))
+}
+
+fn path_c(path: &Path) -> Result<CString, LaunchError> {
+    cstr(path.as_os_str().as_bytes())
+}
+
+/// The interpreter of a script (`#!`) or the dynamic loader of an ELF file, so that a
+/// ring that allows exec of only its entry command can still start it.
+pub fn interpreters(program: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut current = program.to_path_buf();
+    for _ in 0..3 {
+        let Ok(mut file) = std::fs::File::open(&current) else { break };
+        let mut head = vec![0u8; 4096];
+        let Ok(n) = file.read(&mut head) else { break };
+        head.truncate(n);
+        let next = if head.starts_with(b"#!") {
+            let line = head[2..].split(|b| *b == b'\n').next().unwrap_or_default();
+            let text = String::from_utf8_lossy(line);
+            text.split_whitespace().next().map(PathBuf::from)
+        } else {
+            elf_interpreter(&head, &mut file)
+        };
+        match next {
+            Some(p) if !out.contains(&p) => {
+                out.push(p.clone());
+                current = p;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+fn elf_interpreter(head: &[u8], file: &mut std::fs::File) -> Option<PathBuf> {
+    use std::io::{Seek, SeekFrom};
+    // ELF64, little-endian only (x86_64 and aarch64).
+    if head.len() < 64 || &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| -> Option<u16> { Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?)) };
+    let u64_at = |b: &[u8], o: usize| -> Option<u64> { Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?)) };
+    let phoff = u64_at(head, 0x20)?;
+    let phentsize = usize::from(u16_at(head, 0x36)?);
+    let phnum = usize::from(u16_at(head, 0x38)?);
+    if phentsize < 56 || phnum > 256 {
+        return None;
+    }
+    let mut table = vec![0u8; phentsize * phnum];
+    file.seek(SeekFrom::Start(phoff)).ok()?;
+    file.read_exact(&mut table).ok()?;
+    for i in 0..phnum {
+        let ph = &table[i * phentsize..(i + 1) * phentsize];
+        if u32::from_le_bytes(ph[..4].try_into().ok()?) == 3 {
+            let offset = u64_at(ph, 8)?;
+            let size = usize::try_from(u64_at(ph, 32)?).ok().filter(|s| *s <= 4096)?;
+            let mut name = vec![0u8; size];
+            file.seek(SeekFrom::Start(offset)).ok()?;
+            file.read_exact(&mut name).ok()?;
+            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+            return Some(PathBuf::from(String::from_utf8_lossy(&name[..end]).into_owned()));
+        }
+    }
+    None
+}
+
+fn is_under(path: &Path, base: &Path) -> bool {
+    path.starts_with(base)
+}
+
+/// Reports what Landlock can enforce here for `profile`, or why the ring cannot run.
+pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> {
+    let abi = sys::landlock_abi().unwrap_or(0);
+    let mut unenforced = Vec::new();
+    if profile.confine {
+        if abi == 0 && profile.landlock_required {
+            return Err(LaunchError::Landlock {
+                ring: profile.ring,
+                reason: "this kernel does not enforce Landlock (not built in or not in the active LSM list)".into(),
+            });
+        }
+        if profile.net == NetMode::Allowlist && abi < 4 {
+            return Err(LaunchError::Landlock {
+                ring: profile.ring,
+                reason: format!("network.mode allowlist needs Landlock ABI 4 for TCP rules (this kernel has ABI {abi}); use --net none"),
+            });
+        }
+        if profile.scope_ipc && abi < 6 {
+            unenforced.push(format!("Landlock ABI {abi} cannot scope signals and abstract unix sockets (needs 6)"));
+        }
+        if profile.seccomp.is_some() && !sys::seccomp_available() {
+            return Err(LaunchError::Config("this kernel has no seccomp filter support; rings 1-3 need it".into()));
+        }
+    }
+    Ok(Enforcement { landlock_abi: abi, unenforced })
+}
+
+fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, LaunchError> {
+    let p = &cfg.profile;
+    let mut view = ViewSpec { devices: mounts::DEVICES.to_vec(), devpts: true, ..Default::default() };
+    let mut bound: Vec<PathBuf> = Vec::new();
+    let mut add_bind =
+        |view: &mut ViewSpec, path: &Path, writable: bool, must_exist: bool| -> Result<(), LaunchError> {
+            let meta = match path.symlink_metadata() {
+                Ok(meta) => meta,
+                Err(_) if !must_exist => return Ok(()),
+                Err(e) => return Err(LaunchError::Config(format!("cannot use {}: {e}", path.display()))),
+            };
+            if meta.file_type().is_symlink() && !must_exist {
+                let target = std::fs::read_link(path)
+                    .map_err(|e| LaunchError::Config(format!("cannot read link {}: {e}", path.display())))?;
+                view.symlinks.push((path.to_path_buf(), target));
+                return Ok(());
+            }
+            let path =
+                path.canonicalize().map_err(|e| LaunchError::Config(format!("cannot use {}: {e}", path.display())))?;
+            if let Some(b) = view.binds.iter_mut().find(|b| b.path == path) {
+                b.writable |= writable;
+                return Ok(());
+            }
+            view.binds.push(Bind { is_dir: path.is_dir(), path: path.clone(), writable });
+            bound.push(path);
+            Ok(())
+        };
+    for sys_path in &p.system {
+        add_bind(&mut view, Path::new(sys_path), false, false)?;
+    }
+    let system_dirs: Vec<PathBuf> = view.binds.iter().map(|b| b.path.clone()).collect();
+    // The workspace.
+    let mut cwd = PathBuf::from("/tmp");
+    let mut write_paths: Vec<String> = vec!["/tmp".into(), "/dev/shm".into(), "/dev/pts".into()];
+    write_paths.extend(["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"].map(String::from));
+    match (p.workspace, &cfg.workspace) {
+        (WorkspaceMode::Scratch, ws) => {
+            view.scratch = true;
+            cwd = PathBuf::from(mounts::SCRATCH);
+            write_paths.push(mounts::SCRATCH.into());
+            if let Some(ws) = ws {
+                add_bind(&mut view, ws, false, true)?;
+            }
+        }
+        (mode, Some(ws)) => {
+            if ws == Path::new("/") || system_dirs.iter().any(|s| is_under(s, ws) || is_under(ws, s)) {
+                return Err(LaunchError::Config(format!(
+                    "workspace {} overlaps the system paths of the jail; give a project directory with --workspace",
+                    ws.display()
+                )));
+            }
+            add_bind(&mut view, ws, mode == WorkspaceMode::Rw, true)?;
+            if mode == WorkspaceMode::Rw {
+                write_paths.push(ws.display().to_string());
+            }
+            cwd = ws.clone();
+        }
+        (_, None) => {}
+    }
+    for rw in &p.rw {
+        add_bind(&mut view, Path::new(rw), true, true)?;
+        write_paths.push(rw.clone());
+    }
+    for ro in &p.ro {
+        add_bind(&mut view, Path::new(ro), false, true)?;
+    }
+    // The entry command, its interpreters and --allow-exec paths must be visible.
+    let mut exec_paths: Vec<PathBuf> = vec![cfg.program.clone()];
+    exec_paths.extend(interpreters(&cfg.program));
+    exec_paths.extend(p.exec_allow.iter().map(PathBuf::from));
+    exec_paths.extend(cfg.allow_exec.iter().cloned());
+    for exe in &exec_paths {
+        let real = exe.canonicalize().unwrap_or_else(|_| exe.clone());
+        if !view.binds.iter().any(|b| is_under(&real, &b.path)) && real.exists() {
+            add_bind(&mut view, &real, false, true)?;
+        }
+    }
+    // Hidden paths: only what would otherwise be visible, and never an ancestor of
+    // something explicitly mounted (that would cover it).
+    let binds: Vec<PathBuf> = view.binds.iter().map(|b| b.path.clone()).collect();
+    for pattern in &p.hide {
+        for hidden in profile::expand_hide(pattern, cfg.home.as_deref()) {
+            let hidden = hidden.canonicalize().unwrap_or(hidden);
+            let visible = binds.iter().any(|b| is_under(&hidden, b));
+            let covers = binds.iter().any(|b| is_under(b, &hidden));
+            if visible && !covers && !view.hide.iter().any(|(h, _)| *h == hidden) {
+                view.hide.push((hidden.clone(), hidden.is_dir()));
+            }
+        }
+    }
+    let _ = bound;
+
+    // Landlock.
+    let landlock = if enforcement.landlock_abi > 0 {
+        let mut execute: Vec<String> = Vec::new();
+        if p.exec_system {
+            execute.extend(system_dirs.iter().map(|d| d.display().to_string()));
+        }
+        execute.extend(exec_paths.iter().map(|e| e.display().to_string()));
+        let connect_ports = match p.net {
+            NetMode::Host => None,
+            NetMode::None => Some(Vec::new()),
+            NetMode::Allowlist => Some(p.allow_connect.iter().map(|d| d.port).collect()),
+        };
+        let bind_ports = match p.net {
+            NetMode::Allowlist => Some(p.allow_bind.clone()),
+            _ => None,
+        };
+        let req = LandlockRequest {
+            read: vec!["/".into()],
+            write: write_paths,
+            execute,
+            connect_ports,
+            bind_ports,
+            scope_ipc: p.scope_ipc,
+        };
+        let plan = LandlockPlan::for_abi(&req, enforcement.landlock_abi);
+        let paths = plan.paths.iter().map(|r| Ok((cstr(&r.path)?, r.access))).collect::<Result<_, LaunchError>>()?;
+        Some(LandlockChild { plan, paths })
+    } else {
+        None
+    };
+
+    let seccomp = match &p.seccomp {
+        Some(policy) => {
+            let arch = Arch::native()
+                .ok_or_else(|| LaunchError::Config("seccomp filters are built for x86_64 and aarch64 only".into()))?;
+            Some(policy.build(arch)?)
+        }
+        None => None,
+    };
+
+    let ops_plain = view.plan();
+    let mut ops = Vec::with_capacity(ops_plain.len());
+    let mut op_names = Vec::with_capacity(ops_plain.len());
+    for op in &ops_plain {
+        op_names.push(format!("{op:?}"));
+        ops.push(match op {
+            MountOp::Mkdir(p) => COp::Mkdir(cstr(p)?),
+            MountOp::Touch(p) => COp::Touch(cstr(p)?),
+            MountOp::Bind { src, dst } => COp::Bind(cstr(src)?, cstr(dst)?),
+            MountOp::RemountRo { dst } => COp::RemountRo(cstr(dst)?),
+            MountOp::Tmpfs { dst, options, flags } => COp::Tmpfs(cstr(dst)?, cstr(options)?, *flags as libc::c_ulong),
+            MountOp::Proc { dst } => COp::Proc(cstr(dst)?),
+            MountOp::Devpts { dst } => COp::Devpts(cstr(dst)?),
+            MountOp::Symlink { target, link } => COp::Symlink(cstr(target)?, cstr(link)?),
+            MountOp::HideFile { dst } => COp::HideFile(cstr(dst)?),
+            MountOp::HideDir { dst } => COp::HideDir(cstr(dst)?),
+        });
+    }
+
+    let mut clone_flags = (libc::CLONE_NEWNS | libc::SIGCHLD) as libc::c_ulong;
+    for (on, flag) in [
+        (p.pid_ns, libc::CLONE_NEWPID),
+        (p.ipc_ns, libc::CLONE_NEWIPC),
+        (p.uts_ns, libc::CLONE_NEWUTS),
+        (p.net == NetMode::None, libc::CLONE_NEWNET),
+        (cfg.rootless, libc::CLONE_NEWUSER),
+    ] {
+        if on {
+            clone_flags |= flag as libc::c_ulong;
+        }
+    }
+    let argv = cfg.argv.iter().map(cstr).collect::<Result<Vec<_>, _>>()?;
+    let envp = cfg.env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
+    Ok(Plan {
+        clone_flags,
+        rootless: cfg.rootless,
+        uid_map: format!("0 {} 1", sys::geteuid()).into_bytes(),
+        gid_map: format!("0 {} 1", sys::getegid()).into_bytes(),
+        cgroup_procs: cfg.cgroup_procs.iter().map(|p| path_c(p)).collect::<Result<_, _>>()?,
+        cgroup_ns: p.cgroup_ns,
+        ops,
+        op_names,
+        memfd_noexec: p.pid_ns,
+        net_ns: p.net == NetMode::None,
+        uts_ns: p.uts_ns,
+        cwd: path_c(&cwd)?,
+        landlock,
+        seccomp,
+        exe: path_c(&cfg.program)?,
+        argv,
+        envp,
+        tty: cfg.tty,
+    })
+}
+
+/// Checks `program` is a runnable file before anything is set up.
+pub fn check_program(program: &Path) -> Result<(), LaunchError> {
+    let name = program.display().to_string();
+    match program.metadata() {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(LaunchError::NotExecutable { program: name }),
+        Err(_) => Err(LaunchError::NotFound { program: name }),
+    }
+}
+
+/// Starts the jail. Returns once the agent has exec'd (or the setup failed and
+/// nothing ran).
+pub fn launch(cfg: &JailConfig, enforcement: &Enforcement) -> Result<JailProcess, LaunchError> {
+    check_program(&cfg.program)?;
+    let plan = build_plan(cfg, enforcement)?;
+    let (report_r, report_w) = sys::pipe_cloexec().map_err(LaunchError::Clone)?;
+    let pid = match sys::clone_process(plan.clone_flags) {
+        Ok(0) => child_init(&plan, report_w),
+        Ok(pid) => pid,
+        Err(e) => {
+            sys::close(report_r);
+            sys::close(report_w);
+            return Err(LaunchError::Clone(e));
+        }
+    };
+    sys::close(report_w);
+    let mut buf = [0u8; 12];
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::read_raw(report_r, &mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    sys::close(report_r);
+    if got == 0 {
+        return Ok(JailProcess { pid });
+    }
+    // The child failed and exits; reap it so nothing is left behind.
+    let _ = sys::waitpid(pid, false);
+    let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    let (stage, index, errno) = (word(0), word(4) as usize, word(8) as i32);
+    let source = io::Error::from_raw_os_error(errno);
+    let program = cfg.argv.first().cloned().unwrap_or_default();
+    if stage == Stage::Exec as u32 {
+        return Err(match errno {
+            libc::ENOENT => LaunchError::NotFound { program },
+            libc::EACCES | libc::EPERM => LaunchError::NotExecutable { program },
+            _ => LaunchError::Setup { stage: "exec".into(), source },
+        });
+    }
+    let mut stage_name = stage_name(stage).to_string();
+    if stage == Stage::Mount as u32 {
+        if let Some(op) = plan.op_names.get(index) {
+            stage_name = format!("mount step {op}");
+        }
+    }
+    if stage == Stage::Landlock as u32 {
+        if let Some(l) = &plan.landlock {
+            if let Some((path, _)) = l.paths.get(index) {
+                stage_name = format!("landlock rule for {}", path.to_string_lossy());
+            }
+        }
+    }
+    Err(LaunchError::Setup { stage: stage_name, source })
+}
+
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Stage {
+    UserMap = 1,
+    JoinCgroup,
+    CgroupNs,
+    Mount,
+    Pivot,
+    Hostname,
+    Loopback,
+    Fork,
+    Session,
+    Chdir,
+    Capabilities,
+    Rlimits,
+    NoNewPrivs,
+    Landlock,
+    Seccomp,
+    Exec,
+}
+
+fn stage_name(stage: u32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "?",
+        "user namespace mapping",
+        "joining the agent cgroup",
+        "cgroup namespace",
+        "mount",
+        "pivot_root",
+        "hostname",
+        "loopback",
+        "fork",
+        "session/terminal",
+        "chdir",
+        "dropping capabilities",
+        "rlimits",
+        "no_new_privs",
+        "landlock",
+        "seccomp",
+        "exec",
+    ];
+    NAMES.get(stage as usize).copied().unwrap_or("?")
+}
+
+// ---------------------------------------------------------------------------
+// Child side: only system calls on prepared data from here on.
+
+fn fail(report: libc::c_int, stage: Stage, index: usize, err: &io::Error, code: libc::c_int) -> ! {
+    let mut buf = [0u8; 12];
+    buf[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    buf[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
+    buf[8..].copy_from_slice(&err.raw_os_error().unwrap_or(libc::EIO).to_ne_bytes());
+    let _ = sys::write_all_raw(report, &buf);
+    sys::exit_now(code)
+}
+
+macro_rules! step {
+    ($report:expr, $stage:expr, $index:expr, $e:expr) => {
+        if let Err(err) = $e {
+            fail($report, $stage, $index, &err, 125);
+        }
+    };
+}
+
+const C_ROOT: &std::ffi::CStr = c"/";
+const C_DOT: &std::ffi::CStr = c".";
+const C_TMP: &std::ffi::CStr = c"/tmp";
+const C_TMPFS: &std::ffi::CStr = c"tmpfs";
+const C_NEWROOT: &std::ffi::CStr = c"/newroot";
+const C_OLDROOT_REL: &std::ffi::CStr = c"/tmp/oldroot";
+const C_OLDROOT: &std::ffi::CStr = c"/oldroot";
+const C_EMPTY: &std::ffi::CStr = c"/.agt-jail-empty";
+const C_PROC: &std::ffi::CStr = c"proc";
+const C_DEVPTS: &std::ffi::CStr = c"devpts";
+const C_PTS_OPTS: &std::ffi::CStr = c"newinstance,ptmxmode=0666,mode=620";
+const C_HIDE_OPTS: &std::ffi::CStr = c"mode=000,size=4k";
+const C_ROOT_OPTS: &std::ffi::CStr = c"mode=0755";
+const C_MEMFD_NOEXEC: &std::ffi::CStr = c"/newroot/proc/sys/vm/memfd_noexec";
+const C_SETGROUPS: &std::ffi::CStr = c"/proc/self/setgroups";
+const C_UID_MAP: &std::ffi::CStr = c"/proc/self/uid_map";
+const C_GID_MAP: &std::ffi::CStr = c"/proc/self/gid_map";
+
+/// Signals the jail's init forwards to the agent's process group.
+const FORWARDED: [libc::c_int; 7] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
+
+fn child_init(plan: &Plan, report: libc::c_int) -> ! {
+    // Handlers first: pid 1 drops signals it has no handler for.
+    step!(report, Stage::Session, 0, sys::install_forwarding_handlers(&FORWARDED));
+    // Die with agt-jail: if the supervisor is killed, the jail goes too.
+    step!(report, Stage::Session, 1, sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0));
+    if plan.rootless {
+        step!(report, Stage::UserMap, 0, sys::write_file(C_SETGROUPS, b"deny"));
+        step!(report, Stage::UserMap, 1, sys::write_file(C_UID_MAP, &plan.uid_map));
+        step!(report, Stage::UserMap, 2, sys::write_file(C_GID_MAP, &plan.gid_map));
+    }
+    for (i, procs) in plan.cgroup_procs.iter().enumerate() {
+        step!(report, Stage::JoinCgroup, i, sys::write_file(procs, b"0"));
+    }
+    if plan.cgroup_ns {
+        step!(report, Stage::CgroupNs, 0, sys::unshare(libc::CLONE_NEWCGROUP));
+    }
+    build_root(plan, report);
+    if plan.uts_ns {
+        step!(report, Stage::Hostname, 0, sys::sethostname(b"agt-jail"));
+    }
+    if plan.net_ns {
+        step!(report, Stage::Loopback, 0, sys::loopback_up());
+    }
+    // The init's memory holds agt-jail's environment: keep it out of reach.
+    step!(report, Stage::Session, 2, sys::prctl(libc::PR_SET_DUMPABLE, 0, 0));
+    let agent = match sys::clone_process(libc::SIGCHLD as libc::c_ulong) {
+        Ok(0) => child_agent(plan, report),
+        Ok(pid) => pid,
+        Err(err) => fail(report, Stage::Fork, 0, &err, 125),
+    };
+    sys::close(report);
+    // The init itself needs no privilege from here on.
+    let _ = drop_privileges();
+    init_loop(agent)
+}
+
+fn build_root(plan: &Plan, report: libc::c_int) {
+    step!(report, Stage::Mount, usize::MAX, sys::mount(None, C_ROOT, None, libc::MS_REC | libc::MS_PRIVATE, None));
+    // A scratch tmpfs becomes the root for a moment: the old root is parked in it and
+    // the view is built beside it (see the module docs of `mounts`).
+    step!(
+        report,
+        Stage::Pivot,
+        0,
+        sys::mount(Some(C_TMPFS), C_TMP, Some(C_TMPFS), libc::MS_NOSUID | libc::MS_NODEV, Some(C_ROOT_OPTS))
+    );
+    step!(report, Stage::Pivot, 1, sys::mkdir(C_OLDROOT_REL, 0o755));
+    step!(report, Stage::Pivot, 2, sys::pivot_root(C_TMP, C_OLDROOT_REL));
+    step!(report, Stage::Pivot, 3, sys::chdir(C_ROOT));
+    step!(report, Stage::Pivot, 4, sys::mkdir(C_NEWROOT, 0o755));
+    step!(
+        report,
+        Stage::Pivot,
+        5,
+        sys::mount(Some(C_TMPFS), C_NEWROOT, Some(C_TMPFS), libc::MS_NOSUID | libc::MS_NODEV, Some(C_ROOT_OPTS))
+    );
+    step!(report, Stage::Pivot, 6, sys::touch(C_EMPTY, 0));
+    for (i, op) in plan.ops.iter().enumerate() {
+        let result = match op {
+            COp::Mkdir(p) => sys::mkdir(p, 0o755),
+            COp::Touch(p) => sys::touch(p, 0o644),
+            COp::Bind(src, dst) => sys::mount(Some(src), dst, None, libc::MS_BIND | libc::MS_REC, None),
+            COp::RemountRo(dst) => sys::mount_flags_of(dst).and_then(|flags| {
+                let flags =
+                    flags | libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+                sys::mount(None, dst, None, flags, None)
+            }),
+            COp::Tmpfs(dst, options, flags) => sys::mount(Some(C_TMPFS), dst, Some(C_TMPFS), *flags, Some(options)),
+            COp::Proc(dst) => {
+                sys::mount(Some(C_PROC), dst, Some(C_PROC), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
+            }
+            COp::Devpts(dst) => {
+                sys::mount(Some(C_DEVPTS), dst, Some(C_DEVPTS), libc::MS_NOSUID | libc::MS_NOEXEC, Some(C_PTS_OPTS))
+            }
+            COp::Symlink(target, link) => sys::symlink(target, link),
+            COp::HideFile(dst) => sys::mount(Some(C_EMPTY), dst, None, libc::MS_BIND, None),
+            COp::HideDir(dst) => sys::mount(
+                Some(C_TMPFS),
+                dst,
+                Some(C_TMPFS),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+                Some(C_HIDE_OPTS),
+            ),
+        };
+        // A devpts instance can be refused in some user namespaces; the jail then
+        // simply has no /dev/pts (a --tty still works through the inherited fd).
+        if let (Err(err), false) = (&result, matches!(op, COp::Devpts(_))) {
+            fail(report, Stage::Mount, i, err, 125);
+        }
+    }
+    if plan.memfd_noexec {
+        // vm.memfd_noexec=2 in the jail's pid namespace: no executable memfds at all
+        // (Linux 6.3+; older kernels lack the file and rely on seccomp + Landlock).
+        let _ = sys::write_file(C_MEMFD_NOEXEC, b"2");
+    }
+    step!(report, Stage::Pivot, 7, sys::umount2(C_OLDROOT, libc::MNT_DETACH));
+    step!(report, Stage::Pivot, 8, sys::chdir(C_NEWROOT));
+    step!(report, Stage::Pivot, 9, sys::pivot_root(C_DOT, C_DOT));
+    step!(report, Stage::Pivot, 10, sys::umount2(C_DOT, libc::MNT_DETACH));
+    step!(report, Stage::Pivot, 11, sys::chdir(C_ROOT));
+    // The view's own root: read-only, so nothing new appears beside the mounts.
+    step!(
+        report,
+        Stage::Pivot,
+        12,
+        sys::mount_flags_of(C_ROOT).and_then(|flags| {
+            sys::mount(None, C_ROOT, None, flags | libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, None)
+        })
+    );
+}
+
+/// Securebits so uid 0 never regains capabilities, then empty bounding, ambient,
+/// effective, permitted and inheritable sets.
+fn drop_privileges() -> io::Result<()> {
+    const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
+    const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
+    const SECBIT_KEEP_CAPS_LOCKED: libc::c_ulong = 1 << 5;
+    const SECBIT_NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
+    const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
+    let bits = SECBIT_NOROOT
+        | SECBIT_NOROOT_LOCKED
+        | SECBIT_NO_SETUID_FIXUP
+        | SECBIT_NO_SETUID_FIXUP_LOCKED
+        | SECBIT_KEEP_CAPS_LOCKED
+        | SECBIT_NO_CAP_AMBIENT_RAISE
+        | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
+    sys::prctl(libc::PR_SET_SECUREBITS, bits, 0)?;
+    for cap in 0..64 {
+        match sys::prctl(libc::PR_CAPBSET_DROP, cap, 0) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0)?;
+    sys::clear_capabilities()
+}
+
+fn apply_landlock(l: &LandlockChild, report: libc::c_int) {
+    let plan = &l.plan;
+    let ruleset = match sys::landlock_create_ruleset(plan.handled_fs, plan.handled_net, plan.scoped, plan.abi) {
+        Ok(fd) => fd,
+        Err(err) => fail(report, Stage::Landlock, usize::MAX, &err, 125),
+    };
+    for (i, (path, access)) in l.paths.iter().enumerate() {
+        let fd = match sys::open(path, libc::O_PATH) {
+            Ok(fd) => fd,
+            // A profile path this host lacks (e.g. /lib32) grants nothing.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(err) => fail(report, Stage::Landlock, i, &err, 125),
+        };
+        let access = match sys::fd_is_dir(fd) {
+            Ok(true) => *access,
+            Ok(false) => *access & landlock::fs::FILE_ONLY,
+            Err(err) => fail(report, Stage::Landlock, i, &err, 125),
+        };
+        step!(report, Stage::Landlock, i, sys::landlock_add_path_rule(ruleset, access, fd));
+        sys::close(fd);
+    }
+    for (i, (access, port)) in plan.ports.iter().enumerate() {
+        step!(report, Stage::Landlock, l.paths.len() + i, sys::landlock_add_port_rule(ruleset, *access, *port));
+    }
+    step!(report, Stage::Landlock, usize::MAX, sys::landlock_restrict_self(ruleset));
+    sys::close(ruleset);
+}
+
+fn child_agent(plan: &Plan, report: libc::c_int) -> ! {
+    step!(report, Stage::Session, 3, sys::setsid());
+    if let Some(tty) = plan.tty {
+        for fd in 0..3 {
+            step!(report, Stage::Session, 4, sys::dup2(tty, fd));
+        }
+        step!(report, Stage::Session, 5, sys::set_controlling_tty(0));
+    }
+    step!(report, Stage::Chdir, 0, sys::chdir(&plan.cwd));
+    step!(report, Stage::Capabilities, 0, drop_privileges());
+    step!(report, Stage::Rlimits, 0, sys::setrlimit(libc::RLIMIT_CORE, 0, 0));
+    // Landlock without CAP_SYS_ADMIN needs no_new_privs first; it is also what keeps
+    // setuid binaries from gaining anything.
+    step!(report, Stage::NoNewPrivs, 0, sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0));
+    if let Some(l) = &plan.landlock {
+        apply_landlock(l, report);
+    }
+    sys::reset_signals();
+    step!(report, Stage::Exec, 1, sys::cloexec_from(3));
+    if let Some(filter) = &plan.seccomp {
+        step!(report, Stage::Seccomp, 0, sys::seccomp_set_filter(filter));
+    }
+    let mut argv: [*const libc::c_char; 256] = [std::ptr::null(); 256];
+    let mut envp: [*const libc::c_char; 512] = [std::ptr::null(); 512];
+    for (slot, arg) in argv.iter_mut().zip(plan.argv.iter().take(255)) {
+        *slot = arg.as_ptr();
+    }
+    for (slot, var) in envp.iter_mut().zip(plan.envp.iter().take(511)) {
+        *slot = var.as_ptr();
+    }
+    let err = sys::execve(&plan.exe, &argv, &envp);
+    let code = match err.raw_os_error() {
+        Some(libc::ENOENT) => 127,
+        Some(libc::EACCES) => 126,
+        _ => 125,
+    };
+    fail(report, Stage::Exec, 0, &err, code)
+}
+
+/// pid 1 of the jail: forward signals to the agent's process group, reap every child,
+/// and leave with the agent's status once it is gone (the kernel then kills whatever
+/// is left in the pid namespace).
+fn init_loop(agent: libc::pid_t) -> ! {
+    loop {
+        match sys::waitpid(-1, true) {
+            Ok((pid, status)) if pid == agent => {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else if libc::WIFSIGNALED(status) {
+                    128 + libc::WTERMSIG(status)
+                } else {
+                    125
+                };
+                sys::exit_now(code);
+            }
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                let pending = sys::take_pending_signals();
+                for signal in FORWARDED {
+                    if pending & (1u64 << signal) != 0 {
+                        let _ = sys::kill(-agent, signal);
+                    }
+                }
+            }
+            Err(_) => sys::exit_now(125),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn finds_the_dynamic_loader_and_script_interpreters() {
+        let sh = interpreters(Path::new("/bin/sh"));
+        assert!(sh.iter().any(|p| p.to_string_lossy().contains("ld-")), "{sh:?}");
+        let tmp = tempfile::tempdir().unwrap();
+        let script = tmp.path().join("s");
+        std::fs::write(&script, "#!/bin/sh -e\necho hi\n").unwrap();
+        let found = interpreters(&script);
+        assert_eq!(found[0], PathBuf::from("/bin/sh"));
+        assert!(found.len() >= 2);
+        std::fs::write(&script, "plain text").unwrap();
+        assert!(interpreters(&script).is_empty());
+    }
+
+    fn config(ring: u8) -> JailConfig {
+        JailConfig {
+            profile: Profile::builtin(ring).unwrap(),
+            program: "/bin/true".into(),
+            argv: vec!["true".into()],
+            env: vec![],
+            workspace: None,
+            allow_exec: vec![],
+            cgroup_procs: vec![],
+            home: None,
+            rootless: false,
+            tty: None,
+        }
+    }
+
+    #[test]
+    fn ring3_plan_allows_exec_of_the_entry_only() {
+        let plan = build_plan(&config(3), &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap();
+        let l = plan.landlock.unwrap();
+        let execs: Vec<_> = l
+            .paths
+            .iter()
+            .filter(|(_, a)| a & landlock::fs::EXECUTE != 0)
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .collect();
+        assert!(execs.contains(&"/bin/true".to_string()), "{execs:?}");
+        assert!(!execs.contains(&"/usr".to_string()), "{execs:?}");
+        assert_ne!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
+        assert_eq!(l.plan.handled_net, landlock::net::CONNECT_TCP);
+        assert!(plan.seccomp.is_some());
+    }
+
+    #[test]
+    fn ring2_plan_execs_system_and_shares_the_network() {
+        let plan = build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap();
+        assert_eq!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
+        let l = plan.landlock.unwrap();
+        assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/usr" && a & landlock::fs::EXECUTE != 0));
+        assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/tmp" && a & landlock::fs::WRITE_FILE != 0));
+    }
+
+    #[test]
+    fn a_workspace_over_system_paths_is_refused() {
+        let mut cfg = config(2);
+        cfg.workspace = Some("/".into());
+        assert!(build_plan(&cfg, &Enforcement::default()).is_err());
+        cfg.workspace = Some("/usr/share".into());
+        assert!(build_plan(&cfg, &Enforcement::default()).is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! The jail's filesystem view as a list of mount operations (pure; tested), carried
+//! out by the launcher in the child's private mount namespace.
+//!
+//! Layout while building: the old root is at `/oldroot`, the new one at `/newroot`
+//! (both inside a scratch tmpfs that becomes the root for a moment, as bubblewrap
+//! does). Sources are read through `/oldroot`, so a workspace under the host's /tmp
+//! still resolves after the jail's own /tmp is mounted.
+use std::path::{Path, PathBuf};
+
+/// Where the view is built and where the old root is parked.
+pub const NEWROOT: &str = "/newroot";
+pub const OLDROOT: &str = "/oldroot";
+/// The empty, mode-000 file bound over hidden files.
+pub const EMPTY_FILE: &str = "/.agt-jail-empty";
+/// The scratch workspace mount point in ring 3.
+pub const SCRATCH: &str = "/workspace";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MountOp {
+    /// mkdir (one level; the plan lists parents first).
+    Mkdir(String),
+    /// Create an empty file as a bind target.
+    Touch(String),
+    /// Recursive bind `src` (under /oldroot) onto `dst` (under /newroot).
+    Bind {
+        src: String,
+        dst: String,
+    },
+    /// Make the bind at `dst` read-only (keeping the source's nosuid/nodev/noexec locks), plus nosuid and nodev.
+    RemountRo {
+        dst: String,
+    },
+    /// tmpfs with options at `dst`.
+    Tmpfs {
+        dst: String,
+        options: String,
+        flags: u64,
+    },
+    /// A fresh procfs for the jail's pid namespace.
+    Proc {
+        dst: String,
+    },
+    /// A private devpts instance.
+    Devpts {
+        dst: String,
+    },
+    Symlink {
+        target: String,
+        link: String,
+    },
+    /// Bind the empty file over a hidden file.
+    HideFile {
+        dst: String,
+    },
+    /// Mount an empty read-only tmpfs over a hidden directory.
+    HideDir {
+        dst: String,
+    },
+}
+
+/// One host path to show inside, at the same path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    pub path: PathBuf,
+    pub writable: bool,
+    pub is_dir: bool,
+}
+
+/// What the view contains.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ViewSpec {
+    /// Host paths shown at the same path inside (system ro, workspace, --rw/--ro).
+    pub binds: Vec<Bind>,
+    /// A writable tmpfs at [`SCRATCH`].
+    pub scratch: bool,
+    /// Existing host paths hidden inside (directories get an empty tmpfs, files the empty file).
+    pub hide: Vec<(PathBuf, bool)>,
+    /// Device nodes bound from the host's /dev.
+    pub devices: Vec<&'static str>,
+    /// Whether the private /dev/pts and /dev/ptmx are created.
+    pub devpts: bool,
+    /// Host symlinks reproduced inside (merged-/usr systems: /bin -> usr/bin).
+    pub symlinks: Vec<(PathBuf, PathBuf)>,
+}
+
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+fn under(root: &str, path: &Path) -> String {
+    format!("{root}{}", path.display())
+}
+
+/// Pushes Mkdir for every component of `path` below `/newroot` (idempotent at run time).
+fn mkdirs(ops: &mut Vec<MountOp>, path: &Path) {
+    let mut cur = PathBuf::from("/");
+    for c in path.components().skip(1) {
+        cur.push(c);
+        let op = MountOp::Mkdir(under(NEWROOT, &cur));
+        if !ops.contains(&op) {
+            ops.push(op);
+        }
+    }
+}
+
+impl ViewSpec {
+    /// The ordered operations. Binds are sorted by depth so a parent is mounted before
+    /// what is mounted inside it.
+    pub fn plan(&self) -> Vec<MountOp> {
+        let mut ops = Vec::new();
+        let mut binds = self.binds.clone();
+        binds.sort_by_key(|b| b.path.components().count());
+        for bind in &binds {
+            match bind.path.parent() {
+                Some(parent) if bind.is_dir => {
+                    mkdirs(&mut ops, parent);
+                    ops.push(MountOp::Mkdir(under(NEWROOT, &bind.path)));
+                }
+                Some(parent) => {
+                    mkdirs(&mut ops, parent);
+                    ops.push(MountOp::Touch(under(NEWROOT, &bind.path)));
+                }
+                None => {}
+            }
+            let dst = under(NEWROOT, &bind.path);
+            ops.push(MountOp::Bind { src: under(OLDROOT, &bind.path), dst: dst.clone() });
+            if !bind.writable {
+                ops.push(MountOp::RemountRo { dst });
+            }
+        }
+        for (link, target) in &self.symlinks {
+            if let Some(parent) = link.parent() {
+                mkdirs(&mut ops, parent);
+            }
+            ops.push(MountOp::Symlink { target: target.display().to_string(), link: under(NEWROOT, link) });
+        }
+        if self.scratch {
+            mkdirs(&mut ops, Path::new(SCRATCH));
+            ops.push(MountOp::Tmpfs {
+                dst: under(NEWROOT, Path::new(SCRATCH)),
+                options: "mode=0755,size=256m".into(),
+                flags: libc::MS_NOSUID | libc::MS_NODEV,
+            });
+        }
+        // Private /tmp, fresh /proc, minimal /dev.
+        for (dir, options) in [("/tmp", "mode=1777,size=256m"), ("/dev", "mode=0755,size=64k")] {
+            ops.push(MountOp::Mkdir(format!("{NEWROOT}{dir}")));
+            let flags =
+                if dir == "/dev" { libc::MS_NOSUID | libc::MS_NOEXEC } else { libc::MS_NOSUID | libc::MS_NODEV };
+            ops.push(MountOp::Tmpfs { dst: format!("{NEWROOT}{dir}"), options: options.into(), flags });
+        }
+        for dev in &self.devices {
+            let dst = format!("{NEWROOT}/dev/{dev}");
+            ops.push(MountOp::Touch(dst.clone()));
+            ops.push(MountOp::Bind { src: format!("{OLDROOT}/dev/{dev}"), dst });
+        }
+        if self.devpts {
+            ops.push(MountOp::Mkdir(format!("{NEWROOT}/dev/pts")));
+            ops.push(MountOp::Devpts { dst: format!("{NEWROOT}/dev/pts") });
+            ops.push(MountOp::Symlink { target: "pts/ptmx".into(), link: format!("{NEWROOT}/dev/ptmx") });
+        }
+        ops.push(MountOp::Mkdir(format!("{NEWROOT}/dev/shm")));
+        ops.push(MountOp::Tmpfs {
+            dst: format!("{NEWROOT}/dev/shm"),
+            options: "mode=1777,size=64m".into(),
+            flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        });
+        for (target, link) in [
+            ("/proc/self/fd", "fd"),
+            ("/proc/self/fd/0", "stdin"),
+            ("/proc/self/fd/1", "stdout"),
+            ("/proc/self/fd/2", "stderr"),
+        ] {
+            ops.push(MountOp::Symlink { target: target.into(), link: format!("{NEWROOT}/dev/{link}") });
+        }
+        ops.push(MountOp::Mkdir(format!("{NEWROOT}/proc")));
+        ops.push(MountOp::Proc { dst: format!("{NEWROOT}/proc") });
+        // /proc/sys read-only (global sysctls); Landlock refuses the writes as well.
+        ops.push(MountOp::Bind { src: format!("{NEWROOT}/proc/sys"), dst: format!("{NEWROOT}/proc/sys") });
+        ops.push(MountOp::RemountRo { dst: format!("{NEWROOT}/proc/sys") });
+        for (path, is_dir) in &self.hide {
+            let dst = under(NEWROOT, path);
+            ops.push(if *is_dir { MountOp::HideDir { dst } } else { MountOp::HideFile { dst } });
+        }
+        ops
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec() -> ViewSpec {
+        ViewSpec {
+            binds: vec![
+                Bind { path: "/home/u/work/sub".into(), writable: true, is_dir: true },
+                Bind { path: "/usr".into(), writable: false, is_dir: true },
+                Bind { path: "/home/u/work".into(), writable: true, is_dir: true },
+            ],
+            scratch: false,
+            hide: vec![("/home/u/work/.ssh".into(), true), ("/etc/shadow".into(), false)],
+            devices: DEVICES.to_vec(),
+            devpts: true,
+            symlinks: vec![("/bin".into(), "usr/bin".into())],
+        }
+    }
+
+    #[test]
+    fn parents_mount_before_children_and_ro_is_remounted() {
+        let ops = spec().plan();
+        let pos = |op: &MountOp| ops.iter().position(|o| o == op).unwrap();
+        let work = pos(&MountOp::Bind { src: "/oldroot/home/u/work".into(), dst: "/newroot/home/u/work".into() });
+        let sub =
+            pos(&MountOp::Bind { src: "/oldroot/home/u/work/sub".into(), dst: "/newroot/home/u/work/sub".into() });
+        assert!(work < sub);
+        let usr = pos(&MountOp::Bind { src: "/oldroot/usr".into(), dst: "/newroot/usr".into() });
+        assert_eq!(ops[usr + 1], MountOp::RemountRo { dst: "/newroot/usr".into() });
+        assert!(!ops.contains(&MountOp::RemountRo { dst: "/newroot/home/u/work".into() }));
+        assert!(pos(&MountOp::Mkdir("/newroot/home".into())) < pos(&MountOp::Mkdir("/newroot/home/u".into())));
+    }
+
+    #[test]
+    fn secrets_are_hidden_after_the_binds() {
+        let ops = spec().plan();
+        let last_bind = ops.iter().rposition(|o| matches!(o, MountOp::Bind { .. })).unwrap();
+        let hide_dir =
+            ops.iter().position(|o| *o == MountOp::HideDir { dst: "/newroot/home/u/work/.ssh".into() }).unwrap();
+        let hide_file = ops.iter().position(|o| *o == MountOp::HideFile { dst: "/newroot/etc/shadow".into() }).unwrap();
+        assert!(hide_dir > last_bind && hide_file > last_bind);
+    }
+
+    #[test]
+    fn private_tmp_proc_and_dev() {
+        let ops = spec().plan();
+        assert!(ops.iter().any(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == "/newroot/tmp")));
+        assert!(ops.contains(&MountOp::Proc { dst: "/newroot/proc".into() }));
+        assert!(ops.contains(&MountOp::RemountRo { dst: "/newroot/proc/sys".into() }));
+        assert!(ops.contains(&MountOp::Bind { src: "/oldroot/dev/null".into(), dst: "/newroot/dev/null".into() }));
+        assert!(ops.contains(&MountOp::Devpts { dst: "/newroot/dev/pts".into() }));
+        assert!(ops.contains(&MountOp::Symlink { target: "usr/bin".into(), link: "/newroot/bin".into() }));
+        let scratch = ViewSpec { scratch: true, ..spec() }.plan();
+        assert!(scratch.iter().any(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == "/newroot/workspace")));
+    }
+}

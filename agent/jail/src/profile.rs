@@ -1,0 +1,674 @@
+//! Ring profiles (`profiles/ring0.yaml` .. `ring3.yaml`): what a jail looks like.
+//!
+//! Loading is strict: unknown keys, wrong types and impossible combinations are errors
+//! located as `file:line:col: message`. The built-in profiles are compiled in, so a
+//! jail never depends on files an agent could have changed.
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    seccomp::{self, SeccompPolicy},
+    yaml::{self, Kind, Node, Pos},
+};
+
+/// The built-in profiles, ring 0 to 3.
+pub const BUILTIN: [(&str, &str); 4] = [
+    ("profiles/ring0.yaml", include_str!("../../../profiles/ring0.yaml")),
+    ("profiles/ring1.yaml", include_str!("../../../profiles/ring1.yaml")),
+    ("profiles/ring2.yaml", include_str!("../../../profiles/ring2.yaml")),
+    ("profiles/ring3.yaml", include_str!("../../../profiles/ring3.yaml")),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileError {
+    pub file: String,
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.pos.line, self.pos.col, self.message)
+    }
+}
+
+impl std::error::Error for ProfileError {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    /// Own network namespace with only loopback.
+    None,
+    /// Host network; TCP connect only to the listed ports (Landlock) and never to
+    /// host loopback or the metadata address (BPF).
+    Allowlist,
+    /// Host network, unrestricted.
+    Host,
+}
+
+impl NetMode {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "none" => Some(NetMode::None),
+            "allowlist" => Some(NetMode::Allowlist),
+            "host" => Some(NetMode::Host),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkspaceMode {
+    /// The workspace directory, writable.
+    Rw,
+    /// The workspace directory, read-only.
+    Ro,
+    /// A fresh empty tmpfs at /workspace (the directory given, if any, is mounted read-only beside it).
+    Scratch,
+}
+
+/// An egress destination: address (or network) and TCP port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dest {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub port: u16,
+}
+
+impl Dest {
+    /// Parses `ADDR:PORT`, `CIDR:PORT`, `[V6]:PORT` or `[V6/N]:PORT`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let expected = "expected ADDR:PORT or CIDR:PORT, e.g. 10.0.0.5:443 or 10.0.0.0/8:443";
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| format!("'{text}': {expected}"))?;
+        let port: u16 = port.parse().map_err(|_| format!("'{text}': bad port; {expected}"))?;
+        if port == 0 {
+            return Err(format!("'{text}': port 0 is not a destination; {expected}"));
+        }
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let (addr, prefix) = match host.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (host, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("'{text}': '{addr}' is not an IP address; {expected}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("'{text}': bad prefix length; {expected}"))?,
+        };
+        Ok(Self { addr, prefix, port })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Limits {
+    /// Bytes.
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    /// CPU in millicores (1000 = one CPU).
+    pub cpu_millis: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    pub ring: u8,
+    /// False for ring 0: own cgroup, observed, no namespaces or sandboxing.
+    pub confine: bool,
+    pub pid_ns: bool,
+    pub ipc_ns: bool,
+    pub uts_ns: bool,
+    pub cgroup_ns: bool,
+    pub net: NetMode,
+    pub allow_connect: Vec<Dest>,
+    pub allow_bind: Vec<u16>,
+    /// System paths mounted read-only.
+    pub system: Vec<String>,
+    pub workspace: WorkspaceMode,
+    pub rw: Vec<String>,
+    pub ro: Vec<String>,
+    /// Paths (globs with `*`, `~` for the invoking user's home) never visible inside.
+    pub hide: Vec<String>,
+    /// Exec of anything under the system paths.
+    pub exec_system: bool,
+    /// Extra executables (files or directories).
+    pub exec_allow: Vec<String>,
+    pub landlock_required: bool,
+    pub scope_ipc: bool,
+    /// None: no seccomp filter (ring 0).
+    pub seccomp: Option<SeccompPolicy>,
+    pub limits: Limits,
+}
+
+/// Parses a size: bytes, or with K/M/G/T suffix (powers of 1024), or "max"/null for none.
+pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("max") || t.is_empty() {
+        return Ok(None);
+    }
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("'{text}' is not a size (expected e.g. 512M, 2G or bytes)")),
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("'{text}' is not a size (expected e.g. 512M, 2G or bytes)"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("'{text}' is too large"))?;
+    if bytes < (1 << 20) {
+        return Err(format!("memory limit '{text}' is below 1M; the jail could not start"));
+    }
+    Ok(Some(bytes))
+}
+
+/// Parses CPUs as a decimal number of cores ("0.5", "2") into millicores.
+pub fn parse_cpu(text: &str) -> Result<Option<u64>, String> {
+    if text.eq_ignore_ascii_case("max") {
+        return Ok(None);
+    }
+    let cores: f64 =
+        text.trim().parse().map_err(|_| format!("'{text}' is not a CPU count (expected e.g. 0.5 or 2)"))?;
+    if !cores.is_finite() || !(0.01..=1024.0).contains(&cores) {
+        return Err(format!("cpu '{text}' must be between 0.01 and 1024"));
+    }
+    Ok(Some((cores * 1000.0).round() as u64))
+}
+
+/// Parses a pids limit.
+pub fn parse_pids(text: &str) -> Result<Option<u64>, String> {
+    if text.eq_ignore_ascii_case("max") {
+        return Ok(None);
+    }
+    match text.trim().parse::<u64>() {
+        Ok(n) if n >= 2 => Ok(Some(n)),
+        _ => Err(format!("pids '{text}' must be a number of at least 2 (the jail's init and the command)")),
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, pos: Pos, message: impl Into<String>) -> ProfileError {
+        ProfileError { file: self.file.to_string(), pos, message: message.into() }
+    }
+
+    fn map<'n>(&self, node: &'n Node, what: &str, keys: &[&str]) -> Result<&'n [(String, Pos, Node)], ProfileError> {
+        let Kind::Map(entries) = &node.kind else {
+            return Err(self.err(node.pos, format!("{what} must be a mapping, found {}", node.type_name())));
+        };
+        for (key, pos, _) in entries {
+            if !keys.contains(&key.as_str()) {
+                return Err(
+                    self.err(*pos, format!("unknown key '{key}' in {what} (expected one of: {})", keys.join(", ")))
+                );
+            }
+        }
+        Ok(entries)
+    }
+
+    fn bool(&self, node: &Node, what: &str) -> Result<bool, ProfileError> {
+        match node.kind {
+            Kind::Bool(b) => Ok(b),
+            _ => Err(self.err(node.pos, format!("{what} must be true or false, found {}", node.type_name()))),
+        }
+    }
+
+    fn string(&self, node: &Node, what: &str) -> Result<String, ProfileError> {
+        match &node.kind {
+            Kind::Str(s) => Ok(s.clone()),
+            Kind::Int(i) => Ok(i.to_string()),
+            Kind::Float(f) => Ok(f.to_string()),
+            _ => Err(self.err(node.pos, format!("{what} must be a string, found {}", node.type_name()))),
+        }
+    }
+
+    fn strings(&self, node: &Node, what: &str) -> Result<Vec<(String, Pos)>, ProfileError> {
+        match &node.kind {
+            Kind::Null => Ok(Vec::new()),
+            Kind::Seq(items) => items.iter().map(|n| self.string(n, what).map(|s| (s, n.pos))).collect(),
+            _ => Err(self.err(node.pos, format!("{what} must be a list, found {}", node.type_name()))),
+        }
+    }
+
+    fn paths(&self, node: &Node, what: &str) -> Result<Vec<String>, ProfileError> {
+        self.strings(node, what)?
+            .into_iter()
+            .map(|(p, pos)| check_path(&p).map(|()| p).map_err(|m| self.err(pos, format!("{what}: {m}"))))
+            .collect()
+    }
+}
+
+/// Profile paths are absolute (or start with `~/` for hide lists) and have no `..`.
+pub fn check_path(path: &str) -> Result<(), String> {
+    if !(path.starts_with('/') || path.starts_with("~/")) {
+        return Err(format!("'{path}' must be an absolute path"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(format!("'{path}' must not contain '..'"));
+    }
+    if path.contains('\0') || path.contains('\n') {
+        return Err(format!("'{path}' contains a control character"));
+    }
+    Ok(())
+}
+
+const TOP_KEYS: &[&str] = &[
+    "ring",
+    "description",
+    "confine",
+    "namespaces",
+    "network",
+    "filesystem",
+    "exec",
+    "landlock",
+    "seccomp",
+    "capabilities",
+    "limits",
+];
+
+impl Profile {
+    /// The built-in profile for `ring`.
+    pub fn builtin(ring: u8) -> Result<Self, ProfileError> {
+        let (file, text) = BUILTIN.get(usize::from(ring)).ok_or_else(|| ProfileError {
+            file: "--ring".into(),
+            pos: Pos { line: 1, col: 1 },
+            message: format!("there is no ring {ring} (rings are 0 to 3)"),
+        })?;
+        Self::parse(text, file)
+    }
+
+    /// Loads a profile file.
+    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+        let file = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| ProfileError {
+            file: file.clone(),
+            pos: Pos { line: 1, col: 1 },
+            message: format!("cannot read profile: {e}"),
+        })?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| ProfileError {
+            file: file.clone(),
+            pos: Pos { line: 1, col: 1 },
+            message: format!("profile is not UTF-8 text (invalid byte at offset {})", e.valid_up_to()),
+        })?;
+        Self::parse(text, &file)
+    }
+
+    /// Parses and validates profile text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ProfileError> {
+        let cx = Ctx { file };
+        let root = yaml::parse(text).map_err(|e| cx.err(e.pos, e.message))?;
+        let top = cx.map(&root, "the profile", TOP_KEYS)?;
+        let get = |key: &str| top.iter().find(|(k, _, _)| k == key).map(|(_, _, n)| n);
+
+        let ring_node = get("ring").ok_or_else(|| cx.err(root.pos, "missing key 'ring' (0 to 3)"))?;
+        let ring = match ring_node.kind {
+            Kind::Int(r @ 0..=3) => r as u8,
+            _ => return Err(cx.err(ring_node.pos, "ring must be 0, 1, 2 or 3")),
+        };
+        let confine = match get("confine") {
+            Some(n) => cx.bool(n, "confine")?,
+            None => ring != 0,
+        };
+        if ring != 0 && !confine {
+            return Err(cx.err(get("confine").map_or(root.pos, |n| n.pos), "only ring 0 may set confine: false"));
+        }
+
+        let mut p = Profile {
+            ring,
+            confine,
+            pid_ns: confine,
+            ipc_ns: confine,
+            uts_ns: confine,
+            cgroup_ns: confine,
+            net: if confine { NetMode::None } else { NetMode::Host },
+            allow_connect: Vec::new(),
+            allow_bind: Vec::new(),
+            system: Vec::new(),
+            workspace: WorkspaceMode::Rw,
+            rw: Vec::new(),
+            ro: Vec::new(),
+            hide: Vec::new(),
+            exec_system: true,
+            exec_allow: Vec::new(),
+            landlock_required: confine,
+            scope_ipc: confine,
+            seccomp: confine.then(SeccompPolicy::default),
+            limits: Limits::default(),
+        };
+
+        let mut net_ns_listed = None;
+        if let Some(node) = get("namespaces") {
+            p.pid_ns = false;
+            p.ipc_ns = false;
+            p.uts_ns = false;
+            p.cgroup_ns = false;
+            let mut mount = false;
+            for (ns, pos) in cx.strings(node, "namespaces")? {
+                match ns.as_str() {
+                    "pid" => p.pid_ns = true,
+                    "mount" => mount = true,
+                    "ipc" => p.ipc_ns = true,
+                    "uts" => p.uts_ns = true,
+                    "cgroup" => p.cgroup_ns = true,
+                    "net" => net_ns_listed = Some(pos),
+                    // The user namespace is used when not root; as root the jail keeps
+                    // uid 0 without any capability (see docs/threat-model.md).
+                    "user" => {}
+                    other => {
+                        return Err(cx.err(
+                            pos,
+                            format!("unknown namespace '{other}' (expected pid, mount, net, ipc, uts, cgroup, user)"),
+                        ))
+                    }
+                }
+            }
+            if confine && !(p.pid_ns && mount) {
+                return Err(cx.err(node.pos, "a confined ring needs at least the pid and mount namespaces"));
+            }
+            if !confine && (p.pid_ns || mount || p.ipc_ns || p.uts_ns || p.cgroup_ns) {
+                return Err(cx.err(node.pos, "ring 0 (confine: false) takes no namespaces"));
+            }
+        }
+
+        if let Some(node) = get("network") {
+            let entries = cx.map(node, "network", &["mode", "allow_connect", "allow_bind"])?;
+            for (key, _, value) in entries {
+                match key.as_str() {
+                    "mode" => {
+                        let text = cx.string(value, "network.mode")?;
+                        p.net = NetMode::parse(&text).ok_or_else(|| {
+                            cx.err(value.pos, format!("network.mode '{text}' is not one of none, allowlist, host"))
+                        })?;
+                    }
+                    "allow_connect" => {
+                        for (d, pos) in cx.strings(value, "network.allow_connect")? {
+                            p.allow_connect.push(Dest::parse(&d).map_err(|m| cx.err(pos, m))?);
+                        }
+                    }
+                    _ => {
+                        for (port, pos) in cx.strings(value, "network.allow_bind")? {
+                            match port.parse::<u16>() {
+                                Ok(n) if n > 0 => p.allow_bind.push(n),
+                                _ => return Err(cx.err(pos, format!("allow_bind '{port}' is not a TCP port"))),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !confine && p.net != NetMode::Host {
+            return Err(cx.err(
+                get("network").map_or(root.pos, |n| n.pos),
+                "ring 0 (confine: false) only supports network.mode host",
+            ));
+        }
+        if let Some(pos) = net_ns_listed {
+            if p.net != NetMode::None {
+                return Err(cx.err(
+                    pos,
+                    "the net namespace comes with network.mode none; allowlist and host use the host network",
+                ));
+            }
+        }
+
+        if let Some(node) = get("filesystem") {
+            let entries = cx.map(node, "filesystem", &["system", "workspace", "rw", "ro", "hide"])?;
+            for (key, _, value) in entries {
+                match key.as_str() {
+                    "system" => p.system = cx.paths(value, "filesystem.system")?,
+                    "workspace" => {
+                        let text = cx.string(value, "filesystem.workspace")?;
+                        p.workspace = match text.as_str() {
+                            "rw" => WorkspaceMode::Rw,
+                            "ro" => WorkspaceMode::Ro,
+                            "scratch" => WorkspaceMode::Scratch,
+                            _ => {
+                                return Err(cx.err(
+                                    value.pos,
+                                    format!("filesystem.workspace '{text}' is not one of rw, ro, scratch"),
+                                ))
+                            }
+                        };
+                    }
+                    "rw" => p.rw = cx.paths(value, "filesystem.rw")?,
+                    "ro" => p.ro = cx.paths(value, "filesystem.ro")?,
+                    _ => p.hide = cx.paths(value, "filesystem.hide")?,
+                }
+            }
+        }
+        for path in p.system.iter().chain(&p.rw).chain(&p.ro) {
+            if path.starts_with('~') || path.contains('*') {
+                return Err(cx.err(
+                    get("filesystem").map_or(root.pos, |n| n.pos),
+                    format!("'{path}': only filesystem.hide takes '~' and '*'"),
+                ));
+            }
+        }
+
+        if let Some(node) = get("exec") {
+            for (key, _, value) in cx.map(node, "exec", &["system", "allow"])? {
+                match key.as_str() {
+                    "system" => p.exec_system = cx.bool(value, "exec.system")?,
+                    _ => p.exec_allow = cx.paths(value, "exec.allow")?,
+                }
+            }
+        }
+
+        if let Some(node) = get("landlock") {
+            for (key, _, value) in cx.map(node, "landlock", &["required", "scope_ipc"])? {
+                match key.as_str() {
+                    "required" => p.landlock_required = cx.bool(value, "landlock.required")?,
+                    _ => p.scope_ipc = cx.bool(value, "landlock.scope_ipc")?,
+                }
+            }
+        }
+
+        if let Some(node) = get("seccomp") {
+            let mut enabled = confine;
+            let mut policy = SeccompPolicy::default();
+            for (key, _, value) in cx.map(node, "seccomp", &["enabled", "deny", "allow"])? {
+                match key.as_str() {
+                    "enabled" => enabled = cx.bool(value, "seccomp.enabled")?,
+                    "deny" | "allow" => {
+                        for (name, pos) in cx.strings(value, &format!("seccomp.{key}"))? {
+                            if !seccomp::known(&name) {
+                                return Err(cx.err(pos, format!("unknown syscall '{name}' in seccomp.{key}")));
+                            }
+                            if key == "allow" && seccomp::NEVER.contains(&name.as_str()) {
+                                return Err(cx.err(pos, format!("syscall '{name}' can never be allowed inside a jail")));
+                            }
+                            if key == "deny" {
+                                policy.deny.push(name)
+                            } else {
+                                policy.allow.push(name)
+                            }
+                        }
+                    }
+                    _ => unreachable!("keys were checked"),
+                }
+            }
+            if confine && !enabled {
+                return Err(
+                    cx.err(node.pos, "rings 1-3 always run under seccomp; seccomp.enabled: false is only for ring 0")
+                );
+            }
+            p.seccomp = enabled.then_some(policy);
+        }
+
+        if let Some(node) = get("capabilities") {
+            let caps = cx.strings(node, "capabilities")?;
+            if let Some((cap, pos)) = caps.first() {
+                if confine {
+                    return Err(cx.err(*pos, format!("rings 1-3 keep no capabilities ('{cap}' given)")));
+                }
+                return Err(cx.err(*pos, "ring 0 runs with the caller's capabilities; list none"));
+            }
+        }
+
+        if let Some(node) = get("limits") {
+            for (key, _, value) in cx.map(node, "limits", &["memory", "pids", "cpu"])? {
+                if value.kind == Kind::Null {
+                    continue;
+                }
+                let text = cx.string(value, &format!("limits.{key}"))?;
+                let parsed = match key.as_str() {
+                    "memory" => parse_size(&text).map(|v| p.limits.memory = v),
+                    "pids" => parse_pids(&text).map(|v| p.limits.pids = v),
+                    _ => parse_cpu(&text).map(|v| p.limits.cpu_millis = v),
+                };
+                parsed.map_err(|m| cx.err(value.pos, m))?;
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// Expands a hide pattern (`~/` = `home`, `*` matches one path component) against the
+/// host filesystem; returns the existing paths it names.
+pub fn expand_hide(pattern: &str, home: Option<&Path>) -> Vec<PathBuf> {
+    let path = match (pattern.strip_prefix("~/"), home) {
+        (Some(rest), Some(home)) => home.join(rest),
+        (Some(_), None) => return Vec::new(),
+        (None, _) => PathBuf::from(pattern),
+    };
+    let mut found = vec![PathBuf::from("/")];
+    for component in path.components().skip(1) {
+        let part = component.as_os_str().to_string_lossy();
+        let mut next = Vec::new();
+        for base in &found {
+            if part.contains('*') {
+                let Ok(entries) = std::fs::read_dir(base) else { continue };
+                for entry in entries.flatten() {
+                    if glob_match(&part, &entry.file_name().to_string_lossy()) {
+                        next.push(entry.path());
+                    }
+                }
+            } else {
+                next.push(base.join(&*part));
+            }
+        }
+        found = next;
+    }
+    found.retain(|p| p.symlink_metadata().is_ok());
+    found.sort();
+    found
+}
+
+/// `*` matches any run of characters within one component.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, tail)) => {
+            let Some(rest) = name.strip_prefix(head) else { return false };
+            (0..=rest.len()).any(|i| rest.is_char_boundary(i) && glob_match(tail, &rest[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn builtin_profiles_load() {
+        for ring in 0..4 {
+            let p = Profile::builtin(ring).unwrap();
+            assert_eq!(p.ring, ring);
+            assert_eq!(p.confine, ring != 0);
+        }
+        let r3 = Profile::builtin(3).unwrap();
+        assert_eq!(r3.net, NetMode::None);
+        assert_eq!(r3.workspace, WorkspaceMode::Scratch);
+        assert!(!r3.exec_system);
+        let r2 = Profile::builtin(2).unwrap();
+        assert_eq!(r2.net, NetMode::Allowlist);
+        assert!(r2.exec_system && r2.seccomp.is_some() && r2.landlock_required);
+        assert!(r2.hide.iter().any(|h| h == "/etc/shadow"));
+        assert!(r2.limits.memory.is_some() && r2.limits.pids.is_some());
+        let r0 = Profile::builtin(0).unwrap();
+        assert!(r0.seccomp.is_none() && r0.net == NetMode::Host);
+        assert!(Profile::builtin(4).is_err());
+    }
+
+    fn err(text: &str) -> String {
+        Profile::parse(text, "p.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_are_located() {
+        assert_eq!(err("ring: 2\nbogus: 1\n"), "p.yaml:2:1: unknown key 'bogus' in the profile (expected one of: ring, description, confine, namespaces, network, filesystem, exec, landlock, seccomp, capabilities, limits)");
+        assert_eq!(err("ring: 7\n"), "p.yaml:1:7: ring must be 0, 1, 2 or 3");
+        assert_eq!(
+            err("ring: 2\nnetwork:\n  mode: wide\n"),
+            "p.yaml:3:9: network.mode 'wide' is not one of none, allowlist, host"
+        );
+        assert!(err("ring: 2\nseccomp:\n  allow: [bpf]\n").starts_with("p.yaml:3:11: syscall 'bpf' can never"));
+        assert!(
+            err("ring: 2\ncapabilities: [CAP_SYS_ADMIN]\n").starts_with("p.yaml:2:16: rings 1-3 keep no capabilities")
+        );
+        assert!(err("ring: 2\nlimits:\n  memory: 12Q\n").starts_with("p.yaml:3:11: '12Q' is not a size"));
+        assert!(err("ring: 2\nfilesystem:\n  rw: [relative]\n")
+            .starts_with("p.yaml:3:8: filesystem.rw: 'relative' must be an absolute path"));
+        assert!(err("ring: 2\nnetwork:\n  allow_connect: ['example.com:443']\n").contains("is not an IP address"));
+        assert!(err("ring: 1\nconfine: false\n").contains("only ring 0"));
+        assert!(err("ring: 2\nnamespaces: [mount]\n").contains("pid and mount"));
+        assert!(err("ring: 2\nnetwork: {mode: host}\nnamespaces: [pid, mount, net]\n").contains("net namespace"));
+        assert!(err("ring: [\n").starts_with("p.yaml:"));
+        assert!(err("").contains("must be a mapping"));
+    }
+
+    #[test]
+    fn never_panics_on_odd_input() {
+        for text in [
+            "ring: 2\nlimits: 3",
+            "ring: 2\nexec: {allow: 3}",
+            "ring: 2\nlimits: {cpu: -1}",
+            "ring: 2\nlimits: {pids: 1}",
+            "ring: 2\n? [a]\n: b",
+            "- 1",
+        ] {
+            assert!(Profile::parse(text, "x").is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_destinations() {
+        assert_eq!(parse_size("512M").unwrap(), Some(512 << 20));
+        assert_eq!(parse_size("2g").unwrap(), Some(2 << 30));
+        assert_eq!(parse_size("max").unwrap(), None);
+        assert!(parse_size("10").is_err());
+        assert_eq!(parse_cpu("0.5").unwrap(), Some(500));
+        assert_eq!(
+            Dest::parse("10.0.0.0/8:443").unwrap(),
+            Dest { addr: "10.0.0.0".parse().unwrap(), prefix: 8, port: 443 }
+        );
+        assert_eq!(Dest::parse("[::1]:80").unwrap().prefix, 128);
+        assert!(Dest::parse("1.2.3.4").is_err());
+        assert!(Dest::parse("1.2.3.4/33:1").is_err());
+    }
+
+    #[test]
+    fn hide_patterns_expand() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("home/a/.ssh")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("home/b")).unwrap();
+        let pattern = format!("{}/home/*/.ssh", tmp.path().display());
+        assert_eq!(expand_hide(&pattern, None), vec![tmp.path().join("home/a/.ssh")]);
+        assert_eq!(expand_hide("~/.ssh", Some(&tmp.path().join("home/a"))), vec![tmp.path().join("home/a/.ssh")]);
+        assert!(expand_hide("~/.ssh", None).is_empty());
+        assert!(glob_match("*.key", "id.key") && !glob_match("*.key", "id.pub"));
+    }
+}
