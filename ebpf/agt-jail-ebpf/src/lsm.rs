@@ -99,7 +99,7 @@ fn exec_denied(bprm: *const u8, agent_id: u64) -> Option<bool> {
     let dev: u32 = read_at(sb, offset(OFF_SB_DEV)?)?;
     let key = ExecRuleKey { agent_id, dev: u64::from(dev), ino };
     // SAFETY: the value is only tested for presence, never held across map updates.
-    Some(unsafe { EXEC_DENY.get(&key) }.is_some())
+    Some(unsafe { EXEC_DENY.get(key) }.is_some())
 }
 
 #[inline(always)]
