@@ -17,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, ExitStatus},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicI32, Ordering},
         Arc,
     },
     thread,
@@ -408,6 +408,8 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         pump.map(|p| p.join())
     };
 
+    let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
+    let forwarder = SignalForwarder::start(profile.confine, kill_file, Duration::from_secs(args.grace))?;
     let pty = if args.tty { Some(Pty::open().context("cannot open a pseudo-terminal")?) } else { None };
     let started = if profile.confine {
         let home = match (&workspace, profile.workspace) {
@@ -446,6 +448,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     let running = match started {
         Ok(running) => running,
         Err(err) => {
+            forwarder.stop();
             let _ = stop_pump(pump);
             return Err(err);
         }
@@ -455,8 +458,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         drop(pty.slave);
         relay_pty(pty.master)
     });
-    let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
-    let forwarder = SignalForwarder::start(running.pid(), profile.confine, kill_file, Duration::from_secs(args.grace))?;
+    forwarder.set_child(i32::try_from(running.pid()).unwrap_or(-1));
     let status = running.wait().context("cannot wait for the command")?;
     forwarder.stop();
     if let Some((raw, output)) = relay {
@@ -630,15 +632,19 @@ struct SignalForwarder {
     handle: signal_hook::iterator::Handle,
     thread: thread::JoinHandle<()>,
     done: Arc<AtomicBool>,
+    child: Arc<AtomicI32>,
 }
 
 const FORWARDED: [libc::c_int; 5] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1];
 
 impl SignalForwarder {
-    fn start(child: u32, jail: bool, kill_file: Option<PathBuf>, grace: Duration) -> Result<Self> {
+    /// Installs the handlers before the command starts (a signal that arrives while it
+    /// starts is held until [`Self::set_child`] names it).
+    fn start(jail: bool, kill_file: Option<PathBuf>, grace: Duration) -> Result<Self> {
         let mut signals = SignalsInfo::<WithOrigin>::new(FORWARDED).context("cannot install signal handlers")?;
         let handle = signals.handle();
-        let pid = libc::pid_t::try_from(child).context("child pid out of range")?;
+        let child = Arc::new(AtomicI32::new(0));
+        let target = Arc::clone(&child);
         let done = Arc::new(AtomicBool::new(false));
         let finished = Arc::clone(&done);
         let thread = thread::Builder::new()
@@ -647,6 +653,17 @@ impl SignalForwarder {
                 let mut armed = false;
                 for origin in signals.forever() {
                     if !jail && matches!(origin.cause, Cause::Kernel) {
+                        continue;
+                    }
+                    // Hold the signal until the command exists (or agt-jail gives up).
+                    let pid = loop {
+                        let pid = target.load(Ordering::SeqCst);
+                        if pid != 0 {
+                            break pid;
+                        }
+                        thread::sleep(Duration::from_millis(1));
+                    };
+                    if pid < 0 {
                         continue;
                     }
                     let _ = host::kill(pid, origin.signal);
@@ -671,11 +688,19 @@ impl SignalForwarder {
                 }
             })
             .context("cannot start the signal thread")?;
-        Ok(Self { handle, thread, done })
+        Ok(Self { handle, thread, done, child })
+    }
+
+    /// Names the started command; -1 when it could not be started.
+    fn set_child(&self, pid: i32) {
+        self.child.store(pid, Ordering::SeqCst);
     }
 
     fn stop(self) {
         self.done.store(true, Ordering::SeqCst);
+        if self.child.load(Ordering::SeqCst) == 0 {
+            self.child.store(-1, Ordering::SeqCst);
+        }
         self.handle.close();
         let _ = self.thread.join();
     }

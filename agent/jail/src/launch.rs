@@ -657,7 +657,15 @@ fn build_root(plan: &Plan, report: libc::c_int) {
             }),
             COp::Tmpfs(dst, options, flags) => sys::mount(Some(C_TMPFS), dst, Some(C_TMPFS), *flags, Some(options)),
             COp::Proc(dst) => {
-                sys::mount(Some(C_PROC), dst, Some(C_PROC), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
+                let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                let mounted = sys::mount(Some(C_PROC), dst, Some(C_PROC), flags, None);
+                if mounted.is_ok() && plan.memfd_noexec {
+                    // vm.memfd_noexec=2 in the jail's pid namespace: no executable memfds
+                    // at all (Linux 6.3+; older kernels lack the file and rely on seccomp).
+                    // Written now, before /proc/sys becomes read-only.
+                    let _ = sys::write_file(C_MEMFD_NOEXEC, b"2");
+                }
+                mounted
             }
             COp::Devpts(dst) => {
                 sys::mount(Some(C_DEVPTS), dst, Some(C_DEVPTS), libc::MS_NOSUID | libc::MS_NOEXEC, Some(C_PTS_OPTS))
@@ -677,11 +685,6 @@ fn build_root(plan: &Plan, report: libc::c_int) {
         if let (Err(err), false) = (&result, matches!(op, COp::Devpts(_))) {
             fail(report, Stage::Mount, i, err, 125);
         }
-    }
-    if plan.memfd_noexec {
-        // vm.memfd_noexec=2 in the jail's pid namespace: no executable memfds at all
-        // (Linux 6.3+; older kernels lack the file and rely on seccomp + Landlock).
-        let _ = sys::write_file(C_MEMFD_NOEXEC, b"2");
     }
     step!(report, Stage::Pivot, 7, sys::umount2(C_OLDROOT, libc::MNT_DETACH));
     step!(report, Stage::Pivot, 8, sys::chdir(C_NEWROOT));

@@ -106,6 +106,14 @@ impl ViewSpec {
     /// what is mounted inside it.
     pub fn plan(&self) -> Vec<MountOp> {
         let mut ops = Vec::new();
+        // Private /tmp and minimal /dev first: a workspace under the host's /tmp is
+        // then bound on top of the private one, not hidden by it.
+        for (dir, options) in [("/tmp", "mode=1777,size=256m"), ("/dev", "mode=0755,size=64k")] {
+            ops.push(MountOp::Mkdir(format!("{NEWROOT}{dir}")));
+            let flags =
+                if dir == "/dev" { libc::MS_NOSUID | libc::MS_NOEXEC } else { libc::MS_NOSUID | libc::MS_NODEV };
+            ops.push(MountOp::Tmpfs { dst: format!("{NEWROOT}{dir}"), options: options.into(), flags });
+        }
         let mut binds = self.binds.clone();
         binds.sort_by_key(|b| b.path.components().count());
         for bind in &binds {
@@ -139,13 +147,6 @@ impl ViewSpec {
                 options: "mode=0755,size=256m".into(),
                 flags: libc::MS_NOSUID | libc::MS_NODEV,
             });
-        }
-        // Private /tmp, fresh /proc, minimal /dev.
-        for (dir, options) in [("/tmp", "mode=1777,size=256m"), ("/dev", "mode=0755,size=64k")] {
-            ops.push(MountOp::Mkdir(format!("{NEWROOT}{dir}")));
-            let flags =
-                if dir == "/dev" { libc::MS_NOSUID | libc::MS_NOEXEC } else { libc::MS_NOSUID | libc::MS_NODEV };
-            ops.push(MountOp::Tmpfs { dst: format!("{NEWROOT}{dir}"), options: options.into(), flags });
         }
         for dev in &self.devices {
             let dst = format!("{NEWROOT}/dev/{dev}");
@@ -226,6 +227,15 @@ mod tests {
             ops.iter().position(|o| *o == MountOp::HideDir { dst: "/newroot/home/u/work/.ssh".into() }).unwrap();
         let hide_file = ops.iter().position(|o| *o == MountOp::HideFile { dst: "/newroot/etc/shadow".into() }).unwrap();
         assert!(hide_dir > last_bind && hide_file > last_bind);
+    }
+
+    #[test]
+    fn a_workspace_under_tmp_is_mounted_over_the_private_tmp() {
+        let spec = ViewSpec { binds: vec![Bind { path: "/tmp/ws".into(), writable: true, is_dir: true }], ..spec() };
+        let ops = spec.plan();
+        let tmp = ops.iter().position(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == "/newroot/tmp")).unwrap();
+        let ws = ops.iter().position(|o| matches!(o, MountOp::Bind { dst, .. } if dst == "/newroot/tmp/ws")).unwrap();
+        assert!(tmp < ws);
     }
 
     #[test]

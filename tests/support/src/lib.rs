@@ -19,6 +19,10 @@ pub enum Need {
     BpfLsm,
     /// Kernel BTF at /sys/kernel/btf/vmlinux (tp_btf programs and struct offsets).
     Btf,
+    /// Landlock ABI 6 or later is enforced (filesystem, TCP and IPC scopes).
+    Landlock,
+    /// Unprivileged users may create user namespaces.
+    UserNamespaces,
 }
 
 impl Need {
@@ -38,6 +42,20 @@ impl Need {
             Need::Btf => (!Path::new("/sys/kernel/btf/vmlinux").exists())
                 .then(|| "kernel has no BTF at /sys/kernel/btf/vmlinux".to_string()),
             Need::BpfLsm => bpf_lsm_missing(),
+            Need::Landlock => {
+                // SAFETY: with a null attribute, size 0 and LANDLOCK_CREATE_RULESET_VERSION
+                // the call only returns the ABI version.
+                let abi = unsafe {
+                    libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<libc::c_void>(), 0usize, 1u32)
+                };
+                (abi < 6).then(|| format!("Landlock ABI 6 is needed (this kernel: {})", abi.max(0)))
+            }
+            Need::UserNamespaces => {
+                let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+                let clone = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").unwrap_or("1".into());
+                (max.trim() == "0" || clone.trim() == "0")
+                    .then(|| "unprivileged user namespaces are disabled".to_string())
+            }
         }
     }
 }

@@ -1,0 +1,245 @@
+//! The escape battery: tests/probes/escape.py runs inside rings 2 and 3 and tries ~50
+//! ways out, each beside a positive control. Every attempt must fail with the errno (or
+//! outcome) listed here AND its control must succeed, so a jail that blocks everything
+//! (or nothing) fails this test.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::Write,
+    net::TcpListener,
+    os::{
+        linux::net::SocketAddrExt,
+        unix::{
+            fs::PermissionsExt,
+            net::{SocketAddr as UnixAddr, UnixListener},
+        },
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+};
+
+use agt_jail_test_support::{require, Need};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
+const PYTHON: &str = "/usr/bin/python3";
+const SECRET_ENV: &str = "agt-jail-test-secret-value-5b1e";
+
+/// Host-side things the attempts aim at, removed on drop.
+struct Fixture {
+    workspace: PathBuf,
+    home: PathBuf,
+    sleeper: Child,
+    loopback_port: u16,
+    allowed_port: u16,
+    abstract_name: String,
+}
+
+fn listen(host: &str) -> u16 {
+    let listener = TcpListener::bind((host, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    port
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Self {
+        let id = format!("{}-{tag}", std::process::id());
+        let workspace = PathBuf::from(format!("/tmp/agt-jail-escape-{id}"));
+        let _ = fs::remove_dir_all(&workspace);
+        fs::create_dir_all(&workspace).unwrap();
+        let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/probes/escape.py");
+        fs::copy(&probe, workspace.join("escape.py")).unwrap();
+        // A setuid-root interpreter: running it must not give the agent any capability.
+        let suid = workspace.join("suid-python");
+        fs::copy(fs::canonicalize(PYTHON).unwrap(), &suid).unwrap();
+        fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
+        // A binary outside every exec allow-list.
+        fs::copy("/usr/bin/true", workspace.join("true-copy")).unwrap();
+        // A user's home with a key (hidden) beside an ordinary file (visible).
+        let home = PathBuf::from(format!("/home/agt-jail-escape-{id}"));
+        fs::create_dir_all(home.join(".ssh")).unwrap();
+        fs::write(home.join(".ssh/id_ed25519"), "PRIVATE KEY").unwrap();
+        fs::write(home.join("notes.txt"), "visible").unwrap();
+        let sleeper = Command::new("sleep").arg("300").spawn().unwrap();
+        let abstract_name = format!("agt-jail-escape-{id}");
+        let addr = UnixAddr::from_abstract_name(abstract_name.as_bytes()).unwrap();
+        let unix = UnixListener::bind_addr(&addr).unwrap();
+        thread::spawn(move || {
+            for stream in unix.incoming() {
+                drop(stream);
+            }
+        });
+        Self {
+            workspace,
+            home,
+            sleeper,
+            loopback_port: listen("127.0.0.1"),
+            allowed_port: listen("127.0.0.2"),
+            abstract_name,
+        }
+    }
+
+    fn config(&mut self, ring: u8) -> PathBuf {
+        let inside = if ring == 3 { "/workspace".to_string() } else { self.workspace.display().to_string() };
+        let allowed = if ring == 2 { Value::from(format!("127.0.0.2:{}", self.allowed_port)) } else { Value::Null };
+        let config = serde_json::json!({
+            "workspace_inside": inside,
+            "host_pid": self.sleeper.id(),
+            "host_port": self.loopback_port,
+            "allowed": allowed,
+            "allowed_port": self.allowed_port,
+            "secret_file": self.home.join(".ssh/id_ed25519"),
+            "visible_file": self.home.join("notes.txt"),
+            "abstract": self.abstract_name,
+            "setuid_copy": self.workspace.join("suid-python"),
+            "foreign_exe": self.workspace.join("true-copy"),
+            "allowed_exe": "/usr/bin/true",
+        });
+        let path = self.workspace.join(format!("ring{ring}.json"));
+        fs::File::create(&path).unwrap().write_all(config.to_string().as_bytes()).unwrap();
+        path
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.sleeper.kill();
+        let _ = self.sleeper.wait();
+        let _ = fs::remove_dir_all(&self.workspace);
+        let _ = fs::remove_dir_all(&self.home);
+    }
+}
+
+/// Expected outcome per attempt: the accepted errno names (or labels) for ring 2 and 3.
+/// Where two layers can answer first (a read-only mount and Landlock, or a missing
+/// route and Landlock), both names are accepted; "ok" never is.
+fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
+    let r2 = ring == 2;
+    vec![
+        ("read_etc_shadow", &["EACCES"]),
+        ("list_root_home", &["ENOENT"]),
+        ("read_ssh_key", &["EACCES", "ENOENT"]),
+        ("read_runtime_dir", &["ENOENT"]),
+        ("write_etc", &["EROFS", "EACCES"]),
+        ("write_usr_bin", &["EROFS", "EACCES"]),
+        ("mount_tmpfs", &["EPERM"]),
+        ("umount_proc", &["EPERM"]),
+        ("new_mount_api", &["EPERM"]),
+        ("unshare_userns", &["EPERM"]),
+        ("unshare_mountns", &["EPERM"]),
+        ("clone_userns", &["EPERM"]),
+        ("clone3", &["ENOSYS"]),
+        ("ptrace_attach", &["EPERM"]),
+        ("process_vm_readv", &["EPERM"]),
+        ("kill_host_process", &["ESRCH"]),
+        ("kill_jail_init", &["EPERM"]),
+        ("read_init_environ", &["EACCES"]),
+        ("connect_host_loopback", if r2 { &["EACCES", "EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
+        // Ring 2 allows this port (for 127.0.0.2): only the BPF address rule stops it.
+        ("connect_loopback_allowed_port", if r2 { &["EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
+        ("connect_metadata", &["EACCES", "EPERM", "ENETUNREACH"]),
+        ("connect_unlisted", &["EACCES", "ENETUNREACH"]),
+        ("raw_socket", &["EPERM"]),
+        ("packet_socket", &["EPERM"]),
+        ("bpf", &["EPERM"]),
+        ("io_uring_setup", &["EPERM"]),
+        ("keyctl", &["EPERM"]),
+        ("add_key", &["EPERM"]),
+        ("perf_event_open", &["EPERM"]),
+        ("userfaultfd", &["EPERM"]),
+        ("fileless_execveat", &["EPERM"]),
+        ("fileless_proc_fd", &["EACCES"]),
+        ("setuid_gains_caps", &["no-caps"]),
+        ("write_proc_sys", &["EROFS", "EACCES"]),
+        ("drop_caches", &["EROFS", "EACCES"]),
+        ("leave_cgroup", &["ENOENT"]),
+        ("leave_cgroup_unified", &["ENOENT"]),
+        ("open_by_handle_at", &["EPERM"]),
+        ("name_to_handle_at", &["EPERM"]),
+        ("host_abstract_socket", if r2 { &["EPERM"] } else { &["EPERM", "ECONNREFUSED"] }),
+        ("setns_host", &["EACCES", "EPERM"]),
+        ("personality", &["EPERM"]),
+        ("kernel_module", &["EPERM"]),
+        ("kexec_load", &["EPERM"]),
+        ("set_time", &["EPERM"]),
+        ("mknod_device", &["EPERM"]),
+        ("pivot_root", &["EPERM"]),
+        ("exec_unlisted", &["EACCES"]),
+        ("fork_bomb", &["EAGAIN"]),
+        ("memory_bomb", &["oom-killed"]),
+    ]
+}
+
+fn battery(ring: u8) {
+    let mut fx = Fixture::new(&format!("r{ring}"));
+    let config = fx.config(ring);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["exec", "--ring", &ring.to_string(), "--workspace"])
+        .arg(&fx.workspace)
+        .arg("--ro")
+        .arg(&fx.home)
+        .arg("--allow-exec")
+        .arg(fx.workspace.join("suid-python"))
+        .args(["--memory", "256M", "--pids", "64"])
+        .env("AGT_JAIL_TEST_SECRET", SECRET_ENV);
+    if ring == 2 {
+        cmd.args(["--allow-connect", &format!("127.0.0.2:{}", fx.allowed_port)]);
+    } else {
+        cmd.args(["--allow-exec", "/usr/bin/true"]);
+    }
+    let probe = fx.workspace.join("escape.py");
+    let output = cmd.arg("--").arg(PYTHON).arg(&probe).arg(&config).stdin(Stdio::null()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "probe failed:\n{stdout}\n{stderr}");
+    assert!(!stdout.contains(SECRET_ENV), "the host environment leaked into the jail: {stdout}");
+
+    let results: HashMap<String, Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("bad probe line {line:?}: {e}")))
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+        .collect();
+    let mut failures = Vec::new();
+    let expected = expectations(ring);
+    assert!(expected.len() >= 30);
+    for (name, accepted) in &expected {
+        let Some(result) = results.get(*name) else {
+            failures.push(format!("{name}: no result"));
+            continue;
+        };
+        let how = result["how"].as_str().unwrap_or("?");
+        if result["blocked"] != true || !accepted.contains(&how) {
+            failures.push(format!("{name}: expected one of {accepted:?}, got {how} (blocked={})", result["blocked"]));
+        }
+        if result["control"] != "ok" {
+            failures.push(format!("{name}: positive control failed: {}", result["control"]));
+        }
+    }
+    assert!(failures.is_empty(), "ring {ring}:\n{}\nstderr: {stderr}", failures.join("\n"));
+
+    // The host is unaffected: the host process the agent tried to kill still runs,
+    // agt-jail reported the OOM, and the fork bomb did not take the host's pids.
+    assert!(fx.sleeper.try_wait().unwrap().is_none(), "the host process was killed");
+    assert!(stderr.contains("the agent hit its memory limit"), "no OOM report: {stderr}");
+    assert!(Command::new("true").status().unwrap().success());
+}
+
+#[test]
+fn ring2_escape_battery() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    battery(2);
+}
+
+#[test]
+fn ring3_escape_battery() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    battery(3);
+}
