@@ -3,7 +3,7 @@
 #
 # Mounts what the suite needs, runs every selected test on its own, one at a time, and
 # prints one machine-readable line per test and a final verdict on the serial console:
-#   AGT-VM-RESULT test=TARGET::NAME status=pass|fail|skip [reason=...]
+#   AGT-VM-RESULT test=TARGET::NAME status=pass|fail|skip [reason=... (rest of the line)]
 #   AGT-VM-VERDICT pass=N fail=N skip=N
 # The runner on the host reads those lines; anything else on the console is for people.
 # The same script runs under the Vagrant box (vm-tests/Vagrantfile) with AGT_VM_CONF set.
@@ -86,6 +86,12 @@ while read -r target bin; do
             # A test that skipped itself in the VM proves nothing: never a silent pass here.
             echo "AGT-VM-RESULT test=$full status=fail reason=skipped-in-vm"
             fail=$((fail + 1))
+        elif [ "$rc" = 0 ] && grep -qE '(^|[.][.][.] )VM-SKIP [^ ]+: ' /tmp/agt-vm-out; then
+            # The test needs a feature this kernel version cannot have (agt-jail-test-support
+            # decides which): a counted skip with its reason, per kernel.
+            reason=$(sed -n 's/.*VM-SKIP [^ ]*: //p' /tmp/agt-vm-out | head -n 1)
+            echo "AGT-VM-RESULT test=$full status=skip reason=$reason"
+            skip=$((skip + 1))
         elif [ "$rc" = 0 ]; then
             echo "AGT-VM-RESULT test=$full status=pass"
             pass=$((pass + 1))

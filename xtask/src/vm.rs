@@ -160,6 +160,8 @@ struct Outcome {
     skip: u64,
     verdict: bool,
     failed_tests: Vec<String>,
+    /// (test, reason) of every skip, shown in the summary.
+    skipped_tests: Vec<(String, String)>,
     boot_secs: Option<f64>,
     total_secs: f64,
     problem: Option<String>,
@@ -242,6 +244,9 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         for test in &outcome.failed_tests {
             println!("        failed: {test}");
+        }
+        for (test, reason) in &outcome.skipped_tests {
+            println!("        skipped: {test}: {reason}");
         }
         failed |= !ok;
     }
@@ -952,7 +957,11 @@ fn observe(line: &str, started: Instant, outcome: &mut Outcome, verbose: bool) {
         let test = field(result, "test").unwrap_or("?").to_string();
         match field(result, "status") {
             Some("pass") => outcome.pass += 1,
-            Some("skip") => outcome.skip += 1,
+            Some("skip") => {
+                outcome.skip += 1;
+                let reason = result.split_once(" reason=").map_or("", |(_, reason)| reason);
+                outcome.skipped_tests.push((test, reason.to_string()));
+            }
             _ => {
                 outcome.fail += 1;
                 outcome.failed_tests.push(test);
@@ -1009,10 +1018,18 @@ mod tests {
         observe("AGT-VM-RESULT test=a::b status=pass", start, &mut outcome, false);
         observe("noise AGT-VM-RESULT test=a::c status=fail reason=exit-101", start, &mut outcome, false);
         observe("AGT-VM-RESULT test=a::d status=skip reason=ignored", start, &mut outcome, false);
-        observe("AGT-VM-VERDICT pass=1 fail=1 skip=1", start, &mut outcome, false);
-        assert_eq!((outcome.pass, outcome.fail, outcome.skip), (1, 1, 1));
+        observe(
+            "AGT-VM-RESULT test=a::e status=skip reason=Landlock ABI 6 is needed (this kernel: 2)",
+            start,
+            &mut outcome,
+            false,
+        );
+        observe("AGT-VM-VERDICT pass=1 fail=1 skip=2", start, &mut outcome, false);
+        assert_eq!((outcome.pass, outcome.fail, outcome.skip), (1, 1, 2));
         assert!(outcome.verdict && outcome.problem.is_none());
         assert_eq!(outcome.failed_tests, vec!["a::c".to_string()]);
+        assert_eq!(outcome.skipped_tests[0], ("a::d".to_string(), "ignored".to_string()));
+        assert_eq!(outcome.skipped_tests[1].1, "Landlock ABI 6 is needed (this kernel: 2)");
     }
 
     #[test]
