@@ -242,6 +242,9 @@ fn compare(op: CmpOp, l: &Value, r: &Value) -> bool {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PathTable {
     paths: Vec<Vec<String>>,
+    /// Interned `path == 'literal'` tests: rules often repeat them (`event == 'exec'`), and
+    /// each is then computed once per evaluation.
+    atoms: Vec<(u32, Box<str>)>,
 }
 
 impl PathTable {
@@ -257,19 +260,51 @@ impl PathTable {
         (self.paths.len() - 1) as u32
     }
 
+    fn atom(&mut self, slot: u32, lit: &str) -> u32 {
+        if let Some(i) = self.atoms.iter().position(|(s, l)| *s == slot && &**l == lit) {
+            return i as u32;
+        }
+        self.atoms.push((slot, lit.into()));
+        (self.atoms.len() - 1) as u32
+    }
+
     pub fn slots<'a>(&'a self, ctx: &'a Value) -> Slots<'a> {
-        Slots { table: &self.paths, vals: vec![None; self.paths.len()], ctx }
+        Slots {
+            table: &self.paths,
+            atoms: &self.atoms,
+            vals: vec![None; self.paths.len()],
+            atom_vals: vec![None; self.atoms.len()],
+            ctx,
+        }
     }
 }
 
 /// Lazily resolved path values for one evaluation.
 pub(crate) struct Slots<'a> {
     table: &'a [Vec<String>],
+    atoms: &'a [(u32, Box<str>)],
     vals: Vec<Option<&'a Value>>,
+    atom_vals: Vec<Option<bool>>,
     ctx: &'a Value,
 }
 
 impl<'a> Slots<'a> {
+    /// `path == 'literal'` (Python equality with a string: the value must be that string).
+    fn eq_atom(&mut self, i: u32) -> bool {
+        let i = i as usize;
+        if let Some(b) = self.atom_vals.get(i).copied().flatten() {
+            return b;
+        }
+        let b = match self.atoms.get(i) {
+            Some((slot, lit)) => matches!(self.get(*slot), Value::String(v) if v.as_str() == &**lit),
+            None => false,
+        };
+        if let Some(c) = self.atom_vals.get_mut(i) {
+            *c = Some(b);
+        }
+        b
+    }
+
     pub fn get(&mut self, i: u32) -> &'a Value {
         let i = i as usize;
         match self.vals.get(i).copied().flatten() {
@@ -294,8 +329,9 @@ pub(crate) enum Arg {
 /// The AST lowered for evaluation: paths become slots, `path == 'string'` gets a fast path.
 #[derive(Debug, Clone)]
 pub(crate) enum Prog {
-    EqStr(u32, Box<str>),
-    NeStr(u32, Box<str>),
+    /// Interned `path == 'string'` atom; `NeStr` is its negation.
+    EqStr(u32),
+    NeStr(u32),
     Cmp(CmpOp, Arg, Arg),
     Truthy(Arg),
     Matches(Arg, Regex),
@@ -315,10 +351,11 @@ impl Prog {
             Expr::Cmp(op @ (CmpOp::Eq | CmpOp::Ne), Operand::Path(p), Operand::Lit(Value::String(s)))
             | Expr::Cmp(op @ (CmpOp::Eq | CmpOp::Ne), Operand::Lit(Value::String(s)), Operand::Path(p)) => {
                 let slot = t.slot(p);
+                let atom = t.atom(slot, s);
                 if *op == CmpOp::Eq {
-                    Prog::EqStr(slot, s.clone().into_boxed_str())
+                    Prog::EqStr(atom)
                 } else {
-                    Prog::NeStr(slot, s.clone().into_boxed_str())
+                    Prog::NeStr(atom)
                 }
             }
             Expr::Cmp(op, l, r) => {
@@ -343,8 +380,8 @@ impl Prog {
             }
         }
         match self {
-            Prog::EqStr(i, lit) => matches!(s.get(*i), Value::String(v) if v.as_str() == &**lit),
-            Prog::NeStr(i, lit) => !matches!(s.get(*i), Value::String(v) if v.as_str() == &**lit),
+            Prog::EqStr(a) => s.eq_atom(*a),
+            Prog::NeStr(a) => !s.eq_atom(*a),
             Prog::Cmp(op, l, r) => {
                 let l = val(l, s);
                 let r = val(r, s);

@@ -23,6 +23,7 @@ pub(crate) struct Rule {
     pub name: String,
     pub description: Option<String>,
     pub stage: String,
+    pub stage_id: u8,
     pub condition_src: String,
     pub condition: Expr,
     /// `condition` lowered against the owning policy's path table.
@@ -82,6 +83,11 @@ const TOP_KEYS: &[&str] = &[
 const RULE_KEYS: &[&str] =
     &["name", "description", "stage", "condition", "action", "limit", "approvers", "priority", "enabled"];
 const STAGES: &[&str] = &["pre_input", "pre_tool", "post_tool", "pre_output"];
+
+/// Index of a stage in `STAGES`; unknown stages match no rule.
+pub(crate) fn stage_id(stage: &str) -> u8 {
+    STAGES.iter().position(|s| *s == stage).map_or(u8::MAX, |i| i as u8)
+}
 
 pub(crate) struct Ctx<'a> {
     pub file: &'a str,
@@ -390,6 +396,7 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node, paths: &mut PathTable) -> Result<Rule, 
         prog: Prog::compile(&condition, paths),
         name,
         description,
+        stage_id: stage_id(&stage),
         stage,
         condition_src,
         condition,
@@ -417,10 +424,11 @@ pub(crate) fn evaluate<'a>(
     strategy: Strategy,
 ) -> Option<Decision> {
     let mut cands: Vec<Candidate<'a>> = Vec::new();
+    let stage = stage_id(stage);
     for p in applicable {
         let mut slots = p.paths.slots(ctx);
         let mut consider = |r: &'a Rule, slots: &mut crate::expr::Slots<'a>| {
-            if r.enabled && r.stage == stage && r.prog.eval(slots) {
+            if r.enabled && r.stage_id == stage && r.prog.eval(slots) {
                 cands.push(Candidate { policy: p, rule: r });
             }
         };
