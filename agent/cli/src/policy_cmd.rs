@@ -12,7 +12,7 @@ const MAX_CONTEXT_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
-    /// Check policy files (YAML governance.toolkit/v1, Agent-OS v4, or .rego); errors print as file:line:col: message.
+    /// Check policy files (YAML governance.toolkit/v1, Agent-OS v4, .rego, or *.test.yaml); errors print as file:line:col: message.
     Lint {
         /// Policy files to check.
         #[arg(required = true)]
@@ -64,7 +64,14 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
 fn lint(files: &[PathBuf]) -> ExitCode {
     let mut bad = 0usize;
     for f in files {
-        match PolicySet::load(std::slice::from_ref(f)) {
+        // Test files beside the policies are checked as test files (structure and the policies
+        // they load), so `policy lint policies/*/*` works.
+        let result = if testrun::is_test_file(f) {
+            testrun::lint_file(f)
+        } else {
+            PolicySet::load(std::slice::from_ref(f)).map(|_| ())
+        };
+        match result {
             Ok(_) => {}
             Err(e) => {
                 bad += 1;
@@ -84,8 +91,7 @@ fn open_input(input: &str) -> Result<Box<dyn BufRead>, String> {
     if input == "-" {
         Ok(Box::new(std::io::BufReader::new(std::io::stdin())))
     } else {
-        let f =
-            std::fs::File::open(input).map_err(|e| format!("{input}: cannot read input: {e}"))?;
+        let f = std::fs::File::open(input).map_err(|e| format!("{input}: cannot read input: {e}"))?;
         Ok(Box::new(std::io::BufReader::new(f)))
     }
 }
@@ -115,10 +121,7 @@ fn eval(args: &EvalArgs) -> ExitCode {
     let mut out = BufWriter::new(stdout.lock());
     if !args.batch {
         let mut buf = Vec::new();
-        if let Err(e) = reader
-            .take(MAX_CONTEXT_BYTES as u64 + 1)
-            .read_to_end(&mut buf)
-        {
+        if let Err(e) = reader.take(MAX_CONTEXT_BYTES as u64 + 1).read_to_end(&mut buf) {
             eprintln!("{}: cannot read input: {e}", args.input);
             return ExitCode::from(2);
         }
@@ -145,11 +148,7 @@ fn eval(args: &EvalArgs) -> ExitCode {
         buf.clear();
         line_no += 1;
         // Bounded read: a line longer than the limit is an error, not an allocation.
-        let n = match reader
-            .by_ref()
-            .take(MAX_CONTEXT_BYTES as u64 + 1)
-            .read_until(b'\n', &mut buf)
-        {
+        let n = match reader.by_ref().take(MAX_CONTEXT_BYTES as u64 + 1).read_until(b'\n', &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("{}: cannot read input: {e}", args.input);
@@ -164,9 +163,7 @@ fn eval(args: &EvalArgs) -> ExitCode {
             let mut sink = Vec::new();
             let _ = reader.read_until(b'\n', &mut sink);
             bad_input = true;
-            Decision::error(format!(
-                "invalid input line {line_no}: longer than {MAX_CONTEXT_BYTES} bytes"
-            ))
+            Decision::error(format!("invalid input line {line_no}: longer than {MAX_CONTEXT_BYTES} bytes"))
         } else {
             if buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -200,8 +197,7 @@ fn decode(buf: &[u8]) -> Result<serde_json::Value, String> {
     if buf.len() > MAX_CONTEXT_BYTES {
         return Err(format!("input larger than {MAX_CONTEXT_BYTES} bytes"));
     }
-    let text = std::str::from_utf8(buf)
-        .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    let text = std::str::from_utf8(buf).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     testrun::parse_context(text)
 }
 
@@ -223,11 +219,7 @@ fn test(dir: &Path) -> ExitCode {
         }
     }
     let failed = report.failed();
-    println!(
-        "{} passed, {} failed",
-        report.cases.len() - report.cases.iter().filter(|c| !c.passed).count(),
-        failed
-    );
+    println!("{} passed, {} failed", report.cases.len() - report.cases.iter().filter(|c| !c.passed).count(), failed);
     if failed == 0 {
         ExitCode::SUCCESS
     } else {

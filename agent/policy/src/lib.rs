@@ -458,6 +458,12 @@ mod tests {
     }
 
     #[test]
+    fn policy_sets_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<PolicySet>();
+    }
+
+    #[test]
     fn non_object_context_fails_closed() {
         let set = PolicySet::from_str("p", "name: p\nagents: ['*']\ndefault_action: allow\n").unwrap();
         let d = set.evaluate(&json!([1]), &EvalOptions::default());

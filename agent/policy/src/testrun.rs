@@ -62,8 +62,7 @@ pub fn find_test_files(dir: &Path) -> Vec<PathBuf> {
             if ft.is_dir() && depth < MAX_DIR_DEPTH {
                 todo.push((p, depth + 1));
             } else if ft.is_file() {
-                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                if n.ends_with(".test.yaml") || n.ends_with(".test.yml") {
+                if is_test_file(&p) {
                     out.push(p);
                 }
             }
@@ -84,7 +83,7 @@ pub fn run_dir(dir: &Path) -> Report {
         ));
     }
     for f in files {
-        if let Err(e) = run_file(&f, &mut report) {
+        if let Err(e) = run_file(&f, &mut report, true) {
             report.errors.push(e);
         }
     }
@@ -97,7 +96,18 @@ struct Expect {
     matched_rule: Option<Option<String>>,
 }
 
-fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
+/// True for names `policy test` treats as test files.
+pub fn is_test_file(path: &Path) -> bool {
+    let n = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    n.ends_with(".test.yaml") || n.ends_with(".test.yml")
+}
+
+/// Checks a test file (its structure and the policies it loads) without running its cases.
+pub fn lint_file(path: &Path) -> Result<(), LoadError> {
+    run_file(path, &mut Report::default(), false)
+}
+
+fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError> {
     let file = path.display().to_string();
     let bytes = crate::read_limited(path)?;
     let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
@@ -144,6 +154,9 @@ fn run_file(path: &Path, report: &mut Report) -> Result<(), LoadError> {
         }
         if let Some(a) = cx.opt_string(case, "agent")? {
             case_opts.agent = Some(a);
+        }
+        if !run {
+            continue;
         }
         let mut limiter = RateLimiter::new(ManualClock::default());
         let mut last: Option<Decision> = None;
