@@ -61,10 +61,8 @@ pub fn find_test_files(dir: &Path) -> Vec<PathBuf> {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() && depth < MAX_DIR_DEPTH {
                 todo.push((p, depth + 1));
-            } else if ft.is_file() {
-                if is_test_file(&p) {
-                    out.push(p);
-                }
+            } else if ft.is_file() && is_test_file(&p) {
+                out.push(p);
             }
         }
     }
