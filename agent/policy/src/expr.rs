@@ -272,8 +272,10 @@ impl PathTable {
         Slots {
             table: &self.paths,
             atoms: &self.atoms,
-            vals: vec![None; self.paths.len()],
-            atom_vals: vec![None; self.atoms.len()],
+            inline: [None; INLINE],
+            spill: vec![None; self.paths.len().saturating_sub(INLINE)],
+            atom_known: 0,
+            atom_true: 0,
             ctx,
         }
     }
@@ -283,40 +285,48 @@ impl PathTable {
 pub(crate) struct Slots<'a> {
     table: &'a [Vec<String>],
     atoms: &'a [(u32, Box<str>)],
-    vals: Vec<Option<&'a Value>>,
-    atom_vals: Vec<Option<bool>>,
+    /// Resolved paths; the first `INLINE` live on the stack so small policies never allocate.
+    inline: [Option<&'a Value>; INLINE],
+    spill: Vec<Option<&'a Value>>,
+    /// Memoized atoms as two bit sets (known, value); atoms past 64 are not memoized.
+    atom_known: u64,
+    atom_true: u64,
     ctx: &'a Value,
 }
+
+const INLINE: usize = 16;
 
 impl<'a> Slots<'a> {
     /// `path == 'literal'` (Python equality with a string: the value must be that string).
     fn eq_atom(&mut self, i: u32) -> bool {
-        let i = i as usize;
-        if let Some(b) = self.atom_vals.get(i).copied().flatten() {
-            return b;
+        let bit = 1u64.checked_shl(i).unwrap_or(0);
+        if self.atom_known & bit != 0 {
+            return self.atom_true & bit != 0;
         }
-        let b = match self.atoms.get(i) {
+        let b = match self.atoms.get(i as usize) {
             Some((slot, lit)) => matches!(self.get(*slot), Value::String(v) if v.as_str() == &**lit),
             None => false,
         };
-        if let Some(c) = self.atom_vals.get_mut(i) {
-            *c = Some(b);
+        self.atom_known |= bit;
+        if b {
+            self.atom_true |= bit;
         }
         b
     }
 
     pub fn get(&mut self, i: u32) -> &'a Value {
         let i = i as usize;
-        match self.vals.get(i).copied().flatten() {
-            Some(v) => v,
-            None => {
-                let v = self.table.get(i).map_or(&NULL, |p| lookup(self.ctx, p));
-                if let Some(slot) = self.vals.get_mut(i) {
-                    *slot = Some(v);
-                }
-                v
-            }
+        let cached = if i < INLINE { self.inline[i] } else { self.spill.get(i - INLINE).copied().flatten() };
+        if let Some(v) = cached {
+            return v;
         }
+        let v = self.table.get(i).map_or(&NULL, |p| lookup(self.ctx, p));
+        if i < INLINE {
+            self.inline[i] = Some(v);
+        } else if let Some(slot) = self.spill.get_mut(i - INLINE) {
+            *slot = Some(v);
+        }
+        v
     }
 }
 

@@ -638,4 +638,34 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn many_paths_and_atoms_agree_with_the_ast() {
+        // More than 16 paths and 64 atoms: exercises the spilled slots and unmemoized atoms.
+        let mut doc = String::from("name: p\nagents: ['*']\nrules:\n");
+        for i in 0..120 {
+            doc.push_str(&format!(
+                "  - {{name: r{i}, condition: \"k{}.x == 'v{}' and k{}.x != 'w' or n{} > {i}\", action: deny, priority: {i}}}\n",
+                i % 40,
+                i % 7,
+                i % 40,
+                i % 30
+            ));
+        }
+        let p = policy(&doc);
+        for j in 0..60 {
+            let mut ctx = serde_json::Map::new();
+            for k in 0..40 {
+                ctx.insert(format!("k{k}"), json!({"x": format!("v{}", (j + k) % 7)}));
+            }
+            for n in 0..30 {
+                ctx.insert(format!("n{n}"), json!((j * 7 + n) % 130));
+            }
+            let ctx = Value::Object(ctx);
+            let mut slots = p.paths.slots(&ctx);
+            for r in &p.rules {
+                assert_eq!(r.prog.eval(&mut slots), r.condition.eval(&ctx), "{} on {ctx}", r.condition_src);
+            }
+        }
+    }
 }
