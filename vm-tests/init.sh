@@ -11,6 +11,19 @@
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 CONF=${AGT_VM_CONF:-/etc/agt-vm}
 
+if [ "$$" = 1 ] && [ ! -e /.agt-vm-root ]; then
+    # pivot_root(2) refuses the initial rootfs (EINVAL), and jails pivot_root like on any
+    # real system: copy the initramfs into a tmpfs and make that the root first.
+    /bin/busybox mkdir -p /newroot
+    /bin/busybox mount -t tmpfs -o mode=0755 tmpfs /newroot
+    for entry in /*; do
+        [ "$entry" = /newroot ] && continue
+        /bin/busybox cp -a "$entry" /newroot/
+    done
+    /bin/busybox touch /newroot/.agt-vm-root
+    exec /bin/busybox switch_root /newroot /init
+fi
+
 if [ "$$" = 1 ]; then
     /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
     /bin/busybox --install -s
