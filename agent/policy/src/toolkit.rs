@@ -61,7 +61,9 @@ pub(crate) struct Policy {
 impl Policy {
     /// AGT's `Policy.applies_to`: exact `agent`, listed in `agents`, or `*` in `agents`.
     pub fn applies_to(&self, agent: &str) -> bool {
-        self.agent.as_deref() == Some(agent) || self.agents.iter().any(|a| a == agent || a == "*")
+        // An empty `agent` is falsy in AGT's check and matches nobody.
+        self.agent.as_deref().is_some_and(|a| !a.is_empty() && a == agent)
+            || self.agents.iter().any(|a| a == agent || a == "*")
     }
 }
 
