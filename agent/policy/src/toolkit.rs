@@ -394,7 +394,7 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node, paths: &mut PathTable) -> Result<Rule, 
     };
     let description = cx.opt_string(node, "description")?;
     Ok(Rule {
-        reason: description.clone().unwrap_or_else(|| format!("Rule {name} matched")),
+        reason: description.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| format!("Rule {name} matched")),
         prog: Prog::compile(&condition, paths),
         name,
         description,
