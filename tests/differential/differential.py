@@ -4,7 +4,7 @@
 Generates (policy, context) pairs, asks AGT (agent-governance-toolkit-core 5.0.0:
 agentmesh.governance.PolicyEngine for governance.toolkit/v1 and
 agent_os.policies.PolicyEvaluator for Agent-OS v4) and `agt-jail policy eval --batch`, and
-compares the action and the matched rule of every decision.
+compares the action, the matched rule and the reason of every decision.
 
 The generated corpus stays inside what AGT's regex-based evaluator handles correctly (see
 docs/agt-differences.md); a separate, small set of known-quirk cases is run too and reported,
@@ -188,7 +188,7 @@ def oracle_toolkit(group, files):
     out = []
     for ctx in group["contexts"]:
         d = engine.evaluate(agent_of(ctx), json.loads(json.dumps(ctx)), stage=group.get("stage", "pre_tool"))
-        out.append({"action": d.action, "matched_rule": d.matched_rule})
+        out.append({"action": d.action, "matched_rule": d.matched_rule, "reason": d.reason})
     return out
 
 
@@ -246,7 +246,7 @@ def oracle_v4(group, files):
     out = []
     for ctx in group["contexts"]:
         d = ev.evaluate(json.loads(json.dumps(ctx)))
-        out.append({"action": d.action, "matched_rule": d.matched_rule})
+        out.append({"action": d.action, "matched_rule": d.matched_rule, "reason": d.reason})
     return out
 
 
@@ -316,8 +316,10 @@ def compare(binary, tmp, gid, group):
     if got is None or len(got) != len(expected):
         return len(expected), [(gid, None, "agt-jail failed: %s" % err, files)]
     for i, (e, g) in enumerate(zip(expected, got)):
-        if e["action"] != g["action"] or e["matched_rule"] != g["matched_rule"]:
-            diffs.append((gid, i, f"AGT {e} vs agt-jail {{'action': {g['action']!r}, 'matched_rule': {g['matched_rule']!r}}} "
+        # agt-jail appends the error detail to AGT's fail-closed reason; otherwise reasons match.
+        reason_ok = g["reason"] == e["reason"] or (g.get("error") and g["reason"].startswith(e["reason"]))
+        if e["action"] != g["action"] or e["matched_rule"] != g["matched_rule"] or not reason_ok:
+            diffs.append((gid, i, f"AGT {e} vs agt-jail {{'action': {g['action']!r}, 'matched_rule': {g['matched_rule']!r}, 'reason': {g['reason']!r}}} "
                           f"context={json.dumps(group['contexts'][i])}", files))
     return len(expected), diffs
 
