@@ -330,3 +330,17 @@ fn failures_after_setup_began_leave_nothing_behind() {
     assert_eq!(fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count(), mounts_before);
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn doctor_reports_the_host_and_every_ring() {
+    let output = agt_jail().arg("doctor").output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    for needle in ["kernel", "landlock", "seccomp", "user namespaces", "cgroup", "BTF", "BPF LSM", "ring 0", "ring 3"] {
+        assert!(text.contains(needle), "{needle} missing in:\n{text}");
+    }
+    let output = agt_jail().args(["doctor", "--json"]).output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["rings"].as_array().unwrap().len(), 4);
+    assert!(json["kernel"].is_string());
+}

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod test;
@@ -26,6 +27,8 @@ enum Task {
     Demo(demo::Options),
     /// Boot Debian kernels (6.1, 6.12) in QEMU and run the test suite inside (Tier A).
     VmTest(vm::Options),
+    /// Measure jail start-up side by side with bubblewrap (needs root); --write updates docs/benchmarks.md.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Task::Test(opts) => test::run(&opts),
         Task::Demo(opts) => demo::run(&opts),
         Task::VmTest(opts) => vm::run(&opts),
+        Task::Bench(opts) => bench::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

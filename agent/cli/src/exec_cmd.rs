@@ -372,17 +372,26 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             cpu_millis: profile.limits.cpu_millis,
         };
         cgroup.apply_limits(&layout, &limits).context("cannot set the agent's limits")?;
-        let agent_id = cgroup.id();
-        let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
-        programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
         let mut rules = args.deny_connect.clone();
         if profile.confine && profile.net == NetMode::Allowlist {
             rules.extend(allowlist_denies(&profile));
         }
-        for rule in rules {
-            programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
-        }
-        programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
+        // Loading the BPF object costs ~90 ms per run. Ring 0 exists to be observed,
+        // and connect rules and --events need the programs; a confined ring without
+        // them is enforced by namespaces, Landlock and seccomp alone (docs/adr/0003).
+        let need_bpf = !profile.confine || args.events.is_some() || !rules.is_empty();
+        let programs = if need_bpf {
+            let agent_id = cgroup.id();
+            let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
+            programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
+            for rule in rules {
+                programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
+            }
+            programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
+            Some(programs)
+        } else {
+            None
+        };
         governed = Some((cgroup, programs));
     } else {
         eprintln!(
@@ -392,7 +401,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut pump = None;
-    if let Some((_, programs)) = governed.as_mut() {
+    if let Some((_, Some(programs))) = governed.as_mut() {
         let sink = EventSink::open(args.events.as_deref(), !args.quiet)?;
         let reader = programs.take_events().context("event reader already taken")?;
         let stop = Arc::clone(&stop);
@@ -425,6 +434,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             workspace: workspace.clone(),
             allow_exec: args.allow_exec.clone(),
             cgroup_procs: governed.as_ref().map(|(c, _)| c.procs_paths()).unwrap_or_default(),
+            cgroup_dir: governed.as_ref().map(|(c, _)| c.dir().as_raw_fd()),
             home: std::env::var_os("HOME").map(PathBuf::from),
             rootless: !root,
             tty: pty.as_ref().map(|p| p.slave.as_raw_fd()),
@@ -476,7 +486,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             eprintln!("agt-jail: the agent hit its memory limit: the OOM killer ended {ooms} process(es)");
         }
         cleanup = cgroup.remove().context("cannot remove the agent's cgroup");
-        drops = programs.dropped_events().unwrap_or(0);
+        drops = programs.and_then(|p| p.dropped_events().ok()).unwrap_or(0);
     }
     if let Some(pumped) = stop_pump(pump) {
         pumped.map_err(|_| anyhow::anyhow!("event thread panicked"))?.context("cannot write events")?;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod doctor_cmd;
 mod exec_cmd;
 mod policy_cmd;
 
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
     Exec(exec_cmd::ExecArgs),
+    /// Report what this kernel offers and what each ring enforces on this host.
+    Doctor(doctor_cmd::DoctorArgs),
     /// Lint, evaluate and test policies (AGT governance.toolkit/v1, Agent-OS v4, Rego).
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Exec(args) => exec_cmd::run(args),
+        Command::Doctor(args) => doctor_cmd::run(args),
         Command::Policy(cmd) => policy_cmd::run(cmd),
     }
 }

@@ -236,8 +236,9 @@ impl AgentCgroup {
                 "pids" => limits.pids.is_some(),
                 _ => limits.cpu_millis.is_some(),
             };
-            // Memory is always accounted (for OOM reports) where a controller exists.
-            if !wanted && controller != "memory" {
+            // No limit, no controller cgroup: joining a v1 hierarchy is a migration that
+            // waits for an RCU grace period, the largest part of a jail's start-up.
+            if !wanted {
                 continue;
             }
             let (dir, v2) = match layout.placement(controller) {
@@ -358,6 +359,7 @@ impl AgentCgroup {
             return Ok(());
         }
         let started = Instant::now();
+        let mut pause = Backoff::default();
         loop {
             if self.pids()?.is_empty() {
                 match fs::remove_dir(&self.path) {
@@ -385,8 +387,21 @@ impl AgentCgroup {
                     waited_ms: started.elapsed().as_millis(),
                 });
             }
-            thread::sleep(Duration::from_millis(5));
+            pause.wait();
         }
+    }
+}
+
+/// Short sleeps that grow: an exiting task usually leaves its cgroup within a few
+/// hundred microseconds, and a fixed 5 ms pause would dominate jail start-up cost.
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    fn wait(&mut self) {
+        let micros = (50u64 << self.0.min(7)).min(5_000);
+        self.0 += 1;
+        thread::sleep(Duration::from_micros(micros));
     }
 }
 
@@ -395,9 +410,10 @@ impl AgentCgroup {
     /// retry covers tasks that are still exiting.
     fn remove_v1(&mut self) {
         for dir in std::mem::take(&mut self.v1) {
-            for _ in 0..400 {
+            let mut pause = Backoff::default();
+            for _ in 0..2_000 {
                 match fs::remove_dir(&dir) {
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => thread::sleep(Duration::from_millis(5)),
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => pause.wait(),
                     _ => break,
                 }
             }

@@ -76,6 +76,8 @@ pub struct JailConfig {
     pub allow_exec: Vec<PathBuf>,
     /// `cgroup.procs` files to join before anything else (empty when rootless).
     pub cgroup_procs: Vec<PathBuf>,
+    /// The agent's cgroup v2 directory (open), to clone the jail straight into it.
+    pub cgroup_dir: Option<libc::c_int>,
     /// The invoking user's home, for `~` in hide patterns.
     pub home: Option<PathBuf>,
     /// Use a user namespace (not root): uid 0 inside maps to the caller.
@@ -132,7 +134,11 @@ struct Plan {
     rootless: bool,
     uid_map: Vec<u8>,
     gid_map: Vec<u8>,
-    cgroup_procs: Vec<CString>,
+    /// The v2 `cgroup.procs` (the child writes it when clone3 could not place it).
+    cgroup_v2_procs: Option<CString>,
+    /// v1 `cgroup.procs` files, written by the parent while the child builds its root.
+    cgroup_v1_procs: Vec<PathBuf>,
+    cgroup_dir: Option<libc::c_int>,
     cgroup_ns: bool,
     ops: Vec<COp>,
     op_names: Vec<String>,
@@ -418,7 +424,9 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         rootless: cfg.rootless,
         uid_map: format!("0 {} 1", sys::geteuid()).into_bytes(),
         gid_map: format!("0 {} 1", sys::getegid()).into_bytes(),
-        cgroup_procs: cfg.cgroup_procs.iter().map(|p| path_c(p)).collect::<Result<_, _>>()?,
+        cgroup_v2_procs: cfg.cgroup_procs.first().map(|p| path_c(p)).transpose()?,
+        cgroup_v1_procs: cfg.cgroup_procs.iter().skip(1).cloned().collect(),
+        cgroup_dir: cfg.cgroup_dir,
         cgroup_ns: p.cgroup_ns,
         ops,
         op_names,
@@ -451,16 +459,57 @@ pub fn launch(cfg: &JailConfig, enforcement: &Enforcement) -> Result<JailProcess
     check_program(&cfg.program)?;
     let plan = build_plan(cfg, enforcement)?;
     let (report_r, report_w) = sys::pipe_cloexec().map_err(LaunchError::Clone)?;
-    let pid = match sys::clone_process(plan.clone_flags) {
-        Ok(0) => child_init(&plan, report_w),
-        Ok(pid) => pid,
+    let (go_r, go_w) = match sys::pipe_cloexec() {
+        Ok(fds) => fds,
         Err(e) => {
             sys::close(report_r);
             sys::close(report_w);
             return Err(LaunchError::Clone(e));
         }
     };
+    // Born in the agent's v2 cgroup when the kernel can (clone3 + CLONE_INTO_CGROUP);
+    // otherwise a plain clone and the child joins it itself.
+    let ns_flags = plan.clone_flags & !(libc::SIGCHLD as libc::c_ulong);
+    let cloned = match plan.cgroup_dir {
+        Some(fd) => match sys::clone3_process(ns_flags, Some(fd)) {
+            Ok(pid) => Ok((pid, true)),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
+                sys::clone_process(plan.clone_flags).map(|pid| (pid, false))
+            }
+            Err(e) => Err(e),
+        },
+        None => sys::clone_process(plan.clone_flags).map(|pid| (pid, plan.cgroup_v2_procs.is_none())),
+    };
+    let pid = match cloned {
+        Ok((0, in_v2)) => {
+            sys::close(go_w);
+            child_init(&plan, report_w, go_r, in_v2)
+        }
+        Ok((pid, _)) => pid,
+        Err(e) => {
+            for fd in [report_r, report_w, go_r, go_w] {
+                sys::close(fd);
+            }
+            return Err(LaunchError::Clone(e));
+        }
+    };
     sys::close(report_w);
+    sys::close(go_r);
+    // The v1 hierarchies (hybrid hosts): the parent moves the child in while the
+    // child builds its root; the child forks the agent only after the go byte.
+    for procs in &plan.cgroup_v1_procs {
+        if let Err(source) = std::fs::write(procs, pid.to_string()) {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::waitpid(pid, false);
+            sys::close(go_w);
+            sys::close(report_r);
+            return Err(LaunchError::Setup { stage: format!("joining {}", procs.display()), source });
+        }
+    }
+    let _ = sys::write_all_raw(go_w, b"g");
+    sys::close(go_w);
     let mut buf = [0u8; 12];
     let mut got = 0;
     while got < buf.len() {
@@ -588,7 +637,7 @@ const C_GID_MAP: &std::ffi::CStr = c"/proc/self/gid_map";
 const FORWARDED: [libc::c_int; 7] =
     [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
 
-fn child_init(plan: &Plan, report: libc::c_int) -> ! {
+fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int, in_v2: bool) -> ! {
     // Handlers first: pid 1 drops signals it has no handler for.
     step!(report, Stage::Session, 0, sys::install_forwarding_handlers(&FORWARDED));
     // Die with agt-jail: if the supervisor is killed, the jail goes too.
@@ -598,11 +647,8 @@ fn child_init(plan: &Plan, report: libc::c_int) -> ! {
         step!(report, Stage::UserMap, 1, sys::write_file(C_UID_MAP, &plan.uid_map));
         step!(report, Stage::UserMap, 2, sys::write_file(C_GID_MAP, &plan.gid_map));
     }
-    for (i, procs) in plan.cgroup_procs.iter().enumerate() {
-        step!(report, Stage::JoinCgroup, i, sys::write_file(procs, b"0"));
-    }
-    if plan.cgroup_ns {
-        step!(report, Stage::CgroupNs, 0, sys::unshare(libc::CLONE_NEWCGROUP));
+    if let (Some(procs), false) = (&plan.cgroup_v2_procs, in_v2) {
+        step!(report, Stage::JoinCgroup, 0, sys::write_file(procs, b"0"));
     }
     build_root(plan, report);
     if plan.uts_ns {
@@ -610,6 +656,19 @@ fn child_init(plan: &Plan, report: libc::c_int) -> ! {
     }
     if plan.net_ns {
         step!(report, Stage::Loopback, 0, sys::loopback_up());
+    }
+    // Wait until the parent has moved us into every v1 hierarchy: no agent code runs
+    // outside the agent's cgroups. EOF without the byte means the parent gave up.
+    let mut byte = [0u8; 1];
+    match sys::read_raw(go, &mut byte) {
+        Ok(1) => {}
+        Ok(_) => fail(report, Stage::JoinCgroup, 1, &io::Error::from_raw_os_error(libc::ECANCELED), 125),
+        Err(err) => fail(report, Stage::JoinCgroup, 1, &err, 125),
+    }
+    sys::close(go);
+    // The cgroup namespace is rooted at the agent's cgroups, now that all are joined.
+    if plan.cgroup_ns {
+        step!(report, Stage::CgroupNs, 0, sys::unshare(libc::CLONE_NEWCGROUP));
     }
     // The init's memory holds agt-jail's environment: keep it out of reach.
     step!(report, Stage::Session, 2, sys::prctl(libc::PR_SET_DUMPABLE, 0, 0));
@@ -856,6 +915,7 @@ mod tests {
             workspace: None,
             allow_exec: vec![],
             cgroup_procs: vec![],
+            cgroup_dir: None,
             home: None,
             rootless: false,
             tty: None,

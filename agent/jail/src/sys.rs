@@ -536,3 +536,47 @@ pub fn restore_termios(fd: libc::c_int, saved: &libc::termios) {
     // SAFETY: `saved` is a valid termios.
     unsafe { libc::tcsetattr(fd, libc::TCSANOW, saved) };
 }
+
+/// clone3(2) without a new stack (fork-like), optionally straight into the cgroup v2
+/// directory open at `cgroup_fd` (CLONE_INTO_CGROUP, Linux 5.7): the child is born in
+/// the agent's cgroup, so no migration (and no RCU grace period under the cgroup
+/// threadgroup lock) is needed. `flags` are CLONE_* flags without an exit signal.
+/// Same child-side rules as [`clone_process`].
+pub fn clone3_process(flags: libc::c_ulong, cgroup_fd: Option<libc::c_int>) -> io::Result<libc::pid_t> {
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let mut args = CloneArgs {
+        flags,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: 0,
+    };
+    if let Some(fd) = cgroup_fd {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd as u64;
+    }
+    // SAFETY: `args` is a valid clone_args of the size passed; with a zero stack the
+    // child continues on a copy of the caller's stack, like fork(2).
+    let rc = unsafe { libc::syscall(libc::SYS_clone3, &mut args, std::mem::size_of::<CloneArgs>()) };
+    check_long(rc).map(|pid| pid as libc::pid_t)
+}

@@ -1,0 +1,245 @@
+//! `agt-jail doctor`: what this host's kernel offers and what each ring will and will
+//! not enforce here. Every check is read-only, except that as root it tries to load the
+//! BPF programs (and the BPF LSM program) to learn whether the kernel accepts them.
+use std::{path::Path, process::ExitCode};
+
+use agt_jail_ebpf_loader::{lsm::ExecLsm, AgentPrograms};
+use agt_jail_jail::{cgroup::Placement, host, seccomp, CgroupLayout, NetMode, Profile, WorkspaceMode};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Print the facts as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Facts {
+    kernel: String,
+    landlock_abi: Option<u32>,
+    seccomp: bool,
+    userns: Result<(), String>,
+    layout: Option<CgroupLayout>,
+    lsm_list: Option<String>,
+    btf: bool,
+    bpf_programs: Result<(), String>,
+    bpf_lsm: Result<(), String>,
+    root: bool,
+}
+
+fn userns() -> Result<(), String> {
+    let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    if max.trim() == "0" {
+        return Err("user.max_user_namespaces is 0".into());
+    }
+    if std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").is_ok_and(|v| v.trim() == "0") {
+        return Err("kernel.unprivileged_userns_clone is 0".into());
+    }
+    if std::fs::read_to_string("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").is_ok_and(|v| v.trim() == "1")
+    {
+        return Err("AppArmor restricts unprivileged user namespaces".into());
+    }
+    Ok(())
+}
+
+fn gather() -> Facts {
+    let root = host::euid() == 0;
+    let (bpf_programs, bpf_lsm) = if root {
+        match AgentPrograms::load() {
+            Ok(mut programs) => {
+                let lsm = ExecLsm::load(&mut programs).map(|_| ()).map_err(|e| format!("{e}"));
+                (Ok(()), lsm)
+            }
+            Err(e) => (Err(format!("{e}")), Err("the base programs did not load".into())),
+        }
+    } else {
+        (Err("not checked (needs root)".into()), Err("not checked (needs root)".into()))
+    };
+    Facts {
+        kernel: host::kernel_release(),
+        landlock_abi: host::landlock_abi(),
+        seccomp: host::seccomp_available(),
+        userns: userns(),
+        layout: CgroupLayout::detect(Path::new("/proc/self/mountinfo")).ok(),
+        lsm_list: std::fs::read_to_string("/sys/kernel/security/lsm").ok().map(|s| s.trim().to_string()),
+        btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+        bpf_programs,
+        bpf_lsm,
+        root,
+    }
+}
+
+fn yes(ok: bool) -> &'static str {
+    if ok {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// What `ring` enforces on a host with these facts: (enforced, not enforced).
+fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
+    let Ok(profile) = Profile::builtin(ring) else { return (vec![], vec!["profile does not load".into()]) };
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    let abi = facts.landlock_abi.unwrap_or(0);
+    match &facts.layout {
+        Some(layout) => {
+            on.push("own cgroup, killable as a whole (cgroup.kill)".into());
+            for (controller, limit) in [
+                ("memory", profile.limits.memory.is_some()),
+                ("pids", profile.limits.pids.is_some()),
+                ("cpu", profile.limits.cpu_millis.is_some()),
+            ] {
+                if !limit {
+                    continue;
+                }
+                match layout.placement(controller) {
+                    Placement::V2 => on.push(format!("{controller} limit (cgroup v2)")),
+                    Placement::V1(root) => on.push(format!("{controller} limit (cgroup v1 at {})", root.display())),
+                    Placement::Missing => off.push(format!("{controller} limit: no {controller} controller")),
+                }
+            }
+        }
+        None => off.push("cgroup: no cgroup2 hierarchy, exec cannot run".into()),
+    }
+    match &facts.bpf_programs {
+        Ok(()) => on.push("exec/connect events and connect deny rules (BPF, cgroup-attached)".into()),
+        Err(e) => off.push(format!("BPF programs: {e}")),
+    }
+    if !profile.confine {
+        off.push("no namespaces, Landlock or seccomp (record mode)".into());
+        return (on, off);
+    }
+    on.push("pid, mount, ipc, uts, cgroup namespaces; pivot_root view; private /tmp, /proc, /dev".into());
+    if profile.net == NetMode::None {
+        on.push("own network namespace with loopback only".into());
+    }
+    on.push("no capabilities (bounding, ambient, effective), securebits locked, no_new_privs".into());
+    if facts.seccomp {
+        on.push(format!(
+            "seccomp deny-list ({} syscalls + namespace clone flags, clone3 -> ENOSYS, fileless execveat, foreign ABIs)",
+            seccomp::NEVER.len() + seccomp::DOCKER_EXTRA.len()
+        ));
+    } else {
+        off.push("seccomp: not available, ring refuses to start".into());
+    }
+    if abi == 0 {
+        off.push("Landlock: not enforced, ring refuses to start".into());
+    } else {
+        let exec = if profile.exec_system { "system paths" } else { "the entry command only" };
+        on.push(format!("Landlock ABI {abi}: writes only to the workspace and /tmp, exec of {exec}"));
+        match profile.net {
+            NetMode::Allowlist if abi >= 4 => on.push(
+                "TCP connect only to allow-listed ports (Landlock) and never to host loopback or metadata (BPF)".into(),
+            ),
+            NetMode::Allowlist => off.push("TCP allow-list needs Landlock ABI 4: ring refuses to start".into()),
+            NetMode::None if abi >= 4 => on.push("no TCP connect at all (Landlock)".into()),
+            _ => {}
+        }
+        if abi >= 6 {
+            on.push("signals and abstract unix sockets scoped to the jail (Landlock ABI 6)".into());
+        } else {
+            off.push(format!("signal/abstract-socket scoping needs Landlock ABI 6 (have {abi})"));
+        }
+    }
+    if profile.net == NetMode::Allowlist {
+        off.push("egress allow-list is by TCP port, not address; UDP egress is not filtered".into());
+    }
+    if profile.workspace == WorkspaceMode::Scratch {
+        on.push("scratch /workspace (tmpfs); a given --workspace is read-only".into());
+    }
+    match &facts.bpf_lsm {
+        Ok(()) => on.push("Tier A: BPF LSM exec denial available".into()),
+        Err(_) => off.push("Tier A (BPF LSM) hooks: exec is enforced by Landlock instead (Tier B)".into()),
+    }
+    if !facts.root {
+        off.push("as this non-root user: user namespace, no cgroup/limits, no BPF, --net none only".into());
+    }
+    (on, off)
+}
+
+pub fn run(args: DoctorArgs) -> ExitCode {
+    let facts = gather();
+    if args.json {
+        let rings: Vec<_> = (0..4)
+            .map(|r| {
+                let (on, off) = ring_report(&facts, r);
+                serde_json::json!({ "ring": r, "enforced": on, "not_enforced": off })
+            })
+            .collect();
+        let json = serde_json::json!({
+            "kernel": facts.kernel,
+            "landlock_abi": facts.landlock_abi,
+            "seccomp": facts.seccomp,
+            "user_namespaces": facts.userns.clone().err().unwrap_or_else(|| "available".into()),
+            "cgroup": facts.layout.as_ref().map(|l| serde_json::json!({
+                "v2": l.v2, "hybrid": l.hybrid, "v2_controllers": l.v2_controllers(),
+                "v1": l.v1.iter().map(|(c, p)| serde_json::json!({"controller": c, "mount": p})).collect::<Vec<_>>(),
+            })),
+            "lsm": facts.lsm_list,
+            "btf": facts.btf,
+            "bpf_programs": facts.bpf_programs.clone().err().unwrap_or_else(|| "load".into()),
+            "bpf_lsm": facts.bpf_lsm.clone().err().unwrap_or_else(|| "loads".into()),
+            "rings": rings,
+        });
+        println!("{json}");
+        return ExitCode::SUCCESS;
+    }
+    println!("kernel            {}", facts.kernel);
+    println!("landlock          {}", facts.landlock_abi.map_or("not enforced".to_string(), |abi| format!("ABI {abi}")));
+    println!("seccomp           {}", if facts.seccomp { "filters available" } else { "not available" });
+    println!(
+        "user namespaces   {}",
+        match &facts.userns {
+            Ok(()) => "available to unprivileged users".to_string(),
+            Err(e) => e.clone(),
+        }
+    );
+    match &facts.layout {
+        Some(layout) => {
+            let kind = if layout.hybrid { "hybrid (v1 controllers + cgroup2)" } else { "pure v2" };
+            println!("cgroup            {kind}; cgroup2 at {}", layout.v2.display());
+            let v2 = layout.v2_controllers();
+            println!(
+                "                  v2 controllers: {}",
+                if v2.is_empty() { "none".to_string() } else { v2.join(" ") }
+            );
+            if !layout.v1.is_empty() {
+                let v1: Vec<String> = layout.v1.iter().map(|(c, p)| format!("{c}={}", p.display())).collect();
+                println!("                  v1: {}", v1.join(" "));
+            }
+        }
+        None => println!("cgroup            no cgroup2 hierarchy mounted"),
+    }
+    println!(
+        "active LSMs       {}",
+        facts.lsm_list.clone().unwrap_or_else(|| "unknown (securityfs not mounted at /sys/kernel/security)".into())
+    );
+    println!("BTF               {}", yes(facts.btf));
+    println!(
+        "BPF programs      {}",
+        match &facts.bpf_programs {
+            Ok(()) => "load (connect hooks, exec events)".to_string(),
+            Err(e) => e.clone(),
+        }
+    );
+    println!(
+        "BPF LSM           {}",
+        match &facts.bpf_lsm {
+            Ok(()) => "loads (Tier A)".to_string(),
+            Err(e) => format!("refused or absent: Tier B ({e})"),
+        }
+    );
+    for ring in 0..4 {
+        let (on, off) = ring_report(&facts, ring);
+        println!("\nring {ring}");
+        for line in on {
+            println!("  + {line}");
+        }
+        for line in off {
+            println!("  - {line}");
+        }
+    }
+    ExitCode::SUCCESS
+}
