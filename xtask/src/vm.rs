@@ -17,8 +17,10 @@
 //! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries and
 //!    `agt-jail` at their host paths (tests find the binary through the compile-time
 //!    `CARGO_BIN_EXE_agt-jail`), their shared libraries (ldd), the repository's
-//!    policies/ and profiles/, the host programs listed in vm-tests/guest-tools (bash
-//!    for tests that use /dev/tcp) and the host's `uname -r`. Debug info is stripped to keep
+//!    policies/, profiles/ and tests/probes/, the host programs listed in
+//!    vm-tests/guest-tools (bash for /dev/tcp, python3 for the escape probes) and the
+//!    directories in vm-tests/guest-trees (Python's standard library), and the host's
+//!    `uname -r`. Debug info is stripped to keep
 //!    it small. No kernel modules are needed: serial console, initramfs root, results
 //!    over the console.
 //! 5. QEMU: TCG (KVM only when a probe shows it runs guests), `lsm=...,bpf`, pure
@@ -553,8 +555,13 @@ fn package_name(id: &str) -> String {
 
 fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, out: &Path) -> Result<u64> {
     let mut archive = Cpio::default();
-    for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc/agt-vm"] {
+    for dir in ["usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "proc", "sys", "dev", "tmp", "run", "root", "etc/agt-vm"]
+    {
         archive.dir(dir);
+    }
+    // Merged /usr, as on the Debian host: /bin/true and /usr/bin/true are the same file.
+    for dir in MERGED_USR {
+        archive.symlink(dir, &format!("usr/{dir}"));
     }
     archive.device("dev/console", 0o600, 5, 1);
     archive.file("init", 0o755, include_bytes!("../../vm-tests/init.sh").to_vec());
@@ -567,8 +574,8 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
     if !ldd(&busybox)?.is_empty() {
         bail!("{} is not static (install busybox-static)", busybox.display());
     }
-    archive.file("bin/busybox", 0o755, read(&busybox)?);
-    archive.symlink("bin/sh", "busybox");
+    archive.file("usr/bin/busybox", 0o755, read(&busybox)?);
+    archive.symlink("usr/bin/sh", "busybox");
 
     let stage = vm_dir.join(format!("stage-{}", std::process::id()));
     let _ = fs::remove_dir_all(&stage);
@@ -587,15 +594,20 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
     for tool in guest_tools() {
         let host = host_program(&tool)?;
         archive.file(&format!("usr/bin/{tool}"), 0o755, read(&host)?);
-        archive.symlink(&format!("bin/{tool}"), &format!("/usr/bin/{tool}"));
         for lib in ldd(&host)? {
             libraries.insert(lib.clone(), lib);
         }
     }
+    for (dir, excluded) in guest_trees() {
+        add_host_tree(&mut archive, &dir, &excluded, &mut libraries)?;
+    }
     for lib in libraries.values() {
         archive.file(&rel(lib), 0o755, read(lib)?);
     }
-    for data in ["policies", "profiles"] {
+    // Tests reach repository files through CARGO_MANIFEST_DIR/../..: every directory on
+    // such a path has to exist in the guest.
+    add_dir_skeleton(&mut archive, root)?;
+    for data in ["policies", "profiles", "tests/probes"] {
         add_tree(&mut archive, &root.join(data))?;
     }
 
@@ -615,7 +627,10 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n".to_vec(),
     );
-    archive.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n".to_vec());
+    archive.file("etc/group", 0o644, b"root:x:0:\nshadow:x:42:\nnogroup:x:65534:\n".to_vec());
+    // Like Debian's: tests check that a jailed agent cannot read it.
+    archive.file("etc/shadow", 0o640, b"root:*:20000:0:99999:7:::\nnobody:*:20000:0:99999:7:::\n".to_vec());
+    archive.file("etc/hostname", 0o644, b"agt-vm\n".to_vec());
 
     let bytes = archive.finish();
     fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
@@ -631,6 +646,72 @@ fn guest_tools() -> Vec<String> {
         .filter(|name| !name.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// The repository's directories (not their files), without build output and git data.
+fn add_dir_skeleton(archive: &mut Cpio, dir: &Path) -> Result<()> {
+    archive.dir(&rel(dir));
+    let entries = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        if name == "target" || name == ".git" {
+            continue;
+        }
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            add_dir_skeleton(archive, &entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Directories listed in vm-tests/guest-trees, each with the entry names it leaves out.
+fn guest_trees() -> Vec<(PathBuf, Vec<String>)> {
+    include_str!("../../vm-tests/guest-trees")
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let dir = PathBuf::from(words.next()?);
+            let excluded = words.filter_map(|w| w.strip_prefix('-')).map(str::to_owned).collect();
+            Some((dir, excluded))
+        })
+        .collect()
+}
+
+/// Copies a host directory tree (files, symlinks) to the same path in the archive and
+/// collects the shared libraries its ELF files need. A missing directory adds nothing.
+fn add_host_tree(
+    archive: &mut Cpio,
+    dir: &Path,
+    excluded: &[String],
+    libraries: &mut BTreeMap<PathBuf, PathBuf>,
+) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    archive.dir(&rel(dir));
+    for entry in entries.filter_map(|e| e.ok()) {
+        if excluded.iter().any(|name| entry.file_name().to_str() == Some(name.as_str())) {
+            continue;
+        }
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path)?;
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(&path)?;
+            archive.symlink(&rel(&path), &target.to_string_lossy());
+        } else if meta.is_dir() {
+            add_host_tree(archive, &path, excluded, libraries)?;
+        } else if meta.is_file() {
+            let data = read(&path)?;
+            if data.starts_with(b"\x7fELF") {
+                for lib in ldd(&path)? {
+                    libraries.insert(lib.clone(), lib);
+                }
+            }
+            archive.file(&rel(&path), meta.permissions().mode() & 0o7777, data);
+        }
+    }
+    Ok(())
 }
 
 /// The host's copy of a program the guest needs, following symlinks.
@@ -649,8 +730,18 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 
 /// An absolute host path as a path inside the archive.
 fn rel(path: &Path) -> String {
-    path.to_string_lossy().trim_start_matches('/').to_string()
+    let path = path.to_string_lossy();
+    let path = path.trim_start_matches('/');
+    let top = path.split('/').next().unwrap_or_default();
+    if MERGED_USR.contains(&top) {
+        format!("usr/{path}")
+    } else {
+        path.to_string()
+    }
 }
+
+/// Top-level directories that are links into /usr in the guest (merged /usr).
+const MERGED_USR: [&str; 4] = ["bin", "sbin", "lib", "lib64"];
 
 /// The ELF's bytes without debug info (objcopy), or as-is when objcopy is missing.
 fn stripped(elf: &Path, stage: &Path) -> Result<Vec<u8>> {
