@@ -361,6 +361,11 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     let mut governed = None;
     if root {
         let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
+        let limited =
+            profile.limits.memory.is_some() || profile.limits.pids.is_some() || profile.limits.cpu_millis.is_some();
+        if layout.hybrid && limited && profile.confine {
+            cgroup::warm_migration_lock(&layout);
+        }
         let parent = layout.agents_parent();
         cgroup::sweep_stale(&parent, Path::new("/proc"));
         cgroup::sweep_stale_v1(&layout, Path::new("/proc"));

@@ -433,6 +433,38 @@ pub fn cgroup_name(owner: u32, sequence: u64) -> String {
     format!("{owner}-{sequence}")
 }
 
+/// Starts the one RCU grace period a cgroup migration costs, in the background.
+///
+/// Moving a task between cgroups takes the global cgroup threadgroup lock for writing,
+/// and the first writer after an idle period waits for an RCU grace period (several
+/// milliseconds on a loaded VM). On hybrid hosts the jail must join v1 hierarchies, so
+/// a helper thread "moves" itself into the v1 cgroup it is already in (no change of
+/// membership) while agt-jail prepares the jail; the real joins moments later find the
+/// lock's fast path already switched off and do not wait again.
+pub fn warm_migration_lock(layout: &CgroupLayout) {
+    let Some((tasks, _)) = own_v1_cgroup(layout, &fs::read_to_string("/proc/self/cgroup").unwrap_or_default()) else {
+        return;
+    };
+    let _ = thread::Builder::new().name("cgroup-warm".into()).spawn(move || {
+        let _ = fs::write(&tasks, sys::gettid().to_string());
+    });
+}
+
+/// The `tasks` file of this process's cgroup in the first v1 hierarchy agt-jail uses.
+fn own_v1_cgroup(layout: &CgroupLayout, proc_cgroup: &str) -> Option<(PathBuf, String)> {
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        for controller in controllers.split(',') {
+            if let Some(root) = layout.v1_root(controller) {
+                let relative = path.trim_start_matches('/');
+                return Some((root.join(relative).join("tasks"), controller.to_string()));
+            }
+        }
+    }
+    None
+}
+
 /// [`sweep_stale`] for the v1 hierarchies agt-jail uses (hybrid hosts).
 pub fn sweep_stale_v1(layout: &CgroupLayout, proc_root: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
@@ -507,6 +539,16 @@ mod tests {
         assert_eq!(layout.v1_root("pids"), Some(Path::new("/sys/fs/cgroup/pids")));
         assert_eq!(layout.v1_root("cpuacct"), None);
         assert!(CgroupLayout::parse(PURE).unwrap().v1.is_empty());
+    }
+
+    #[test]
+    fn finds_its_own_v1_cgroup() {
+        let layout = CgroupLayout::parse(HYBRID).unwrap();
+        let proc_cgroup = "9:name=systemd:/\n4:memory:/process_api/abc\n0::/\n";
+        let (tasks, controller) = own_v1_cgroup(&layout, proc_cgroup).unwrap();
+        assert_eq!(tasks, PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/tasks"));
+        assert_eq!(controller, "memory");
+        assert!(own_v1_cgroup(&CgroupLayout::parse(PURE).unwrap(), "0::/\n").is_none());
     }
 
     #[test]

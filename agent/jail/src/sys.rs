@@ -580,3 +580,9 @@ pub fn clone3_process(flags: libc::c_ulong, cgroup_fd: Option<libc::c_int>) -> i
     let rc = unsafe { libc::syscall(libc::SYS_clone3, &mut args, std::mem::size_of::<CloneArgs>()) };
     check_long(rc).map(|pid| pid as libc::pid_t)
 }
+
+/// gettid(2).
+pub fn gettid() -> libc::pid_t {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::gettid() }
+}
