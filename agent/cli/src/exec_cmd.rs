@@ -339,6 +339,9 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         )
         .into());
     }
+    if !root && (args.events.is_some() || !args.deny_connect.is_empty()) {
+        return Err(anyhow::anyhow!("--events and --deny-connect need root (they use BPF programs)").into());
+    }
     // What this kernel can enforce for the ring: refused before anything is created.
     let enforcement =
         if profile.confine { Some(launch::check_enforcement(&profile).map_err(Failure::Launch)?) } else { None };
