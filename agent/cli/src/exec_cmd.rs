@@ -754,6 +754,25 @@ mod tests {
     }
 
     #[test]
+    fn allowlist_denies_loopback_and_metadata_unless_listed() {
+        let mut profile = Profile::builtin(2).unwrap();
+        let denied: Vec<IpAddr> = allowlist_denies(&profile).iter().map(|r| r.addr).collect();
+        for addr in ["127.0.0.1", "::1", "169.254.169.254", "0.0.0.0"] {
+            assert!(denied.contains(&addr.parse().unwrap()), "{addr}");
+        }
+        profile.allow_connect.push(Dest::parse("127.0.0.1:8080").unwrap());
+        let denied: Vec<IpAddr> = allowlist_denies(&profile).iter().map(|r| r.addr).collect();
+        assert!(!denied.contains(&"127.0.0.1".parse().unwrap()));
+        assert!(denied.contains(&"169.254.169.254".parse().unwrap()));
+    }
+
+    #[test]
+    fn env_flags_parse() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".to_string(), "b=c".to_string()));
+        assert!(parse_env("=x").is_err() && parse_env("novalue").is_err());
+    }
+
+    #[test]
     fn resolves_programs_like_a_shell() {
         assert!(resolve_program("sh").is_ok());
         assert!(matches!(resolve_program("/nonexistent/agt-jail-nope"), Err(SpawnError::NotFound { .. })));
