@@ -1,4 +1,4 @@
-//! The escape battery: tests/probes/escape.py runs inside rings 2 and 3 and tries ~50
+//! The escape battery: tests/probes/escape.py runs inside rings 2 and 3 and tries 51
 //! ways out, each beside a positive control. Every attempt must fail with the errno (or
 //! outcome) listed here AND its control must succeed, so a jail that blocks everything
 //! (or nothing) fails this test.
@@ -147,6 +147,8 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
         ("connect_loopback_allowed_port", if r2 { &["EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
         ("connect_metadata", &["EACCES", "EPERM", "ENETUNREACH"]),
         ("connect_unlisted", &["EACCES", "ENETUNREACH"]),
+        // Ring 2: datagram sockets refused (seccomp); ring 3: no route out of its net ns.
+        ("udp_egress", if r2 { &["EPERM"] } else { &["ENETUNREACH"] }),
         ("raw_socket", &["EPERM"]),
         ("packet_socket", &["EPERM"]),
         ("bpf", &["EPERM"]),

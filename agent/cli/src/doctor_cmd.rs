@@ -144,7 +144,12 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
         }
     }
     if profile.net == NetMode::Allowlist {
-        off.push("egress allow-list is by TCP port, not address; UDP egress is not filtered".into());
+        off.push("egress allow-list is by TCP port, not address (Landlock has no address rules)".into());
+        if profile.allow_udp {
+            off.push("UDP egress is not filtered (network.allow_udp: true)".into());
+        } else {
+            on.push("no UDP/ICMP datagram sockets (seccomp), so no DNS".into());
+        }
     }
     if profile.workspace == WorkspaceMode::Scratch {
         on.push("scratch /workspace (tmpfs); a given --workspace is read-only".into());

@@ -381,6 +381,8 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         Some(policy) => {
             let arch = Arch::native()
                 .ok_or_else(|| LaunchError::Config("seccomp filters are built for x86_64 and aarch64 only".into()))?;
+            let mut policy = policy.clone();
+            policy.deny_inet_dgram |= p.net == NetMode::Allowlist && !p.allow_udp;
             Some(policy.build(arch)?)
         }
         None => None,

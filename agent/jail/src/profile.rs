@@ -126,6 +126,9 @@ pub struct Profile {
     pub net: NetMode,
     pub allow_connect: Vec<Dest>,
     pub allow_bind: Vec<u16>,
+    /// In allowlist mode: whether IPv4/IPv6 datagram sockets (UDP, so DNS) are allowed.
+    /// They bypass the TCP-only allow-list, so the default is no.
+    pub allow_udp: bool,
     /// System paths mounted read-only.
     pub system: Vec<String>,
     pub workspace: WorkspaceMode,
@@ -335,6 +338,7 @@ impl Profile {
             net: if confine { NetMode::None } else { NetMode::Host },
             allow_connect: Vec::new(),
             allow_bind: Vec::new(),
+            allow_udp: false,
             system: Vec::new(),
             workspace: WorkspaceMode::Rw,
             rw: Vec::new(),
@@ -383,7 +387,7 @@ impl Profile {
         }
 
         if let Some(node) = get("network") {
-            let entries = cx.map(node, "network", &["mode", "allow_connect", "allow_bind"])?;
+            let entries = cx.map(node, "network", &["mode", "allow_connect", "allow_bind", "allow_udp"])?;
             for (key, _, value) in entries {
                 match key.as_str() {
                     "mode" => {
@@ -392,6 +396,7 @@ impl Profile {
                             cx.err(value.pos, format!("network.mode '{text}' is not one of none, allowlist, host"))
                         })?;
                     }
+                    "allow_udp" => p.allow_udp = cx.bool(value, "network.allow_udp")?,
                     "allow_connect" => {
                         for (d, pos) in cx.strings(value, "network.allow_connect")? {
                             p.allow_connect.push(Dest::parse(&d).map_err(|m| cx.err(pos, m))?);

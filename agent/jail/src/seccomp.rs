@@ -203,6 +203,9 @@ pub enum ArgCheck {
     AnyBits { arg: u8, mask: u32 },
     /// Matches when the argument is none of `values`.
     NotIn { arg: u8, values: Vec<u32> },
+    /// socket(2): matches an AF_INET/AF_INET6 domain (arg 0) with SOCK_DGRAM type (arg 1,
+    /// flags masked off).
+    InetDgram,
 }
 
 /// One deny rule: `action` applies to `syscall` (when `when` matches, or always).
@@ -304,6 +307,9 @@ pub struct SeccompPolicy {
     pub deny: Vec<String>,
     /// Names from [`DOCKER_EXTRA`] to allow after all; [`NEVER`] names cannot be allowed.
     pub allow: Vec<String>,
+    /// Refuse IPv4/IPv6 datagram sockets (UDP, ICMP ping): allowlist egress is enforced
+    /// for TCP only (Landlock, BPF connect), so UDP would be an unfiltered way out.
+    pub deny_inet_dgram: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -373,6 +379,13 @@ impl SeccompPolicy {
             action: Action::Errno(libc::EPERM as u16),
             when: Some(ArgCheck::NotIn { arg: 0, values: PERSONALITY_OK.to_vec() }),
         });
+        if self.deny_inet_dgram {
+            rules.push(Rule {
+                syscall: "socket".into(),
+                action: Action::Errno(libc::EPERM as u16),
+                when: Some(ArgCheck::InetDgram),
+            });
+        }
         rules
     }
 
@@ -430,6 +443,16 @@ fn arg_block(check: &ArgCheck, action: Action) -> Vec<libc::sock_filter> {
             block.push(ret(Action::Allow.ret()));
             block
         }
+        ArgCheck::InetDgram => vec![
+            load(OFF_ARGS),
+            jeq(libc::AF_INET as u32, 1, 0),
+            jeq(libc::AF_INET6 as u32, 0, 4),
+            load(OFF_ARGS + 8),
+            stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0xf),
+            jeq(libc::SOCK_DGRAM as u32, 0, 1),
+            ret(action.ret()),
+            ret(Action::Allow.ret()),
+        ],
     }
 }
 
@@ -487,6 +510,9 @@ pub fn simulate(prog: &[libc::sock_filter], arch: u32, nr: u32, args: [u64; 6]) 
             pc += 1;
         } else if code == libc::BPF_RET | libc::BPF_K {
             return Some(ins.k);
+        } else if code == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K {
+            acc &= ins.k;
+            pc += 1;
         } else if code & 0x07 == libc::BPF_JMP {
             let taken = match code & 0xf0 {
                 op if op == libc::BPF_JEQ => acc == ins.k,
@@ -578,7 +604,7 @@ mod tests {
 
     #[test]
     fn profile_allow_and_deny() {
-        let policy = SeccompPolicy { deny: vec!["socket".into()], allow: vec!["syslog".into()] };
+        let policy = SeccompPolicy { deny: vec!["socket".into()], allow: vec!["syslog".into()], ..Default::default() };
         let prog = policy.build(Arch::X86_64).unwrap();
         let a = Arch::X86_64;
         assert_eq!(simulate(&prog, a.audit_arch(), a.syscall("socket").unwrap(), [0; 6]), Some(EPERM));
@@ -586,10 +612,28 @@ mod tests {
             simulate(&prog, a.audit_arch(), a.syscall("syslog").unwrap(), [0; 6]),
             Some(libc::SECCOMP_RET_ALLOW)
         );
-        let bad = SeccompPolicy { deny: vec![], allow: vec!["bpf".into()] };
+        let bad = SeccompPolicy { allow: vec!["bpf".into()], ..Default::default() };
         assert_eq!(bad.build(a).unwrap_err(), SeccompError::Never("bpf".into()));
-        let unknown = SeccompPolicy { deny: vec!["frobnicate".into()], allow: vec![] };
+        let unknown = SeccompPolicy { deny: vec!["frobnicate".into()], ..Default::default() };
         assert!(matches!(unknown.build(a), Err(SeccompError::Unknown(_))));
+    }
+
+    #[test]
+    fn inet_datagram_sockets_can_be_refused() {
+        let a = Arch::X86_64;
+        let policy = SeccompPolicy { deny_inet_dgram: true, ..Default::default() };
+        let prog = policy.build(a).unwrap();
+        let socket = a.syscall("socket").unwrap();
+        let run =
+            |domain: i32, ty: i32| simulate(&prog, a.audit_arch(), socket, [domain as u64, ty as u64, 0, 0, 0, 0]);
+        assert_eq!(run(libc::AF_INET, libc::SOCK_DGRAM), Some(EPERM));
+        assert_eq!(run(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC), Some(EPERM));
+        assert_eq!(run(libc::AF_INET, libc::SOCK_STREAM), Some(libc::SECCOMP_RET_ALLOW));
+        assert_eq!(run(libc::AF_UNIX, libc::SOCK_DGRAM), Some(libc::SECCOMP_RET_ALLOW));
+        // Off by default.
+        let prog = SeccompPolicy::default().build(a).unwrap();
+        let dgram = [libc::AF_INET as u64, libc::SOCK_DGRAM as u64, 0, 0, 0, 0];
+        assert_eq!(simulate(&prog, a.audit_arch(), socket, dgram), Some(libc::SECCOMP_RET_ALLOW));
     }
 
     #[test]
