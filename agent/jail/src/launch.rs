@@ -623,7 +623,6 @@ const C_TMP: &std::ffi::CStr = c"/tmp";
 const C_TMPFS: &std::ffi::CStr = c"tmpfs";
 const C_NEWROOT: &std::ffi::CStr = c"/newroot";
 const C_OLDROOT_REL: &std::ffi::CStr = c"/tmp/oldroot";
-const C_OLDROOT: &std::ffi::CStr = c"/oldroot";
 const C_EMPTY: &std::ffi::CStr = c"/.agt-jail-empty";
 const C_PROC: &std::ffi::CStr = c"proc";
 const C_DEVPTS: &std::ffi::CStr = c"devpts";
@@ -747,7 +746,9 @@ fn build_root(plan: &Plan, report: libc::c_int) {
             fail(report, Stage::Mount, i, err, 125);
         }
     }
-    step!(report, Stage::Pivot, 7, sys::umount2(C_OLDROOT, libc::MNT_DETACH));
+    // No separate unmount of /oldroot: detaching the scratch root below (lazily, with
+    // everything mounted in it) takes the old root along. Each unmount waits for an
+    // expedited RCU grace period, so one is cheaper than two.
     step!(report, Stage::Pivot, 8, sys::chdir(C_NEWROOT));
     step!(report, Stage::Pivot, 9, sys::pivot_root(C_DOT, C_DOT));
     step!(report, Stage::Pivot, 10, sys::umount2(C_DOT, libc::MNT_DETACH));
