@@ -222,9 +222,16 @@ fn ring0_without_flags_is_record_mode() {
 #[test]
 fn unprivileged_ring3_runs_in_a_user_namespace() {
     require!(Need::Root, Need::UserNamespaces, Need::Landlock);
-    // The test runs as root; drop to nobody for the launch.
+    // The test runs as root; drop to nobody for the launch. The build directory may not
+    // be reachable for nobody, so run a world-readable copy of the binary.
+    let dir = scratch("rootless");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("agt-jail");
+    fs::copy(BIN, &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
     let output = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", BIN])
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&bin)
         .args(["exec", "--ring", "3", "--", "/bin/sh", "-c", "echo inside; read map < /proc/self/uid_map; echo $map"])
         .current_dir("/tmp")
         .output()
@@ -240,11 +247,13 @@ fn unprivileged_ring3_runs_in_a_user_namespace() {
     );
     // Without root, only --net none is possible.
     let output = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", BIN])
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&bin)
         .args(["exec", "--ring", "2", "--", "/bin/true"])
         .current_dir("/tmp")
         .output()
         .unwrap();
+    let _ = fs::remove_dir_all(&dir);
     assert_eq!(output.status.code(), Some(125));
     assert!(stderr(&output).contains("only --net none"), "{}", stderr(&output));
 }

@@ -115,7 +115,10 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{nproc} CPUs, {cpu}, Linux {}", kernel.trim())
+    // Shared build machines are rarely idle: say how busy this one was.
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    format!("{nproc} CPUs (`nproc`), {cpu}, Linux {}; load average at the start: {load}", kernel.trim())
 }
 
 pub fn run(opts: &Options) -> Result<()> {
