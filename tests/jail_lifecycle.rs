@@ -141,7 +141,7 @@ fn sigkill_follows_after_the_grace_period() {
 #[test]
 fn tty_gives_the_agent_a_terminal() {
     require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
-    let script = "import os,sys; print('tty', os.isatty(0), os.isatty(1)); print('line', sys.stdin.readline().strip())";
+    let script = "import os,sys; print('tty', os.isatty(0), os.isatty(1), os.ttyname(0)); print('line', sys.stdin.readline().strip())";
     let mut child = agt_jail()
         .args(["exec", "--ring", "2", "--tty", "--workspace", "/tmp", "--", "/usr/bin/python3", "-c", script])
         .stdin(Stdio::piped())
@@ -152,7 +152,7 @@ fn tty_gives_the_agent_a_terminal() {
     let output = child.wait_with_output().unwrap();
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(0), "{text} {}", stderr(&output));
-    assert!(text.contains("tty True True"), "{text}");
+    assert!(text.contains("tty True True /dev/console"), "{text}");
     assert!(text.contains("line typed"), "{text}");
     // Without --tty the same command sees pipes.
     let output = agt_jail()

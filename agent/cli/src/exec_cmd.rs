@@ -446,6 +446,9 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             home: std::env::var_os("HOME").map(PathBuf::from),
             rootless: !root,
             tty: pty.as_ref().map(|p| p.slave.as_raw_fd()),
+            tty_path: pty
+                .as_ref()
+                .and_then(|p| std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).ok()),
         };
         if let Some(pty) = &pty {
             pty.copy_size_from_stdin();

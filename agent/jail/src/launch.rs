@@ -84,6 +84,8 @@ pub struct JailConfig {
     pub rootless: bool,
     /// The pty slave to use as stdio and controlling terminal.
     pub tty: Option<libc::c_int>,
+    /// The pty slave's host path (`/dev/pts/N`), shown inside as /dev/console.
+    pub tty_path: Option<PathBuf>,
 }
 
 /// What the jail will enforce on this host (for `exec` warnings and `doctor`).
@@ -289,6 +291,10 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     let mut cwd = PathBuf::from("/tmp");
     let mut write_paths: Vec<String> = vec!["/tmp".into(), "/dev/shm".into(), "/dev/pts".into()];
     write_paths.extend(["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"].map(String::from));
+    if let Some(console) = &cfg.tty_path {
+        view.console = Some(console.clone());
+        write_paths.push("/dev/console".into());
+    }
     match (p.workspace, &cfg.workspace) {
         (WorkspaceMode::Scratch, ws) => {
             view.scratch = true;
@@ -922,6 +928,7 @@ mod tests {
             home: None,
             rootless: false,
             tty: None,
+            tty_path: None,
         }
     }
 

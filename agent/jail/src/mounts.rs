@@ -81,6 +81,8 @@ pub struct ViewSpec {
     pub devpts: bool,
     /// Host symlinks reproduced inside (merged-/usr systems: /bin -> usr/bin).
     pub symlinks: Vec<(PathBuf, PathBuf)>,
+    /// The agent's terminal (a host pty slave), shown as /dev/console so ttyname() finds it.
+    pub console: Option<PathBuf>,
 }
 
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -153,6 +155,11 @@ impl ViewSpec {
             ops.push(MountOp::Touch(dst.clone()));
             ops.push(MountOp::Bind { src: format!("{OLDROOT}/dev/{dev}"), dst });
         }
+        if let Some(console) = &self.console {
+            let dst = format!("{NEWROOT}/dev/console");
+            ops.push(MountOp::Touch(dst.clone()));
+            ops.push(MountOp::Bind { src: under(OLDROOT, console), dst });
+        }
         if self.devpts {
             ops.push(MountOp::Mkdir(format!("{NEWROOT}/dev/pts")));
             ops.push(MountOp::Devpts { dst: format!("{NEWROOT}/dev/pts") });
@@ -202,6 +209,7 @@ mod tests {
             devices: DEVICES.to_vec(),
             devpts: true,
             symlinks: vec![("/bin".into(), "usr/bin".into())],
+            console: Some("/dev/pts/3".into()),
         }
     }
 
@@ -246,6 +254,7 @@ mod tests {
         assert!(ops.contains(&MountOp::RemountRo { dst: "/newroot/proc/sys".into() }));
         assert!(ops.contains(&MountOp::Bind { src: "/oldroot/dev/null".into(), dst: "/newroot/dev/null".into() }));
         assert!(ops.contains(&MountOp::Devpts { dst: "/newroot/dev/pts".into() }));
+        assert!(ops.contains(&MountOp::Bind { src: "/oldroot/dev/pts/3".into(), dst: "/newroot/dev/console".into() }));
         assert!(ops.contains(&MountOp::Symlink { target: "usr/bin".into(), link: "/newroot/bin".into() }));
         let scratch = ViewSpec { scratch: true, ..spec() }.plan();
         assert!(scratch.iter().any(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == "/newroot/workspace")));
