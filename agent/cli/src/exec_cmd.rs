@@ -8,7 +8,7 @@ use std::{
     io::{self, BufWriter, Write},
     net::{IpAddr, SocketAddr},
     os::{
-        fd::{AsRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, OwnedFd},
         unix::{
             fs::PermissionsExt,
             process::{CommandExt, ExitStatusExt},
@@ -28,14 +28,14 @@ use agt_jail_ebpf_loader::{AgentPrograms, ConnectRule, Event, EventReader};
 use agt_jail_jail::{
     cgroup, host, launch, mounts,
     profile::{self, Dest},
-    pty::{Pty, RawMode},
+    pty::{copy_window_size, Pty, RawMode},
     spawn_in_cgroup, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode, Profile,
     SpawnError, WorkspaceMode,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use signal_hook::{
-    iterator::{exfiltrator::WithOrigin, SignalsInfo},
+    iterator::{exfiltrator::WithOrigin, Signals, SignalsInfo},
     low_level::siginfo::Cause,
 };
 
@@ -514,6 +514,14 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
 fn relay_pty(master: OwnedFd) -> (RawMode, thread::JoinHandle<()>) {
     let raw = RawMode::enter();
     let mut reader = File::from(master);
+    // Terminal resizes follow the agent's pty (the thread ends with agt-jail).
+    if let (Ok(master), Ok(mut winch)) = (reader.try_clone(), Signals::new([libc::SIGWINCH])) {
+        let _ = thread::Builder::new().name("tty-winch".into()).spawn(move || {
+            for _ in winch.forever() {
+                copy_window_size(master.as_fd());
+            }
+        });
+    }
     if let Ok(mut writer) = reader.try_clone() {
         let _ = thread::Builder::new().name("tty-in".into()).spawn(move || {
             let mut stdin = io::stdin().lock();

@@ -27,6 +27,13 @@ impl Pty {
     }
 }
 
+/// Copies the window size of agt-jail's terminal (stdin) to the pty open at `to` (the
+/// master works: the kernel then sends SIGWINCH to the agent's foreground group).
+pub fn copy_window_size(to: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    sys::copy_winsize(0, to.as_raw_fd());
+}
+
 /// Puts agt-jail's stdin terminal in raw mode while alive (keys go to the agent
 /// untouched); restores it on drop. A non-terminal stdin is left alone.
 pub struct RawMode {
