@@ -342,12 +342,6 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     if !root && (args.events.is_some() || !args.deny_connect.is_empty()) {
         return Err(anyhow::anyhow!("--events and --deny-connect need root (they use BPF programs)").into());
     }
-    // What this kernel can enforce for the ring: refused before anything is created.
-    let enforcement =
-        if profile.confine { Some(launch::check_enforcement(&profile).map_err(Failure::Launch)?) } else { None };
-    for gap in enforcement.iter().flat_map(|e| &e.unenforced) {
-        eprintln!("agt-jail: warning: {gap}");
-    }
     let workspace = match (&args.workspace, profile.workspace) {
         (Some(dir), _) => Some(dir.canonicalize().with_context(|| format!("cannot use workspace {}", dir.display()))?),
         (None, WorkspaceMode::Scratch) => None,
@@ -358,6 +352,14 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         if !ws.is_dir() {
             return Err(anyhow::anyhow!("workspace {} is not a directory", ws.display()).into());
         }
+        launch::check_workspace(&profile, ws).map_err(Failure::Launch)?;
+    }
+    // What this kernel can enforce for the ring: refused before anything is created
+    // (after the flags are known to be right, so a flag error reads the same everywhere).
+    let enforcement =
+        if profile.confine { Some(launch::check_enforcement(&profile).map_err(Failure::Launch)?) } else { None };
+    for gap in enforcement.iter().flat_map(|e| &e.unenforced) {
+        eprintln!("agt-jail: warning: {gap}");
     }
 
     // Root: the agent's cgroup (with limits) and its BPF programs, before it exists.

@@ -229,6 +229,22 @@ fn is_under(path: &Path, base: &Path) -> bool {
     path.starts_with(base)
 }
 
+/// A writable (or read-only) workspace must not be `/`, a system path, or contain one:
+/// it would replace the read-only system view.
+pub fn check_workspace(profile: &Profile, ws: &Path) -> Result<(), LaunchError> {
+    if profile.workspace == WorkspaceMode::Scratch || !profile.confine {
+        return Ok(());
+    }
+    let system: Vec<PathBuf> = profile.system.iter().filter_map(|s| Path::new(s).canonicalize().ok()).collect();
+    if ws == Path::new("/") || system.iter().any(|s| is_under(s, ws) || is_under(ws, s)) {
+        return Err(LaunchError::Config(format!(
+            "workspace {} overlaps the system paths of the jail; give a project directory with --workspace",
+            ws.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Reports what Landlock can enforce here for `profile`, or why the ring cannot run.
 pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> {
     let abi = sys::landlock_abi().unwrap_or(0);
@@ -305,12 +321,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             }
         }
         (mode, Some(ws)) => {
-            if ws == Path::new("/") || system_dirs.iter().any(|s| is_under(s, ws) || is_under(ws, s)) {
-                return Err(LaunchError::Config(format!(
-                    "workspace {} overlaps the system paths of the jail; give a project directory with --workspace",
-                    ws.display()
-                )));
-            }
+            check_workspace(p, ws)?;
             add_bind(&mut view, ws, mode == WorkspaceMode::Rw, true)?;
             if mode == WorkspaceMode::Rw {
                 write_paths.push(ws.display().to_string());
