@@ -486,7 +486,8 @@ impl Profile {
             for (key, _, value) in cx.map(node, "seccomp", &["enabled", "deny", "allow"])? {
                 match key.as_str() {
                     "enabled" => enabled = cx.bool(value, "seccomp.enabled")?,
-                    "deny" | "allow" => {
+                    // `cx.map` admitted only enabled, deny and allow.
+                    _ => {
                         for (name, pos) in cx.strings(value, &format!("seccomp.{key}"))? {
                             if !seccomp::known(&name) {
                                 return Err(cx.err(pos, format!("unknown syscall '{name}' in seccomp.{key}")));
@@ -501,7 +502,6 @@ impl Profile {
                             }
                         }
                     }
-                    _ => unreachable!("keys were checked"),
                 }
             }
             if confine && !enabled {
