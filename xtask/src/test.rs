@@ -15,6 +15,9 @@ use crate::util::{repo_root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Options {
+    /// Leave out the VM suite (Debian 6.1 and 6.12 under QEMU, Tier A).
+    #[arg(long)]
+    no_vm: bool,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -23,13 +26,14 @@ pub struct Options {
 #[derive(Default)]
 struct Tally {
     passed: u64,
+    vm_passed: u64,
     failed: u64,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
     let root = repo_root();
-    let skip_log = root.join("target/test-skips.log");
-    fs::create_dir_all(root.join("target")).context("cannot create target/")?;
+    let skip_log = target_dir().join("test-skips.log");
+    fs::create_dir_all(target_dir()).context("cannot create the target directory")?;
     let _ = fs::remove_file(&skip_log);
 
     let mut tally = Tally::default();
@@ -73,16 +77,40 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
 
-    let skipped: Vec<String> =
+    let mut skipped: Vec<String> =
         fs::read_to_string(&skip_log).map(|text| text.lines().map(str::to_owned).collect()).unwrap_or_default();
+    // Host skips are counted out of cargo's passes; VM results are counted on their own.
+    let host_skips = skipped.len() as u64;
+
+    if !opts.no_vm {
+        println!("\n==> the suite again inside the test VM: Debian 6.1 and 6.12 with BPF LSM (Tier A)");
+        match crate::vm::run_suite(&crate::vm::default_options()) {
+            Ok(vm) => {
+                tally.vm_passed += vm.passed;
+                tally.failed += vm.failed;
+                if vm.any_failure {
+                    failures.push("vm-test: a kernel run failed (see its summary above)".to_string());
+                    if vm.failed == 0 {
+                        tally.failed += 1;
+                    }
+                }
+                skipped.extend(vm.skipped);
+            }
+            Err(err) => {
+                tally.failed += 1;
+                failures.push(format!("vm-test: {err:#}"));
+            }
+        }
+    }
+
     if !skipped.is_empty() {
-        println!("\nskipped (this kernel lacks what they need):");
+        println!("\nskipped (the kernel they ran on lacks what they need):");
         for line in &skipped {
             println!("  {line}");
         }
     }
     let skipped_count = skipped.len() as u64;
-    let passed = tally.passed.saturating_sub(skipped_count);
+    let passed = tally.passed.saturating_sub(host_skips) + tally.vm_passed;
     println!();
     for failure in &failures {
         println!("failed step: {failure}");

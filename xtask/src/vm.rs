@@ -169,7 +169,35 @@ struct Outcome {
     problem: Option<String>,
 }
 
+/// Totals over every kernel booted, for `cargo xtask test`'s summary.
+#[derive(Default)]
+pub struct VmTotals {
+    pub passed: u64,
+    pub failed: u64,
+    /// `kernel: test: reason` for each skip.
+    pub skipped: Vec<String>,
+    /// True when a kernel run failed as a whole (panic, timeout, no verdict, a failed test).
+    pub any_failure: bool,
+}
+
 pub fn run(opts: &Options) -> Result<()> {
+    if run_suite(opts)?.any_failure {
+        bail!("vm-test failed");
+    }
+    Ok(())
+}
+
+/// The default run (every kernel, default limits), as `cargo xtask test` does it.
+pub fn default_options() -> Options {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        options: Options,
+    }
+    <Defaults as clap::Parser>::parse_from(["vm-test"]).options
+}
+
+pub fn run_suite(opts: &Options) -> Result<VmTotals> {
     let started = Instant::now();
     let root = repo_root();
     let vm_dir = root.join("target/vm");
@@ -226,7 +254,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
     println!();
     println!("vm-test summary (kernels ready in {:.1}s):", prepared.as_secs_f64());
-    let mut failed = false;
+    let mut totals = VmTotals::default();
     for (kernel, outcome, log) in &outcomes {
         let boot = outcome.boot_secs.map_or_else(|| "no init".to_string(), |secs| format!("init after {secs:.1}s"));
         let ok = outcome.problem.is_none() && outcome.verdict && outcome.fail == 0;
@@ -249,14 +277,14 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         for (test, reason) in &outcome.skipped_tests {
             println!("        skipped: {test}: {reason}");
+            totals.skipped.push(format!("{} guest: {test}: {reason}", kernel.release));
         }
-        failed |= !ok;
+        totals.passed += outcome.pass;
+        totals.failed += outcome.fail;
+        totals.any_failure |= !ok;
     }
     println!("vm-test: wall time {:.1}s", started.elapsed().as_secs_f64());
-    if failed {
-        bail!("vm-test failed");
-    }
-    Ok(())
+    Ok(totals)
 }
 
 /// Runs a command, failing with the command line when it exits non-zero.

@@ -604,7 +604,10 @@ impl EventSink {
 
     fn record(&mut self, event: &Event) -> io::Result<()> {
         if self.show_denials && event.is_deny() {
-            eprintln!("agt-jail: {}", describe_denial(event));
+            // One write per line: the command's own stderr shares the descriptor, and a
+            // line split over several writes gets its output spliced into the middle.
+            let line = format!("agt-jail: {}\n", describe_denial(event));
+            let _ = io::stderr().lock().write_all(line.as_bytes());
         }
         if let Some(out) = self.out.as_mut() {
             serde_json::to_writer(&mut *out, event)?;

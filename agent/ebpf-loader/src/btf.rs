@@ -38,14 +38,15 @@ impl KernelOffsets {
     }
 }
 
-struct StructLookup<'a> {
-    btf: &'a Btf,
-    path: &'a Path,
+/// Finds struct member offsets in one parsed BTF file (shared by every program's loader).
+pub(crate) struct StructLookup<'a> {
+    pub(crate) btf: &'a Btf,
+    pub(crate) path: &'a Path,
 }
 
 impl StructLookup<'_> {
     /// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
-    fn member_offset(&self, name: &str, member: &str) -> Result<u64, OffsetError> {
+    pub(crate) fn member_offset(&self, name: &str, member: &str) -> Result<u64, OffsetError> {
         let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
         let strukt = types
             .into_iter()

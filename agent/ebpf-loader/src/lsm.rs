@@ -10,10 +10,7 @@
 //!
 //! Sequence: `ExecLsm::load` (fills the offsets the program reads, loads it) →
 //! `attach` → `deny_exec` rules (effective from the next exec) → `detach`.
-use std::{
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{os::unix::fs::MetadataExt, path::Path};
 
 use agt_jail_common::{ExecRuleKey, RULE_DENY};
 use aya::{
@@ -21,9 +18,8 @@ use aya::{
     programs::{lsm::LsmLinkId, Lsm},
     Btf,
 };
-use btf_rs::Type;
 
-use crate::{AgentPrograms, KernelOffsets, LoaderError, OffsetError};
+use crate::{btf::StructLookup, AgentPrograms, KernelOffsets, LoaderError, OffsetError};
 
 /// The program's name in the object (its function name).
 pub const EXEC_LSM_PROGRAM: &str = "bprm_check_security";
@@ -51,9 +47,10 @@ impl LsmOffsets {
     pub fn from_btf_file(path: &Path) -> Result<Self, OffsetError> {
         let btf = btf_rs::Btf::from_file(path)
             .map_err(|err| OffsetError::Read { path: path.to_path_buf(), message: err.to_string() })?;
+        let lookup = StructLookup { btf: &btf, path };
         let mut offsets = [0u64; MEMBERS.len()];
         for (slot, (strukt, member)) in offsets.iter_mut().zip(MEMBERS) {
-            *slot = member_offset(&btf, path, strukt, member)?;
+            *slot = lookup.member_offset(strukt, member)?;
         }
         Ok(Self(offsets))
     }
@@ -181,47 +178,6 @@ fn map_error(map: &'static str, err: impl std::fmt::Display) -> LoaderError {
 
 fn program_error(err: impl std::fmt::Display) -> LoaderError {
     LoaderError::Program { program: EXEC_LSM_PROGRAM, message: err.to_string() }
-}
-
-/// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
-fn member_offset(btf: &btf_rs::Btf, path: &Path, name: &str, member: &str) -> Result<u64, OffsetError> {
-    let path_buf = || PathBuf::from(path);
-    let strukt = btf
-        .resolve_types_by_name(name)
-        .unwrap_or_default()
-        .into_iter()
-        .find_map(|ty| match ty {
-            Type::Struct(s) if !s.members.is_empty() => Some(s),
-            _ => None,
-        })
-        .ok_or_else(|| OffsetError::NoStruct { path: path_buf(), name: name.to_string() })?;
-    let bits = find_member_bits(btf, &strukt, member, 0).ok_or_else(|| OffsetError::NoMember {
-        path: path_buf(),
-        name: name.to_string(),
-        member: member.to_string(),
-    })?;
-    if bits % 8 != 0 {
-        return Err(OffsetError::Bitfield { path: path_buf(), name: name.to_string(), member: member.to_string() });
-    }
-    Ok(bits / 8)
-}
-
-fn find_member_bits(btf: &btf_rs::Btf, strukt: &btf_rs::Struct, member: &str, base: u64) -> Option<u64> {
-    for candidate in &strukt.members {
-        let offset = base + u64::from(candidate.bit_offset());
-        let name = btf.resolve_name(candidate).unwrap_or_default();
-        if name == member {
-            return Some(offset);
-        }
-        if name.is_empty() {
-            if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(candidate) {
-                if let Some(found) = find_member_bits(btf, &inner, member, offset) {
-                    return Some(found);
-                }
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]
