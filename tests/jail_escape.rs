@@ -1,4 +1,4 @@
-//! The escape battery: tests/probes/escape.py runs inside rings 2 and 3 and tries 51
+//! The escape battery: tests/probes/escape.py runs inside rings 2 and 3 and tries 52
 //! ways out, each beside a positive control. Every attempt must fail with the errno (or
 //! outcome) listed here AND its control must succeed, so a jail that blocks everything
 //! (or nothing) fails this test.
@@ -82,7 +82,18 @@ impl Fixture {
             home,
             sleeper,
             loopback_port: listen("127.0.0.1"),
-            allowed_port: listen("127.0.0.2"),
+            allowed_port: {
+                // The allowed port also has a listener on an address that is not listed, so
+                // a jail that enforced the allow-list by port alone would let it through.
+                let port = listen("127.0.0.2");
+                let unlisted = TcpListener::bind(("127.0.0.3", port)).unwrap();
+                thread::spawn(move || {
+                    for stream in unlisted.incoming() {
+                        drop(stream);
+                    }
+                });
+                port
+            },
             abstract_name,
         }
     }
@@ -145,6 +156,7 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
         ("connect_host_loopback", if r2 { &["EACCES", "EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
         // Ring 2 allows this port (for 127.0.0.2): only the BPF address rule stops it.
         ("connect_loopback_allowed_port", if r2 { &["EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
+        ("connect_unlisted_address_allowed_port", if r2 { &["EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
         ("connect_metadata", &["EACCES", "EPERM", "ENETUNREACH"]),
         ("connect_unlisted", &["EACCES", "ENETUNREACH"]),
         // Ring 2: datagram sockets refused (seccomp); ring 3: no route out of its net ns.

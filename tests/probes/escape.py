@@ -429,6 +429,8 @@ ATTEMPTS = {
     "read_init_environ": (lambda: read("/proc/1/environ"), lambda: read("/proc/self/environ")),
     "connect_host_loopback": (lambda: connect("127.0.0.1", CFG["host_port"]), lambda: CFG["allowed_connect"]()),
     "connect_loopback_allowed_port": (lambda: connect("127.0.0.1", CFG["allowed_port"]), lambda: CFG["allowed_connect"]()),
+    "connect_unlisted_address_allowed_port": (lambda: connect("127.0.0.3", CFG["allowed_port"]),
+                                              lambda: CFG["allowed_connect"]()),
     "connect_metadata": (lambda: connect("169.254.169.254", 80), lambda: CFG["allowed_connect"]()),
     "connect_unlisted": (lambda: connect("192.0.2.1", 443), lambda: CFG["allowed_connect"]()),
     "udp_egress": (udp_egress, unix_dgram_ok),

@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use agt_jail_ebpf_loader::{AgentPrograms, ConnectRule, Event, EventReader};
+use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader};
 use agt_jail_jail::{
     cgroup, host, launch, mounts,
     profile::{self, Dest},
@@ -99,7 +99,7 @@ pub struct ExecArgs {
     #[arg(long = "allow-exec", value_name = "PATH")]
     allow_exec: Vec<PathBuf>,
 
-    /// Allow TCP connect to ADDR:PORT or CIDR:PORT (allowlist mode; enforced by port, see docs/threat-model.md). Repeatable.
+    /// Allow TCP connect to ADDR:PORT or CIDR:PORT (allowlist mode: address and port, in the kernel). Repeatable.
     #[arg(long = "allow-connect", value_name = "DEST", value_parser = Dest::parse)]
     allow_connect: Vec<Dest>,
 
@@ -389,13 +389,23 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         // Loading the BPF object costs ~90 ms per run. Ring 0 exists to be observed,
         // and connect rules and --events need the programs; a confined ring without
         // them is enforced by namespaces, Landlock and seccomp alone (docs/adr/0003).
-        let need_bpf = !profile.confine || args.events.is_some() || !rules.is_empty();
+        let allowlist = profile.confine && profile.net == NetMode::Allowlist;
+        let need_bpf = !profile.confine || args.events.is_some() || !rules.is_empty() || allowlist;
         let programs = if need_bpf {
             let agent_id = cgroup.id();
             let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
             programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
             for rule in rules {
                 programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
+            }
+            if allowlist {
+                // Landlock narrows TCP connects to the listed ports; this narrows them to
+                // the listed addresses (CIDR + port), decided in the kernel per connect.
+                for dest in &profile.allow_connect {
+                    let rule = AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port };
+                    programs.allow_connect(agent_id, rule).context("cannot install an allow-list entry")?;
+                }
+                programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
             }
             programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
             Some(programs)

@@ -11,7 +11,7 @@ mod programs;
 
 pub use btf::{KernelOffsets, OffsetError};
 pub use events::{decode, DecodeError, Event, EventReader, NetFamily};
-pub use programs::{AgentPrograms, ConnectRule, LoaderError};
+pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError};
 
 /// The eBPF object, embedded at build time. Aligned because aya parses it in place.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/agt-jail.bpf.o");

@@ -5,9 +5,15 @@ use std::{
     path::Path,
 };
 
-use agt_jail_common::{ConnectRuleKey, AF_INET, AF_INET6, RULE_DENY};
+use agt_jail_common::{
+    ConnectAllowData, ConnectRuleKey, AF_INET, AF_INET6, AGENT_FLAG_CONNECT_ALLOWLIST, CONNECT_ALLOW_FIXED_BITS,
+    RULE_ALLOW, RULE_DENY,
+};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        HashMap, MapData, PerCpuArray, RingBuf,
+    },
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr},
     Btf, Ebpf, EbpfLoader,
 };
@@ -74,6 +80,48 @@ impl ConnectRule {
             }
         }
         keys
+    }
+}
+
+/// A destination an allow-list-mode agent may connect to: `addr/prefix`, one port or
+/// (`port == 0`) every port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowRule {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub port: u16,
+}
+
+impl AllowRule {
+    /// The trie entries that enforce this rule: an IPv4 network is also allowed in its
+    /// IPv4-mapped IPv6 form (`::ffff:a.b.c.d/96+N`), which dual-stack sockets use.
+    /// Host bits past the prefix are cleared, as the trie compares only the prefix.
+    fn keys(&self, agent_id: u64) -> Vec<LpmKey<ConnectAllowData>> {
+        let entry = |family: u16, octets: &[u8], prefix: u32| {
+            let mut addr = [0u8; 16];
+            addr[..octets.len()].copy_from_slice(octets);
+            clear_host_bits(&mut addr, prefix);
+            let data = ConnectAllowData { agent_id, family, port: self.port, _pad: 0, addr };
+            LpmKey::new(CONNECT_ALLOW_FIXED_BITS + prefix, data)
+        };
+        match self.addr {
+            IpAddr::V4(v4) => {
+                let prefix = u32::from(self.prefix.min(32));
+                vec![entry(AF_INET, &v4.octets(), prefix), entry(AF_INET6, &v4.to_ipv6_mapped().octets(), 96 + prefix)]
+            }
+            IpAddr::V6(v6) => vec![entry(AF_INET6, &v6.octets(), u32::from(self.prefix.min(128)))],
+        }
+    }
+}
+
+fn clear_host_bits(addr: &mut [u8; 16], prefix: u32) {
+    for (index, byte) in addr.iter_mut().enumerate() {
+        let start = index as u32 * 8;
+        if start >= prefix {
+            *byte = 0;
+        } else if prefix < start + 8 {
+            *byte &= 0xffu8 << (8 - (prefix - start));
+        }
     }
 }
 
@@ -149,6 +197,30 @@ impl AgentPrograms {
         for key in rule.keys(agent_id) {
             deny.insert(key, RULE_DENY, 0)
                 .map_err(|err| LoaderError::Map { map: "CONNECT_DENY", message: err.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Puts agent `agent_id` in allow-list mode: from the next connect on, only
+    /// destinations added with [`AgentPrograms::allow_connect`] pass (deny rules still win).
+    pub fn enable_connect_allowlist(&mut self, agent_id: u64) -> Result<(), LoaderError> {
+        let mut flags: HashMap<&mut MapData, u64, u32> = self.map("AGENT_FLAGS")?;
+        let current = flags.get(&agent_id, 0).unwrap_or(0);
+        flags
+            .insert(agent_id, current | AGENT_FLAG_CONNECT_ALLOWLIST, 0)
+            .map_err(|err| LoaderError::Map { map: "AGENT_FLAGS", message: err.to_string() })
+    }
+
+    /// Allows agent `agent_id` to connect to `rule` in allow-list mode.
+    pub fn allow_connect(&mut self, agent_id: u64, rule: AllowRule) -> Result<(), LoaderError> {
+        let map =
+            self.bpf.map_mut("CONNECT_ALLOW").ok_or(LoaderError::Missing { what: "map", name: "CONNECT_ALLOW" })?;
+        let mut allow: LpmTrie<&mut MapData, ConnectAllowData, u32> = LpmTrie::try_from(map)
+            .map_err(|err| LoaderError::Map { map: "CONNECT_ALLOW", message: err.to_string() })?;
+        for key in rule.keys(agent_id) {
+            allow
+                .insert(&key, RULE_ALLOW, 0)
+                .map_err(|err| LoaderError::Map { map: "CONNECT_ALLOW", message: err.to_string() })?;
         }
         Ok(())
     }
@@ -240,6 +312,27 @@ mod tests {
         assert!(!short.contains('\n'));
         assert!(short.ends_with("verifier: 59: (4f) r8 |= r0 / R8 pointer |= pointer prohibited"), "{short}");
         assert_eq!(summarize_verifier_log("plain\nerror"), "plain error");
+    }
+
+    #[test]
+    fn allow_rules_clear_host_bits_and_cover_mapped_ipv4() {
+        let keys = AllowRule { addr: "10.1.2.3".parse().unwrap(), prefix: 12, port: 443 }.keys(7);
+        assert_eq!(keys.len(), 2);
+        let v4 = keys[0].data();
+        assert_eq!(keys[0].prefix_len(), CONNECT_ALLOW_FIXED_BITS + 12);
+        assert_eq!(&v4.addr[..4], &[10, 0, 0, 0]);
+        assert_eq!((v4.agent_id, v4.family, v4.port), (7, AF_INET, 443));
+        let mapped = keys[1].data();
+        assert_eq!(keys[1].prefix_len(), CONNECT_ALLOW_FIXED_BITS + 96 + 12);
+        assert_eq!(mapped.family, AF_INET6);
+        assert_eq!(&mapped.addr[10..13], &[0xff, 0xff, 10]);
+        assert_eq!(mapped.addr[13], 0);
+
+        let host = AllowRule { addr: "2001:db8::1".parse().unwrap(), prefix: 128, port: 0 }.keys(1);
+        assert_eq!(host.len(), 1);
+        assert_eq!(host[0].data().addr, "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let odd = AllowRule { addr: "255.255.255.255".parse().unwrap(), prefix: 20, port: 1 }.keys(1);
+        assert_eq!(&odd[0].data().addr[..4], &[255, 255, 240, 0]);
     }
 
     #[test]

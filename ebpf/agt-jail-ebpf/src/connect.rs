@@ -5,13 +5,15 @@
 //! the program only runs inside an agent's subtree, and unknown means unattributed.
 
 use agt_jail_common::{
-    ConnectEvent, ConnectRuleKey, EventKind, Verdict, AF_INET, AF_INET6, MAX_CONNECT_RULES, RULE_DENY,
+    ConnectAllowData, ConnectEvent, ConnectRuleKey, EventKind, Verdict, AF_INET, AF_INET6,
+    AGENT_FLAG_CONNECT_ALLOWLIST, CONNECT_ALLOW_FIXED_BITS, MAX_AGENTS, MAX_CONNECT_ALLOW, MAX_CONNECT_RULES, RULE_ALLOW,
+    RULE_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::bpf_get_current_cgroup_id,
     macros::{cgroup_sock_addr, map},
-    maps::HashMap,
+    maps::{lpm_trie::Key, HashMap, LpmTrie},
     programs::SockAddrContext,
 };
 
@@ -20,6 +22,14 @@ use crate::{count_drop, header, AGENT_CGROUPS, EVENTS};
 /// Denied destinations per agent; value is `RULE_DENY`. `port == 0` in a key means any port.
 #[map]
 static CONNECT_DENY: HashMap<ConnectRuleKey, u32> = HashMap::with_max_entries(MAX_CONNECT_RULES, 0);
+
+/// Allowed destinations (CIDR + port) of agents in allow-list mode; value is `RULE_ALLOW`.
+#[map]
+static CONNECT_ALLOW: LpmTrie<ConnectAllowData, u32> = LpmTrie::with_max_entries(MAX_CONNECT_ALLOW, 0);
+
+/// Per-agent flags (`AGENT_FLAG_*`).
+#[map]
+static AGENT_FLAGS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_AGENTS, 0);
 
 /// Return values of cgroup sock_addr programs.
 const REJECT: i32 = 0;
@@ -76,6 +86,8 @@ fn decide(sock_addr: &bpf_sock_addr, family: u16, addr: [u8; 16]) -> i32 {
             let any_port = unsafe { CONNECT_DENY.get(&key) }.copied().unwrap_or(0);
             if (exact | any_port) & RULE_DENY != 0 {
                 Verdict::Deny
+            } else if allowlisted_out(agent_id, family, port, addr) {
+                Verdict::Deny
             } else {
                 Verdict::Allow
             }
@@ -87,6 +99,22 @@ fn decide(sock_addr: &bpf_sock_addr, family: u16, addr: [u8; 16]) -> i32 {
         Verdict::Allow => PASS,
         Verdict::Deny => REJECT,
     }
+}
+
+/// True when the agent is in allow-list mode and the destination is not listed.
+#[inline(always)]
+fn allowlisted_out(agent_id: u64, family: u16, port: u16, addr: [u8; 16]) -> bool {
+    // SAFETY: the value is a plain u32 copied out at once.
+    let flags = unsafe { AGENT_FLAGS.get(&agent_id) }.copied().unwrap_or(0);
+    if flags & AGENT_FLAG_CONNECT_ALLOWLIST == 0 {
+        return false;
+    }
+    let addr_bits = if family == AF_INET { 32 } else { 128 };
+    let mut data = ConnectAllowData { agent_id, family, port, _pad: 0, addr };
+    let exact = CONNECT_ALLOW.get(Key::new(CONNECT_ALLOW_FIXED_BITS + addr_bits, data)).copied().unwrap_or(0);
+    data.port = 0;
+    let any_port = CONNECT_ALLOW.get(Key::new(CONNECT_ALLOW_FIXED_BITS + addr_bits, data)).copied().unwrap_or(0);
+    (exact | any_port) & RULE_ALLOW == 0
 }
 
 #[inline(always)]

@@ -141,8 +141,35 @@ pub struct ExecRuleKey {
 }
 const _: () = assert!(core::mem::size_of::<ExecRuleKey>() == 24);
 
+/// Data of a connect allow-list entry (the key of an LPM trie, after its prefix length).
+/// Field order is match order: an entry matches one agent, one family and one port (or
+/// port 0 = every port) exactly, then the leading `prefix` bits of `addr`, so the trie's
+/// prefix length is [`CONNECT_ALLOW_FIXED_BITS`] plus the CIDR's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectAllowData {
+    pub agent_id: u64,
+    pub family: u16,
+    /// Host byte order; 0 = any port.
+    pub port: u16,
+    pub _pad: u32,
+    /// Network byte order; IPv4 uses the first four bytes, the rest stay zero.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnectAllowData>() == 32);
+
+/// Bits of [`ConnectAllowData`] before `addr`: always matched exactly.
+pub const CONNECT_ALLOW_FIXED_BITS: u32 = 128;
+
+/// Maximum number of connect allow-list entries one loaded object holds.
+pub const MAX_CONNECT_ALLOW: u32 = 16384;
+
+/// Agent flag: connects are denied unless the destination is in the allow-list.
+pub const AGENT_FLAG_CONNECT_ALLOWLIST: u32 = 1;
+
 /// Values stored in the rule maps.
 pub const RULE_DENY: u32 = 1;
+pub const RULE_ALLOW: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -151,4 +178,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnectRuleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ExecRuleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectAllowData {}
 }
