@@ -34,8 +34,9 @@ if [ "$$" = 1 ]; then
     mkdir -p /dev/pts /dev/shm
     mount -t devpts devpts /dev/pts
     mount -t tmpfs tmpfs /dev/shm
-    mount -t tmpfs tmpfs /tmp
-    mount -t tmpfs tmpfs /run
+    # The root is already a tmpfs; a second one on /tmp or /run would hide the host paths
+    # mirrored there (a checkout under /tmp keeps its test binaries at /tmp/...).
+    chmod 1777 /tmp
     mount -t securityfs securityfs /sys/kernel/security || echo "agt-vm: cannot mount securityfs"
     mount -t bpf bpf /sys/fs/bpf || echo "agt-vm: cannot mount bpffs"
     mount -t tracefs tracefs /sys/kernel/tracing || echo "agt-vm: cannot mount tracefs"
