@@ -50,15 +50,16 @@ pub fn ensure_toolchain() -> Result<()> {
     let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
         .unwrap_or_default();
     if !installed.lines().any(|line| line.starts_with("rust-src")) {
-        run_checked(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            NIGHTLY,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
+        // Adding the component to an installed nightly never updates it: a newer nightly
+        // would build different bytes than the committed object.
+        let has_nightly = output(Command::new("rustup").args(["toolchain", "list"]))
+            .is_some_and(|list| list.lines().any(|line| line.starts_with(NIGHTLY)));
+        let args: &[&str] = if has_nightly {
+            &["component", "add", "rust-src", "--toolchain", NIGHTLY]
+        } else {
+            &["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src"]
+        };
+        run_checked(Command::new("rustup").args(args))?;
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
