@@ -212,3 +212,40 @@ fn help_explains_exec() {
     assert!(text.contains("--deny-connect"), "{text}");
     assert!(text.contains("Exit status"), "{text}");
 }
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn the_command_dies_with_a_killed_agt_jail_and_its_cgroup_is_swept() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    // Its BPF links close with agt-jail: a command that outlived it would run ungoverned.
+    let mut supervisor =
+        agt_jail().args(["exec", "--", "sh", "-c", "echo $$; exec sleep 300"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(supervisor.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let command: u32 = line.trim().parse().unwrap();
+    assert!(alive(command));
+    supervisor.kill().unwrap();
+    supervisor.wait().unwrap();
+    // Bounded wait for the kernel to deliver the parent-death signal (not a timing assertion).
+    for _ in 0..200 {
+        if !alive(command) {
+            break;
+        }
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!alive(command), "the command {command} outlived the killed agt-jail");
+
+    // The next start removes the cgroup the killed agt-jail could not.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let layout = agt_jail_jail::CgroupLayout::parse(&mountinfo).unwrap();
+    let stale = layout.agents_parent().join(agt_jail_jail::cgroup::cgroup_name(supervisor.id(), 0));
+    assert!(agt_jail().args(["exec", "--", "true"]).status().unwrap().success());
+    assert!(!stale.exists(), "{} was not swept", stale.display());
+}

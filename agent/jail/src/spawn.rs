@@ -40,11 +40,22 @@ pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &AgentCgroup) -> Result<Child, 
     let program = cmd.get_program().to_string_lossy().into_owned();
     let procs = cgroup.procs_for_join()?;
     let procs_fd = procs.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec. It only calls write(2)
-    // on an fd that `procs` keeps open in the parent (and so in the child's copy of the
-    // fd table) until spawn returns; write(2) is async-signal-safe and allocates nothing.
+    let supervisor = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+    // (write(2) on an fd that `procs` keeps open in the parent, and so in the child's copy
+    // of the fd table, until spawn returns; prctl(2); getppid(2)): all async-signal-safe,
+    // none allocates.
     unsafe {
-        cmd.pre_exec(move || sys::write_all_raw(procs_fd, b"0"));
+        cmd.pre_exec(move || {
+            sys::write_all_raw(procs_fd, b"0")?;
+            // The BPF links live as long as agt-jail: an agent that outlived it would run
+            // ungoverned, so it dies with it (its descendants go with the cgroup sweep).
+            sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0)?;
+            if sys::parent_pid() != supervisor {
+                return Err(io::Error::other("agt-jail exited before the command started"));
+            }
+            Ok(())
+        });
     }
     let child = cmd.spawn().map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => SpawnError::NotFound { program: program.clone() },

@@ -299,6 +299,13 @@ pub fn loopback_up() -> io::Result<()> {
     result
 }
 
+/// The parent's pid as this process sees it. Child-safe.
+pub fn parent_pid() -> u32 {
+    // SAFETY: getppid(2) takes no arguments and cannot fail.
+    let ppid = unsafe { libc::getppid() };
+    u32::try_from(ppid).unwrap_or(0)
+}
+
 /// prctl(2) with up to two integer arguments. Child-safe.
 pub fn prctl(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> io::Result<libc::c_int> {
     // SAFETY: the options this crate uses take integer arguments only.
