@@ -9,7 +9,7 @@ use std::{
     thread,
 };
 
-use agt_jail_test_support::{require, Need};
+use agt_jail_test_support::{assert_one_line_error, require, Need};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
@@ -170,14 +170,6 @@ fn cgroup_is_removed_even_when_the_command_is_killed_and_leaves_children() {
 
 // Bad input: one line on stderr, the documented exit status, never a panic.
 // These need neither root nor BPF: they are refused before anything is set up.
-
-fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
-    let err = stderr(output);
-    assert_eq!(output.status.code(), Some(code), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-}
 
 #[test]
 fn unparsable_deny_connect_is_one_line_and_125() {

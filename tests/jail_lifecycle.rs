@@ -11,7 +11,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use agt_jail_test_support::{require, Need};
+use agt_jail_test_support::{assert_one_line_error, require, Need};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
 
@@ -256,14 +256,6 @@ fn unprivileged_ring3_runs_in_a_user_namespace() {
     let _ = fs::remove_dir_all(&dir);
     assert_eq!(output.status.code(), Some(125));
     assert!(stderr(&output).contains("only --net none"), "{}", stderr(&output));
-}
-
-fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
-    let err = stderr(output);
-    assert_eq!(output.status.code(), Some(code), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

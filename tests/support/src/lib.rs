@@ -147,3 +147,13 @@ macro_rules! require {
         }
     };
 }
+
+/// Asserts the contract for bad input: exit status `code`, exactly one line on stderr,
+/// containing `needle`, and no panic.
+pub fn assert_one_line_error(output: &std::process::Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
