@@ -131,7 +131,7 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
         on.push(format!("Landlock ABI {abi}: writes only to the workspace and /tmp, exec of {exec}"));
         match profile.net {
             NetMode::Allowlist if abi >= 4 => on.push(
-                "TCP connect only to allow-listed ports (Landlock) and never to host loopback or metadata (BPF)".into(),
+                "TCP connect only to allow-listed ports (Landlock) and addresses (BPF allow-list), never to host loopback or metadata".into(),
             ),
             NetMode::Allowlist => off.push("TCP allow-list needs Landlock ABI 4: ring refuses to start".into()),
             NetMode::None if abi >= 4 => on.push("no TCP connect at all (Landlock)".into()),
@@ -144,7 +144,7 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
         }
     }
     if profile.net == NetMode::Allowlist {
-        off.push("egress allow-list is by TCP port, not address (Landlock has no address rules)".into());
+        off.push("allow-list entries are addresses and CIDRs; host names are not resolved".into());
         if profile.allow_udp {
             off.push("UDP egress is not filtered (network.allow_udp: true)".into());
         } else {
