@@ -8,7 +8,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::unix::fs::PermissionsExt,
     path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Child, ChildStdout, Command, Output, Stdio},
 };
 
 use agt_jail_test_support::{assert_one_line_error, require, Need};
@@ -95,14 +95,13 @@ fn environment_is_scrubbed_and_env_adds() {
     assert_eq!(stdout(&output), "hi||/workspace\n");
 }
 
-#[test]
-fn sigterm_reaches_the_jailed_process_group() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
-    // The shell traps TERM and exits 7: the signal went through agt-jail and the
-    // jail's init to the agent's group.
-    let script = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done";
+/// Starts `agt-jail exec OPTIONS -- /bin/sh -c SCRIPT` and returns once the script has
+/// printed its first line, which must be `ready`.
+fn start_until_ready(options: &[&str], script: &str) -> (Child, BufReader<ChildStdout>) {
     let mut child = agt_jail()
-        .args(["exec", "--ring", "2", "--workspace", "/tmp", "--", "/bin/sh", "-c", script])
+        .arg("exec")
+        .args(options)
+        .args(["--", "/bin/sh", "-c", script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -110,6 +109,16 @@ fn sigterm_reaches_the_jailed_process_group() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
+    (child, out)
+}
+
+#[test]
+fn sigterm_reaches_the_jailed_process_group() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    // The shell traps TERM and exits 7: the signal went through agt-jail and the
+    // jail's init to the agent's group.
+    let script = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done";
+    let (mut child, mut out) = start_until_ready(&["--ring", "2", "--workspace", "/tmp"], script);
     let owner = child.id();
     agt_jail_jail::host::kill(owner as i32, libc::SIGTERM).unwrap();
     let mut rest = String::new();
@@ -123,15 +132,7 @@ fn sigterm_reaches_the_jailed_process_group() {
 fn sigkill_follows_after_the_grace_period() {
     require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
     let script = "trap '' TERM; echo ready; while :; do sleep 0.05; done";
-    let mut child = agt_jail()
-        .args(["exec", "--ring", "2", "--grace", "1", "--workspace", "/tmp", "--", "/bin/sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let (mut child, _out) = start_until_ready(&["--ring", "2", "--grace", "1", "--workspace", "/tmp"], script);
     let owner = child.id();
     agt_jail_jail::host::kill(owner as i32, libc::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(128 + 9));

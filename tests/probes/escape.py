@@ -203,19 +203,13 @@ def memfd_with_true():
     return fd
 
 
-def fileless_execveat():
-    # execveat(fd, "", AT_EMPTY_PATH) runs whatever an fd holds. Where executable
-    # memfds are already refused, use a plain fd so the execveat path itself is tested.
-    try:
-        fd = memfd_with_true()
-    except OSError:
-        fd = os.open("/usr/bin/true", os.O_RDONLY)
+def exec_in_child(do_exec):
+    """Runs do_exec() (an exec) in a forked child; an exec that fails comes back as its
+    OSError, a program that ran returns its exit code."""
     pid = os.fork()
     if pid == 0:
-        argv = (ctypes.c_char_p * 2)(b"true", None)
-        envp = (ctypes.c_char_p * 1)(None)
         try:
-            sc("execveat", fd, ctypes.c_char_p(b""), argv, envp, 0x1000)
+            do_exec()
         except OSError as e:
             os._exit(100 + e.errno)
         os._exit(99)
@@ -223,22 +217,26 @@ def fileless_execveat():
     code = os.waitstatus_to_exitcode(status)
     if code >= 100:
         raise OSError(code - 100, os.strerror(code - 100))
+    return code
+
+
+def fileless_execveat():
+    # execveat(fd, "", AT_EMPTY_PATH) runs whatever an fd holds. Where executable
+    # memfds are already refused, use a plain fd so the execveat path itself is tested.
+    try:
+        fd = memfd_with_true()
+    except OSError:
+        fd = os.open("/usr/bin/true", os.O_RDONLY)
+    argv = (ctypes.c_char_p * 2)(b"true", None)
+    envp = (ctypes.c_char_p * 1)(None)
+    code = exec_in_child(lambda: sc("execveat", fd, ctypes.c_char_p(b""), argv, envp, 0x1000))
     if code != 0:
         raise Blocked("exit-%d" % code)
 
 
 def fileless_procfd():
     fd = memfd_with_true()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.execv("/proc/self/fd/%d" % fd, ["true"])
-        except OSError as e:
-            os._exit(100 + e.errno)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 100:
-        raise OSError(code - 100, os.strerror(code - 100))
+    exec_in_child(lambda: os.execv("/proc/self/fd/%d" % fd, ["true"]))
 
 
 def memfd_ok():
@@ -250,18 +248,11 @@ def memfd_ok():
 
 
 def exec_and_wait(path, args):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            devnull = os.open("/dev/null", os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.execv(path, [path] + args)
-        except OSError as e:
-            os._exit(100 + e.errno)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 100:
-        raise OSError(code - 100, os.strerror(code - 100))
+    def run():
+        os.dup2(os.open("/dev/null", os.O_WRONLY), 1)
+        os.execv(path, [path] + args)
+
+    code = exec_in_child(run)
     if code != 0:
         raise RuntimeError("exit %d" % code)
 

@@ -15,6 +15,16 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Like [`check`], but one errno counts as success: the state the caller wanted already
+/// holds (the entry exists, the process is gone). Child-safe: reads errno, allocates nothing.
+fn check_tolerating(rc: libc::c_int, tolerated: libc::c_int) -> io::Result<()> {
+    match check(rc) {
+        Ok(_) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(tolerated) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
 fn check_long(rc: libc::c_long) -> io::Result<libc::c_long> {
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -28,15 +38,7 @@ fn check_long(rc: libc::c_long) -> io::Result<libc::c_long> {
 /// satisfies that. Child-safe.
 pub fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::kill(pid, signal) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ESRCH) {
-        return Ok(());
-    }
-    Err(err)
+    check_tolerating(unsafe { libc::kill(pid, signal) }, libc::ESRCH)
 }
 
 /// write(2) of a whole small buffer to a raw fd, for use between fork and exec:
@@ -181,15 +183,7 @@ pub fn chdir(path: &CStr) -> io::Result<()> {
 /// mkdir(2); an existing entry is not an error. Child-safe.
 pub fn mkdir(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: `path` is NUL-terminated.
-    let rc = unsafe { libc::mkdir(path.as_ptr(), mode) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EEXIST) {
-        return Ok(());
-    }
-    Err(err)
+    check_tolerating(unsafe { libc::mkdir(path.as_ptr(), mode) }, libc::EEXIST)
 }
 
 /// Creates an empty regular file (a bind-mount target); existing is fine. Child-safe.
@@ -205,15 +199,7 @@ pub fn touch(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
 /// symlink(2); an existing entry is not an error. Child-safe.
 pub fn symlink(target: &CStr, link: &CStr) -> io::Result<()> {
     // SAFETY: both are NUL-terminated.
-    let rc = unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EEXIST) {
-        return Ok(());
-    }
-    Err(err)
+    check_tolerating(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }, libc::EEXIST)
 }
 
 /// open(2) with flags; returns the fd. Child-safe.
