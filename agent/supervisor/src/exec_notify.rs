@@ -1,0 +1,1 @@
+//! Exec decisions on the synchronous path: seccomp user-notification on execve/execveat.
