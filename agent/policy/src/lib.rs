@@ -7,6 +7,7 @@
 //! around the evaluator in [`RateLimiter`].
 #![forbid(unsafe_code)]
 
+pub mod context;
 pub mod expr;
 pub mod limit;
 mod rego;
