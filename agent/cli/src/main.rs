@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod control_cmd;
 mod doctor_cmd;
 mod exec_cmd;
 mod policy_cmd;
@@ -33,6 +34,16 @@ enum Command {
     /// Lint, evaluate and test policies (AGT governance.toolkit/v1, Agent-OS v4, Rego).
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Let a held action of a running agent proceed (a `require_approval` rule held it).
+    Approve(control_cmd::RequestArgs),
+    /// Refuse a held action of a running agent (it fails with EPERM).
+    Deny(control_cmd::RequestArgs),
+    /// Kill switch: end every process of a running agent at once.
+    Kill(control_cmd::AgentArg),
+    /// Move a running agent to a more restricted ring, live (never the other way).
+    Demote(control_cmd::DemoteArgs),
+    /// Show a running agent's ring, trust and held requests.
+    Status(control_cmd::AgentArg),
 }
 
 fn main() -> ExitCode {
@@ -63,5 +74,10 @@ fn main() -> ExitCode {
         Command::Exec(args) => exec_cmd::run(args),
         Command::Doctor(args) => doctor_cmd::run(args),
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Approve(args) => control_cmd::approve(args),
+        Command::Deny(args) => control_cmd::deny(args),
+        Command::Kill(args) => control_cmd::kill(args),
+        Command::Demote(args) => control_cmd::demote(args),
+        Command::Status(args) => control_cmd::status(args),
     }
 }

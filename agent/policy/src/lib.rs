@@ -378,6 +378,11 @@ impl PolicySet {
         out
     }
 
+    /// Whether a Rego policy is loaded (its conditions are opaque to plane compilation).
+    pub fn has_rego(&self) -> bool {
+        !self.rego.is_empty()
+    }
+
     /// Number of policy documents loaded (YAML and Rego).
     pub fn len(&self) -> usize {
         self.toolkit.len() + self.v4.len() + self.rego.len()

@@ -5,6 +5,8 @@
 //! `open` caught by a fanotify permission event) and hands it over as a [`Request`]; a
 //! [`Decider`] answers through a [`Reply`]. A reply that is dropped unanswered denies,
 //! so every error path on the synchronous side fails closed.
+pub mod control;
+pub mod evaluator;
 pub mod exec_notify;
 pub mod fanotify;
 mod sys;

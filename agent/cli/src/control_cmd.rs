@@ -1,0 +1,84 @@
+//! `agt-jail approve|deny|kill|demote|status`: talk to a running agent through its
+//! control socket (see `agt_jail_supervisor::control`).
+use std::{path::PathBuf, process::ExitCode};
+
+use agt_jail_supervisor::control;
+use clap::Args;
+
+use crate::EXIT_INTERNAL;
+
+#[derive(Args, Debug)]
+pub struct AgentArg {
+    /// The agent's name (`agt-jail exec --agent NAME`; agt-jail prints it at start).
+    #[arg(long, value_name = "NAME")]
+    agent: String,
+
+    /// Directory of the agents' control sockets.
+    #[arg(long, value_name = "DIR", default_value = control::RUNTIME_DIR, hide = true)]
+    runtime_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RequestArgs {
+    #[command(flatten)]
+    target: AgentArg,
+
+    /// The held request's number, as printed in the "approval needed (request N)" line.
+    #[arg(value_name = "REQUEST")]
+    request: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoteArgs {
+    #[command(flatten)]
+    target: AgentArg,
+
+    /// The more restricted ring to move the agent to (2 or 3; never a lower number).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=3))]
+    ring: u8,
+}
+
+/// Sends `line` to the agent and prints the outcome; exit 0 on success, 1 when the
+/// agent refused, 125 when it could not be reached.
+fn send(target: &AgentArg, line: &str, done: &str) -> ExitCode {
+    match control::request(&target.runtime_dir, &target.agent, line) {
+        Ok(answer) => {
+            if line == "status" {
+                println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_else(|_| answer.to_string()));
+            } else {
+                println!("agt-jail: {done}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err @ control::ControlError::Refused { .. }) => {
+            eprintln!("agt-jail: {err}");
+            ExitCode::from(1)
+        }
+        Err(err) => {
+            eprintln!("agt-jail: {err}");
+            ExitCode::from(EXIT_INTERNAL)
+        }
+    }
+}
+
+pub fn approve(args: RequestArgs) -> ExitCode {
+    send(&args.target, &format!("approve {}", args.request), &format!("approved request {}", args.request))
+}
+
+pub fn deny(args: RequestArgs) -> ExitCode {
+    send(&args.target, &format!("deny {}", args.request), &format!("denied request {}", args.request))
+}
+
+pub fn kill(args: AgentArg) -> ExitCode {
+    let done = format!("killed agent {}", args.agent);
+    send(&args, "kill", &done)
+}
+
+pub fn demote(args: DemoteArgs) -> ExitCode {
+    let done = format!("agent {} is now in ring {}", args.target.agent, args.ring);
+    send(&args.target, &format!("demote {}", args.ring), &done)
+}
+
+pub fn status(args: AgentArg) -> ExitCode {
+    send(&args, "status", "")
+}

@@ -1,0 +1,221 @@
+//! The control socket of one running agent: approvals, denials, the kill switch and
+//! live demotion from outside the jail.
+//!
+//! One request line in, one JSON line out. The socket lives in agt-jail's runtime
+//! directory, which every confined ring hides, and only root or the user running
+//! agt-jail may talk to it (checked with SO_PEERCRED, not only with file modes).
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use crate::{evaluator::Evaluator, sys};
+
+/// Where agents' control sockets live (hidden inside every confined ring).
+pub const RUNTIME_DIR: &str = "/run/agt-jail/agents";
+
+/// Longest accepted request line.
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("agent name {0:?} is not valid: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'")]
+    BadName(String),
+    #[error("cannot create {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("agent {name} is already running (its control socket {path} answers)")]
+    InUse { name: String, path: PathBuf },
+    #[error("no running agent {name} (no control socket at {path}): {source}")]
+    NotRunning { name: String, path: PathBuf, source: io::Error },
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("agent {name}: {message}")]
+    Refused { name: String, message: String },
+}
+
+/// Checks an agent name: it becomes a file name.
+pub fn check_name(name: &str) -> Result<(), ControlError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::BadName(name.to_string()))
+    }
+}
+
+pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// A listening control socket; removed when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listens at `dir/<name>.sock` and serves requests against `evaluator`.
+    pub fn start(dir: &Path, name: &str, evaluator: Arc<Evaluator>) -> Result<ControlServer, ControlError> {
+        check_name(name)?;
+        let create = |source| ControlError::Create { path: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(create)?;
+        let path = socket_path(dir, name);
+        if UnixStream::connect(&path).is_ok() {
+            return Err(ControlError::InUse { name: name.to_string(), path });
+        }
+        // A socket left by a killed agt-jail answers nobody: replace it.
+        let _ = std::fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).map_err(|source| ControlError::Create { path: path.clone(), source })?;
+        // Owner only; SO_PEERCRED below is the real check.
+        let _ = sys::chmod(&path, 0o600);
+        listener.set_nonblocking(true).map_err(|source| ControlError::Io { path: path.clone(), source })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("control".into())
+            .spawn(move || serve(listener, &evaluator, &stopping))
+            .map_err(|source| ControlError::Create { path: path.clone(), source })?;
+        Ok(ControlServer { path, stop, thread: Some(thread) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(listener: UnixListener, evaluator: &Arc<Evaluator>, stop: &AtomicBool) {
+    let me = sys::euid();
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let allowed = sys::peer_uid(&stream).is_ok_and(|uid| uid == 0 || uid == me);
+                let reply = if allowed {
+                    read_request(&stream)
+                        .map_or_else(|e| json!({"ok": false, "error": e}), |line| answer(evaluator, &line))
+                } else {
+                    json!({"ok": false, "error": "permission denied: only root or the user running agt-jail may control an agent"})
+                };
+                let mut stream = stream;
+                let _ = stream.write_all(format!("{reply}\n").as_bytes());
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn read_request(stream: &UnixStream) -> Result<String, String> {
+    use io::Read;
+    let mut line = String::new();
+    BufReader::new(stream.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the request: {e}"))?;
+    Ok(line.trim().to_string())
+}
+
+/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`.
+pub fn answer(evaluator: &Arc<Evaluator>, line: &str) -> Value {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let id = |w: Option<&&str>| -> Result<u64, String> {
+        w.and_then(|s| s.parse().ok()).ok_or_else(|| format!("expected a request number in {line:?}"))
+    };
+    let result = match words.as_slice() {
+        ["approve", rest @ ..] => id(rest.first()).and_then(|id| evaluator.approve(id)),
+        ["deny", rest @ ..] => id(rest.first()).and_then(|id| evaluator.deny(id)),
+        ["kill"] => {
+            let d = agt_jail_policy::Decision::new(
+                agt_jail_policy::Action::Kill,
+                None,
+                None,
+                "killed by the operator".into(),
+            );
+            evaluator.kill(&d);
+            Ok(())
+        }
+        ["demote", ring] => match ring.parse::<u8>() {
+            Ok(r) => evaluator.demote(r, "demoted by the operator"),
+            Err(_) => Err(format!("expected a ring number 0-3, found {ring:?}")),
+        },
+        ["status"] => {
+            let agent = evaluator.agent();
+            let pending: Vec<Value> = evaluator
+                .pending()
+                .into_iter()
+                .map(|(id, event, pid, rule)| json!({"request": id, "event": event, "pid": pid, "rule": rule}))
+                .collect();
+            return json!({"ok": true, "agent": agent.id, "ring": agent.ring, "trust": agent.trust,
+                          "tier": agent.tier, "pending": pending});
+        }
+        _ => Err(format!("unknown request {line:?}; expected approve ID, deny ID, kill, demote RING or status")),
+    };
+    match result {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+/// Sends one request to a running agent and returns its JSON answer.
+pub fn request(dir: &Path, name: &str, line: &str) -> Result<Value, ControlError> {
+    check_name(name)?;
+    let path = socket_path(dir, name);
+    let mut stream = UnixStream::connect(&path).map_err(|source| ControlError::NotRunning {
+        name: name.to_string(),
+        path: path.clone(),
+        source,
+    })?;
+    let io = |source| ControlError::Io { path: path.clone(), source };
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    stream.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let value: Value = serde_json::from_str(answer.trim())
+        .map_err(|e| ControlError::Io { path: path.clone(), source: io::Error::other(e) })?;
+    if value["ok"] == Value::Bool(true) {
+        Ok(value)
+    } else {
+        let message = value["error"].as_str().unwrap_or("refused").to_string();
+        Err(ControlError::Refused { name: name.to_string(), message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_become_file_names_safely() {
+        for good in ["a", "agent-1", "coder.v2_x"] {
+            check_name(good).unwrap();
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1003 @@
+//! The evaluator: every held action and every kernel event of one agent becomes an OS
+//! event context, a policy decision, an effect and a record.
+//!
+//! Held actions (exec, open) are answered here: allow, deny, hold for an approval (a
+//! timeout denies), or kill the whole agent. Budgets and rate limits (`limit:` on the
+//! matched rule) are charged before the answer, so the first action over budget is the
+//! one denied. Denials lower the agent's trust; crossing a tier boundary demotes its ring
+//! live, never the other way. The side effects on the host (the cgroup, the BPF maps)
+//! belong to the caller, behind [`Actuator`].
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use agt_jail_policy::{
+    context::{self, AgentFacts, FileEvent, NetEvent, NetFamily, NetProto, ProcFacts},
+    Action, Decision, EvalOptions, Expr, Operand, PolicySet, RateLimiter,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::{Answer, FileAccess, FileIdentity, Reply, Request, RequestKind};
+
+/// Host-side effects the evaluator asks for. Implemented by the caller over the
+/// agent's cgroup and BPF maps; a test double records the calls.
+pub trait Actuator: Send + Sync {
+    /// Ends every process of the agent at once (`cgroup.kill`).
+    fn kill_agent(&self) -> io::Result<()>;
+    /// Tier A: lets the kernel's exec hook accept the file `tid` is about to execute.
+    fn approve_exec(&self, _tid: u32, _identity: FileIdentity) -> io::Result<()> {
+        Ok(())
+    }
+    /// Tightens the kernel planes to `agent.ring` (already lowered by the evaluator).
+    fn demote(&self, agent: &AgentFacts) -> io::Result<()>;
+    /// Opens of this file need not be asked again (every access to it is allowed).
+    fn allow_file_always(&self, _identity: FileIdentity) {}
+    /// Forgets every cached file answer (the policy's view of the agent changed).
+    fn forget_file_answers(&self) {}
+}
+
+/// How denials move trust, and what trust ends an agent.
+#[derive(Debug, Clone, Copy)]
+pub struct TrustRules {
+    /// Trust lost per denied action.
+    pub penalty: u32,
+    /// Below this trust the agent is killed (0: never).
+    pub kill_below: u32,
+}
+
+impl Default for TrustRules {
+    fn default() -> Self {
+        TrustRules { penalty: 10, kill_below: 0 }
+    }
+}
+
+/// The ring an agent of this trust may hold at most privilege (a higher number is more
+/// restricted): trusted and above keep their ring, standard is at least ring 2,
+/// probationary and untrusted are sandboxed (ring 3).
+pub fn ring_floor(trust: u32) -> u8 {
+    match trust {
+        700.. => 0,
+        500..=699 => 2,
+        _ => 3,
+    }
+}
+
+/// Everything the evaluator needs to know at start.
+pub struct EvaluatorConfig {
+    pub policies: Arc<PolicySet>,
+    pub agent: AgentFacts,
+    pub approval_timeout: Duration,
+    pub trust: TrustRules,
+    /// The command the agent was started with: the only exec a ring-3 agent may do.
+    pub entry_program: PathBuf,
+    /// Print one line per denial and per approval request on stderr.
+    pub show_denials: bool,
+    /// Where `/proc` is (passed in so tests can use a fake tree).
+    pub proc_root: PathBuf,
+}
+
+/// One line of the events file: what happened, what was decided, by which plane.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    pub seq: u64,
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub agent: &'a str,
+    pub pid: u32,
+    pub event: &'a str,
+    pub context: &'a Value,
+    pub decision: &'a Decision,
+    pub matched_rule: Option<&'a str>,
+    /// The mechanism that enforced the decision.
+    pub plane: &'a str,
+    /// What was done: allow, deny, kill, held (waiting for approval), approved, timeout.
+    pub outcome: &'a str,
+    /// Microseconds from the request reaching the evaluator to the answer.
+    pub latency_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'a str>,
+}
+
+/// Where records go. Writes are whole lines; a write failure is remembered and reported
+/// once at the end (the decision itself never waits on the file).
+pub struct RecordSink {
+    out: Option<Box<dyn Write + Send>>,
+    seq: u64,
+    error: Option<io::Error>,
+}
+
+impl RecordSink {
+    pub fn new(out: Option<Box<dyn Write + Send>>) -> Self {
+        RecordSink { out, seq: 0, error: None }
+    }
+
+    fn write(&mut self, mut record: Record<'_>) {
+        self.seq += 1;
+        record.seq = self.seq;
+        let Some(out) = self.out.as_mut() else { return };
+        let mut line = match serde_json::to_vec(&record) {
+            Ok(line) => line,
+            Err(err) => {
+                self.error.get_or_insert(io::Error::other(err));
+                return;
+            }
+        };
+        line.push(b'\n');
+        if let Err(err) = out.write_all(&line).and_then(|()| out.flush()) {
+            self.error.get_or_insert(err);
+        }
+    }
+
+    /// Writes a raw JSON value as one line (kernel observations without a decision).
+    pub fn write_value(&mut self, value: &Value) {
+        self.seq += 1;
+        let Some(out) = self.out.as_mut() else { return };
+        let mut line = value.to_string().into_bytes();
+        line.push(b'\n');
+        if let Err(err) = out.write_all(&line).and_then(|()| out.flush()) {
+            self.error.get_or_insert(err);
+        }
+    }
+
+    /// The first write error, if any.
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+}
+
+struct Pending {
+    reply: Reply,
+    context: Value,
+    decision: Decision,
+    pid: u32,
+    event: String,
+    plane: &'static str,
+    started: Instant,
+    exec_approval: Option<(u32, FileIdentity)>,
+}
+
+struct State {
+    agent: AgentFacts,
+    limiter: RateLimiter,
+    next_approval: u64,
+    pending: HashMap<u64, Pending>,
+    killed: bool,
+}
+
+/// The evaluator of one agent. Shared between the synchronous planes (as their
+/// [`crate::Decider`]), the kernel event reader and the control socket.
+pub struct Evaluator {
+    policies: Arc<PolicySet>,
+    opts: EvalOptions,
+    approval_timeout: Duration,
+    trust_rules: TrustRules,
+    entry_program: PathBuf,
+    show_denials: bool,
+    proc_root: PathBuf,
+    /// File answers can be cached only when no rule reads per-process or per-time state.
+    file_cacheable: bool,
+    state: Mutex<State>,
+    sink: Mutex<RecordSink>,
+    actuator: Arc<dyn Actuator>,
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: the evaluator
+/// must keep answering (a poisoned lock denying everything would also be closed, but
+/// would lose the records).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+impl Evaluator {
+    pub fn new(cfg: EvaluatorConfig, sink: RecordSink, actuator: Arc<dyn Actuator>) -> Arc<Self> {
+        let file_cacheable = !reads_varying_state(&cfg.policies);
+        let opts = EvalOptions { agent: Some(cfg.agent.did.clone()), ..EvalOptions::default() };
+        Arc::new(Evaluator {
+            policies: cfg.policies,
+            opts,
+            approval_timeout: cfg.approval_timeout,
+            trust_rules: cfg.trust,
+            entry_program: cfg.entry_program,
+            show_denials: cfg.show_denials,
+            proc_root: cfg.proc_root,
+            file_cacheable,
+            state: Mutex::new(State {
+                agent: cfg.agent,
+                limiter: RateLimiter::default(),
+                next_approval: 0,
+                pending: HashMap::new(),
+                killed: false,
+            }),
+            sink: Mutex::new(sink),
+            actuator,
+        })
+    }
+
+    /// The agent as the policy sees it now (ring and trust change over its life).
+    pub fn agent(&self) -> AgentFacts {
+        lock(&self.state).agent.clone()
+    }
+
+    /// The first error writing records, if any.
+    pub fn take_record_error(&self) -> Option<io::Error> {
+        lock(&self.sink).take_error()
+    }
+
+    fn proc_facts(&self, pid: u32) -> ProcFacts {
+        proc_facts(&self.proc_root, pid)
+    }
+
+    fn context_of(&self, agent: &AgentFacts, request: &Request) -> (Value, &'static str) {
+        let proc = self.proc_facts(request.pid);
+        match &request.kind {
+            RequestKind::Exec { path, argv, .. } => {
+                let interpreter = interpreter_of(&self.proc_root, request.pid, path);
+                (context::exec_context(agent, &proc, path, argv, interpreter.as_deref()), "exec")
+            }
+            RequestKind::File { path, access, .. } => {
+                let (event, name) =
+                    if access.writes() { (FileEvent::Write, "file_write") } else { (FileEvent::Open, "file_open") };
+                (context::file_context(agent, &proc, event, path, access.as_str()), name)
+            }
+        }
+    }
+
+    /// Decides a held action. Answers at once, or later for approvals.
+    pub fn handle(self: &Arc<Self>, request: Request, reply: Reply) {
+        let started = Instant::now();
+        let mut state = lock(&self.state);
+        let agent = state.agent.clone();
+        let (context, event) = self.context_of(&agent, &request);
+        let mut decision = self.policies.evaluate(&context, &self.opts);
+        let mut note = None;
+        if let RequestKind::Exec { path, fileless, .. } = &request.kind {
+            if *fileless {
+                decision = Decision::new(
+                    Action::Deny,
+                    None,
+                    None,
+                    "fileless exec (execveat of a file descriptor) is never allowed for agents".into(),
+                );
+            } else if agent.ring >= 3 && decision.allowed && Path::new(path) != self.entry_program {
+                decision = Decision::new(
+                    Action::Deny,
+                    None,
+                    None,
+                    format!("ring {}: only the entry command may be executed", agent.ring),
+                );
+                note = Some("ring floor");
+            }
+        }
+        // Budgets: charged only for actions that would run, so a denied attempt
+        // does not use up the budget of allowed ones.
+        if decision.limit.is_some() && (decision.allowed || decision.action == Action::RequireApproval) {
+            decision = state.limiter.apply(decision);
+        }
+        match decision.action {
+            Action::RequireApproval if !state.killed => {
+                state.next_approval += 1;
+                let id = state.next_approval;
+                let exec_approval = exec_identity(&request);
+                if self.show_denials {
+                    let what = describe(&request);
+                    let rule = decision.matched_rule.as_deref().unwrap_or("?");
+                    let line = format!(
+                        "agt-jail: approval needed (request {id}): {what} by pid {} (rule {rule}); \
+                         run `agt-jail approve --agent {} {id}` or `agt-jail deny --agent {} {id}` \
+                         within {}s\n",
+                        request.pid,
+                        agent.id,
+                        agent.id,
+                        self.approval_timeout.as_secs()
+                    );
+                    let _ = io::stderr().lock().write_all(line.as_bytes());
+                }
+                self.record(
+                    &agent,
+                    request.pid,
+                    event,
+                    &context,
+                    &decision,
+                    request.plane,
+                    "held",
+                    started,
+                    Some(id),
+                    None,
+                );
+                state.pending.insert(
+                    id,
+                    Pending {
+                        reply,
+                        context,
+                        decision,
+                        pid: request.pid,
+                        event: event.to_string(),
+                        plane: request.plane,
+                        started,
+                        exec_approval,
+                    },
+                );
+                drop(state);
+                self.arm_timeout(id);
+            }
+            _ => {
+                let killed = decision.action == Action::Kill;
+                let allowed = decision.allowed && !state.killed;
+                let outcome = if killed {
+                    "kill"
+                } else if allowed {
+                    "allow"
+                } else {
+                    "deny"
+                };
+                if allowed {
+                    if let Some((tid, identity)) = exec_identity(&request) {
+                        if let Err(err) = self.actuator.approve_exec(tid, identity) {
+                            // Tier A without the approval: the kernel would refuse it anyway.
+                            eprintln!("agt-jail: cannot pass the exec approval to the kernel: {err}");
+                        }
+                    }
+                    if let RequestKind::File { identity: Some(identity), path, .. } = &request.kind {
+                        if self.file_cacheable && self.file_always_allowed(&agent, request.pid, path) {
+                            self.actuator.allow_file_always(*identity);
+                        }
+                    }
+                }
+                let denial = (!allowed).then(|| describe(&request));
+                if killed {
+                    state.killed = true;
+                }
+                drop(state);
+                if killed {
+                    self.kill(&decision);
+                }
+                reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
+                self.record(
+                    &agent,
+                    request.pid,
+                    event,
+                    &context,
+                    &decision,
+                    request.plane,
+                    outcome,
+                    started,
+                    None,
+                    note,
+                );
+                if let Some(what) = denial {
+                    self.on_denied(&what, request.pid, &decision);
+                }
+            }
+        }
+    }
+
+    /// Whether every access to `path` is allowed without a budget, so the answer can be cached.
+    fn file_always_allowed(&self, agent: &AgentFacts, pid: u32, path: &str) -> bool {
+        let proc = self.proc_facts(pid);
+        [(FileEvent::Open, "read"), (FileEvent::Write, "write"), (FileEvent::Write, "read_write")].iter().all(
+            |(event, access)| {
+                let d = self.policies.evaluate(&context::file_context(agent, &proc, *event, path, access), &self.opts);
+                d.allowed && d.limit.is_none()
+            },
+        )
+    }
+
+    fn arm_timeout(self: &Arc<Self>, id: u64) {
+        let me = Arc::clone(self);
+        let timeout = self.approval_timeout;
+        let spawned = thread::Builder::new().name("approval-timeout".into()).spawn(move || {
+            thread::sleep(timeout);
+            let _ = me.resolve(id, false, "timeout");
+        });
+        if spawned.is_err() {
+            // No timer means no timeout: deny now rather than hold forever.
+            let _ = self.resolve(id, false, "timeout");
+        }
+    }
+
+    /// Approves a held action.
+    pub fn approve(&self, id: u64) -> Result<(), String> {
+        self.resolve(id, true, "approved")
+    }
+
+    /// Denies a held action.
+    pub fn deny(&self, id: u64) -> Result<(), String> {
+        self.resolve(id, false, "denied")
+    }
+
+    /// The held actions, for `status`.
+    pub fn pending(&self) -> Vec<(u64, String, u32, Option<String>)> {
+        let state = lock(&self.state);
+        let mut out: Vec<_> = state
+            .pending
+            .iter()
+            .map(|(id, p)| (*id, p.event.clone(), p.pid, p.decision.matched_rule.clone()))
+            .collect();
+        out.sort_by_key(|p| p.0);
+        out
+    }
+
+    fn resolve(&self, id: u64, approve: bool, outcome: &str) -> Result<(), String> {
+        let mut state = lock(&self.state);
+        let Some(p) = state.pending.remove(&id) else {
+            return Err(format!("no pending request {id} (already answered, timed out, or never asked)"));
+        };
+        let agent = state.agent.clone();
+        let allowed = approve && !state.killed;
+        drop(state);
+        if allowed {
+            if let Some((tid, identity)) = p.exec_approval {
+                if let Err(err) = self.actuator.approve_exec(tid, identity) {
+                    eprintln!("agt-jail: cannot pass the exec approval to the kernel: {err}");
+                }
+            }
+        }
+        p.reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
+        let mut decision = p.decision.clone();
+        decision.allowed = allowed;
+        decision.reason = format!("{} ({outcome})", decision.reason);
+        self.record(&agent, p.pid, &p.event, &p.context, &decision, p.plane, outcome, p.started, Some(id), None);
+        if !allowed {
+            self.on_denied(&format!("held {} (request {id}, {outcome})", p.event), p.pid, &decision);
+        }
+        Ok(())
+    }
+
+    /// Ends the agent: every process of its cgroup, at once.
+    pub fn kill(&self, decision: &Decision) {
+        lock(&self.state).killed = true;
+        let rule = decision.matched_rule.as_deref().unwrap_or("kill switch");
+        if let Err(err) = self.actuator.kill_agent() {
+            eprintln!("agt-jail: cannot kill the agent ({rule}): {err}");
+        } else if self.show_denials {
+            let _ = io::stderr().lock().write_all(format!("agt-jail: killed the agent ({rule})\n").as_bytes());
+        }
+        // Anything still held goes with it.
+        let pending: Vec<u64> = lock(&self.state).pending.keys().copied().collect();
+        for id in pending {
+            let _ = self.resolve(id, false, "killed");
+        }
+    }
+
+    /// Moves the agent to a more restricted ring. Refuses to move it the other way.
+    pub fn demote(&self, ring: u8, why: &str) -> Result<(), String> {
+        let mut state = lock(&self.state);
+        if ring > 3 {
+            return Err(format!("ring {ring} does not exist (rings are 0-3)"));
+        }
+        if ring < state.agent.ring {
+            return Err(format!(
+                "ring {ring} is less restricted than the agent's ring {}; agents are never promoted",
+                state.agent.ring
+            ));
+        }
+        if ring == state.agent.ring {
+            return Ok(());
+        }
+        let from = state.agent.ring;
+        state.agent.ring = ring;
+        let agent = state.agent.clone();
+        drop(state);
+        self.actuator.forget_file_answers();
+        self.actuator.demote(&agent).map_err(|e| format!("cannot tighten the kernel planes: {e}"))?;
+        lock(&self.sink).write_value(&json!({
+            "time": now_secs(), "agent": agent.id, "event": "demote", "from_ring": from, "to_ring": ring, "reason": why,
+        }));
+        if self.show_denials {
+            let line = format!("agt-jail: agent {} demoted from ring {from} to ring {ring} ({why})\n", agent.id);
+            let _ = io::stderr().lock().write_all(line.as_bytes());
+        }
+        Ok(())
+    }
+
+    /// A denied action lowers trust; a tier change demotes, a trust floor kills.
+    fn on_denied(&self, what: &str, pid: u32, decision: &Decision) {
+        if self.show_denials {
+            let rule = decision.matched_rule.as_deref().map(|r| format!(" (rule {r})")).unwrap_or_default();
+            let line = format!("agt-jail: denied {what} (pid {pid}){rule}: {}\n", decision.reason);
+            let _ = io::stderr().lock().write_all(line.as_bytes());
+        }
+        let mut state = lock(&self.state);
+        let before = state.agent.trust;
+        let after = before.saturating_sub(self.trust_rules.penalty);
+        state.agent.trust = after;
+        state.agent.tier = context::tier_of(after).to_string();
+        let ring = state.agent.ring;
+        let killed = state.killed;
+        drop(state);
+        if killed {
+            return;
+        }
+        if after < self.trust_rules.kill_below {
+            let d = Decision::new(
+                Action::Kill,
+                None,
+                None,
+                format!("trust {after} fell below {}", self.trust_rules.kill_below),
+            );
+            self.kill(&d);
+            return;
+        }
+        let floor = ring_floor(after);
+        if floor > ring {
+            let why = format!("trust fell from {before} to {after} ({})", context::tier_of(after));
+            if let Err(err) = self.demote(floor, &why) {
+                eprintln!("agt-jail: {err}");
+            }
+        }
+    }
+
+    /// Records a kernel event that the kernel already decided (network tables, LSM
+    /// hooks): the context is rebuilt, the policy consulted for the matched rule, and a
+    /// disagreement between kernel and policy reported loudly.
+    #[allow(clippy::too_many_arguments)]
+    pub fn observe_net(
+        &self,
+        pid: u32,
+        event: NetEvent,
+        family: NetFamily,
+        protocol: NetProto,
+        addr: std::net::IpAddr,
+        port: u16,
+        domain: Option<&str>,
+        kernel: KernelVerdict,
+    ) {
+        let started = Instant::now();
+        let agent = self.agent();
+        let proc = self.proc_facts(pid);
+        let ctx = context::net_context(&agent, &proc, event, family, protocol, addr, port, domain);
+        let mut decision = self.policies.evaluate(&ctx, &self.opts);
+        let mut note = None;
+        let outcome = match kernel {
+            KernelVerdict::Allow => "allow",
+            KernelVerdict::Deny => "deny",
+            KernelVerdict::Kill => "kill",
+            KernelVerdict::RateLimited => "deny",
+            KernelVerdict::Floor => "deny",
+        };
+        match kernel {
+            KernelVerdict::RateLimited => {
+                decision.allowed = false;
+                decision.rate_limited = true;
+                decision.reason = format!("Rate limited (kernel counter): {}", decision.reason);
+            }
+            KernelVerdict::Floor => note = Some("ring floor (profile allow-list or deny rule)"),
+            _ => {
+                let kernel_allowed = kernel == KernelVerdict::Allow;
+                if kernel_allowed != decision.allowed && decision.action != Action::RequireApproval {
+                    note = Some("kernel and policy disagree");
+                    eprintln!(
+                        "agt-jail: warning: the kernel {} a {} to {addr}:{port} that the policy {}s ({})",
+                        if kernel_allowed { "allowed" } else { "denied" },
+                        ctx["event"].as_str().unwrap_or("?"),
+                        decision.action,
+                        decision.matched_rule.as_deref().unwrap_or("default")
+                    );
+                }
+            }
+        }
+        let event_name = ctx["event"].as_str().unwrap_or("net").to_string();
+        self.record(&agent, pid, &event_name, &ctx, &decision, "kernel", outcome, started, None, note);
+        if kernel == KernelVerdict::Kill {
+            self.kill(&decision);
+        } else if kernel != KernelVerdict::Allow {
+            self.on_denied(&format!("{event_name} to {addr}:{port}"), pid, &decision);
+        }
+    }
+
+    /// Writes a kernel observation that carries no decision (exec done, fork, exit).
+    pub fn observe_raw(&self, value: &Value) {
+        lock(&self.sink).write_value(value);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        agent: &AgentFacts,
+        pid: u32,
+        event: &str,
+        context: &Value,
+        decision: &Decision,
+        plane: &str,
+        outcome: &str,
+        started: Instant,
+        approval: Option<u64>,
+        note: Option<&str>,
+    ) {
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        lock(&self.sink).write(Record {
+            seq: 0,
+            time: now_secs(),
+            agent: &agent.id,
+            pid,
+            event,
+            context,
+            decision,
+            matched_rule: decision.matched_rule.as_deref(),
+            plane,
+            outcome,
+            latency_us,
+            approval,
+            note,
+        });
+    }
+}
+
+/// What the kernel did with a network event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelVerdict {
+    Allow,
+    Deny,
+    Kill,
+    /// Denied because the rule's `limit` was used up (kernel counter).
+    RateLimited,
+    /// Denied by the ring's own floor (profile allow-list, --deny-connect), before the policy.
+    Floor,
+}
+
+impl crate::Decider for Arc<Evaluator> {
+    fn decide(&self, request: Request, reply: Reply) {
+        self.handle(request, reply);
+    }
+}
+
+fn exec_identity(request: &Request) -> Option<(u32, FileIdentity)> {
+    match &request.kind {
+        RequestKind::Exec { identity: Some(identity), fileless: false, .. } => Some((request.tid, *identity)),
+        _ => None,
+    }
+}
+
+fn describe(request: &Request) -> String {
+    match &request.kind {
+        RequestKind::Exec { path, argv, fileless: true, .. } => {
+            format!("fileless exec ({path}, argv {})", argv.join(" "))
+        }
+        RequestKind::Exec { path, argv, .. } => format!("exec of {path} ({})", argv.join(" ")),
+        RequestKind::File { path, access: FileAccess::Read, .. } => format!("read of {path}"),
+        RequestKind::File { path, .. } => format!("write of {path}"),
+    }
+}
+
+/// The process facts of `pid` from `/proc`; unreadable fields stay empty (the process
+/// may be gone by now, and the decision must still be made).
+pub fn proc_facts(proc_root: &Path, pid: u32) -> ProcFacts {
+    let dir = proc_root.join(pid.to_string());
+    let comm = std::fs::read_to_string(dir.join("comm")).map(|s| s.trim_end().to_string()).unwrap_or_default();
+    let exe = std::fs::read_link(dir.join("exe")).map(|p| p.display().to_string()).unwrap_or_default();
+    let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+    let field = |name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    ProcFacts { pid, ppid: field("PPid:").unwrap_or(0), uid: field("Uid:").unwrap_or(u32::MAX), comm, exe }
+}
+
+/// The interpreter named by a `#!` line of the file the process is about to exec.
+fn interpreter_of(proc_root: &Path, pid: u32, path: &str) -> Option<String> {
+    use std::io::Read;
+    let inside = proc_root.join(pid.to_string()).join("root").join(path.trim_start_matches('/'));
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(inside).and_then(|mut f| f.read(&mut head)).ok()?;
+    let line = head.get(..n)?.strip_prefix(b"#!")?;
+    let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
+    let text = std::str::from_utf8(line.get(..end)?).ok()?;
+    text.split_whitespace().next().map(str::to_string)
+}
+
+/// Whether a rule's decision can depend on more than the path and the agent: then a
+/// file answer must not be cached.
+fn reads_varying_state(set: &PolicySet) -> bool {
+    fn reads(expr: &Expr) -> bool {
+        let varies = |o: &Operand| matches!(o, Operand::Path(p) if p.first().is_some_and(|s| s == "proc"));
+        match expr {
+            Expr::Truthy(o) => varies(o),
+            Expr::Cmp(_, a, b) => varies(a) || varies(b),
+            Expr::Matches(o, _) | Expr::Glob(o, _) => varies(o),
+            Expr::Not(e) => reads(e),
+            Expr::And(es) | Expr::Or(es) => es.iter().any(reads),
+        }
+    }
+    set.rules().iter().any(|r| match (r.condition, r.v4_condition) {
+        (Some(expr), _) => reads(expr),
+        (None, Some((field, _, _))) => field.starts_with("proc."),
+        (None, None) => true,
+    }) || set.has_rego()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::Decider;
+    use std::sync::{atomic::AtomicUsize, atomic::Ordering, mpsc};
+
+    #[derive(Default)]
+    struct Recorder {
+        kills: AtomicUsize,
+        demotions: Mutex<Vec<u8>>,
+        approvals: Mutex<Vec<(u32, FileIdentity)>>,
+    }
+
+    impl Actuator for Recorder {
+        fn kill_agent(&self) -> io::Result<()> {
+            self.kills.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn approve_exec(&self, tid: u32, identity: FileIdentity) -> io::Result<()> {
+            lock(&self.approvals).push((tid, identity));
+            Ok(())
+        }
+        fn demote(&self, agent: &AgentFacts) -> io::Result<()> {
+            lock(&self.demotions).push(agent.ring);
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Lines {
+        fn records(&self) -> Vec<Value> {
+            String::from_utf8(lock(&self.0).clone())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+    }
+
+    const POLICY: &str = r#"
+apiVersion: governance.toolkit/v1
+name: t
+agents: ["*"]
+default_action: allow
+rules:
+  - name: no-rm-rf
+    condition: "event == 'exec' and exec.argv contains '-rf'"
+    action: deny
+    priority: 100
+  - name: push-needs-approval
+    condition: "event == 'exec' and exec.argv contains 'push'"
+    action: require_approval
+    priority: 90
+  - name: wipe-kills
+    condition: "event == 'exec' and exec.path endswith '/mkfs'"
+    action: kill
+    priority: 100
+  - name: budget
+    condition: "event == 'exec'"
+    action: allow
+    limit: "3/day"
+    priority: 1
+  - name: keys
+    condition: "event in ['file_open', 'file_write'] and file.path endswith 'id_rsa'"
+    action: deny
+    priority: 100
+"#;
+
+    fn evaluator(timeout: Duration) -> (Arc<Evaluator>, Arc<Recorder>, Lines) {
+        let set = PolicySet::from_str("t.yaml", POLICY).unwrap();
+        let actuator = Arc::new(Recorder::default());
+        let lines = Lines::default();
+        let agent = AgentFacts {
+            id: "a1".into(),
+            did: "did:mesh:00".into(),
+            ring: 2,
+            trust: 500,
+            tier: "standard".into(),
+            session: "s".into(),
+        };
+        let cfg = EvaluatorConfig {
+            policies: Arc::new(set),
+            agent,
+            approval_timeout: timeout,
+            trust: TrustRules { penalty: 0, kill_below: 0 },
+            entry_program: PathBuf::from("/bin/entry"),
+            show_denials: false,
+            proc_root: PathBuf::from("/nonexistent-proc"),
+        };
+        let ev = Evaluator::new(cfg, RecordSink::new(Some(Box::new(lines.clone()))), actuator.clone());
+        (ev, actuator, lines)
+    }
+
+    fn exec(argv: &[&str]) -> Request {
+        Request {
+            pid: 7,
+            tid: 8,
+            kind: RequestKind::Exec {
+                path: format!("/usr/bin/{}", argv[0]),
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                fileless: false,
+                identity: Some(FileIdentity { dev: 1, ino: 2 }),
+            },
+            plane: "seccomp_notify",
+        }
+    }
+
+    fn ask(ev: &Arc<Evaluator>, request: Request) -> mpsc::Receiver<Answer> {
+        let (tx, rx) = mpsc::channel();
+        ev.decide(request, Reply::new(move |a| tx.send(a).unwrap()));
+        rx
+    }
+
+    #[test]
+    fn denies_by_rule_and_records_it() {
+        let (ev, actuator, lines) = evaluator(Duration::from_secs(60));
+        assert_eq!(ask(&ev, exec(&["rm", "-rf", "/"])).recv().unwrap(), Answer::Deny);
+        assert_eq!(ask(&ev, exec(&["ls"])).recv().unwrap(), Answer::Allow);
+        let records = lines.records();
+        assert_eq!(records[0]["matched_rule"], "no-rm-rf");
+        assert_eq!(records[0]["outcome"], "deny");
+        assert_eq!(records[0]["context"]["exec"]["argv"][1], "-rf");
+        assert_eq!(records[1]["outcome"], "allow");
+        // Only the allowed exec's file is handed to the kernel's exec hook.
+        assert_eq!(lock(&actuator.approvals).len(), 1);
+    }
+
+    #[test]
+    fn a_session_budget_allows_n_and_denies_the_next() {
+        let (ev, _, lines) = evaluator(Duration::from_secs(60));
+        let answers: Vec<Answer> = (0..4).map(|_| ask(&ev, exec(&["cc"])).recv().unwrap()).collect();
+        assert_eq!(answers, [Answer::Allow, Answer::Allow, Answer::Allow, Answer::Deny]);
+        let last = lines.records().pop().unwrap();
+        assert_eq!(last["decision"]["rate_limited"], true);
+    }
+
+    #[test]
+    fn denied_attempts_do_not_use_the_budget() {
+        let (ev, _, _) = evaluator(Duration::from_secs(60));
+        for _ in 0..5 {
+            assert_eq!(ask(&ev, exec(&["rm", "-rf", "/"])).recv().unwrap(), Answer::Deny);
+        }
+        assert_eq!(ask(&ev, exec(&["cc"])).recv().unwrap(), Answer::Allow);
+    }
+
+    #[test]
+    fn approval_holds_until_approved() {
+        let (ev, _, lines) = evaluator(Duration::from_secs(600));
+        let rx = ask(&ev, exec(&["git", "push"]));
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "held, not answered");
+        let pending = ev.pending();
+        assert_eq!(pending.len(), 1);
+        ev.approve(pending[0].0).unwrap();
+        assert_eq!(rx.recv().unwrap(), Answer::Allow);
+        assert!(ev.approve(pending[0].0).is_err(), "answered once");
+        let outcomes: Vec<String> =
+            lines.records().iter().map(|r| r["outcome"].as_str().unwrap().to_string()).collect();
+        assert_eq!(outcomes, ["held", "approved"]);
+    }
+
+    #[test]
+    fn approval_can_be_denied_and_times_out() {
+        let (ev, _, _) = evaluator(Duration::from_millis(30));
+        let rx = ask(&ev, exec(&["git", "push"]));
+        // Nobody answers: the timeout denies.
+        assert_eq!(rx.recv().unwrap(), Answer::Deny);
+        let (ev, _, _) = evaluator(Duration::from_secs(600));
+        let rx = ask(&ev, exec(&["git", "push"]));
+        ev.deny(ev.pending()[0].0).unwrap();
+        assert_eq!(rx.recv().unwrap(), Answer::Deny);
+    }
+
+    #[test]
+    fn kill_rule_kills_once_and_denies_everything_after() {
+        let (ev, actuator, _) = evaluator(Duration::from_secs(600));
+        let held = ask(&ev, exec(&["git", "push"]));
+        let mut mkfs = exec(&["mkfs"]);
+        if let RequestKind::Exec { path, .. } = &mut mkfs.kind {
+            *path = "/sbin/mkfs".into();
+        }
+        assert_eq!(ask(&ev, mkfs).recv().unwrap(), Answer::Deny);
+        assert_eq!(actuator.kills.load(Ordering::SeqCst), 1);
+        assert_eq!(held.recv().unwrap(), Answer::Deny, "a held action dies with the agent");
+        assert_eq!(ask(&ev, exec(&["ls"])).recv().unwrap(), Answer::Deny);
+    }
+
+    #[test]
+    fn fileless_exec_is_denied() {
+        let (ev, _, _) = evaluator(Duration::from_secs(60));
+        let mut r = exec(&["x"]);
+        if let RequestKind::Exec { fileless, .. } = &mut r.kind {
+            *fileless = true;
+        }
+        assert_eq!(ask(&ev, r).recv().unwrap(), Answer::Deny);
+    }
+
+    #[test]
+    fn file_rules_see_access() {
+        let (ev, _, lines) = evaluator(Duration::from_secs(60));
+        let file = |path: &str, access| Request {
+            pid: 7,
+            tid: 7,
+            kind: RequestKind::File { path: path.into(), access, identity: None },
+            plane: "fanotify",
+        };
+        assert_eq!(ask(&ev, file("/root/.ssh/id_rsa", FileAccess::Read)).recv().unwrap(), Answer::Deny);
+        assert_eq!(ask(&ev, file("/work/src.rs", FileAccess::Write)).recv().unwrap(), Answer::Allow);
+        let records = lines.records();
+        assert_eq!(records[0]["event"], "file_open");
+        assert_eq!(records[1]["event"], "file_write");
+    }
+
+    #[test]
+    fn demotion_only_tightens_and_ring3_execs_only_the_entry() {
+        let (ev, actuator, _) = evaluator(Duration::from_secs(60));
+        assert!(ev.demote(1, "test").is_err());
+        ev.demote(3, "test").unwrap();
+        assert_eq!(*lock(&actuator.demotions), [3]);
+        assert_eq!(ask(&ev, exec(&["ls"])).recv().unwrap(), Answer::Deny);
+        let mut entry = exec(&["entry"]);
+        if let RequestKind::Exec { path, .. } = &mut entry.kind {
+            *path = "/bin/entry".into();
+        }
+        assert_eq!(ask(&ev, entry).recv().unwrap(), Answer::Allow);
+    }
+
+    #[test]
+    fn denials_lower_trust_and_a_tier_change_demotes() {
+        let (ev, actuator, _) = evaluator(Duration::from_secs(60));
+        // Rebuild with a penalty: 500 - 10 = 490 is probationary, whose floor is ring 3.
+        let ev = {
+            drop(ev);
+            let set = PolicySet::from_str("t.yaml", POLICY).unwrap();
+            let cfg = EvaluatorConfig {
+                policies: Arc::new(set),
+                agent: AgentFacts {
+                    id: "a".into(),
+                    did: "d".into(),
+                    ring: 2,
+                    trust: 500,
+                    tier: "standard".into(),
+                    session: "s".into(),
+                },
+                approval_timeout: Duration::from_secs(1),
+                trust: TrustRules { penalty: 10, kill_below: 0 },
+                entry_program: PathBuf::from("/bin/entry"),
+                show_denials: false,
+                proc_root: PathBuf::from("/nonexistent-proc"),
+            };
+            Evaluator::new(cfg, RecordSink::new(None), actuator.clone())
+        };
+        ask(&ev, exec(&["rm", "-rf", "/"])).recv().unwrap();
+        assert_eq!(ev.agent().trust, 490);
+        assert_eq!(ev.agent().ring, 3);
+        assert_eq!(*lock(&actuator.demotions), [3]);
+    }
+
+    #[test]
+    fn reads_proc_facts_from_a_proc_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("42");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("comm"), "bash\n").unwrap();
+        std::fs::write(p.join("status"), "Name:\tbash\nPPid:\t7\nUid:\t1000\t1000\t1000\t1000\n").unwrap();
+        let f = proc_facts(dir.path(), 42);
+        assert_eq!((f.pid, f.ppid, f.uid, f.comm.as_str()), (42, 7, 1000, "bash"));
+        let missing = proc_facts(dir.path(), 43);
+        assert_eq!(missing.comm, "");
+    }
+}
