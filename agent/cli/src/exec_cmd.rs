@@ -32,6 +32,7 @@ use agt_jail_jail::{
     spawn_in_cgroup, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode, Profile,
     SpawnError, WorkspaceMode,
 };
+use agt_jail_supervisor::evaluator::Evaluator;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use signal_hook::{
@@ -39,7 +40,7 @@ use signal_hook::{
     low_level::siginfo::Cause,
 };
 
-use crate::EXIT_INTERNAL;
+use crate::{govern, EXIT_INTERNAL};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -130,6 +131,9 @@ pub struct ExecArgs {
     /// Seconds between forwarding SIGTERM/SIGINT/SIGHUP and killing everything with SIGKILL.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     grace: u64,
+
+    #[command(flatten)]
+    policy: govern::PolicyArgs,
 
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
@@ -342,6 +346,14 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     if !root && (args.events.is_some() || !args.deny_connect.is_empty()) {
         return Err(anyhow::anyhow!("--events and --deny-connect need root (they use BPF programs)").into());
     }
+    if !root && args.policy.given() {
+        return Err(anyhow::anyhow!(
+            "--policy needs root (its planes are BPF programs, seccomp user-notification and fanotify)"
+        )
+        .into());
+    }
+    // The policy loads (and fails with its located error) before anything is created.
+    let policy = if args.policy.given() { Some(govern::load(&args.policy, profile.ring)?) } else { None };
     let workspace = match (&args.workspace, profile.workspace) {
         (Some(dir), _) => Some(dir.canonicalize().with_context(|| format!("cannot use workspace {}", dir.display()))?),
         (None, WorkspaceMode::Scratch) => None,
@@ -390,7 +402,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         // and connect rules and --events need the programs; a confined ring without
         // them is enforced by namespaces, Landlock and seccomp alone (docs/adr/0003).
         let allowlist = profile.confine && profile.net == NetMode::Allowlist;
-        let need_bpf = !profile.confine || args.events.is_some() || !rules.is_empty() || allowlist;
+        let need_bpf = !profile.confine || args.events.is_some() || !rules.is_empty() || allowlist || policy.is_some();
         let programs = if need_bpf {
             let agent_id = cgroup.id();
             let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
@@ -419,16 +431,41 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         );
     }
 
+    // Under a policy the evaluator writes the events file (decisions) and the denial lines.
+    let governance = match policy {
+        Some((set, agent)) => {
+            let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
+            let name = agent.id.clone();
+            let governance = govern::Governance::start(
+                &args.policy,
+                set,
+                agent,
+                program_path.clone(),
+                kill_file,
+                args.events.as_deref(),
+                !args.quiet,
+            )?;
+            if !args.quiet {
+                eprintln!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
+            }
+            Some(governance)
+        }
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let mut pump = None;
     if let Some((_, Some(programs))) = governed.as_mut() {
-        let sink = EventSink::open(args.events.as_deref(), !args.quiet)?;
+        let evaluator = governance.as_ref().map(|g| Arc::clone(&g.evaluator));
+        let sink = match evaluator {
+            Some(_) => EventSink::open(None, false)?,
+            None => EventSink::open(args.events.as_deref(), !args.quiet)?,
+        };
         let reader = programs.take_events().context("event reader already taken")?;
         let stop = Arc::clone(&stop);
         pump = Some(
             thread::Builder::new()
                 .name("events".into())
-                .spawn(move || pump_events(reader, sink, &stop))
+                .spawn(move || pump_events(reader, sink, evaluator.as_ref(), &stop))
                 .context("cannot start the event thread")?,
         );
     }
@@ -648,11 +685,18 @@ fn describe_denial(event: &Event) -> String {
 
 /// Moves events from the ring buffer to the sink until told to stop, then drains
 /// what is left, so nothing the command caused is lost.
-fn pump_events(mut reader: EventReader, mut sink: EventSink, stop: &AtomicBool) -> Result<()> {
+fn pump_events(
+    mut reader: EventReader,
+    mut sink: EventSink,
+    evaluator: Option<&Arc<Evaluator>>,
+    stop: &AtomicBool,
+) -> Result<()> {
     let mut write_error: Option<io::Error> = None;
     let mut handle = |decoded: std::result::Result<Event, agt_jail_ebpf_loader::DecodeError>| match decoded {
         Ok(event) => {
-            if let Err(err) = sink.record(&event) {
+            if let Some(evaluator) = evaluator {
+                govern::observe(evaluator, &event);
+            } else if let Err(err) = sink.record(&event) {
                 write_error.get_or_insert(err);
             }
         }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod control_cmd;
 mod doctor_cmd;
 mod exec_cmd;
+mod govern;
 mod policy_cmd;
 
 /// Exit status for agt-jail's own failures (bad flags, bad policy, kernel refused), as `docker run` does.

@@ -10,7 +10,7 @@ pub mod lsm;
 mod programs;
 
 pub use btf::{KernelOffsets, OffsetError};
-pub use events::{decode, DecodeError, Event, EventReader, NetFamily};
+pub use events::{decode, DecodeError, Event, EventReader, NetFamily, VerdictName};
 pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError};
 
 /// The eBPF object, embedded at build time. Aligned because aya parses it in place.

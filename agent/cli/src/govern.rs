@@ -1,0 +1,224 @@
+//! `agt-jail exec --policy`: the policy governs the running agent, without a daemon.
+//!
+//! What the policy says is compiled into the planes this host has (see `policy
+//! explain`): network rules into the cgroup BPF tables, exec rules onto the seccomp
+//! user-notification path, file rules onto fanotify permission events in a confined
+//! ring; the evaluator answers what is held and records every decision.
+use std::{
+    fs::OpenOptions,
+    io::{self, BufWriter, Write},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use agt_jail_ebpf_loader::{Event, VerdictName};
+use agt_jail_policy::{
+    context::{AgentFacts, NetEvent, NetFamily, NetProto},
+    PolicySet,
+};
+use agt_jail_supervisor::{
+    control::{self, ControlServer},
+    evaluator::{Actuator, Evaluator, EvaluatorConfig, KernelVerdict, RecordSink, TrustRules},
+    FileIdentity,
+};
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+
+/// The flags of `exec` that put an agent under policy.
+#[derive(Args, Debug, Default)]
+pub struct PolicyArgs {
+    /// Policy file (governance.toolkit/v1 or Agent-OS v4 YAML, or .rego) that governs the
+    /// command's exec, file and network activity. Repeatable.
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policy: Vec<PathBuf>,
+
+    /// The agent's name: its control socket (`agt-jail approve/deny/kill/demote --agent NAME`)
+    /// and `agent.id` in the policy. Default: agent-<pid of agt-jail>.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+
+    /// Starting trust score 0-1000 (`agent.trust`; tiers as in AGT).
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub trust: u32,
+
+    /// Trust lost per denied action; crossing a tier boundary demotes the ring live.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub deny_penalty: u32,
+
+    /// Kill the agent when its trust falls below N (0: never).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub kill_below: u32,
+
+    /// Seconds a `require_approval` action is held before it is denied.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub approval_timeout: u64,
+
+    /// Refuse to start when a deny rule cannot be enforced before effect on this host
+    /// (otherwise: a warning per rule).
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl PolicyArgs {
+    pub fn given(&self) -> bool {
+        !self.policy.is_empty()
+    }
+}
+
+/// 16 random bytes as hex (session ids, DIDs).
+fn random_hex() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Loads the policies and names the agent. Errors are the policy's own located errors.
+pub fn load(args: &PolicyArgs, ring: u8) -> Result<(Arc<PolicySet>, AgentFacts)> {
+    let set = PolicySet::load(&args.policy).map_err(|e| anyhow!("{e}"))?;
+    let name = args.agent.clone().unwrap_or_else(|| format!("agent-{}", std::process::id()));
+    control::check_name(&name).map_err(|e| anyhow!("--agent: {e}"))?;
+    let did = format!("did:mesh:{}", random_hex()?);
+    let agent = AgentFacts::new(name, did, ring, args.trust, random_hex()?);
+    Ok((Arc::new(set), agent))
+}
+
+/// The host side of the evaluator's effects for `agt-jail exec`.
+pub struct HostActuator {
+    /// `cgroup.kill` of the agent's cgroup.
+    pub kill_file: Option<PathBuf>,
+    /// Tightens the kernel planes on demotion (set once the BPF programs exist).
+    pub on_demote: Mutex<Option<Box<dyn FnMut(&AgentFacts) -> io::Result<()> + Send>>>,
+    /// The file plane's cache (set once the fanotify guard runs).
+    pub file_cache: Mutex<Option<Box<dyn FileCache>>>,
+    /// Tier A: the exec hook's approval map.
+    pub exec_approvals: Mutex<Option<Box<dyn FnMut(u32, FileIdentity) -> io::Result<()> + Send>>>,
+}
+
+/// What the evaluator needs of the file plane's cache.
+pub trait FileCache: Send {
+    fn allow_always(&self, identity: FileIdentity);
+    fn forget(&self);
+}
+
+impl Actuator for HostActuator {
+    fn kill_agent(&self) -> io::Result<()> {
+        match &self.kill_file {
+            Some(path) => std::fs::write(path, "1"),
+            None => Err(io::Error::other("the agent has no cgroup (not root)")),
+        }
+    }
+
+    fn approve_exec(&self, tid: u32, identity: FileIdentity) -> io::Result<()> {
+        match self.exec_approvals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            Some(approve) => approve(tid, identity),
+            None => Ok(()),
+        }
+    }
+
+    fn demote(&self, agent: &AgentFacts) -> io::Result<()> {
+        match self.on_demote.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            Some(tighten) => tighten(agent),
+            None => Ok(()),
+        }
+    }
+
+    fn allow_file_always(&self, identity: FileIdentity) {
+        if let Some(cache) = self.file_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            cache.allow_always(identity);
+        }
+    }
+
+    fn forget_file_answers(&self) {
+        if let Some(cache) = self.file_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            cache.forget();
+        }
+    }
+}
+
+/// Opens the events file (or stdout for `-`) for decision records.
+pub fn record_sink(path: Option<&Path>) -> Result<RecordSink> {
+    let out: Option<Box<dyn Write + Send>> = match path {
+        None => None,
+        Some(p) if p == Path::new("-") => Some(Box::new(io::stdout())),
+        Some(p) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open events file {}", p.display()))?;
+            Some(Box::new(BufWriter::new(file)))
+        }
+    };
+    Ok(RecordSink::new(out))
+}
+
+/// The evaluator and the control socket of one governed run.
+pub struct Governance {
+    pub evaluator: Arc<Evaluator>,
+    pub actuator: Arc<HostActuator>,
+    pub control: ControlServer,
+}
+
+impl Governance {
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        args: &PolicyArgs,
+        policies: Arc<PolicySet>,
+        agent: AgentFacts,
+        entry_program: PathBuf,
+        kill_file: Option<PathBuf>,
+        events: Option<&Path>,
+        show_denials: bool,
+    ) -> Result<Governance> {
+        let actuator = Arc::new(HostActuator {
+            kill_file,
+            on_demote: Mutex::new(None),
+            file_cache: Mutex::new(None),
+            exec_approvals: Mutex::new(None),
+        });
+        let name = agent.id.clone();
+        let cfg = EvaluatorConfig {
+            policies,
+            agent,
+            approval_timeout: std::time::Duration::from_secs(args.approval_timeout),
+            trust: TrustRules { penalty: args.deny_penalty, kill_below: args.kill_below },
+            entry_program,
+            show_denials,
+            proc_root: PathBuf::from("/proc"),
+        };
+        let evaluator = Evaluator::new(cfg, record_sink(events)?, actuator.clone());
+        let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator))
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(Governance { evaluator, actuator, control })
+    }
+}
+
+/// Hands one kernel event to the evaluator: network events carry the kernel's verdict
+/// and are checked against the policy; the rest are recorded as observations.
+pub fn observe(evaluator: &Evaluator, event: &Event) {
+    match event {
+        Event::Connect { tgid, family, addr, port, protocol, verdict, .. } => {
+            let family = match family {
+                agt_jail_ebpf_loader::NetFamily::Inet => NetFamily::Inet,
+                agt_jail_ebpf_loader::NetFamily::Inet6 => NetFamily::Inet6,
+            };
+            let proto = match protocol.as_str() {
+                "tcp" => NetProto::Tcp,
+                "udp" => NetProto::Udp,
+                _ => NetProto::Other,
+            };
+            let kernel = match verdict {
+                VerdictName::Allow => KernelVerdict::Allow,
+                VerdictName::Deny => KernelVerdict::Floor,
+            };
+            evaluator.observe_net(*tgid, NetEvent::Connect, family, proto, *addr, *port, None, kernel);
+        }
+        other => {
+            if let Ok(value) = serde_json::to_value(other) {
+                evaluator.observe_raw(&value);
+            }
+        }
+    }
+}
