@@ -84,16 +84,21 @@ pub fn load(args: &PolicyArgs, ring: u8) -> Result<(Arc<PolicySet>, AgentFacts)>
     Ok((Arc::new(set), agent))
 }
 
+/// Tightens the kernel planes to a lower ring.
+pub type Tighten = Box<dyn FnMut(&AgentFacts) -> io::Result<()> + Send>;
+/// Hands an approved exec to the kernel's exec hook (Tier A).
+pub type ApproveExec = Box<dyn FnMut(u32, FileIdentity) -> io::Result<()> + Send>;
+
 /// The host side of the evaluator's effects for `agt-jail exec`.
 pub struct HostActuator {
     /// `cgroup.kill` of the agent's cgroup.
     pub kill_file: Option<PathBuf>,
     /// Tightens the kernel planes on demotion (set once the BPF programs exist).
-    pub on_demote: Mutex<Option<Box<dyn FnMut(&AgentFacts) -> io::Result<()> + Send>>>,
+    pub on_demote: Mutex<Option<Tighten>>,
     /// The file plane's cache (set once the fanotify guard runs).
     pub file_cache: Mutex<Option<Box<dyn FileCache>>>,
     /// Tier A: the exec hook's approval map.
-    pub exec_approvals: Mutex<Option<Box<dyn FnMut(u32, FileIdentity) -> io::Result<()> + Send>>>,
+    pub exec_approvals: Mutex<Option<ApproveExec>>,
 }
 
 /// What the evaluator needs of the file plane's cache.
