@@ -9,10 +9,12 @@ use serde::Serialize;
 
 use crate::{Action, Decision};
 
-/// A parsed `"N/second|minute|hour|day"`.
+/// A parsed `"N/second|minute|hour|day|session"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RateSpec {
     pub max: u64,
+    /// Window length; 0 means `session`: one budget for the limiter's lifetime, never reset
+    /// (an agt-jail extension; AGT rejects the period).
     pub period_secs: u64,
     #[serde(rename = "limit")]
     pub text: String,
@@ -31,9 +33,15 @@ impl RateSpec {
             "minute" => 60,
             "hour" => 3600,
             "day" => 86_400,
-            _ => return Err(format!("invalid limit {s:?}: period must be one of second, minute, hour, day")),
+            "session" => 0,
+            _ => return Err(format!("invalid limit {s:?}: period must be one of second, minute, hour, day, session")),
         };
         Ok(RateSpec { max, period_secs, text: s.to_string() })
+    }
+
+    /// A per-session budget (`N/session`): counted from the first event, never reset.
+    pub fn is_session(&self) -> bool {
+        self.period_secs == 0
     }
 }
 
@@ -143,8 +151,12 @@ impl<C: Clock> RateLimiter<C> {
                 return d;
             }
         }
-        let period = Duration::from_secs(l.spec.period_secs);
-        let w = self.windows.entry(key).or_insert(Window { count: 0, reset_at: now + period });
+        // A session budget's window never ends.
+        let reset_at = match l.spec.period_secs {
+            0 => Duration::MAX,
+            secs => now.saturating_add(Duration::from_secs(secs)),
+        };
+        let w = self.windows.entry(key).or_insert(Window { count: 0, reset_at });
         w.count += 1;
         decision
     }
@@ -191,6 +203,22 @@ mod tests {
         assert_eq!(d.reason, "Rate limited: 3/minute");
         clock.advance(Duration::from_secs(61));
         assert!(rl.apply(dec("3/minute")).allowed);
+    }
+
+    #[test]
+    fn session_budgets_never_reset() {
+        let clock = ManualClock::default();
+        let mut rl = RateLimiter::new(clock.clone());
+        assert_eq!(RateSpec::parse("2/session").unwrap().period_secs, 0);
+        assert!(RateSpec::parse("2/session").unwrap().is_session());
+        assert!(rl.apply(dec("2/session")).allowed);
+        clock.advance(Duration::from_secs(86_400 * 365));
+        assert!(rl.apply(dec("2/session")).allowed);
+        clock.advance(Duration::from_secs(86_400 * 365 * 100));
+        let d = rl.apply(dec("2/session"));
+        assert!(!d.allowed && d.rate_limited);
+        assert_eq!(d.reason, "Rate limited: 2/session");
+        assert!(!rl.apply(dec("0/session")).allowed);
     }
 
     #[test]
