@@ -25,6 +25,41 @@ pub enum PolicyCommand {
         /// Directory (searched recursively) or a single test file.
         dir: PathBuf,
     },
+    /// Show, per rule, which plane enforces it on this host (kernel tables, LSM, seccomp
+    /// user-notification, fanotify), the compiled network plan's size, and every rule that
+    /// cannot be enforced before effect.
+    #[command(
+        after_help = "Example:\n  agt-jail policy explain --policy policies/coding-agent/policy.yaml --ring 2\n  \
+        agt-jail policy explain --policy p.yaml --strict --json   # exit 1 if a rule cannot be enforced\n\n\
+        Domains the rules test (net.domain) are resolved with the system resolver; names that do not \
+        resolve are listed and match no address in the kernel tables."
+    )]
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// Policy file; repeat for several.
+    #[arg(long = "policy", required = true)]
+    policies: Vec<PathBuf>,
+    /// Ring the agent runs in (0-3); rings 1-3 are confined (own mount namespace).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=3))]
+    ring: u8,
+    /// Fail (exit 1) when any deny rule cannot be enforced before effect on this host.
+    #[arg(long)]
+    strict: bool,
+    /// Print the whole plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Agent DID the plan is compiled for (policies targeting other agents are left out).
+    #[arg(long, default_value = "did:mesh:00000000000000000000000000000000")]
+    agent: String,
+    /// Trust score of the agent (0..1000).
+    #[arg(long, default_value_t = 500)]
+    trust: u32,
+    /// Query for .rego policies (default: data.<package>.allow).
+    #[arg(long)]
+    rego_query: Option<String>,
 }
 
 #[derive(Args)]
@@ -58,6 +93,7 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
         PolicyCommand::Lint { files } => lint(&files),
         PolicyCommand::Eval(args) => eval(&args),
         PolicyCommand::Test { dir } => test(&dir),
+        PolicyCommand::Explain(args) => explain(&args),
     }
 }
 
@@ -225,4 +261,120 @@ fn test(dir: &Path) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Whether BPF LSM programs load here (as `agt-jail doctor` checks); needs root.
+fn bpf_lsm_usable() -> (bool, String) {
+    if agt_jail_jail::host::euid() != 0 {
+        return (false, "not checked (needs root): assuming Tier B".into());
+    }
+    match agt_jail_ebpf_loader::AgentPrograms::load() {
+        Ok(mut programs) => match agt_jail_ebpf_loader::lsm::ExecLsm::load(&mut programs) {
+            Ok(_) => (true, "BPF LSM programs load (Tier A)".into()),
+            Err(e) => {
+                let e = e.to_string();
+                let short = e.split(". Verifier output").next().unwrap_or(&e).trim_end_matches(['.', ' ', ':']);
+                (false, format!("BPF LSM unavailable: {short} (Tier B)"))
+            }
+        },
+        Err(e) => (false, format!("eBPF programs do not load: {e} (Tier B)")),
+    }
+}
+
+fn resolve(names: &[String]) -> (agt_jail_policy::plan::Resolved, Vec<String>) {
+    use std::net::ToSocketAddrs;
+    let mut out = agt_jail_policy::plan::Resolved::new();
+    let mut failed = Vec::new();
+    for n in names {
+        match (n.as_str(), 0u16).to_socket_addrs() {
+            Ok(addrs) => {
+                let mut v: Vec<std::net::IpAddr> = addrs.map(|a| a.ip()).collect();
+                v.sort();
+                v.dedup();
+                if v.is_empty() {
+                    failed.push(n.clone());
+                }
+                out.insert(n.clone(), v);
+            }
+            Err(_) => failed.push(n.clone()),
+        }
+    }
+    (out, failed)
+}
+
+fn explain(args: &ExplainArgs) -> ExitCode {
+    use agt_jail_policy::context::AgentFacts;
+    use agt_jail_policy::plan::{self, HostCaps};
+    let set = match PolicySet::load_with(&args.policies, args.rego_query.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (bpf_lsm, lsm_note) = bpf_lsm_usable();
+    // fanotify exposes /proc/sys/fs/fanotify when the kernel is built with it.
+    let fanotify = Path::new("/proc/sys/fs/fanotify").is_dir();
+    let caps = HostCaps { bpf_lsm, fanotify, confined: args.ring > 0, ring: args.ring };
+    let agent = AgentFacts::new("explain", args.agent.clone(), args.ring, args.trust, "explain");
+    let names = plan::domains(&set);
+    let (resolved, unresolved) = resolve(&names);
+    let result = plan::compile(&set, &agent, &caps, &resolved, args.strict);
+    let plan = match result {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agt-jail: policy cannot be enforced on this host: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "host": {"bpf_lsm": bpf_lsm, "bpf_lsm_detail": lsm_note, "fanotify": fanotify, "ring": args.ring,
+                     "confined": caps.confined},
+            "domains": names,
+            "unresolved": unresolved,
+            "plan": plan,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "host: {lsm_note}; fanotify {}; ring {} ({})",
+        if fanotify { "available" } else { "unavailable" },
+        args.ring,
+        if caps.confined { "confined" } else { "not confined" }
+    );
+    for r in &plan.rules {
+        let events = r.events.as_ref().map_or_else(|| "any event".to_string(), |e| e.join(", "));
+        println!("{}/{} [{}] ({})", r.policy, r.rule, r.action, events);
+        for p in &r.planes {
+            match (&p.plane, &p.problem) {
+                (Some(pl), _) => println!("    {:<15} {pl}", p.class),
+                (None, Some(pr)) => println!("    {:<15} NOT ENFORCED BEFORE EFFECT: {pr}", p.class),
+                (None, None) => {}
+            }
+        }
+    }
+    match &plan.net {
+        Some(n) => println!(
+            "network plan: {} address classes, {} port classes ({} explicit ports), {} verdict rows, {} rules, {} limits",
+            n.addr_classes.len(),
+            n.port_classes,
+            n.ports.len(),
+            n.rows.len(),
+            n.rules.len(),
+            n.limits.len()
+        ),
+        None => println!("network plan: not compiled ({})", plan.net_error.as_deref().unwrap_or("?")),
+    }
+    if let Some(f) = &plan.file {
+        println!("file path forms (lsm): {} forms from {} rules", f.paths.len(), f.rules.len());
+    }
+    if !names.is_empty() {
+        println!("domains resolved: {} of {}", names.len() - unresolved.len(), names.len());
+    }
+    for w in &plan.warnings {
+        println!("warning: {w}");
+    }
+    ExitCode::SUCCESS
 }

@@ -10,6 +10,7 @@
 pub mod context;
 pub mod expr;
 pub mod limit;
+pub mod plan;
 mod rego;
 pub mod testrun;
 mod toolkit;
