@@ -18,7 +18,7 @@ use std::{
     process::{Command, ExitCode, ExitStatus},
     sync::{
         atomic::{AtomicBool, AtomicI32, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread,
     time::Duration,
@@ -32,6 +32,7 @@ use agt_jail_jail::{
     spawn_in_cgroup, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode, Profile,
     SpawnError, WorkspaceMode,
 };
+use agt_jail_policy::plan::Plan;
 use agt_jail_supervisor::evaluator::Evaluator;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -376,6 +377,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
 
     // Root: the agent's cgroup (with limits) and its BPF programs, before it exists.
     let mut governed = None;
+    let mut plan = None;
     if root {
         let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
         let limited =
@@ -407,6 +409,13 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             let agent_id = cgroup.id();
             let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
             programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
+            if let Some((set, agent)) = policy.as_ref() {
+                // Tier A is what the kernel accepts, not what it advertises.
+                let bpf_lsm = agt_jail_ebpf_loader::lsm::ExecLsm::load(&mut programs).is_ok();
+                let (compiled, _) =
+                    govern::compile_plan(set, agent, profile.ring, profile.confine, bpf_lsm, args.policy.strict)?;
+                plan = Some(compiled);
+            }
             for rule in rules {
                 programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
             }
@@ -442,6 +451,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
                 agent,
                 program_path.clone(),
                 kill_file,
+                plan.take(),
                 args.events.as_deref(),
                 !args.quiet,
             )?;
@@ -455,7 +465,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut pump = None;
     if let Some((_, Some(programs))) = governed.as_mut() {
-        let evaluator = governance.as_ref().map(|g| Arc::clone(&g.evaluator));
+        let evaluator = governance.as_ref().map(|g| (Arc::clone(&g.evaluator), Arc::clone(&g.plan)));
         let sink = match evaluator {
             Some(_) => EventSink::open(None, false)?,
             None => EventSink::open(args.events.as_deref(), !args.quiet)?,
@@ -465,7 +475,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         pump = Some(
             thread::Builder::new()
                 .name("events".into())
-                .spawn(move || pump_events(reader, sink, evaluator.as_ref(), &stop))
+                .spawn(move || pump_events(reader, sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), &stop))
                 .context("cannot start the event thread")?,
         );
     }
@@ -688,14 +698,14 @@ fn describe_denial(event: &Event) -> String {
 fn pump_events(
     mut reader: EventReader,
     mut sink: EventSink,
-    evaluator: Option<&Arc<Evaluator>>,
+    evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>,
     stop: &AtomicBool,
 ) -> Result<()> {
     let mut write_error: Option<io::Error> = None;
     let mut handle = |decoded: std::result::Result<Event, agt_jail_ebpf_loader::DecodeError>| match decoded {
         Ok(event) => {
-            if let Some(evaluator) = evaluator {
-                govern::observe(evaluator, &event);
+            if let Some((evaluator, plan)) = evaluator {
+                govern::observe(evaluator, plan, &event);
             } else if let Err(err) = sink.record(&event) {
                 write_error.get_or_insert(err);
             }

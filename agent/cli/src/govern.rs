@@ -14,6 +14,7 @@ use std::{
 use agt_jail_ebpf_loader::{Event, VerdictName};
 use agt_jail_policy::{
     context::{AgentFacts, NetEvent, NetFamily, NetProto},
+    plan::{self, HostCaps, Plan, Resolved},
     PolicySet,
 };
 use agt_jail_supervisor::{
@@ -163,7 +164,10 @@ pub fn record_sink(path: Option<&Path>) -> Result<RecordSink> {
 pub struct Governance {
     pub evaluator: Arc<Evaluator>,
     pub actuator: Arc<HostActuator>,
-    pub control: ControlServer,
+    /// The compiled planes in force (replaced on demotion and when domains move).
+    pub plan: Arc<Mutex<Option<Plan>>>,
+    /// Removes the control socket when the run ends.
+    _control: ControlServer,
 }
 
 impl Governance {
@@ -174,6 +178,7 @@ impl Governance {
         agent: AgentFacts,
         entry_program: PathBuf,
         kill_file: Option<PathBuf>,
+        plan: Option<Plan>,
         events: Option<&Path>,
         show_denials: bool,
     ) -> Result<Governance> {
@@ -196,13 +201,13 @@ impl Governance {
         let evaluator = Evaluator::new(cfg, record_sink(events)?, actuator.clone());
         let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator))
             .map_err(|e| anyhow!("{e}"))?;
-        Ok(Governance { evaluator, actuator, control })
+        Ok(Governance { evaluator, actuator, plan: Arc::new(Mutex::new(plan)), _control: control })
     }
 }
 
 /// Hands one kernel event to the evaluator: network events carry the kernel's verdict
 /// and are checked against the policy; the rest are recorded as observations.
-pub fn observe(evaluator: &Evaluator, event: &Event) {
+pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event) {
     match event {
         Event::Connect { tgid, family, addr, port, protocol, verdict, .. } => {
             let family = match family {
@@ -218,7 +223,8 @@ pub fn observe(evaluator: &Evaluator, event: &Event) {
                 VerdictName::Allow => KernelVerdict::Allow,
                 VerdictName::Deny => KernelVerdict::Floor,
             };
-            evaluator.observe_net(*tgid, NetEvent::Connect, family, proto, *addr, *port, None, kernel);
+            let domain = domain_of(plan, *addr);
+            evaluator.observe_net(*tgid, NetEvent::Connect, family, proto, *addr, *port, domain.as_deref(), kernel);
         }
         other => {
             if let Ok(value) = serde_json::to_value(other) {
@@ -226,4 +232,60 @@ pub fn observe(evaluator: &Evaluator, event: &Event) {
             }
         }
     }
+}
+
+/// Resolves every domain a policy names, with the system resolver. Names that do not
+/// resolve are returned apart (they match no address until they do).
+pub fn resolve_domains(domains: &[String]) -> (Resolved, Vec<String>) {
+    use std::net::ToSocketAddrs;
+    let mut resolved = Resolved::new();
+    let mut failed = Vec::new();
+    for domain in domains {
+        match (domain.as_str(), 0).to_socket_addrs() {
+            Ok(addrs) => {
+                let mut ips: Vec<std::net::IpAddr> = addrs.map(|a| a.ip()).collect();
+                ips.sort();
+                ips.dedup();
+                if ips.is_empty() {
+                    failed.push(domain.clone());
+                }
+                resolved.insert(domain.clone(), ips);
+            }
+            Err(_) => failed.push(domain.clone()),
+        }
+    }
+    (resolved, failed)
+}
+
+/// Compiles the policy for this agent on this host and prints what cannot be enforced
+/// before effect (an error instead with `--strict`).
+pub fn compile_plan(
+    set: &PolicySet,
+    agent: &AgentFacts,
+    ring: u8,
+    confined: bool,
+    bpf_lsm: bool,
+    strict: bool,
+) -> Result<(Plan, Resolved)> {
+    let caps = HostCaps { bpf_lsm, fanotify: Path::new("/proc/sys/fs/fanotify").is_dir(), confined, ring };
+    let (resolved, unresolved) = resolve_domains(&plan::domains(set));
+    if !unresolved.is_empty() {
+        eprintln!(
+            "agt-jail: warning: these policy domains do not resolve now (they match no address until they do): {}",
+            unresolved.join(", ")
+        );
+    }
+    let compiled = plan::compile(set, agent, &caps, &resolved, strict)
+        .map_err(|e| anyhow!("the policy cannot be enforced on this host: {e}"))?;
+    for warning in &compiled.warnings {
+        eprintln!("agt-jail: warning: {warning}");
+    }
+    Ok((compiled, resolved))
+}
+
+/// The policy domain an address was resolved from, as the plan in force knows it.
+fn domain_of(plan: &Mutex<Option<Plan>>, addr: std::net::IpAddr) -> Option<String> {
+    let plan = plan.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let class = plan.as_ref()?.net.as_ref()?.class_of(addr)?;
+    class.domains.first().cloned()
 }

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
-    Exec(exec_cmd::ExecArgs),
+    Exec(Box<exec_cmd::ExecArgs>),
     /// Report what this kernel offers and what each ring enforces on this host.
     Doctor(doctor_cmd::DoctorArgs),
     /// Lint, evaluate and test policies (AGT governance.toolkit/v1, Agent-OS v4, Rego).
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Exec(args) => exec_cmd::run(args),
+        Command::Exec(args) => exec_cmd::run(*args),
         Command::Doctor(args) => doctor_cmd::run(args),
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Approve(args) => control_cmd::approve(args),

@@ -264,7 +264,7 @@ fn test(dir: &Path) -> ExitCode {
 }
 
 /// Whether BPF LSM programs load here (as `agt-jail doctor` checks); needs root.
-fn bpf_lsm_usable() -> (bool, String) {
+pub(crate) fn bpf_lsm_usable() -> (bool, String) {
     if agt_jail_jail::host::euid() != 0 {
         return (false, "not checked (needs root): assuming Tier B".into());
     }
@@ -279,27 +279,6 @@ fn bpf_lsm_usable() -> (bool, String) {
         },
         Err(e) => (false, format!("eBPF programs do not load: {e} (Tier B)")),
     }
-}
-
-fn resolve(names: &[String]) -> (agt_jail_policy::plan::Resolved, Vec<String>) {
-    use std::net::ToSocketAddrs;
-    let mut out = agt_jail_policy::plan::Resolved::new();
-    let mut failed = Vec::new();
-    for n in names {
-        match (n.as_str(), 0u16).to_socket_addrs() {
-            Ok(addrs) => {
-                let mut v: Vec<std::net::IpAddr> = addrs.map(|a| a.ip()).collect();
-                v.sort();
-                v.dedup();
-                if v.is_empty() {
-                    failed.push(n.clone());
-                }
-                out.insert(n.clone(), v);
-            }
-            Err(_) => failed.push(n.clone()),
-        }
-    }
-    (out, failed)
 }
 
 fn explain(args: &ExplainArgs) -> ExitCode {
@@ -318,7 +297,7 @@ fn explain(args: &ExplainArgs) -> ExitCode {
     let caps = HostCaps { bpf_lsm, fanotify, confined: args.ring > 0, ring: args.ring };
     let agent = AgentFacts::new("explain", args.agent.clone(), args.ring, args.trust, "explain");
     let names = plan::domains(&set);
-    let (resolved, unresolved) = resolve(&names);
+    let (resolved, unresolved) = crate::govern::resolve_domains(&names);
     let result = plan::compile(&set, &agent, &caps, &resolved, args.strict);
     let plan = match result {
         Ok(p) => p,
