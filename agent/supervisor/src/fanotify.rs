@@ -100,8 +100,8 @@ pub enum FanotifyError {
     MarksMismatch { marked: Vec<u64>, wanted: Vec<u64> },
     #[error("fanotify marks remain after stop: {0:?}")]
     MarksRemain(Vec<String>),
-    #[error("no pending fanotify request of thread {tid} for this file")]
-    NotPending { tid: u32 },
+    #[error("no held open of file {dev}:{ino} (answered already, or not this thread's)")]
+    NotPending { dev: u64, ino: u64 },
     #[error("the request is not a fanotify file request with a file identity")]
     NotAFileRequest,
     #[error("the file guard is stopped")]
@@ -237,6 +237,17 @@ impl FileGuardHandle {
             (RequestKind::File { identity: Some(identity), .. }, PLANE) => *identity,
             _ => return Err(FanotifyError::NotAFileRequest),
         };
+        self.ignore_pending(identity, Some(request.tid))
+    }
+
+    /// [`allow_always`](Self::allow_always) by file identity alone (for callers that keep
+    /// only the identity of the request they are deciding): the mark still goes through
+    /// the fd of a held open of that very inode, so it must be called before answering.
+    pub fn allow_always_identity(&self, identity: FileIdentity) -> Result<(), FanotifyError> {
+        self.ignore_pending(identity, None)
+    }
+
+    fn ignore_pending(&self, identity: FileIdentity, tid: Option<u32>) -> Result<(), FanotifyError> {
         // Hold the lock while marking: stop() flushes marks under the same lock, so a
         // mark can never be added after the flush.
         let pending = self.shared.lock_pending();
@@ -245,8 +256,8 @@ impl FileGuardHandle {
         }
         let entry = pending
             .values()
-            .find(|p| p.tid == request.tid && p.identity == Some(identity))
-            .ok_or(FanotifyError::NotPending { tid: request.tid })?;
+            .find(|p| tid.is_none_or(|tid| p.tid == tid) && p.identity == Some(identity))
+            .ok_or(FanotifyError::NotPending { dev: identity.dev, ino: identity.ino })?;
         let known = self.shared.ignore_flags.load(Ordering::SeqCst);
         let candidates: &[u32] = if known != 0 {
             &[known]

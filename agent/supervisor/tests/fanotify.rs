@@ -79,6 +79,7 @@ impl Agent {
             ("x.late", "late!"),
             ("x.hold", "h"),
             ("cached", "cache"),
+            ("cached2", "cache2"),
         ] {
             std::fs::write(src.join(name), content).unwrap();
         }
@@ -153,6 +154,10 @@ impl Decider for TestDecider {
         } else {
             if path.ends_with("cached") {
                 self.handle.get().unwrap().allow_always(&request).unwrap();
+            }
+            if path.ends_with("cached2") {
+                let RequestKind::File { identity: Some(identity), .. } = &request.kind else { panic!("no identity") };
+                self.handle.get().unwrap().allow_always_identity(*identity).unwrap();
             }
             reply.answer(Answer::Allow);
         }
@@ -257,6 +262,9 @@ fn an_allow_always_file_is_not_asked_again() {
     assert_eq!(agent.run("open cached w"), "ok 0");
     assert_eq!(agent.run(&format!("open {}/cached rw", agent.view.display())), "ok 5");
     assert_eq!(decider.requests_for("cached").len(), 1, "asked once, then cached");
+    assert_eq!(agent.run("open cached2 r"), "ok 6");
+    assert_eq!(agent.run("open cached2 rw"), "ok 6");
+    assert_eq!(decider.requests_for("cached2").len(), 1, "cached by identity alone");
     // The control: an uncached file is asked every time.
     assert_eq!(agent.run("open notes r"), "ok 5");
     assert_eq!(agent.run("open notes r"), "ok 5");
