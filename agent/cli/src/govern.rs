@@ -20,7 +20,8 @@ use agt_jail_policy::{
 use agt_jail_supervisor::{
     control::{self, ControlServer},
     evaluator::{Actuator, Evaluator, EvaluatorConfig, KernelVerdict, RecordSink, TrustRules},
-    FileIdentity,
+    fanotify::{FanotifyError, FileGuard, FileGuardHandle, FileGuardOptions},
+    Answer, Decider, FileIdentity, Reply, Request,
 };
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
@@ -103,7 +104,7 @@ pub struct HostActuator {
 }
 
 /// What the evaluator needs of the file plane's cache.
-pub trait FileCache: Send {
+pub trait FileCache: Send + Sync {
     fn allow_always(&self, identity: FileIdentity);
     fn forget(&self);
 }
@@ -288,4 +289,80 @@ fn domain_of(plan: &Mutex<Option<Plan>>, addr: std::net::IpAddr) -> Option<Strin
     let plan = plan.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let class = plan.as_ref()?.net.as_ref()?.class_of(addr)?;
     class.domains.first().cloned()
+}
+
+impl FileCache for FileGuardHandle {
+    fn allow_always(&self, identity: FileIdentity) {
+        // A failed cache mark only means the file is asked again.
+        let _ = self.allow_always_identity(identity);
+    }
+
+    fn forget(&self) {
+        if let Err(err) = self.forget_allowed() {
+            eprintln!("agt-jail: warning: cannot drop cached file answers: {err}");
+        }
+    }
+}
+
+/// Whether the plan puts any rule on the file plane.
+pub fn needs_file_plane(plan: Option<&Plan>) -> bool {
+    plan.is_some_and(|p| p.rules.iter().any(|r| r.planes.iter().any(|n| n.class == "file")))
+}
+
+/// The decider the synchronous planes call. The first held action is the entry
+/// command's own `execve`, made after the jail's mounts are complete and before any
+/// agent code runs: that is when the file plane's marks go on the jail's mounts.
+pub struct ArmingDecider {
+    evaluator: Arc<Evaluator>,
+    actuator: Arc<HostActuator>,
+    /// Set when file rules need the fanotify plane and it is not started yet.
+    pending_file_plane: Mutex<bool>,
+    pub file_guard: Mutex<Option<FileGuard>>,
+}
+
+impl ArmingDecider {
+    pub fn new(governance: &Governance, file_plane: bool) -> Arc<ArmingDecider> {
+        Arc::new(ArmingDecider {
+            evaluator: Arc::clone(&governance.evaluator),
+            actuator: Arc::clone(&governance.actuator),
+            pending_file_plane: Mutex::new(file_plane),
+            file_guard: Mutex::new(None),
+        })
+    }
+
+    fn arm(&self, jail_pid: u32) -> Result<(), FanotifyError> {
+        let mut pending = self.pending_file_plane.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !*pending {
+            return Ok(());
+        }
+        let decider: Arc<dyn Decider> = Arc::new(Arc::clone(&self.evaluator));
+        let guard = FileGuard::start(jail_pid, decider, FileGuardOptions::default())?;
+        *self.actuator.file_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Box::new(guard.handle()));
+        *self.file_guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(guard);
+        *pending = false;
+        Ok(())
+    }
+
+    /// Stops the file plane (held opens are denied).
+    pub fn stop(&self) {
+        let guard = self.file_guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(guard) = guard {
+            if let Err(err) = guard.stop() {
+                eprintln!("agt-jail: warning: stopping the file plane: {err}");
+            }
+        }
+    }
+}
+
+impl Decider for ArmingDecider {
+    fn decide(&self, request: Request, reply: Reply) {
+        if let Err(err) = self.arm(request.pid) {
+            // File rules cannot be enforced: nothing of the agent may run.
+            eprintln!("agt-jail: cannot start the file plane (fanotify), refusing to run the agent: {err}");
+            reply.answer(Answer::Deny);
+            return;
+        }
+        self.evaluator.handle(request, reply);
+    }
 }
