@@ -687,8 +687,13 @@ fn describe_denial(event: &Event) -> String {
             let dest = SocketAddr::new(*addr, *port);
             format!("denied {protocol} connect to {dest} (pid {tgid})")
         }
-        Event::Exec { filename, tgid, .. } | Event::ExecCheck { filename, tgid, .. } => {
-            format!("denied exec of {filename} (pid {tgid})")
+        Event::Exec { filename, tgid, .. } => format!("denied exec of {filename} (pid {tgid})"),
+        Event::ExecCheck { filename, tgid, reason, .. } => format!("denied exec of {filename} ({reason}, pid {tgid})"),
+        Event::File { op, path, rule_kind, tgid, .. } => {
+            format!("denied {op} of {path} ({rule_kind} rule, pid {tgid})")
+        }
+        Event::Guard { hook, detail, target_pid, tgid, .. } => {
+            format!("denied {hook} (detail {detail}, target pid {target_pid}, pid {tgid})")
         }
     }
 }

@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use agt_jail_common::{ConnectEvent, EventHeader, EventKind, ExecEvent, Verdict, AF_INET, AF_INET6, EXEC_FILENAME_LEN};
+use agt_jail_common::{
+    ConnectEvent, EventHeader, EventKind, ExecCheckEvent, ExecDenyReason, ExecEvent, FileEvent, FileOp, FileRuleKind,
+    GuardEvent, GuardHook, Verdict, AF_INET, AF_INET6, EXEC_FILENAME_LEN, FILE_ACCESS_BITS, FILE_DENY_PATH_TOO_LONG,
+    FILE_DENY_PATH_UNREADABLE, FILE_PATH_LEN,
+};
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 
@@ -53,6 +57,44 @@ pub enum Event {
         ktime_ns: u64,
         filename: String,
         verdict: VerdictName,
+        /// rule | not_approved | wrong_file | fileless | unreadable
+        reason: String,
+        /// Identity of the file the kernel was about to run (kernel dev encoding).
+        dev: u64,
+        ino: u64,
+    },
+    /// A file access of an agent denied by a path rule (Tier A, BPF LSM).
+    File {
+        pid: u32,
+        tgid: u32,
+        cgroup_id: u64,
+        agent_id: u64,
+        ktime_ns: u64,
+        /// open | unlink | rename_from | rename_to | mkdir
+        op: String,
+        /// The accesses asked for: read, write, unlink, rename, create.
+        access: Vec<String>,
+        path: String,
+        /// The denying rule's index; `None` when the path itself could not be checked.
+        rule_index: Option<u32>,
+        /// exact | prefix | component | basename | basename_prefix | path_too_long | path_unreadable
+        rule_kind: String,
+        verdict: VerdictName,
+    },
+    /// A guarded operation of an agent denied by a BPF LSM hook (Tier A).
+    Guard {
+        pid: u32,
+        tgid: u32,
+        cgroup_id: u64,
+        agent_id: u64,
+        ktime_ns: u64,
+        /// ptrace | signal | mount | bpf | kernel_load | socket_connect
+        hook: String,
+        /// ptrace mode, signal number, mount flags, bpf command, kernel read id, socket family.
+        detail: u32,
+        target_pid: u32,
+        target_cgroup: u64,
+        verdict: VerdictName,
     },
     /// An agent's process called connect(2).
     Connect {
@@ -72,7 +114,11 @@ pub enum Event {
 impl Event {
     pub fn is_deny(&self) -> bool {
         let verdict = match self {
-            Event::Exec { verdict, .. } | Event::ExecCheck { verdict, .. } | Event::Connect { verdict, .. } => verdict,
+            Event::Exec { verdict, .. }
+            | Event::ExecCheck { verdict, .. }
+            | Event::Connect { verdict, .. }
+            | Event::File { verdict, .. }
+            | Event::Guard { verdict, .. } => verdict,
         };
         *verdict == VerdictName::Deny
     }
@@ -114,7 +160,89 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     let verdict = verdict(header.verdict)?;
     match kind {
-        EventKind::Exec | EventKind::ExecCheck => {
+        EventKind::ExecCheck => {
+            let event: ExecCheckEvent = read_pod(bytes, "exec check event")?;
+            let (pid, tgid, cgroup_id, agent_id, ktime_ns) =
+                (header.pid, header.tgid, header.cgroup_id, header.agent_id, header.ktime_ns);
+            let reason = match ExecDenyReason::from_u32(event.reason) {
+                Some(ExecDenyReason::Rule) => "rule".to_string(),
+                Some(ExecDenyReason::NotApproved) => "not_approved".to_string(),
+                Some(ExecDenyReason::WrongFile) => "wrong_file".to_string(),
+                Some(ExecDenyReason::Fileless) => "fileless".to_string(),
+                Some(ExecDenyReason::Unreadable) => "unreadable".to_string(),
+                None => format!("unknown_{}", event.reason),
+            };
+            let filename = c_string(&event.filename, event.filename_len as usize, EXEC_FILENAME_LEN);
+            let (dev, ino) = (event.dev, event.ino);
+            Ok(Event::ExecCheck { pid, tgid, cgroup_id, agent_id, ktime_ns, filename, verdict, reason, dev, ino })
+        }
+        EventKind::File => {
+            let event: FileEvent = read_pod(bytes, "file event")?;
+            let op = match FileOp::from_u32(event.op) {
+                Some(FileOp::Open) => "open".to_string(),
+                Some(FileOp::Unlink) => "unlink".to_string(),
+                Some(FileOp::RenameFrom) => "rename_from".to_string(),
+                Some(FileOp::RenameTo) => "rename_to".to_string(),
+                Some(FileOp::Mkdir) => "mkdir".to_string(),
+                None => format!("unknown_{}", event.op),
+            };
+            const ACCESS_NAMES: [&str; FILE_ACCESS_BITS] = ["read", "write", "unlink", "rename", "create"];
+            let access = (0..FILE_ACCESS_BITS)
+                .filter(|bit| event.access & (1 << bit) != 0)
+                .map(|bit| ACCESS_NAMES[bit].to_string())
+                .collect();
+            let rule_kind = match (FileRuleKind::from_u32(event.rule_kind), event.rule_kind) {
+                (Some(FileRuleKind::Exact), _) => "exact".to_string(),
+                (Some(FileRuleKind::Prefix), _) => "prefix".to_string(),
+                (Some(FileRuleKind::Component), _) => "component".to_string(),
+                (Some(FileRuleKind::Basename), _) => "basename".to_string(),
+                (Some(FileRuleKind::BasenamePrefix), _) => "basename_prefix".to_string(),
+                (None, FILE_DENY_PATH_TOO_LONG) => "path_too_long".to_string(),
+                (None, FILE_DENY_PATH_UNREADABLE) => "path_unreadable".to_string(),
+                (None, other) => format!("unknown_{other}"),
+            };
+            let rule_index = (event.rule_index != u32::MAX).then_some(event.rule_index);
+            // path_len excludes the NUL; c_string stops at the first NUL anyway.
+            let path = c_string(&event.path, event.path_len as usize, FILE_PATH_LEN);
+            Ok(Event::File {
+                pid: header.pid,
+                tgid: header.tgid,
+                cgroup_id: header.cgroup_id,
+                agent_id: header.agent_id,
+                ktime_ns: header.ktime_ns,
+                op,
+                access,
+                path,
+                rule_index,
+                rule_kind,
+                verdict,
+            })
+        }
+        EventKind::Guard => {
+            let event: GuardEvent = read_pod(bytes, "guard event")?;
+            let hook = match GuardHook::from_u32(event.hook) {
+                Some(GuardHook::Ptrace) => "ptrace".to_string(),
+                Some(GuardHook::Signal) => "signal".to_string(),
+                Some(GuardHook::Mount) => "mount".to_string(),
+                Some(GuardHook::Bpf) => "bpf".to_string(),
+                Some(GuardHook::KernelLoad) => "kernel_load".to_string(),
+                Some(GuardHook::SocketConnect) => "socket_connect".to_string(),
+                None => format!("unknown_{}", event.hook),
+            };
+            Ok(Event::Guard {
+                pid: header.pid,
+                tgid: header.tgid,
+                cgroup_id: header.cgroup_id,
+                agent_id: header.agent_id,
+                ktime_ns: header.ktime_ns,
+                hook,
+                detail: event.detail,
+                target_pid: event.target_pid,
+                target_cgroup: event.target_cgroup,
+                verdict,
+            })
+        }
+        EventKind::Exec => {
             let event: ExecEvent = read_pod(bytes, "exec event")?;
             let len = (event.filename_len as usize).min(EXEC_FILENAME_LEN);
             let raw = &event.filename[..len];
@@ -123,11 +251,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let filename = String::from_utf8_lossy(raw).into_owned();
             let (pid, tgid, cgroup_id, agent_id, ktime_ns) =
                 (header.pid, header.tgid, header.cgroup_id, header.agent_id, header.ktime_ns);
-            Ok(if kind == EventKind::Exec {
-                Event::Exec { pid, tgid, cgroup_id, agent_id, ktime_ns, filename, verdict }
-            } else {
-                Event::ExecCheck { pid, tgid, cgroup_id, agent_id, ktime_ns, filename, verdict }
-            })
+            Ok(Event::Exec { pid, tgid, cgroup_id, agent_id, ktime_ns, filename, verdict })
         }
         EventKind::Connect => {
             let event: ConnectEvent = read_pod(bytes, "connect event")?;
@@ -153,6 +277,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             })
         }
     }
+}
+
+/// The text of a NUL-terminated kernel string of at most `len` bytes (clamped to `cap`).
+fn c_string(raw: &[u8], len: usize, cap: usize) -> String {
+    let raw = &raw[..len.min(cap).min(raw.len())];
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
 /// Blocking reader over the event ring buffer.
@@ -308,5 +439,92 @@ mod tests {
         };
         let Event::Exec { filename, .. } = decode(&bytes_of(&event)).unwrap() else { panic!("not exec") };
         assert_eq!(filename.len(), EXEC_FILENAME_LEN);
+    }
+}
+
+#[cfg(test)]
+mod lsm_event_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: T is a #[repr(C)] struct without implicit padding (size-asserted in
+        // the common crate), so all its bytes are initialised.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
+    }
+
+    fn header(kind: EventKind) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            verdict: Verdict::Deny as u32,
+            pid: 3,
+            tgid: 3,
+            cgroup_id: 8,
+            agent_id: 9,
+            ktime_ns: 1,
+        }
+    }
+
+    #[test]
+    fn decodes_exec_check_with_reason_and_identity() {
+        let mut filename = [0u8; EXEC_FILENAME_LEN];
+        filename[..6].copy_from_slice(b"/x/y\0\0");
+        let event = ExecCheckEvent {
+            header: header(EventKind::ExecCheck),
+            reason: ExecDenyReason::Fileless as u32,
+            filename_len: 5,
+            dev: 12,
+            ino: 34,
+            filename,
+        };
+        let json = serde_json::to_value(decode(&bytes_of(&event)).unwrap()).unwrap();
+        assert_eq!(json["kind"], "exec_check");
+        assert_eq!(json["reason"], "fileless");
+        assert_eq!(json["filename"], "/x/y");
+        assert_eq!((json["dev"].as_u64(), json["ino"].as_u64()), (Some(12), Some(34)));
+    }
+
+    #[test]
+    fn decodes_file_and_guard_events() {
+        let mut path = [0u8; FILE_PATH_LEN];
+        path[..11].copy_from_slice(b"/h/.ssh/key");
+        let event = FileEvent {
+            header: header(EventKind::File),
+            op: FileOp::Open as u32,
+            access: 1 | 16,
+            rule_index: 4,
+            rule_kind: FileRuleKind::Component as u32,
+            path_len: 11,
+            _pad: 0,
+            path,
+        };
+        let decoded = decode(&bytes_of(&event)).unwrap();
+        assert!(decoded.is_deny());
+        let json = serde_json::to_value(&decoded).unwrap();
+        assert_eq!(json["kind"], "file");
+        assert_eq!(json["path"], "/h/.ssh/key");
+        assert_eq!(json["access"], serde_json::json!(["read", "create"]));
+        assert_eq!(json["rule_kind"], "component");
+        assert_eq!(json["rule_index"], 4);
+        let too_long = FileEvent { rule_kind: FILE_DENY_PATH_TOO_LONG, rule_index: u32::MAX, ..event };
+        let json = serde_json::to_value(decode(&bytes_of(&too_long)).unwrap()).unwrap();
+        assert_eq!(json["rule_kind"], "path_too_long");
+        assert!(json["rule_index"].is_null());
+
+        let guard = GuardEvent {
+            header: header(EventKind::Guard),
+            hook: GuardHook::Signal as u32,
+            detail: 15,
+            target_pid: 1,
+            _pad: 0,
+            target_cgroup: 2,
+        };
+        let json = serde_json::to_value(decode(&bytes_of(&guard)).unwrap()).unwrap();
+        assert_eq!(
+            (json["kind"].as_str(), json["hook"].as_str(), json["detail"].as_u64()),
+            (Some("guard"), Some("signal"), Some(15))
+        );
+        // Cut short: an error, not a panic.
+        assert!(matches!(decode(&bytes_of(&guard)[..50]), Err(DecodeError::Short { .. })));
     }
 }

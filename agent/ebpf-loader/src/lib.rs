@@ -8,6 +8,7 @@ mod btf;
 mod events;
 pub mod lsm;
 mod programs;
+mod sys;
 
 pub use btf::{KernelOffsets, OffsetError};
 pub use events::{decode, DecodeError, Event, EventReader, NetFamily, VerdictName};

@@ -36,6 +36,10 @@ pub enum EventKind {
     Connect = 2,
     /// A process of an agent asked to exec a file (BPF LSM bprm_check_security).
     ExecCheck = 3,
+    /// A file access of an agent denied by a path rule (BPF LSM file_open, path_*).
+    File = 16,
+    /// A guarded operation of an agent denied by a BPF LSM hook (ptrace, signal, mount, ...).
+    Guard = 17,
 }
 
 impl EventKind {
@@ -44,6 +48,8 @@ impl EventKind {
             1 => Some(Self::Exec),
             2 => Some(Self::Connect),
             3 => Some(Self::ExecCheck),
+            16 => Some(Self::File),
+            17 => Some(Self::Guard),
             _ => None,
         }
     }
@@ -171,8 +177,301 @@ pub const AGENT_FLAG_CONNECT_ALLOWLIST: u32 = 1;
 pub const RULE_DENY: u32 = 1;
 pub const RULE_ALLOW: u32 = 2;
 
+/// Agent flag (BPF LSM): an exec runs only when userspace approved that exact file for
+/// that thread in `EXEC_APPROVED` (see [`ExecApproval`]).
+pub const AGENT_FLAG_EXEC_VERDICT: u32 = 1 << 1;
+/// Agent flag (BPF LSM): file opens, unlinks, renames and mkdirs are checked against path rules.
+pub const AGENT_FLAG_FILE_RULES: u32 = 1 << 2;
+/// Agent flag (BPF LSM): ptrace of any task outside the agent is denied.
+pub const AGENT_FLAG_DENY_PTRACE: u32 = 1 << 3;
+/// Agent flag (BPF LSM): signals to tasks outside the agent are denied.
+pub const AGENT_FLAG_DENY_FOREIGN_SIGNALS: u32 = 1 << 4;
+/// Agent flag (BPF LSM): mount(2) and move_mount(2) are denied.
+pub const AGENT_FLAG_DENY_MOUNT: u32 = 1 << 5;
+/// Agent flag (BPF LSM): bpf(2) is denied.
+pub const AGENT_FLAG_DENY_BPF: u32 = 1 << 6;
+/// Agent flag (BPF LSM): the kernel reading a file or blob on the agent's behalf (module
+/// load, kexec image, firmware, policy) is denied.
+pub const AGENT_FLAG_DENY_KERNEL_LOAD: u32 = 1 << 7;
+/// Agent flag (BPF LSM): connect(2) on sockets the cgroup connect hooks do not see is
+/// denied: abstract AF_UNIX addresses and every family other than AF_UNIX, AF_INET, AF_INET6
+/// and AF_UNSPEC.
+pub const AGENT_FLAG_DENY_FOREIGN_SOCKETS: u32 = 1 << 8;
+
+/// Per-agent configuration of the BPF LSM programs (value of `LSM_AGENTS`, keyed by agent id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LsmAgentConfig {
+    /// `AGENT_FLAG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    /// Bit N set: the agent has a basename-prefix rule of N bytes (1..=63), so the kernel
+    /// looks that prefix length up; other lengths cost nothing.
+    pub basename_prefix_lens: u64,
+}
+const _: () = assert!(core::mem::size_of::<LsmAgentConfig>() == 16);
+
+/// Value of `EXEC_APPROVED` (keyed by thread id in the initial pid namespace): the one file
+/// this thread's next exec may run. Consumed by the exec it approves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecApproval {
+    /// `super_block.s_dev` in the kernel's encoding (major << 20 | minor).
+    pub dev: u64,
+    pub ino: u64,
+}
+const _: () = assert!(core::mem::size_of::<ExecApproval>() == 16);
+
+/// Why `bprm_check_security` denied an exec ([`ExecCheckEvent::reason`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecDenyReason {
+    /// The file's identity is in the agent's deny list.
+    Rule = 1,
+    /// Exec verdicts are on and userspace approved nothing for this thread.
+    NotApproved = 2,
+    /// Userspace approved another file than the one the kernel is executing.
+    WrongFile = 3,
+    /// The file has no name in any directory (memfd, O_TMPFILE, deleted): fileless exec.
+    Fileless = 4,
+    /// The file's identity could not be read; exec verdicts fail closed.
+    Unreadable = 5,
+}
+
+impl ExecDenyReason {
+    pub fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Rule),
+            2 => Some(Self::NotApproved),
+            3 => Some(Self::WrongFile),
+            4 => Some(Self::Fileless),
+            5 => Some(Self::Unreadable),
+            _ => None,
+        }
+    }
+}
+
+/// An exec checked by `lsm/bprm_check_security` ([`EventKind::ExecCheck`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecCheckEvent {
+    pub header: EventHeader,
+    /// An [`ExecDenyReason`].
+    pub reason: u32,
+    /// Bytes of `filename` that hold the name (the kernel counts the NUL).
+    pub filename_len: u32,
+    /// Identity of the file the kernel was about to run (0 when unreadable).
+    pub dev: u64,
+    pub ino: u64,
+    pub filename: [u8; EXEC_FILENAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ExecCheckEvent>() == 40 + 24 + EXEC_FILENAME_LEN);
+
+/// Bytes of a path the file hooks match and report, NUL included. Longer paths are
+/// denied for agents with file rules (fail closed): a rule cannot be checked on a path
+/// the kernel side cannot hold.
+pub const FILE_PATH_LEN: usize = 248;
+
+/// Data of a path-rule entry (an LPM trie key after its prefix length): the agent id,
+/// always matched in full, then the path bytes. An exact rule is stored with its NUL
+/// (so only that path matches), a directory rule as `dir/` (everything below it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilePathData {
+    pub agent_id: u64,
+    pub path: [u8; FILE_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<FilePathData>() == 256);
+
+/// Bits of [`FilePathData`] before `path`.
+pub const FILE_PATH_FIXED_BITS: u32 = 64;
+
+/// Key of the name-rule hash map: one name (component, basename or basename prefix) of
+/// one agent, by its [`name_hash`] and length. A hash collision can only deny more.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileNameKey {
+    pub agent_id: u64,
+    pub hash: u64,
+    pub len: u32,
+    /// [`FileRuleKind::Component`], [`FileRuleKind::Basename`] or [`FileRuleKind::BasenamePrefix`].
+    pub kind: u32,
+}
+const _: () = assert!(core::mem::size_of::<FileNameKey>() == 24);
+
+/// How a path rule matches.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileRuleKind {
+    /// The whole path.
+    Exact = 1,
+    /// The directory and everything below it.
+    Prefix = 2,
+    /// Any component of the path (".ssh" anywhere).
+    Component = 3,
+    /// The last component.
+    Basename = 4,
+    /// The start of the last component (".env." matches ".env.local").
+    BasenamePrefix = 5,
+}
+
+impl FileRuleKind {
+    pub fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Exact),
+            2 => Some(Self::Prefix),
+            3 => Some(Self::Component),
+            4 => Some(Self::Basename),
+            5 => Some(Self::BasenamePrefix),
+            _ => None,
+        }
+    }
+}
+
+/// Access bits of path rules and file events.
+pub const FILE_ACCESS_READ: u32 = 1;
+pub const FILE_ACCESS_WRITE: u32 = 1 << 1;
+pub const FILE_ACCESS_UNLINK: u32 = 1 << 2;
+pub const FILE_ACCESS_RENAME: u32 = 1 << 3;
+pub const FILE_ACCESS_CREATE: u32 = 1 << 4;
+/// Number of access bits ([`FileRuleValue::rule_index`] has one slot per bit).
+pub const FILE_ACCESS_BITS: usize = 5;
+
+/// Value of both path-rule maps: which accesses the entry denies and, per access bit, the
+/// first rule (index and kind) that denies it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileRuleValue {
+    pub access_mask: u32,
+    pub rule_index: [u32; FILE_ACCESS_BITS],
+    pub rule_kind: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<FileRuleValue>() == 32);
+
+/// Which hook reported a file event ([`FileEvent::op`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileOp {
+    Open = 1,
+    Unlink = 2,
+    RenameFrom = 3,
+    RenameTo = 4,
+    Mkdir = 5,
+}
+
+impl FileOp {
+    pub fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Open),
+            2 => Some(Self::Unlink),
+            3 => Some(Self::RenameFrom),
+            4 => Some(Self::RenameTo),
+            5 => Some(Self::Mkdir),
+            _ => None,
+        }
+    }
+}
+
+/// [`FileEvent::rule_kind`] when no rule matched but the path could not be checked.
+pub const FILE_DENY_PATH_TOO_LONG: u32 = 100;
+pub const FILE_DENY_PATH_UNREADABLE: u32 = 101;
+
+/// A file access denied by a path rule ([`EventKind::File`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileEvent {
+    pub header: EventHeader,
+    /// A [`FileOp`].
+    pub op: u32,
+    /// `FILE_ACCESS_*` bits the operation asked for.
+    pub access: u32,
+    /// Index of the rule (as userspace numbered it) that denied the access.
+    pub rule_index: u32,
+    /// A [`FileRuleKind`], or `FILE_DENY_PATH_*` when the path could not be checked.
+    pub rule_kind: u32,
+    /// Bytes of `path` before its NUL.
+    pub path_len: u32,
+    pub _pad: u32,
+    pub path: [u8; FILE_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<FileEvent>() == 40 + 24 + FILE_PATH_LEN);
+
+/// Which guard hook denied ([`GuardEvent::hook`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardHook {
+    Ptrace = 1,
+    Signal = 2,
+    Mount = 3,
+    Bpf = 4,
+    KernelLoad = 5,
+    SocketConnect = 6,
+}
+
+impl GuardHook {
+    pub fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Ptrace),
+            2 => Some(Self::Signal),
+            3 => Some(Self::Mount),
+            4 => Some(Self::Bpf),
+            5 => Some(Self::KernelLoad),
+            6 => Some(Self::SocketConnect),
+            _ => None,
+        }
+    }
+}
+
+/// A guarded operation denied by a BPF LSM hook ([`EventKind::Guard`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GuardEvent {
+    pub header: EventHeader,
+    /// A [`GuardHook`].
+    pub hook: u32,
+    /// Per hook: ptrace mode, signal number, mount flags (low bits), bpf command,
+    /// kernel read/load id, socket family.
+    pub detail: u32,
+    /// The target task's process id (ptrace, signal), else 0.
+    pub target_pid: u32,
+    pub _pad: u32,
+    /// The target task's cgroup v2 id (ptrace, signal), else 0.
+    pub target_cgroup: u64,
+}
+const _: () = assert!(core::mem::size_of::<GuardEvent>() == 40 + 24);
+
+/// FNV-1a (64 bit), the hash the kernel side computes byte by byte over path names.
+pub const NAME_HASH_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub const NAME_HASH_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// [`NAME_HASH_OFFSET`]/[`NAME_HASH_PRIME`] FNV-1a over `bytes`.
+pub const fn name_hash(bytes: &[u8]) -> u64 {
+    let mut hash = NAME_HASH_OFFSET;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash = (hash ^ bytes[i] as u64).wrapping_mul(NAME_HASH_PRIME);
+        i += 1;
+    }
+    hash
+}
+
+/// Maximum entries of the exec approval map (threads with an approval in flight).
+pub const MAX_EXEC_APPROVALS: u32 = 16384;
+/// Maximum entries of each path-rule map.
+pub const MAX_FILE_RULES: u32 = 16384;
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: #[repr(C)], only integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::LsmAgentConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExecApproval {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FilePathData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileNameKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileRuleValue {}
     // SAFETY: both are #[repr(C)], contain only integers and byte arrays, and have
     // explicit padding fields, so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::ConnectRuleKey {}
