@@ -117,6 +117,10 @@ pub fn build() -> Result<PathBuf> {
     // \x1f separates flags in CARGO_ENCODED_RUSTFLAGS, so paths with spaces survive.
     let flags = [
         "--cfg=bpf_target_arch=\"x86_64\"".to_string(),
+        // BTF for the object's own types: the verifier needs it to find the
+        // bpf_spin_lock inside BTF-defined map values (rate-limit state).
+        "-Cdebuginfo=2".to_string(),
+        "-Clink-arg=--btf".to_string(),
         format!("--remap-path-prefix={}=/agt-jail", root.display()),
         format!("--remap-path-prefix={cargo_home}=/cargo"),
         format!("--remap-path-prefix={}=/rust", sysroot.trim()),

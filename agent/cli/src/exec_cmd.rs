@@ -687,6 +687,14 @@ fn describe_denial(event: &Event) -> String {
             let dest = SocketAddr::new(*addr, *port);
             format!("denied {protocol} connect to {dest} (pid {tgid})")
         }
+        Event::Sendmsg { net, tgid, .. } => {
+            let dest = SocketAddr::new(net.addr, net.port);
+            format!("denied {} send to {dest} (pid {tgid})", net.protocol)
+        }
+        Event::Bind { net, tgid, .. } => {
+            let local = SocketAddr::new(net.addr, net.port);
+            format!("denied {} bind to {local} (pid {tgid})", net.protocol)
+        }
         Event::Exec { filename, tgid, .. } => format!("denied exec of {filename} (pid {tgid})"),
         Event::ExecCheck { filename, tgid, reason, .. } => format!("denied exec of {filename} ({reason}, pid {tgid})"),
         Event::File { op, path, rule_kind, tgid, .. } => {
@@ -695,6 +703,7 @@ fn describe_denial(event: &Event) -> String {
         Event::Guard { hook, detail, target_pid, tgid, .. } => {
             format!("denied {hook} (detail {detail}, target pid {target_pid}, pid {tgid})")
         }
+        Event::Fork { tgid, .. } | Event::Exit { tgid, .. } => format!("process event (pid {tgid})"),
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use agt_jail_ebpf_loader::{Event, VerdictName};
+use agt_jail_ebpf_loader::{Event, NetLayer, VerdictName};
 use agt_jail_policy::{
     context::{AgentFacts, NetEvent, NetFamily, NetProto},
     plan::{self, HostCaps, Plan, Resolved},
@@ -209,30 +209,47 @@ impl Governance {
 /// Hands one kernel event to the evaluator: network events carry the kernel's verdict
 /// and are checked against the policy; the rest are recorded as observations.
 pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event) {
-    match event {
-        Event::Connect { tgid, family, addr, port, protocol, verdict, .. } => {
-            let family = match family {
-                agt_jail_ebpf_loader::NetFamily::Inet => NetFamily::Inet,
-                agt_jail_ebpf_loader::NetFamily::Inet6 => NetFamily::Inet6,
+    let (hook, tgid, net, verdict) = match event {
+        Event::Connect { tgid, family, addr, port, protocol, verdict, layer, plan, .. } => {
+            let net = agt_jail_ebpf_loader::NetDetail {
+                family: *family,
+                addr: *addr,
+                port: *port,
+                protocol: protocol.clone(),
+                layer: *layer,
+                plan: *plan,
             };
-            let proto = match protocol.as_str() {
-                "tcp" => NetProto::Tcp,
-                "udp" => NetProto::Udp,
-                _ => NetProto::Other,
-            };
-            let kernel = match verdict {
-                VerdictName::Allow => KernelVerdict::Allow,
-                VerdictName::Deny => KernelVerdict::Floor,
-            };
-            let domain = domain_of(plan, *addr);
-            evaluator.observe_net(*tgid, NetEvent::Connect, family, proto, *addr, *port, domain.as_deref(), kernel);
+            (NetEvent::Connect, *tgid, net, *verdict)
         }
+        Event::Sendmsg { tgid, net, verdict, .. } => (NetEvent::Sendmsg, *tgid, net.clone(), *verdict),
+        Event::Bind { tgid, net, verdict, .. } => (NetEvent::Bind, *tgid, net.clone(), *verdict),
         other => {
             if let Ok(value) = serde_json::to_value(other) {
                 evaluator.observe_raw(&value);
             }
+            return;
         }
-    }
+    };
+    let family = match net.family {
+        agt_jail_ebpf_loader::NetFamily::Inet => NetFamily::Inet,
+        agt_jail_ebpf_loader::NetFamily::Inet6 => NetFamily::Inet6,
+    };
+    let proto = match net.protocol.as_str() {
+        "tcp" => NetProto::Tcp,
+        "udp" => NetProto::Udp,
+        _ => NetProto::Other,
+    };
+    let kernel = match (verdict, net.layer) {
+        (VerdictName::Allow, _) => KernelVerdict::Allow,
+        (VerdictName::Kill, _) => KernelVerdict::Kill,
+        (VerdictName::Deny, NetLayer::Plan) if net.plan.is_some_and(|hit| hit.rate_limited) => {
+            KernelVerdict::RateLimited
+        }
+        (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
+        (VerdictName::Deny, _) => KernelVerdict::Floor,
+    };
+    let domain = domain_of(plan, net.addr);
+    evaluator.observe_net(tgid, hook, family, proto, net.addr, net.port, domain.as_deref(), kernel);
 }
 
 /// Resolves every domain a policy names, with the system resolver. Names that do not

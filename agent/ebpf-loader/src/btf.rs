@@ -24,6 +24,11 @@ pub enum OffsetError {
 pub struct KernelOffsets {
     /// `struct linux_binprm` → `filename` (const char *).
     pub binprm_filename: u64,
+    /// `struct task_struct` → `pid`, `tgid`, `real_parent`, `exit_code`.
+    pub task_pid: u64,
+    pub task_tgid: u64,
+    pub task_real_parent: u64,
+    pub task_exit_code: u64,
 }
 
 impl KernelOffsets {
@@ -34,7 +39,13 @@ impl KernelOffsets {
         let btf = Btf::from_file(path)
             .map_err(|err| OffsetError::Read { path: path.to_path_buf(), message: err.to_string() })?;
         let lookup = StructLookup { btf: &btf, path };
-        Ok(Self { binprm_filename: lookup.member_offset("linux_binprm", "filename")? })
+        Ok(Self {
+            binprm_filename: lookup.member_offset("linux_binprm", "filename")?,
+            task_pid: lookup.member_offset("task_struct", "pid")?,
+            task_tgid: lookup.member_offset("task_struct", "tgid")?,
+            task_real_parent: lookup.member_offset("task_struct", "real_parent")?,
+            task_exit_code: lookup.member_offset("task_struct", "exit_code")?,
+        })
     }
 }
 
@@ -120,5 +131,9 @@ mod tests {
         let offsets = KernelOffsets::from_btf_file(path).unwrap();
         // linux_binprm starts with other fields; filename is never first.
         assert!(offsets.binprm_filename > 0);
+        // Four distinct task_struct members, none at the start (thread_info/state come first).
+        let task = [offsets.task_pid, offsets.task_tgid, offsets.task_real_parent, offsets.task_exit_code];
+        assert!(task.iter().all(|&offset| offset > 0), "{offsets:?}");
+        assert_eq!(offsets.task_tgid, offsets.task_pid + 4, "pid and tgid are adjacent pid_t fields");
     }
 }

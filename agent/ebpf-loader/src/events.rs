@@ -9,9 +9,11 @@ use std::{
 };
 
 use agt_jail_common::{
-    ConnectEvent, EventHeader, EventKind, ExecCheckEvent, ExecDenyReason, ExecEvent, FileEvent, FileOp, FileRuleKind,
-    GuardEvent, GuardHook, Verdict, AF_INET, AF_INET6, EXEC_FILENAME_LEN, FILE_ACCESS_BITS, FILE_DENY_PATH_TOO_LONG,
-    FILE_DENY_PATH_UNREADABLE, FILE_PATH_LEN,
+    EventHeader, EventKind, ExecCheckEvent, ExecDenyReason, ExecTraceEvent, ExitEvent, FileEvent, FileOp, FileRuleKind,
+    ForkEvent, GuardEvent, GuardHook, NetEvent, Verdict, AF_INET, AF_INET6, EXEC_FILENAME_LEN, FILE_ACCESS_BITS,
+    FILE_DENY_PATH_TOO_LONG, FILE_DENY_PATH_UNREADABLE, FILE_PATH_LEN, NET_EVENT_LOG, NET_EVENT_PLAN,
+    NET_EVENT_RATE_LIMITED, NET_LAYER_ALLOW_LIST, NET_LAYER_DENY_ALL, NET_LAYER_DENY_LIST, NET_LAYER_NONE,
+    NET_LAYER_PLAN, NET_LAYER_UNKNOWN_AGENT, NET_RULE_DEFAULT,
 };
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
@@ -24,8 +26,10 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("event record has unknown verdict {0}")]
     UnknownVerdict(u32),
-    #[error("connect event has unknown address family {0}")]
+    #[error("network event has unknown address family {0}")]
     UnknownFamily(u16),
+    #[error("network event has unknown layer {0}")]
+    UnknownLayer(u8),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -40,6 +44,53 @@ pub enum NetFamily {
 pub enum VerdictName {
     Allow,
     Deny,
+    /// Denied, and the policy asks for the agent's cgroup to be killed.
+    Kill,
+}
+
+/// The network layer that decided a deny (`none` when every layer allowed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetLayer {
+    None,
+    /// The socket's cgroup is not a registered agent.
+    UnknownAgent,
+    /// The profile's deny list.
+    DenyList,
+    /// The profile's allow-list.
+    AllowList,
+    /// Live demotion: everything but loopback in the agent's own netns.
+    DenyAll,
+    /// The compiled policy plan.
+    Plan,
+}
+
+/// What the compiled network plan said about a call (present when the plan governs the agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NetPlanHit {
+    pub addr_class: u32,
+    pub port_class: u16,
+    /// The rule index in the plan's rule table; `None` for the policy default or when no
+    /// verdict matched (then the call was denied).
+    pub rule: Option<u16>,
+    /// The verdict's limit id, if it has one.
+    pub limit: Option<u32>,
+    /// The limit was exhausted (the call was denied).
+    pub rate_limited: bool,
+    /// The verdict asks for the event to be logged.
+    pub log: bool,
+}
+
+/// The fields every network event (connect, sendmsg, bind) carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NetDetail {
+    pub family: NetFamily,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub layer: NetLayer,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<NetPlanHit>,
 }
 
 /// One event from the kernel side, in the shape written to `--events` files.
@@ -47,7 +98,19 @@ pub enum VerdictName {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     /// An agent's process completed an exec.
-    Exec { pid: u32, tgid: u32, cgroup_id: u64, agent_id: u64, ktime_ns: u64, filename: String, verdict: VerdictName },
+    Exec {
+        pid: u32,
+        tgid: u32,
+        /// The real parent's process id (0 when unreadable).
+        ppid: u32,
+        cgroup_id: u64,
+        agent_id: u64,
+        ktime_ns: u64,
+        filename: String,
+        /// The task's name after the exec.
+        comm: String,
+        verdict: VerdictName,
+    },
     /// An agent's process was checked before an exec (Tier A, BPF LSM).
     ExecCheck {
         pid: u32,
@@ -108,19 +171,87 @@ pub enum Event {
         port: u16,
         protocol: String,
         verdict: VerdictName,
+        layer: NetLayer,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        plan: Option<NetPlanHit>,
+    },
+    /// An agent's process sent a UDP datagram to an explicit address.
+    Sendmsg {
+        pid: u32,
+        tgid: u32,
+        cgroup_id: u64,
+        agent_id: u64,
+        ktime_ns: u64,
+        #[serde(flatten)]
+        net: NetDetail,
+        verdict: VerdictName,
+    },
+    /// An agent's process bound a socket (the local address and port).
+    Bind {
+        pid: u32,
+        tgid: u32,
+        cgroup_id: u64,
+        agent_id: u64,
+        ktime_ns: u64,
+        #[serde(flatten)]
+        net: NetDetail,
+        verdict: VerdictName,
+    },
+    /// An agent's process forked; `pid`/`tgid` name the forking thread.
+    Fork {
+        pid: u32,
+        tgid: u32,
+        cgroup_id: u64,
+        agent_id: u64,
+        ktime_ns: u64,
+        parent_pid: u32,
+        parent_tgid: u32,
+        child_pid: u32,
+        child_tgid: u32,
+        comm: String,
+    },
+    /// An agent's process (thread-group leader) exited.
+    Exit {
+        pid: u32,
+        tgid: u32,
+        cgroup_id: u64,
+        agent_id: u64,
+        ktime_ns: u64,
+        /// `exit_code` as wait(2) encodes it.
+        exit_code: u32,
+        /// The exit status when it exited normally.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<i32>,
+        /// The signal that ended it, if one did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        comm: String,
     },
 }
 
 impl Event {
+    /// The kernel side denied the action (a `kill` verdict is a deny too).
     pub fn is_deny(&self) -> bool {
-        let verdict = match self {
+        matches!(self.verdict(), Some(VerdictName::Deny | VerdictName::Kill))
+    }
+
+    /// The policy asks for the agent's cgroup to be killed.
+    pub fn is_kill(&self) -> bool {
+        self.verdict() == Some(VerdictName::Kill)
+    }
+
+    /// The verdict of events that carry one (fork and exit do not).
+    pub fn verdict(&self) -> Option<VerdictName> {
+        match self {
             Event::Exec { verdict, .. }
             | Event::ExecCheck { verdict, .. }
             | Event::Connect { verdict, .. }
+            | Event::Sendmsg { verdict, .. }
+            | Event::Bind { verdict, .. }
             | Event::File { verdict, .. }
-            | Event::Guard { verdict, .. } => verdict,
-        };
-        *verdict == VerdictName::Deny
+            | Event::Guard { verdict, .. } => Some(*verdict),
+            Event::Fork { .. } | Event::Exit { .. } => None,
+        }
     }
 }
 
@@ -140,6 +271,7 @@ fn verdict(raw: u32) -> Result<VerdictName, DecodeError> {
     match Verdict::from_u32(raw) {
         Some(Verdict::Allow) => Ok(VerdictName::Allow),
         Some(Verdict::Deny) => Ok(VerdictName::Deny),
+        Some(Verdict::Kill) => Ok(VerdictName::Kill),
         None => Err(DecodeError::UnknownVerdict(raw)),
     }
 }
@@ -159,6 +291,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read_pod(bytes, "event header")?;
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     let verdict = verdict(header.verdict)?;
+    let (pid, tgid, cgroup_id, agent_id, ktime_ns) =
+        (header.pid, header.tgid, header.cgroup_id, header.agent_id, header.ktime_ns);
     match kind {
         EventKind::ExecCheck => {
             let event: ExecCheckEvent = read_pod(bytes, "exec check event")?;
@@ -243,37 +377,64 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             })
         }
         EventKind::Exec => {
-            let event: ExecEvent = read_pod(bytes, "exec event")?;
-            let len = (event.filename_len as usize).min(EXEC_FILENAME_LEN);
-            let raw = &event.filename[..len];
-            // The kernel's string helper counts the NUL it copied.
-            let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
-            let filename = String::from_utf8_lossy(raw).into_owned();
-            let (pid, tgid, cgroup_id, agent_id, ktime_ns) =
-                (header.pid, header.tgid, header.cgroup_id, header.agent_id, header.ktime_ns);
-            Ok(Event::Exec { pid, tgid, cgroup_id, agent_id, ktime_ns, filename, verdict })
+            let event: ExecTraceEvent = read_pod(bytes, "exec event")?;
+            let filename = kernel_string(&event.filename, event.filename_len as usize);
+            let comm = comm_string(&event.comm);
+            Ok(Event::Exec { pid, tgid, ppid: event.ppid, cgroup_id, agent_id, ktime_ns, filename, comm, verdict })
         }
-        EventKind::Connect => {
-            let event: ConnectEvent = read_pod(bytes, "connect event")?;
-            let (family, addr) = match event.family {
-                AF_INET => {
-                    let [a, b, c, d, ..] = event.addr;
-                    (NetFamily::Inet, IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
-                }
-                AF_INET6 => (NetFamily::Inet6, IpAddr::V6(Ipv6Addr::from(event.addr))),
-                other => return Err(DecodeError::UnknownFamily(other)),
-            };
-            Ok(Event::Connect {
-                pid: header.pid,
-                tgid: header.tgid,
-                cgroup_id: header.cgroup_id,
-                agent_id: header.agent_id,
-                ktime_ns: header.ktime_ns,
-                family,
-                addr,
-                port: event.port,
-                protocol: protocol_name(event.protocol),
-                verdict,
+        EventKind::Connect | EventKind::Sendmsg | EventKind::Bind => {
+            let event: NetEvent = read_pod(bytes, "network event")?;
+            let net = net_detail(&event)?;
+            Ok(match kind {
+                EventKind::Connect => Event::Connect {
+                    pid,
+                    tgid,
+                    cgroup_id,
+                    agent_id,
+                    ktime_ns,
+                    family: net.family,
+                    addr: net.addr,
+                    port: net.port,
+                    protocol: net.protocol,
+                    verdict,
+                    layer: net.layer,
+                    plan: net.plan,
+                },
+                EventKind::Sendmsg => Event::Sendmsg { pid, tgid, cgroup_id, agent_id, ktime_ns, net, verdict },
+                _ => Event::Bind { pid, tgid, cgroup_id, agent_id, ktime_ns, net, verdict },
+            })
+        }
+        EventKind::Fork => {
+            let event: ForkEvent = read_pod(bytes, "fork event")?;
+            Ok(Event::Fork {
+                pid,
+                tgid,
+                cgroup_id,
+                agent_id,
+                ktime_ns,
+                parent_pid: event.parent_pid,
+                parent_tgid: event.parent_tgid,
+                child_pid: event.child_pid,
+                child_tgid: event.child_tgid,
+                comm: comm_string(&event.comm),
+            })
+        }
+        EventKind::Exit => {
+            let event: ExitEvent = read_pod(bytes, "exit event")?;
+            let code = event.exit_code;
+            let signal = (code & 0x7f) as i32;
+            let (status, signal) =
+                if signal == 0 { (Some(((code >> 8) & 0xff) as i32), None) } else { (None, Some(signal)) };
+            Ok(Event::Exit {
+                pid,
+                tgid,
+                cgroup_id,
+                agent_id,
+                ktime_ns,
+                exit_code: code,
+                status,
+                signal,
+                comm: comm_string(&event.comm),
             })
         }
     }
@@ -284,6 +445,48 @@ fn c_string(raw: &[u8], len: usize, cap: usize) -> String {
     let raw = &raw[..len.min(cap).min(raw.len())];
     let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// A string the kernel's string helper copied: `len` counts the NUL it wrote.
+fn kernel_string(buffer: &[u8], len: usize) -> String {
+    let raw = &buffer[..len.min(buffer.len())];
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    String::from_utf8_lossy(raw).into_owned()
+}
+
+/// A NUL-padded `comm`.
+fn comm_string(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&byte| byte == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+fn net_detail(event: &NetEvent) -> Result<NetDetail, DecodeError> {
+    let (family, addr) = match event.family {
+        AF_INET => {
+            let [a, b, c, d, ..] = event.addr;
+            (NetFamily::Inet, IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+        }
+        AF_INET6 => (NetFamily::Inet6, IpAddr::V6(Ipv6Addr::from(event.addr))),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    let layer = match event.layer {
+        NET_LAYER_NONE => NetLayer::None,
+        NET_LAYER_UNKNOWN_AGENT => NetLayer::UnknownAgent,
+        NET_LAYER_DENY_LIST => NetLayer::DenyList,
+        NET_LAYER_ALLOW_LIST => NetLayer::AllowList,
+        NET_LAYER_DENY_ALL => NetLayer::DenyAll,
+        NET_LAYER_PLAN => NetLayer::Plan,
+        other => return Err(DecodeError::UnknownLayer(other)),
+    };
+    let plan = (event.flags & NET_EVENT_PLAN != 0).then(|| NetPlanHit {
+        addr_class: event.addr_class,
+        port_class: event.port_class,
+        rule: (event.rule != NET_RULE_DEFAULT).then_some(event.rule),
+        limit: (event.limit != 0).then_some(event.limit),
+        rate_limited: event.flags & NET_EVENT_RATE_LIMITED != 0,
+        log: event.flags & NET_EVENT_LOG != 0,
+    });
+    Ok(NetDetail { family, addr, port: event.port, protocol: protocol_name(event.protocol), layer, plan })
 }
 
 /// Blocking reader over the event ring buffer.
@@ -331,6 +534,7 @@ impl EventReader {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use agt_jail_common::{EXEC_FILENAME_LEN, TASK_COMM_LEN};
 
     fn header(kind: EventKind, verdict: Verdict) -> EventHeader {
         EventHeader {
@@ -350,37 +554,65 @@ mod tests {
         unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
     }
 
+    fn net_event(kind: EventKind, verdict: Verdict, family: u16, addr: [u8; 16], port: u16) -> NetEvent {
+        NetEvent {
+            header: header(kind, verdict),
+            family,
+            port,
+            protocol: 6,
+            addr,
+            addr_class: 0,
+            limit: 0,
+            port_class: 0,
+            rule: NET_RULE_DEFAULT,
+            layer: NET_LAYER_NONE,
+            flags: 0,
+            _pad: 0,
+        }
+    }
+
+    fn comm(name: &[u8]) -> [u8; TASK_COMM_LEN] {
+        let mut comm = [0u8; TASK_COMM_LEN];
+        comm[..name.len()].copy_from_slice(name);
+        comm
+    }
+
     #[test]
     fn decodes_exec_with_nul_counted() {
         let mut filename = [0u8; EXEC_FILENAME_LEN];
         filename[..10].copy_from_slice(b"/bin/true\0");
-        let event = ExecEvent { header: header(EventKind::Exec, Verdict::Allow), filename_len: 10, _pad: 0, filename };
+        let event = ExecTraceEvent {
+            header: header(EventKind::Exec, Verdict::Allow),
+            ppid: 9,
+            filename_len: 10,
+            comm: comm(b"true"),
+            filename,
+        };
         let decoded = decode(&bytes_of(&event)).unwrap();
         assert_eq!(
             decoded,
             Event::Exec {
                 pid: 11,
                 tgid: 10,
+                ppid: 9,
                 cgroup_id: 77,
                 agent_id: 5,
                 ktime_ns: 123,
                 filename: "/bin/true".into(),
+                comm: "true".into(),
                 verdict: VerdictName::Allow
             }
         );
+        let json = serde_json::to_value(&decoded).unwrap();
+        assert_eq!((json["kind"].as_str(), json["ppid"].as_u64()), (Some("exec"), Some(9)));
     }
 
     #[test]
     fn decodes_denied_ipv4_connect() {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let event = ConnectEvent {
-            header: header(EventKind::Connect, Verdict::Deny),
-            family: AF_INET,
-            port: 8080,
-            protocol: 6,
-            addr,
-        };
+        let mut event = net_event(EventKind::Connect, Verdict::Deny, AF_INET, addr, 8080);
+        event.layer = NET_LAYER_DENY_LIST;
         let decoded = decode(&bytes_of(&event)).unwrap();
         assert!(decoded.is_deny());
         let json = serde_json::to_value(&decoded).unwrap();
@@ -389,22 +621,96 @@ mod tests {
         assert_eq!(json["port"], 8080);
         assert_eq!(json["protocol"], "tcp");
         assert_eq!(json["verdict"], "deny");
+        assert_eq!(json["layer"], "deny_list");
+        assert!(json.get("plan").is_none(), "no plan consulted, no plan field: {json}");
     }
 
     #[test]
     fn decodes_ipv6_connect() {
-        let addr = Ipv6Addr::LOCALHOST.octets();
-        let event = ConnectEvent {
-            header: header(EventKind::Connect, Verdict::Allow),
-            family: AF_INET6,
-            port: 443,
-            protocol: 17,
-            addr,
-        };
+        let mut event = net_event(EventKind::Connect, Verdict::Allow, AF_INET6, Ipv6Addr::LOCALHOST.octets(), 443);
+        event.protocol = 17;
         let json = serde_json::to_value(decode(&bytes_of(&event)).unwrap()).unwrap();
         assert_eq!(json["addr"], "::1");
         assert_eq!(json["family"], "inet6");
         assert_eq!(json["protocol"], "udp");
+        assert_eq!(json["layer"], "none");
+    }
+
+    #[test]
+    fn decodes_plan_fields_of_sendmsg_and_bind() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[10, 0, 0, 53]);
+        let mut event = net_event(EventKind::Sendmsg, Verdict::Deny, AF_INET, addr, 53);
+        event.protocol = 17;
+        event.layer = NET_LAYER_PLAN;
+        event.flags = NET_EVENT_PLAN | NET_EVENT_RATE_LIMITED | NET_EVENT_LOG;
+        event.addr_class = 4;
+        event.port_class = 2;
+        event.rule = 12;
+        event.limit = 3;
+        let decoded = decode(&bytes_of(&event)).unwrap();
+        let Event::Sendmsg { net, verdict, .. } = &decoded else { panic!("not sendmsg: {decoded:?}") };
+        assert_eq!(*verdict, VerdictName::Deny);
+        assert_eq!(net.layer, NetLayer::Plan);
+        assert_eq!(
+            net.plan,
+            Some(NetPlanHit {
+                addr_class: 4,
+                port_class: 2,
+                rule: Some(12),
+                limit: Some(3),
+                rate_limited: true,
+                log: true
+            })
+        );
+        let json = serde_json::to_value(&decoded).unwrap();
+        assert_eq!(json["kind"], "sendmsg");
+        assert_eq!(json["addr"], "10.0.0.53", "net fields are flattened: {json}");
+        assert_eq!(json["plan"]["rate_limited"], true);
+        assert_eq!(json["plan"]["rule"], 12);
+
+        let mut bind = net_event(EventKind::Bind, Verdict::Kill, AF_INET6, Ipv6Addr::UNSPECIFIED.octets(), 8000);
+        bind.layer = NET_LAYER_PLAN;
+        bind.flags = NET_EVENT_PLAN;
+        let decoded = decode(&bytes_of(&bind)).unwrap();
+        assert!(decoded.is_kill() && decoded.is_deny());
+        let json = serde_json::to_value(&decoded).unwrap();
+        assert_eq!((json["kind"].as_str(), json["verdict"].as_str()), (Some("bind"), Some("kill")));
+        assert_eq!(json["plan"]["rule"], serde_json::Value::Null, "0xffff is the policy default");
+        assert_eq!(json["plan"]["limit"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn decodes_fork_and_exit() {
+        let fork = ForkEvent {
+            header: header(EventKind::Fork, Verdict::Allow),
+            parent_pid: 11,
+            parent_tgid: 10,
+            child_pid: 12,
+            child_tgid: 12,
+            comm: comm(b"bash"),
+        };
+        let decoded = decode(&bytes_of(&fork)).unwrap();
+        assert!(matches!(&decoded,
+            Event::Fork { parent_tgid: 10, child_pid: 12, child_tgid: 12, comm, .. } if comm == "bash"));
+        assert!(!decoded.is_deny() && decoded.verdict().is_none());
+        assert_eq!(serde_json::to_value(&decoded).unwrap()["kind"], "fork");
+
+        let exit = |exit_code| ExitEvent {
+            header: header(EventKind::Exit, Verdict::Allow),
+            exit_code,
+            _pad: 0,
+            comm: comm(b"sleep-with-a-lon"),
+        };
+        let decoded = decode(&bytes_of(&exit(3 << 8))).unwrap();
+        let Event::Exit { status, signal, comm, .. } = &decoded else { panic!("not exit") };
+        assert_eq!((*status, *signal), (Some(3), None));
+        assert_eq!(comm.len(), TASK_COMM_LEN, "an unterminated comm is kept whole");
+        let Event::Exit { status, signal, .. } = decode(&bytes_of(&exit(9))).unwrap() else { panic!("not exit") };
+        assert_eq!((status, signal), (None, Some(9)));
+        let json = serde_json::to_value(decode(&bytes_of(&exit(9))).unwrap()).unwrap();
+        assert_eq!((json["kind"].as_str(), json["signal"].as_i64()), (Some("exit"), Some(9)));
+        assert!(json.get("status").is_none());
     }
 
     #[test]
@@ -414,31 +720,37 @@ mod tests {
         assert_eq!(decode(&bytes_of(&bad_kind)), Err(DecodeError::UnknownKind(99)));
         let bad_verdict = EventHeader { verdict: 7, ..header(EventKind::Exec, Verdict::Allow) };
         assert_eq!(decode(&bytes_of(&bad_verdict)), Err(DecodeError::UnknownVerdict(7)));
-        // A header that claims exec but is cut short.
-        assert!(matches!(decode(&bytes_of(&header(EventKind::Exec, Verdict::Allow))), Err(DecodeError::Short { .. })));
-        let event = ConnectEvent {
-            header: header(EventKind::Connect, Verdict::Allow),
-            family: 1,
-            port: 1,
-            protocol: 6,
-            addr: [0; 16],
-        };
+        // Headers that claim a kind but are cut short.
+        for kind in
+            [EventKind::Exec, EventKind::Connect, EventKind::Sendmsg, EventKind::Bind, EventKind::Fork, EventKind::Exit]
+        {
+            assert!(matches!(decode(&bytes_of(&header(kind, Verdict::Allow))), Err(DecodeError::Short { .. })));
+        }
+        let event = net_event(EventKind::Connect, Verdict::Allow, 1, [0; 16], 1);
         assert_eq!(decode(&bytes_of(&event)), Err(DecodeError::UnknownFamily(1)));
+        let mut event = net_event(EventKind::Bind, Verdict::Allow, AF_INET, [0; 16], 1);
+        event.layer = 42;
+        assert_eq!(decode(&bytes_of(&event)), Err(DecodeError::UnknownLayer(42)));
         for len in 0..400 {
             let _ = decode(&vec![0xff; len]);
+            let mut record = bytes_of(&header(EventKind::Exit, Verdict::Allow));
+            record.resize(len.max(40), 0xff);
+            let _ = decode(&record);
         }
     }
 
     #[test]
     fn filename_length_is_clamped() {
-        let event = ExecEvent {
+        let event = ExecTraceEvent {
             header: header(EventKind::Exec, Verdict::Allow),
+            ppid: 1,
             filename_len: 10_000,
-            _pad: 0,
+            comm: [0; TASK_COMM_LEN],
             filename: [b'a'; EXEC_FILENAME_LEN],
         };
-        let Event::Exec { filename, .. } = decode(&bytes_of(&event)).unwrap() else { panic!("not exec") };
+        let Event::Exec { filename, comm, .. } = decode(&bytes_of(&event)).unwrap() else { panic!("not exec") };
         assert_eq!(filename.len(), EXEC_FILENAME_LEN);
+        assert_eq!(comm, "");
     }
 }
 

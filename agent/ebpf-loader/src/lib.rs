@@ -7,11 +7,13 @@
 mod btf;
 mod events;
 pub mod lsm;
+mod net;
 mod programs;
 mod sys;
 
 pub use btf::{KernelOffsets, OffsetError};
-pub use events::{decode, DecodeError, Event, EventReader, NetFamily, VerdictName};
+pub use events::{decode, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit, VerdictName};
+pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
 pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError};
 
 /// The eBPF object, embedded at build time. Aligned because aya parses it in place.

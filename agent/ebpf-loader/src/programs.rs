@@ -12,7 +12,7 @@ use agt_jail_common::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        HashMap, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
     },
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr},
     Btf, Ebpf, EbpfLoader,
@@ -36,6 +36,8 @@ pub enum LoaderError {
     Attach { program: &'static str, message: String },
     #[error("cannot update map {map}: {message}")]
     Map { map: &'static str, message: String },
+    #[error(transparent)]
+    NetPlan(#[from] crate::net::NetPlanError),
 }
 
 /// A connect destination to deny. `port == 0` denies every port of `addr`.
@@ -131,19 +133,21 @@ impl From<SocketAddr> for ConnectRule {
     }
 }
 
-const CONNECT4: &str = "connect4";
-const CONNECT6: &str = "connect6";
-const EXEC_TRACE: &str = "sched_process_exec";
+/// The cgroup programs attached to every agent's cgroup (connect, UDP sendmsg, bind).
+const SOCK_ADDR_PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "bind4", "bind6"];
+/// The process-tracking tracepoints (they filter by agent cgroup themselves).
+const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "sched_process_fork", "sched_process_exit"];
 
-/// The loaded object with its always-on programs (exec tracing, connect hooks).
+/// The loaded object with its always-on programs (process tracking, network hooks).
 pub struct AgentPrograms {
     bpf: Ebpf,
     reader: Option<EventReader>,
 }
 
 impl AgentPrograms {
-    /// Loads the object with offsets from the running kernel's BTF, loads the connect
-    /// programs and attaches the exec tracepoint (it filters by agent cgroup itself).
+    /// Loads the object with offsets from the running kernel's BTF, loads the network
+    /// programs and attaches the exec/fork/exit tracepoints (they filter by agent cgroup
+    /// themselves).
     pub fn load() -> Result<Self, LoaderError> {
         Self::load_with_btf(Path::new(KernelOffsets::VMLINUX))
     }
@@ -155,26 +159,42 @@ impl AgentPrograms {
         let mut bpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("BINPRM_FILENAME_OFFSET", &offsets.binprm_filename, true)
+            .override_global("TASK_PID_OFFSET", &offsets.task_pid, true)
+            .override_global("TASK_TGID_OFFSET", &offsets.task_tgid, true)
+            .override_global("TASK_REAL_PARENT_OFFSET", &offsets.task_real_parent, true)
+            .override_global("TASK_EXIT_CODE_OFFSET", &offsets.task_exit_code, true)
             .load(EBPF_OBJECT)
             .map_err(|err| LoaderError::Load(err.to_string()))?;
 
-        for name in [CONNECT4, CONNECT6] {
+        // Loopback passes the deny-all layer only in a network namespace other than ours.
+        let cookie = crate::sys::own_netns_cookie()
+            .map_err(|err| LoaderError::Load(format!("cannot read this process's netns cookie: {err}")))?;
+        {
+            let map = bpf.map_mut("HOST_NETNS").ok_or(LoaderError::Missing { what: "map", name: "HOST_NETNS" })?;
+            let mut host: Array<&mut MapData, u64> =
+                Array::try_from(map).map_err(|err| LoaderError::Map { map: "HOST_NETNS", message: err.to_string() })?;
+            host.set(0, cookie, 0).map_err(|err| LoaderError::Map { map: "HOST_NETNS", message: err.to_string() })?;
+        }
+
+        for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program(&mut bpf, name)?;
             program.load().map_err(|err| program_error(name, err))?;
         }
-        let exec: &mut BtfTracePoint = program(&mut bpf, EXEC_TRACE)?;
-        exec.load(EXEC_TRACE, &btf).map_err(|err| program_error(EXEC_TRACE, err))?;
-        exec.attach().map_err(|err| program_error(EXEC_TRACE, err))?;
+        for name in TRACEPOINTS {
+            let tracepoint: &mut BtfTracePoint = program(&mut bpf, name)?;
+            tracepoint.load(name, &btf).map_err(|err| program_error(name, err))?;
+            tracepoint.attach().map_err(|err| program_error(name, err))?;
+        }
 
         let ring = bpf.take_map("EVENTS").ok_or(LoaderError::Missing { what: "map", name: "EVENTS" })?;
         let ring = RingBuf::try_from(ring).map_err(|err| LoaderError::Load(err.to_string()))?;
         Ok(Self { bpf, reader: Some(EventReader::new(ring)) })
     }
 
-    /// Attaches the connect programs to an agent's cgroup v2 directory. Must happen
-    /// before any of the agent's processes join it.
+    /// Attaches the network programs (connect, UDP sendmsg, bind; IPv4 and IPv6) to an
+    /// agent's cgroup v2 directory. Must happen before any of the agent's processes join it.
     pub fn attach_cgroup(&mut self, cgroup_dir: impl AsFd + Copy) -> Result<(), LoaderError> {
-        for name in [CONNECT4, CONNECT6] {
+        for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
             program
                 .attach(cgroup_dir, CgroupAttachMode::Single)
@@ -245,7 +265,7 @@ impl AgentPrograms {
         &mut self.bpf
     }
 
-    fn map<K: aya::Pod, V: aya::Pod>(
+    pub(crate) fn map<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, K, V>, LoaderError> {

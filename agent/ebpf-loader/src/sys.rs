@@ -1,4 +1,4 @@
-//! The crate's raw system calls (everything aya does not expose).
+//! The crate's raw system calls (everything aya does not expose; `poll(2)` lives in the event reader).
 use std::{io, os::fd::BorrowedFd};
 
 /// `BPF_MAP_FREEZE` from include/uapi/linux/bpf.h.
@@ -20,4 +20,45 @@ pub(crate) fn freeze_map(fd: BorrowedFd<'_>) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the cookie of the socket's network namespace.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of this process's network namespace, as `bpf_get_netns_cookie` reports it.
+pub(crate) fn own_netns_cookie() -> io::Result<u64> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed; `fd` is ours.
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` was opened above and is closed once.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err);
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_cookie_is_stable_and_nonzero() {
+        match own_netns_cookie() {
+            Ok(cookie) => {
+                assert_ne!(cookie, 0);
+                assert_eq!(own_netns_cookie().ok(), Some(cookie));
+            }
+            // Kernels before 5.14 lack the option; the loader then fails loudly.
+            Err(err) => assert_eq!(err.raw_os_error(), Some(libc::ENOPROTOOPT), "{err}"),
+        }
+    }
 }

@@ -1,13 +1,13 @@
 //! `tp_btf/sched_process_exec`: report every completed exec of an agent's process.
 
-use agt_jail_common::{EventKind, ExecEvent, Verdict, EXEC_FILENAME_LEN};
+use agt_jail_common::{EventKind, ExecTraceEvent, Verdict, EXEC_FILENAME_LEN};
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 
-use crate::{count_drop, current_agent, header, load_time_constant, EVENTS};
+use crate::{count_drop, current_agent, header, load_time_constant, proc::parent_tgid, EVENTS};
 
 /// Offset of `filename` in `struct linux_binprm`, read from the running kernel's BTF
 /// at load time (Rust eBPF has no CO-RE relocations).
@@ -20,14 +20,17 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     // sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+    let task: *const u8 = ctx.arg(0);
     let bprm: *const u8 = ctx.arg(2);
     let offset = load_time_constant(&BINPRM_FILENAME_OFFSET) as usize;
     // SAFETY: a kernel read through the probe helper; a bad pointer yields an error, not a fault.
-    let filename: *const u8 = match unsafe { bpf_probe_read_kernel(bprm.add(offset) as *const *const u8) } {
+    let filename: *const u8 = match unsafe { bpf_probe_read_kernel(bprm.wrapping_add(offset) as *const *const u8) } {
         Ok(ptr) => ptr,
         Err(_) => return 0,
     };
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+    let ppid = parent_tgid(task);
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let Some(mut entry) = EVENTS.reserve::<ExecTraceEvent>(0) else {
         count_drop();
         return 0;
     };
@@ -36,7 +39,8 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     // this program until submit; every field is written before submit.
     unsafe {
         (*event).header = header(EventKind::Exec as u32, Verdict::Allow as u32, cgroup_id, agent_id);
-        (*event)._pad = 0;
+        (*event).ppid = ppid;
+        (*event).comm = comm;
         let len = match bpf_probe_read_kernel_str_bytes(filename, &mut (*event).filename) {
             Ok(bytes) => bytes.len(),
             Err(_) => 0,

@@ -7,9 +7,10 @@
 #![no_std]
 #![no_main]
 
-mod connect;
 mod exec;
 mod lsm;
+mod net;
+mod proc;
 
 use agt_jail_common::{EventHeader, MAX_AGENTS, EVENT_RING_BYTES};
 use aya_ebpf::{

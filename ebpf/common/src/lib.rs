@@ -11,7 +11,11 @@
 pub const EXEC_FILENAME_LEN: usize = 256;
 
 /// Capacity of the event ring buffer in bytes (a power of two, a multiple of the page size).
-pub const EVENT_RING_BYTES: u32 = 1 << 20;
+/// One ring for every program and agent: 4 MiB holds ~50k network events.
+pub const EVENT_RING_BYTES: u32 = 4 << 20;
+
+/// Bytes of a task's `comm` (the kernel's TASK_COMM_LEN).
+pub const TASK_COMM_LEN: usize = 16;
 
 /// Maximum number of agents (cgroups) one loaded object tracks.
 pub const MAX_AGENTS: u32 = 4096;
@@ -40,6 +44,14 @@ pub enum EventKind {
     File = 16,
     /// A guarded operation of an agent denied by a BPF LSM hook (ptrace, signal, mount, ...).
     Guard = 17,
+    /// A process of an agent sent a UDP datagram to an explicit address (cgroup/sendmsg4/6).
+    Sendmsg = 4,
+    /// A process of an agent bound a socket to an address/port (cgroup/bind4/6).
+    Bind = 5,
+    /// A process of an agent forked (tp_btf/sched_process_fork).
+    Fork = 6,
+    /// A process of an agent exited (tp_btf/sched_process_exit, thread-group leaders only).
+    Exit = 7,
 }
 
 impl EventKind {
@@ -50,6 +62,10 @@ impl EventKind {
             3 => Some(Self::ExecCheck),
             16 => Some(Self::File),
             17 => Some(Self::Guard),
+            4 => Some(Self::Sendmsg),
+            5 => Some(Self::Bind),
+            6 => Some(Self::Fork),
+            7 => Some(Self::Exit),
             _ => None,
         }
     }
@@ -61,6 +77,8 @@ impl EventKind {
 pub enum Verdict {
     Allow = 0,
     Deny = 1,
+    /// Denied, and the policy asks userspace to kill the agent's whole cgroup.
+    Kill = 2,
 }
 
 impl Verdict {
@@ -68,6 +86,7 @@ impl Verdict {
         match raw {
             0 => Some(Self::Allow),
             1 => Some(Self::Deny),
+            2 => Some(Self::Kill),
             _ => None,
         }
     }
@@ -92,33 +111,97 @@ pub struct EventHeader {
 }
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 40);
 
-/// An exec seen by `tp_btf/sched_process_exec` or checked by `lsm/bprm_check_security`.
+/// An exec seen by `tp_btf/sched_process_exec` (kind [`EventKind::Exec`]); the LSM's
+/// [`EventKind::ExecCheck`] uses [`ExecCheckEvent`].
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ExecEvent {
+pub struct ExecTraceEvent {
     pub header: EventHeader,
-    /// Bytes of `filename` that hold the name (without the NUL).
+    /// Process id of the real parent (initial pid namespace); 0 when unreadable.
+    pub ppid: u32,
+    /// Bytes of `filename` that hold the name (the kernel's string helper counts the NUL).
     pub filename_len: u32,
-    pub _pad: u32,
+    /// The task's `comm` after the exec, NUL-padded.
+    pub comm: [u8; TASK_COMM_LEN],
     pub filename: [u8; EXEC_FILENAME_LEN],
 }
-const _: () = assert!(core::mem::size_of::<ExecEvent>() == 40 + 8 + EXEC_FILENAME_LEN);
+const _: () = assert!(core::mem::size_of::<ExecTraceEvent>() == 40 + 8 + TASK_COMM_LEN + EXEC_FILENAME_LEN);
 
-/// A connect(2) seen by `cgroup/connect4` or `cgroup/connect6`.
+/// A fork of an agent's task (kind [`EventKind::Fork`]); the header names the parent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectEvent {
+pub struct ForkEvent {
+    pub header: EventHeader,
+    pub parent_pid: u32,
+    pub parent_tgid: u32,
+    pub child_pid: u32,
+    pub child_tgid: u32,
+    /// The parent's `comm` (the child starts with the same), NUL-padded.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40 + 16 + TASK_COMM_LEN);
+
+/// The exit of an agent's thread-group leader (kind [`EventKind::Exit`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+    /// `task_struct.exit_code` as wait(2) encodes it: `(status << 8) | signal`.
+    pub exit_code: u32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ExitEvent>() == 40 + 8 + TASK_COMM_LEN);
+
+/// A connect(2), UDP sendmsg(2) or bind(2) of an agent (kinds [`EventKind::Connect`],
+/// [`EventKind::Sendmsg`], [`EventKind::Bind`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetEvent {
     pub header: EventHeader,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u16,
-    /// Destination port in host byte order.
+    /// Destination (bind: local) port in host byte order.
     pub port: u16,
     /// IPPROTO_TCP, IPPROTO_UDP, ... as the socket says.
     pub protocol: u32,
-    /// Destination address in network byte order; IPv4 uses the first four bytes.
+    /// Destination (bind: local) address in network byte order; IPv4 uses the first four bytes.
     pub addr: [u8; 16],
+    /// The plan's address class (meaningful with [`NET_EVENT_PLAN`]).
+    pub addr_class: u32,
+    /// The plan verdict's limit id, 0 for none.
+    pub limit: u32,
+    /// The plan's port class.
+    pub port_class: u16,
+    /// The plan verdict's rule index, [`NET_RULE_DEFAULT`] for the policy default.
+    pub rule: u16,
+    /// Which layer decided a deny (`NET_LAYER_*`), [`NET_LAYER_NONE`] when all allowed.
+    pub layer: u8,
+    /// `NET_EVENT_*` bits.
+    pub flags: u8,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 40 + 24);
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 40 + 40);
+
+/// [`NetEvent::layer`]: nothing denied.
+pub const NET_LAYER_NONE: u8 = 0;
+/// The task's cgroup is not a registered agent (a nested cgroup the agent made).
+pub const NET_LAYER_UNKNOWN_AGENT: u8 = 1;
+/// The profile's deny list (`CONNECT_DENY`).
+pub const NET_LAYER_DENY_LIST: u8 = 2;
+/// The profile's allow-list (`CONNECT_ALLOW`, [`AGENT_FLAG_CONNECT_ALLOWLIST`]).
+pub const NET_LAYER_ALLOW_LIST: u8 = 3;
+/// Live demotion: all networking but loopback inside the agent's own netns ([`AGENT_FLAG_NET_DENY_ALL`]).
+pub const NET_LAYER_DENY_ALL: u8 = 4;
+/// The compiled policy plan ([`AGENT_FLAG_NET_POLICY`]).
+pub const NET_LAYER_PLAN: u8 = 5;
+
+/// [`NetEvent::flags`]: the plan was consulted; the class, rule and limit fields are meaningful.
+pub const NET_EVENT_PLAN: u8 = 1;
+/// The plan's verdict allowed but its rate limit was exhausted.
+pub const NET_EVENT_RATE_LIMITED: u8 = 2;
+/// The plan's verdict asks for the event to be logged.
+pub const NET_EVENT_LOG: u8 = 4;
 
 /// Key of the connect deny map: one destination for one agent.
 /// `port == 0` matches every port of `addr`.
@@ -172,6 +255,138 @@ pub const MAX_CONNECT_ALLOW: u32 = 16384;
 
 /// Agent flag: connects are denied unless the destination is in the allow-list.
 pub const AGENT_FLAG_CONNECT_ALLOWLIST: u32 = 1;
+
+/// Agent flag: a compiled network plan governs connect, sendmsg and bind (`NET_*` maps).
+pub const AGENT_FLAG_NET_POLICY: u32 = 2;
+/// Agent flag: every connect, sendmsg and bind is denied except loopback inside a network
+/// namespace other than the loader's (live demotion to ring 3).
+pub const AGENT_FLAG_NET_DENY_ALL: u32 = 4;
+
+/// Network plan hook numbers ([`NetVerdictKey::event`]).
+pub const NET_HOOK_CONNECT: u8 = 1;
+pub const NET_HOOK_SENDMSG: u8 = 2;
+pub const NET_HOOK_BIND: u8 = 3;
+
+/// Network plan protocol numbers ([`NetVerdictKey::proto`]): TCP, UDP, anything else.
+pub const NET_PROTO_TCP: u8 = 6;
+pub const NET_PROTO_UDP: u8 = 17;
+pub const NET_PROTO_OTHER: u8 = 0;
+
+/// [`NetVerdict::action`] values.
+pub const NET_ACTION_ALLOW: u8 = 0;
+pub const NET_ACTION_DENY: u8 = 1;
+pub const NET_ACTION_KILL: u8 = 2;
+/// [`NetVerdict::flags`] bit: log the event.
+pub const NET_VERDICT_LOG: u8 = 1;
+/// [`NetVerdict::rule`] of the policy's default action.
+pub const NET_RULE_DEFAULT: u16 = 0xffff;
+
+/// Capacities of the network plan maps (all agents together).
+pub const MAX_NET_ADDRS: u32 = 16384;
+pub const MAX_NET_PORTS: u32 = 16384;
+pub const MAX_NET_VERDICTS: u32 = 65536;
+pub const MAX_NET_LIMITS: u32 = 4096;
+
+/// Data of an IPv4 address-class entry (LPM trie key after its prefix length): agent id and
+/// plan generation (both big-endian, matched exactly), then the address. The trie's prefix
+/// length is [`NET_ADDR_FIXED_BITS`] plus the CIDR's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetAddr4Data {
+    pub agent_id: [u8; 8],
+    pub generation: [u8; 4],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<NetAddr4Data>() == 16);
+
+/// Data of an IPv6 address-class entry; see [`NetAddr4Data`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetAddr6Data {
+    pub agent_id: [u8; 8],
+    pub generation: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<NetAddr6Data>() == 28);
+
+/// Bits of the address-class keys before the address: agent id and generation.
+pub const NET_ADDR_FIXED_BITS: u32 = 96;
+
+/// Key of the port-class map; a miss is port class 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetPortKey {
+    pub agent_id: u64,
+    pub generation: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<NetPortKey>() == 16);
+
+/// Key of the verdict map; a miss is a deny.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetVerdictKey {
+    pub agent_id: u64,
+    pub generation: u32,
+    pub addr_class: u32,
+    pub port_class: u16,
+    /// `NET_HOOK_*`.
+    pub event: u8,
+    /// `NET_PROTO_*`.
+    pub proto: u8,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetVerdictKey>() == 24);
+
+/// Value of the verdict map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetVerdict {
+    /// `NET_ACTION_*`.
+    pub action: u8,
+    /// `NET_VERDICT_*` bits.
+    pub flags: u8,
+    /// Index into the userspace rule table, [`NET_RULE_DEFAULT`] for the default.
+    pub rule: u16,
+    /// Limit id, 0 for none.
+    pub limit: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetVerdict>() == 8);
+
+/// Key of the rate-limit map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetLimitKey {
+    pub agent_id: u64,
+    pub generation: u32,
+    pub limit: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetLimitKey>() == 16);
+
+/// The kernel's `struct bpf_spin_lock`; the name matters, the verifier finds it by BTF name.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct bpf_spin_lock {
+    pub val: u32,
+}
+
+/// State of one rate limit (value of the rate-limit map). A window exists while
+/// `count > 0`; with `period_ns == 0` it never resets (a per-session limit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetLimitState {
+    pub max: u64,
+    pub period_ns: u64,
+    /// `bpf_ktime_get_boot_ns()` after which the window resets.
+    pub reset_at_ns: u64,
+    pub count: u64,
+    pub lock: bpf_spin_lock,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetLimitState>() == 40);
 
 /// Values stored in the rule maps.
 pub const RULE_DENY: u32 = 1;
@@ -479,4 +694,18 @@ mod pod {
     unsafe impl aya::Pod for super::ExecRuleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectAllowData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetAddr4Data {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetAddr6Data {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetVerdictKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetVerdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetLimitKey {}
+    // SAFETY: as above (the lock is a plain u32 the kernel manages; userspace writes 0).
+    unsafe impl aya::Pod for super::NetLimitState {}
 }

@@ -1,0 +1,384 @@
+//! The network policy plane and process tracking, through the loader API: a compiled plan
+//! (address classes, port classes, verdicts, limits) installed for an agent cgroup denies
+//! connect, UDP sendto and bind with EPERM before anything leaves the socket, allows its
+//! allowed classes, rate-limits, reports kill verdicts, is replaced atomically, and the
+//! fork/exec/exit tracepoints report the agent's processes.
+//!
+//! The probe runs in a child that joins the agent's cgroup and does its socket calls
+//! between fork and exec (plain syscalls, async-signal-safe), then execs a shell that
+//! forks once, so one child exercises both planes. Needs root, kernel BTF and cgroup v2.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    ffi::CString,
+    io::{self, Read},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, TcpListener, UdpSocket},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, process::CommandExt},
+    },
+    path::Path,
+    process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use agt_jail_ebpf_loader::{
+    AgentPrograms, Event, EventReader, NetAction, NetHook, NetLayer, NetLimitRow, NetProto, NetTables, NetVerdictRow,
+    VerdictName,
+};
+use agt_jail_jail::{cgroup::cgroup_name, AgentCgroup, CgroupLayout};
+use agt_jail_test_support::{require, Need};
+
+const AGENT: u64 = 0x6e65_7470_6c61_6e65;
+
+/// A TCP listener on 127.0.0.1 that counts the connections it accepts.
+struct Counted {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+fn counted_listener() -> Counted {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stream.is_ok() {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    Counted { port, accepted }
+}
+
+/// Waits (bounded) until the listener accepted `want` connections; returns what it saw.
+fn accepted(listener: &Counted, want: usize) -> usize {
+    for _ in 0..200 {
+        if listener.accepted.load(Ordering::SeqCst) >= want {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    listener.accepted.load(Ordering::SeqCst)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Connect(Ipv4Addr, u16),
+    SendTo(Ipv4Addr, u16),
+    BindUdp(Ipv4Addr, u16),
+}
+
+fn sockaddr(addr: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+        sin_zero: [0; 8],
+    }
+}
+
+/// The result of one op in the child: 0 or the errno.
+///
+/// # Safety
+/// Called between fork and exec: only async-signal-safe calls, no allocation.
+unsafe fn run_op(op: Op) -> i32 {
+    let (kind, addr) = match op {
+        Op::Connect(a, p) => (libc::SOCK_STREAM, sockaddr(a, p)),
+        Op::SendTo(a, p) | Op::BindUdp(a, p) => (libc::SOCK_DGRAM, sockaddr(a, p)),
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let ptr = (&addr as *const libc::sockaddr_in).cast::<libc::sockaddr>();
+    // SAFETY: plain socket syscalls on a fresh fd and a valid sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return -1;
+        }
+        let rc = match op {
+            Op::Connect(..) => libc::connect(fd, ptr, len),
+            Op::SendTo(..) => {
+                let sent = libc::sendto(fd, b"x".as_ptr().cast(), 1, 0, ptr, len);
+                if sent < 0 {
+                    -1
+                } else {
+                    0
+                }
+            }
+            Op::BindUdp(..) => libc::bind(fd, ptr, len),
+        };
+        let result = if rc == 0 { 0 } else { *libc::__errno_location() };
+        libc::close(fd);
+        result
+    }
+}
+
+/// Runs `ops` in a child inside `cgroup` (after `unshare(CLONE_NEWNET)` when `new_netns`),
+/// then execs `sh -c script` there; returns each op's errno (0 = success) and the exit code.
+fn probe(cgroup: &Path, ops: &[Op], new_netns: bool, script: &str) -> (Vec<i32>, i32) {
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned here.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let write_fd = write_end.as_raw_fd();
+    let ops = ops.to_vec();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", script]);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (open, write, close, unshare, socket calls) on memory
+    // prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for op in &ops {
+                let result = run_op(*op);
+                libc::write(write_fd, (&result as *const i32).cast(), 4);
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.status().unwrap();
+    drop(write_end);
+    drop(cmd);
+    let mut bytes = Vec::new();
+    std::fs::File::from(read_end).read_to_end(&mut bytes).unwrap();
+    let results = bytes.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+    (results, status.code().unwrap_or(-1))
+}
+
+fn row(addr_class: u32, port_class: u16, hook: NetHook, proto: NetProto, action: NetAction) -> NetVerdictRow {
+    NetVerdictRow { addr_class, port_class, hook, proto, action, log: false, rule: 0xffff, limit: 0 }
+}
+
+/// Collects events until `done` holds for the collection (bounded wait).
+fn collect(reader: &mut EventReader, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    let mut events = Vec::new();
+    for _ in 0..50 {
+        reader.poll(Duration::from_millis(100), &mut |event| events.push(event.unwrap())).unwrap();
+        if done(&events) {
+            break;
+        }
+    }
+    events
+}
+
+fn net_of(event: &Event) -> Option<(u16, VerdictName, NetLayer, bool)> {
+    match event {
+        Event::Connect { port, verdict, layer, plan, .. } => {
+            Some((*port, *verdict, *layer, plan.is_some_and(|p| p.rate_limited)))
+        }
+        Event::Sendmsg { net, verdict, .. } | Event::Bind { net, verdict, .. } => {
+            Some((net.port, *verdict, net.layer, net.plan.is_some_and(|p| p.rate_limited)))
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn net_plan_denies_before_effect_and_process_events_arrive() {
+    require!(Need::Root, Need::Btf, Need::CgroupV2);
+
+    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).unwrap();
+    let cgroup = AgentCgroup::create(
+        &layout.agents_parent(),
+        &cgroup_name(std::process::id(), 0x6e70 + u64::from(std::process::id() % 1000)),
+    )
+    .unwrap();
+
+    let allowed = counted_listener();
+    let denied = counted_listener();
+    let limited = counted_listener();
+    let udp_allowed = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_denied = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp_allowed.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    udp_denied.set_nonblocking(true).unwrap();
+    let udp_allowed_port = udp_allowed.local_addr().unwrap().port();
+    let udp_denied_port = udp_denied.local_addr().unwrap().port();
+    // A port nothing listens on, for bind.
+    let bind_denied_port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let kill_addr = Ipv4Addr::new(127, 0, 0, 9);
+    let local = Ipv4Addr::LOCALHOST;
+
+    // Address classes: 0 everything, 1 loopback, 2 the "kill" host. Port classes: 0 any
+    // other, 1 denied ports, 2 the limited port, 3 the denied bind port.
+    let plan = NetTables {
+        v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0), (Ipv4Addr::new(127, 0, 0, 0), 8, 1), (kill_addr, 32, 2)],
+        v6: vec![(Ipv6Addr::UNSPECIFIED, 0, 0)],
+        ports: vec![(denied.port, 1), (udp_denied_port, 1), (limited.port, 2), (bind_denied_port, 3)],
+        verdicts: vec![
+            row(1, 0, NetHook::Connect, NetProto::Tcp, NetAction::Allow),
+            row(1, 1, NetHook::Connect, NetProto::Tcp, NetAction::Deny),
+            NetVerdictRow { limit: 1, rule: 4, ..row(1, 2, NetHook::Connect, NetProto::Tcp, NetAction::Allow) },
+            NetVerdictRow { rule: 5, ..row(2, 0, NetHook::Connect, NetProto::Tcp, NetAction::Kill) },
+            row(1, 0, NetHook::Sendmsg, NetProto::Udp, NetAction::Allow),
+            row(1, 1, NetHook::Sendmsg, NetProto::Udp, NetAction::Deny),
+            row(1, 0, NetHook::Bind, NetProto::Udp, NetAction::Allow),
+            row(1, 3, NetHook::Bind, NetProto::Udp, NetAction::Deny),
+        ],
+        limits: vec![NetLimitRow { id: 1, max: 3, period_ns: 0 }],
+    };
+
+    let mut programs = AgentPrograms::load().unwrap();
+    let mut reader = programs.take_events().unwrap();
+    programs.register_agent(cgroup.id(), AGENT).unwrap();
+    programs.attach_cgroup(cgroup.dir()).unwrap();
+    programs.install_net_plan(AGENT, &plan).unwrap();
+
+    let ops = [
+        Op::Connect(local, allowed.port),
+        Op::Connect(local, denied.port),
+        Op::SendTo(local, udp_allowed_port),
+        Op::SendTo(local, udp_denied_port),
+        Op::BindUdp(local, 0),
+        Op::BindUdp(local, bind_denied_port),
+        Op::Connect(kill_addr, allowed.port),
+        Op::Connect(local, limited.port),
+        Op::Connect(local, limited.port),
+        Op::Connect(local, limited.port),
+        Op::Connect(local, limited.port),
+        Op::Connect(local, limited.port),
+    ];
+    let (results, code) = probe(cgroup.path(), &ops, false, "(exit 7); exit 3");
+    assert_eq!(code, 3, "the shell ran in the agent");
+    let eperm = libc::EPERM;
+    assert_eq!(results, vec![0, eperm, 0, eperm, 0, eperm, eperm, 0, 0, 0, eperm, eperm], "per op: {ops:?}");
+    // Deny before effect: the denied listener never saw a connection (no SYN left).
+    assert_eq!(accepted(&allowed, 1), 1, "the allowed class connects");
+    assert_eq!(accepted(&limited, 3), 3, "the limit allows exactly max connects");
+    assert_eq!(accepted(&denied, 1), 0, "a denied connect must not reach the listener");
+    let mut buf = [0u8; 8];
+    assert_eq!(udp_allowed.recv(&mut buf).unwrap(), 1, "the allowed datagram arrives");
+    assert_eq!(udp_denied.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock, "no denied datagram");
+
+    let events = collect(&mut reader, |events| {
+        events.iter().filter(|e| matches!(e, Event::Exit { agent_id: AGENT, .. })).count() >= 2
+            && events.iter().any(|e| matches!(e, Event::Connect { verdict: VerdictName::Kill, .. }))
+    });
+    let ours: Vec<&Event> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Fork { agent_id: AGENT, .. }
+                    | Event::Exit { agent_id: AGENT, .. }
+                    | Event::Exec { agent_id: AGENT, .. }
+                    | Event::Connect { agent_id: AGENT, .. }
+                    | Event::Sendmsg { agent_id: AGENT, .. }
+                    | Event::Bind { agent_id: AGENT, .. }
+            )
+        })
+        .collect();
+    let net: Vec<_> = ours.iter().filter_map(|e| net_of(e)).collect();
+    let has = |port: u16, verdict: VerdictName, layer: NetLayer| {
+        net.iter().any(|(p, v, l, _)| *p == port && *v == verdict && *l == layer)
+    };
+    assert!(has(allowed.port, VerdictName::Allow, NetLayer::None), "{ours:#?}");
+    assert!(has(denied.port, VerdictName::Deny, NetLayer::Plan), "{ours:#?}");
+    assert!(has(udp_denied_port, VerdictName::Deny, NetLayer::Plan), "sendmsg deny event: {ours:#?}");
+    assert!(has(bind_denied_port, VerdictName::Deny, NetLayer::Plan), "bind deny event: {ours:#?}");
+    let rate_limited = net.iter().filter(|(p, v, _, hit)| *p == limited.port && *v == VerdictName::Deny && *hit);
+    assert_eq!(rate_limited.count(), 2, "two rate-limited connects: {ours:#?}");
+    let kill = ours.iter().find(|e| e.is_kill()).expect("a kill event");
+    assert!(
+        matches!(kill, Event::Connect { addr, plan: Some(plan), .. } if *addr == kill_addr && plan.rule == Some(5)),
+        "{kill:?}"
+    );
+
+    // Process tracking: the shell's exec, its fork of the subshell, both exits.
+    let exec = ours.iter().find_map(|e| match e {
+        Event::Exec { tgid, ppid, comm, filename, .. } if filename == "/bin/sh" => Some((*tgid, *ppid, comm.clone())),
+        _ => None,
+    });
+    let (shell, ppid, comm) = exec.unwrap_or_else(|| panic!("no exec event of /bin/sh: {ours:#?}"));
+    assert_eq!(ppid, std::process::id(), "the shell's parent is this test");
+    assert_eq!(comm, "sh");
+    let child = ours
+        .iter()
+        .find_map(|e| match e {
+            Event::Fork { parent_tgid, child_tgid, .. } if *parent_tgid == shell => Some(*child_tgid),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no fork event from the shell {shell}: {ours:#?}"));
+    assert_ne!(child, shell);
+    let exit_of = |pid: u32| {
+        ours.iter().find_map(|e| match e {
+            Event::Exit { tgid, status, .. } if *tgid == pid => Some(*status),
+            _ => None,
+        })
+    };
+    assert_eq!(exit_of(child), Some(Some(7)), "the subshell's exit: {ours:#?}");
+    assert_eq!(exit_of(shell), Some(Some(3)), "the shell's exit: {ours:#?}");
+
+    // Replacing the plan: the formerly denied port is allowed, nothing of the old plan
+    // (its deny verdict) survives the switch.
+    let mut open = plan.clone();
+    open.verdicts[1].action = NetAction::Allow;
+    programs.install_net_plan(AGENT, &open).unwrap();
+    let (results, _) = probe(cgroup.path(), &[Op::Connect(local, denied.port)], false, "exit 0");
+    assert_eq!(results, vec![0], "the replaced plan allows the port");
+    assert_eq!(accepted(&denied, 1), 1);
+    // The rate limit (same id, max and period) kept its exhausted window across the switch.
+    let (results, _) = probe(cgroup.path(), &[Op::Connect(local, limited.port)], false, "exit 0");
+    assert_eq!(results, vec![eperm], "the limit's window survives a replacement with the same limit");
+
+    // Live demotion: host loopback is denied; loopback in the agent's own netns is not.
+    programs.deny_all_net(AGENT).unwrap();
+    let (results, _) = probe(cgroup.path(), &[Op::Connect(local, allowed.port)], false, "exit 0");
+    assert_eq!(results, vec![eperm], "deny-all refuses loopback of the host's netns");
+    let (results, _) = probe(cgroup.path(), &[Op::BindUdp(local, 0), Op::Connect(local, allowed.port)], true, "exit 0");
+    assert_ne!(results[1], eperm, "loopback inside the agent's own netns is not refused by the plane");
+    assert_eq!(results.len(), 2);
+
+    // Removing the plan (and the demotion flag) restores plain connects.
+    programs.remove_net_plan(AGENT).unwrap();
+    programs.set_agent_flags(AGENT, 0).unwrap();
+    let (results, _) = probe(cgroup.path(), &[Op::Connect(local, limited.port)], false, "exit 0");
+    assert_eq!(results, vec![0]);
+    assert_eq!(programs.dropped_events().unwrap(), 0);
+    drop(programs);
+    cgroup.remove().unwrap();
+}
+
+/// Outside the agent's cgroup nothing of the plan applies.
+#[test]
+fn the_plan_is_scoped_to_the_agent() {
+    require!(Need::Root, Need::Btf, Need::CgroupV2);
+    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).unwrap();
+    let cgroup = AgentCgroup::create(
+        &layout.agents_parent(),
+        &cgroup_name(std::process::id(), 0x7e70 + u64::from(std::process::id() % 1000)),
+    )
+    .unwrap();
+    let listener = counted_listener();
+    let deny_all = NetTables {
+        v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0)],
+        v6: vec![(Ipv6Addr::UNSPECIFIED, 0, 0)],
+        verdicts: vec![row(0, 0, NetHook::Connect, NetProto::Tcp, NetAction::Deny)],
+        ..NetTables::default()
+    };
+    let mut programs = AgentPrograms::load().unwrap();
+    programs.register_agent(cgroup.id(), AGENT + 1).unwrap();
+    programs.attach_cgroup(cgroup.dir()).unwrap();
+    programs.install_net_plan(AGENT + 1, &deny_all).unwrap();
+    let (inside, _) = probe(cgroup.path(), &[Op::Connect(Ipv4Addr::LOCALHOST, listener.port)], false, "exit 0");
+    assert_eq!(inside, vec![libc::EPERM]);
+    std::net::TcpStream::connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, listener.port)).unwrap();
+    assert_eq!(accepted(&listener, 1), 1, "the test itself (outside the agent) connects");
+    drop(programs);
+    cgroup.remove().unwrap();
+}
