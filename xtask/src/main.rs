@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_enforce;
 mod build_ebpf;
 mod demo;
 mod test;
@@ -29,6 +30,8 @@ enum Task {
     VmTest(vm::Options),
     /// Measure jail start-up side by side with bubblewrap (needs root); --write updates docs/benchmarks.md.
     Bench(bench::Options),
+    /// Measure per-hook enforcement overhead and event-pipeline throughput (needs root); --write updates docs/benchmarks.md.
+    BenchEnforce(bench_enforce::Options),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Task::Demo(opts) => demo::run(&opts),
         Task::VmTest(opts) => vm::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
+        Task::BenchEnforce(opts) => bench_enforce::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
