@@ -73,7 +73,7 @@ impl Actuator for NoEffects {
     }
 }
 
-fn evaluator(out: Box<dyn Write + Send>) -> Arc<Evaluator> {
+fn evaluator(out: Box<dyn Write + Send>, proc_root: &str) -> Arc<Evaluator> {
     let policy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/loops/governed.yaml");
     let set = PolicySet::load(&[policy]).unwrap();
     let agent = AgentFacts::new("bench", format!("did:mesh:{}", "0".repeat(32)), 2, 500, "s");
@@ -85,7 +85,7 @@ fn evaluator(out: Box<dyn Write + Send>) -> Arc<Evaluator> {
         trust: TrustRules { penalty: 0, kill_below: 0 },
         entry_program: PathBuf::from("/bin/true"),
         show_denials: false,
-        proc_root: PathBuf::from("/proc"),
+        proc_root: PathBuf::from(proc_root),
     };
     Evaluator::new(cfg, RecordSink::new(Some(out)), Arc::new(NoEffects))
 }
@@ -115,7 +115,7 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function("decode_exec", |b| b.iter(|| decode(black_box(&exec)).unwrap()));
 
     // Records to nowhere: decode, context (with its /proc reads), policy, JSON.
-    let to_sink = evaluator(Box::new(io::sink()));
+    let to_sink = evaluator(Box::new(io::sink()), "/proc");
     group.bench_function("decode_observe_connect_no_file", |b| {
         b.iter(|| observe(&to_sink, &decode(black_box(&allowed)).unwrap()))
     });
@@ -123,11 +123,19 @@ fn pipeline(c: &mut Criterion) {
         b.iter(|| observe(&to_sink, &decode(black_box(&denied)).unwrap()))
     });
 
+    // The same without the per-event /proc reads (a proc root that does not exist: each
+    // read fails at once and the facts stay empty): what is left when process facts come
+    // from a cache or from the kernel's record instead.
+    let no_proc = evaluator(Box::new(io::sink()), "/nonexistent-agt-jail-proc");
+    group.bench_function("decode_observe_connect_no_file_no_proc_reads", |b| {
+        b.iter(|| observe(&no_proc, &decode(black_box(&allowed)).unwrap()))
+    });
+
     // As `agt-jail exec --policy --events FILE` runs it: a buffered file flushed per record.
     let dir = std::env::temp_dir().join(format!("agt-jail-pipeline-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = std::fs::File::create(dir.join("events.jsonl")).unwrap();
-    let to_file = evaluator(Box::new(BufWriter::new(file)));
+    let to_file = evaluator(Box::new(BufWriter::new(file)), "/proc");
     group.bench_function("decode_observe_connect_to_file", |b| {
         b.iter(|| observe(&to_file, &decode(black_box(&allowed)).unwrap()))
     });
