@@ -17,8 +17,11 @@ use std::{
     time::Duration,
 };
 
-use agt_jail_common::{ConnectEvent, EventHeader, EventKind, ExecEvent, Verdict, AF_INET, EXEC_FILENAME_LEN};
-use agt_jail_ebpf_loader::{decode, Event, VerdictName};
+use agt_jail_common::{
+    EventHeader, EventKind, ExecTraceEvent, NetEvent as NetRecord, Verdict, AF_INET, EXEC_FILENAME_LEN,
+    NET_LAYER_ALLOW_LIST, NET_LAYER_NONE, NET_RULE_DEFAULT, TASK_COMM_LEN,
+};
+use agt_jail_ebpf_loader::{decode, Event, NetLayer, VerdictName};
 use agt_jail_policy::{
     context::{AgentFacts, NetEvent, NetFamily, NetProto},
     PolicySet,
@@ -47,19 +50,36 @@ fn header(kind: EventKind, verdict: Verdict, pid: u32) -> EventHeader {
 fn connect_record(verdict: Verdict, pid: u32) -> Vec<u8> {
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&[127, 0, 0, 2]);
-    bytes_of(&ConnectEvent {
+    // A deny of the ring's allow-list, as the connect program reports it.
+    let layer = if verdict == Verdict::Allow { NET_LAYER_NONE } else { NET_LAYER_ALLOW_LIST };
+    bytes_of(&NetRecord {
         header: header(EventKind::Connect, verdict, pid),
         family: AF_INET,
         port: 8080,
         protocol: 6,
         addr,
+        addr_class: 0,
+        limit: 0,
+        port_class: 0,
+        rule: NET_RULE_DEFAULT,
+        layer,
+        flags: 0,
+        _pad: 0,
     })
 }
 
 fn exec_record(pid: u32) -> Vec<u8> {
     let mut filename = [0u8; EXEC_FILENAME_LEN];
     filename[..10].copy_from_slice(b"/bin/true\0");
-    bytes_of(&ExecEvent { header: header(EventKind::Exec, Verdict::Allow, pid), filename_len: 10, _pad: 0, filename })
+    let mut comm = [0u8; TASK_COMM_LEN];
+    comm[..4].copy_from_slice(b"true");
+    bytes_of(&ExecTraceEvent {
+        header: header(EventKind::Exec, Verdict::Allow, pid),
+        ppid: 1,
+        filename_len: 10,
+        comm,
+        filename,
+    })
 }
 
 struct NoEffects;
@@ -90,12 +110,18 @@ fn evaluator(out: Box<dyn Write + Send>, proc_root: &str) -> Arc<Evaluator> {
     Evaluator::new(cfg, RecordSink::new(Some(out)), Arc::new(NoEffects))
 }
 
-/// What `agt_jail::govern::observe` does with one decoded event.
+/// What `agt_jail::govern::observe` does with one decoded event (connects to addresses
+/// the policy names by domain would also carry the domain; this policy names none).
 fn observe(evaluator: &Evaluator, event: &Event) {
     match event {
-        Event::Connect { tgid, addr, port, protocol, verdict, .. } => {
+        Event::Connect { tgid, addr, port, protocol, verdict, layer, .. } => {
             let proto = if protocol == "tcp" { NetProto::Tcp } else { NetProto::Other };
-            let kernel = if *verdict == VerdictName::Allow { KernelVerdict::Allow } else { KernelVerdict::Floor };
+            let kernel = match (verdict, layer) {
+                (VerdictName::Allow, _) => KernelVerdict::Allow,
+                (VerdictName::Kill, _) => KernelVerdict::Kill,
+                (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
+                (VerdictName::Deny, _) => KernelVerdict::Floor,
+            };
             evaluator.observe_net(*tgid, NetEvent::Connect, NetFamily::Inet, proto, *addr, *port, None, kernel);
         }
         other => evaluator.observe_raw(&serde_json::to_value(other).unwrap()),
