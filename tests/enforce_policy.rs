@@ -120,7 +120,7 @@ fn assert_same_as_policy_eval(policy: &Path, records: &[Value]) {
     assert!(!decided.is_empty(), "no decision records");
     let batch: String = decided.iter().map(|r| format!("{}\n", r["context"])).collect();
     let mut child = Command::new(BIN)
-        .args(["policy", "eval", "--batch", "--policy"])
+        .args(["policy", "eval", "--batch", "--input", "-", "--policy"])
         .arg(policy)
         .args(["--agent", decided[0]["context"]["agent"]["did"].as_str().unwrap()])
         .stdin(Stdio::piped())

@@ -414,6 +414,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
                 let bpf_lsm = agt_jail_ebpf_loader::lsm::ExecLsm::load(&mut programs).is_ok();
                 let (compiled, _) =
                     govern::compile_plan(set, agent, profile.ring, profile.confine, bpf_lsm, args.policy.strict)?;
+                govern::install_plan(&mut programs, agent_id, &compiled)?;
                 plan = Some(compiled);
             }
             for rule in rules {

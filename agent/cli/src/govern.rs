@@ -11,10 +11,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use agt_jail_ebpf_loader::{Event, NetLayer, VerdictName};
+use std::net::IpAddr;
+
+use agt_jail_ebpf_loader::{AgentPrograms, Event, NetLayer, NetTables, VerdictName};
 use agt_jail_policy::{
     context::{AgentFacts, NetEvent, NetFamily, NetProto},
-    plan::{self, HostCaps, Plan, Resolved},
+    plan::{self, HostCaps, NetPlan, Plan, Resolved},
     PolicySet,
 };
 use agt_jail_supervisor::{
@@ -382,4 +384,54 @@ impl Decider for ArmingDecider {
         }
         self.evaluator.handle(request, reply);
     }
+}
+/// The kernel tables of a compiled network plan (the loader's shape of the same data).
+pub fn net_tables(net: &NetPlan) -> NetTables {
+    use agt_jail_ebpf_loader::{NetAction, NetHook, NetLimitRow, NetProto as Proto, NetVerdictRow};
+    let mut tables = NetTables::default();
+    for class in &net.addr_classes {
+        match class.addr {
+            IpAddr::V4(v4) => tables.v4.push((v4, class.prefix_len, class.id)),
+            IpAddr::V6(v6) => tables.v6.push((v6, class.prefix_len, class.id)),
+        }
+    }
+    tables.ports = net.ports.iter().map(|(port, class)| (*port, *class)).collect();
+    for row in &net.rows {
+        let hook = match NetEvent::from_code(row.event) {
+            Some(NetEvent::Sendmsg) => NetHook::Sendmsg,
+            Some(NetEvent::Bind) => NetHook::Bind,
+            _ => NetHook::Connect,
+        };
+        let proto = match NetProto::ALL.iter().find(|p| p.code() == row.proto) {
+            Some(NetProto::Tcp) => Proto::Tcp,
+            Some(NetProto::Udp) => Proto::Udp,
+            _ => Proto::Other,
+        };
+        let action = match row.action {
+            plan::ACTION_ALLOW => NetAction::Allow,
+            plan::ACTION_KILL => NetAction::Kill,
+            _ => NetAction::Deny,
+        };
+        tables.verdicts.push(NetVerdictRow {
+            addr_class: row.addr_class,
+            port_class: row.port_class,
+            hook,
+            proto,
+            action,
+            log: row.flags & plan::FLAG_LOG != 0,
+            rule: row.rule,
+            limit: row.limit,
+        });
+    }
+    tables.limits = net.limits.iter().map(|l| NetLimitRow { id: l.id, max: l.max, period_ns: l.period_ns }).collect();
+    tables
+}
+
+/// Installs the plan's network tables for the agent (or, when the plan could not be
+/// compiled, leaves the ring's floor as the only network rule).
+pub fn install_plan(programs: &mut AgentPrograms, agent_id: u64, plan: &Plan) -> Result<()> {
+    if let Some(net) = &plan.net {
+        programs.install_net_plan(agent_id, &net_tables(net)).context("cannot install the network tables")?;
+    }
+    Ok(())
 }
