@@ -378,6 +378,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     // Root: the agent's cgroup (with limits) and its BPF programs, before it exists.
     let mut governed = None;
     let mut plan = None;
+    let mut tier_a = None;
     if root {
         let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
         let limited =
@@ -411,10 +412,19 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
             if let Some((set, agent)) = policy.as_ref() {
                 // Tier A is what the kernel accepts, not what it advertises.
-                let bpf_lsm = agt_jail_ebpf_loader::lsm::ExecLsm::load(&mut programs).is_ok();
-                let (compiled, _) =
-                    govern::compile_plan(set, agent, profile.ring, profile.confine, bpf_lsm, args.policy.strict)?;
+                let exec_lsm = agt_jail_ebpf_loader::lsm::ExecLsm::load(&mut programs).ok();
+                let (compiled, _) = govern::compile_plan(
+                    set,
+                    agent,
+                    profile.ring,
+                    profile.confine,
+                    exec_lsm.is_some(),
+                    args.policy.strict,
+                )?;
                 govern::install_plan(&mut programs, agent_id, &compiled)?;
+                if let Some(exec_lsm) = exec_lsm {
+                    tier_a = Some(govern::arm_tier_a(&mut programs, agent_id, exec_lsm, &compiled)?);
+                }
                 plan = Some(compiled);
             }
             for rule in rules {
@@ -430,7 +440,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
                 programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
             }
             programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
-            Some(programs)
+            Some(Arc::new(Mutex::new(programs)))
         } else {
             None
         };
@@ -444,6 +454,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     // Under a policy the evaluator writes the events file (decisions) and the denial lines.
     let governance = match policy {
         Some((set, agent)) => {
+            let policy_set = Arc::clone(&set);
             let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
             let name = agent.id.clone();
             let governance = govern::Governance::start(
@@ -456,6 +467,19 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
                 args.events.as_deref(),
                 !args.quiet,
             )?;
+            if let Some((cgroup, Some(programs))) = governed.as_ref() {
+                if tier_a.is_some() {
+                    *lock(&governance.actuator.exec_approvals) = Some(govern::exec_approver(Arc::clone(programs)));
+                }
+                *lock(&governance.actuator.on_demote) = Some(govern::demoter(
+                    Arc::clone(programs),
+                    cgroup.id(),
+                    policy_set,
+                    Arc::clone(&governance.plan),
+                    profile.confine,
+                    tier_a.is_some(),
+                ));
+            }
             if !args.quiet {
                 eprintln!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
             }
@@ -471,7 +495,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             Some(_) => EventSink::open(None, false)?,
             None => EventSink::open(args.events.as_deref(), !args.quiet)?,
         };
-        let reader = programs.take_events().context("event reader already taken")?;
+        let reader = lock(programs).take_events().context("event reader already taken")?;
         let stop = Arc::clone(&stop);
         pump = Some(
             thread::Builder::new()
@@ -557,7 +581,8 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             eprintln!("agt-jail: the agent hit its memory limit: the OOM killer ended {ooms} process(es)");
         }
         cleanup = cgroup.remove().context("cannot remove the agent's cgroup");
-        drops = programs.and_then(|p| p.dropped_events().ok()).unwrap_or(0);
+        drops = programs.and_then(|p| lock(&p).dropped_events().ok()).unwrap_or(0);
+        drop(tier_a);
     }
     if let Some(pumped) = stop_pump(pump) {
         pumped.map_err(|_| anyhow::anyhow!("event thread panicked"))?.context("cannot write events")?;
@@ -567,6 +592,11 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     }
     cleanup?;
     Ok(exit_code(status))
+}
+
+/// Locks shared state, recovering it from a panicked holder (cleanup must still run).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Relays agt-jail's stdin to the pty and the pty to stdout (raw mode when stdin is a

@@ -13,10 +13,14 @@ use std::{
 
 use std::net::IpAddr;
 
-use agt_jail_ebpf_loader::{AgentPrograms, Event, NetLayer, NetTables, VerdictName};
+use agt_jail_common::FileRuleKind;
+use agt_jail_ebpf_loader::{
+    lsm::{self, ExecIdentity, ExecLsm, FileLsm, FileRule, GuardLsm},
+    AgentPrograms, Event, NetLayer, NetTables, VerdictName,
+};
 use agt_jail_policy::{
     context::{AgentFacts, NetEvent, NetFamily, NetProto},
-    plan::{self, HostCaps, NetPlan, Plan, Resolved},
+    plan::{self, HostCaps, NetPlan, PathKind, Plan, Resolved},
     PolicySet,
 };
 use agt_jail_supervisor::{
@@ -434,4 +438,95 @@ pub fn install_plan(programs: &mut AgentPrograms, agent_id: u64, plan: &Plan) ->
         programs.install_net_plan(agent_id, &net_tables(net)).context("cannot install the network tables")?;
     }
     Ok(())
+}
+
+/// The Tier A programs of a governed agent (kept alive for the run).
+pub struct TierA {
+    _exec: ExecLsm,
+    _file: Option<FileLsm>,
+    _guard: GuardLsm,
+}
+
+/// Tier A: the exec hook accepts only what the evaluator approved, path-form file rules
+/// are denied in the kernel, and the guard hooks close ptrace, foreign signals, mount,
+/// bpf, module loading and foreign sockets for the agent.
+pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm, plan: &Plan) -> Result<TierA> {
+    exec.attach(programs).context("cannot attach the exec hook")?;
+    ExecLsm::enable_exec_verdicts(programs, agent_id).context("cannot turn on exec verdicts")?;
+    let file = match plan.file.as_ref().filter(|f| !f.paths.is_empty()) {
+        Some(kernel_plan) => {
+            let mut lsm = FileLsm::load(programs).context("cannot load the file hooks")?;
+            for (hook, why) in lsm.unavailable() {
+                eprintln!("agt-jail: warning: the kernel refused the {hook} hook ({why}); its rules stay on the fanotify plane");
+            }
+            lsm.attach(programs).context("cannot attach the file hooks")?;
+            let rules: Vec<FileRule> = kernel_plan
+                .paths
+                .iter()
+                .map(|p| FileRule {
+                    kind: match p.kind {
+                        PathKind::Exact => FileRuleKind::Exact,
+                        PathKind::Prefix => FileRuleKind::Prefix,
+                        PathKind::Component => FileRuleKind::Component,
+                        PathKind::Basename => FileRuleKind::Basename,
+                        PathKind::BasenamePrefix => FileRuleKind::BasenamePrefix,
+                    },
+                    text: p.text.clone(),
+                    // mkdir is a kind of create for the kernel's access bits.
+                    access_mask: (p.access & 0x1f)
+                        | if p.access & plan::ACCESS_MKDIR != 0 { plan::ACCESS_CREATE } else { 0 },
+                    rule_index: u32::from(p.rule),
+                })
+                .collect();
+            FileLsm::install_file_rules(programs, agent_id, &rules).context("cannot install the file rules")?;
+            Some(lsm)
+        }
+        None => None,
+    };
+    let mut guard = GuardLsm::load(programs).context("cannot load the guard hooks")?;
+    guard.attach(programs).context("cannot attach the guard hooks")?;
+    let flags = lsm::guard::DENY_PTRACE
+        | lsm::guard::DENY_FOREIGN_SIGNALS
+        | lsm::guard::DENY_MOUNT
+        | lsm::guard::DENY_BPF
+        | lsm::guard::DENY_KERNEL_LOAD
+        | lsm::guard::DENY_FOREIGN_SOCKETS;
+    GuardLsm::enable(programs, agent_id, flags).context("cannot turn on the guard hooks")?;
+    Ok(TierA { _exec: exec, _file: file, _guard: guard })
+}
+
+/// Hands the evaluator's exec approvals to the kernel's exec hook.
+pub fn exec_approver(programs: Arc<Mutex<AgentPrograms>>) -> ApproveExec {
+    Box::new(move |tid, identity| {
+        let mut programs = programs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let file = ExecIdentity { dev: lsm::kernel_dev(identity.dev), ino: identity.ino };
+        ExecLsm::approve_exec(&mut programs, tid, file).map_err(io::Error::other)
+    })
+}
+
+/// Tightens the kernel planes when the agent is demoted: the network tables are
+/// recompiled for the new ring (policies may read `agent.ring`/`agent.trust`), and ring 3
+/// loses the network entirely, as a ring-3 launch would have.
+pub fn demoter(
+    programs: Arc<Mutex<AgentPrograms>>,
+    agent_id: u64,
+    set: Arc<PolicySet>,
+    current: Arc<Mutex<Option<Plan>>>,
+    confined: bool,
+    bpf_lsm: bool,
+) -> Tighten {
+    Box::new(move |agent: &AgentFacts| {
+        let mut programs = programs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if agent.ring >= 3 {
+            programs.deny_all_net(agent_id).map_err(io::Error::other)?;
+        }
+        let caps =
+            HostCaps { bpf_lsm, fanotify: Path::new("/proc/sys/fs/fanotify").is_dir(), confined, ring: agent.ring };
+        let (resolved, _) = resolve_domains(&plan::domains(&set));
+        // Not strict: the agent is running; a plan that no longer compiles keeps the old tables.
+        let compiled = plan::compile(&set, agent, &caps, &resolved, false).map_err(io::Error::other)?;
+        install_plan(&mut programs, agent_id, &compiled).map_err(io::Error::other)?;
+        *current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(compiled);
+        Ok(())
+    })
 }
