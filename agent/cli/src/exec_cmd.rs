@@ -533,6 +533,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             tty_path: pty
                 .as_ref()
                 .and_then(|p| std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).ok()),
+            exec_notify: None,
         };
         if let Some(pty) = &pty {
             pty.copy_size_from_stdin();

@@ -86,6 +86,13 @@ pub struct JailConfig {
     pub tty: Option<libc::c_int>,
     /// The pty slave's host path (`/dev/pts/N`), shown inside as /dev/console.
     pub tty_path: Option<PathBuf>,
+    /// The child end of a unix socketpair: when set, the agent installs the exec listener
+    /// (`seccomp::exec_listener`, SECCOMP_FILTER_FLAG_NEW_LISTENER) right before its exec
+    /// and sends the listener fd over it (SCM_RIGHTS). Every exec in the jail, the entry
+    /// command's first, then waits for an answer on that fd, so the receiver
+    /// (`agt_jail_supervisor::exec_notify::ExecNotifier`) must be running before
+    /// [`launch`] is called. The caller closes its copy after `launch` returns.
+    pub exec_notify: Option<std::os::fd::RawFd>,
 }
 
 /// What the jail will enforce on this host (for `exec` warnings and `doctor`).
@@ -150,6 +157,8 @@ struct Plan {
     cwd: CString,
     landlock: Option<LandlockChild>,
     seccomp: Option<Vec<libc::sock_filter>>,
+    /// The exec listener filter and the socket to send its fd over.
+    exec_listener: Option<(Vec<libc::sock_filter>, libc::c_int)>,
     exe: CString,
     argv: Vec<CString>,
     envp: Vec<CString>,
@@ -405,6 +414,15 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         None => None,
     };
 
+    let exec_listener = match cfg.exec_notify {
+        Some(socket) => {
+            let arch = Arch::native()
+                .ok_or_else(|| LaunchError::Config("seccomp filters are built for x86_64 and aarch64 only".into()))?;
+            Some((crate::seccomp::exec_listener(arch), socket))
+        }
+        None => None,
+    };
+
     let ops_plain = view.plan();
     let mut ops = Vec::with_capacity(ops_plain.len());
     let mut op_names = Vec::with_capacity(ops_plain.len());
@@ -455,6 +473,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         cwd: path_c(&cwd)?,
         landlock,
         seccomp,
+        exec_listener,
         exe: path_c(&cfg.program)?,
         argv,
         envp,
@@ -696,6 +715,10 @@ fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int, in_v2: bool) ->
         Err(err) => fail(report, Stage::Fork, 0, &err, 125),
     };
     sys::close(report);
+    // Only the agent sends the exec listener: the init keeps no copy of the socket.
+    if let Some((_, socket)) = &plan.exec_listener {
+        sys::close(*socket);
+    }
     // The init itself needs no privilege from here on.
     let _ = drop_privileges();
     init_loop(agent)
@@ -868,6 +891,17 @@ fn child_agent(plan: &Plan, report: libc::c_int) -> ! {
     for (slot, var) in envp.iter_mut().zip(plan.envp.iter().take(511)) {
         *slot = var.as_ptr();
     }
+    // The exec listener, last: from here every execve/execveat waits for the supervisor,
+    // this one first. The listener fd leaves the agent before it runs anything.
+    if let Some((filter, socket)) = &plan.exec_listener {
+        let listener = match sys::seccomp_set_filter_listener(filter) {
+            Ok(fd) => fd,
+            Err(err) => fail(report, Stage::Seccomp, 1, &err, 125),
+        };
+        step!(report, Stage::Seccomp, 2, sys::send_fd(*socket, listener));
+        sys::close(listener);
+        sys::close(*socket);
+    }
     let err = sys::execve(&plan.exe, &argv, &envp);
     let code = match err.raw_os_error() {
         Some(libc::ENOENT) => 127,
@@ -940,6 +974,7 @@ mod tests {
             rootless: false,
             tty: None,
             tty_path: None,
+            exec_notify: None,
         }
     }
 

@@ -16,7 +16,7 @@ pub mod yaml;
 pub use cgroup::{AgentCgroup, CgroupError, CgroupLayout, CgroupLimits};
 pub use launch::{JailConfig, JailProcess, LaunchError};
 pub use profile::{NetMode, Profile, ProfileError, WorkspaceMode};
-pub use spawn::{spawn_in_cgroup, SpawnError};
+pub use spawn::{notify_execs, spawn_in_cgroup, spawn_in_cgroup_notified, SpawnError};
 
 /// Facts about the running kernel, for `agt-jail doctor` and start-up checks.
 pub mod host {

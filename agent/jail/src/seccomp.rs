@@ -73,6 +73,7 @@ const COMMON: &[(&str, u32)] = &[
 const X86_64: &[(&str, u32)] = &[
     ("socket", 41),
     ("clone", 56),
+    ("execve", 59),
     ("ptrace", 101),
     ("syslog", 103),
     ("uselib", 134),
@@ -149,6 +150,7 @@ const AARCH64: &[(&str, u32)] = &[
     ("request_key", 218),
     ("keyctl", 219),
     ("clone", 220),
+    ("execve", 221),
     ("swapon", 224),
     ("swapoff", 225),
     ("mbind", 235),
@@ -421,6 +423,31 @@ impl SeccompPolicy {
     }
 }
 
+/// The exec listener: `execve` and `execveat` return SECCOMP_RET_USER_NOTIF (the kernel
+/// holds the call until the supervisor answers on the listener fd), everything else is
+/// allowed. Installed with SECCOMP_FILTER_FLAG_NEW_LISTENER as the last filter before exec,
+/// on top of the deny filter: the kernel runs every filter and the highest-precedence
+/// action wins, so the deny filter's ERRNO (fileless `execveat`) still beats USER_NOTIF.
+///
+/// Foreign ABIs are killed exactly as in [`SeccompPolicy::build`]: a 32-bit (i386, arm32)
+/// or x32 process would reach exec under other numbers, which this filter would not see.
+pub fn exec_listener(arch: Arch) -> Vec<libc::sock_filter> {
+    let mut prog = vec![load(OFF_ARCH), jeq(arch.audit_arch(), 1, 0), ret(Action::KillProcess.ret()), load(OFF_NR)];
+    if arch == Arch::X86_64 {
+        prog.push(jge(X32_SYSCALL_BIT, 0, 1));
+        prog.push(ret(Action::KillProcess.ret()));
+    }
+    for name in ["execve", "execveat"] {
+        // Both names are in every table (see the tests); a missing one would be a build bug,
+        // and skipping it would leave a way around the listener, so notify on nothing less.
+        let nr = arch.syscall(name).unwrap_or(u32::MAX);
+        prog.push(jeq(nr, 0, 1));
+        prog.push(ret(libc::SECCOMP_RET_USER_NOTIF));
+    }
+    prog.push(ret(Action::Allow.ret()));
+    prog
+}
+
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 const OFF_ARGS: u32 = 16;
@@ -634,6 +661,51 @@ mod tests {
         let prog = SeccompPolicy::default().build(a).unwrap();
         let dgram = [libc::AF_INET as u64, libc::SOCK_DGRAM as u64, 0, 0, 0, 0];
         assert_eq!(simulate(&prog, a.audit_arch(), socket, dgram), Some(libc::SECCOMP_RET_ALLOW));
+    }
+
+    #[test]
+    fn the_exec_listener_notifies_exec_only() {
+        let notify = libc::SECCOMP_RET_USER_NOTIF;
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            let prog = exec_listener(arch);
+            let a = arch.audit_arch();
+            for name in ["execve", "execveat"] {
+                let nr = arch.syscall(name).unwrap();
+                assert_eq!(simulate(&prog, a, nr, [0; 6]), Some(notify), "{arch:?} {name}");
+                // Whatever the flags: AT_EMPTY_PATH is refused by the deny filter, not here.
+                assert_eq!(simulate(&prog, a, nr, [3, 0, 0, 0, AT_EMPTY_PATH, 0]), Some(notify), "{arch:?} {name}");
+            }
+            for name in ["socket", "clone", "ptrace", "bpf", "mount"] {
+                let nr = arch.syscall(name).unwrap();
+                assert_eq!(simulate(&prog, a, nr, [0; 6]), Some(libc::SECCOMP_RET_ALLOW), "{arch:?} {name}");
+            }
+            for nr in [0u32, 1, 2, 3, 63, 64, 231, 257] {
+                assert_eq!(simulate(&prog, a, nr, [0; 6]), Some(libc::SECCOMP_RET_ALLOW), "{arch:?} {nr}");
+            }
+        }
+        assert_eq!(Arch::X86_64.syscall("execve"), Some(59));
+        assert_eq!(Arch::Aarch64.syscall("execve"), Some(221));
+    }
+
+    #[test]
+    fn the_exec_listener_kills_foreign_abis() {
+        let prog = exec_listener(Arch::X86_64);
+        let kill = Some(libc::SECCOMP_RET_KILL_PROCESS);
+        // i386 execve is 11, execveat 358; x32 execve is 520 | X32 bit, execveat 545 | X32 bit.
+        let i386 = 0x4000_0003;
+        for nr in [11, 358, 1] {
+            assert_eq!(simulate(&prog, i386, nr, [0; 6]), kill, "i386 {nr}");
+        }
+        for nr in [520, 545, 59, 1] {
+            assert_eq!(simulate(&prog, Arch::X86_64.audit_arch(), X32_SYSCALL_BIT | nr, [0; 6]), kill, "x32 {nr}");
+        }
+        let prog = exec_listener(Arch::Aarch64);
+        let arm = 0x4000_0028;
+        for nr in [11, 387, 1] {
+            assert_eq!(simulate(&prog, arm, nr, [0; 6]), kill, "arm32 {nr}");
+        }
+        // The aarch64 filter run on an x86_64 call (or the reverse) is a foreign ABI too.
+        assert_eq!(simulate(&prog, Arch::X86_64.audit_arch(), 59, [0; 6]), kill);
     }
 
     #[test]

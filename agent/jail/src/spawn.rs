@@ -6,11 +6,18 @@
 //! in the child: nothing that allocates or takes locks.
 use std::{
     io,
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::process::CommandExt,
+    },
     process::{Child, Command},
 };
 
-use crate::{cgroup::AgentCgroup, sys, CgroupError};
+use crate::{
+    cgroup::AgentCgroup,
+    seccomp::{self, Arch},
+    sys, CgroupError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -22,6 +29,8 @@ pub enum SpawnError {
     NotExecutable { program: String },
     #[error("cannot start {program}: {source}")]
     Start { program: String, source: io::Error },
+    #[error("the exec listener is built for x86_64 and aarch64 only")]
+    UnsupportedArch,
 }
 
 impl SpawnError {
@@ -36,7 +45,19 @@ impl SpawnError {
 }
 
 /// Spawns `cmd` so that it joins `cgroup` before it execs.
-pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &AgentCgroup) -> Result<Child, SpawnError> {
+pub fn spawn_in_cgroup(cmd: Command, cgroup: &AgentCgroup) -> Result<Child, SpawnError> {
+    spawn_in_cgroup_notified(cmd, cgroup, None)
+}
+
+/// [`spawn_in_cgroup`], and with `exec_notify` (the child end of a unix socketpair) the
+/// child installs the exec listener last and sends its fd over the socket (see
+/// [`notify_execs`]). The receiver must already be running: `spawn` returns only once the
+/// command's own execve has been answered.
+pub fn spawn_in_cgroup_notified(
+    mut cmd: Command,
+    cgroup: &AgentCgroup,
+    exec_notify: Option<RawFd>,
+) -> Result<Child, SpawnError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let procs = cgroup.procs_for_join()?;
     let procs_fd = procs.as_raw_fd();
@@ -57,6 +78,9 @@ pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &AgentCgroup) -> Result<Child, 
             Ok(())
         });
     }
+    if let Some(socket) = exec_notify {
+        notify_execs(&mut cmd, socket)?;
+    }
     let child = cmd.spawn().map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => SpawnError::NotFound { program: program.clone() },
         io::ErrorKind::PermissionDenied => SpawnError::NotExecutable { program: program.clone() },
@@ -64,4 +88,30 @@ pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &AgentCgroup) -> Result<Child, 
     })?;
     drop(procs);
     Ok(child)
+}
+
+/// Makes the child of `cmd` install the exec listener ([`seccomp::exec_listener`], with
+/// SECCOMP_FILTER_FLAG_NEW_LISTENER) as its last step before exec, send the listener fd
+/// over the unix socket `socket` (SCM_RIGHTS) and close both, so the command runs without
+/// either. Register it after every other `pre_exec` step: closures run in order, and every
+/// execve after this one (including the command's own) waits for the supervisor.
+///
+/// No no_new_privs here: this path is ring 0, run by root, and CAP_SYS_ADMIN allows the
+/// filter without it (setuid programs keep working). Without that capability the install
+/// fails with EACCES and the command does not start.
+pub fn notify_execs(cmd: &mut Command, socket: RawFd) -> Result<(), SpawnError> {
+    let filter = seccomp::exec_listener(Arch::native().ok_or(SpawnError::UnsupportedArch)?);
+    // SAFETY: the closure runs in the forked child before exec. It makes system calls only
+    // (seccomp(2) on the filter built above, which the child's copy of the address space
+    // holds; sendmsg(2) with a stack buffer; close(2)): async-signal-safe, no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            let listener = sys::seccomp_set_filter_listener(&filter)?;
+            let sent = sys::send_fd(socket, listener);
+            sys::close(listener);
+            sys::close(socket);
+            sent
+        });
+    }
+    Ok(())
 }

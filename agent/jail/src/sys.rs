@@ -394,6 +394,49 @@ pub fn seccomp_set_filter(filter: &[libc::sock_filter]) -> io::Result<()> {
     check_long(rc).map(|_| ())
 }
 
+/// Installs a classic-BPF seccomp filter with SECCOMP_FILTER_FLAG_NEW_LISTENER and returns
+/// the listener fd (close-on-exec). Needs no_new_privs or CAP_SYS_ADMIN. Child-safe.
+pub fn seccomp_set_filter_listener(filter: &[libc::sock_filter]) -> io::Result<libc::c_int> {
+    let len = u16::try_from(filter.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let prog = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: `prog` points at `len` valid instructions that outlive the call (the
+    // kernel copies them); with NEW_LISTENER the return value is a new fd.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog)
+    };
+    check_long(rc).map(|fd| fd as libc::c_int)
+}
+
+/// Sends `fd` over the unix socket `socket` (one byte of data, the fd as SCM_RIGHTS).
+/// Child-safe: the control buffer is on the stack.
+pub fn send_fd(socket: libc::c_int, fd: libc::c_int) -> io::Result<()> {
+    // Room for one cmsghdr carrying one int, u64-aligned (CMSG_SPACE(4) is 24 on LP64).
+    let mut control = [0u64; 4];
+    let mut byte = [b'L'];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is pure arithmetic.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // SAFETY: msg_control points at `control`, which is at least CMSG_SPACE(4) bytes and
+    // aligned for cmsghdr; CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+    let rc = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
+        libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether seccomp filter mode is available (prctl PR_GET_SECCOMP works and the
 /// action SECCOMP_RET_ERRNO is known to the kernel).
 pub fn seccomp_available() -> bool {

@@ -1,1 +1,446 @@
 //! Exec decisions on the synchronous path: seccomp user-notification on execve/execveat.
+//!
+//! The jail installs `agt_jail_jail::seccomp::exec_listener` as the agent's last seccomp
+//! filter (with SECCOMP_FILTER_FLAG_NEW_LISTENER) and sends the listener fd over a unix
+//! socket; [`ExecNotifier::start`] receives it and serves it on its own thread. From then
+//! on every `execve`/`execveat` in the agent's process tree, the entry command's own
+//! first, is held by the kernel until it is answered:
+//!
+//! 1. SECCOMP_IOCTL_NOTIF_RECV (structure sizes from SECCOMP_GET_NOTIF_SIZES);
+//! 2. the pathname and argv are read from the target with `process_vm_readv`, bounded
+//!    ([`MAX_PATH`], [`MAX_ARGS`] entries, [`MAX_ARGV_BYTES`] in all);
+//! 3. the path is made absolute as the agent sees it: a relative name is joined to
+//!    `/proc/TID/cwd` (or `/proc/TID/fd/DIRFD` for `execveat`), whose link text is the
+//!    directory in the agent's own mount namespace; `.` and empty components are dropped,
+//!    `..` is kept as written. Symlinks are not followed in `path`;
+//! 4. `identity` is the (dev, ino) of the file the name resolves to now, looked up with
+//!    `openat2(RESOLVE_IN_ROOT)` under `/proc/TID/root` (the agent's root, so `..` and
+//!    absolute symlinks resolve as they would for the agent), None when it does not
+//!    resolve; `execveat(fd, "", AT_EMPTY_PATH)` is `fileless`, its path is the link
+//!    text of the fd (e.g. `/memfd:x (deleted)`) and its identity the fd's file;
+//! 5. SECCOMP_IOCTL_NOTIF_ID_VALID after reading: a target that died or was interrupted
+//!    meanwhile is dropped quietly (its pid may already be someone else's);
+//! 6. the [`Decider`] gets the [`Request`] and a [`Reply`]: Allow sends
+//!    SECCOMP_USER_NOTIF_FLAG_CONTINUE, Deny (or a dropped reply) makes the call fail with
+//!    EPERM. Replies may come later from any thread (approvals) while the loop keeps
+//!    serving new notifications.
+//!
+//! Fail closed: memory that cannot be read, bad pointers, a path or argv over the bounds,
+//! a relative path whose directory cannot be resolved, or a syscall the filter should not
+//! have sent are answered Deny without asking the decider, and reported to the error
+//! callback of [`ExecNotifier::start_with`]. Stopping the notifier (or agt-jail dying)
+//! closes the listener: the kernel then fails every pending and future exec of the jail
+//! with ENOSYS, so nothing runs unanswered.
+//!
+//! # Known race (TOCTOU)
+//! With SECCOMP_USER_NOTIF_FLAG_CONTINUE the kernel runs the syscall as the target issued
+//! it and reads the pathname and argv from the target's memory *again*. Another thread of
+//! the target (or a process sharing the memory) can swap them between this check and the
+//! exec, and a path can be re-pointed (rename, symlink swap) after it was resolved. The
+//! decision here is therefore for rule evaluation, accounting and approvals against a
+//! cooperative or careless agent, not a boundary against a hostile one. The race-free
+//! floors are Landlock EXECUTE rules (Tier B: checked by the kernel on the file it actually
+//! executes) and, on Tier A, the LSM verdict map keyed by the inode actually executed.
+//! See docs/threat-model.md.
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::Path,
+    sync::{Arc, RwLock},
+    thread::JoinHandle,
+};
+
+use crate::{sys, Answer, Decider, FileIdentity, Reply, Request, RequestKind};
+
+/// The longest pathname read (PATH_MAX, including the NUL): a longer one is denied.
+pub const MAX_PATH: usize = 4096;
+/// The most argv entries read: more are denied.
+pub const MAX_ARGS: usize = 4096;
+/// The most argv bytes read (all strings with their NULs): more are denied.
+pub const MAX_ARGV_BYTES: usize = 256 * 1024;
+
+const AT_FDCWD: i32 = libc::AT_FDCWD;
+const AT_EMPTY_PATH: u64 = libc::AT_EMPTY_PATH as u64;
+const PAGE: u64 = 4096;
+
+/// Why an exec was denied without asking the decider, or why the notifier stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("cannot read the {what} of the exec by pid {tid}: {source}")]
+    Unreadable { tid: u32, what: &'static str, source: io::Error },
+    #[error("the exec path of pid {tid} is longer than {MAX_PATH} bytes")]
+    PathTooLong { tid: u32 },
+    #[error("the exec by pid {tid} has more than {MAX_ARGS} arguments")]
+    TooManyArgs { tid: u32 },
+    #[error("the arguments of the exec by pid {tid} exceed {MAX_ARGV_BYTES} bytes")]
+    ArgsTooLarge { tid: u32 },
+    #[error("cannot resolve the exec path '{path}' of pid {tid}: {source}")]
+    Unresolvable { tid: u32, path: String, source: io::Error },
+    #[error("unexpected syscall {nr} (arch {arch:#x}) from pid {tid} on the exec listener")]
+    Unexpected { tid: u32, nr: i32, arch: u32 },
+    #[error("no seccomp listener arrived on the socket (the child ended before its exec)")]
+    NoListener,
+    #[error("seccomp listener: {0}")]
+    Listener(io::Error),
+}
+
+/// The listener, shared by the loop and every pending [`Reply`]. Closed (set to None)
+/// when the loop ends, whatever replies are still outstanding: their targets then fail
+/// with ENOSYS and a late answer is a no-op.
+struct Listener {
+    fd: RwLock<Option<OwnedFd>>,
+    resp_words: usize,
+}
+
+impl Listener {
+    fn send(&self, id: u64, answer: Answer) {
+        let Ok(guard) = self.fd.read() else { return };
+        let Some(fd) = guard.as_ref() else { return };
+        for _ in 0..8 {
+            match sys::seccomp_notif_send(fd.as_fd(), id, answer == Answer::Allow, libc::EPERM, self.resp_words) {
+                // EINTR: not delivered, try again. ENOENT: the target died or was interrupted
+                // by a signal (its syscall restarts as a new notification): nothing to answer.
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn close(&self) {
+        match self.fd.write() {
+            Ok(mut guard) => drop(guard.take()),
+            Err(poisoned) => drop(poisoned.into_inner().take()),
+        }
+    }
+}
+
+/// Starts exec notifiers.
+pub struct ExecNotifier;
+
+/// A running notifier. Dropping it (or [`Handle::stop`]) closes the listener: every
+/// pending and future exec of the jail then fails (ENOSYS).
+pub struct Handle {
+    stop: Arc<OwnedFd>,
+    listener: Arc<Listener>,
+    thread: Option<JoinHandle<Result<(), NotifyError>>>,
+}
+
+impl ExecNotifier {
+    /// Serves the exec listener that arrives on `socket` (the parent end of the socketpair
+    /// whose child end is `JailConfig::exec_notify`), asking `decider` about every exec.
+    /// Returns at once; the listener is received on the notifier's thread, so call this
+    /// before launching the jail (the launch returns only once the entry's exec was
+    /// answered). Denials without a decision (unreadable, oversize) are not reported; see
+    /// [`ExecNotifier::start_with`].
+    pub fn start(socket: OwnedFd, decider: Arc<dyn Decider>) -> io::Result<Handle> {
+        Self::start_with(socket, decider, |_| {})
+    }
+
+    /// [`ExecNotifier::start`], with `on_error` told about every exec denied without asking
+    /// the decider (fail closed) and why.
+    pub fn start_with(
+        socket: OwnedFd,
+        decider: Arc<dyn Decider>,
+        on_error: impl Fn(&NotifyError) + Send + Sync + 'static,
+    ) -> io::Result<Handle> {
+        let sizes = sys::seccomp_notif_sizes()?;
+        let stop = Arc::new(sys::eventfd()?);
+        let listener =
+            Arc::new(Listener { fd: RwLock::new(None), resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8) });
+        let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
+        let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
+        let thread = std::thread::Builder::new().name("exec-notify".into()).spawn(move || {
+            let served = serve(&socket, &thread_stop, &thread_listener, notif_words, &*decider, &on_error);
+            // Whatever ended the loop, nothing answers any more: close, so the kernel fails
+            // pending and future execs instead of holding them.
+            thread_listener.close();
+            served
+        })?;
+        Ok(Handle { stop, listener, thread: Some(thread) })
+    }
+}
+
+impl Handle {
+    /// Stops serving and closes the listener; returns what ended the loop if it failed.
+    pub fn stop(mut self) -> Result<(), NotifyError> {
+        self.shutdown()
+    }
+
+    /// Whether the loop still runs (it ends when every process of the jail is gone, on
+    /// stop, or on a listener error).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    fn shutdown(&mut self) -> Result<(), NotifyError> {
+        let _ = sys::eventfd_signal(self.stop.as_fd());
+        let result = match self.thread.take() {
+            Some(thread) => thread.join().unwrap_or(Err(NotifyError::Listener(io::Error::other("panicked")))),
+            None => Ok(()),
+        };
+        self.listener.close();
+        result
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Waits until `fd` is readable or `stop` fires; Ok(false) on stop. `hup` reports a
+/// hang-up without data (no process uses the filter any more).
+fn wait(fd: BorrowedFd<'_>, stop: &OwnedFd) -> Result<(bool, bool), NotifyError> {
+    let mut fds = [
+        libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    sys::poll(&mut fds).map_err(NotifyError::Listener)?;
+    if fds[1].revents != 0 {
+        return Ok((false, false));
+    }
+    let hup = fds[0].revents & libc::POLLIN == 0 && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0;
+    Ok((true, hup))
+}
+
+fn serve(
+    socket: &OwnedFd,
+    stop: &OwnedFd,
+    listener: &Arc<Listener>,
+    notif_words: usize,
+    decider: &dyn Decider,
+    on_error: &dyn Fn(&NotifyError),
+) -> Result<(), NotifyError> {
+    // The listener first. The caller's copy of the child end closes after the launch, so
+    // EOF here means the child ended before its exec.
+    let (go, _) = wait(socket.as_fd(), stop)?;
+    if !go {
+        return Ok(());
+    }
+    let fd = sys::recv_fd(socket.as_fd()).map_err(NotifyError::Listener)?.ok_or(NotifyError::NoListener)?;
+    *listener.fd.write().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))? = Some(fd);
+    let mut buf = vec![0u64; notif_words];
+    loop {
+        let guard = listener.fd.read().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))?;
+        let Some(fd) = guard.as_ref().map(|fd| fd.as_fd()) else { return Ok(()) };
+        let (go, hup) = wait(fd, stop)?;
+        if !go || hup {
+            return Ok(());
+        }
+        let notif = match sys::seccomp_notif_recv(fd, &mut buf) {
+            Ok(n) => n,
+            // ENOENT: the target went away between poll and receive.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => continue,
+            Err(e) => return Err(NotifyError::Listener(e)),
+        };
+        let id = notif.id;
+        let request = read_request(&notif);
+        // The target may have died (and its pid been reused) or been interrupted while we
+        // read: only a still-pending notification is worth a decision.
+        match sys::seccomp_notif_id_valid(fd, id) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => return Err(NotifyError::Listener(e)),
+        }
+        drop(guard);
+        match request {
+            Ok(request) => {
+                let shared = Arc::clone(listener);
+                decider.decide(request, Reply::new(move |answer| shared.send(id, answer)));
+            }
+            Err(err) => {
+                listener.send(id, Answer::Deny);
+                on_error(&err);
+            }
+        }
+    }
+}
+
+/// What one notification asks for, read from the target.
+fn read_request(notif: &libc::seccomp_notif) -> Result<Request, NotifyError> {
+    let tid = notif.pid;
+    let data = &notif.data;
+    let (arch, nr) = (data.arch, data.nr);
+    let native = agt_arch();
+    let (dirfd, path_ptr, argv_ptr, flags) = match (native, nr) {
+        (Some((audit, execve, _)), n) if arch == audit && n == execve => (AT_FDCWD, data.args[0], data.args[1], 0),
+        (Some((audit, _, execveat)), n) if arch == audit && n == execveat => {
+            (data.args[0] as i32, data.args[1], data.args[2], data.args[4])
+        }
+        _ => return Err(NotifyError::Unexpected { tid, nr, arch }),
+    };
+    let pid = tid as libc::pid_t;
+    let name = read_cstr(pid, path_ptr, MAX_PATH).map_err(|e| match e {
+        ReadFail::Io(source) => NotifyError::Unreadable { tid, what: "path", source },
+        ReadFail::TooLong => NotifyError::PathTooLong { tid },
+    })?;
+    let argv = read_argv(pid, argv_ptr, tid)?;
+    let name = String::from_utf8_lossy(&name).into_owned();
+    let fileless = flags & AT_EMPTY_PATH != 0 && name.is_empty();
+    let (path, identity) = if fileless {
+        let fd = format!("/proc/{tid}/fd/{dirfd}");
+        let link = std::fs::read_link(&fd)
+            .map_err(|source| NotifyError::Unresolvable { tid, path: fd.clone(), source })?
+            .to_string_lossy()
+            .into_owned();
+        let identity = std::fs::metadata(&fd).ok().map(|m| FileIdentity { dev: m.dev(), ino: m.ino() });
+        (link, identity)
+    } else {
+        let path = absolute(tid, dirfd, &name)?;
+        (path.clone(), identify(tid, &path))
+    };
+    let pid = thread_group(tid).unwrap_or(tid);
+    Ok(Request { pid, tid, kind: RequestKind::Exec { path, argv, fileless, identity }, plane: "seccomp_notify" })
+}
+
+/// (audit arch, execve, execveat) of this build.
+fn agt_arch() -> Option<(u32, i32, i32)> {
+    if cfg!(target_arch = "x86_64") {
+        Some((0xC000_003E, 59, 322))
+    } else if cfg!(target_arch = "aarch64") {
+        Some((0xC000_00B7, 221, 281))
+    } else {
+        None
+    }
+}
+
+enum ReadFail {
+    Io(io::Error),
+    TooLong,
+}
+
+/// Reads a NUL-terminated string of at most `max` bytes (NUL included) at `addr`, a page
+/// at a time so an unmapped page after the string is never touched.
+fn read_cstr(pid: libc::pid_t, addr: u64, max: usize) -> Result<Vec<u8>, ReadFail> {
+    if addr == 0 {
+        return Err(ReadFail::Io(io::Error::from_raw_os_error(libc::EFAULT)));
+    }
+    let mut out = Vec::new();
+    let mut at = addr;
+    let mut chunk = [0u8; PAGE as usize];
+    while out.len() < max {
+        let to_page_end = (PAGE - at % PAGE) as usize;
+        let want = to_page_end.min(max - out.len());
+        let got = sys::process_vm_read(pid, at, &mut chunk[..want]).map_err(ReadFail::Io)?;
+        if let Some(end) = chunk[..got].iter().position(|b| *b == 0) {
+            out.extend_from_slice(&chunk[..end]);
+            return Ok(out);
+        }
+        if got < want {
+            return Err(ReadFail::Io(io::Error::from_raw_os_error(libc::EFAULT)));
+        }
+        out.extend_from_slice(&chunk[..got]);
+        at = at.checked_add(got as u64).ok_or(ReadFail::Io(io::Error::from_raw_os_error(libc::EFAULT)))?;
+    }
+    Err(ReadFail::TooLong)
+}
+
+/// Reads argv (a NULL-terminated array of string pointers) within the bounds. A NULL argv
+/// is an empty one, as for the kernel.
+fn read_argv(pid: libc::pid_t, addr: u64, tid: u32) -> Result<Vec<String>, NotifyError> {
+    let mut argv = Vec::new();
+    if addr == 0 {
+        return Ok(argv);
+    }
+    let mut budget = MAX_ARGV_BYTES;
+    let unreadable = |source: io::Error| NotifyError::Unreadable { tid, what: "argv", source };
+    for i in 0..=MAX_ARGS {
+        let slot =
+            addr.checked_add(8 * i as u64).ok_or_else(|| unreadable(io::Error::from_raw_os_error(libc::EFAULT)))?;
+        let mut word = [0u8; 8];
+        let got = sys::process_vm_read(pid, slot, &mut word).map_err(unreadable)?;
+        if got != 8 {
+            return Err(unreadable(io::Error::from_raw_os_error(libc::EFAULT)));
+        }
+        let ptr = u64::from_ne_bytes(word);
+        if ptr == 0 {
+            return Ok(argv);
+        }
+        if i == MAX_ARGS {
+            break;
+        }
+        let arg = read_cstr(pid, ptr, budget).map_err(|e| match e {
+            ReadFail::Io(source) => unreadable(source),
+            ReadFail::TooLong => NotifyError::ArgsTooLarge { tid },
+        })?;
+        budget = budget.checked_sub(arg.len() + 1).ok_or(NotifyError::ArgsTooLarge { tid })?;
+        argv.push(String::from_utf8_lossy(&arg).into_owned());
+    }
+    Err(NotifyError::TooManyArgs { tid })
+}
+
+/// `name` made absolute in the agent's view: joined to the cwd or the execveat dirfd.
+fn absolute(tid: u32, dirfd: i32, name: &str) -> Result<String, NotifyError> {
+    let joined = if name.starts_with('/') {
+        name.to_string()
+    } else {
+        let base = if dirfd == AT_FDCWD { format!("/proc/{tid}/cwd") } else { format!("/proc/{tid}/fd/{dirfd}") };
+        let dir = std::fs::read_link(&base).map_err(|source| NotifyError::Unresolvable {
+            tid,
+            path: name.to_string(),
+            source,
+        })?;
+        format!("{}/{name}", dir.to_string_lossy())
+    };
+    Ok(normalize(&joined))
+}
+
+/// Drops empty and `.` components; keeps `..` as written (collapsing it lexically would
+/// be wrong across symlinks, and hiding it would hide what was asked).
+fn normalize(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    format!("/{}", parts.join("/"))
+}
+
+/// (dev, ino) of what `path` resolves to inside the agent's root, now.
+fn identify(tid: u32, path: &str) -> Option<FileIdentity> {
+    let root = std::fs::File::open(format!("/proc/{tid}/root")).ok()?;
+    let name = CString::new(path.trim_start_matches('/')).ok()?;
+    let name = if name.as_bytes().is_empty() { CString::new(".").ok()? } else { name };
+    let fd = sys::open_in_root(root.as_fd(), &name).ok()?;
+    let meta = std::fs::File::from(fd).metadata().ok()?;
+    meta.is_file().then(|| FileIdentity { dev: meta.dev(), ino: meta.ino() })
+}
+
+/// The thread group (process) id of thread `tid`.
+fn thread_group(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(Path::new("/proc").join(tid.to_string()).join("status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn normalize_keeps_dotdot_and_drops_dots() {
+        assert_eq!(normalize("/work/./a//b"), "/work/a/b");
+        assert_eq!(normalize("/tmp/../bin/rm"), "/tmp/../bin/rm");
+        assert_eq!(normalize("/"), "/");
+    }
+
+    #[test]
+    fn reads_strings_and_argv_of_this_process_within_bounds() {
+        let pid = std::process::id() as libc::pid_t;
+        let s = CString::new("hello").unwrap();
+        assert_eq!(read_cstr(pid, s.as_ptr() as u64, 64).ok().unwrap(), b"hello");
+        assert!(matches!(read_cstr(pid, s.as_ptr() as u64, 3), Err(ReadFail::TooLong)));
+        assert!(matches!(read_cstr(pid, 0, 64), Err(ReadFail::Io(_))));
+        let args: Vec<CString> = ["a", "", "c d"].iter().map(|a| CString::new(*a).unwrap()).collect();
+        let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        assert_eq!(read_argv(pid, ptrs.as_ptr() as u64, 1).unwrap(), vec!["a", "", "c d"]);
+        let many: Vec<*const libc::c_char> =
+            std::iter::repeat_n(args[0].as_ptr(), MAX_ARGS + 1).chain([std::ptr::null()]).collect();
+        assert!(matches!(read_argv(pid, many.as_ptr() as u64, 1), Err(NotifyError::TooManyArgs { .. })));
+        let big = CString::new(vec![b'x'; MAX_ARGV_BYTES]).unwrap();
+        let huge = [big.as_ptr(), std::ptr::null()];
+        assert!(matches!(read_argv(pid, huge.as_ptr() as u64, 1), Err(NotifyError::ArgsTooLarge { .. })));
+    }
+}

@@ -145,3 +145,221 @@ pub(crate) mod fanotify {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------------------
+// seccomp user-notification (exec_notify)
+
+pub use notif::*;
+
+/// The seccomp user-notification calls (own module, so its imports stay its own).
+mod notif {
+    use std::{
+        ffi::CStr,
+        io,
+        os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    };
+
+    /// The sizes of the notification structures this kernel uses (SECCOMP_GET_NOTIF_SIZES).
+    pub fn seccomp_notif_sizes() -> io::Result<libc::seccomp_notif_sizes> {
+        let mut sizes = libc::seccomp_notif_sizes { seccomp_notif: 0, seccomp_notif_resp: 0, seccomp_data: 0 };
+        // SAFETY: SECCOMP_GET_NOTIF_SIZES writes one seccomp_notif_sizes to the pointer.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_NOTIF_SIZES, 0 as libc::c_uint, &mut sizes as *mut _)
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sizes)
+    }
+
+    /// SECCOMP_IOCTL_NOTIF_RECV into `buf` (zeroed here first, as the kernel requires; it must
+    /// hold at least the kernel's `seccomp_notif` size), returning the fields this crate knows.
+    pub fn seccomp_notif_recv(listener: BorrowedFd<'_>, buf: &mut [u64]) -> io::Result<libc::seccomp_notif> {
+        if std::mem::size_of_val(buf) < std::mem::size_of::<libc::seccomp_notif>() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        buf.fill(0);
+        // SAFETY: `buf` is u64-aligned, zeroed and at least as large as the kernel's
+        // seccomp_notif (the caller sized it from SECCOMP_GET_NOTIF_SIZES).
+        let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, buf.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the buffer is at least size_of::<seccomp_notif>() bytes, u64-aligned, and
+        // every bit pattern is a valid seccomp_notif (plain integers).
+        Ok(unsafe { std::ptr::read(buf.as_ptr().cast::<libc::seccomp_notif>()) })
+    }
+
+    /// SECCOMP_IOCTL_NOTIF_SEND: `allow` lets the call continue (SECCOMP_USER_NOTIF_FLAG_CONTINUE),
+    /// otherwise it fails with `errno`. `resp_words` is the kernel's response size in u64s.
+    pub fn seccomp_notif_send(
+        listener: BorrowedFd<'_>,
+        id: u64,
+        allow: bool,
+        errno: i32,
+        resp_words: usize,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u64; resp_words.max(std::mem::size_of::<libc::seccomp_notif_resp>().div_ceil(8))];
+        let resp = libc::seccomp_notif_resp {
+            id,
+            val: 0,
+            error: if allow { 0 } else { -errno },
+            flags: if allow { libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32 } else { 0 },
+        };
+        // SAFETY: `buf` is u64-aligned and at least size_of::<seccomp_notif_resp>() bytes, and
+        // the ioctl reads the kernel's response size from it (zero beyond our fields).
+        let rc = unsafe {
+            std::ptr::write(buf.as_mut_ptr().cast::<libc::seccomp_notif_resp>(), resp);
+            libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, buf.as_mut_ptr())
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// SECCOMP_IOCTL_NOTIF_ID_VALID: whether notification `id` is still pending (the target
+    /// has not died or been interrupted since it was received).
+    pub fn seccomp_notif_id_valid(listener: BorrowedFd<'_>, id: u64) -> io::Result<bool> {
+        let mut id = id;
+        // SAFETY: the ioctl reads one u64.
+        let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id as *mut u64) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(false);
+        }
+        Err(err)
+    }
+
+    /// process_vm_readv(2) of `buf.len()` bytes at `addr` in process (or thread) `pid`.
+    /// Returns the bytes read (short at an unmapped page).
+    pub fn process_vm_read(pid: libc::pid_t, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let remote = libc::iovec { iov_base: addr as usize as *mut libc::c_void, iov_len: buf.len() };
+        // SAFETY: `local` describes `buf`, valid for writes of its length; the remote address
+        // is only dereferenced by the kernel in the other process, which checks it.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Receives one fd sent as SCM_RIGHTS on `socket` (made close-on-exec). Ok(None) when the
+    /// peer closed the socket, or sent data without an fd.
+    pub fn recv_fd(socket: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+        let mut control = [0u64; 8];
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let n = loop {
+            // SAFETY: `msg` describes valid buffers for the data byte and the control data.
+            let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            if n >= 0 {
+                break n;
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut received = None;
+        // SAFETY: the kernel filled `msg_controllen` bytes of `control`; CMSG_FIRSTHDR and
+        // CMSG_NXTHDR stay inside them, and an SCM_RIGHTS payload is an array of ints, each a
+        // new fd this process now owns.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg);
+                    let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<libc::c_int>();
+                    for i in 0..count {
+                        let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                        let owned = OwnedFd::from_raw_fd(fd);
+                        if received.is_none() {
+                            received = Some(owned);
+                        }
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        Ok(received)
+    }
+
+    /// poll(2) on `fds` without a timeout, retrying on EINTR.
+    pub fn poll(fds: &mut [libc::pollfd]) -> io::Result<()> {
+        loop {
+            // SAFETY: `fds` is a valid array of pollfd of the given length.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if rc >= 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
+        }
+    }
+
+    /// A close-on-exec eventfd (the stop signal of a loop thread).
+    pub fn eventfd() -> io::Result<OwnedFd> {
+        // SAFETY: eventfd(2) with integer arguments; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Adds one to an eventfd's counter (wakes its pollers).
+    pub fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
+        let one: u64 = 1;
+        // SAFETY: an eventfd write takes exactly 8 bytes from a valid buffer.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// openat2(2) of `path` as an O_PATH fd, resolved with `dirfd` as the root
+    /// (RESOLVE_IN_ROOT: `..` and absolute symlinks stay inside it) and without following
+    /// procfs magic links (RESOLVE_NO_MAGICLINKS).
+    pub fn open_in_root(dirfd: BorrowedFd<'_>, path: &CStr) -> io::Result<OwnedFd> {
+        // The kernel's struct open_how (libc's is non-exhaustive).
+        #[repr(C)]
+        struct OpenHow {
+            flags: u64,
+            mode: u64,
+            resolve: u64,
+        }
+        let how = OpenHow {
+            flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        };
+        // SAFETY: `path` is NUL-terminated and `how` is a valid open_how of the size passed; a
+        // non-negative result is a new fd we own.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_openat2, dirfd.as_raw_fd(), path.as_ptr(), &how, std::mem::size_of::<OpenHow>())
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by openat2 and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    }
+}
