@@ -42,7 +42,6 @@ impl Decider for TestDecider {
         let RequestKind::Exec { argv, fileless, .. } = &request.kind else { panic!("{request:?}") };
         let has = |word: &str| argv.iter().any(|a| a == word);
         let (drop_it, hold, deny) = (has("drop-me"), has("approve-me"), has("-rf") || *fileless);
-        let _ = self.seen.lock().unwrap().send(request);
         if drop_it {
             drop(reply);
         } else if hold {
@@ -52,6 +51,8 @@ impl Decider for TestDecider {
         } else {
             reply.answer(Answer::Allow);
         }
+        // Last, so a test that saw the request finds a held reply in place.
+        let _ = self.seen.lock().unwrap().send(request);
     }
 }
 
@@ -419,32 +420,52 @@ fn when_the_receiving_process_is_killed_the_exec_fails_and_does_not_run() {
     let (parent, child_end) = UnixStream::pair().unwrap();
     let parent_fd = parent.as_raw_fd();
     let mut holder = Command::new("/bin/sleep");
-    holder.arg("600");
-    // SAFETY: dup2(2) in the forked child before exec.
+    holder.arg("600").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // SAFETY: dup2(2)/fcntl(2) in the forked child before exec. dup2 onto itself keeps
+    // close-on-exec, so fd 3 itself has the flag cleared instead.
     unsafe {
         holder.pre_exec(move || {
-            if libc::dup2(parent_fd, 3) < 0 {
+            let rc = if parent_fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(parent_fd, 3) };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let mut holder = holder.spawn().unwrap();
+    /// Kills the holder however the test ends.
+    struct Reaper(Child);
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut holder = Reaper(holder.spawn().unwrap());
     drop(parent);
     let mut cmd = sh_touch(&later);
     agt_jail_jail::notify_execs(&mut cmd, child_end.as_raw_fd()).unwrap();
+    // Once the listener is in flight to the holder, the child says so (then execs).
+    let (mut ready, ready_w) = pipe();
+    let ready_fd = ready_w.as_raw_fd();
+    // SAFETY: write(2) of a stack byte in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::write(ready_fd, b"r".as_ptr().cast(), 1);
+            Ok(())
+        });
+    }
     let argv = ["sh", "-c", "touch \"$0\"", pending.to_str().unwrap()];
     let (r, w) = add_probes(&mut cmd, vec![Probe::new(None, "/bin/sh", &argv, 0)]);
     let spawner = std::thread::spawn(move || {
         let result = cmd.spawn();
-        drop(child_end);
+        drop((child_end, ready_w));
         result
     });
-    // Give the agent time to reach its exec (ordering only: the outcome asserted below is
-    // the same whether the kill comes before or after it).
-    std::thread::sleep(Duration::from_millis(300));
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    let mut byte = [0u8; 1];
+    ready.read_exact(&mut byte).unwrap();
+    // The agent's exec is pending now or comes next: both must fail once the holder dies.
+    holder.0.kill().unwrap();
+    holder.0.wait().unwrap();
     let err = spawner.join().unwrap().expect_err("no exec may run once the supervisor is dead");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSYS), "{err}");
     assert_eq!(errnos(r, w), vec![libc::ENOSYS]);
