@@ -286,7 +286,7 @@ fn a_credentials_rule_stops_reads_of_ssh_keys() {
     assert!(stdout.contains("key: 1"), "{stdout} {stderr}");
     assert!(stderr.contains("Operation not permitted"), "{stderr}");
     assert!(stdout.contains("hello") && stdout.contains("readme: 0"), "{stdout}");
-    assert!(stdout.contains("notes-read: 0") && stdout.contains("notes-write: 1"), "{stdout} {stderr}");
+    assert!(stdout.contains("notes-read: 0") && !stdout.contains("notes-write: 0"), "{stdout} {stderr}");
     assert_eq!(std::fs::read_to_string(ws.path().join("notes.txt")).unwrap(), "notes");
     let records = ws.records();
     let keys = decisions(&records, "keys");

@@ -29,11 +29,11 @@ use agt_jail_jail::{
     cgroup, host, launch, mounts,
     profile::{self, Dest},
     pty::{copy_window_size, Pty, RawMode},
-    spawn_in_cgroup, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode, Profile,
-    SpawnError, WorkspaceMode,
+    spawn_in_cgroup_notified, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode,
+    Profile, SpawnError, WorkspaceMode,
 };
 use agt_jail_policy::plan::Plan;
-use agt_jail_supervisor::evaluator::Evaluator;
+use agt_jail_supervisor::{evaluator::Evaluator, exec_notify::ExecNotifier};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use signal_hook::{
@@ -509,6 +509,22 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         pump.map(|p| p.join())
     };
 
+    // The exec plane: the command's own execve is the first action held for the evaluator.
+    let mut exec_plane = None;
+    let mut listener_socket = None;
+    if let Some(governance) = governance.as_ref() {
+        let file_plane = profile.confine && govern::needs_file_plane(lock(&governance.plan).as_ref());
+        let decider = govern::ArmingDecider::new(governance, file_plane);
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().context("cannot create the exec listener socket")?;
+        let notifier = ExecNotifier::start_with(OwnedFd::from(ours), decider.clone(), |err| {
+            eprintln!("agt-jail: denied an exec that could not be decided: {err}");
+        })
+        .context("cannot start the exec plane")?;
+        exec_plane = Some((notifier, decider));
+        listener_socket = Some(OwnedFd::from(theirs));
+    }
+    let exec_notify = listener_socket.as_ref().map(AsRawFd::as_raw_fd);
     let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
     let forwarder = SignalForwarder::start(profile.confine, kill_file, Duration::from_secs(args.grace))?;
     let pty = if args.tty { Some(Pty::open().context("cannot open a pseudo-terminal")?) } else { None };
@@ -533,7 +549,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             tty_path: pty
                 .as_ref()
                 .and_then(|p| std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).ok()),
-            exec_notify: None,
+            exec_notify,
         };
         if let Some(pty) = &pty {
             pty.copy_size_from_stdin();
@@ -547,7 +563,9 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             command.env(key, value);
         }
         match governed.as_ref() {
-            Some((cgroup, _)) => spawn_in_cgroup(command, cgroup).map(Running::Plain).map_err(Failure::Spawn),
+            Some((cgroup, _)) => {
+                spawn_in_cgroup_notified(command, cgroup, exec_notify).map(Running::Plain).map_err(Failure::Spawn)
+            }
             None => Err(Failure::Internal(anyhow::anyhow!("ring 0 needs root"))),
         }
     };
@@ -565,8 +583,16 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         relay_pty(pty.master)
     });
     forwarder.set_child(i32::try_from(running.pid()).unwrap_or(-1));
+    // The agent has sent its listener (or is gone): agt-jail keeps no copy of its end.
+    drop(listener_socket);
     let status = running.wait().context("cannot wait for the command")?;
     forwarder.stop();
+    if let Some((notifier, decider)) = exec_plane {
+        if let Err(err) = notifier.stop() {
+            eprintln!("agt-jail: warning: the exec plane ended with an error: {err}");
+        }
+        decider.stop();
+    }
     if let Some((raw, output)) = relay {
         let _ = output.join();
         drop(raw);

@@ -57,13 +57,13 @@ impl Default for TrustRules {
     }
 }
 
-/// The ring an agent of this trust may hold at most privilege (a higher number is more
-/// restricted): trusted and above keep their ring, standard is at least ring 2,
-/// probationary and untrusted are sandboxed (ring 3).
+/// The least restricted ring an agent of this trust may hold (a higher number is more
+/// restricted): standard and above keep the ring they were started in, probationary
+/// agents are held to ring 2 at most, untrusted ones are sandboxed (ring 3).
 pub fn ring_floor(trust: u32) -> u8 {
     match trust {
-        700.. => 0,
-        500..=699 => 2,
+        500.. => 0,
+        300..=499 => 2,
         _ => 3,
     }
 }
@@ -257,10 +257,13 @@ impl Evaluator {
     /// Decides a held action. Answers at once, or later for approvals.
     pub fn handle(self: &Arc<Self>, request: Request, reply: Reply) {
         let started = Instant::now();
-        let mut state = lock(&self.state);
-        let agent = state.agent.clone();
+        // No lock is held while the context is built: it reads /proc and the file being
+        // executed, and such a read can itself be held by the file plane, whose thread
+        // needs the evaluator to answer it.
+        let agent = self.agent();
         let (context, event) = self.context_of(&agent, &request);
         let mut decision = self.policies.evaluate(&context, &self.opts);
+        let mut state = lock(&self.state);
         let mut note = None;
         if let RequestKind::Exec { path, fileless, .. } = &request.kind {
             if *fileless {
@@ -363,6 +366,11 @@ impl Evaluator {
                 if killed {
                     self.kill(&decision);
                 }
+                // The denial line goes out before the answer, so it is not spliced into
+                // the error message the agent prints about it.
+                if let Some(what) = &denial {
+                    self.print_denial(what, request.pid, &decision);
+                }
                 reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
                 self.record(
                     &agent,
@@ -376,8 +384,8 @@ impl Evaluator {
                     None,
                     note,
                 );
-                if let Some(what) = denial {
-                    self.on_denied(&what, request.pid, &decision);
+                if denial.is_some() {
+                    self.lower_trust();
                 }
             }
         }
@@ -502,13 +510,22 @@ impl Evaluator {
         Ok(())
     }
 
-    /// A denied action lowers trust; a tier change demotes, a trust floor kills.
+    /// A denied action is reported and lowers trust.
     fn on_denied(&self, what: &str, pid: u32, decision: &Decision) {
+        self.print_denial(what, pid, decision);
+        self.lower_trust();
+    }
+
+    fn print_denial(&self, what: &str, pid: u32, decision: &Decision) {
         if self.show_denials {
             let rule = decision.matched_rule.as_deref().map(|r| format!(" (rule {r})")).unwrap_or_default();
             let line = format!("agt-jail: denied {what} (pid {pid}){rule}: {}\n", decision.reason);
             let _ = io::stderr().lock().write_all(line.as_bytes());
         }
+    }
+
+    /// Lowers trust after a denial; a tier change demotes, a trust floor kills.
+    fn lower_trust(&self) {
         let mut state = lock(&self.state);
         let before = state.agent.trust;
         let after = before.saturating_sub(self.trust_rules.penalty);
@@ -960,7 +977,7 @@ rules:
     #[test]
     fn denials_lower_trust_and_a_tier_change_demotes() {
         let (ev, actuator, _) = evaluator(Duration::from_secs(60));
-        // Rebuild with a penalty: 500 - 10 = 490 is probationary, whose floor is ring 3.
+        // Rebuild with a penalty: 500 - 250 = 250 is untrusted, whose floor is ring 3.
         let ev = {
             drop(ev);
             let set = PolicySet::from_str("t.yaml", POLICY).unwrap();
@@ -975,7 +992,7 @@ rules:
                     session: "s".into(),
                 },
                 approval_timeout: Duration::from_secs(1),
-                trust: TrustRules { penalty: 10, kill_below: 0 },
+                trust: TrustRules { penalty: 250, kill_below: 0 },
                 entry_program: PathBuf::from("/bin/entry"),
                 show_denials: false,
                 proc_root: PathBuf::from("/nonexistent-proc"),
@@ -983,7 +1000,7 @@ rules:
             Evaluator::new(cfg, RecordSink::new(None), actuator.clone())
         };
         ask(&ev, exec(&["rm", "-rf", "/"])).recv().unwrap();
-        assert_eq!(ev.agent().trust, 490);
+        assert_eq!(ev.agent().trust, 250);
         assert_eq!(ev.agent().ring, 3);
         assert_eq!(*lock(&actuator.demotions), [3]);
     }
