@@ -349,3 +349,76 @@ fn a_bad_policy_is_refused_before_anything_starts() {
     assert!(stderr.contains("bad.yaml:5:"), "located error: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn a_fileless_exec_is_denied() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    let ws = Workspace::new();
+    // Ring 0 has no seccomp deny filter: the exec plane itself must refuse the memfd.
+    let script = "import os\n\
+        fd = os.memfd_create('payload')\n\
+        os.write(fd, open('/bin/true', 'rb').read())\n\
+        try:\n    os.execve(fd, ['payload'], {})\n\
+        except OSError as e:\n    print('fileless', e.errno)\n";
+    let out = Command::new(BIN)
+        .args(["exec", "--agent", "fileless", "--policy"])
+        .arg(guard_policy())
+        .arg("--events")
+        .arg(ws.events())
+        .args(["--", "python3", "-c", script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(stdout.contains("fileless 1"), "EPERM: {stdout} {stderr}");
+    let records = ws.records();
+    assert!(
+        records.iter().any(|r| r["outcome"] == "deny"
+            && r["decision"]["reason"].as_str().is_some_and(|s| s.contains("fileless"))),
+        "{records:?}"
+    );
+}
+
+#[test]
+fn a_running_agent_is_demoted_live_and_never_promoted() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    let ws = Workspace::new();
+    let port = listener();
+    let agent = format!("demote-{}", std::process::id());
+    let go = ws.path().join("go");
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port}; echo \"before: $?\"; exec 3>&-; \
+         while [ ! -e {go} ]; do sleep 0.05; done; \
+         (exec 4<>/dev/tcp/127.0.0.1/{port}); echo \"after: $?\"; {ok}; echo \"exec-after: $?\"",
+        go = go.display(),
+        ok = ws.tool("ok")
+    );
+    let child = ws
+        .exec(&guard_policy(), &agent, &["--net", "host"], &format!("bash -c '{script}'"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the agent's control socket answers, then demote it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = Command::new(BIN).args(["status", "--agent", &agent]).output().unwrap();
+        if status.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never answered");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let up = Command::new(BIN).args(["demote", "--agent", &agent, "--ring", "1"]).output().unwrap();
+    assert!(!up.status.success(), "ring 1 is less restricted than ring 2: refused");
+    let down = Command::new(BIN).args(["demote", "--agent", &agent, "--ring", "3"]).output().unwrap();
+    assert!(down.status.success(), "{:?}", text(&down));
+    std::fs::write(&go, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(stdout.contains("before: 0"), "{stdout} {stderr}");
+    assert!(stdout.contains("after: 1"), "network gone after demotion: {stdout} {stderr}");
+    assert!(!stdout.contains("exec-after: 0") && ws.ran("ok").is_empty(), "ring 3 runs only the entry: {stdout}");
+    assert!(stderr.contains("demoted from ring 2 to ring 3"), "{stderr}");
+    let records = ws.records();
+    assert!(records.iter().any(|r| r["event"] == "demote" && r["to_ring"] == 3), "{records:?}");
+}
