@@ -467,6 +467,10 @@ fn run_pipeline(setup: &Setup, opts: &Options) -> Result<Pipeline> {
     // would be 50,000 lines; --quiet stays, the kernel's drop warning is printed anyway.
     argv.retain(|a| a != "--quiet");
     argv.insert(2, "--quiet".into());
+    // Without this, trust falls with every denial and after a few dozen the agent is
+    // demoted to ring 3 (no network): every connect after that is denied, and the run
+    // would measure the demotion, not the pipeline.
+    argv.splice(3..3, ["--deny-penalty".to_string(), "0".to_string()]);
     let start = Instant::now();
     let (workload, stderr) = run_loop(&argv)?;
     let wall = start.elapsed();
@@ -528,8 +532,10 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
          Measured by `cargo xtask bench-enforce` (its pipeline run): a governed ring-2 agent runs a \
          connect loop on {threads} threads, alternating between an allowed loopback destination \
          (refused, no listener) and 127.0.0.2, which is not on the allow-list and is denied with \
-         EPERM in the cgroup connect program. Every connect is one kernel event; the events file \
-         is then checked against what the workload saw.\n\n\
+         EPERM in the cgroup connect program. `--deny-penalty 0` keeps the agent in ring 2 (with \
+         the default penalty, a few dozen denials demote it to ring 3, where every connect is \
+         denied). Every connect is one kernel event; the events file is then checked against what \
+         the workload saw.\n\n\
          Machine: {machine}.\n\n\
          | | |\n| --- | ---: |\n\
          | connects made (kernel events offered) | {offered} |\n\
