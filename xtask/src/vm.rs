@@ -17,7 +17,7 @@
 //! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries and
 //!    `agt-jail` at their host paths (tests find the binary through the compile-time
 //!    `CARGO_BIN_EXE_agt-jail`), their shared libraries (ldd), the repository's
-//!    policies/, profiles/ and tests/probes/, the host programs listed in
+//!    policies/, profiles/, tests/probes/ and tests/policies/, the host programs listed in
 //!    vm-tests/guest-tools (bash for /dev/tcp, python3 for the escape probes) and the
 //!    directories in vm-tests/guest-trees (Python's standard library), and the host's
 //!    `uname -r`. Debug info is stripped to keep
@@ -643,7 +643,7 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
     // Tests reach repository files through CARGO_MANIFEST_DIR/../..: every directory on
     // such a path has to exist in the guest.
     add_dir_skeleton(&mut archive, root)?;
-    for data in ["policies", "profiles", "tests/probes"] {
+    for data in ["policies", "profiles", "tests/probes", "tests/policies"] {
         add_tree(&mut archive, &root.join(data))?;
     }
 

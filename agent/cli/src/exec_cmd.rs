@@ -58,6 +58,9 @@ Examples:
   agt-jail exec --deny-connect 169.254.169.254:80 -- python3 agent.py
   agt-jail exec --ring 2 --workspace ./proj --allow-connect 140.82.112.3:443 -- git pull
   agt-jail exec --ring 3 --memory 256M --pids 32 -- /usr/bin/python3 -c 'print(1)'
+  agt-jail exec --ring 2 --agent coder --policy policies/coding-agent/policy.yaml \\
+      --events decisions.jsonl -- python3 agent.py
+      (held actions: agt-jail approve|deny --agent coder N; agt-jail demote|kill --agent coder)
 
 Exit status: the command's own; 128+N when it was killed by signal N; 125 when \
 agt-jail itself fails; 126/127 when the command cannot be run or is not found.")]
@@ -786,8 +789,14 @@ fn pump_events(
     };
     while !stop.load(Ordering::SeqCst) {
         reader.poll(Duration::from_millis(50), &mut handle).context("cannot poll the event ring buffer")?;
+        if let Some((evaluator, _)) = evaluator {
+            evaluator.flush();
+        }
     }
     reader.drain(&mut handle);
+    if let Some((evaluator, _)) = evaluator {
+        evaluator.flush();
+    }
     if let Some(err) = write_error {
         bail!(err);
     }

@@ -230,6 +230,10 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
         Event::Sendmsg { tgid, net, verdict, .. } => (NetEvent::Sendmsg, *tgid, net.clone(), *verdict),
         Event::Bind { tgid, net, verdict, .. } => (NetEvent::Bind, *tgid, net.clone(), *verdict),
         other => {
+            // A process's facts change when it execs or exits.
+            if let Event::Exec { tgid, .. } | Event::Exit { tgid, .. } = other {
+                evaluator.forget_process(*tgid);
+            }
             if let Ok(value) = serde_json::to_value(other) {
                 evaluator.observe_raw(&value);
             }
@@ -292,13 +296,8 @@ pub fn compile_plan(
     strict: bool,
 ) -> Result<(Plan, Resolved)> {
     let caps = HostCaps { bpf_lsm, fanotify: Path::new("/proc/sys/fs/fanotify").is_dir(), confined, ring };
-    let (resolved, unresolved) = resolve_domains(&plan::domains(set));
-    if !unresolved.is_empty() {
-        eprintln!(
-            "agt-jail: warning: these policy domains do not resolve now (they match no address until they do): {}",
-            unresolved.join(", ")
-        );
-    }
+    // Names that do not resolve are reported by the compiler, one warning each.
+    let (resolved, _) = resolve_domains(&plan::domains(set));
     let compiled = plan::compile(set, agent, &caps, &resolved, strict)
         .map_err(|e| anyhow!("the policy cannot be enforced on this host: {e}"))?;
     for warning in &compiled.warnings {
@@ -460,9 +459,20 @@ pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm
                 eprintln!("agt-jail: warning: the kernel refused the {hook} hook ({why}); its rules stay on the fanotify plane");
             }
             lsm.attach(programs).context("cannot attach the file hooks")?;
-            let rules: Vec<FileRule> = kernel_plan
-                .paths
-                .iter()
+            // The kernel matches one path component per name rule; a name spanning
+            // components (".config/gcloud") stays with the file plane.
+            let (names_with_slash, kernel_paths): (Vec<_>, Vec<_>) = kernel_plan.paths.iter().partition(|p| {
+                matches!(p.kind, PathKind::Component | PathKind::Basename | PathKind::BasenamePrefix)
+                    && p.text.contains('/')
+            });
+            for p in names_with_slash {
+                eprintln!(
+                    "agt-jail: note: the path form {:?} spans components; the kernel's file hook leaves it to the fanotify plane",
+                    p.text
+                );
+            }
+            let rules: Vec<FileRule> = kernel_paths
+                .into_iter()
                 .map(|p| FileRule {
                     kind: match p.kind {
                         PathKind::Exact => FileRuleKind::Exact,

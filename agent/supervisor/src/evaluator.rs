@@ -119,7 +119,8 @@ impl RecordSink {
         RecordSink { out, seq: 0, error: None }
     }
 
-    fn write(&mut self, mut record: Record<'_>) {
+    /// Writes a record without flushing (kernel observations, flushed once per batch).
+    fn write_buffered(&mut self, mut record: Record<'_>) {
         self.seq += 1;
         record.seq = self.seq;
         let Some(out) = self.out.as_mut() else { return };
@@ -131,7 +132,7 @@ impl RecordSink {
             }
         };
         line.push(b'\n');
-        if let Err(err) = out.write_all(&line).and_then(|()| out.flush()) {
+        if let Err(err) = out.write_all(&line) {
             self.error.get_or_insert(err);
         }
     }
@@ -142,8 +143,17 @@ impl RecordSink {
         let Some(out) = self.out.as_mut() else { return };
         let mut line = value.to_string().into_bytes();
         line.push(b'\n');
-        if let Err(err) = out.write_all(&line).and_then(|()| out.flush()) {
+        if let Err(err) = out.write_all(&line) {
             self.error.get_or_insert(err);
+        }
+    }
+
+    /// Pushes buffered records to the file.
+    pub fn flush(&mut self) {
+        if let Some(out) = self.out.as_mut() {
+            if let Err(err) = out.flush() {
+                self.error.get_or_insert(err);
+            }
         }
     }
 
@@ -163,6 +173,16 @@ struct Pending {
     started: Instant,
     exec_approval: Option<(u32, FileIdentity)>,
 }
+
+/// Process facts of recently seen processes, so a burst of kernel events does not read
+/// `/proc` once per event. Dropped on exec and exit of the process (its facts change).
+#[derive(Default)]
+struct ProcCache {
+    facts: HashMap<u32, ProcFacts>,
+}
+
+/// Most processes remembered at once; the cache starts over when full.
+const PROC_CACHE_MAX: usize = 4096;
 
 struct State {
     agent: AgentFacts,
@@ -185,6 +205,7 @@ pub struct Evaluator {
     /// File answers can be cached only when no rule reads per-process or per-time state.
     file_cacheable: bool,
     state: Mutex<State>,
+    procs: Mutex<ProcCache>,
     sink: Mutex<RecordSink>,
     actuator: Arc<dyn Actuator>,
 }
@@ -220,6 +241,7 @@ impl Evaluator {
                 pending: HashMap::new(),
                 killed: false,
             }),
+            procs: Mutex::new(ProcCache::default()),
             sink: Mutex::new(sink),
             actuator,
         })
@@ -237,6 +259,31 @@ impl Evaluator {
 
     fn proc_facts(&self, pid: u32) -> ProcFacts {
         proc_facts(&self.proc_root, pid)
+    }
+
+    /// [`proc_facts`] through the cache (kernel events: a process's facts only change
+    /// when it execs, which drops its entry).
+    fn cached_proc_facts(&self, pid: u32) -> ProcFacts {
+        if let Some(facts) = lock(&self.procs).facts.get(&pid) {
+            return facts.clone();
+        }
+        let facts = proc_facts(&self.proc_root, pid);
+        let mut cache = lock(&self.procs);
+        if cache.facts.len() >= PROC_CACHE_MAX {
+            cache.facts.clear();
+        }
+        cache.facts.insert(pid, facts.clone());
+        facts
+    }
+
+    /// Forgets what is known of a process (it exec'd or exited).
+    pub fn forget_process(&self, pid: u32) {
+        lock(&self.procs).facts.remove(&pid);
+    }
+
+    /// Pushes buffered kernel observations to the events file.
+    pub fn flush(&self) {
+        lock(&self.sink).flush();
     }
 
     fn context_of(&self, agent: &AgentFacts, request: &Request) -> (Value, &'static str) {
@@ -573,7 +620,7 @@ impl Evaluator {
     ) {
         let started = Instant::now();
         let agent = self.agent();
-        let proc = self.proc_facts(pid);
+        let proc = self.cached_proc_facts(pid);
         let ctx = context::net_context(&agent, &proc, event, family, protocol, addr, port, domain);
         let mut decision = self.policies.evaluate(&ctx, &self.opts);
         let mut note = None;
@@ -634,7 +681,8 @@ impl Evaluator {
         note: Option<&str>,
     ) {
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        lock(&self.sink).write(Record {
+        let mut sink = lock(&self.sink);
+        sink.write_buffered(Record {
             seq: 0,
             time: now_secs(),
             agent: &agent.id,
@@ -649,6 +697,11 @@ impl Evaluator {
             approval,
             note,
         });
+        // Held actions are few and matter one by one; kernel observations come in bursts
+        // and are flushed once per batch by the reader (`flush`).
+        if plane != "kernel" {
+            sink.flush();
+        }
     }
 }
 
