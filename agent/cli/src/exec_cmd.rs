@@ -382,6 +382,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     let mut governed = None;
     let mut plan = None;
     let mut tier_a = None;
+    let mut cgroup_v1 = Vec::new();
     if root {
         let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
         let limited =
@@ -399,7 +400,13 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             pids: profile.limits.pids,
             cpu_millis: profile.limits.cpu_millis,
         };
-        cgroup.apply_limits(&layout, &limits).context("cannot set the agent's limits")?;
+        // A jail creates and joins its v1 cgroups (hybrid hosts) while it builds its
+        // root; ring 0 joins them at spawn, so they must exist now.
+        if profile.confine {
+            cgroup_v1 = cgroup.apply_limits_deferred(&layout, &limits).context("cannot set the agent's limits")?;
+        } else {
+            cgroup.apply_limits(&layout, &limits).context("cannot set the agent's limits")?;
+        }
         let mut rules = args.deny_connect.clone();
         if profile.confine && profile.net == NetMode::Allowlist {
             rules.extend(allowlist_denies(&profile));
@@ -558,7 +565,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             pty.copy_size_from_stdin();
         }
         let enforcement = enforcement.unwrap_or_default();
-        launch::launch(&cfg, &enforcement).map(Running::Jail).map_err(Failure::Launch)
+        launch::launch_with_cgroups(&cfg, &enforcement, &cgroup_v1).map(Running::Jail).map_err(Failure::Launch)
     } else {
         let mut command = Command::new(&program_path);
         command.arg0(program).args(program_args);

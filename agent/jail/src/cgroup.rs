@@ -165,6 +165,56 @@ fn optional_file(name: &str) -> bool {
     matches!(name, "memory.swap.max" | "memory.memsw.limit_in_bytes" | "memory.oom.group")
 }
 
+/// Writes control files; optional ones may be missing (see [`optional_file`]).
+fn write_limits(dir: &Path, writes: Vec<(&'static str, String)>) -> Result<(), CgroupError> {
+    for (file, value) in writes {
+        let path = dir.join(file);
+        match fs::write(&path, &value) {
+            Ok(()) => {}
+            Err(e) if optional_file(file) && matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => {}
+            Err(source) => return Err(CgroupError::Write { path, source }),
+        }
+    }
+    Ok(())
+}
+
+/// One v1 controller cgroup of an agent (hybrid hosts), planned by
+/// [`AgentCgroup::apply_limits_deferred`] and created by the launcher. Its owner
+/// [`AgentCgroup`] removes it, created or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V1Cgroup {
+    dir: PathBuf,
+    writes: Vec<(&'static str, String)>,
+    /// Already created by an earlier `apply_limits` of the same agent.
+    adopt: bool,
+}
+
+impl V1Cgroup {
+    /// Creates the cgroup (never adopting one that exists: two agents never share one)
+    /// and writes its limits.
+    pub fn create(&self) -> Result<(), CgroupError> {
+        if let Some(parent) = self.dir.parent() {
+            fs::create_dir_all(parent).map_err(|source| CgroupError::Create { path: parent.to_path_buf(), source })?;
+        }
+        match fs::create_dir(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && self.adopt => {}
+            Err(source) => return Err(CgroupError::Create { path: self.dir.clone(), source }),
+        }
+        write_limits(&self.dir, self.writes.clone())
+    }
+
+    /// The cgroup's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its `cgroup.procs`, which the agent's first process joins.
+    pub fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
 fn unescape_mount_path(raw: &str) -> String {
     let bytes = raw.as_bytes();
@@ -229,7 +279,31 @@ impl AgentCgroup {
     /// of the same name (created here, joined with [`Self::procs_paths`]). A limit no
     /// hierarchy can hold is an error: limits are never silently dropped.
     pub fn apply_limits(&mut self, layout: &CgroupLayout, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        for v1 in self.plan_limits(layout, limits)? {
+            v1.create()?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Self::apply_limits`], but the v1 cgroups (hybrid hosts) are only planned:
+    /// checked, named and registered for removal, not yet created. The launcher creates
+    /// them ([`V1Cgroup::create`]) and moves the jail in while the jail builds its root,
+    /// so that work overlaps instead of delaying the clone; the agent still starts only
+    /// after every limit is written and every hierarchy joined. v2 limits are written
+    /// here (the jail is cloned straight into the v2 cgroup).
+    pub fn apply_limits_deferred(
+        &mut self,
+        layout: &CgroupLayout,
+        limits: &CgroupLimits,
+    ) -> Result<Vec<V1Cgroup>, CgroupError> {
+        self.plan_limits(layout, limits)
+    }
+
+    fn plan_limits(&mut self, layout: &CgroupLayout, limits: &CgroupLimits) -> Result<Vec<V1Cgroup>, CgroupError> {
         let name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        // Read once: every controller's placement depends on it.
+        let v2_controllers = layout.v2_controllers();
+        let mut deferred = Vec::new();
         for controller in V1_CONTROLLERS {
             let wanted = match controller {
                 "memory" => limits.memory.is_some(),
@@ -241,50 +315,38 @@ impl AgentCgroup {
             if !wanted {
                 continue;
             }
-            let (dir, v2) = match layout.placement(controller) {
+            let placement = if v2_controllers.iter().any(|c| c == controller) {
+                Placement::V2
+            } else {
+                layout.v1_root(controller).map_or(Placement::Missing, |root| Placement::V1(root.to_path_buf()))
+            };
+            match placement {
                 Placement::V2 => {
                     let parent = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
                     for level in [layout.v2.clone(), parent] {
                         let control = level.join("cgroup.subtree_control");
                         let _ = fs::write(&control, format!("+{controller}"));
                     }
-                    (self.path.clone(), true)
+                    if controller == "memory" {
+                        self.memory = Some((self.path.clone(), true));
+                    }
+                    write_limits(&self.path, limit_writes(controller, true, limits))?;
                 }
                 Placement::V1(root) => {
-                    let parent = root.join("agt-jail");
-                    fs::create_dir_all(&parent)
-                        .map_err(|source| CgroupError::Create { path: parent.clone(), source })?;
-                    let dir = parent.join(&name);
-                    match fs::create_dir(&dir) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && self.v1.contains(&dir) => {}
-                        Err(source) => return Err(CgroupError::Create { path: dir, source }),
-                    }
-                    if !self.v1.contains(&dir) {
+                    let dir = root.join("agt-jail").join(&name);
+                    let adopt = self.v1.contains(&dir);
+                    if !adopt {
                         self.v1.push(dir.clone());
                     }
-                    (dir, false)
+                    if controller == "memory" {
+                        self.memory = Some((dir.clone(), false));
+                    }
+                    deferred.push(V1Cgroup { dir, writes: limit_writes(controller, false, limits), adopt });
                 }
-                Placement::Missing if wanted => {
-                    return Err(CgroupError::NoController { controller: controller.to_string() })
-                }
-                Placement::Missing => continue,
-            };
-            if controller == "memory" {
-                self.memory = Some((dir.clone(), v2));
-            }
-            for (file, value) in limit_writes(controller, v2, limits) {
-                let path = dir.join(file);
-                match fs::write(&path, &value) {
-                    Ok(()) => {}
-                    Err(e)
-                        if optional_file(file)
-                            && matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => {}
-                    Err(source) => return Err(CgroupError::Write { path, source }),
-                }
+                Placement::Missing => return Err(CgroupError::NoController { controller: controller.to_string() }),
             }
         }
-        Ok(())
+        Ok(deferred)
     }
 
     /// Every `cgroup.procs` file the agent's first process must join (v2 first).
@@ -361,25 +423,27 @@ impl AgentCgroup {
         let started = Instant::now();
         let mut pause = Backoff::default();
         loop {
-            if self.pids()?.is_empty() {
-                match fs::remove_dir(&self.path) {
-                    Ok(()) => {
-                        self.removed = true;
-                        self.remove_v1();
-                        return Ok(());
-                    }
-                    // Exiting tasks can keep the cgroup busy for a moment after
-                    // cgroup.procs reads empty.
-                    Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                        self.removed = true;
-                        self.remove_v1();
-                        return Ok(());
-                    }
-                    Err(source) => return Err(CgroupError::Remove { path: self.path.clone(), source }),
+            // rmdir first: it fails with EBUSY while anything is left, and an empty
+            // cgroup (the usual case) then costs no read of cgroup.procs.
+            match fs::remove_dir(&self.path) {
+                Ok(()) => {
+                    self.removed = true;
+                    self.remove_v1();
+                    return Ok(());
                 }
-            } else {
-                self.kill_all()?;
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    self.removed = true;
+                    self.remove_v1();
+                    return Ok(());
+                }
+                // Still populated, or exiting tasks keep it busy for a moment after
+                // cgroup.procs reads empty.
+                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                    if !self.pids()?.is_empty() {
+                        self.kill_all()?;
+                    }
+                }
+                Err(source) => return Err(CgroupError::Remove { path: self.path.clone(), source }),
             }
             if started.elapsed() > DRAIN_TIMEOUT {
                 return Err(CgroupError::StillPopulated {
@@ -585,6 +649,39 @@ mod tests {
         }
         cgroup.remove().unwrap();
         assert!(!mem.join("agt-jail/1-0").exists());
+    }
+
+    #[test]
+    fn deferred_v1_cgroups_are_planned_then_created_never_adopted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let v2 = tmp.path().join("unified");
+        let pids = tmp.path().join("pids");
+        fs::create_dir_all(&v2).unwrap();
+        fs::create_dir_all(&pids).unwrap();
+        let layout = CgroupLayout { v2: v2.clone(), hybrid: true, v1: vec![("pids".into(), pids.clone())] };
+        let mut cgroup = AgentCgroup::create(&layout.agents_parent(), "2-0").unwrap();
+        let limits = CgroupLimits { pids: Some(16), ..Default::default() };
+        let planned = cgroup.apply_limits_deferred(&layout, &limits).unwrap();
+        // Planned, registered for removal and joined, but nothing created yet.
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].dir(), pids.join("agt-jail/2-0"));
+        assert!(!pids.join("agt-jail").exists());
+        assert!(cgroup.procs_paths().contains(&planned[0].procs()));
+        planned[0].create().unwrap();
+        assert_eq!(fs::read_to_string(pids.join("agt-jail/2-0/pids.max")).unwrap(), "16");
+        // A second create finds it existing: refused, never shared.
+        let err = planned[0].create().unwrap_err();
+        assert!(matches!(err, CgroupError::Create { .. }), "{err}");
+        // A limit no hierarchy holds is refused when planning, before anything runs.
+        let err = cgroup.apply_limits_deferred(&layout, &CgroupLimits { memory: Some(1), ..Default::default() });
+        assert!(matches!(err, Err(CgroupError::NoController { .. })));
+        for dir in [pids.join("agt-jail/2-0"), layout.agents_parent().join("2-0")] {
+            for entry in fs::read_dir(&dir).unwrap() {
+                fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+        }
+        cgroup.remove().unwrap();
+        assert!(!pids.join("agt-jail/2-0").exists());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::{
 };
 
 use crate::{
+    cgroup::{CgroupError, V1Cgroup},
     landlock::{self, LandlockPlan, LandlockRequest},
     mounts::{self, Bind, MountOp, ViewSpec},
     profile::{self, NetMode, Profile, WorkspaceMode},
@@ -43,6 +44,8 @@ pub enum LaunchError {
     Clone(io::Error),
     #[error("jail setup failed at {stage}: {source}")]
     Setup { stage: String, source: io::Error },
+    #[error("jail setup failed: {0}")]
+    Cgroup(#[from] CgroupError),
     #[error("{program}: command not found inside the jail")]
     NotFound { program: String },
     #[error("{program}: permission denied inside the jail")]
@@ -147,6 +150,8 @@ struct Plan {
     cgroup_v2_procs: Option<CString>,
     /// v1 `cgroup.procs` files, written by the parent while the child builds its root.
     cgroup_v1_procs: Vec<PathBuf>,
+    /// v1 cgroups the parent creates (with their limits) before joining them.
+    cgroup_v1_create: Vec<V1Cgroup>,
     cgroup_dir: Option<libc::c_int>,
     cgroup_ns: bool,
     ops: Vec<COp>,
@@ -463,6 +468,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         gid_map: format!("0 {} 1", sys::getegid()).into_bytes(),
         cgroup_v2_procs: cfg.cgroup_procs.first().map(|p| path_c(p)).transpose()?,
         cgroup_v1_procs: cfg.cgroup_procs.iter().skip(1).cloned().collect(),
+        cgroup_v1_create: Vec::new(),
         cgroup_dir: cfg.cgroup_dir,
         cgroup_ns: p.cgroup_ns,
         ops,
@@ -494,8 +500,27 @@ pub fn check_program(program: &Path) -> Result<(), LaunchError> {
 /// Starts the jail. Returns once the agent has exec'd (or the setup failed and
 /// nothing ran).
 pub fn launch(cfg: &JailConfig, enforcement: &Enforcement) -> Result<JailProcess, LaunchError> {
+    launch_with_cgroups(cfg, enforcement, &[])
+}
+
+/// [`launch`], also creating, limiting and joining the v1 cgroups planned by
+/// [`crate::AgentCgroup::apply_limits_deferred`] (hybrid hosts) after the clone, while
+/// the jail builds its root; the agent starts only once all are joined.
+pub fn launch_with_cgroups(
+    cfg: &JailConfig,
+    enforcement: &Enforcement,
+    cgroup_v1: &[V1Cgroup],
+) -> Result<JailProcess, LaunchError> {
     check_program(&cfg.program)?;
-    let plan = build_plan(cfg, enforcement)?;
+    let mut plan = build_plan(cfg, enforcement)?;
+    // Every v1 `cgroup.procs` once: an AgentCgroup's `procs_paths` lists the planned ones too.
+    for v1 in cgroup_v1 {
+        let procs = v1.procs();
+        if !plan.cgroup_v1_procs.contains(&procs) {
+            plan.cgroup_v1_procs.push(procs);
+        }
+    }
+    plan.cgroup_v1_create = cgroup_v1.to_vec();
     let (report_r, report_w) = sys::pipe_cloexec().map_err(LaunchError::Clone)?;
     let (go_r, go_w) = match sys::pipe_cloexec() {
         Ok(fds) => fds,
@@ -535,16 +560,22 @@ pub fn launch(cfg: &JailConfig, enforcement: &Enforcement) -> Result<JailProcess
     };
     sys::close(report_w);
     sys::close(go_r);
-    // The v1 hierarchies (hybrid hosts): the parent moves the child in while the
-    // child builds its root; the child forks the agent only after the go byte.
-    for procs in &plan.cgroup_v1_procs {
-        if let Err(source) = std::fs::write(procs, pid.to_string()) {
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let _ = sys::waitpid(pid, false);
-            sys::close(go_w);
-            sys::close(report_r);
-            return Err(LaunchError::Setup { stage: format!("joining {}", procs.display()), source });
-        }
+    // The v1 hierarchies (hybrid hosts): the parent creates the agent's v1 cgroups,
+    // writes their limits and moves the child in while the child builds its root (the
+    // two overlap); the child forks the agent only after the go byte.
+    let joined =
+        plan.cgroup_v1_create.iter().try_for_each(|v1| v1.create().map_err(LaunchError::from)).and_then(|()| {
+            plan.cgroup_v1_procs.iter().try_for_each(|procs| {
+                std::fs::write(procs, pid.to_string())
+                    .map_err(|source| LaunchError::Setup { stage: format!("joining {}", procs.display()), source })
+            })
+        });
+    if let Err(err) = joined {
+        let _ = sys::kill(pid, libc::SIGKILL);
+        let _ = sys::waitpid(pid, false);
+        sys::close(go_w);
+        sys::close(report_r);
+        return Err(err);
     }
     let _ = sys::write_all_raw(go_w, b"g");
     sys::close(go_w);
