@@ -3,8 +3,12 @@
 //! machine's load hits every command alike; median and p95 over `--runs` each.
 //! Needs no extra tool: timing is done here with a monotonic clock around spawn+wait.
 use std::{
-    fs,
+    fs::{self, File},
+    io::Write,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -70,26 +74,135 @@ pub const BWRAP: &[&str] = &[
     "/bin/true",
 ];
 
+/// Ring 3's default limits (profiles/ring3.yaml): memory 512M, pids 64, cpu 1 core.
+const RING3_LIMITS: [(&str, &str, &str); 4] = [
+    ("memory", "memory.limit_in_bytes", "536870912"),
+    ("pids", "pids.max", "64"),
+    ("cpu", "cpu.cfs_period_us", "100000"),
+    ("cpu", "cpu.cfs_quota_us", "100000"),
+];
+
 struct Case {
     name: &'static str,
     argv: Vec<String>,
+    /// Run inside cgroups with ring 3's limits that the harness creates, joins (before
+    /// exec) and removes on every run, as a script giving bwrap limits would.
+    limited: bool,
     samples: Vec<Duration>,
 }
 
-fn once(argv: &[String]) -> Result<Duration> {
+/// The v1 hierarchies of memory, pids and cpu (hybrid hosts), from /proc/self/mountinfo.
+fn v1_roots() -> Vec<(String, PathBuf)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut roots = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let mut fields = right.split_whitespace();
+        if fields.next() != Some("cgroup") {
+            continue;
+        }
+        let Some(mount_point) = left.split_whitespace().nth(4) else { continue };
+        let options = fields.nth(1).unwrap_or("");
+        for controller in options.split(',').filter(|o| ["memory", "pids", "cpu"].contains(o)) {
+            roots.push((controller.to_string(), PathBuf::from(mount_point)));
+        }
+    }
+    roots
+}
+
+/// Creates one cgroup per v1 controller with ring 3's limits; returns their directories.
+fn limited_cgroups(roots: &[(String, PathBuf)], run: usize) -> Result<Vec<PathBuf>> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for (controller, root) in roots {
+        let dir = root.join("agt-bench").join(format!("{}-{run}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (_, file, value) in RING3_LIMITS.iter().filter(|(c, _, _)| c == controller) {
+            fs::write(dir.join(file), value).with_context(|| format!("cannot write {}/{file}", dir.display()))?;
+        }
+        dirs.push(dir);
+    }
+    Ok(dirs)
+}
+
+fn once(argv: &[String], cgroups: Option<&[(String, PathBuf)]>, run: usize) -> Result<Duration> {
     let start = Instant::now();
-    let status = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .with_context(|| format!("cannot run {}", argv[0]))?;
+    let mut command = Command::new(&argv[0]);
+    command.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let dirs = match cgroups {
+        Some(roots) => limited_cgroups(roots, run)?,
+        None => Vec::new(),
+    };
+    let mut procs = Vec::new();
+    for dir in &dirs {
+        let path = dir.join("cgroup.procs");
+        procs.push(File::options().write(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?);
+    }
+    if !procs.is_empty() {
+        // SAFETY: the closure only writes to files opened before the fork (no allocation,
+        // no locks); "0" moves the calling process, i.e. the child before it execs.
+        unsafe {
+            command.pre_exec(move || {
+                for mut file in &procs {
+                    file.write_all(b"0")?;
+                }
+                Ok(())
+            });
+        }
+    }
+    let status = command.status().with_context(|| format!("cannot run {}", argv[0]))?;
+    for dir in &dirs {
+        remove_cgroup(dir);
+    }
     let elapsed = start.elapsed();
     if !status.success() {
         bail!("{} failed with {status}", argv.join(" "));
     }
     Ok(elapsed)
+}
+
+/// rmdir, retried while the exited process still keeps the cgroup busy.
+fn remove_cgroup(dir: &Path) {
+    for _ in 0..1000 {
+        match fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(16) => thread::sleep(Duration::from_micros(50)),
+            _ => return,
+        }
+    }
+}
+
+/// What one cgroup migration costs on this host: an idle process written into a fresh
+/// cgroup's `cgroup.procs` after a pause (the global cgroup threadgroup lock waits for an
+/// RCU grace period unless the host switched that off, e.g. with `favordynmods`).
+fn migration_cost(roots: &[(String, PathBuf)]) -> Result<Option<Duration>> {
+    let Some((_, root)) = roots.first() else { return Ok(None) };
+    let dir = root.join("agt-bench").join(format!("{}-migration", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let mut sleeper = Command::new("sleep").arg("5").spawn().context("cannot run sleep")?;
+        thread::sleep(Duration::from_millis(50));
+        let start = Instant::now();
+        let moved = fs::write(dir.join("cgroup.procs"), sleeper.id().to_string());
+        samples.push(start.elapsed());
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        moved.with_context(|| format!("cannot move a process into {}", dir.display()))?;
+    }
+    remove_cgroup(&dir);
+    samples.sort();
+    Ok(Some(percentile(&samples, 50.0)))
+}
+
+/// The cgroup2 mount's options (favordynmods shows here).
+fn cgroup2_options() -> String {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| line.split_once(" - "))
+        .find_map(|(_, right)| {
+            let mut fields = right.split_whitespace();
+            (fields.next() == Some("cgroup2")).then(|| fields.nth(1).unwrap_or("").to_string())
+        })
+        .unwrap_or_default()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -148,26 +261,42 @@ pub fn run(opts: &Options) -> Result<()> {
                 .map(String::from),
         )
         .collect();
+    let bwrap: Vec<String> = BWRAP.iter().map(|s| s.to_string()).collect();
+    let roots = v1_roots();
     let mut cases = vec![
-        Case { name: "bare /bin/true", argv: vec!["/bin/true".into()], samples: Vec::new() },
-        Case { name: "agt-jail exec --ring 3", argv: jail, samples: Vec::new() },
-        Case { name: "agt-jail exec --ring 3, no cgroup limits", argv: unlimited, samples: Vec::new() },
-        Case {
-            name: "bwrap (equivalent isolation)",
-            argv: BWRAP.iter().map(|s| s.to_string()).collect(),
-            samples: Vec::new(),
-        },
+        Case { name: "bare /bin/true", argv: vec!["/bin/true".into()], limited: false, samples: Vec::new() },
+        Case { name: "agt-jail exec --ring 3", argv: jail, limited: false, samples: Vec::new() },
+        Case { name: "agt-jail exec --ring 3, no cgroup limits", argv: unlimited, limited: false, samples: Vec::new() },
+        Case { name: "bwrap (equivalent isolation)", argv: bwrap.clone(), limited: false, samples: Vec::new() },
     ];
+    // On a hybrid host, also bwrap with ring 3's limits in v1 cgroups the harness makes:
+    // the isolation agt-jail's first row gives (on pure v2 hosts agt-jail's limits need
+    // no migration, and this row is left out).
+    if !roots.is_empty() {
+        cases.push(Case {
+            name: "bwrap + ring 3's limits (v1 cgroups made by the harness)",
+            argv: bwrap,
+            limited: true,
+            samples: Vec::new(),
+        });
+    }
+    let mut run = 0;
     for case in &cases {
         for _ in 0..10 {
-            once(&case.argv)?;
+            run += 1;
+            once(&case.argv, case.limited.then_some(roots.as_slice()), run)?;
         }
     }
     for _ in 0..opts.runs {
         for case in cases.iter_mut() {
-            let sample = once(&case.argv)?;
+            run += 1;
+            let sample = once(&case.argv, case.limited.then_some(roots.as_slice()), run)?;
             case.samples.push(sample);
         }
+    }
+    let migration = migration_cost(&roots)?;
+    for (_, root) in &roots {
+        let _ = fs::remove_dir(root.join("agt-bench"));
     }
     let mut table = String::from("| command | median ms | p95 ms | mean ms |\n| --- | --- | --- | --- |\n");
     let mut medians = Vec::new();
@@ -187,17 +316,36 @@ pub fn run(opts: &Options) -> Result<()> {
     let bwrap_median = medians[3].as_secs_f64().max(1e-9);
     let ratio = medians[1].as_secs_f64() / bwrap_median;
     let ratio_unlimited = medians[2].as_secs_f64() / bwrap_median;
+    let limited_ratio = match medians.get(4) {
+        Some(limited) => format!(
+            "; against bwrap with the same limits: {:.2}",
+            medians[1].as_secs_f64() / limited.as_secs_f64().max(1e-9)
+        ),
+        None => String::new(),
+    };
+    let migration = match migration {
+        Some(cost) => format!(
+            "One cgroup migration (an idle process written into a fresh v1 cgroup's `cgroup.procs`) took {} ms \
+             (median of 20) on this host; the cgroup2 mount's options are `{}`. Where a migration waits for an RCU \
+             grace period (several ms; see docs/adr/0004-jail-start-up.md) the limited rows pay part of it.\n\n",
+            ms(cost),
+            cgroup2_options()
+        ),
+        None => String::new(),
+    };
     let section = format!(
         "## Jail start-up\n\nMeasured by `cargo xtask bench --runs {runs}` (as root): {runs} interleaved runs of each \
          command after 10 warm-up runs, wall time from spawn to exit.\n\nMachine: {machine}.\n\n{table}\nagt-jail / bwrap \
-         median ratio: {ratio:.2} with ring 3's limits, {ratio_unlimited:.2} without (bwrap sets none).\n\nCommands:\n\n```\n{jail}\n{unlimited}\n{bwrap}\n```\n\nWhat each does: agt-jail creates the \
-         agent's cgroup (v2 plus v1 memory/pids/cpu on hybrid hosts) with ring 3's limits, clones into new pid, mount, \
-         net, ipc, uts and cgroup namespaces, builds the view with pivot_root, drops every capability, applies Landlock \
-         and the seccomp filter, execs, reaps and removes the cgroup. bwrap does the namespaces and the view but no \
-         cgroup, Landlock or seccomp. Neither loads BPF programs here (ring 3 without `--events` or connect rules does \
-         not; see docs/adr/0003-launcher.md). The jail is cloned straight into its cgroup v2 (clone3 with \
-         CLONE_INTO_CGROUP); on a hybrid host each limit also means joining a v1 hierarchy, a cgroup migration \
-         that waits for an RCU grace period - that is the gap between the two agt-jail rows.\n",
+         median ratio: {ratio:.2} with ring 3's limits, {ratio_unlimited:.2} without (bwrap sets none){limited_ratio}.\n\n\
+         {migration}Commands:\n\n```\n{jail}\n{unlimited}\n{bwrap}\n```\n\nWhat each does: agt-jail creates the \
+         agent's cgroup v2 (and, with limits on a hybrid host, v1 memory/pids/cpu cgroups) with ring 3's limits, clones \
+         into new pid, mount, net, ipc, uts and cgroup namespaces, builds the view with pivot_root, drops every capability, applies Landlock and the seccomp filter, execs, reaps \
+         and removes the cgroups. bwrap does the namespaces (plus a user namespace) and the view but no cgroup, \
+         Landlock or seccomp; the last row gives it ring 3's limits the way a script would: the harness creates v1 \
+         cgroups, the child joins them before exec, the harness removes them after. Neither loads BPF programs here \
+         (ring 3 without `--events` or connect rules does not; see docs/adr/0003-launcher.md). The jail is cloned \
+         straight into its cgroup v2 (clone3 with CLONE_INTO_CGROUP); its v1 cgroups are created, limited and joined \
+         while the jail builds its root, before the agent exists (docs/adr/0004-jail-start-up.md).\n",
         runs = opts.runs,
         machine = machine(),
         jail = cases[1].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
