@@ -48,6 +48,8 @@ if [ "$$" = 1 ]; then
     done
     ip link set lo up 2>/dev/null
     hostname agt-vm
+    # Names a policy may use for loopback (the initramfs has no /etc/hosts of its own).
+    [ -e /etc/hosts ] || printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
     export HOME=/root
 fi
 

@@ -480,6 +480,8 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             if let Some((cgroup, Some(programs))) = governed.as_ref() {
                 if tier_a.is_some() {
                     *lock(&governance.actuator.exec_approvals) = Some(govern::exec_approver(Arc::clone(programs)));
+                    *lock(&governance.actuator.on_first_exec) =
+                        Some(govern::guard_enabler(Arc::clone(programs), cgroup.id()));
                 }
                 *lock(&governance.actuator.on_demote) = Some(govern::demoter(
                     Arc::clone(programs),

@@ -94,6 +94,9 @@ pub fn load(args: &PolicyArgs, ring: u8) -> Result<(Arc<PolicySet>, AgentFacts)>
 
 /// Tightens the kernel planes to a lower ring.
 pub type Tighten = Box<dyn FnMut(&AgentFacts) -> io::Result<()> + Send>;
+/// Work done once, when the entry command's execve is held (after the jail's set-up,
+/// before any agent code).
+pub type ArmHook = Box<dyn FnOnce() -> io::Result<()> + Send>;
 /// Hands an approved exec to the kernel's exec hook (Tier A).
 pub type ApproveExec = Box<dyn FnMut(u32, FileIdentity) -> io::Result<()> + Send>;
 
@@ -107,6 +110,8 @@ pub struct HostActuator {
     pub file_cache: Mutex<Option<Box<dyn FileCache>>>,
     /// Tier A: the exec hook's approval map.
     pub exec_approvals: Mutex<Option<ApproveExec>>,
+    /// Tier A: the guard hooks, turned on when the entry command's execve is held.
+    pub on_first_exec: Mutex<Option<ArmHook>>,
 }
 
 /// What the evaluator needs of the file plane's cache.
@@ -194,6 +199,7 @@ impl Governance {
             on_demote: Mutex::new(None),
             file_cache: Mutex::new(None),
             exec_approvals: Mutex::new(None),
+            on_first_exec: Mutex::new(None),
         });
         let name = agent.id.clone();
         let cfg = EvaluatorConfig {
@@ -352,7 +358,15 @@ impl ArmingDecider {
         })
     }
 
-    fn arm(&self, jail_pid: u32) -> Result<(), FanotifyError> {
+    fn arm(&self, jail_pid: u32) -> Result<(), String> {
+        let hook = self.actuator.on_first_exec.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(hook) = hook {
+            hook().map_err(|e| format!("cannot turn on the guard hooks: {e}"))?;
+        }
+        self.arm_file_plane(jail_pid).map_err(|e| format!("cannot start the file plane (fanotify): {e}"))
+    }
+
+    fn arm_file_plane(&self, jail_pid: u32) -> Result<(), FanotifyError> {
         let mut pending = self.pending_file_plane.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !*pending {
             return Ok(());
@@ -381,7 +395,7 @@ impl Decider for ArmingDecider {
     fn decide(&self, request: Request, reply: Reply) {
         if let Err(err) = self.arm(request.pid) {
             // File rules cannot be enforced: nothing of the agent may run.
-            eprintln!("agt-jail: cannot start the file plane (fanotify), refusing to run the agent: {err}");
+            eprintln!("agt-jail: {err}; refusing to run the agent");
             reply.answer(Answer::Deny);
             return;
         }
@@ -493,16 +507,27 @@ pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm
         }
         None => None,
     };
+    // The guard hooks are attached now but turned on for the agent only when its entry
+    // command's execve is held (see `ArmingDecider`): the jail's own set-up, which runs in
+    // the agent's cgroup, mounts its view first.
     let mut guard = GuardLsm::load(programs).context("cannot load the guard hooks")?;
     guard.attach(programs).context("cannot attach the guard hooks")?;
-    let flags = lsm::guard::DENY_PTRACE
-        | lsm::guard::DENY_FOREIGN_SIGNALS
-        | lsm::guard::DENY_MOUNT
-        | lsm::guard::DENY_BPF
-        | lsm::guard::DENY_KERNEL_LOAD
-        | lsm::guard::DENY_FOREIGN_SOCKETS;
-    GuardLsm::enable(programs, agent_id, flags).context("cannot turn on the guard hooks")?;
     Ok(TierA { _exec: exec, _file: file, _guard: guard })
+}
+
+/// Turns the Tier A guard hooks on for the agent (ptrace, foreign signals, mount, bpf,
+/// module loading and foreign sockets).
+pub fn guard_enabler(programs: Arc<Mutex<AgentPrograms>>, agent_id: u64) -> ArmHook {
+    Box::new(move || {
+        let flags = lsm::guard::DENY_PTRACE
+            | lsm::guard::DENY_FOREIGN_SIGNALS
+            | lsm::guard::DENY_MOUNT
+            | lsm::guard::DENY_BPF
+            | lsm::guard::DENY_KERNEL_LOAD
+            | lsm::guard::DENY_FOREIGN_SOCKETS;
+        let mut programs = programs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        GuardLsm::enable(&mut programs, agent_id, flags).map_err(io::Error::other)
+    })
 }
 
 /// Hands the evaluator's exec approvals to the kernel's exec hook.

@@ -230,7 +230,14 @@ fn reads_of_id_rsa_and_writes_of_locked_are_denied_and_the_rest_is_allowed() {
     assert_eq!(id_rsa[0].pid, agent.pid);
     assert_eq!(id_rsa[0].plane, "fanotify");
     let locked: Vec<FileAccess> = decider.requests_for("locked").iter().map(|r| file_request(r).1).collect();
-    assert_eq!(locked, [FileAccess::Write, FileAccess::Read, FileAccess::ReadWrite]);
+    // A write-only open is Write where the opener's flags can be read from
+    // /proc/<tid>/syscall; where they cannot (seen on the 6.1 guest) the plane falls back
+    // to the stricter ReadWrite. A read-only open must never be reported as anything else.
+    assert!(matches!(locked.first(), Some(FileAccess::Write | FileAccess::ReadWrite)), "{locked:?}");
+    if !agt_jail_test_support::in_vm() {
+        assert_eq!(locked.first(), Some(&FileAccess::Write), "this host reads the opener's flags");
+    }
+    assert_eq!(locked.get(1..), Some(&[FileAccess::Read, FileAccess::ReadWrite][..]));
     guard.stop().unwrap();
 }
 
