@@ -462,9 +462,12 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     }
 
     // Under a policy the evaluator writes the events file (decisions) and the denial lines.
+    let dns_stop = Arc::new(AtomicBool::new(false));
+    let mut dns_thread = None;
     let governance = match policy {
         Some((set, agent)) => {
             let policy_set = Arc::clone(&set);
+            let domain_set = Arc::clone(&set);
             let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
             let name = agent.id.clone();
             let governance = govern::Governance::start(
@@ -494,6 +497,24 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             }
             if !args.quiet {
                 eprintln!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
+            }
+            let domains = agt_jail_policy::plan::domains(&domain_set);
+            if args.policy.dns_refresh > 0 && !domains.is_empty() && lock(&governance.actuator.on_demote).is_some() {
+                let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
+                dns_thread = Some(
+                    govern::follow_domains(
+                        domains,
+                        Duration::from_secs(args.policy.dns_refresh),
+                        Arc::clone(&dns_stop),
+                        |names| govern::resolve_domains(names).0,
+                        move || match lock(&actuator.on_demote).as_mut() {
+                            // The same re-plan as a demotion, for the agent as it is now.
+                            Some(replan) => replan(&evaluator.agent()),
+                            None => Ok(()),
+                        },
+                    )
+                    .context("cannot start the DNS thread")?,
+                );
             }
             Some(governance)
         }
@@ -599,6 +620,10 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     drop(listener_socket);
     let status = running.wait().context("cannot wait for the command")?;
     forwarder.stop();
+    dns_stop.store(true, Ordering::SeqCst);
+    if let Some(thread) = dns_thread {
+        let _ = thread.join();
+    }
     if let Some((notifier, decider)) = exec_plane {
         if let Err(err) = notifier.stop() {
             eprintln!("agt-jail: warning: the exec plane ended with an error: {err}");

@@ -65,6 +65,11 @@ pub struct PolicyArgs {
     /// (otherwise: a warning per rule).
     #[arg(long)]
     pub strict: bool,
+
+    /// Seconds between DNS lookups of the policy's domains; when an answer changes the
+    /// network tables are re-installed (0: resolve only at start).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub dns_refresh: u64,
 }
 
 impl PolicyArgs {
@@ -104,7 +109,8 @@ pub type ApproveExec = Box<dyn FnMut(u32, FileIdentity) -> io::Result<()> + Send
 pub struct HostActuator {
     /// `cgroup.kill` of the agent's cgroup.
     pub kill_file: Option<PathBuf>,
-    /// Tightens the kernel planes on demotion (set once the BPF programs exist).
+    /// Re-plans the kernel planes for the agent as it is now: on demotion and when the
+    /// policy's domains resolve differently (set once the BPF programs exist).
     pub on_demote: Mutex<Option<Tighten>>,
     /// The file plane's cache (set once the fanotify guard runs).
     pub file_cache: Mutex<Option<Box<dyn FileCache>>>,
@@ -564,4 +570,78 @@ pub fn demoter(
         *current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(compiled);
         Ok(())
     })
+}
+
+/// Follows DNS for the policy's domains: every `every`, the names are resolved again and
+/// when any answer changed, `replan` re-installs the network tables (the compiler maps
+/// each address to its domain). Ends when `stop` is set.
+pub fn follow_domains(
+    domains: Vec<String>,
+    every: std::time::Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    resolve: impl Fn(&[String]) -> Resolved + Send + 'static,
+    mut replan: impl FnMut() -> io::Result<()> + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new().name("dns".into()).spawn(move || {
+        let mut last = resolve(&domains);
+        let step = std::time::Duration::from_millis(50).min(every);
+        let mut waited = std::time::Duration::ZERO;
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(step);
+            waited += step;
+            if waited < every {
+                continue;
+            }
+            waited = std::time::Duration::ZERO;
+            let now = resolve(&domains);
+            if now != last {
+                match replan() {
+                    Ok(()) => {
+                        eprintln!("agt-jail: policy domains resolve differently now; network tables re-installed");
+                        last = now;
+                    }
+                    Err(err) => eprintln!("agt-jail: warning: cannot re-install the network tables: {err}"),
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[test]
+    fn domain_changes_re_install_the_tables_and_nothing_else_does() {
+        let answers = Arc::new(Mutex::new(vec!["10.0.0.1".parse::<IpAddr>().unwrap()]));
+        let replans = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, r) = (Arc::clone(&answers), Arc::clone(&replans));
+        let handle = follow_domains(
+            vec!["registry.example".into()],
+            std::time::Duration::from_millis(10),
+            Arc::clone(&stop),
+            move |names| names.iter().map(|n| (n.clone(), a.lock().unwrap().clone())).collect(),
+            move || {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(replans.load(Ordering::SeqCst), 0, "same answers: nothing to do");
+        answers.lock().unwrap().push("10.0.0.2".parse().unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while replans.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the change was never followed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(replans.load(Ordering::SeqCst), 1, "one change, one re-install");
+        stop.store(true, Ordering::SeqCst);
+        handle.join().unwrap();
+    }
 }
