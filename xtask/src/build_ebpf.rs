@@ -1,9 +1,12 @@
 //! Builds the eBPF object reproducibly and installs or checks the committed copy.
 //!
 //! The object is committed (agent/ebpf-loader/bpf/agt-jail.bpf.o) so userspace builds
-//! on stable alone. Reproducibility: no debug info, one codegen unit, LTO, and every
-//! machine-specific path remapped, so the bytes depend only on the sources, the
-//! toolchain and bpf-linker's version.
+//! on stable alone. Reproducibility: one codegen unit, LTO, every machine-specific path
+//! remapped, and the build always runs from one fixed directory ([`STAGE`]) holding a copy
+//! of `ebpf/`, so the bytes depend only on the sources, the toolchain and bpf-linker's
+//! version. The object carries BTF (the verifier needs it for spin locks in map values),
+//! whose debug info names crates by a hash that covers the compiler flags; building where
+//! the clone happens to live would put the clone's path into that hash.
 use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +17,8 @@ pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TARGET: &str = "bpfel-unknown-none";
 pub const COMMITTED_OBJECT: &str = "agent/ebpf-loader/bpf/agt-jail.bpf.o";
+/// Where the eBPF crate is built from: the same path on every machine and clone.
+const STAGE: &str = "/tmp/agt-jail-ebpf-build";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -107,9 +112,10 @@ fn which(program: &str) -> bool {
 
 /// Builds the eBPF crate and returns the path of the object.
 pub fn build() -> Result<PathBuf> {
-    let root = repo_root();
+    let root = PathBuf::from(STAGE);
+    stage_sources(&repo_root().join("ebpf"), &root.join("ebpf"))?;
     let crate_dir = root.join("ebpf/agt-jail-ebpf");
-    let target_dir = root.join("target/ebpf");
+    let target_dir = root.join("target");
     let home = std::env::var("HOME").unwrap_or_default();
     let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
     let sysroot =
@@ -146,4 +152,76 @@ pub fn build() -> Result<PathBuf> {
     .env("CARGO_ENCODED_RUSTFLAGS", flags);
     run_checked(&mut cmd)?;
     Ok(target_dir.join(TARGET).join("release/agt-jail"))
+}
+
+/// Replaces `dst` with a copy of the eBPF sources under `src` (build output excluded),
+/// beside a workspace manifest holding only `ebpf/common` (which inherits its package
+/// fields and lints from the workspace).
+fn stage_sources(src: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+    if dst.exists() {
+        fs::remove_dir_all(dst).with_context(|| format!("cannot clear {}", dst.display()))?;
+    }
+    copy_tree(src, dst)?;
+    let manifest = repo_root().join("Cargo.toml");
+    let text = fs::read_to_string(&manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
+    let stage_manifest = dst.parent().unwrap_or(dst).join("Cargo.toml");
+    fs::write(&stage_manifest, common_only_workspace(&text))
+        .with_context(|| format!("cannot write {}", stage_manifest.display()))
+}
+
+/// The workspace manifest with `ebpf/common` as its only member.
+fn common_only_workspace(manifest: &str) -> String {
+    let mut out = String::new();
+    let mut in_members = false;
+    for line in manifest.lines() {
+        let trimmed = line.trim_start();
+        if in_members {
+            in_members = !trimmed.starts_with(']');
+            continue;
+        }
+        if trimmed.starts_with("default-members") {
+            continue;
+        }
+        if trimmed.starts_with("members") {
+            out.push_str("members = [\"ebpf/common\"]\n");
+            in_members = !trimmed.contains(']');
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+    fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for entry in fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let entry = entry.with_context(|| format!("cannot read {}", src.display()))?;
+        let name = entry.file_name();
+        if name == "target" {
+            continue;
+        }
+        let (from, to) = (entry.path(), dst.join(&name));
+        if entry.file_type().with_context(|| format!("cannot stat {}", from.display()))?.is_dir() {
+            copy_tree(&from, &to)?;
+        } else {
+            fs::copy(&from, &to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staged_workspace_holds_only_the_common_crate() {
+        let root = "[workspace]\nmembers = [\n    \"agent/cli\",\n    \"ebpf/common\",\n]\nexclude = [\"x\"]\ndefault-members = [\"agent/cli\"]\n\n[workspace.package]\nedition = \"2021\"\n";
+        let staged = common_only_workspace(root);
+        assert_eq!(
+            staged,
+            "[workspace]\nmembers = [\"ebpf/common\"]\nexclude = [\"x\"]\n\n[workspace.package]\nedition = \"2021\"\n"
+        );
+    }
 }
