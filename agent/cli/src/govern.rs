@@ -19,7 +19,7 @@ use agt_jail_ebpf_loader::{
     AgentPrograms, Event, NetLayer, NetTables, VerdictName,
 };
 use agt_jail_policy::{
-    context::{AgentFacts, NetEvent, NetFamily, NetProto},
+    context::{AgentFacts, FileEvent, NetEvent, NetFamily, NetProto},
     plan::{self, HostCaps, NetPlan, PathKind, Plan, Resolved},
     PolicySet,
 };
@@ -240,6 +240,18 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
             (NetEvent::Connect, *tgid, net, *verdict)
         }
         Event::Sendmsg { tgid, net, verdict, .. } => (NetEvent::Sendmsg, *tgid, net.clone(), *verdict),
+        // Tier A: an open the kernel's file hook decided from the policy's path forms.
+        Event::File { tgid, op, access, path, verdict, .. } if op == "open" => {
+            let writes = access.iter().any(|a| a != "read");
+            let (event, access) = match (writes, access.iter().any(|a| a == "read")) {
+                (false, _) => (FileEvent::Open, "read"),
+                (true, true) => (FileEvent::Write, "read_write"),
+                (true, false) => (FileEvent::Write, "write"),
+            };
+            let kernel = if *verdict == VerdictName::Allow { KernelVerdict::Allow } else { KernelVerdict::Deny };
+            evaluator.observe_file(*tgid, event, path, access, kernel);
+            return;
+        }
         Event::Bind { tgid, net, verdict, .. } => (NetEvent::Bind, *tgid, net.clone(), *verdict),
         other => {
             // A process's facts change when it execs or exits.

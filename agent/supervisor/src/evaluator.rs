@@ -618,18 +618,30 @@ impl Evaluator {
         domain: Option<&str>,
         kernel: KernelVerdict,
     ) {
-        let started = Instant::now();
         let agent = self.agent();
         let proc = self.cached_proc_facts(pid);
         let ctx = context::net_context(&agent, &proc, event, family, protocol, addr, port, domain);
-        let mut decision = self.policies.evaluate(&ctx, &self.opts);
+        let what = format!("{} to {addr}:{port}", event.as_str());
+        self.observe_decided(&agent, pid, &ctx, &what, kernel);
+    }
+
+    /// Records a file access the kernel decided (Tier A: the LSM file hooks).
+    pub fn observe_file(&self, pid: u32, event: FileEvent, path: &str, access: &str, kernel: KernelVerdict) {
+        let agent = self.agent();
+        let proc = self.cached_proc_facts(pid);
+        let ctx = context::file_context(&agent, &proc, event, path, access);
+        let what = format!("{} of {path}", event.as_str());
+        self.observe_decided(&agent, pid, &ctx, &what, kernel);
+    }
+
+    fn observe_decided(&self, agent: &AgentFacts, pid: u32, ctx: &Value, what: &str, kernel: KernelVerdict) {
+        let started = Instant::now();
+        let mut decision = self.policies.evaluate(ctx, &self.opts);
         let mut note = None;
         let outcome = match kernel {
             KernelVerdict::Allow => "allow",
-            KernelVerdict::Deny => "deny",
             KernelVerdict::Kill => "kill",
-            KernelVerdict::RateLimited => "deny",
-            KernelVerdict::Floor => "deny",
+            KernelVerdict::Deny | KernelVerdict::RateLimited | KernelVerdict::Floor => "deny",
         };
         match kernel {
             KernelVerdict::RateLimited => {
@@ -643,21 +655,20 @@ impl Evaluator {
                 if kernel_allowed != decision.allowed && decision.action != Action::RequireApproval {
                     note = Some("kernel and policy disagree");
                     eprintln!(
-                        "agt-jail: warning: the kernel {} a {} to {addr}:{port} that the policy {}s ({})",
+                        "agt-jail: warning: the kernel {} a {what} that the policy {}s ({})",
                         if kernel_allowed { "allowed" } else { "denied" },
-                        ctx["event"].as_str().unwrap_or("?"),
                         decision.action,
                         decision.matched_rule.as_deref().unwrap_or("default")
                     );
                 }
             }
         }
-        let event_name = ctx["event"].as_str().unwrap_or("net").to_string();
-        self.record(&agent, pid, &event_name, &ctx, &decision, "kernel", outcome, started, None, note);
+        let event_name = ctx["event"].as_str().unwrap_or("?").to_string();
+        self.record(agent, pid, &event_name, ctx, &decision, "kernel", outcome, started, None, note);
         if kernel == KernelVerdict::Kill {
             self.kill(&decision);
         } else if kernel != KernelVerdict::Allow {
-            self.on_denied(&format!("{event_name} to {addr}:{port}"), pid, &decision);
+            self.on_denied(what, pid, &decision);
         }
     }
 
