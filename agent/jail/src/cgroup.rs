@@ -215,8 +215,8 @@ impl V1Cgroup {
     }
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape_mount_path(raw: &str) -> String {
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`); this undoes it.
+pub fn unescape_mount_path(raw: &str) -> String {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -703,6 +703,7 @@ mod tests {
         let line = "41 31 0:38 / /mnt/my\\040cgroup rw - cgroup2 cgroup2 rw\n";
         assert_eq!(CgroupLayout::parse(line).unwrap().v2, PathBuf::from("/mnt/my cgroup"));
         assert_eq!(unescape_mount_path("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape_mount_path("a\\134b\\012"), "a\\b\n");
     }
 
     #[test]

@@ -61,6 +61,8 @@ use std::{
     thread::JoinHandle,
 };
 
+use agt_jail_jail::cgroup::unescape_mount_path;
+
 use crate::{sys::fanotify as sys, Answer, Decider, FileAccess, FileIdentity, Reply, Request, RequestKind};
 
 /// The `plane` of every request this module makes.
@@ -796,34 +798,14 @@ fn parse_mountinfo(text: &str) -> Result<Vec<MountEntry>, String> {
             let fields: Vec<&str> = line.split(' ').collect();
             let sep = fields.iter().position(|f| *f == "-").ok_or_else(|| line.to_string())?;
             let mnt_id = fields.first().and_then(|f| f.parse().ok()).ok_or_else(|| line.to_string())?;
-            let mount_point = fields.get(4).map(|f| unescape_octal(f)).ok_or_else(|| line.to_string())?;
-            let fstype = fields.get(sep + 1).map(|f| unescape_octal(f)).ok_or_else(|| line.to_string())?;
+            let mount_point = fields.get(4).map(|f| unescape_mount_path(f)).ok_or_else(|| line.to_string())?;
+            let fstype = fields.get(sep + 1).map(|f| unescape_mount_path(f)).ok_or_else(|| line.to_string())?;
             if sep < 6 {
                 return Err(line.to_string());
             }
             Ok(MountEntry { mnt_id, mount_point, fstype })
         })
         .collect()
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
-fn unescape_octal(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let value = bytes[i + 1..i + 4].iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-            if let Ok(byte) = u8::try_from(value) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -890,8 +872,6 @@ mod tests {
         assert_eq!(entries[0], MountEntry { mnt_id: 22, mount_point: "/proc".into(), fstype: "proc".into() });
         assert_eq!(entries[1], MountEntry { mnt_id: 30, mount_point: "/work/my dir".into(), fstype: "ext4".into() });
         assert!(parse_mountinfo("garbage line\n").is_err());
-        assert_eq!(unescape_octal("a\\134b\\012"), "a\\b\n");
-        assert_eq!(unescape_octal("end\\04"), "end\\04");
     }
 
     #[test]
