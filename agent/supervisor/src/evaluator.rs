@@ -881,6 +881,10 @@ rules:
 "#;
 
     fn evaluator(timeout: Duration) -> (Arc<Evaluator>, Arc<Recorder>, Lines) {
+        evaluator_with(timeout, TrustRules { penalty: 0, kill_below: 0 })
+    }
+
+    fn evaluator_with(timeout: Duration, trust: TrustRules) -> (Arc<Evaluator>, Arc<Recorder>, Lines) {
         let set = PolicySet::from_str("t.yaml", POLICY).unwrap();
         let actuator = Arc::new(Recorder::default());
         let lines = Lines::default();
@@ -896,7 +900,7 @@ rules:
             policies: Arc::new(set),
             agent,
             approval_timeout: timeout,
-            trust: TrustRules { penalty: 0, kill_below: 0 },
+            trust,
             entry_program: PathBuf::from("/bin/entry"),
             show_denials: false,
             proc_root: PathBuf::from("/nonexistent-proc"),
@@ -1040,29 +1044,8 @@ rules:
 
     #[test]
     fn denials_lower_trust_and_a_tier_change_demotes() {
-        let (ev, actuator, _) = evaluator(Duration::from_secs(60));
-        // Rebuild with a penalty: 500 - 250 = 250 is untrusted, whose floor is ring 3.
-        let ev = {
-            drop(ev);
-            let set = PolicySet::from_str("t.yaml", POLICY).unwrap();
-            let cfg = EvaluatorConfig {
-                policies: Arc::new(set),
-                agent: AgentFacts {
-                    id: "a".into(),
-                    did: "d".into(),
-                    ring: 2,
-                    trust: 500,
-                    tier: "standard".into(),
-                    session: "s".into(),
-                },
-                approval_timeout: Duration::from_secs(1),
-                trust: TrustRules { penalty: 250, kill_below: 0 },
-                entry_program: PathBuf::from("/bin/entry"),
-                show_denials: false,
-                proc_root: PathBuf::from("/nonexistent-proc"),
-            };
-            Evaluator::new(cfg, RecordSink::new(None), actuator.clone())
-        };
+        // 500 - 250 = 250 is untrusted, whose floor is ring 3.
+        let (ev, actuator, _) = evaluator_with(Duration::from_secs(1), TrustRules { penalty: 250, kill_below: 0 });
         ask(&ev, exec(&["rm", "-rf", "/"])).recv().unwrap();
         assert_eq!(ev.agent().trust, 250);
         assert_eq!(ev.agent().ring, 3);
