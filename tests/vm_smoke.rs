@@ -179,11 +179,5 @@ impl Drop for Scratch {
 
 /// Where cgroup v2 is mounted: /sys/fs/cgroup (pure v2) or e.g. /sys/fs/cgroup/unified.
 fn cgroup2_root() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mounts
-        .lines()
-        .find(|line| line.contains(" - cgroup2 "))
-        .and_then(|line| line.split(' ').nth(4))
-        .map(PathBuf::from)
-        .expect("a cgroup2 mount")
+    agt_jail_jail::CgroupLayout::detect(std::path::Path::new("/proc/self/mountinfo")).expect("a cgroup2 mount").v2
 }
