@@ -309,6 +309,12 @@ pub fn resolve_domains(domains: &[String]) -> (Resolved, Vec<String>) {
     (resolved, failed)
 }
 
+/// What this host offers the compiler. fanotify counts only when this process really
+/// gets permission events (a kernel can have fanotify without them).
+pub fn host_caps(ring: u8, confined: bool, bpf_lsm: bool) -> HostCaps {
+    HostCaps { bpf_lsm, fanotify: agt_jail_supervisor::fanotify::probe().is_ok(), confined, ring }
+}
+
 /// Compiles the policy for this agent on this host and prints what cannot be enforced
 /// before effect (an error instead with `--strict`).
 pub fn compile_plan(
@@ -319,7 +325,7 @@ pub fn compile_plan(
     bpf_lsm: bool,
     strict: bool,
 ) -> Result<(Plan, Resolved)> {
-    let caps = HostCaps { bpf_lsm, fanotify: Path::new("/proc/sys/fs/fanotify").is_dir(), confined, ring };
+    let caps = host_caps(ring, confined, bpf_lsm);
     // Names that do not resolve are reported by the compiler, one warning each.
     let (resolved, _) = resolve_domains(&plan::domains(set));
     let compiled = plan::compile(set, agent, &caps, &resolved, strict)
@@ -573,8 +579,7 @@ pub fn demoter(
         if agent.ring >= 3 {
             programs.deny_all_net(agent_id).map_err(io::Error::other)?;
         }
-        let caps =
-            HostCaps { bpf_lsm, fanotify: Path::new("/proc/sys/fs/fanotify").is_dir(), confined, ring: agent.ring };
+        let caps = host_caps(agent.ring, confined, bpf_lsm);
         let (resolved, _) = resolve_domains(&plan::domains(&set));
         // Not strict: the agent is running; a plan that no longer compiles keeps the old tables.
         let compiled = plan::compile(&set, agent, &caps, &resolved, false).map_err(io::Error::other)?;

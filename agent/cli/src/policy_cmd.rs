@@ -283,7 +283,7 @@ pub(crate) fn bpf_lsm_usable() -> (bool, String) {
 
 fn explain(args: &ExplainArgs) -> ExitCode {
     use agt_jail_policy::context::AgentFacts;
-    use agt_jail_policy::plan::{self, HostCaps};
+    use agt_jail_policy::plan;
     let set = match PolicySet::load_with(&args.policies, args.rego_query.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -292,9 +292,7 @@ fn explain(args: &ExplainArgs) -> ExitCode {
         }
     };
     let (bpf_lsm, lsm_note) = bpf_lsm_usable();
-    // fanotify exposes /proc/sys/fs/fanotify when the kernel is built with it.
-    let fanotify = Path::new("/proc/sys/fs/fanotify").is_dir();
-    let caps = HostCaps { bpf_lsm, fanotify, confined: args.ring > 0, ring: args.ring };
+    let caps = crate::govern::host_caps(args.ring, args.ring > 0, bpf_lsm);
     let agent = AgentFacts::new("explain", args.agent.clone(), args.ring, args.trust, "explain");
     let names = plan::domains(&set);
     let (resolved, unresolved) = crate::govern::resolve_domains(&names);
@@ -308,7 +306,7 @@ fn explain(args: &ExplainArgs) -> ExitCode {
     };
     if args.json {
         let v = serde_json::json!({
-            "host": {"bpf_lsm": bpf_lsm, "bpf_lsm_detail": lsm_note, "fanotify": fanotify, "ring": args.ring,
+            "host": {"bpf_lsm": bpf_lsm, "bpf_lsm_detail": lsm_note, "fanotify": caps.fanotify, "ring": args.ring,
                      "confined": caps.confined},
             "domains": names,
             "unresolved": unresolved,
@@ -319,7 +317,7 @@ fn explain(args: &ExplainArgs) -> ExitCode {
     }
     println!(
         "host: {lsm_note}; fanotify {}; ring {} ({})",
-        if fanotify { "available" } else { "unavailable" },
+        if caps.fanotify { "available" } else { "unavailable" },
         args.ring,
         if caps.confined { "confined" } else { "not confined" }
     );
