@@ -248,7 +248,15 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
     for kernel in &kernels {
         println!("vm-test: booting {} ({})", kernel.release, kernel.package);
         let log = logs.join(format!("{}.log", kernel.series));
-        let outcome = boot(kernel, &initrd, accel, opts, &log)?;
+        let mut outcome = boot(kernel, &initrd, accel, opts, &log)?;
+        // A guest that dies before our init ran (seen: a TCG guest kernel panicking in
+        // early boot) says nothing about the code under test: boot it once more. A guest
+        // that reached init is never booted again, whatever its tests did.
+        if outcome.boot_secs.is_none() {
+            println!("vm-test: {} never reached init; booting it once more (log kept as .first)", kernel.release);
+            let _ = fs::rename(&log, log.with_extension("log.first"));
+            outcome = boot(kernel, &initrd, accel, opts, &log)?;
+        }
         outcomes.push((kernel, outcome, log));
     }
 
