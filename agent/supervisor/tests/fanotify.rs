@@ -340,7 +340,7 @@ fn loop_ns(agent: &mut Agent, path: &Path, count: u32) -> u64 {
 
 /// Cost of one open+close (report only: `cargo test --test fanotify -- --ignored --nocapture`).
 #[test]
-#[ignore = "measurement, prints numbers"]
+#[ignore = "measurement: cargo test --release -p agt-jail-supervisor --test fanotify -- --ignored --nocapture"]
 fn measure_open_close_cost() {
     require!(Need::Root);
     const N: u32 = 100_000;
