@@ -125,7 +125,9 @@ pub fn unmet(test: &str, reason: &str) {
     eprintln!("SKIP {test}: {reason}");
     if let Ok(log) = std::env::var("AGT_JAIL_SKIP_LOG") {
         if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(file, "{test}: {reason}");
+            // One write per line: tests skip in parallel, and an appended write is whole
+            // only when it is a single one (writeln! writes piece by piece).
+            let _ = file.write_all(format!("{test}: {reason}\n").as_bytes());
         }
     }
 }
