@@ -59,6 +59,24 @@ fn exit_codes_and_signals_are_propagated_from_rings_2_and_3() {
 }
 
 #[test]
+fn an_agent_never_inherits_real_time_scheduling() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    // agt-jail itself runs SCHED_FIFO; ring 3's default limits include a v1 cpu cgroup
+    // on hybrid hosts, which a real-time task could not even join.
+    let script = "read -r stat < /proc/self/stat; echo \"$stat\"";
+    let output = Command::new("chrt")
+        .args(["--fifo", "10", BIN, "exec", "--ring", "3", "--", "/bin/sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stat = stdout(&output);
+    let (_, after_comm) = stat.rsplit_once(") ").unwrap();
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 40 (rt_priority) and 41 (policy) of proc_pid_stat(5); field 3 is fields[0].
+    assert_eq!((fields[37], fields[38]), ("0", "0"), "the agent runs SCHED_OTHER: {stat}");
+}
+
+#[test]
 fn stdin_and_stdout_are_piped() {
     require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
     let mut child = agt_jail()

@@ -356,6 +356,9 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         )
         .into());
     }
+    // An agent never inherits the operator's real-time policy or negative nice value:
+    // it could starve the host, and a real-time task cannot join a v1 cpu cgroup.
+    host::reset_scheduling_on_fork().context("cannot reset the scheduling priority the agent would inherit")?;
     // The policy loads (and fails with its located error) before anything is created.
     let policy = if args.policy.given() { Some(govern::load(&args.policy, profile.ring)?) } else { None };
     let workspace = match (&args.workspace, profile.workspace) {

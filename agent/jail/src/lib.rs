@@ -42,6 +42,13 @@ pub mod host {
         sys::geteuid()
     }
 
+    /// Children of this thread start with normal scheduling, whatever this thread runs
+    /// with: an agent never inherits a real-time policy or a negative nice value from
+    /// the operator's shell (see [`sys::reset_scheduling_on_fork`]).
+    pub fn reset_scheduling_on_fork() -> std::io::Result<()> {
+        sys::reset_scheduling_on_fork()
+    }
+
     /// Sends `signal` to `pid` (ESRCH is not an error).
     pub fn kill(pid: i32, signal: i32) -> std::io::Result<()> {
         sys::kill(pid, signal)

@@ -41,6 +41,22 @@ pub fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
     check_tolerating(unsafe { libc::kill(pid, signal) }, libc::ESRCH)
 }
 
+/// Makes every process this thread creates from now on start with normal scheduling:
+/// a real-time policy becomes SCHED_OTHER and a negative nice value 0 in the child
+/// (SCHED_RESET_ON_FORK), while this thread keeps its own. Setting the flag needs no
+/// privilege.
+pub fn reset_scheduling_on_fork() -> io::Result<()> {
+    // SAFETY: sched_getscheduler(2) on the calling thread touches no memory of ours.
+    let policy = check(unsafe { libc::sched_getscheduler(0) })?;
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, writable sched_param for the duration of the call.
+    check(unsafe { libc::sched_getparam(0, &mut param) })?;
+    // SAFETY: `param` is a valid sched_param; the policy is the thread's own, with the
+    // reset-on-fork flag added.
+    check(unsafe { libc::sched_setscheduler(0, policy | libc::SCHED_RESET_ON_FORK, &param) })?;
+    Ok(())
+}
+
 /// write(2) of a whole small buffer to a raw fd, for use between fork and exec:
 /// it allocates nothing and is async-signal-safe.
 pub fn write_all_raw(fd: libc::c_int, bytes: &[u8]) -> io::Result<()> {
