@@ -17,8 +17,8 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, ExitStatus},
     sync::{
-        atomic::{AtomicBool, AtomicI32, Ordering},
-        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
     },
     thread,
     time::Duration,
@@ -386,6 +386,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     let mut plan = None;
     let mut tier_a = None;
     let mut cgroup_v1 = Vec::new();
+    let mut stale_sweep = None;
     if root {
         let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
         let limited =
@@ -394,8 +395,6 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             cgroup::warm_migration_lock(&layout);
         }
         let parent = layout.agents_parent();
-        cgroup::sweep_stale(&parent, Path::new("/proc"));
-        cgroup::sweep_stale_v1(&layout, Path::new("/proc"));
         let mut cgroup = AgentCgroup::create(&parent, &cgroup::cgroup_name(std::process::id(), 0))
             .context("cannot create the agent's cgroup")?;
         let limits = CgroupLimits {
@@ -458,6 +457,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
             None
         };
         governed = Some((cgroup, programs));
+        stale_sweep = Some((parent, layout));
     } else {
         eprintln!(
             "agt-jail: warning: not root: no cgroup and no BPF programs; memory, pids and cpu limits are not enforced"
@@ -618,7 +618,13 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         drop(pty.slave);
         relay_pty(pty.master)
     });
-    forwarder.set_child(i32::try_from(running.pid()).unwrap_or(-1));
+    forwarder.set_child(running.pid());
+    // Cgroups left by agt-jail processes that were killed: removed while the command
+    // runs, off the start-up path (a live owner's cgroups are never touched).
+    if let Some((parent, layout)) = stale_sweep {
+        cgroup::sweep_stale(&parent, Path::new("/proc"));
+        cgroup::sweep_stale_v1(&layout, Path::new("/proc"));
+    }
     // The agent has sent its listener (or is gone): agt-jail keeps no copy of its end.
     drop(listener_socket);
     let status = running.wait().context("cannot wait for the command")?;
@@ -844,11 +850,34 @@ fn pump_events(
 /// period, kills everything it started. In ring 0 the command shares agt-jail's process
 /// group, so signals the terminal sends (Ctrl-C) already reached it and are not sent
 /// twice; a jail has its own session, so every signal is forwarded.
+///
+/// The command is named by a pidfd, so a signal that races with its exit can never reach
+/// a later process that reuses its pid; that is also why [`Self::stop`] need not wait for
+/// the thread (agt-jail's exit ends it).
 struct SignalForwarder {
     handle: signal_hook::iterator::Handle,
-    thread: thread::JoinHandle<()>,
     done: Arc<AtomicBool>,
-    child: Arc<AtomicI32>,
+    child: Arc<OnceLock<Target>>,
+}
+
+/// Whom forwarded signals go to.
+enum Target {
+    /// The started command.
+    Pidfd(OwnedFd),
+    /// The started command on a kernel without pidfds (before Linux 5.3).
+    Pid(i32),
+    /// Nothing was started.
+    Nobody,
+}
+
+impl Target {
+    fn signal(&self, signal: libc::c_int) {
+        let _ = match self {
+            Target::Pidfd(fd) => host::pidfd_send_signal(fd.as_fd(), signal),
+            Target::Pid(pid) => host::kill(*pid, signal),
+            Target::Nobody => Ok(()),
+        };
+    }
 }
 
 const FORWARDED: [libc::c_int; 5] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1];
@@ -859,11 +888,11 @@ impl SignalForwarder {
     fn start(jail: bool, kill_file: Option<PathBuf>, grace: Duration) -> Result<Self> {
         let mut signals = SignalsInfo::<WithOrigin>::new(FORWARDED).context("cannot install signal handlers")?;
         let handle = signals.handle();
-        let child = Arc::new(AtomicI32::new(0));
+        let child = Arc::new(OnceLock::new());
         let target = Arc::clone(&child);
         let done = Arc::new(AtomicBool::new(false));
         let finished = Arc::clone(&done);
-        let thread = thread::Builder::new()
+        thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 let mut armed = false;
@@ -872,23 +901,23 @@ impl SignalForwarder {
                         continue;
                     }
                     // Hold the signal until the command exists (or agt-jail gives up).
-                    let pid = loop {
-                        let pid = target.load(Ordering::SeqCst);
-                        if pid != 0 {
-                            break pid;
+                    let command: &Target = loop {
+                        if let Some(command) = target.get() {
+                            break command;
                         }
                         thread::sleep(Duration::from_millis(1));
                     };
-                    if pid < 0 {
+                    if matches!(command, Target::Nobody) {
                         continue;
                     }
-                    let _ = host::kill(pid, origin.signal);
+                    command.signal(origin.signal);
                     if origin.signal == libc::SIGUSR1 || armed {
                         continue;
                     }
                     armed = true;
                     let finished = Arc::clone(&finished);
                     let kill_file = kill_file.clone();
+                    let command = Arc::clone(&target);
                     let _ = thread::Builder::new().name("grace".into()).spawn(move || {
                         thread::sleep(grace);
                         if finished.load(Ordering::SeqCst) {
@@ -897,28 +926,32 @@ impl SignalForwarder {
                         // The whole cgroup (every process the agent started), else the
                         // jail's init (its death ends the pid namespace).
                         let killed = kill_file.as_ref().is_some_and(|f| f.exists() && std::fs::write(f, "1").is_ok());
-                        if !killed {
-                            let _ = host::kill(pid, libc::SIGKILL);
+                        if let (false, Some(command)) = (killed, command.get()) {
+                            command.signal(libc::SIGKILL);
                         }
                     });
                 }
             })
             .context("cannot start the signal thread")?;
-        Ok(Self { handle, thread, done, child })
+        Ok(Self { handle, done, child })
     }
 
-    /// Names the started command; -1 when it could not be started.
-    fn set_child(&self, pid: i32) {
-        self.child.store(pid, Ordering::SeqCst);
+    /// Names the started command (before it is waited for, so its pid is still its own).
+    fn set_child(&self, pid: u32) {
+        let target = match i32::try_from(pid) {
+            Ok(pid) => host::pidfd_open(pid).map(Target::Pidfd).unwrap_or(Target::Pid(pid)),
+            Err(_) => Target::Nobody,
+        };
+        let _ = self.child.set(target);
     }
 
+    /// Forwards nothing more. A signal the thread already took may still be delivered
+    /// after this returns; through the pidfd it reaches, at worst, the command that is
+    /// already gone and never a process that reused its pid.
     fn stop(self) {
         self.done.store(true, Ordering::SeqCst);
-        if self.child.load(Ordering::SeqCst) == 0 {
-            self.child.store(-1, Ordering::SeqCst);
-        }
+        let _ = self.child.set(Target::Nobody);
         self.handle.close();
-        let _ = self.thread.join();
     }
 }
 

@@ -49,6 +49,16 @@ pub mod host {
         sys::reset_scheduling_on_fork()
     }
 
+    /// A pidfd for `pid` (see [`sys::pidfd_open`]).
+    pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+        sys::pidfd_open(pid)
+    }
+
+    /// Sends `signal` through a pidfd (ESRCH is not an error).
+    pub fn pidfd_send_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> std::io::Result<()> {
+        sys::pidfd_send_signal(pidfd, signal)
+    }
+
     /// Sends `signal` to `pid` (ESRCH is not an error).
     pub fn kill(pid: i32, signal: i32) -> std::io::Result<()> {
         sys::kill(pid, signal)

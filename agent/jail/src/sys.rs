@@ -57,6 +57,28 @@ pub fn reset_scheduling_on_fork() -> io::Result<()> {
     Ok(())
 }
 
+/// pidfd_open(2): a descriptor that names process `pid` for as long as it exists; a
+/// signal sent through it can never reach a later process that reuses the number.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes plain integers and touches no memory of ours.
+    let fd = check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// pidfd_send_signal(2). A process that is gone (ESRCH) is not an error, as in [`kill`].
+pub fn pidfd_send_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is borrowed for the call; a null siginfo asks the kernel to fill in
+    // the sender's own, and no other memory is touched.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    check_tolerating(if rc < 0 { -1 } else { 0 }, libc::ESRCH)
+}
+
 /// write(2) of a whole small buffer to a raw fd, for use between fork and exec:
 /// it allocates nothing and is async-signal-safe.
 pub fn write_all_raw(fd: libc::c_int, bytes: &[u8]) -> io::Result<()> {
