@@ -148,27 +148,42 @@ impl NetPlan {
 
 fn prefix_contains(net: IpAddr, len: u8, addr: IpAddr) -> bool {
     match (net, addr) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => mask32(u32::from(a), len) == u32::from(n),
-        (IpAddr::V6(n), IpAddr::V6(a)) => mask128(u128::from(a), len) == u128::from(n),
+        (IpAddr::V4(n), IpAddr::V4(a)) => u32::from(a).mask(len) == u32::from(n),
+        (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a).mask(len) == u128::from(n),
         _ => false,
     }
 }
 
-fn mask32(a: u32, len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        a & (u32::MAX << (32 - u32::from(len.min(32))))
-    }
+/// The integer form of an address of either family, for the prefix arithmetic that is
+/// the same for both.
+trait AddrBits: Copy + Ord {
+    /// `self` with all but the first `len` bits cleared.
+    fn mask(self, len: u8) -> Self;
+    /// The last address of the prefix `self/len`.
+    fn end(self, len: u8) -> Self;
+    fn next(self) -> Option<Self>;
 }
 
-fn mask128(a: u128, len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        a & (u128::MAX << (128 - u32::from(len.min(128))))
-    }
+macro_rules! addr_bits {
+    ($($t:ty),*) => {$(
+        impl AddrBits for $t {
+            fn mask(self, len: u8) -> Self {
+                if len == 0 {
+                    0
+                } else {
+                    self & (<$t>::MAX << (<$t>::BITS - u32::from(len).min(<$t>::BITS)))
+                }
+            }
+            fn end(self, len: u8) -> Self {
+                self | <$t>::MAX.checked_shr(u32::from(len)).unwrap_or(0)
+            }
+            fn next(self) -> Option<Self> {
+                self.checked_add(1)
+            }
+        }
+    )*};
 }
+addr_bits!(u32, u128);
 
 /// Tier A path forms (for `lsm/file_open` and `lsm/path_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -775,50 +790,25 @@ struct Region {
     domains: Vec<String>,
 }
 
-fn regions_v4(set: &BTreeSet<(u32, u8)>) -> Vec<(u32, u8, Option<u32>)> {
-    let list: Vec<(u32, u8)> = set.iter().copied().collect();
+/// For each prefix of one family: an address inside it and outside all of its more
+/// specific children (prefixes inside it with no other prefix in between), if any.
+fn prefix_regions<A: AddrBits>(set: &BTreeSet<(A, u8)>) -> Vec<(A, u8, Option<A>)> {
+    let list: Vec<(A, u8)> = set.iter().copied().collect();
     let mut out = Vec::new();
     for &(a, l) in &list {
-        let end = |a: u32, l: u8| a | u32::MAX.checked_shr(u32::from(l)).unwrap_or(0);
-        // Children: more specific prefixes inside this one with no other prefix in between.
-        let inside: Vec<(u32, u8)> = list.iter().copied().filter(|&(b, m)| m > l && mask32(b, l) == a).collect();
-        let mut kids: Vec<(u32, u8)> =
-            inside.iter().copied().filter(|&(b, m)| !inside.iter().any(|&(c, n)| n < m && mask32(b, n) == c)).collect();
+        let inside: Vec<(A, u8)> = list.iter().copied().filter(|&(b, m)| m > l && b.mask(l) == a).collect();
+        let mut kids: Vec<(A, u8)> =
+            inside.iter().copied().filter(|&(b, m)| !inside.iter().any(|&(c, n)| n < m && b.mask(n) == c)).collect();
         kids.sort_unstable();
         let mut cursor = Some(a);
         for (b, m) in kids {
             match cursor {
                 Some(c) if b > c => break,
-                Some(_) => cursor = end(b, m).checked_add(1).filter(|n| *n <= end(a, l)),
+                Some(_) => cursor = b.end(m).next().filter(|n| *n <= a.end(l)),
                 None => break,
             }
         }
-        out.push((a, l, cursor.filter(|c| *c <= end(a, l))));
-    }
-    out
-}
-
-fn regions_v6(set: &BTreeSet<(u128, u8)>) -> Vec<(u128, u8, Option<u128>)> {
-    let list: Vec<(u128, u8)> = set.iter().copied().collect();
-    let mut out = Vec::new();
-    for &(a, l) in &list {
-        let end = |a: u128, l: u8| a | u128::MAX.checked_shr(u32::from(l)).unwrap_or(0);
-        let inside: Vec<(u128, u8)> = list.iter().copied().filter(|&(b, m)| m > l && mask128(b, l) == a).collect();
-        let mut kids: Vec<(u128, u8)> = inside
-            .iter()
-            .copied()
-            .filter(|&(b, m)| !inside.iter().any(|&(c, n)| n < m && mask128(b, n) == c))
-            .collect();
-        kids.sort_unstable();
-        let mut cursor = Some(a);
-        for (b, m) in kids {
-            match cursor {
-                Some(c) if b > c => break,
-                Some(_) => cursor = end(b, m).checked_add(1).filter(|n| *n <= end(a, l)),
-                None => break,
-            }
-        }
-        out.push((a, l, cursor.filter(|c| *c <= end(a, l))));
+        out.push((a, l, cursor.filter(|c| *c <= a.end(l))));
     }
     out
 }
@@ -996,7 +986,7 @@ fn compile_net(
         ));
     }
     let mut regions = Vec::new();
-    for (a, l, rep) in regions_v4(&atoms.v4) {
+    for (a, l, rep) in prefix_regions(&atoms.v4) {
         let domains = if l == 32 { dom4.get(&a).cloned().unwrap_or_default() } else { Vec::new() };
         regions.push(Region {
             addr: IpAddr::V4(Ipv4Addr::from(a)),
@@ -1005,7 +995,7 @@ fn compile_net(
             domains,
         });
     }
-    for (a, l, rep) in regions_v6(&atoms.v6) {
+    for (a, l, rep) in prefix_regions(&atoms.v6) {
         let domains = if l == 128 { dom6.get(&a).cloned().unwrap_or_default() } else { Vec::new() };
         regions.push(Region {
             addr: IpAddr::V6(Ipv6Addr::from(a)),
