@@ -190,8 +190,14 @@ fn setup(test: &str) -> Option<Setup> {
     let decider = Arc::new(TestDecider::default());
     let (tx, rx) = mpsc::channel();
     *decider.handed_over.lock().unwrap() = Some(tx);
+    let guard = guard_for(&agent, &decider);
+    Some((agent, guard, decider, rx))
+}
+
+/// A guard over `agent` whose decisions `decider` makes (it keeps the guard's handle).
+fn guard_for(agent: &Agent, decider: &Arc<TestDecider>) -> FileGuard {
     let for_guard = decider.clone();
-    let guard = FileGuard::start_with(
+    FileGuard::start_with(
         agent.pid,
         move |handle| {
             for_guard.handle.set(handle).unwrap();
@@ -199,8 +205,7 @@ fn setup(test: &str) -> Option<Setup> {
         },
         FileGuardOptions::default(),
     )
-    .unwrap();
-    Some((agent, guard, decider, rx))
+    .unwrap()
 }
 
 fn file_request(request: &Request) -> (&str, FileAccess) {
@@ -354,16 +359,7 @@ fn measure_open_close_cost() {
     let unguarded = loop_ns(&mut agent, &in_jail, N);
 
     let decider = Arc::new(TestDecider::default());
-    let for_guard = decider.clone();
-    let guard = FileGuard::start_with(
-        agent.pid,
-        move |handle| {
-            for_guard.handle.set(handle).unwrap();
-            for_guard as Arc<dyn Decider>
-        },
-        FileGuardOptions::default(),
-    )
-    .unwrap();
+    let guard = guard_for(&agent, &decider);
     let guarded = loop_ns(&mut agent, &in_jail, N);
     assert_eq!(decider.requests_for("notes").len(), N as usize, "every open was asked");
     let cached_ns = loop_ns(&mut agent, &cached, N);
