@@ -26,7 +26,7 @@ use agt_jail_ebpf_loader::{
     },
     AgentPrograms, Event, EventReader, LoaderError,
 };
-use agt_jail_test_support::{current_test_name, require, unmet, Need};
+use agt_jail_test_support::{current_test_name, require, unmet, which, Need};
 
 /// Loads a BPF LSM group, or records that the kernel refuses BPF LSM (skip on the host,
 /// failure in the VM).
@@ -636,14 +636,6 @@ fn collect(events: &mut EventReader) -> Vec<Event> {
     events.poll(Duration::from_secs(2), &mut sink).unwrap();
     events.drain(&mut sink);
     seen
-}
-
-fn which(name: &str) -> PathBuf {
-    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
-        .iter()
-        .map(|dir| Path::new(dir).join(name))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("no {name} in /usr/bin, /bin, /usr/sbin, /sbin"))
 }
 
 /// A temporary directory and cgroup v2 children, all removed on drop.

@@ -19,7 +19,7 @@ use agt_jail_ebpf_loader::{
     lsm::{ExecIdentity, ExecLsm},
     AgentPrograms, Event,
 };
-use agt_jail_test_support::{current_test_name, in_vm, require, unmet, Need};
+use agt_jail_test_support::{current_test_name, in_vm, require, unmet, which, Need};
 
 const AGENT_ID: u64 = 0x5e0c_0001;
 
@@ -128,14 +128,6 @@ fn run_in(cgroup: &Path, program: &Path) -> io::Result<i32> {
     }
     let status = cmd.status()?;
     Ok(status.code().unwrap_or(-1))
-}
-
-fn which(name: &str) -> PathBuf {
-    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
-        .iter()
-        .map(|dir| Path::new(dir).join(name))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("no {name} in /usr/bin, /bin, /usr/sbin, /sbin"))
 }
 
 /// A temporary directory and a cgroup v2 child, both removed on drop.

@@ -7,7 +7,11 @@
 //! failure, never a skip, so the VM proves what the host cannot. A requirement that
 //! depends on the kernel version (Landlock ABI 6 on the 6.1 guest) is a counted skip
 //! with its reason, reported per kernel by `cargo xtask vm-test`.
-use std::{fs::OpenOptions, io::Write, path::Path};
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    path::{Path, PathBuf},
+};
 
 /// What a test needs from the machine it runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,4 +162,13 @@ pub fn assert_one_line_error(output: &std::process::Output, code: i32, needle: &
     assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The absolute path of a system command (test guests have no `PATH` to search).
+pub fn which(name: &str) -> PathBuf {
+    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| panic!("no {name} in /usr/bin, /bin, /usr/sbin, /sbin"))
 }
