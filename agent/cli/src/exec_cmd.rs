@@ -18,7 +18,7 @@ use std::{
     process::{Command, ExitCode, ExitStatus},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     thread,
     time::Duration,
@@ -562,7 +562,7 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     }
     let exec_notify = listener_socket.as_ref().map(AsRawFd::as_raw_fd);
     let kill_file = governed.as_ref().map(|(c, _)| c.path().join("cgroup.kill"));
-    let forwarder = SignalForwarder::start(profile.confine, kill_file, Duration::from_secs(args.grace))?;
+    let mut forwarder = SignalForwarder::start(profile.confine, kill_file, Duration::from_secs(args.grace))?;
     let pty = if args.tty { Some(Pty::open().context("cannot open a pseudo-terminal")?) } else { None };
     let started = if profile.confine {
         let home = match (&workspace, profile.workspace) {
@@ -618,7 +618,16 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
         drop(pty.slave);
         relay_pty(pty.master)
     });
-    forwarder.set_child(running.pid());
+    if let Err(err) = forwarder.set_child(running.pid()) {
+        // The command runs; without forwarding, a SIGTERM to agt-jail would orphan it.
+        if let Ok(pid) = i32::try_from(running.pid()) {
+            let _ = host::kill(pid, libc::SIGKILL);
+        }
+        let _ = running.wait();
+        forwarder.stop();
+        let _ = stop_pump(pump);
+        return Err(err.into());
+    }
     // Cgroups left by agt-jail processes that were killed: removed while the command
     // runs, off the start-up path (a live owner's cgroups are never touched).
     if let Some((parent, layout)) = stale_sweep {
@@ -851,13 +860,18 @@ fn pump_events(
 /// group, so signals the terminal sends (Ctrl-C) already reached it and are not sent
 /// twice; a jail has its own session, so every signal is forwarded.
 ///
-/// The command is named by a pidfd, so a signal that races with its exit can never reach
-/// a later process that reuses its pid; that is also why [`Self::stop`] need not wait for
-/// the thread (agt-jail's exit ends it).
+/// The handlers are installed before the command starts; signals that arrive while it
+/// starts wait in the handlers' queue for the forwarding thread, which starts once the
+/// command exists (off the start-up path). The command is named by a pidfd, so a signal
+/// that races with its exit can never reach a later process that reuses its pid; that is
+/// also why [`Self::stop`] need not wait for the thread (agt-jail's exit ends it).
 struct SignalForwarder {
+    signals: Option<SignalsInfo<WithOrigin>>,
     handle: signal_hook::iterator::Handle,
+    jail: bool,
+    kill_file: Option<PathBuf>,
+    grace: Duration,
     done: Arc<AtomicBool>,
-    child: Arc<OnceLock<Target>>,
 }
 
 /// Whom forwarded signals go to.
@@ -866,16 +880,18 @@ enum Target {
     Pidfd(OwnedFd),
     /// The started command on a kernel without pidfds (before Linux 5.3).
     Pid(i32),
-    /// Nothing was started.
-    Nobody,
 }
 
 impl Target {
+    fn of(pid: u32) -> Option<Self> {
+        let pid = i32::try_from(pid).ok()?;
+        Some(host::pidfd_open(pid).map(Target::Pidfd).unwrap_or(Target::Pid(pid)))
+    }
+
     fn signal(&self, signal: libc::c_int) {
         let _ = match self {
             Target::Pidfd(fd) => host::pidfd_send_signal(fd.as_fd(), signal),
             Target::Pid(pid) => host::kill(*pid, signal),
-            Target::Nobody => Ok(()),
         };
     }
 }
@@ -883,31 +899,26 @@ impl Target {
 const FORWARDED: [libc::c_int; 5] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1];
 
 impl SignalForwarder {
-    /// Installs the handlers before the command starts (a signal that arrives while it
-    /// starts is held until [`Self::set_child`] names it).
+    /// Installs the handlers before the command starts.
     fn start(jail: bool, kill_file: Option<PathBuf>, grace: Duration) -> Result<Self> {
-        let mut signals = SignalsInfo::<WithOrigin>::new(FORWARDED).context("cannot install signal handlers")?;
+        let signals = SignalsInfo::<WithOrigin>::new(FORWARDED).context("cannot install signal handlers")?;
         let handle = signals.handle();
-        let child = Arc::new(OnceLock::new());
-        let target = Arc::clone(&child);
-        let done = Arc::new(AtomicBool::new(false));
-        let finished = Arc::clone(&done);
+        Ok(Self { signals: Some(signals), handle, jail, kill_file, grace, done: Arc::new(AtomicBool::new(false)) })
+    }
+
+    /// Names the started command (before it is waited for, so its pid is still its own)
+    /// and starts forwarding, the signals that arrived meanwhile first.
+    fn set_child(&mut self, pid: u32) -> Result<()> {
+        let (Some(mut signals), Some(command)) = (self.signals.take(), Target::of(pid)) else { return Ok(()) };
+        let command = Arc::new(command);
+        let (jail, kill_file, grace, finished) =
+            (self.jail, self.kill_file.clone(), self.grace, Arc::clone(&self.done));
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 let mut armed = false;
                 for origin in signals.forever() {
                     if !jail && matches!(origin.cause, Cause::Kernel) {
-                        continue;
-                    }
-                    // Hold the signal until the command exists (or agt-jail gives up).
-                    let command: &Target = loop {
-                        if let Some(command) = target.get() {
-                            break command;
-                        }
-                        thread::sleep(Duration::from_millis(1));
-                    };
-                    if matches!(command, Target::Nobody) {
                         continue;
                     }
                     command.signal(origin.signal);
@@ -917,7 +928,7 @@ impl SignalForwarder {
                     armed = true;
                     let finished = Arc::clone(&finished);
                     let kill_file = kill_file.clone();
-                    let command = Arc::clone(&target);
+                    let command = Arc::clone(&command);
                     let _ = thread::Builder::new().name("grace".into()).spawn(move || {
                         thread::sleep(grace);
                         if finished.load(Ordering::SeqCst) {
@@ -926,23 +937,14 @@ impl SignalForwarder {
                         // The whole cgroup (every process the agent started), else the
                         // jail's init (its death ends the pid namespace).
                         let killed = kill_file.as_ref().is_some_and(|f| f.exists() && std::fs::write(f, "1").is_ok());
-                        if let (false, Some(command)) = (killed, command.get()) {
+                        if !killed {
                             command.signal(libc::SIGKILL);
                         }
                     });
                 }
             })
             .context("cannot start the signal thread")?;
-        Ok(Self { handle, done, child })
-    }
-
-    /// Names the started command (before it is waited for, so its pid is still its own).
-    fn set_child(&self, pid: u32) {
-        let target = match i32::try_from(pid) {
-            Ok(pid) => host::pidfd_open(pid).map(Target::Pidfd).unwrap_or(Target::Pid(pid)),
-            Err(_) => Target::Nobody,
-        };
-        let _ = self.child.set(target);
+        Ok(())
     }
 
     /// Forwards nothing more. A signal the thread already took may still be delivered
@@ -950,7 +952,6 @@ impl SignalForwarder {
     /// already gone and never a process that reused its pid.
     fn stop(self) {
         self.done.store(true, Ordering::SeqCst);
-        let _ = self.child.set(Target::Nobody);
         self.handle.close();
     }
 }
