@@ -656,14 +656,18 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     // The command is done; anything it left running goes with the cgroup, and the
     // events it caused are already in the ring buffer: drain them before leaving.
     let mut cleanup = Ok(());
-    let mut drops = 0;
+    let (mut drops, mut deny_drops) = (0, 0);
     if let Some((cgroup, programs)) = governed {
         let ooms = cgroup.oom_kills();
         if ooms > 0 {
             eprintln!("agt-jail: the agent hit its memory limit: the OOM killer ended {ooms} process(es)");
         }
         cleanup = cgroup.remove().context("cannot remove the agent's cgroup");
-        drops = programs.and_then(|p| lock(&p).dropped_events().ok()).unwrap_or(0);
+        if let Some(programs) = programs {
+            let programs = lock(&programs);
+            drops = programs.dropped_events().unwrap_or(0);
+            deny_drops = programs.dropped_denies().unwrap_or(0);
+        }
         drop(tier_a);
     }
     if let Some(pumped) = stop_pump(pump) {
@@ -671,6 +675,12 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     }
     if drops > 0 {
         eprintln!("agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full");
+    }
+    if deny_drops > 0 {
+        eprintln!(
+            "agt-jail: warning: the kernel dropped {deny_drops} deny record(s): the deny ring buffer and the deny \
+             summary map were both full"
+        );
     }
     cleanup?;
     Ok(exit_code(status))

@@ -25,7 +25,9 @@ use agt_jail_policy::{
 };
 use agt_jail_supervisor::{
     control::{self, ControlServer},
-    evaluator::{Actuator, Evaluator, EvaluatorConfig, KernelVerdict, RecordSink, TrustRules},
+    evaluator::{
+        Actuator, Evaluator, EvaluatorConfig, KernelCaller, KernelVerdict, NetObservation, RecordSink, TrustRules,
+    },
     fanotify::{FanotifyError, FileGuard, FileGuardHandle, FileGuardOptions},
     Answer, Decider, FileIdentity, Reply, Request,
 };
@@ -228,7 +230,7 @@ impl Governance {
 /// and are checked against the policy; the rest are recorded as observations.
 pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event) {
     let (hook, tgid, net, verdict) = match event {
-        Event::Connect { tgid, family, addr, port, protocol, verdict, layer, plan, .. } => {
+        Event::Connect { tgid, family, addr, port, protocol, verdict, layer, plan, caller, count, .. } => {
             let net = agt_jail_ebpf_loader::NetDetail {
                 family: *family,
                 addr: *addr,
@@ -236,6 +238,8 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
                 protocol: protocol.clone(),
                 layer: *layer,
                 plan: *plan,
+                caller: caller.clone(),
+                count: *count,
             };
             (NetEvent::Connect, *tgid, net, *verdict)
         }
@@ -264,11 +268,23 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
             return;
         }
     };
+    let domain = domain_of(plan, net.addr);
+    evaluator.observe_net(&net_observation(hook, tgid, &net, verdict, domain.as_deref()));
+}
+
+/// The evaluator's view of a decoded network event.
+pub fn net_observation<'a>(
+    hook: NetEvent,
+    tgid: u32,
+    net: &'a agt_jail_ebpf_loader::NetDetail,
+    verdict: VerdictName,
+    domain: Option<&'a str>,
+) -> NetObservation<'a> {
     let family = match net.family {
         agt_jail_ebpf_loader::NetFamily::Inet => NetFamily::Inet,
         agt_jail_ebpf_loader::NetFamily::Inet6 => NetFamily::Inet6,
     };
-    let proto = match net.protocol.as_str() {
+    let protocol = match net.protocol.as_str() {
         "tcp" => NetProto::Tcp,
         "udp" => NetProto::Udp,
         _ => NetProto::Other,
@@ -282,8 +298,19 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
         (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
         (VerdictName::Deny, _) => KernelVerdict::Floor,
     };
-    let domain = domain_of(plan, net.addr);
-    evaluator.observe_net(tgid, hook, family, proto, net.addr, net.port, domain.as_deref(), kernel);
+    let caller = &net.caller;
+    NetObservation {
+        pid: tgid,
+        event: hook,
+        family,
+        protocol,
+        addr: net.addr,
+        port: net.port,
+        domain,
+        kernel,
+        caller: Some(KernelCaller { ppid: caller.ppid, uid: caller.uid, comm: &caller.comm }),
+        count: net.count,
+    }
 }
 
 /// Resolves every domain a policy names, with the system resolver. Names that do not

@@ -3,6 +3,7 @@
 //! Decoding is a pure function over bytes so it is tested without a kernel; the
 //! reader only adds `poll(2)` on the ring buffer's fd.
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     time::Duration,
@@ -15,7 +16,7 @@ use agt_jail_common::{
     NET_EVENT_RATE_LIMITED, NET_LAYER_ALLOW_LIST, NET_LAYER_DENY_ALL, NET_LAYER_DENY_LIST, NET_LAYER_NONE,
     NET_LAYER_PLAN, NET_LAYER_UNKNOWN_AGENT, NET_RULE_DEFAULT,
 };
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, PerCpuHashMap, RingBuf};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -81,6 +82,17 @@ pub struct NetPlanHit {
     pub log: bool,
 }
 
+/// The calling process as the kernel saw it at a network event (so userspace needs no
+/// /proc read to know it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Caller {
+    /// Real uid.
+    pub uid: u32,
+    /// The real parent's process id (0 when unreadable).
+    pub ppid: u32,
+    pub comm: String,
+}
+
 /// The fields every network event (connect, sendmsg, bind) carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetDetail {
@@ -91,6 +103,17 @@ pub struct NetDetail {
     pub layer: NetLayer,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan: Option<NetPlanHit>,
+    #[serde(flatten)]
+    pub caller: Caller,
+    /// How many calls this record stands for: 1, or more for a deny summary (denies that
+    /// did not fit into the deny ring and were counted in the kernel; their `pid` and
+    /// `ktime_ns` are 0).
+    #[serde(skip_serializing_if = "is_one")]
+    pub count: u64,
+}
+
+fn is_one(count: &u64) -> bool {
+    *count == 1
 }
 
 /// One event from the kernel side, in the shape written to `--events` files.
@@ -174,6 +197,11 @@ pub enum Event {
         layer: NetLayer,
         #[serde(skip_serializing_if = "Option::is_none")]
         plan: Option<NetPlanHit>,
+        #[serde(flatten)]
+        caller: Caller,
+        /// As [`NetDetail::count`].
+        #[serde(skip_serializing_if = "is_one")]
+        count: u64,
     },
     /// An agent's process sent a UDP datagram to an explicit address.
     Sendmsg {
@@ -286,64 +314,65 @@ fn protocol_name(protocol: u32) -> String {
     }
 }
 
+/// The name of a raw enum value, or `unknown_N` for values this build does not know.
+fn name_of<T>(raw: u32, parse: fn(u32) -> Option<T>, name: fn(T) -> &'static str) -> String {
+    parse(raw).map_or_else(|| format!("unknown_{raw}"), |known| name(known).to_string())
+}
+
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read_pod(bytes, "event header")?;
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     let verdict = verdict(header.verdict)?;
-    let (pid, tgid, cgroup_id, agent_id, ktime_ns) =
-        (header.pid, header.tgid, header.cgroup_id, header.agent_id, header.ktime_ns);
+    let EventHeader { pid, tgid, cgroup_id, agent_id, ktime_ns, .. } = header;
     match kind {
         EventKind::ExecCheck => {
             let event: ExecCheckEvent = read_pod(bytes, "exec check event")?;
-            let (pid, tgid, cgroup_id, agent_id, ktime_ns) =
-                (header.pid, header.tgid, header.cgroup_id, header.agent_id, header.ktime_ns);
-            let reason = match ExecDenyReason::from_u32(event.reason) {
-                Some(ExecDenyReason::Rule) => "rule".to_string(),
-                Some(ExecDenyReason::NotApproved) => "not_approved".to_string(),
-                Some(ExecDenyReason::WrongFile) => "wrong_file".to_string(),
-                Some(ExecDenyReason::Fileless) => "fileless".to_string(),
-                Some(ExecDenyReason::Unreadable) => "unreadable".to_string(),
-                None => format!("unknown_{}", event.reason),
-            };
+            let reason = name_of(event.reason, ExecDenyReason::from_u32, |reason| match reason {
+                ExecDenyReason::Rule => "rule",
+                ExecDenyReason::NotApproved => "not_approved",
+                ExecDenyReason::WrongFile => "wrong_file",
+                ExecDenyReason::Fileless => "fileless",
+                ExecDenyReason::Unreadable => "unreadable",
+            });
             let filename = c_string(&event.filename, event.filename_len as usize, EXEC_FILENAME_LEN);
             let (dev, ino) = (event.dev, event.ino);
             Ok(Event::ExecCheck { pid, tgid, cgroup_id, agent_id, ktime_ns, filename, verdict, reason, dev, ino })
         }
         EventKind::File => {
             let event: FileEvent = read_pod(bytes, "file event")?;
-            let op = match FileOp::from_u32(event.op) {
-                Some(FileOp::Open) => "open".to_string(),
-                Some(FileOp::Unlink) => "unlink".to_string(),
-                Some(FileOp::RenameFrom) => "rename_from".to_string(),
-                Some(FileOp::RenameTo) => "rename_to".to_string(),
-                Some(FileOp::Mkdir) => "mkdir".to_string(),
-                None => format!("unknown_{}", event.op),
-            };
+            let op = name_of(event.op, FileOp::from_u32, |op| match op {
+                FileOp::Open => "open",
+                FileOp::Unlink => "unlink",
+                FileOp::RenameFrom => "rename_from",
+                FileOp::RenameTo => "rename_to",
+                FileOp::Mkdir => "mkdir",
+            });
             const ACCESS_NAMES: [&str; FILE_ACCESS_BITS] = ["read", "write", "unlink", "rename", "create"];
             let access = (0..FILE_ACCESS_BITS)
                 .filter(|bit| event.access & (1 << bit) != 0)
                 .map(|bit| ACCESS_NAMES[bit].to_string())
                 .collect();
-            let rule_kind = match (FileRuleKind::from_u32(event.rule_kind), event.rule_kind) {
-                (Some(FileRuleKind::Exact), _) => "exact".to_string(),
-                (Some(FileRuleKind::Prefix), _) => "prefix".to_string(),
-                (Some(FileRuleKind::Component), _) => "component".to_string(),
-                (Some(FileRuleKind::Basename), _) => "basename".to_string(),
-                (Some(FileRuleKind::BasenamePrefix), _) => "basename_prefix".to_string(),
-                (None, FILE_DENY_PATH_TOO_LONG) => "path_too_long".to_string(),
-                (None, FILE_DENY_PATH_UNREADABLE) => "path_unreadable".to_string(),
-                (None, other) => format!("unknown_{other}"),
+            let rule_kind = match event.rule_kind {
+                FILE_DENY_PATH_TOO_LONG => "path_too_long".to_string(),
+                FILE_DENY_PATH_UNREADABLE => "path_unreadable".to_string(),
+                raw => name_of(raw, FileRuleKind::from_u32, |kind| match kind {
+                    FileRuleKind::Exact => "exact",
+                    FileRuleKind::Prefix => "prefix",
+                    FileRuleKind::Component => "component",
+                    FileRuleKind::Basename => "basename",
+                    FileRuleKind::BasenamePrefix => "basename_prefix",
+                }),
             };
             let rule_index = (event.rule_index != u32::MAX).then_some(event.rule_index);
             // path_len excludes the NUL; c_string stops at the first NUL anyway.
             let path = c_string(&event.path, event.path_len as usize, FILE_PATH_LEN);
             Ok(Event::File {
-                pid: header.pid,
-                tgid: header.tgid,
-                cgroup_id: header.cgroup_id,
-                agent_id: header.agent_id,
-                ktime_ns: header.ktime_ns,
+                pid,
+                tgid,
+                cgroup_id,
+                agent_id,
+                ktime_ns,
                 op,
                 access,
                 path,
@@ -354,25 +383,25 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Guard => {
             let event: GuardEvent = read_pod(bytes, "guard event")?;
-            let hook = match GuardHook::from_u32(event.hook) {
-                Some(GuardHook::Ptrace) => "ptrace".to_string(),
-                Some(GuardHook::Signal) => "signal".to_string(),
-                Some(GuardHook::Mount) => "mount".to_string(),
-                Some(GuardHook::Bpf) => "bpf".to_string(),
-                Some(GuardHook::KernelLoad) => "kernel_load".to_string(),
-                Some(GuardHook::SocketConnect) => "socket_connect".to_string(),
-                None => format!("unknown_{}", event.hook),
-            };
+            let hook = name_of(event.hook, GuardHook::from_u32, |hook| match hook {
+                GuardHook::Ptrace => "ptrace",
+                GuardHook::Signal => "signal",
+                GuardHook::Mount => "mount",
+                GuardHook::Bpf => "bpf",
+                GuardHook::KernelLoad => "kernel_load",
+                GuardHook::SocketConnect => "socket_connect",
+            });
+            let (detail, target_pid, target_cgroup) = (event.detail, event.target_pid, event.target_cgroup);
             Ok(Event::Guard {
-                pid: header.pid,
-                tgid: header.tgid,
-                cgroup_id: header.cgroup_id,
-                agent_id: header.agent_id,
-                ktime_ns: header.ktime_ns,
+                pid,
+                tgid,
+                cgroup_id,
+                agent_id,
+                ktime_ns,
                 hook,
-                detail: event.detail,
-                target_pid: event.target_pid,
-                target_cgroup: event.target_cgroup,
+                detail,
+                target_pid,
+                target_cgroup,
                 verdict,
             })
         }
@@ -384,25 +413,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Connect | EventKind::Sendmsg | EventKind::Bind => {
             let event: NetEvent = read_pod(bytes, "network event")?;
-            let net = net_detail(&event)?;
-            Ok(match kind {
-                EventKind::Connect => Event::Connect {
-                    pid,
-                    tgid,
-                    cgroup_id,
-                    agent_id,
-                    ktime_ns,
-                    family: net.family,
-                    addr: net.addr,
-                    port: net.port,
-                    protocol: net.protocol,
-                    verdict,
-                    layer: net.layer,
-                    plan: net.plan,
-                },
-                EventKind::Sendmsg => Event::Sendmsg { pid, tgid, cgroup_id, agent_id, ktime_ns, net, verdict },
-                _ => Event::Bind { pid, tgid, cgroup_id, agent_id, ktime_ns, net, verdict },
-            })
+            net_event(kind, verdict, &event, 1)
         }
         EventKind::Fork => {
             let event: ForkEvent = read_pod(bytes, "fork event")?;
@@ -440,6 +451,40 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     }
 }
 
+/// Decodes an entry of the kernel's deny summary: `count` denies recorded as one record.
+pub fn decode_summary(key: &NetEvent, count: u64) -> Result<Event, DecodeError> {
+    let kind = EventKind::from_u32(key.header.kind).ok_or(DecodeError::UnknownKind(key.header.kind))?;
+    if !matches!(kind, EventKind::Connect | EventKind::Sendmsg | EventKind::Bind) {
+        return Err(DecodeError::UnknownKind(key.header.kind));
+    }
+    net_event(kind, verdict(key.header.verdict)?, key, count)
+}
+
+fn net_event(kind: EventKind, verdict: VerdictName, event: &NetEvent, count: u64) -> Result<Event, DecodeError> {
+    let EventHeader { pid, tgid, cgroup_id, agent_id, ktime_ns, .. } = event.header;
+    let net = net_detail(event, count)?;
+    Ok(match kind {
+        EventKind::Connect => Event::Connect {
+            pid,
+            tgid,
+            cgroup_id,
+            agent_id,
+            ktime_ns,
+            family: net.family,
+            addr: net.addr,
+            port: net.port,
+            protocol: net.protocol,
+            verdict,
+            layer: net.layer,
+            plan: net.plan,
+            caller: net.caller,
+            count,
+        },
+        EventKind::Sendmsg => Event::Sendmsg { pid, tgid, cgroup_id, agent_id, ktime_ns, net, verdict },
+        _ => Event::Bind { pid, tgid, cgroup_id, agent_id, ktime_ns, net, verdict },
+    })
+}
+
 /// The text of a NUL-terminated kernel string of at most `len` bytes (clamped to `cap`).
 fn c_string(raw: &[u8], len: usize, cap: usize) -> String {
     let raw = &raw[..len.min(cap).min(raw.len())];
@@ -460,7 +505,7 @@ fn comm_string(comm: &[u8]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-fn net_detail(event: &NetEvent) -> Result<NetDetail, DecodeError> {
+fn net_detail(event: &NetEvent, count: u64) -> Result<NetDetail, DecodeError> {
     let (family, addr) = match event.family {
         AF_INET => {
             let [a, b, c, d, ..] = event.addr;
@@ -486,25 +531,62 @@ fn net_detail(event: &NetEvent) -> Result<NetDetail, DecodeError> {
         rate_limited: event.flags & NET_EVENT_RATE_LIMITED != 0,
         log: event.flags & NET_EVENT_LOG != 0,
     });
-    Ok(NetDetail { family, addr, port: event.port, protocol: protocol_name(event.protocol), layer, plan })
+    let caller = Caller { uid: event.uid, ppid: event.ppid, comm: comm_string(&event.comm) };
+    Ok(NetDetail {
+        family,
+        addr,
+        port: event.port,
+        protocol: protocol_name(event.protocol),
+        layer,
+        plan,
+        caller,
+        count,
+    })
 }
 
-/// Blocking reader over the event ring buffer.
+/// Blocking reader over the kernel's event rings (deny records first) and its deny summary.
 pub struct EventReader {
-    ring: RingBuf<MapData>,
+    events: RingBuf<MapData>,
+    denies: RingBuf<MapData>,
+    summary: PerCpuHashMap<MapData, NetEvent, u64>,
+    /// Per summary key (its bytes): the count already handed out.
+    reported: HashMap<Vec<u8>, u64>,
 }
 
 impl EventReader {
-    pub(crate) fn new(ring: RingBuf<MapData>) -> Self {
-        Self { ring }
+    pub(crate) fn new(
+        events: RingBuf<MapData>,
+        denies: RingBuf<MapData>,
+        summary: PerCpuHashMap<MapData, NetEvent, u64>,
+    ) -> Self {
+        Self { events, denies, summary, reported: HashMap::new() }
     }
 
-    /// Hands every record already in the buffer to `sink`, without waiting.
+    /// Hands every record already queued to `sink`, without waiting: the deny ring, the
+    /// event ring, then the denies the kernel counted since the last look (one event per
+    /// summary key with the increment as its count). Returns how many events were handed out.
     pub fn drain(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
         let mut count = 0;
-        while let Some(item) = self.ring.next() {
-            sink(decode(&item));
-            count += 1;
+        for ring in [&mut self.denies, &mut self.events] {
+            while let Some(item) = ring.next() {
+                sink(decode(&item));
+                count += 1;
+            }
+        }
+        count + self.drain_summary(sink)
+    }
+
+    fn drain_summary(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
+        let mut count = 0;
+        for entry in self.summary.iter() {
+            let Ok((key, per_cpu)) = entry else { continue };
+            let total: u64 = per_cpu.iter().sum();
+            let seen = self.reported.entry(bytes_of(&key).to_vec()).or_insert(0);
+            if total > *seen {
+                sink(decode_summary(&key, total - *seen));
+                *seen = total;
+                count += 1;
+            }
         }
         count
     }
@@ -515,10 +597,14 @@ impl EventReader {
         timeout: Duration,
         sink: &mut dyn FnMut(Result<Event, DecodeError>),
     ) -> std::io::Result<usize> {
-        let mut pollfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut fds = [self.denies.as_raw_fd(), self.events.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
         let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `pollfd` is a valid, initialised pollfd and we pass a count of 1.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+        // SAFETY: `fds` is an array of valid, initialised pollfds and we pass its length.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
         if ready < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
@@ -528,6 +614,13 @@ impl EventReader {
         }
         Ok(self.drain(sink))
     }
+}
+
+/// The bytes of a `#[repr(C)]` record of the common crate.
+fn bytes_of<T: Copy>(value: &T) -> &[u8] {
+    // SAFETY: T is one of the common crate's #[repr(C)] structs without implicit padding
+    // (size-asserted there), so all its bytes are initialised.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
 #[cfg(test)]
@@ -548,12 +641,6 @@ mod tests {
         }
     }
 
-    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
-        // SAFETY: T is a #[repr(C)] struct without implicit padding (size-asserted in
-        // the common crate), so all its bytes are initialised.
-        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
-    }
-
     fn net_event(kind: EventKind, verdict: Verdict, family: u16, addr: [u8; 16], port: u16) -> NetEvent {
         NetEvent {
             header: header(kind, verdict),
@@ -568,6 +655,9 @@ mod tests {
             layer: NET_LAYER_NONE,
             flags: 0,
             _pad: 0,
+            uid: 1000,
+            ppid: 4,
+            comm: comm(b"curl"),
         }
     }
 
@@ -588,7 +678,7 @@ mod tests {
             comm: comm(b"true"),
             filename,
         };
-        let decoded = decode(&bytes_of(&event)).unwrap();
+        let decoded = decode(bytes_of(&event)).unwrap();
         assert_eq!(
             decoded,
             Event::Exec {
@@ -613,7 +703,7 @@ mod tests {
         addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let mut event = net_event(EventKind::Connect, Verdict::Deny, AF_INET, addr, 8080);
         event.layer = NET_LAYER_DENY_LIST;
-        let decoded = decode(&bytes_of(&event)).unwrap();
+        let decoded = decode(bytes_of(&event)).unwrap();
         assert!(decoded.is_deny());
         let json = serde_json::to_value(&decoded).unwrap();
         assert_eq!(json["kind"], "connect");
@@ -626,10 +716,37 @@ mod tests {
     }
 
     #[test]
+    fn network_records_carry_the_caller_and_summaries_their_count() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        let mut event = net_event(EventKind::Connect, Verdict::Deny, AF_INET, addr, 80);
+        event.layer = NET_LAYER_ALLOW_LIST;
+        let json = serde_json::to_value(decode(bytes_of(&event)).unwrap()).unwrap();
+        assert_eq!(
+            (json["uid"].as_u64(), json["ppid"].as_u64(), json["comm"].as_str()),
+            (Some(1000), Some(4), Some("curl"))
+        );
+        assert!(json.get("count").is_none(), "a record of one call has no count: {json}");
+
+        event.header.pid = 0;
+        event.header.ktime_ns = 0;
+        let summary = decode_summary(&event, 7).unwrap();
+        assert!(summary.is_deny());
+        assert!(matches!(&summary, Event::Connect { count: 7, tgid: 10, .. }));
+        assert_eq!(serde_json::to_value(&summary).unwrap()["count"], 7);
+        let mut bind = net_event(EventKind::Bind, Verdict::Kill, AF_INET, addr, 80);
+        bind.layer = NET_LAYER_PLAN;
+        let Event::Bind { net, .. } = decode_summary(&bind, 3).unwrap() else { panic!("not bind") };
+        assert_eq!((net.count, net.caller.comm.as_str()), (3, "curl"));
+        let exec = NetEvent { header: header(EventKind::Exec, Verdict::Deny), ..event };
+        assert_eq!(decode_summary(&exec, 1), Err(DecodeError::UnknownKind(EventKind::Exec as u32)));
+    }
+
+    #[test]
     fn decodes_ipv6_connect() {
         let mut event = net_event(EventKind::Connect, Verdict::Allow, AF_INET6, Ipv6Addr::LOCALHOST.octets(), 443);
         event.protocol = 17;
-        let json = serde_json::to_value(decode(&bytes_of(&event)).unwrap()).unwrap();
+        let json = serde_json::to_value(decode(bytes_of(&event)).unwrap()).unwrap();
         assert_eq!(json["addr"], "::1");
         assert_eq!(json["family"], "inet6");
         assert_eq!(json["protocol"], "udp");
@@ -648,7 +765,7 @@ mod tests {
         event.port_class = 2;
         event.rule = 12;
         event.limit = 3;
-        let decoded = decode(&bytes_of(&event)).unwrap();
+        let decoded = decode(bytes_of(&event)).unwrap();
         let Event::Sendmsg { net, verdict, .. } = &decoded else { panic!("not sendmsg: {decoded:?}") };
         assert_eq!(*verdict, VerdictName::Deny);
         assert_eq!(net.layer, NetLayer::Plan);
@@ -672,7 +789,7 @@ mod tests {
         let mut bind = net_event(EventKind::Bind, Verdict::Kill, AF_INET6, Ipv6Addr::UNSPECIFIED.octets(), 8000);
         bind.layer = NET_LAYER_PLAN;
         bind.flags = NET_EVENT_PLAN;
-        let decoded = decode(&bytes_of(&bind)).unwrap();
+        let decoded = decode(bytes_of(&bind)).unwrap();
         assert!(decoded.is_kill() && decoded.is_deny());
         let json = serde_json::to_value(&decoded).unwrap();
         assert_eq!((json["kind"].as_str(), json["verdict"].as_str()), (Some("bind"), Some("kill")));
@@ -690,7 +807,7 @@ mod tests {
             child_tgid: 12,
             comm: comm(b"bash"),
         };
-        let decoded = decode(&bytes_of(&fork)).unwrap();
+        let decoded = decode(bytes_of(&fork)).unwrap();
         assert!(matches!(&decoded,
             Event::Fork { parent_tgid: 10, child_pid: 12, child_tgid: 12, comm, .. } if comm == "bash"));
         assert!(!decoded.is_deny() && decoded.verdict().is_none());
@@ -702,13 +819,13 @@ mod tests {
             _pad: 0,
             comm: comm(b"sleep-with-a-lon"),
         };
-        let decoded = decode(&bytes_of(&exit(3 << 8))).unwrap();
+        let decoded = decode(bytes_of(&exit(3 << 8))).unwrap();
         let Event::Exit { status, signal, comm, .. } = &decoded else { panic!("not exit") };
         assert_eq!((*status, *signal), (Some(3), None));
         assert_eq!(comm.len(), TASK_COMM_LEN, "an unterminated comm is kept whole");
-        let Event::Exit { status, signal, .. } = decode(&bytes_of(&exit(9))).unwrap() else { panic!("not exit") };
+        let Event::Exit { status, signal, .. } = decode(bytes_of(&exit(9))).unwrap() else { panic!("not exit") };
         assert_eq!((status, signal), (None, Some(9)));
-        let json = serde_json::to_value(decode(&bytes_of(&exit(9))).unwrap()).unwrap();
+        let json = serde_json::to_value(decode(bytes_of(&exit(9))).unwrap()).unwrap();
         assert_eq!((json["kind"].as_str(), json["signal"].as_i64()), (Some("exit"), Some(9)));
         assert!(json.get("status").is_none());
     }
@@ -717,23 +834,23 @@ mod tests {
     fn rejects_short_and_unknown_records_without_panicking() {
         assert!(matches!(decode(&[1, 2, 3]), Err(DecodeError::Short { .. })));
         let bad_kind = EventHeader { kind: 99, ..header(EventKind::Exec, Verdict::Allow) };
-        assert_eq!(decode(&bytes_of(&bad_kind)), Err(DecodeError::UnknownKind(99)));
+        assert_eq!(decode(bytes_of(&bad_kind)), Err(DecodeError::UnknownKind(99)));
         let bad_verdict = EventHeader { verdict: 7, ..header(EventKind::Exec, Verdict::Allow) };
-        assert_eq!(decode(&bytes_of(&bad_verdict)), Err(DecodeError::UnknownVerdict(7)));
+        assert_eq!(decode(bytes_of(&bad_verdict)), Err(DecodeError::UnknownVerdict(7)));
         // Headers that claim a kind but are cut short.
         for kind in
             [EventKind::Exec, EventKind::Connect, EventKind::Sendmsg, EventKind::Bind, EventKind::Fork, EventKind::Exit]
         {
-            assert!(matches!(decode(&bytes_of(&header(kind, Verdict::Allow))), Err(DecodeError::Short { .. })));
+            assert!(matches!(decode(bytes_of(&header(kind, Verdict::Allow))), Err(DecodeError::Short { .. })));
         }
         let event = net_event(EventKind::Connect, Verdict::Allow, 1, [0; 16], 1);
-        assert_eq!(decode(&bytes_of(&event)), Err(DecodeError::UnknownFamily(1)));
+        assert_eq!(decode(bytes_of(&event)), Err(DecodeError::UnknownFamily(1)));
         let mut event = net_event(EventKind::Bind, Verdict::Allow, AF_INET, [0; 16], 1);
         event.layer = 42;
-        assert_eq!(decode(&bytes_of(&event)), Err(DecodeError::UnknownLayer(42)));
+        assert_eq!(decode(bytes_of(&event)), Err(DecodeError::UnknownLayer(42)));
         for len in 0..400 {
             let _ = decode(&vec![0xff; len]);
-            let mut record = bytes_of(&header(EventKind::Exit, Verdict::Allow));
+            let mut record = bytes_of(&header(EventKind::Exit, Verdict::Allow)).to_vec();
             record.resize(len.max(40), 0xff);
             let _ = decode(&record);
         }
@@ -748,7 +865,7 @@ mod tests {
             comm: [0; TASK_COMM_LEN],
             filename: [b'a'; EXEC_FILENAME_LEN],
         };
-        let Event::Exec { filename, comm, .. } = decode(&bytes_of(&event)).unwrap() else { panic!("not exec") };
+        let Event::Exec { filename, comm, .. } = decode(bytes_of(&event)).unwrap() else { panic!("not exec") };
         assert_eq!(filename.len(), EXEC_FILENAME_LEN);
         assert_eq!(comm, "");
     }
@@ -758,12 +875,6 @@ mod tests {
 mod lsm_event_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
-        // SAFETY: T is a #[repr(C)] struct without implicit padding (size-asserted in
-        // the common crate), so all its bytes are initialised.
-        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
-    }
 
     fn header(kind: EventKind) -> EventHeader {
         EventHeader {
@@ -789,7 +900,7 @@ mod lsm_event_tests {
             ino: 34,
             filename,
         };
-        let json = serde_json::to_value(decode(&bytes_of(&event)).unwrap()).unwrap();
+        let json = serde_json::to_value(decode(bytes_of(&event)).unwrap()).unwrap();
         assert_eq!(json["kind"], "exec_check");
         assert_eq!(json["reason"], "fileless");
         assert_eq!(json["filename"], "/x/y");
@@ -810,7 +921,7 @@ mod lsm_event_tests {
             _pad: 0,
             path,
         };
-        let decoded = decode(&bytes_of(&event)).unwrap();
+        let decoded = decode(bytes_of(&event)).unwrap();
         assert!(decoded.is_deny());
         let json = serde_json::to_value(&decoded).unwrap();
         assert_eq!(json["kind"], "file");
@@ -819,7 +930,7 @@ mod lsm_event_tests {
         assert_eq!(json["rule_kind"], "component");
         assert_eq!(json["rule_index"], 4);
         let too_long = FileEvent { rule_kind: FILE_DENY_PATH_TOO_LONG, rule_index: u32::MAX, ..event };
-        let json = serde_json::to_value(decode(&bytes_of(&too_long)).unwrap()).unwrap();
+        let json = serde_json::to_value(decode(bytes_of(&too_long)).unwrap()).unwrap();
         assert_eq!(json["rule_kind"], "path_too_long");
         assert!(json["rule_index"].is_null());
 
@@ -831,7 +942,7 @@ mod lsm_event_tests {
             _pad: 0,
             target_cgroup: 2,
         };
-        let json = serde_json::to_value(decode(&bytes_of(&guard)).unwrap()).unwrap();
+        let json = serde_json::to_value(decode(bytes_of(&guard)).unwrap()).unwrap();
         assert_eq!(
             (json["kind"].as_str(), json["hook"].as_str(), json["detail"].as_u64()),
             (Some("guard"), Some("signal"), Some(15))

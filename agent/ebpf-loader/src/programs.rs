@@ -12,7 +12,7 @@ use agt_jail_common::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
     },
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr},
     Btf, Ebpf, EbpfLoader,
@@ -186,9 +186,13 @@ impl AgentPrograms {
             tracepoint.attach().map_err(|err| program_error(name, err))?;
         }
 
-        let ring = bpf.take_map("EVENTS").ok_or(LoaderError::Missing { what: "map", name: "EVENTS" })?;
-        let ring = RingBuf::try_from(ring).map_err(|err| LoaderError::Load(err.to_string()))?;
-        Ok(Self { bpf, reader: Some(EventReader::new(ring)) })
+        let mut take = |name: &'static str| bpf.take_map(name).ok_or(LoaderError::Missing { what: "map", name });
+        let (events, denies, summary) = (take("EVENTS")?, take("DENY_EVENTS")?, take("DENY_SUMMARY")?);
+        let ring = |map: aya::maps::Map| RingBuf::try_from(map).map_err(|err| LoaderError::Load(err.to_string()));
+        let summary = PerCpuHashMap::try_from(summary)
+            .map_err(|err| LoaderError::Map { map: "DENY_SUMMARY", message: err.to_string() })?;
+        let reader = EventReader::new(ring(events)?, ring(denies)?, summary);
+        Ok(Self { bpf, reader: Some(reader) })
     }
 
     /// Attaches the network programs (connect, UDP sendmsg, bind; IPv4 and IPv6) to an
@@ -250,13 +254,22 @@ impl AgentPrograms {
         self.reader.take()
     }
 
-    /// Events the kernel side could not queue because the ring buffer was full.
+    /// Allowed events the kernel side could not queue because the event ring buffer was full.
     pub fn dropped_events(&self) -> Result<u64, LoaderError> {
-        let map = self.bpf.map("EVENT_DROPS").ok_or(LoaderError::Missing { what: "map", name: "EVENT_DROPS" })?;
-        let drops: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
-            .map_err(|err| LoaderError::Map { map: "EVENT_DROPS", message: err.to_string() })?;
-        let per_cpu =
-            drops.get(&0, 0).map_err(|err| LoaderError::Map { map: "EVENT_DROPS", message: err.to_string() })?;
+        self.counter("EVENT_DROPS")
+    }
+
+    /// Denies the kernel side could neither queue (deny ring full) nor count in the deny
+    /// summary (summary map full): denied calls without a record.
+    pub fn dropped_denies(&self) -> Result<u64, LoaderError> {
+        self.counter("DENY_DROPS")
+    }
+
+    fn counter(&self, name: &'static str) -> Result<u64, LoaderError> {
+        let map = self.bpf.map(name).ok_or(LoaderError::Missing { what: "map", name })?;
+        let drops: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|err| LoaderError::Map { map: name, message: err.to_string() })?;
+        let per_cpu = drops.get(&0, 0).map_err(|err| LoaderError::Map { map: name, message: err.to_string() })?;
         Ok(per_cpu.iter().sum())
     }
 

@@ -104,56 +104,72 @@ pub struct Record<'a> {
     pub approval: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'a str>,
+    /// How many calls the record stands for, when more than one: a kernel deny summary
+    /// (denies counted in the kernel when its deny ring was full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// Where records go. Writes are whole lines; a write failure is remembered and reported
 /// once at the end (the decision itself never waits on the file).
 pub struct RecordSink {
     out: Option<Box<dyn Write + Send>>,
+    /// Whole lines not yet handed to `out`: one write per [`Self::flush`].
+    pending: Vec<u8>,
     seq: u64,
     error: Option<io::Error>,
 }
 
+/// Buffered lines beyond which a record is pushed out at once (a reader that never gets
+/// to flush must not grow the buffer without end).
+const SINK_BUFFER_MAX: usize = 1 << 20;
+
 impl RecordSink {
     pub fn new(out: Option<Box<dyn Write + Send>>) -> Self {
-        RecordSink { out, seq: 0, error: None }
+        RecordSink { out, pending: Vec::new(), seq: 0, error: None }
     }
 
-    /// Writes a record without flushing (kernel observations, flushed once per batch).
+    /// Buffers a record (kernel observations: pushed out once per batch by [`Self::flush`]).
     fn write_buffered(&mut self, mut record: Record<'_>) {
         self.seq += 1;
         record.seq = self.seq;
-        let Some(out) = self.out.as_mut() else { return };
-        let mut line = match serde_json::to_vec(&record) {
-            Ok(line) => line,
-            Err(err) => {
-                self.error.get_or_insert(io::Error::other(err));
-                return;
-            }
-        };
-        line.push(b'\n');
-        if let Err(err) = out.write_all(&line) {
-            self.error.get_or_insert(err);
-        }
+        self.buffer_line(&record);
     }
 
-    /// Writes a raw JSON value as one line (kernel observations without a decision).
+    /// Buffers a raw JSON value as one line (kernel observations without a decision).
     pub fn write_value(&mut self, value: &Value) {
         self.seq += 1;
-        let Some(out) = self.out.as_mut() else { return };
-        let mut line = value.to_string().into_bytes();
-        line.push(b'\n');
-        if let Err(err) = out.write_all(&line) {
-            self.error.get_or_insert(err);
+        self.buffer_line(value);
+    }
+
+    fn buffer_line(&mut self, line: &impl Serialize) {
+        if self.out.is_none() {
+            return;
+        }
+        let mark = self.pending.len();
+        match serde_json::to_writer(&mut self.pending, line) {
+            Ok(()) => self.pending.push(b'\n'),
+            Err(err) => {
+                self.pending.truncate(mark);
+                self.error.get_or_insert(io::Error::other(err));
+            }
+        }
+        if self.pending.len() > SINK_BUFFER_MAX {
+            self.flush();
         }
     }
 
-    /// Pushes buffered records to the file.
+    /// Pushes buffered records to the file: one write for all of them.
     pub fn flush(&mut self) {
-        if let Some(out) = self.out.as_mut() {
-            if let Err(err) = out.flush() {
+        let Some(out) = self.out.as_mut() else { return };
+        if !self.pending.is_empty() {
+            if let Err(err) = out.write_all(&self.pending) {
                 self.error.get_or_insert(err);
             }
+            self.pending.clear();
+        }
+        if let Err(err) = out.flush() {
+            self.error.get_or_insert(err);
         }
     }
 
@@ -179,6 +195,8 @@ struct Pending {
 #[derive(Default)]
 struct ProcCache {
     facts: HashMap<u32, ProcFacts>,
+    /// The executable of processes whose other facts came with the kernel's record.
+    exes: HashMap<u32, String>,
 }
 
 /// Most processes remembered at once; the cache starts over when full.
@@ -276,9 +294,29 @@ impl Evaluator {
         facts
     }
 
+    /// The facts of a process whose pid, uid, parent and comm the kernel's record carries:
+    /// only the executable is looked up, once per process (`/proc/PID/exe`).
+    fn kernel_proc_facts(&self, pid: u32, caller: &KernelCaller<'_>) -> ProcFacts {
+        let cached = lock(&self.procs).exes.get(&pid).cloned();
+        let exe = cached.unwrap_or_else(|| {
+            let exe = std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let mut cache = lock(&self.procs);
+            if cache.exes.len() >= PROC_CACHE_MAX {
+                cache.exes.clear();
+            }
+            cache.exes.insert(pid, exe.clone());
+            exe
+        });
+        ProcFacts { pid, ppid: caller.ppid, uid: caller.uid, comm: caller.comm.to_string(), exe }
+    }
+
     /// Forgets what is known of a process (it exec'd or exited).
     pub fn forget_process(&self, pid: u32) {
-        lock(&self.procs).facts.remove(&pid);
+        let mut cache = lock(&self.procs);
+        cache.facts.remove(&pid);
+        cache.exes.remove(&pid);
     }
 
     /// Pushes buffered kernel observations to the events file.
@@ -573,9 +611,15 @@ impl Evaluator {
 
     /// Lowers trust after a denial; a tier change demotes, a trust floor kills.
     fn lower_trust(&self) {
+        self.lower_trust_by(1);
+    }
+
+    /// [`Self::lower_trust`] for `denials` denials at once (a kernel deny summary).
+    fn lower_trust_by(&self, denials: u64) {
         let mut state = lock(&self.state);
         let before = state.agent.trust;
-        let after = before.saturating_sub(self.trust_rules.penalty);
+        let penalty = u32::try_from(u64::from(self.trust_rules.penalty).saturating_mul(denials)).unwrap_or(u32::MAX);
+        let after = before.saturating_sub(penalty);
         state.agent.trust = after;
         state.agent.tier = context::tier_of(after).to_string();
         let ring = state.agent.ring;
@@ -603,26 +647,19 @@ impl Evaluator {
         }
     }
 
-    /// Records a kernel event that the kernel already decided (network tables, LSM
-    /// hooks): the context is rebuilt, the policy consulted for the matched rule, and a
-    /// disagreement between kernel and policy reported loudly.
-    #[allow(clippy::too_many_arguments)]
-    pub fn observe_net(
-        &self,
-        pid: u32,
-        event: NetEvent,
-        family: NetFamily,
-        protocol: NetProto,
-        addr: std::net::IpAddr,
-        port: u16,
-        domain: Option<&str>,
-        kernel: KernelVerdict,
-    ) {
+    /// Records a network event that the kernel already decided: the context is rebuilt
+    /// (process facts from the kernel's record when it carries them), the policy consulted
+    /// for the matched rule, and a disagreement between kernel and policy reported loudly.
+    pub fn observe_net(&self, obs: &NetObservation<'_>) {
         let agent = self.agent();
-        let proc = self.cached_proc_facts(pid);
-        let ctx = context::net_context(&agent, &proc, event, family, protocol, addr, port, domain);
-        let what = format!("{} to {addr}:{port}", event.as_str());
-        self.observe_decided(&agent, pid, &ctx, &what, kernel);
+        let proc = match &obs.caller {
+            Some(caller) => self.kernel_proc_facts(obs.pid, caller),
+            None => self.cached_proc_facts(obs.pid),
+        };
+        let ctx =
+            context::net_context(&agent, &proc, obs.event, obs.family, obs.protocol, obs.addr, obs.port, obs.domain);
+        let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
+        self.observe_decided(&agent, obs.pid, &ctx, &what, obs.kernel, obs.count);
     }
 
     /// Records a file access the kernel decided (Tier A: the LSM file hooks).
@@ -630,11 +667,19 @@ impl Evaluator {
         let agent = self.agent();
         let proc = self.cached_proc_facts(pid);
         let ctx = context::file_context(&agent, &proc, event, path, access);
-        let what = format!("{} of {path}", event.as_str());
-        self.observe_decided(&agent, pid, &ctx, &what, kernel);
+        let what = || format!("{} of {path}", event.as_str());
+        self.observe_decided(&agent, pid, &ctx, &what, kernel, 1);
     }
 
-    fn observe_decided(&self, agent: &AgentFacts, pid: u32, ctx: &Value, what: &str, kernel: KernelVerdict) {
+    fn observe_decided(
+        &self,
+        agent: &AgentFacts,
+        pid: u32,
+        ctx: &Value,
+        what: &dyn Fn() -> String,
+        kernel: KernelVerdict,
+        count: u64,
+    ) {
         let started = Instant::now();
         let mut decision = self.policies.evaluate(ctx, &self.opts);
         let mut note = None;
@@ -655,20 +700,25 @@ impl Evaluator {
                 if kernel_allowed != decision.allowed && decision.action != Action::RequireApproval {
                     note = Some("kernel and policy disagree");
                     eprintln!(
-                        "agt-jail: warning: the kernel {} a {what} that the policy {}s ({})",
+                        "agt-jail: warning: the kernel {} a {} that the policy {}s ({})",
                         if kernel_allowed { "allowed" } else { "denied" },
+                        what(),
                         decision.action,
                         decision.matched_rule.as_deref().unwrap_or("default")
                     );
                 }
             }
         }
-        let event_name = ctx["event"].as_str().unwrap_or("?").to_string();
-        self.record(agent, pid, &event_name, ctx, &decision, "kernel", outcome, started, None, note);
+        let event_name = ctx["event"].as_str().unwrap_or("?");
+        let record = RecordArgs { agent, pid, event: event_name, context: ctx, decision: &decision, plane: "kernel" };
+        self.write_record(record, outcome, started, None, note, (count != 1).then_some(count));
         if kernel == KernelVerdict::Kill {
             self.kill(&decision);
         } else if kernel != KernelVerdict::Allow {
-            self.on_denied(what, pid, &decision);
+            if self.show_denials {
+                self.print_denial(&what(), pid, &decision);
+            }
+            self.lower_trust_by(count);
         }
     }
 
@@ -691,29 +741,79 @@ impl Evaluator {
         approval: Option<u64>,
         note: Option<&str>,
     ) {
+        let record = RecordArgs { agent, pid, event, context, decision, plane };
+        self.write_record(record, outcome, started, approval, note, None);
+    }
+
+    fn write_record(
+        &self,
+        r: RecordArgs<'_>,
+        outcome: &str,
+        started: Instant,
+        approval: Option<u64>,
+        note: Option<&str>,
+        count: Option<u64>,
+    ) {
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut sink = lock(&self.sink);
         sink.write_buffered(Record {
             seq: 0,
             time: now_secs(),
-            agent: &agent.id,
-            pid,
-            event,
-            context,
-            decision,
-            matched_rule: decision.matched_rule.as_deref(),
-            plane,
+            agent: &r.agent.id,
+            pid: r.pid,
+            event: r.event,
+            context: r.context,
+            decision: r.decision,
+            matched_rule: r.decision.matched_rule.as_deref(),
+            plane: r.plane,
             outcome,
             latency_us,
             approval,
             note,
+            count,
         });
         // Held actions are few and matter one by one; kernel observations come in bursts
         // and are flushed once per batch by the reader (`flush`).
-        if plane != "kernel" {
+        if r.plane != "kernel" {
             sink.flush();
         }
     }
+}
+
+/// What a record is about (the fields [`Record`] borrows).
+struct RecordArgs<'a> {
+    agent: &'a AgentFacts,
+    pid: u32,
+    event: &'a str,
+    context: &'a Value,
+    decision: &'a Decision,
+    plane: &'a str,
+}
+
+/// A network event the kernel decided, as the evaluator records it.
+#[derive(Debug, Clone)]
+pub struct NetObservation<'a> {
+    /// The calling process (tgid); 0 for a deny summary of unknown threads.
+    pub pid: u32,
+    pub event: NetEvent,
+    pub family: NetFamily,
+    pub protocol: NetProto,
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+    pub domain: Option<&'a str>,
+    pub kernel: KernelVerdict,
+    /// Process facts the kernel's record carries; `None` reads them from /proc.
+    pub caller: Option<KernelCaller<'a>>,
+    /// Calls the event stands for (more than 1 for a kernel deny summary).
+    pub count: u64,
+}
+
+/// The caller's facts as the kernel recorded them at the event.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelCaller<'a> {
+    pub ppid: u32,
+    pub uid: u32,
+    pub comm: &'a str,
 }
 
 /// What the kernel did with a network event.
@@ -1050,6 +1150,66 @@ rules:
         assert_eq!(ev.agent().trust, 250);
         assert_eq!(ev.agent().ring, 3);
         assert_eq!(*lock(&actuator.demotions), [3]);
+    }
+
+    fn connect(kernel: KernelVerdict, count: u64) -> NetObservation<'static> {
+        NetObservation {
+            pid: 7,
+            event: NetEvent::Connect,
+            family: NetFamily::Inet,
+            protocol: NetProto::Tcp,
+            addr: "127.0.0.2".parse().unwrap(),
+            port: 80,
+            domain: None,
+            kernel,
+            caller: Some(KernelCaller { ppid: 3, uid: 1000, comm: "curl" }),
+            count,
+        }
+    }
+
+    #[test]
+    fn kernel_records_carry_the_kernels_process_facts_and_counts() {
+        let (ev, _, lines) = evaluator_with(Duration::from_secs(1), TrustRules { penalty: 10, kill_below: 0 });
+        ev.observe_net(&connect(KernelVerdict::Allow, 1));
+        ev.observe_net(&connect(KernelVerdict::Floor, 4));
+        // Buffered until the reader's flush.
+        assert!(lines.records().is_empty());
+        ev.flush();
+        let records = lines.records();
+        assert_eq!(records.len(), 2);
+        let proc = &records[0]["context"]["proc"];
+        assert_eq!((proc["pid"].as_u64(), proc["ppid"].as_u64()), (Some(7), Some(3)));
+        assert_eq!((proc["uid"].as_u64(), proc["comm"].as_str()), (Some(1000), Some("curl")));
+        assert!(records[0].get("count").is_none());
+        assert_eq!((records[1]["outcome"].as_str(), records[1]["count"].as_u64()), (Some("deny"), Some(4)));
+        // A summary of four denials costs what four denials cost.
+        assert_eq!(ev.agent().trust, 460);
+    }
+
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<usize>>);
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            *lock(&self.0) += 1;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_of_kernel_records_is_one_write() {
+        let writes = Writes::default();
+        let mut sink = RecordSink::new(Some(Box::new(writes.clone())));
+        for _ in 0..100 {
+            sink.write_value(&json!({"event": "fork"}));
+        }
+        assert_eq!(*lock(&writes.0), 0);
+        sink.flush();
+        assert_eq!(*lock(&writes.0), 1);
+        sink.flush();
+        assert_eq!(*lock(&writes.0), 1, "nothing buffered, nothing written");
     }
 
     #[test]

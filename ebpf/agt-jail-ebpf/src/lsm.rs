@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::LsmContext,
 };
 
-use crate::{count_drop, current_agent, header, EVENTS};
+use crate::{count_deny_drop, current_agent, header, DENY_EVENTS};
 
 /// -EPERM, what a denied operation returns.
 const EPERM: i32 = -1;
@@ -234,8 +234,8 @@ fn file_identity(bprm: *const u8) -> Option<FileIdentity> {
 #[inline(always)]
 fn report_deny(bprm: *const u8, cgroup_id: u64, agent_id: u64, reason: ExecDenyReason, dev: u64, ino: u64) {
     let filename: *const u8 = offset(OFF_BINPRM_FILENAME).and_then(|at| read_at(bprm, at)).unwrap_or(core::ptr::null());
-    let Some(mut entry) = EVENTS.reserve::<ExecCheckEvent>(0) else {
-        count_drop();
+    let Some(mut entry) = DENY_EVENTS.reserve::<ExecCheckEvent>(0) else {
+        count_deny_drop();
         return;
     };
     let event = entry.as_mut_ptr();

@@ -2,8 +2,12 @@
 //!
 //! Every program is scoped to agents: the first thing each does is look the current
 //! cgroup up in `AGENT_CGROUPS`, so tasks that are not agents pay one hash lookup.
-//! Events go to one shared ring buffer; a full buffer increments `EVENT_DROPS`
+//! Allowed events go to one shared ring buffer; a full buffer increments `EVENT_DROPS`
 //! (never silently lost: userspace reports the counter), and never changes a verdict.
+//! Deny and kill records have a ring buffer of their own (`DENY_EVENTS`), so a flood of
+//! allowed events cannot crowd them out; a network deny that does not fit there either is
+//! counted in `DENY_SUMMARY` (its record with a count), which userspace turns into records.
+//! Only a deny that fits neither lands in `DENY_DROPS`.
 #![no_std]
 #![no_main]
 
@@ -12,11 +16,11 @@ mod lsm;
 mod net;
 mod proc;
 
-use agt_jail_common::{EventHeader, MAX_AGENTS, EVENT_RING_BYTES};
+use agt_jail_common::{EventHeader, NetEvent, DENY_RING_BYTES, EVENT_RING_BYTES, MAX_AGENTS, MAX_DENY_SUMMARIES};
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// cgroup v2 id → agent id. Written by userspace before the agent's first process joins.
@@ -30,6 +34,20 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 /// Events that did not fit into `EVENTS` (index 0), summed over CPUs by userspace.
 #[map]
 static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Deny and kill records, in order per CPU.
+#[map]
+static DENY_EVENTS: RingBuf = RingBuf::with_byte_size(DENY_RING_BYTES, 0);
+
+/// Network denies that did not fit into `DENY_EVENTS`: the record (thread id and time
+/// zeroed) → how many such denies happened on each CPU. Userspace sums the CPUs and writes
+/// the increments since it last looked.
+#[map]
+static DENY_SUMMARY: PerCpuHashMap<NetEvent, u64> = PerCpuHashMap::with_max_entries(MAX_DENY_SUMMARIES, 0);
+
+/// Denies that fit neither `DENY_EVENTS` nor `DENY_SUMMARY` (index 0), summed over CPUs.
+#[map]
+static DENY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The agent the current task belongs to, or `None` for tasks outside agents.
 #[inline(always)]
@@ -59,7 +77,17 @@ fn header(kind: u32, verdict: u32, cgroup_id: u64, agent_id: u64) -> EventHeader
 
 #[inline(always)]
 fn count_drop() {
-    if let Some(counter) = EVENT_DROPS.get_ptr_mut(0) {
+    count_in(&EVENT_DROPS);
+}
+
+#[inline(always)]
+fn count_deny_drop() {
+    count_in(&DENY_DROPS);
+}
+
+#[inline(always)]
+fn count_in(counters: &PerCpuArray<u64>) {
+    if let Some(counter) = counters.get_ptr_mut(0) {
         // SAFETY: the pointer is this CPU's slot of a per-CPU array; nothing else writes it
         // while this program runs (programs do not preempt each other on one CPU here).
         unsafe { *counter += 1 };

@@ -28,16 +28,19 @@ use agt_jail_common::{
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     btf_maps,
+    bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_boot_ns, bpf_spin_lock as spin_lock,
-        bpf_spin_unlock as spin_unlock,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task, bpf_get_current_uid_gid,
+        bpf_get_netns_cookie, bpf_ktime_get_boot_ns, bpf_spin_lock as spin_lock, bpf_spin_unlock as spin_unlock,
     },
     macros::{btf_map, cgroup_sock_addr, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
     programs::SockAddrContext,
 };
 
-use crate::{count_drop, header, AGENT_CGROUPS, EVENTS};
+use crate::{
+    count_deny_drop, count_drop, header, proc::parent_tgid, AGENT_CGROUPS, DENY_EVENTS, DENY_SUMMARY, EVENTS,
+};
 
 /// Denied destinations per agent; value is `RULE_DENY`. `port == 0` in a key means any port.
 #[map]
@@ -260,6 +263,9 @@ fn net_event(sock_addr: &bpf_sock_addr, family: u16, addr: [u8; 16], port: u16) 
         layer: NET_LAYER_NONE,
         flags: 0,
         _pad: 0,
+        uid: 0,
+        ppid: 0,
+        comm: [0; 16],
     }
 }
 
@@ -392,12 +398,55 @@ fn report(hook: u8, cgroup_id: u64, agent_id: u64, verdict: Verdict, mut event: 
         _ => EventKind::Connect,
     };
     event.header = header(kind as u32, verdict as u32, cgroup_id, agent_id);
-    let Some(mut entry) = EVENTS.reserve::<NetEvent>(0) else {
-        count_drop();
+    // The process facts userspace would otherwise read from /proc for every event.
+    event.uid = bpf_get_current_uid_gid() as u32;
+    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // SAFETY: bpf_get_current_task has no preconditions; the pointer is only read through
+    // the probe helper.
+    event.ppid = parent_tgid(unsafe { bpf_get_current_task() } as *const u8);
+    if verdict == Verdict::Allow {
+        let Some(mut entry) = EVENTS.reserve::<NetEvent>(0) else {
+            count_drop();
+            return;
+        };
+        entry.write(event);
+        entry.submit(0);
         return;
+    }
+    if let Some(mut entry) = DENY_EVENTS.reserve::<NetEvent>(0) {
+        entry.write(event);
+        entry.submit(0);
+        return;
+    }
+    summarise(&mut event);
+}
+
+/// Counts a deny that did not fit into the deny ring under its record, with the fields
+/// that differ between otherwise equal denies (thread id, time) zeroed.
+#[inline(always)]
+fn summarise(event: &mut NetEvent) {
+    event.header.pid = 0;
+    event.header.ktime_ns = 0;
+    if add_one(event) {
+        return;
+    }
+    // First of its kind; when another CPU inserted it meanwhile, NOEXIST fails and the
+    // second lookup finds the entry (with this CPU's slot at 0).
+    if DENY_SUMMARY.insert(&*event, &1, BPF_NOEXIST as u64).is_ok() || add_one(event) {
+        return;
+    }
+    count_deny_drop();
+}
+
+#[inline(always)]
+fn add_one(key: &NetEvent) -> bool {
+    let Some(count) = DENY_SUMMARY.get_ptr_mut(key) else {
+        return false;
     };
-    entry.write(event);
-    entry.submit(0);
+    // SAFETY: the pointer is this CPU's slot of a per-CPU map value; nothing else writes it
+    // while this program runs (as for the drop counters).
+    unsafe { *count += 1 };
+    true
 }
 
 // The common crate's lock type must be layout-identical to the kernel's.

@@ -11,8 +11,16 @@
 pub const EXEC_FILENAME_LEN: usize = 256;
 
 /// Capacity of the event ring buffer in bytes (a power of two, a multiple of the page size).
-/// One ring for every program and agent: 4 MiB holds ~50k network events.
+/// One ring for every program and agent: 4 MiB holds ~40k network events.
 pub const EVENT_RING_BYTES: u32 = 4 << 20;
+
+/// Capacity of the ring buffer that only deny and kill records use, so that a flood of
+/// allowed events cannot crowd them out (1 MiB holds ~10k network denies).
+pub const DENY_RING_BYTES: u32 = 1 << 20;
+
+/// Entries of the deny summary map: distinct (agent, process, destination, verdict)
+/// keys whose denies did not fit into the deny ring and are counted instead.
+pub const MAX_DENY_SUMMARIES: u32 = 16384;
 
 /// Bytes of a task's `comm` (the kernel's TASK_COMM_LEN).
 pub const TASK_COMM_LEN: usize = 16;
@@ -180,8 +188,14 @@ pub struct NetEvent {
     /// `NET_EVENT_*` bits.
     pub flags: u8,
     pub _pad: u16,
+    /// The caller's real uid (`bpf_get_current_uid_gid`).
+    pub uid: u32,
+    /// The caller's real parent's process id (initial pid namespace), 0 when unreadable.
+    pub ppid: u32,
+    /// The calling task's `comm`, NUL-padded.
+    pub comm: [u8; TASK_COMM_LEN],
 }
-const _: () = assert!(core::mem::size_of::<NetEvent>() == 40 + 40);
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 40 + 40 + 8 + TASK_COMM_LEN);
 
 /// [`NetEvent::layer`]: nothing denied.
 pub const NET_LAYER_NONE: u8 = 0;
@@ -708,4 +722,6 @@ mod pod {
     unsafe impl aya::Pod for super::NetLimitKey {}
     // SAFETY: as above (the lock is a plain u32 the kernel manages; userspace writes 0).
     unsafe impl aya::Pod for super::NetLimitState {}
+    // SAFETY: as above (the key of the deny summary map is a network record).
+    unsafe impl aya::Pod for super::NetEvent {}
 }
