@@ -382,3 +382,62 @@ fn the_plan_is_scoped_to_the_agent() {
     drop(programs);
     cgroup.remove().unwrap();
 }
+
+/// A burst of denies larger than the deny ring holds, with nobody reading: every deny is
+/// still accounted for, in the ring or in the kernel's deny summary (a record with a
+/// count), and none is dropped. Ring records carry the caller as the kernel saw it.
+#[test]
+fn denies_beyond_the_deny_ring_are_counted_not_lost() {
+    require!(Need::Root, Need::Btf, Need::CgroupV2);
+    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).unwrap();
+    let cgroup = AgentCgroup::create(
+        &layout.agents_parent(),
+        &cgroup_name(std::process::id(), 0x8e70 + u64::from(std::process::id() % 1000)),
+    )
+    .unwrap();
+    let agent = AGENT + 2;
+    let deny_all = NetTables {
+        v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0)],
+        v6: vec![(Ipv6Addr::UNSPECIFIED, 0, 0)],
+        verdicts: vec![row(0, 0, NetHook::Connect, NetProto::Tcp, NetAction::Deny)],
+        ..NetTables::default()
+    };
+    let mut programs = AgentPrograms::load().unwrap();
+    let mut reader = programs.take_events().unwrap();
+    programs.register_agent(cgroup.id(), agent).unwrap();
+    programs.attach_cgroup(cgroup.dir()).unwrap();
+    programs.install_net_plan(agent, &deny_all).unwrap();
+
+    // The 1 MiB deny ring holds ~9,300 network records; the results (4 bytes each) must
+    // fit into the pipe the child writes them to before anyone reads it.
+    const DENIES: usize = 15_000;
+    let port = 9;
+    let ops = vec![Op::Connect(Ipv4Addr::LOCALHOST, port); DENIES];
+    let (results, _) = probe(cgroup.path(), &ops, false, "exit 0");
+    assert!(results.iter().all(|r| *r == libc::EPERM), "every connect denied");
+
+    let mut events = Vec::new();
+    reader.drain(&mut |event| events.push(event.unwrap()));
+    let (mut accounted, mut summaries) = (0, 0);
+    for event in &events {
+        if let Event::Connect { agent_id, port: p, verdict: VerdictName::Deny, count, ktime_ns, caller, .. } = event {
+            if *agent_id == agent && *p == port {
+                accounted += count;
+                if *count > 1 || *ktime_ns == 0 {
+                    summaries += 1;
+                } else {
+                    assert_eq!((caller.uid, caller.ppid), (0, std::process::id()), "the caller: {event:?}");
+                }
+            }
+        }
+    }
+    assert_eq!(accounted, DENIES as u64, "every deny in a record or a summary count");
+    assert!(summaries >= 1, "the burst overflowed the deny ring into the summary");
+    assert_eq!(programs.dropped_denies().unwrap(), 0);
+    // Nothing new: a second drain hands out no summary again.
+    let mut again = 0;
+    reader.drain(&mut |_| again += 1);
+    assert_eq!(again, 0);
+    drop(programs);
+    cgroup.remove().unwrap();
+}
