@@ -26,7 +26,9 @@ use agt_jail_policy::{
     context::{AgentFacts, NetEvent, NetFamily, NetProto},
     PolicySet,
 };
-use agt_jail_supervisor::evaluator::{Actuator, Evaluator, EvaluatorConfig, KernelVerdict, RecordSink, TrustRules};
+use agt_jail_supervisor::evaluator::{
+    Actuator, Evaluator, EvaluatorConfig, KernelCaller, KernelVerdict, NetObservation, RecordSink, TrustRules,
+};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
@@ -65,6 +67,9 @@ fn connect_record(verdict: Verdict, pid: u32) -> Vec<u8> {
         layer,
         flags: 0,
         _pad: 0,
+        uid: 0,
+        ppid: 1,
+        comm: *b"loops\0\0\0\0\0\0\0\0\0\0\0",
     })
 }
 
@@ -112,17 +117,31 @@ fn evaluator(out: Box<dyn Write + Send>, proc_root: &str) -> Arc<Evaluator> {
 
 /// What `agt_jail::govern::observe` does with one decoded event (connects to addresses
 /// the policy names by domain would also carry the domain; this policy names none).
-fn observe(evaluator: &Evaluator, event: &Event) {
+/// `from_record`: process facts from the kernel's record (as agt-jail does); otherwise
+/// from /proc (through the per-process cache).
+fn observe(evaluator: &Evaluator, event: &Event, from_record: bool) {
     match event {
-        Event::Connect { tgid, addr, port, protocol, verdict, layer, .. } => {
-            let proto = if protocol == "tcp" { NetProto::Tcp } else { NetProto::Other };
+        Event::Connect { tgid, addr, port, protocol, verdict, layer, caller, count, .. } => {
+            let protocol = if protocol == "tcp" { NetProto::Tcp } else { NetProto::Other };
             let kernel = match (verdict, layer) {
                 (VerdictName::Allow, _) => KernelVerdict::Allow,
                 (VerdictName::Kill, _) => KernelVerdict::Kill,
                 (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
                 (VerdictName::Deny, _) => KernelVerdict::Floor,
             };
-            evaluator.observe_net(*tgid, NetEvent::Connect, NetFamily::Inet, proto, *addr, *port, None, kernel);
+            let caller = from_record.then_some(KernelCaller { ppid: caller.ppid, uid: caller.uid, comm: &caller.comm });
+            evaluator.observe_net(&NetObservation {
+                pid: *tgid,
+                event: NetEvent::Connect,
+                family: NetFamily::Inet,
+                protocol,
+                addr: *addr,
+                port: *port,
+                domain: None,
+                kernel,
+                caller,
+                count: *count,
+            });
         }
         other => evaluator.observe_raw(&serde_json::to_value(other).unwrap()),
     }
@@ -140,33 +159,38 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function("decode_connect", |b| b.iter(|| decode(black_box(&denied)).unwrap()));
     group.bench_function("decode_exec", |b| b.iter(|| decode(black_box(&exec)).unwrap()));
 
-    // Records to nowhere: decode, context (with its /proc reads), policy, JSON.
+    // Records to nowhere: decode, context, policy, JSON. Process facts from the kernel's
+    // record, the executable from /proc once per process (cached), as agt-jail runs it.
     let to_sink = evaluator(Box::new(io::sink()), "/proc");
     group.bench_function("decode_observe_connect_no_file", |b| {
-        b.iter(|| observe(&to_sink, &decode(black_box(&allowed)).unwrap()))
+        b.iter(|| observe(&to_sink, &decode(black_box(&allowed)).unwrap(), true))
     });
     group.bench_function("decode_observe_denied_connect_no_file", |b| {
-        b.iter(|| observe(&to_sink, &decode(black_box(&denied)).unwrap()))
+        b.iter(|| observe(&to_sink, &decode(black_box(&denied)).unwrap(), true))
+    });
+    // Process facts from /proc through the per-process cache (events without them).
+    group.bench_function("decode_observe_connect_no_file_proc_cache", |b| {
+        b.iter(|| observe(&to_sink, &decode(black_box(&allowed)).unwrap(), false))
     });
 
-    // The same without the per-event /proc reads (a proc root that does not exist: each
-    // read fails at once and the facts stay empty): what is left when process facts come
-    // from a cache or from the kernel's record instead.
-    let no_proc = evaluator(Box::new(io::sink()), "/nonexistent-agt-jail-proc");
-    group.bench_function("decode_observe_connect_no_file_no_proc_reads", |b| {
-        b.iter(|| observe(&no_proc, &decode(black_box(&allowed)).unwrap()))
-    });
-
-    // As `agt-jail exec --policy --events FILE` runs it: a buffered file flushed per record.
+    // As `agt-jail exec --policy --events FILE` runs it: records buffered and written to
+    // the file once per ring-buffer drain (here: per 1,000 events).
     let dir = std::env::temp_dir().join(format!("agt-jail-pipeline-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = std::fs::File::create(dir.join("events.jsonl")).unwrap();
     let to_file = evaluator(Box::new(BufWriter::new(file)), "/proc");
-    group.bench_function("decode_observe_connect_to_file", |b| {
-        b.iter(|| observe(&to_file, &decode(black_box(&allowed)).unwrap()))
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("decode_observe_connect_to_file_per_1000", |b| {
+        b.iter(|| {
+            for _ in 0..1000 {
+                observe(&to_file, &decode(black_box(&allowed)).unwrap(), true);
+            }
+            to_file.flush();
+        })
     });
+    group.throughput(Throughput::Elements(1));
     group.bench_function("decode_observe_exec_to_file", |b| {
-        b.iter(|| observe(&to_file, &decode(black_box(&exec)).unwrap()))
+        b.iter(|| observe(&to_file, &decode(black_box(&exec)).unwrap(), true))
     });
     group.finish();
     let _ = std::fs::remove_dir_all(&dir);
