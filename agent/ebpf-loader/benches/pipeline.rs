@@ -50,6 +50,10 @@ fn header(kind: EventKind, verdict: Verdict, pid: u32) -> EventHeader {
 }
 
 fn connect_record(verdict: Verdict, pid: u32) -> Vec<u8> {
+    connect_record_to(verdict, pid, 8080)
+}
+
+fn connect_record_to(verdict: Verdict, pid: u32, port: u16) -> Vec<u8> {
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&[127, 0, 0, 2]);
     // A deny of the ring's allow-list, as the connect program reports it.
@@ -57,7 +61,7 @@ fn connect_record(verdict: Verdict, pid: u32) -> Vec<u8> {
     bytes_of(&NetRecord {
         header: header(EventKind::Connect, verdict, pid),
         family: AF_INET,
-        port: 8080,
+        port,
         protocol: 6,
         addr,
         addr_class: 0,
@@ -160,13 +164,24 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function("decode_exec", |b| b.iter(|| decode(black_box(&exec)).unwrap()));
 
     // Records to nowhere: decode, context, policy, JSON. Process facts from the kernel's
-    // record, the executable from /proc once per process (cached), as agt-jail runs it.
+    // record, the executable from /proc once per process (cached), as agt-jail runs it. The
+    // same event over and over: after the first, the evaluator writes the remembered record.
     let to_sink = evaluator(Box::new(io::sink()), "/proc");
     group.bench_function("decode_observe_connect_no_file", |b| {
         b.iter(|| observe(&to_sink, &decode(black_box(&allowed)).unwrap(), true))
     });
     group.bench_function("decode_observe_denied_connect_no_file", |b| {
         b.iter(|| observe(&to_sink, &decode(black_box(&denied)).unwrap(), true))
+    });
+    // Every event different (8,192 destinations in turn, more than the evaluator remembers):
+    // each one is evaluated and serialised afresh.
+    let distinct: Vec<Vec<u8>> = (0..8192u16).map(|i| connect_record_to(Verdict::Allow, pid, 10_000 + i)).collect();
+    let mut next = 0;
+    group.bench_function("decode_observe_distinct_connects_no_file", |b| {
+        b.iter(|| {
+            next = (next + 1) % distinct.len();
+            observe(&to_sink, &decode(black_box(&distinct[next])).unwrap(), true)
+        })
     });
     // Process facts from /proc through the per-process cache (events without them).
     group.bench_function("decode_observe_connect_no_file_proc_cache", |b| {

@@ -159,6 +159,31 @@ impl RecordSink {
         }
     }
 
+    /// Buffers a kernel record from its parts: `body` is the serialised record from
+    /// `agent` to `outcome` (no braces), `tail` what follows `latency_us` (`,"note":...`).
+    /// The line is the one [`Record`] serialises to.
+    fn write_parts(&mut self, body: &[u8], latency_us: u64, tail: &[u8], count: Option<u64>) {
+        use std::io::Write as _;
+        self.seq += 1;
+        if self.out.is_none() {
+            return;
+        }
+        let line = &mut self.pending;
+        let _ = write!(line, "{{\"seq\":{},\"time\":", self.seq);
+        let _ = serde_json::to_writer(&mut *line, &now_secs());
+        line.push(b',');
+        line.extend_from_slice(body);
+        let _ = write!(line, ",\"latency_us\":{latency_us}");
+        line.extend_from_slice(tail);
+        if let Some(count) = count {
+            let _ = write!(line, ",\"count\":{count}");
+        }
+        line.extend_from_slice(b"}\n");
+        if self.pending.len() > SINK_BUFFER_MAX {
+            self.flush();
+        }
+    }
+
     /// Pushes buffered records to the file: one write for all of them.
     pub fn flush(&mut self) {
         let Some(out) = self.out.as_mut() else { return };
@@ -224,6 +249,9 @@ pub struct Evaluator {
     file_cacheable: bool,
     state: Mutex<State>,
     procs: Mutex<ProcCache>,
+    /// Whether network records may be remembered (not when a rule can see more than the context).
+    memoize: bool,
+    net_memo: Mutex<HashMap<NetMemoKey, Arc<NetMemo>>>,
     sink: Mutex<RecordSink>,
     actuator: Arc<dyn Actuator>,
 }
@@ -242,6 +270,7 @@ fn now_secs() -> f64 {
 impl Evaluator {
     pub fn new(cfg: EvaluatorConfig, sink: RecordSink, actuator: Arc<dyn Actuator>) -> Arc<Self> {
         let file_cacheable = !reads_varying_state(&cfg.policies);
+        let memoize = !cfg.policies.has_rego();
         let opts = EvalOptions { agent: Some(cfg.agent.did.clone()), ..EvalOptions::default() };
         Arc::new(Evaluator {
             policies: cfg.policies,
@@ -260,6 +289,8 @@ impl Evaluator {
                 killed: false,
             }),
             procs: Mutex::new(ProcCache::default()),
+            memoize,
+            net_memo: Mutex::new(HashMap::new()),
             sink: Mutex::new(sink),
             actuator,
         })
@@ -650,16 +681,59 @@ impl Evaluator {
     /// Records a network event that the kernel already decided: the context is rebuilt
     /// (process facts from the kernel's record when it carries them), the policy consulted
     /// for the matched rule, and a disagreement between kernel and policy reported loudly.
+    ///
+    /// Evaluation is a pure function of the context, so the serialised context and decision
+    /// of an event are remembered under everything the context is built from (agent ring and
+    /// trust, process facts, destination, kernel verdict): a flood of equal events is
+    /// evaluated once and written from the remembered bytes, byte for byte the same record.
     pub fn observe_net(&self, obs: &NetObservation<'_>) {
-        let agent = self.agent();
+        let started = Instant::now();
         let proc = match &obs.caller {
             Some(caller) => self.kernel_proc_facts(obs.pid, caller),
             None => self.cached_proc_facts(obs.pid),
         };
-        let ctx =
-            context::net_context(&agent, &proc, obs.event, obs.family, obs.protocol, obs.addr, obs.port, obs.domain);
         let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
-        self.observe_decided(&agent, obs.pid, &ctx, &what, obs.kernel, obs.count);
+        let key = self.memoize.then(|| {
+            let state = lock(&self.state);
+            NetMemoKey {
+                ring: state.agent.ring,
+                trust: state.agent.trust,
+                killed: state.killed,
+                proc: (proc.pid, proc.ppid, proc.uid, proc.comm.clone(), proc.exe.clone()),
+                net: (obs.event, obs.family, obs.protocol, obs.addr, obs.port, obs.domain.map(str::to_string)),
+                kernel: obs.kernel,
+            }
+        });
+        let remembered = key.as_ref().and_then(|key| lock(&self.net_memo).get(key).cloned());
+        let entry = match remembered {
+            Some(entry) => entry,
+            None => {
+                let agent = self.agent();
+                let ctx = context::net_context(
+                    &agent,
+                    &proc,
+                    obs.event,
+                    obs.family,
+                    obs.protocol,
+                    obs.addr,
+                    obs.port,
+                    obs.domain,
+                );
+                let (decision, outcome, note) = self.decide_kernel(&ctx, &what, obs.kernel);
+                let entry = Arc::new(NetMemo::new(&agent, obs.pid, &ctx, decision, outcome, note));
+                if let Some(key) = key.filter(|_| note != Some(DISAGREE)) {
+                    let mut memo = lock(&self.net_memo);
+                    if memo.len() >= NET_MEMO_MAX {
+                        memo.clear();
+                    }
+                    memo.insert(key, Arc::clone(&entry));
+                }
+                entry
+            }
+        };
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        lock(&self.sink).write_parts(&entry.body, latency_us, &entry.tail, (obs.count != 1).then_some(obs.count));
+        self.after_kernel_verdict(obs.kernel, obs.pid, &entry.decision, &what, obs.count);
     }
 
     /// Records a file access the kernel decided (Tier A: the LSM file hooks).
@@ -668,19 +742,23 @@ impl Evaluator {
         let proc = self.cached_proc_facts(pid);
         let ctx = context::file_context(&agent, &proc, event, path, access);
         let what = || format!("{} of {path}", event.as_str());
-        self.observe_decided(&agent, pid, &ctx, &what, kernel, 1);
+        let started = Instant::now();
+        let (decision, outcome, note) = self.decide_kernel(&ctx, &what, kernel);
+        let event_name = ctx["event"].as_str().unwrap_or("?");
+        let record =
+            RecordArgs { agent: &agent, pid, event: event_name, context: &ctx, decision: &decision, plane: "kernel" };
+        self.write_record(record, outcome, started, None, note, None);
+        self.after_kernel_verdict(kernel, pid, &decision, &what, 1);
     }
 
-    fn observe_decided(
+    /// The policy's decision on an event the kernel decided, the outcome the kernel's verdict
+    /// means, and a note when they differ.
+    fn decide_kernel(
         &self,
-        agent: &AgentFacts,
-        pid: u32,
         ctx: &Value,
         what: &dyn Fn() -> String,
         kernel: KernelVerdict,
-        count: u64,
-    ) {
-        let started = Instant::now();
+    ) -> (Decision, &'static str, Option<&'static str>) {
         let mut decision = self.policies.evaluate(ctx, &self.opts);
         let mut note = None;
         let outcome = match kernel {
@@ -698,7 +776,7 @@ impl Evaluator {
             _ => {
                 let kernel_allowed = kernel == KernelVerdict::Allow;
                 if kernel_allowed != decision.allowed && decision.action != Action::RequireApproval {
-                    note = Some("kernel and policy disagree");
+                    note = Some(DISAGREE);
                     eprintln!(
                         "agt-jail: warning: the kernel {} a {} that the policy {}s ({})",
                         if kernel_allowed { "allowed" } else { "denied" },
@@ -709,14 +787,24 @@ impl Evaluator {
                 }
             }
         }
-        let event_name = ctx["event"].as_str().unwrap_or("?");
-        let record = RecordArgs { agent, pid, event: event_name, context: ctx, decision: &decision, plane: "kernel" };
-        self.write_record(record, outcome, started, None, note, (count != 1).then_some(count));
+        (decision, outcome, note)
+    }
+
+    /// What follows a kernel verdict: a kill ends the agent, a deny lowers trust (once per
+    /// denied call a summary stands for).
+    fn after_kernel_verdict(
+        &self,
+        kernel: KernelVerdict,
+        pid: u32,
+        decision: &Decision,
+        what: &dyn Fn() -> String,
+        count: u64,
+    ) {
         if kernel == KernelVerdict::Kill {
-            self.kill(&decision);
+            self.kill(decision);
         } else if kernel != KernelVerdict::Allow {
             if self.show_denials {
-                self.print_denial(&what(), pid, &decision);
+                self.print_denial(&what(), pid, decision);
             }
             self.lower_trust_by(count);
         }
@@ -780,6 +868,74 @@ impl Evaluator {
     }
 }
 
+/// The note of a record whose kernel verdict the policy would not have given.
+const DISAGREE: &str = "kernel and policy disagree";
+
+/// Most network events remembered at once; the memo starts over when full.
+const NET_MEMO_MAX: usize = 4096;
+
+/// Everything a network event's context is built from, besides what never changes for
+/// one evaluator (the agent's id, DID, session, the policy).
+#[derive(PartialEq, Eq, Hash)]
+struct NetMemoKey {
+    ring: u8,
+    trust: u32,
+    killed: bool,
+    proc: (u32, u32, u32, String, String),
+    net: (NetEvent, NetFamily, NetProto, std::net::IpAddr, u16, Option<String>),
+    kernel: KernelVerdict,
+}
+
+/// A network event's record, serialised but for its sequence number, time, latency and count.
+struct NetMemo {
+    body: Vec<u8>,
+    tail: Vec<u8>,
+    decision: Decision,
+}
+
+/// The fields of [`Record`] from `agent` to `outcome`, in its order.
+#[derive(Serialize)]
+struct RecordBody<'a> {
+    agent: &'a str,
+    pid: u32,
+    event: &'a str,
+    context: &'a Value,
+    decision: &'a Decision,
+    matched_rule: Option<&'a str>,
+    plane: &'a str,
+    outcome: &'a str,
+}
+
+impl NetMemo {
+    fn new(agent: &AgentFacts, pid: u32, ctx: &Value, decision: Decision, outcome: &str, note: Option<&str>) -> Self {
+        let body = RecordBody {
+            agent: &agent.id,
+            pid,
+            event: ctx["event"].as_str().unwrap_or("?"),
+            context: ctx,
+            decision: &decision,
+            matched_rule: decision.matched_rule.as_deref(),
+            plane: "kernel",
+            outcome,
+        };
+        // Serialising plain strings, numbers and a JSON tree does not fail.
+        let mut body = serde_json::to_vec(&body).unwrap_or_default();
+        if body.len() >= 2 {
+            body.pop();
+            body.remove(0);
+        }
+        let tail = match note {
+            Some(note) => {
+                let mut tail = b",\"note\":".to_vec();
+                let _ = serde_json::to_writer(&mut tail, note);
+                tail
+            }
+            None => Vec::new(),
+        };
+        NetMemo { body, tail, decision }
+    }
+}
+
 /// What a record is about (the fields [`Record`] borrows).
 struct RecordArgs<'a> {
     agent: &'a AgentFacts,
@@ -817,7 +973,7 @@ pub struct KernelCaller<'a> {
 }
 
 /// What the kernel did with a network event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelVerdict {
     Allow,
     Deny,
@@ -1184,6 +1340,56 @@ rules:
         assert_eq!((records[1]["outcome"].as_str(), records[1]["count"].as_u64()), (Some("deny"), Some(4)));
         // A summary of four denials costs what four denials cost.
         assert_eq!(ev.agent().trust, 460);
+    }
+
+    #[test]
+    fn a_remembered_network_record_is_the_record_a_fresh_evaluation_writes() {
+        let (ev, _, lines) = evaluator_with(Duration::from_secs(1), TrustRules { penalty: 10, kill_below: 0 });
+        for _ in 0..3 {
+            ev.observe_net(&connect(KernelVerdict::Floor, 1));
+        }
+        ev.flush();
+        let strip = |mut record: Value| {
+            for varying in ["seq", "time", "latency_us"] {
+                assert!(record.as_object_mut().unwrap().remove(varying).is_some(), "{varying} in {record}");
+            }
+            record
+        };
+        let records: Vec<Value> = lines.records().into_iter().map(strip).collect();
+        // Each denial lowers trust, and the context shows the agent as it was at the event.
+        let trusts: Vec<u64> = records.iter().map(|r| r["context"]["agent"]["trust"].as_u64().unwrap()).collect();
+        assert_eq!(trusts, [500, 490, 480]);
+        // The same event with the same agent: one evaluation, two equal records.
+        let (ev, _, lines) = evaluator(Duration::from_secs(1));
+        for _ in 0..2 {
+            ev.observe_net(&connect(KernelVerdict::Floor, 1));
+        }
+        ev.flush();
+        let records: Vec<Value> = lines.records().into_iter().map(strip).collect();
+        assert_eq!(records[0], records[1]);
+        assert_eq!(records[0]["note"], "ring floor (profile allow-list or deny rule)");
+        assert_eq!(records[0]["decision"]["allowed"], true, "the policy's own decision is recorded");
+        // And it is the line `Record` itself serialises to.
+        let ctx = records[0]["context"].clone();
+        let decision = ev.policies.evaluate(&ctx, &ev.opts);
+        let direct = serde_json::to_value(Record {
+            seq: 0,
+            time: 0.0,
+            agent: "a1",
+            pid: 7,
+            event: "connect",
+            context: &ctx,
+            decision: &decision,
+            matched_rule: decision.matched_rule.as_deref(),
+            plane: "kernel",
+            outcome: "deny",
+            latency_us: 0,
+            approval: None,
+            note: Some("ring floor (profile allow-list or deny rule)"),
+            count: None,
+        })
+        .unwrap();
+        assert_eq!(strip(direct), records[0]);
     }
 
     #[derive(Clone, Default)]
