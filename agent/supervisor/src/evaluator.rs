@@ -251,7 +251,7 @@ pub struct Evaluator {
     procs: Mutex<ProcCache>,
     /// Whether network records may be remembered (not when a rule can see more than the context).
     memoize: bool,
-    net_memo: Mutex<HashMap<NetMemoKey, Arc<NetMemo>>>,
+    net_memo: Mutex<NetMemoTable>,
     sink: Mutex<RecordSink>,
     actuator: Arc<dyn Actuator>,
 }
@@ -290,7 +290,7 @@ impl Evaluator {
             }),
             procs: Mutex::new(ProcCache::default()),
             memoize,
-            net_memo: Mutex::new(HashMap::new()),
+            net_memo: Mutex::new(NetMemoTable::default()),
             sink: Mutex::new(sink),
             actuator,
         })
@@ -693,7 +693,7 @@ impl Evaluator {
             None => self.cached_proc_facts(obs.pid),
         };
         let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
-        let key = self.memoize.then(|| {
+        let key = self.memo_in_use().then(|| {
             let state = lock(&self.state);
             NetMemoKey {
                 ring: state.agent.ring,
@@ -704,7 +704,7 @@ impl Evaluator {
                 kernel: obs.kernel,
             }
         });
-        let remembered = key.as_ref().and_then(|key| lock(&self.net_memo).get(key).cloned());
+        let remembered = key.as_ref().and_then(|key| lock(&self.net_memo).get(key));
         let entry = match remembered {
             Some(entry) => entry,
             None => {
@@ -722,11 +722,7 @@ impl Evaluator {
                 let (decision, outcome, note) = self.decide_kernel(&ctx, &what, obs.kernel);
                 let entry = Arc::new(NetMemo::new(&agent, obs.pid, &ctx, decision, outcome, note));
                 if let Some(key) = key.filter(|_| note != Some(DISAGREE)) {
-                    let mut memo = lock(&self.net_memo);
-                    if memo.len() >= NET_MEMO_MAX {
-                        memo.clear();
-                    }
-                    memo.insert(key, Arc::clone(&entry));
+                    lock(&self.net_memo).insert(key, Arc::clone(&entry));
                 }
                 entry
             }
@@ -734,6 +730,19 @@ impl Evaluator {
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         lock(&self.sink).write_parts(&entry.body, latency_us, &entry.tail, (obs.count != 1).then_some(obs.count));
         self.after_kernel_verdict(obs.kernel, obs.pid, &entry.decision, &what, obs.count);
+    }
+
+    /// Whether this event goes through the memo (see [`NetMemoTable`]).
+    fn memo_in_use(&self) -> bool {
+        if !self.memoize {
+            return false;
+        }
+        let mut memo = lock(&self.net_memo);
+        if memo.skip > 0 {
+            memo.skip -= 1;
+            return false;
+        }
+        true
     }
 
     /// Records a file access the kernel decided (Tier A: the LSM file hooks).
@@ -886,6 +895,37 @@ struct NetMemoKey {
     kernel: KernelVerdict,
 }
 
+/// The remembered network records. When a table's worth of events brought few repeats
+/// (events that all differ), the next events skip the memo for a while: remembering
+/// costs a key and a copy per event, which only repeats pay back.
+#[derive(Default)]
+struct NetMemoTable {
+    map: HashMap<NetMemoKey, Arc<NetMemo>>,
+    /// Hits since the table was last emptied.
+    hits: usize,
+    /// Events still to pass without the memo.
+    skip: usize,
+}
+
+impl NetMemoTable {
+    fn get(&mut self, key: &NetMemoKey) -> Option<Arc<NetMemo>> {
+        let found = self.map.get(key).cloned();
+        self.hits += usize::from(found.is_some());
+        found
+    }
+
+    fn insert(&mut self, key: NetMemoKey, entry: Arc<NetMemo>) {
+        if self.map.len() >= NET_MEMO_MAX {
+            if self.hits < NET_MEMO_MAX / 8 {
+                self.skip = 4 * NET_MEMO_MAX;
+            }
+            self.map.clear();
+            self.hits = 0;
+        }
+        self.map.insert(key, entry);
+    }
+}
+
 /// A network event's record, serialised but for its sequence number, time, latency and count.
 struct NetMemo {
     body: Vec<u8>,
@@ -919,11 +959,9 @@ impl NetMemo {
             outcome,
         };
         // Serialising plain strings, numbers and a JSON tree does not fail.
-        let mut body = serde_json::to_vec(&body).unwrap_or_default();
-        if body.len() >= 2 {
-            body.pop();
-            body.remove(0);
-        }
+        let mut json = Vec::with_capacity(1024);
+        let _ = serde_json::to_writer(&mut json, &body);
+        let body = json.get(1..json.len().saturating_sub(1)).unwrap_or_default().to_vec();
         let tail = match note {
             Some(note) => {
                 let mut tail = b",\"note\":".to_vec();
@@ -1390,6 +1428,33 @@ rules:
         })
         .unwrap();
         assert_eq!(strip(direct), records[0]);
+    }
+
+    #[test]
+    fn the_memo_steps_aside_when_events_do_not_repeat() {
+        let key = |port: u16| NetMemoKey {
+            ring: 2,
+            trust: 500,
+            killed: false,
+            proc: (7, 1, 0, "curl".into(), String::new()),
+            net: (NetEvent::Connect, NetFamily::Inet, NetProto::Tcp, "127.0.0.1".parse().unwrap(), port, None),
+            kernel: KernelVerdict::Allow,
+        };
+        let entry = || Arc::new(NetMemo { body: Vec::new(), tail: Vec::new(), decision: Decision::error("x") });
+        let mut table = NetMemoTable::default();
+        for port in 0..=NET_MEMO_MAX as u16 {
+            table.insert(key(port), entry());
+        }
+        assert_eq!((table.map.len(), table.skip), (1, 4 * NET_MEMO_MAX), "all different: skip for a while");
+        let mut table = NetMemoTable::default();
+        table.insert(key(0), entry());
+        for _ in 0..NET_MEMO_MAX {
+            assert!(table.get(&key(0)).is_some());
+        }
+        for port in 1..=NET_MEMO_MAX as u16 {
+            table.insert(key(port), entry());
+        }
+        assert_eq!(table.skip, 0, "repeats pay the memo back: keep it");
     }
 
     #[derive(Clone, Default)]
