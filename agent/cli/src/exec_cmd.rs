@@ -636,6 +636,18 @@ fn execute(args: &ExecArgs) -> std::result::Result<u8, Failure> {
     }
     // The agent has sent its listener (or is gone): agt-jail keeps no copy of its end.
     drop(listener_socket);
+    if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
+        if let Some(sync) = exec_plane.as_ref().and_then(|(notifier, _)| notifier.sync_wake_up()) {
+            eprintln!(
+                "agt-jail: debug: exec plane: {}",
+                if sync {
+                    "synchronous seccomp wake-ups (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)"
+                } else {
+                    "ordinary seccomp wake-ups (this kernel lacks SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, Linux 6.6)"
+                }
+            );
+        }
+    }
     let status = running.wait().context("cannot wait for the command")?;
     forwarder.stop();
     dns_stop.store(true, Ordering::SeqCst);

@@ -25,6 +25,13 @@
 //!    EPERM. Replies may come later from any thread (approvals) while the loop keeps
 //!    serving new notifications.
 //!
+//! Once the listener arrives it is switched to synchronous wake-ups
+//! (SECCOMP_IOCTL_NOTIF_SET_FLAGS with SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, Linux 6.6): the
+//! kernel then wakes this thread on the CPU of the task that execs, and the task on this
+//! thread's CPU when it answers, instead of sending both wake-ups across CPUs. Older kernels
+//! refuse the ioctl; the notifier then runs with ordinary wake-ups
+//! ([`Handle::sync_wake_up`] says which).
+//!
 //! Fail closed: memory that cannot be read, bad pointers, a path or argv over the bounds,
 //! a relative path whose directory cannot be resolved, or a syscall the filter should not
 //! have sent are answered Deny without asking the decider, and reported to the error
@@ -50,7 +57,10 @@ use std::{
         unix::fs::MetadataExt,
     },
     path::Path,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, RwLock,
+    },
     thread::JoinHandle,
 };
 
@@ -94,7 +104,13 @@ pub enum NotifyError {
 struct Listener {
     fd: RwLock<Option<OwnedFd>>,
     resp_words: usize,
+    /// [`WAKE_UNKNOWN`] until the listener arrived, then [`WAKE_SYNC`] or [`WAKE_PLAIN`].
+    wake: AtomicU8,
 }
+
+const WAKE_UNKNOWN: u8 = 0;
+const WAKE_SYNC: u8 = 1;
+const WAKE_PLAIN: u8 = 2;
 
 impl Listener {
     fn send(&self, id: u64, answer: Answer) {
@@ -149,8 +165,11 @@ impl ExecNotifier {
     ) -> io::Result<Handle> {
         let sizes = sys::seccomp_notif_sizes()?;
         let stop = Arc::new(sys::eventfd()?);
-        let listener =
-            Arc::new(Listener { fd: RwLock::new(None), resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8) });
+        let listener = Arc::new(Listener {
+            fd: RwLock::new(None),
+            resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8),
+            wake: AtomicU8::new(WAKE_UNKNOWN),
+        });
         let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
         let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
         let thread = std::thread::Builder::new().name("exec-notify".into()).spawn(move || {
@@ -174,6 +193,17 @@ impl Handle {
     /// stop, or on a listener error).
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Whether the listener hands notifications over with synchronous wake-ups (Linux 6.6
+    /// and later); None until the listener has arrived (it has once the jail's launch
+    /// returned).
+    pub fn sync_wake_up(&self) -> Option<bool> {
+        match self.listener.wake.load(Ordering::Relaxed) {
+            WAKE_SYNC => Some(true),
+            WAKE_PLAIN => Some(false),
+            _ => None,
+        }
     }
 
     fn shutdown(&mut self) -> Result<(), NotifyError> {
@@ -223,6 +253,10 @@ fn serve(
         return Ok(());
     }
     let fd = sys::recv_fd(socket.as_fd()).map_err(NotifyError::Listener)?.ok_or(NotifyError::NoListener)?;
+    // Synchronous wake-ups only change which CPU each side runs on; where the kernel lacks
+    // them (EINVAL before Linux 6.6) the listener works the same with ordinary ones.
+    let wake = if sys::seccomp_notif_set_sync_wake_up(fd.as_fd()).is_ok() { WAKE_SYNC } else { WAKE_PLAIN };
+    listener.wake.store(wake, Ordering::Relaxed);
     *listener.fd.write().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))? = Some(fd);
     let mut buf = vec![0u64; notif_words];
     loop {
