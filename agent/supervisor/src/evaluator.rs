@@ -356,16 +356,23 @@ impl Evaluator {
     }
 
     fn context_of(&self, agent: &AgentFacts, request: &Request) -> (Value, &'static str) {
-        let proc = self.proc_facts(request.pid);
+        // The plane's own reading, made while the action was held, when it has one.
+        let read;
+        let proc = match &request.proc {
+            Some(proc) => proc,
+            None => {
+                read = self.proc_facts(request.pid);
+                &read
+            }
+        };
         match &request.kind {
-            RequestKind::Exec { path, argv, .. } => {
-                let interpreter = interpreter_of(&self.proc_root, request.pid, path);
-                (context::exec_context(agent, &proc, path, argv, interpreter.as_deref()), "exec")
+            RequestKind::Exec { path, argv, interpreter, .. } => {
+                (context::exec_context(agent, proc, path, argv, interpreter.as_deref()), "exec")
             }
             RequestKind::File { path, access, .. } => {
                 let (event, name) =
                     if access.writes() { (FileEvent::Write, "file_write") } else { (FileEvent::Open, "file_open") };
-                (context::file_context(agent, &proc, event, path, access.as_str()), name)
+                (context::file_context(agent, proc, event, path, access.as_str()), name)
             }
         }
     }
@@ -1063,18 +1070,6 @@ pub fn proc_facts(proc_root: &Path, pid: u32) -> ProcFacts {
     ProcFacts { pid, ppid: field("PPid:").unwrap_or(0), uid: field("Uid:").unwrap_or(u32::MAX), comm, exe }
 }
 
-/// The interpreter named by a `#!` line of the file the process is about to exec.
-fn interpreter_of(proc_root: &Path, pid: u32, path: &str) -> Option<String> {
-    use std::io::Read;
-    let inside = proc_root.join(pid.to_string()).join("root").join(path.trim_start_matches('/'));
-    let mut head = [0u8; 256];
-    let n = std::fs::File::open(inside).and_then(|mut f| f.read(&mut head)).ok()?;
-    let line = head.get(..n)?.strip_prefix(b"#!")?;
-    let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
-    let text = std::str::from_utf8(line.get(..end)?).ok()?;
-    text.split_whitespace().next().map(str::to_string)
-}
-
 /// Whether a rule's decision can depend on more than the path and the agent: then a
 /// file answer must not be cached.
 fn reads_varying_state(set: &PolicySet) -> bool {
@@ -1212,8 +1207,10 @@ rules:
                 argv: argv.iter().map(|s| s.to_string()).collect(),
                 fileless: false,
                 identity: Some(FileIdentity { dev: 1, ino: 2 }),
+                interpreter: None,
             },
             plane: "seccomp_notify",
+            proc: None,
         }
     }
 
@@ -1314,6 +1311,7 @@ rules:
             tid: 7,
             kind: RequestKind::File { path: path.into(), access, identity: None },
             plane: "fanotify",
+            proc: None,
         };
         assert_eq!(ask(&ev, file("/root/.ssh/id_rsa", FileAccess::Read)).recv().unwrap(), Answer::Deny);
         assert_eq!(ask(&ev, file("/work/src.rs", FileAccess::Write)).recv().unwrap(), Answer::Allow);

@@ -16,8 +16,12 @@
 //! 4. `identity` is the (dev, ino) of the file the name resolves to now, looked up with
 //!    `openat2(RESOLVE_IN_ROOT)` under `/proc/TID/root` (the agent's root, so `..` and
 //!    absolute symlinks resolve as they would for the agent), None when it does not
-//!    resolve; `execveat(fd, "", AT_EMPTY_PATH)` is `fileless`, its path is the link
-//!    text of the fd (e.g. `/memfd:x (deleted)`) and its identity the fd's file;
+//!    resolve; `interpreter` is what a `#!` line at the start of that file names, read
+//!    from the same open file; `execveat(fd, "", AT_EMPTY_PATH)` is `fileless`, its path is
+//!    the link text of the fd (e.g. `/memfd:x (deleted)`) and its identity the fd's file;
+//!    the process facts (tgid, ppid, uid, comm, exe) are read from `/proc/TID` while the
+//!    task is held. Every `/proc` read is relative to one `/proc/TID` directory fd, so the
+//!    (usually new) pid's `/proc` entry is looked up once per exec;
 //! 5. SECCOMP_IOCTL_NOTIF_ID_VALID after reading: a target that died or was interrupted
 //!    meanwhile is dropped quietly (its pid may already be someone else's);
 //! 6. the [`Decider`] gets the [`Request`] and a [`Reply`]: Allow sends
@@ -51,18 +55,19 @@
 //! See docs/threat-model.md.
 use std::{
     ffi::CString,
-    io,
+    io::{self, Read},
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-        unix::fs::MetadataExt,
+        unix::fs::{FileExt, MetadataExt},
     },
-    path::Path,
     sync::{
         atomic::{AtomicU8, Ordering},
         Arc, RwLock,
     },
     thread::JoinHandle,
 };
+
+use agt_jail_policy::context::ProcFacts;
 
 use crate::{sys, Answer, Decider, FileIdentity, Reply, Request, RequestKind};
 
@@ -316,20 +321,49 @@ fn read_request(notif: &libc::seccomp_notif) -> Result<Request, NotifyError> {
     let argv = read_argv(pid, argv_ptr, tid)?;
     let name = String::from_utf8_lossy(&name).into_owned();
     let fileless = flags & AT_EMPTY_PATH != 0 && name.is_empty();
-    let (path, identity) = if fileless {
+    let dir = sys::open_at(proc_root(), &CString::new(tid.to_string()).unwrap_or_default(), O_DIR)
+        .map_err(|source| NotifyError::Unreadable { tid, what: "/proc entry", source })?;
+    let dir = dir.as_fd();
+    let (path, identity, interpreter) = if fileless {
         let fd = format!("/proc/{tid}/fd/{dirfd}");
         let link = std::fs::read_link(&fd)
             .map_err(|source| NotifyError::Unresolvable { tid, path: fd.clone(), source })?
             .to_string_lossy()
             .into_owned();
         let identity = std::fs::metadata(&fd).ok().map(|m| FileIdentity { dev: m.dev(), ino: m.ino() });
-        (link, identity)
+        (link, identity, None)
     } else {
-        let path = absolute(tid, dirfd, &name)?;
-        (path.clone(), identify(tid, &path))
+        let path = absolute(dir, tid, dirfd, &name)?;
+        let (identity, interpreter) = identify(dir, &path);
+        (path, identity, interpreter)
     };
-    let pid = thread_group(tid).unwrap_or(tid);
-    Ok(Request { pid, tid, kind: RequestKind::Exec { path, argv, fileless, identity }, plane: "seccomp_notify" })
+    let (tgid, proc) = facts(dir, tid);
+    Ok(Request {
+        pid: tgid,
+        tid,
+        kind: RequestKind::Exec { path, argv, fileless, identity, interpreter },
+        plane: "seccomp_notify",
+        proc,
+    })
+}
+
+/// Flags of the `/proc` directory fds (no reads through them, lookups only).
+const O_DIR: libc::c_int = libc::O_PATH | libc::O_DIRECTORY;
+
+/// `/proc`, opened once for the life of the process.
+fn proc_root() -> BorrowedFd<'static> {
+    static PROC: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    match PROC.get_or_init(|| sys::open_at(cwd_fd(), c"/proc", O_DIR).ok()) {
+        Some(fd) => fd.as_fd(),
+        // Without /proc every lookup below fails (and the exec is denied) the same way.
+        None => cwd_fd(),
+    }
+}
+
+fn cwd_fd() -> BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a valid directory argument for the *at calls for the life of the
+    // process and is never closed.
+    unsafe { BorrowedFd::borrow_raw(AT_FDCWD) }
 }
 
 /// (audit arch, execve, execveat) of this build.
@@ -408,18 +442,21 @@ fn read_argv(pid: libc::pid_t, addr: u64, tid: u32) -> Result<Vec<String>, Notif
     Err(NotifyError::TooManyArgs { tid })
 }
 
-/// `name` made absolute in the agent's view: joined to the cwd or the execveat dirfd.
-fn absolute(tid: u32, dirfd: i32, name: &str) -> Result<String, NotifyError> {
+/// `name` made absolute in the agent's view: joined to the cwd or the execveat dirfd
+/// (`proc` is `/proc/TID`).
+fn absolute(proc: BorrowedFd<'_>, tid: u32, dirfd: i32, name: &str) -> Result<String, NotifyError> {
     let joined = if name.starts_with('/') {
         name.to_string()
     } else {
-        let base = if dirfd == AT_FDCWD { format!("/proc/{tid}/cwd") } else { format!("/proc/{tid}/fd/{dirfd}") };
-        let dir = std::fs::read_link(&base).map_err(|source| NotifyError::Unresolvable {
-            tid,
-            path: name.to_string(),
-            source,
-        })?;
-        format!("{}/{name}", dir.to_string_lossy())
+        let base =
+            if dirfd == AT_FDCWD { c"cwd".to_owned() } else { CString::new(format!("fd/{dirfd}")).unwrap_or_default() };
+        let unresolvable = |source| NotifyError::Unresolvable { tid, path: name.to_string(), source };
+        let mut buf = [0u8; MAX_PATH];
+        let n = sys::readlink_at(proc, &base, &mut buf).map_err(unresolvable)?;
+        if n == buf.len() {
+            return Err(unresolvable(io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
+        }
+        format!("{}/{name}", String::from_utf8_lossy(&buf[..n]))
     };
     Ok(normalize(&joined))
 }
@@ -431,20 +468,91 @@ fn normalize(path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-/// (dev, ino) of what `path` resolves to inside the agent's root, now.
-fn identify(tid: u32, path: &str) -> Option<FileIdentity> {
-    let root = std::fs::File::open(format!("/proc/{tid}/root")).ok()?;
-    let name = CString::new(path.trim_start_matches('/')).ok()?;
-    let name = if name.as_bytes().is_empty() { CString::new(".").ok()? } else { name };
-    let fd = sys::open_in_root(root.as_fd(), &name).ok()?;
-    let meta = std::fs::File::from(fd).metadata().ok()?;
-    meta.is_file().then(|| FileIdentity { dev: meta.dev(), ino: meta.ino() })
+/// (dev, ino) of what `path` resolves to inside the agent's root (`proc` is `/proc/TID`),
+/// now, when it is a regular file; and the interpreter its `#!` line names.
+fn identify(proc: BorrowedFd<'_>, path: &str) -> (Option<FileIdentity>, Option<String>) {
+    let Ok(root) = sys::open_at(proc, c"root", O_DIR) else { return (None, None) };
+    let Ok(name) = CString::new(path.trim_start_matches('/')) else { return (None, None) };
+    let name = if name.as_bytes().is_empty() { c".".to_owned() } else { name };
+    // Opened for reading, without blocking (a FIFO, a lease) and without taking a
+    // terminal, so the same file gives the identity and the `#!` line. Where it cannot be
+    // opened for reading, an O_PATH open still gives the identity.
+    let (fd, readable) =
+        match sys::open_in_root(root.as_fd(), &name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY) {
+            Ok(fd) => (fd, true),
+            Err(_) => match sys::open_in_root(root.as_fd(), &name, libc::O_PATH) {
+                Ok(fd) => (fd, false),
+                Err(_) => return (None, None),
+            },
+        };
+    let file = std::fs::File::from(fd);
+    let Ok(meta) = file.metadata() else { return (None, None) };
+    if !meta.is_file() {
+        return (None, None);
+    }
+    let identity = FileIdentity { dev: meta.dev(), ino: meta.ino() };
+    (Some(identity), if readable { interpreter(&file) } else { None })
 }
 
-/// The thread group (process) id of thread `tid`.
-fn thread_group(tid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(Path::new("/proc").join(tid.to_string()).join("status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+/// The interpreter named by a `#!` line at the start of `file` (first 256 bytes).
+fn interpreter(file: &std::fs::File) -> Option<String> {
+    let mut head = [0u8; 256];
+    let n = file.read_at(&mut head, 0).ok()?;
+    let line = head.get(..n)?.strip_prefix(b"#!")?;
+    let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
+    let text = std::str::from_utf8(line.get(..end)?).ok()?;
+    text.split_whitespace().next().map(str::to_string)
+}
+
+/// The thread group (process) id of thread `tid` (`proc` is `/proc/TID`), and, when `tid`
+/// leads its group, the process facts read on the way (the evaluator reads a non-leader's
+/// from `/proc/TGID`). Unreadable fields stay empty, as in `evaluator::proc_facts`.
+fn facts(proc: BorrowedFd<'_>, tid: u32) -> (u32, Option<ProcFacts>) {
+    // The fields needed come first in `status` (Tgid, PPid, Uid; the long Groups and
+    // signal lines come after): one read of its head is enough.
+    let mut head = [0u8; 1024];
+    let n = sys::open_at(proc, c"status", libc::O_RDONLY)
+        .and_then(|fd| read_full(&mut std::fs::File::from(fd), &mut head))
+        .unwrap_or(0);
+    let status = String::from_utf8_lossy(&head[..n]);
+    let field = |name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let tgid = field("Tgid:").unwrap_or(tid);
+    if tgid != tid {
+        return (tgid, None);
+    }
+    let mut comm = [0u8; 64];
+    let comm = sys::open_at(proc, c"comm", libc::O_RDONLY)
+        .and_then(|fd| read_full(&mut std::fs::File::from(fd), &mut comm))
+        .map(|n| String::from_utf8_lossy(&comm[..n]).trim_end().to_string())
+        .unwrap_or_default();
+    let mut exe = [0u8; MAX_PATH];
+    let exe = match sys::readlink_at(proc, c"exe", &mut exe) {
+        Ok(n) => String::from_utf8_lossy(&exe[..n]).into_owned(),
+        Err(_) => String::new(),
+    };
+    let proc =
+        ProcFacts { pid: tgid, ppid: field("PPid:").unwrap_or(0), uid: field("Uid:").unwrap_or(u32::MAX), comm, exe };
+    (tgid, Some(proc))
+}
+
+/// Reads until `buf` is full or the end of the file; returns the bytes read.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

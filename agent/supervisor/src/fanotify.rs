@@ -648,8 +648,13 @@ fn handle_event(shared: &Arc<Shared>, decider: &dyn Decider, pid: u32, fd: Owned
     let access = if shared.report_tid { opener_access(tid) } else { FileAccess::ReadWrite };
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
     shared.lock_pending().insert(id, Pending { fd, tid, identity: Some(identity) });
-    let request =
-        Request { pid: tgid, tid, kind: RequestKind::File { path, access, identity: Some(identity) }, plane: PLANE };
+    let request = Request {
+        pid: tgid,
+        tid,
+        kind: RequestKind::File { path, access, identity: Some(identity) },
+        plane: PLANE,
+        proc: None,
+    };
     let reply_shared = Arc::clone(shared);
     let reply = Reply::new(move |answer| reply_shared.finish(id, answer));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decider.decide(request, reply)));

@@ -13,6 +13,7 @@ mod sys;
 
 use std::fmt;
 
+use agt_jail_policy::context::ProcFacts;
 use serde::Serialize;
 
 /// The file access an open asks for.
@@ -50,8 +51,15 @@ pub struct FileIdentity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestKind {
     /// `execve`/`execveat`. `path` is as the agent sees it (absolute when it could be
-    /// resolved); `fileless` is an exec of a file descriptor (`AT_EMPTY_PATH`).
-    Exec { path: String, argv: Vec<String>, fileless: bool, identity: Option<FileIdentity> },
+    /// resolved); `fileless` is an exec of a file descriptor (`AT_EMPTY_PATH`);
+    /// `interpreter` is what a `#!` line of the file names.
+    Exec {
+        path: String,
+        argv: Vec<String>,
+        fileless: bool,
+        identity: Option<FileIdentity>,
+        interpreter: Option<String>,
+    },
     /// An open of `path` (as the agent sees it).
     File { path: String, access: FileAccess, identity: Option<FileIdentity> },
 }
@@ -66,6 +74,9 @@ pub struct Request {
     pub kind: RequestKind,
     /// Which mechanism holds the action (`seccomp_notify`, `fanotify`), for the record.
     pub plane: &'static str,
+    /// The acting process's facts, when the plane read them while the action was held;
+    /// None: the evaluator reads them from `/proc`.
+    pub proc: Option<ProcFacts>,
 }
 
 /// The answer to a held action.

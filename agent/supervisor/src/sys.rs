@@ -199,7 +199,17 @@ mod notif {
         errno: i32,
         resp_words: usize,
     ) -> io::Result<()> {
-        let mut buf = vec![0u64; resp_words.max(std::mem::size_of::<libc::seccomp_notif_resp>().div_ceil(8))];
+        // The response is 3 words on every kernel so far; a larger one (a future kernel) is
+        // built on the heap.
+        let words = resp_words.max(std::mem::size_of::<libc::seccomp_notif_resp>().div_ceil(8));
+        let mut stack = [0u64; 8];
+        let mut heap = Vec::new();
+        let buf: &mut [u64] = if words <= stack.len() {
+            &mut stack[..words]
+        } else {
+            heap.resize(words, 0);
+            &mut heap
+        };
         let resp = libc::seccomp_notif_resp {
             id,
             val: 0,
@@ -357,10 +367,34 @@ mod notif {
         Ok(())
     }
 
-    /// openat2(2) of `path` as an O_PATH fd, resolved with `dirfd` as the root
-    /// (RESOLVE_IN_ROOT: `..` and absolute symlinks stay inside it) and without following
-    /// procfs magic links (RESOLVE_NO_MAGICLINKS).
-    pub fn open_in_root(dirfd: BorrowedFd<'_>, path: &CStr) -> io::Result<OwnedFd> {
+    /// openat(2) of `name` relative to the directory `dir`, close-on-exec.
+    pub fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+        // SAFETY: `name` is NUL-terminated and borrowed for the call; `dir` is open for its
+        // duration; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// readlinkat(2) of `name` relative to `dir` into `buf`; returns the length of the link
+    /// text written (not NUL-terminated; a full buffer means it may have been cut).
+    pub fn readlink_at(dir: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `name` is NUL-terminated, `buf` is valid for writes of its length and the
+        // kernel writes at most that many bytes; `dir` is open for the call's duration.
+        let n = unsafe { libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// openat2(2) of `path`, resolved with `dirfd` as the root (RESOLVE_IN_ROOT: `..` and
+    /// absolute symlinks stay inside it) and without following procfs magic links
+    /// (RESOLVE_NO_MAGICLINKS). `flags` are open flags (O_CLOEXEC is added).
+    pub fn open_in_root(dirfd: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
         // The kernel's struct open_how (libc's is non-exhaustive).
         #[repr(C)]
         struct OpenHow {
@@ -369,7 +403,7 @@ mod notif {
             resolve: u64,
         }
         let how = OpenHow {
-            flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+            flags: (flags | libc::O_CLOEXEC) as u64,
             mode: 0,
             resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
         };

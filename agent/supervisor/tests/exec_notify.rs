@@ -179,7 +179,7 @@ fn errnos(mut reader: fs::File, writer: OwnedFd) -> Vec<i32> {
 
 fn exec_of(request: &Request) -> (&str, &[String], bool, Option<FileIdentity>) {
     match &request.kind {
-        RequestKind::Exec { path, argv, fileless, identity } => (path, argv, *fileless, *identity),
+        RequestKind::Exec { path, argv, fileless, identity, .. } => (path, argv, *fileless, *identity),
         other => panic!("not an exec: {other:?}"),
     }
 }
@@ -225,6 +225,14 @@ fn a_denied_exec_fails_with_eperm_and_does_not_run_and_an_allowed_one_runs() {
     assert_eq!(id, identity(Path::new("/bin/sh")));
     assert_eq!(first.pid, child.id());
     assert_eq!(first.plane, "seccomp_notify");
+    // The facts of the held process, read before its exec: it is still the fork of this
+    // test's thread.
+    let proc = first.proc.as_ref().expect("the exec plane reads the process facts");
+    assert_eq!((proc.pid, proc.ppid, proc.uid), (child.id(), std::process::id(), 0));
+    assert_eq!(proc.comm, fs::read_to_string("/proc/thread-self/comm").unwrap().trim_end());
+    assert_eq!(Path::new(&proc.exe), std::env::current_exe().unwrap());
+    let RequestKind::Exec { interpreter, .. } = &first.kind else { unreachable!() };
+    assert_eq!(interpreter.as_deref(), None, "an ELF file has no #! line");
     let second = rig.next();
     let (path, argv, ..) = exec_of(&second);
     assert_eq!(path, "/bin/sh");
@@ -261,6 +269,8 @@ fn relative_paths_and_execveat_dirfds_are_resolved() {
         let (path, argv, fileless, id) = exec_of(&request);
         assert_eq!((path, argv, fileless), (expected, &["t".to_string(), "-rf".into()][..], false));
         assert_eq!(id, identity(&exe));
+        let RequestKind::Exec { interpreter, .. } = &request.kind else { unreachable!() };
+        assert_eq!(interpreter.as_deref(), Some("/bin/sh"), "read from the script's #! line");
     }
     let own = rig.next();
     assert_eq!(exec_of(&own).0, expected, "`./sub/./t` from the cwd");
