@@ -409,7 +409,8 @@ fn read_cstr(pid: libc::pid_t, addr: u64, max: usize) -> Result<Vec<u8>, ReadFai
 }
 
 /// Reads argv (a NULL-terminated array of string pointers) within the bounds. A NULL argv
-/// is an empty one, as for the kernel.
+/// is an empty one, as for the kernel. The pointers are read up to a page at a time (one
+/// system call for the usual argv), never past the page the next pointer is on.
 fn read_argv(pid: libc::pid_t, addr: u64, tid: u32) -> Result<Vec<String>, NotifyError> {
     let mut argv = Vec::new();
     if addr == 0 {
@@ -417,15 +418,25 @@ fn read_argv(pid: libc::pid_t, addr: u64, tid: u32) -> Result<Vec<String>, Notif
     }
     let mut budget = MAX_ARGV_BYTES;
     let unreadable = |source: io::Error| NotifyError::Unreadable { tid, what: "argv", source };
+    let fault = || unreadable(io::Error::from_raw_os_error(libc::EFAULT));
+    let mut words = [0u8; PAGE as usize];
+    let (mut have, mut used) = (0usize, 0usize);
     for i in 0..=MAX_ARGS {
-        let slot =
-            addr.checked_add(8 * i as u64).ok_or_else(|| unreadable(io::Error::from_raw_os_error(libc::EFAULT)))?;
-        let mut word = [0u8; 8];
-        let got = sys::process_vm_read(pid, slot, &mut word).map_err(unreadable)?;
-        if got != 8 {
-            return Err(unreadable(io::Error::from_raw_os_error(libc::EFAULT)));
+        if used == have {
+            let slot = addr.checked_add(8 * i as u64).ok_or_else(fault)?;
+            // Whole words up to the end of the page `slot` is on (at least one), and no more
+            // than the slots still allowed.
+            let to_page_end = ((PAGE - slot % PAGE) as usize / 8).max(1);
+            let want = to_page_end.min(MAX_ARGS + 1 - i) * 8;
+            let got = sys::process_vm_read(pid, slot, &mut words[..want]).map_err(unreadable)?;
+            if got < 8 {
+                return Err(fault());
+            }
+            (have, used) = (got / 8, 0);
         }
-        let ptr = u64::from_ne_bytes(word);
+        let at = used * 8;
+        let ptr = u64::from_ne_bytes(words[at..at + 8].try_into().map_err(|_| fault())?);
+        used += 1;
         if ptr == 0 {
             return Ok(argv);
         }
@@ -578,6 +589,16 @@ mod tests {
         let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         ptrs.push(std::ptr::null());
         assert_eq!(read_argv(pid, ptrs.as_ptr() as u64, 1).unwrap(), vec!["a", "", "c d"]);
+        // Pointers across several pages, read a page at a time.
+        let names: Vec<CString> = (0..1500).map(|i| CString::new(format!("a{i}")).unwrap()).collect();
+        let mut long: Vec<*const libc::c_char> = names.iter().map(|a| a.as_ptr()).collect();
+        long.push(std::ptr::null());
+        let read = read_argv(pid, long.as_ptr() as u64, 1).unwrap();
+        assert_eq!(read.len(), 1500);
+        assert!(read.iter().zip(&names).all(|(r, n)| r.as_bytes() == n.as_bytes()));
+        // From an address that is not at the start of a page, and a null argv.
+        assert_eq!(read_argv(pid, long[1..].as_ptr() as u64, 1).unwrap().len(), 1499);
+        assert!(read_argv(pid, 0, 1).unwrap().is_empty());
         let many: Vec<*const libc::c_char> =
             std::iter::repeat_n(args[0].as_ptr(), MAX_ARGS + 1).chain([std::ptr::null()]).collect();
         assert!(matches!(read_argv(pid, many.as_ptr() as u64, 1), Err(NotifyError::TooManyArgs { .. })));
