@@ -233,6 +233,13 @@ fn a_denied_exec_fails_with_eperm_and_does_not_run_and_an_allowed_one_runs() {
     assert_eq!(Path::new(&proc.exe), std::env::current_exe().unwrap());
     let RequestKind::Exec { interpreter, .. } = &first.kind else { unreachable!() };
     assert_eq!(interpreter.as_deref(), None, "an ELF file has no #! line");
+    // Linux 6.6 and later take the listener's synchronous wake-ups; older ones refuse them
+    // and the notifier works with ordinary ones (as above).
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut version = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+    let sync = rig.handle.as_ref().unwrap().sync_wake_up();
+    assert_eq!(sync, Some((major, minor) >= (6, 6)), "kernel {}", release.trim());
     let second = rig.next();
     let (path, argv, ..) = exec_of(&second);
     assert_eq!(path, "/bin/sh");
