@@ -58,7 +58,7 @@ use std::{
     io::{self, Read},
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-        unix::fs::{FileExt, MetadataExt},
+        unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
     },
     sync::{
         atomic::{AtomicU8, Ordering},
@@ -485,24 +485,23 @@ fn identify(proc: BorrowedFd<'_>, path: &str) -> (Option<FileIdentity>, Option<S
     let Ok(root) = sys::open_at(proc, c"root", O_DIR) else { return (None, None) };
     let Ok(name) = CString::new(path.trim_start_matches('/')) else { return (None, None) };
     let name = if name.as_bytes().is_empty() { c".".to_owned() } else { name };
-    // Opened for reading, without blocking (a FIFO, a lease) and without taking a
-    // terminal, so the same file gives the identity and the `#!` line. Where it cannot be
-    // opened for reading, an O_PATH open still gives the identity.
-    let (fd, readable) =
-        match sys::open_in_root(root.as_fd(), &name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY) {
-            Ok(fd) => (fd, true),
-            Err(_) => match sys::open_in_root(root.as_fd(), &name, libc::O_PATH) {
-                Ok(fd) => (fd, false),
-                Err(_) => return (None, None),
-            },
-        };
-    let file = std::fs::File::from(fd);
-    let Ok(meta) = file.metadata() else { return (None, None) };
+    // O_PATH first: nothing but a regular file is ever opened for reading, since opening a
+    // device can act (a watchdog arms, a tape rewinds) and the supervisor would do it with
+    // its own privileges on the agent's behalf.
+    let Ok(fd) = sys::open_in_root(root.as_fd(), &name, libc::O_PATH) else { return (None, None) };
+    let held = std::fs::File::from(fd);
+    let Ok(meta) = held.metadata() else { return (None, None) };
     if !meta.is_file() {
         return (None, None);
     }
     let identity = FileIdentity { dev: meta.dev(), ino: meta.ino() };
-    (Some(identity), if readable { interpreter(&file) } else { None })
+    // Reopened through the descriptor already held, so it is the same file whatever the
+    // agent renames meanwhile; without blocking (a lease) and without taking a terminal.
+    let readable = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", held.as_raw_fd()));
+    (Some(identity), readable.ok().and_then(|file| interpreter(&file)))
 }
 
 /// The interpreter named by a `#!` line at the start of `file` (first 256 bytes).
@@ -605,5 +604,38 @@ mod tests {
         let big = CString::new(vec![b'x'; MAX_ARGV_BYTES]).unwrap();
         let huge = [big.as_ptr(), std::ptr::null()];
         assert!(matches!(read_argv(pid, huge.as_ptr() as u64, 1), Err(NotifyError::ArgsTooLarge { .. })));
+    }
+
+    #[test]
+    fn only_regular_files_are_opened_for_their_interpreter() {
+        let dir = std::env::temp_dir().join(format!("agt-jail-identify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("script");
+        std::fs::write(&script, "#!/bin/sh -e\necho hi\n").unwrap();
+        let fifo = dir.join("fifo");
+        let fifo_c = CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode; no memory of ours is kept.
+        assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+        // An open of the FIFO for reading would show as IN_OPEN; an O_PATH open does not.
+        // SAFETY: inotify_init1 takes flags only; the fd is owned below.
+        let inotify = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(inotify >= 0);
+        // SAFETY: `inotify` was just created and is owned by nobody else.
+        let inotify = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(inotify) };
+        // SAFETY: a valid inotify fd and a NUL-terminated path.
+        assert!(unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), fifo_c.as_ptr(), libc::IN_OPEN) } >= 0);
+
+        let me = sys::open_at(cwd_fd(), c"/proc/self", O_DIR).unwrap();
+        let (identity, interpreter) = identify(me.as_fd(), script.to_str().unwrap());
+        let meta = std::fs::metadata(&script).unwrap();
+        assert_eq!(identity, Some(FileIdentity { dev: meta.dev(), ino: meta.ino() }));
+        assert_eq!(interpreter.as_deref(), Some("/bin/sh"));
+        assert_eq!(identify(me.as_fd(), fifo.to_str().unwrap()), (None, None));
+        assert_eq!(identify(me.as_fd(), "/dev/null"), (None, None));
+        let mut events = [0u8; 256];
+        let read = std::fs::File::from(inotify).read(&mut events);
+        assert!(matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock), "the FIFO was opened: {read:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
