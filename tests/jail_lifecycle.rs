@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
-    os::unix::fs::PermissionsExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::PathBuf,
     process::{Child, ChildStdout, Command, Output, Stdio},
 };
@@ -64,10 +64,20 @@ fn an_agent_never_inherits_real_time_scheduling() {
     // agt-jail itself runs SCHED_FIFO; ring 3's default limits include a v1 cpu cgroup
     // on hybrid hosts, which a real-time task could not even join.
     let script = "read -r stat < /proc/self/stat; echo \"$stat\"";
-    let output = Command::new("chrt")
-        .args(["--fifo", "10", BIN, "exec", "--ring", "3", "--", "/bin/sh", "-c", script])
-        .output()
-        .unwrap();
+    let mut command = agt_jail();
+    command.args(["exec", "--ring", "3", "--", "/bin/sh", "-c", script]);
+    // SAFETY: between fork and exec only sched_setscheduler(2) runs, which is
+    // async-signal-safe and touches nothing but its own argument.
+    unsafe {
+        command.pre_exec(|| {
+            let param = libc::sched_param { sched_priority: 10 };
+            if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command.output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let stat = stdout(&output);
     let (_, after_comm) = stat.rsplit_once(") ").unwrap();
