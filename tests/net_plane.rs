@@ -189,16 +189,21 @@ fn net_of(event: &Event) -> Option<(u16, VerdictName, NetLayer, bool)> {
     }
 }
 
+/// A cgroup v2 child for one test, named so that parallel tests and runs never share one.
+fn test_cgroup(tag: u64) -> AgentCgroup {
+    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).unwrap();
+    AgentCgroup::create(
+        &layout.agents_parent(),
+        &cgroup_name(std::process::id(), tag + u64::from(std::process::id() % 1000)),
+    )
+    .unwrap()
+}
+
 #[test]
 fn net_plan_denies_before_effect_and_process_events_arrive() {
     require!(Need::Root, Need::Btf, Need::CgroupV2);
 
-    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).unwrap();
-    let cgroup = AgentCgroup::create(
-        &layout.agents_parent(),
-        &cgroup_name(std::process::id(), 0x6e70 + u64::from(std::process::id() % 1000)),
-    )
-    .unwrap();
+    let cgroup = test_cgroup(0x6e70);
 
     let allowed = counted_listener();
     let denied = counted_listener();
@@ -358,12 +363,7 @@ fn net_plan_denies_before_effect_and_process_events_arrive() {
 #[test]
 fn the_plan_is_scoped_to_the_agent() {
     require!(Need::Root, Need::Btf, Need::CgroupV2);
-    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).unwrap();
-    let cgroup = AgentCgroup::create(
-        &layout.agents_parent(),
-        &cgroup_name(std::process::id(), 0x7e70 + u64::from(std::process::id() % 1000)),
-    )
-    .unwrap();
+    let cgroup = test_cgroup(0x7e70);
     let listener = counted_listener();
     let deny_all = NetTables {
         v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0)],
@@ -389,12 +389,7 @@ fn the_plan_is_scoped_to_the_agent() {
 #[test]
 fn denies_beyond_the_deny_ring_are_counted_not_lost() {
     require!(Need::Root, Need::Btf, Need::CgroupV2);
-    let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).unwrap();
-    let cgroup = AgentCgroup::create(
-        &layout.agents_parent(),
-        &cgroup_name(std::process::id(), 0x8e70 + u64::from(std::process::id() % 1000)),
-    )
-    .unwrap();
+    let cgroup = test_cgroup(0x8e70);
     let agent = AGENT + 2;
     let deny_all = NetTables {
         v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0)],

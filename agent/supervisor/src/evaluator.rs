@@ -1060,14 +1060,13 @@ pub fn proc_facts(proc_root: &Path, pid: u32) -> ProcFacts {
     let comm = std::fs::read_to_string(dir.join("comm")).map(|s| s.trim_end().to_string()).unwrap_or_default();
     let exe = std::fs::read_link(dir.join("exe")).map(|p| p.display().to_string()).unwrap_or_default();
     let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-    let field = |name: &str| -> Option<u32> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    };
+    let field = |name: &str| status_field(&status, name);
     ProcFacts { pid, ppid: field("PPid:").unwrap_or(0), uid: field("Uid:").unwrap_or(u32::MAX), comm, exe }
+}
+
+/// The first number after `name` (e.g. `"PPid:"`) in a `/proc/PID/status` text.
+pub(crate) fn status_field(status: &str, name: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix(name)).and_then(|rest| rest.split_whitespace().next())?.parse().ok()
 }
 
 /// Whether a rule's decision can depend on more than the path and the agent: then a

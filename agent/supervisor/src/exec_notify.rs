@@ -525,13 +525,7 @@ fn facts(proc: BorrowedFd<'_>, tid: u32) -> (u32, Option<ProcFacts>) {
         .and_then(|fd| read_full(&mut std::fs::File::from(fd), &mut head))
         .unwrap_or(0);
     let status = String::from_utf8_lossy(&head[..n]);
-    let field = |name: &str| -> Option<u32> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    };
+    let field = |name: &str| crate::evaluator::status_field(&status, name);
     let tgid = field("Tgid:").unwrap_or(tid);
     if tgid != tid {
         return (tgid, None);
