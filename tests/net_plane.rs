@@ -359,18 +359,23 @@ fn net_plan_denies_before_effect_and_process_events_arrive() {
     cgroup.remove().unwrap();
 }
 
+/// A plan whose one class (every address, every port) denies TCP connects.
+fn deny_every_tcp_connect() -> NetTables {
+    NetTables {
+        v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0)],
+        v6: vec![(Ipv6Addr::UNSPECIFIED, 0, 0)],
+        verdicts: vec![row(0, 0, NetHook::Connect, NetProto::Tcp, NetAction::Deny)],
+        ..NetTables::default()
+    }
+}
+
 /// Outside the agent's cgroup nothing of the plan applies.
 #[test]
 fn the_plan_is_scoped_to_the_agent() {
     require!(Need::Root, Need::Btf, Need::CgroupV2);
     let cgroup = test_cgroup(0x7e70);
     let listener = counted_listener();
-    let deny_all = NetTables {
-        v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0)],
-        v6: vec![(Ipv6Addr::UNSPECIFIED, 0, 0)],
-        verdicts: vec![row(0, 0, NetHook::Connect, NetProto::Tcp, NetAction::Deny)],
-        ..NetTables::default()
-    };
+    let deny_all = deny_every_tcp_connect();
     let mut programs = AgentPrograms::load().unwrap();
     programs.register_agent(cgroup.id(), AGENT + 1).unwrap();
     programs.attach_cgroup(cgroup.dir()).unwrap();
@@ -391,12 +396,7 @@ fn denies_beyond_the_deny_ring_are_counted_not_lost() {
     require!(Need::Root, Need::Btf, Need::CgroupV2);
     let cgroup = test_cgroup(0x8e70);
     let agent = AGENT + 2;
-    let deny_all = NetTables {
-        v4: vec![(Ipv4Addr::UNSPECIFIED, 0, 0)],
-        v6: vec![(Ipv6Addr::UNSPECIFIED, 0, 0)],
-        verdicts: vec![row(0, 0, NetHook::Connect, NetProto::Tcp, NetAction::Deny)],
-        ..NetTables::default()
-    };
+    let deny_all = deny_every_tcp_connect();
     let mut programs = AgentPrograms::load().unwrap();
     let mut reader = programs.take_events().unwrap();
     programs.register_agent(cgroup.id(), agent).unwrap();
