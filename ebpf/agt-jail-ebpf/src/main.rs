@@ -64,15 +64,7 @@ fn header(kind: u32, verdict: u32, cgroup_id: u64, agent_id: u64) -> EventHeader
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: as above.
     let ktime_ns = unsafe { bpf_ktime_get_boot_ns() };
-    EventHeader {
-        kind,
-        verdict,
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        cgroup_id,
-        agent_id,
-        ktime_ns,
-    }
+    EventHeader { kind, verdict, pid: pid_tgid as u32, tgid: (pid_tgid >> 32) as u32, cgroup_id, agent_id, ktime_ns }
 }
 
 #[inline(always)]

@@ -27,8 +27,8 @@ use agt_jail_common::{
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    btf_maps,
     bindings::BPF_NOEXIST,
+    btf_maps,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task, bpf_get_current_uid_gid,
         bpf_get_netns_cookie, bpf_ktime_get_boot_ns, bpf_spin_lock as spin_lock, bpf_spin_unlock as spin_unlock,
@@ -38,9 +38,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::{
-    count_deny_drop, count_drop, header, proc::parent_tgid, AGENT_CGROUPS, DENY_EVENTS, DENY_SUMMARY, EVENTS,
-};
+use crate::{count_deny_drop, count_drop, header, proc::parent_tgid, AGENT_CGROUPS, DENY_EVENTS, DENY_SUMMARY, EVENTS};
 
 /// Denied destinations per agent; value is `RULE_DENY`. `port == 0` in a key means any port.
 #[map]
