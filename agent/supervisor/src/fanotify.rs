@@ -25,7 +25,9 @@
 //! **Access.** fanotify does not report the opener's flags. With `FAN_REPORT_TID` the event
 //! names the blocked thread; `/proc/<tid>/syscall` gives the syscall number and its
 //! argument registers as saved at syscall entry (the thread sleeps in the kernel, so they
-//! are stable and no other thread can change them). `open` (flags = arg 1), `openat` and
+//! are stable and no other thread can change them; the event can reach agt-jail a moment
+//! before the thread is asleep, when the file reads "running", so it is read again for up
+//! to ~2 ms). `open` (flags = arg 1), `openat` and
 //! `open_by_handle_at` (arg 2) map `O_ACCMODE`, `O_TRUNC` and `O_CREAT` to [`FileAccess`];
 //! `execve`/`execveat` (the kernel opening the program or its interpreter) are reads.
 //! `openat2` keeps its flags in the agent's memory (`struct open_how`), which other threads
@@ -710,10 +712,29 @@ fn map_to_jail(mount_point: &str, root_link: &str, file_link: &str) -> Option<St
     })
 }
 
+/// How often [`opener_access`] looks at a thread that is not asleep yet (about 2 ms in all).
+const OPENER_SYSCALL_TRIES: u32 = 48;
+
 /// The access the blocked thread `tid` asked for, from its syscall registers.
 fn opener_access(tid: u32) -> FileAccess {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{tid}/syscall")) else { return FileAccess::ReadWrite };
-    let Some(call) = parse_syscall_line(&text) else { return FileAccess::ReadWrite };
+    // The kernel queues the event before the opener goes to sleep waiting for the answer;
+    // until it sleeps its registers read "running". It sleeps within microseconds (it is
+    // waiting for this very answer), so look again for a moment before falling back.
+    let path = format!("/proc/{tid}/syscall");
+    let mut call = None;
+    for attempt in 0..OPENER_SYSCALL_TRIES {
+        let Ok(text) = std::fs::read_to_string(&path) else { return FileAccess::ReadWrite };
+        call = parse_syscall_line(&text);
+        if call.is_some() || !text.starts_with("running") {
+            break;
+        }
+        if attempt > 8 {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    let Some(call) = call else { return FileAccess::ReadWrite };
     classify(&call, |addr| {
         let mut flags = [0u8; 8];
         sys::read_process_memory(tid, addr, &mut flags).ok().map(|()| u64::from_ne_bytes(flags))
