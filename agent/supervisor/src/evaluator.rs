@@ -763,7 +763,7 @@ impl Evaluator {
         let event_name = ctx["event"].as_str().unwrap_or("?");
         let record =
             RecordArgs { agent: &agent, pid, event: event_name, context: &ctx, decision: &decision, plane: "kernel" };
-        self.write_record(record, outcome, started, None, note, None);
+        self.write_record(record, outcome, started, None, note);
         self.after_kernel_verdict(kernel, pid, &decision, &what, 1);
     }
 
@@ -846,7 +846,7 @@ impl Evaluator {
         note: Option<&str>,
     ) {
         let record = RecordArgs { agent, pid, event, context, decision, plane };
-        self.write_record(record, outcome, started, approval, note, None);
+        self.write_record(record, outcome, started, approval, note);
     }
 
     fn write_record(
@@ -856,7 +856,6 @@ impl Evaluator {
         started: Instant,
         approval: Option<u64>,
         note: Option<&str>,
-        count: Option<u64>,
     ) {
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut sink = lock(&self.sink);
@@ -874,7 +873,9 @@ impl Evaluator {
             latency_us,
             approval,
             note,
-            count,
+            // Only kernel deny summaries stand for more than one call; they are written
+            // from their parts (`write_parts`).
+            count: None,
         });
         // Held actions are few and matter one by one; kernel observations come in bursts
         // and are flushed once per batch by the reader (`flush`).
