@@ -14,6 +14,7 @@ use std::{
 use agt_jail_test_support::{assert_one_line_error, require, Need};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
+const FULL: &str = env!("CARGO_BIN_EXE_agt-jail-full");
 
 fn agt_jail() -> Command {
     Command::new(BIN)
@@ -248,6 +249,57 @@ fn ring0_without_flags_is_record_mode() {
     assert!(text.contains("agt-jail/"), "not in its own cgroup: {text}");
 }
 
+/// The executable behind a running agt-jail (after any hand-over to `agt-jail-full`).
+fn executable_of(child: &Child) -> String {
+    let exe = fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+    exe.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn jails_without_bpf_run_in_agt_jail_and_the_rest_in_agt_jail_full() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    let script = "echo ready; read line";
+    let cases: [(&[&str], &str); 4] = [
+        (&["--ring", "3"], "agt-jail"),
+        (&["--ring", "2", "--net", "none", "--workspace", "/tmp"], "agt-jail"),
+        (&["--ring", "3", "--deny-connect", "127.0.0.1:9"], "agt-jail-full"),
+        (&[], "agt-jail-full"),
+    ];
+    for (options, expected) in cases {
+        let mut child = agt_jail()
+            .arg("exec")
+            .args(options)
+            .args(["--", "/bin/sh", "-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "{options:?}");
+        let running = executable_of(&child);
+        child.stdin.take().unwrap().write_all(b"done\n").unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0), "{options:?}");
+        assert_eq!(running, expected, "{options:?}");
+    }
+}
+
+#[test]
+fn without_agt_jail_full_beside_it_agt_jail_still_runs_jails_and_says_what_is_missing() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    let dir = scratch("alone");
+    let bin = dir.join("agt-jail");
+    fs::copy(BIN, &bin).unwrap();
+    let output = Command::new(&bin).args(["exec", "--ring", "3", "--", "/bin/true"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    for args in [&["doctor"][..], &["exec", "--ring", "3", "--deny-connect", "127.0.0.1:9", "--", "/bin/true"]] {
+        let output = Command::new(&bin).args(args).output().unwrap();
+        assert_one_line_error(&output, 125, "agt-jail-full must be installed beside agt-jail");
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn unprivileged_ring3_runs_in_a_user_namespace() {
     require!(Need::Root, Need::UserNamespaces, Need::Landlock);
@@ -256,8 +308,10 @@ fn unprivileged_ring3_runs_in_a_user_namespace() {
     let dir = scratch("rootless");
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("agt-jail");
-    fs::copy(BIN, &bin).unwrap();
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    for (from, to) in [(BIN, bin.clone()), (FULL, dir.join("agt-jail-full"))] {
+        fs::copy(from, &to).unwrap();
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let output = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
         .arg(&bin)

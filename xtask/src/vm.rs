@@ -14,9 +14,9 @@
 //!    apt again unless `--refresh` is given.
 //! 3. tests: `cargo test --no-run` builds the integration test binaries (with
 //!    `--unit` the unit tests too); their paths come from cargo's JSON messages.
-//! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries and
-//!    `agt-jail` at their host paths (tests find the binary through the compile-time
-//!    `CARGO_BIN_EXE_agt-jail`), their shared libraries (ldd), the repository's
+//! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries,
+//!    `agt-jail` and `agt-jail-full` at their host paths (tests find the binary through the
+//!    compile-time `CARGO_BIN_EXE_agt-jail`, and it finds `agt-jail-full` beside it), their shared libraries (ldd), the repository's
 //!    policies/, profiles/, tests/probes/ and tests/policies/, the host programs listed in
 //!    vm-tests/guest-tools (bash for /dev/tcp, python3 for the escape probes) and the
 //!    directories in vm-tests/guest-trees (Python's standard library), and the host's
@@ -152,7 +152,8 @@ struct TestBinary {
 
 struct Built {
     tests: Vec<TestBinary>,
-    agt_jail: Option<PathBuf>,
+    /// `agt-jail` and `agt-jail-full`, which it finds beside itself.
+    executables: Vec<PathBuf>,
 }
 
 #[derive(Default, Debug)]
@@ -536,7 +537,7 @@ fn build_tests(root: &Path, unit: bool) -> Result<Built> {
     if !out.status.success() {
         bail!("cargo test --no-run failed with {}", out.status);
     }
-    let mut built = Built { tests: Vec::new(), agt_jail: None };
+    let mut built = Built { tests: Vec::new(), executables: Vec::new() };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -560,8 +561,8 @@ fn build_tests(root: &Path, unit: bool) -> Result<Built> {
                 continue;
             }
             built.tests.push(TestBinary { target, path: PathBuf::from(executable) });
-        } else if kinds.contains(&"bin") && name == "agt-jail" {
-            built.agt_jail = Some(PathBuf::from(executable));
+        } else if kinds.contains(&"bin") && (name == "agt-jail" || name == "agt-jail-full") {
+            built.executables.push(PathBuf::from(executable));
         }
     }
     built.tests.sort_by(|a, b| a.target.cmp(&b.target));
@@ -617,9 +618,7 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(&stage)?;
     let mut elves: Vec<PathBuf> = built.tests.iter().map(|t| t.path.clone()).collect();
-    if let Some(bin) = &built.agt_jail {
-        elves.push(bin.clone());
-    }
+    elves.extend(built.executables.iter().cloned());
     let mut libraries = BTreeMap::new();
     for elf in &elves {
         archive.file(&rel(elf), 0o755, stripped(elf, &stage)?);

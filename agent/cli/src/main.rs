@@ -1,84 +1,80 @@
-//! `agt-jail`: the command-line edge. Errors become one line on stderr and an exit code;
-//! every library below returns typed errors.
-use std::process::ExitCode;
+//! `agt-jail`: the command an operator runs. A jail that needs no BPF programs (rings
+//! 1-3 without --policy, --events, --deny-connect or an allow-list) runs from here; every
+//! other command line goes, unchanged, to `agt-jail-full` installed beside this file.
+//!
+//! The split is for start-up time: this executable links only the jail, so the dynamic
+//! loader has a tenth of the relocations to apply before `main` (docs/adr/0004). The
+//! flags and the run are the same code in both (`agt_jail_cli`), so a command line means
+//! the same whichever executable runs it.
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
 
+use agt_jail_cli::{
+    args::ExecArgs,
+    run::{self, Prepared, Ungoverned},
+    EXIT_INTERNAL,
+};
 use clap::{Parser, Subcommand};
 
-mod control_cmd;
-mod doctor_cmd;
-mod exec_cmd;
-mod govern;
-mod policy_cmd;
+/// The full command set, installed beside `agt-jail`.
+const FULL: &str = "agt-jail-full";
 
-/// Exit status for agt-jail's own failures (bad flags, bad policy, kernel refused), as `docker run` does.
-pub const EXIT_INTERNAL: u8 = 125;
-
+/// `exec` alone: what this executable can parse. Help, versions and errors are printed
+/// by `agt-jail-full`, which knows every command.
 #[derive(Parser)]
-#[command(
-    name = "agt-jail",
-    version,
-    about = "Enforce AI-agent policy below the application: jails, eBPF, policy kernel",
-    long_about = "agt-jail runs AI agents in a jail and enforces policy in the kernel, below the \
-                  agent's own process, so a prompt-injected or compromised agent cannot skip the check."
-)]
-struct Cli {
+#[command(name = "agt-jail")]
+struct Front {
     #[command(subcommand)]
-    command: Command,
+    command: FrontCommand,
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
-    Exec(Box<exec_cmd::ExecArgs>),
-    /// Report what this kernel offers and what each ring enforces on this host.
-    Doctor(doctor_cmd::DoctorArgs),
-    /// Lint, evaluate and test policies (AGT governance.toolkit/v1, Agent-OS v4, Rego).
-    #[command(subcommand)]
-    Policy(policy_cmd::PolicyCommand),
-    /// Let a held action of a running agent proceed (a `require_approval` rule held it).
-    Approve(control_cmd::RequestArgs),
-    /// Refuse a held action of a running agent (it fails with EPERM).
-    Deny(control_cmd::RequestArgs),
-    /// Kill switch: end every process of a running agent at once.
-    Kill(control_cmd::AgentArg),
-    /// Move a running agent to a more restricted ring, live (never the other way).
-    Demote(control_cmd::DemoteArgs),
-    /// Show a running agent's ring, trust and held requests.
-    Status(control_cmd::AgentArg),
+enum FrontCommand {
+    Exec(Box<ExecArgs>),
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => {
-            // --help and --version are not failures and print in full.
-            if !err.use_stderr() {
-                let _ = err.print();
-                return ExitCode::SUCCESS;
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|word| word == "exec") {
+        if let Ok(Front { command: FrontCommand::Exec(args) }) = Front::try_parse_from(&argv) {
+            match Prepared::new(&args) {
+                Ok(prepared) if !prepared.needs_bpf(&args) => {
+                    return run::exit_status(run::execute(&args, prepared, |_| Ok(Ungoverned)));
+                }
+                Ok(_) => {}
+                Err(err) => return run::exit_status(Err(err)),
             }
-            // Usage errors: one line, the one that says what is wrong.
-            // clap's first paragraph says what is wrong (it may wrap onto indented lines).
-            let rendered = err.render().to_string();
-            let reason: Vec<&str> = rendered
-                .lines()
-                .skip_while(|line| line.trim().is_empty())
-                .take_while(|line| !line.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            let reason = reason.join(" ");
-            let reason = reason.trim_start_matches("error: ");
-            eprintln!("agt-jail: {reason} (see --help)");
+        }
+    }
+    hand_over(&argv)
+}
+
+/// Replaces this process with `agt-jail-full` and the same arguments (and `argv[0]`,
+/// so usage lines name the command the operator typed).
+fn hand_over(argv: &[OsString]) -> ExitCode {
+    let full = match full_path() {
+        Ok(path) => path,
+        Err(err) => {
+            eprintln!("agt-jail: cannot find {FULL}: {err}");
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
-    match cli.command {
-        Command::Exec(args) => exec_cmd::run(*args),
-        Command::Doctor(args) => doctor_cmd::run(args),
-        Command::Policy(cmd) => policy_cmd::run(cmd),
-        Command::Approve(args) => control_cmd::approve(args),
-        Command::Deny(args) => control_cmd::deny(args),
-        Command::Kill(args) => control_cmd::kill(args),
-        Command::Demote(args) => control_cmd::demote(args),
-        Command::Status(args) => control_cmd::status(args),
+    let mut command = Command::new(&full);
+    if let Some((arg0, rest)) = argv.split_first() {
+        command.arg0(arg0).args(rest);
     }
+    let err = command.exec();
+    eprintln!("agt-jail: cannot run {}: {err} ({FULL} must be installed beside agt-jail)", full.display());
+    ExitCode::from(EXIT_INTERNAL)
+}
+
+/// `agt-jail-full` in the directory of this executable (symbolic links resolved).
+fn full_path() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or_else(|| std::io::Error::other(format!("{} has no directory", exe.display())))?;
+    Ok(dir.join(FULL))
 }

@@ -13,6 +13,7 @@ use std::{
 
 use std::net::IpAddr;
 
+use agt_jail_cli::args::PolicyArgs;
 use agt_jail_common::FileRuleKind;
 use agt_jail_ebpf_loader::{
     lsm::{self, ExecIdentity, ExecLsm, FileLsm, FileRule, GuardLsm},
@@ -32,53 +33,6 @@ use agt_jail_supervisor::{
     Answer, Decider, FileIdentity, Reply, Request,
 };
 use anyhow::{anyhow, Context, Result};
-use clap::Args;
-
-/// The flags of `exec` that put an agent under policy.
-#[derive(Args, Debug, Default)]
-pub struct PolicyArgs {
-    /// Policy file (governance.toolkit/v1 or Agent-OS v4 YAML, or .rego) that governs the
-    /// command's exec, file and network activity. Repeatable.
-    #[arg(long = "policy", value_name = "FILE")]
-    pub policy: Vec<PathBuf>,
-
-    /// The agent's name: its control socket (`agt-jail approve/deny/kill/demote --agent NAME`)
-    /// and `agent.id` in the policy. Default: agent-<pid of agt-jail>.
-    #[arg(long, value_name = "NAME")]
-    pub agent: Option<String>,
-
-    /// Starting trust score 0-1000 (`agent.trust`; tiers as in AGT).
-    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1000))]
-    pub trust: u32,
-
-    /// Trust lost per denied action; crossing a tier boundary demotes the ring live.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub deny_penalty: u32,
-
-    /// Kill the agent when its trust falls below N (0: never).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub kill_below: u32,
-
-    /// Seconds a `require_approval` action is held before it is denied.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub approval_timeout: u64,
-
-    /// Refuse to start when a deny rule cannot be enforced before effect on this host
-    /// (otherwise: a warning per rule).
-    #[arg(long)]
-    pub strict: bool,
-
-    /// Seconds between DNS lookups of the policy's domains; when an answer changes the
-    /// network tables are re-installed (0: resolve only at start).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub dns_refresh: u64,
-}
-
-impl PolicyArgs {
-    pub fn given(&self) -> bool {
-        !self.policy.is_empty()
-    }
-}
 
 /// 16 random bytes as hex (session ids, DIDs).
 fn random_hex() -> Result<String> {

@@ -1,0 +1,220 @@
+//! The flags of `agt-jail exec`, shared by both executables so that a command line means
+//! the same to the jail-only front (`agt-jail`) as to the full command set (`agt-jail-full`).
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use agt_jail_jail::profile::Dest;
+use clap::Args;
+
+/// A `--deny-connect` destination; port 0 means every port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectDest {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Rings (profiles/ring0..3.yaml, built in; --profile FILE loads another):
+  0  record mode (the default without --ring): own cgroup, observed, killable; not confined
+  1  privileged: system ro, workspace rw, broad TCP egress (ports 80/443/22/9418)
+  2  standard: system ro, workspace rw, secrets hidden, TCP egress only to --allow-connect
+  3  sandbox: no network, scratch /workspace, only the entry command may be executed
+Rings 1-3 run in new pid, mount, ipc, uts and cgroup namespaces (plus net with --net none),
+without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
+TERM, LANG and what --env adds.
+
+Examples:
+  agt-jail exec --deny-connect 169.254.169.254:80 -- python3 agent.py
+  agt-jail exec --ring 2 --workspace ./proj --allow-connect 140.82.112.3:443 -- git pull
+  agt-jail exec --ring 3 --memory 256M --pids 32 -- /usr/bin/python3 -c 'print(1)'
+  agt-jail exec --ring 2 --agent coder --policy policies/coding-agent/policy.yaml \\
+      --events decisions.jsonl -- python3 agent.py
+      (held actions: agt-jail approve|deny --agent coder N; agt-jail demote|kill --agent coder)
+
+Exit status: the command's own; 128+N when it was killed by signal N; 125 when \
+agt-jail itself fails; 126/127 when the command cannot be run or is not found.")]
+pub struct ExecArgs {
+    /// Deny connect(2) to this destination with EPERM inside the command. ADDR is an
+    /// IPv4 address or a bracketed IPv6 address; PORT is a number or `*` for every port.
+    /// Repeatable.
+    #[arg(long = "deny-connect", value_name = "ADDR:PORT", value_parser = parse_connect_rule)]
+    pub deny_connect: Vec<ConnectDest>,
+
+    /// Append every kernel event of the command (exec, connect, with verdicts) to FILE as
+    /// JSON lines; `-` writes them to stdout.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+
+    /// Do not print denials on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// Ring 0-3 (built-in profile). Without --ring and --profile: ring 0 (record mode).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=3))]
+    pub ring: Option<u8>,
+
+    /// Profile file to use instead of the built-in one (its `ring` must match --ring if both are given).
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+
+    /// Workspace directory, mounted at the same path (rw in rings 1-2, ro beside the scratch /workspace in ring 3). Default: the current directory (rings 1-2).
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+
+    /// Extra path visible and writable inside. Repeatable.
+    #[arg(long = "rw", value_name = "PATH")]
+    pub rw: Vec<PathBuf>,
+
+    /// Extra path visible read-only inside. Repeatable.
+    #[arg(long = "ro", value_name = "PATH")]
+    pub ro: Vec<PathBuf>,
+
+    /// Allow exec of this file (or everything under this directory). Repeatable.
+    #[arg(long = "allow-exec", value_name = "PATH")]
+    pub allow_exec: Vec<PathBuf>,
+
+    /// Allow TCP connect to ADDR:PORT or CIDR:PORT (allowlist mode: address and port, in the kernel). Repeatable.
+    #[arg(long = "allow-connect", value_name = "DEST", value_parser = Dest::parse)]
+    pub allow_connect: Vec<Dest>,
+
+    /// Network: none (own namespace, loopback only), allowlist (TCP egress to --allow-connect only) or host.
+    #[arg(long, value_name = "MODE", value_parser = ["none", "allowlist", "host"])]
+    pub net: Option<String>,
+
+    /// Memory limit (e.g. 512M, 2G, max).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// Process/thread limit.
+    #[arg(long, value_name = "N")]
+    pub pids: Option<String>,
+
+    /// CPU limit in cores (e.g. 0.5, 2).
+    #[arg(long, value_name = "CORES")]
+    pub cpu: Option<String>,
+
+    /// Set KEY=VAL in the command's environment. Repeatable.
+    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// Run the command on a new pseudo-terminal (rings 1-3).
+    #[arg(long)]
+    pub tty: bool,
+
+    /// Seconds between forwarding SIGTERM/SIGINT/SIGHUP and killing everything with SIGKILL.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub grace: u64,
+
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Parses `ADDR:PORT`, `[V6]:PORT`, with `*` as "any port".
+pub fn parse_connect_rule(text: &str) -> Result<ConnectDest, String> {
+    let expected = "expected ADDR:PORT, e.g. 127.0.0.1:8080, [::1]:443 or 10.0.0.1:*";
+    if let Some(any) = text.strip_suffix(":*") {
+        let host = any.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(any);
+        let addr: IpAddr = host.parse().map_err(|_| format!("'{host}' is not an IP address; {expected}"))?;
+        return Ok(ConnectDest { addr, port: 0 });
+    }
+    let addr: SocketAddr = text.parse().map_err(|_| expected.to_string())?;
+    if addr.port() == 0 {
+        return Err(format!("port 0 is not a destination; use '*' for every port ({expected})"));
+    }
+    Ok(ConnectDest { addr: addr.ip(), port: addr.port() })
+}
+
+/// Parses `KEY=VAL` for --env.
+pub fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !key.contains('\0') && !value.contains('\0') => {
+            Ok((key.to_string(), value.to_string()))
+        }
+        _ => Err(format!("'{text}' is not KEY=VAL")),
+    }
+}
+
+/// The flags of `exec` that put an agent under policy.
+#[derive(Args, Debug, Default)]
+pub struct PolicyArgs {
+    /// Policy file (governance.toolkit/v1 or Agent-OS v4 YAML, or .rego) that governs the
+    /// command's exec, file and network activity. Repeatable.
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policy: Vec<PathBuf>,
+
+    /// The agent's name: its control socket (`agt-jail approve/deny/kill/demote --agent NAME`)
+    /// and `agent.id` in the policy. Default: agent-<pid of agt-jail>.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+
+    /// Starting trust score 0-1000 (`agent.trust`; tiers as in AGT).
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub trust: u32,
+
+    /// Trust lost per denied action; crossing a tier boundary demotes the ring live.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub deny_penalty: u32,
+
+    /// Kill the agent when its trust falls below N (0: never).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub kill_below: u32,
+
+    /// Seconds a `require_approval` action is held before it is denied.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub approval_timeout: u64,
+
+    /// Refuse to start when a deny rule cannot be enforced before effect on this host
+    /// (otherwise: a warning per rule).
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Seconds between DNS lookups of the policy's domains; when an answer changes the
+    /// network tables are re-installed (0: resolve only at start).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub dns_refresh: u64,
+}
+
+impl PolicyArgs {
+    pub fn given(&self) -> bool {
+        !self.policy.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn dest(addr: &str, port: u16) -> ConnectDest {
+        ConnectDest { addr: addr.parse().unwrap(), port }
+    }
+
+    #[test]
+    fn parses_connect_rules() {
+        assert_eq!(parse_connect_rule("127.0.0.1:8080").unwrap(), dest("127.0.0.1", 8080));
+        assert_eq!(parse_connect_rule("[::1]:443").unwrap(), dest("::1", 443));
+        assert_eq!(parse_connect_rule("10.0.0.1:*").unwrap(), dest("10.0.0.1", 0));
+        assert_eq!(parse_connect_rule("[fe80::1]:*").unwrap(), dest("fe80::1", 0));
+    }
+
+    #[test]
+    fn rejects_bad_connect_rules_with_a_reason() {
+        for bad in ["", "127.0.0.1", "localhost:80", "127.0.0.1:99999", "127.0.0.1:0", "::1:80", "x:*", "1.2.3.4:-1"] {
+            let err = parse_connect_rule(bad).unwrap_err();
+            assert!(err.contains("expected ADDR:PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn env_flags_parse() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".to_string(), "b=c".to_string()));
+        assert!(parse_env("=x").is_err() && parse_env("novalue").is_err());
+    }
+}

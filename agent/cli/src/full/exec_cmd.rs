@@ -1,0 +1,441 @@
+//! `agt-jail exec` with what needs BPF programs: record mode (ring 0), connect rules,
+//! allow-lists, --events and policies.
+//!
+//! Order matters and is the point of this module: the cgroup exists and the BPF
+//! programs are attached to it and know it *before* the command's first
+//! instruction, so nothing it does escapes them. Cleanup runs on every path.
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, BufWriter, Write},
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    path::Path,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::Duration,
+};
+
+use agt_jail_cli::{
+    args::ExecArgs,
+    run::{self, lock, Governor, Prepared},
+};
+use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader};
+use agt_jail_jail::{AgentCgroup, NetMode, Profile};
+use agt_jail_policy::{context::AgentFacts, plan::Plan, PolicySet};
+use agt_jail_supervisor::{
+    evaluator::Evaluator,
+    exec_notify::{self, ExecNotifier},
+};
+use anyhow::{bail, Context, Result};
+
+use crate::govern;
+
+pub fn run(args: ExecArgs) -> ExitCode {
+    let result = Prepared::new(&args)
+        .and_then(|prepared| run::execute(&args, prepared, |profile| Governed::new(&args, profile)));
+    run::exit_status(result)
+}
+
+/// Everything that governs one run beyond the jail, in the order it was set up.
+struct Governed<'a> {
+    args: &'a ExecArgs,
+    policy: Option<(Arc<PolicySet>, AgentFacts)>,
+    programs: Option<Arc<Mutex<AgentPrograms>>>,
+    tier_a: Option<govern::TierA>,
+    governance: Option<govern::Governance>,
+    dns_stop: Arc<AtomicBool>,
+    dns_thread: Option<thread::JoinHandle<()>>,
+    pump_stop: Arc<AtomicBool>,
+    pump: Option<thread::JoinHandle<Result<()>>>,
+    exec_plane: Option<(exec_notify::Handle, Arc<govern::ArmingDecider>)>,
+    listener_socket: Option<OwnedFd>,
+}
+
+impl<'a> Governed<'a> {
+    /// The policy loads (and fails with its located error) before anything is created.
+    fn new(args: &'a ExecArgs, profile: &Profile) -> Result<Self> {
+        let policy = if args.policy.given() { Some(govern::load(&args.policy, profile.ring)?) } else { None };
+        Ok(Self {
+            args,
+            policy,
+            programs: None,
+            tier_a: None,
+            governance: None,
+            dns_stop: Arc::new(AtomicBool::new(false)),
+            dns_thread: None,
+            pump_stop: Arc::new(AtomicBool::new(false)),
+            pump: None,
+            exec_plane: None,
+            listener_socket: None,
+        })
+    }
+
+    /// The BPF programs for the agent's cgroup, with the policy's tables, connect rules
+    /// and allow-list installed, attached before the agent exists.
+    fn load_programs(&mut self, cgroup: &AgentCgroup, profile: &Profile) -> Result<Option<Plan>> {
+        let args = self.args;
+        let mut rules: Vec<ConnectRule> =
+            args.deny_connect.iter().map(|dest| ConnectRule::new(dest.addr, dest.port)).collect();
+        if profile.confine && profile.net == NetMode::Allowlist {
+            rules.extend(allowlist_denies(profile));
+        }
+        // Loading the BPF object costs ~90 ms per run. Ring 0 exists to be observed,
+        // and connect rules and --events need the programs; a confined ring without
+        // them is enforced by namespaces, Landlock and seccomp alone (docs/adr/0003).
+        let allowlist = profile.confine && profile.net == NetMode::Allowlist;
+        let need_bpf =
+            !profile.confine || args.events.is_some() || !rules.is_empty() || allowlist || self.policy.is_some();
+        if !need_bpf {
+            return Ok(None);
+        }
+        let agent_id = cgroup.id();
+        let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
+        programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
+        let mut plan = None;
+        if let Some((set, agent)) = self.policy.as_ref() {
+            // Tier A is what the kernel accepts, not what it advertises.
+            let exec_lsm = agt_jail_ebpf_loader::lsm::ExecLsm::load(&mut programs).ok();
+            let (compiled, _) = govern::compile_plan(
+                set,
+                agent,
+                profile.ring,
+                profile.confine,
+                exec_lsm.is_some(),
+                args.policy.strict,
+            )?;
+            govern::install_plan(&mut programs, agent_id, &compiled)?;
+            if let Some(exec_lsm) = exec_lsm {
+                self.tier_a = Some(govern::arm_tier_a(&mut programs, agent_id, exec_lsm, &compiled)?);
+            }
+            plan = Some(compiled);
+        }
+        for rule in rules {
+            programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
+        }
+        if allowlist {
+            // Landlock narrows TCP connects to the listed ports; this narrows them to
+            // the listed addresses (CIDR + port), decided in the kernel per connect.
+            for dest in &profile.allow_connect {
+                let rule = AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port };
+                programs.allow_connect(agent_id, rule).context("cannot install an allow-list entry")?;
+            }
+            programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
+        }
+        programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
+        self.programs = Some(Arc::new(Mutex::new(programs)));
+        Ok(plan)
+    }
+
+    /// Under a policy: the evaluator (it writes the events file and the denial lines),
+    /// its control socket, and the DNS thread that follows the policy's domains.
+    fn start_governance(
+        &mut self,
+        cgroup: &AgentCgroup,
+        profile: &Profile,
+        program: &Path,
+        plan: Option<Plan>,
+    ) -> Result<()> {
+        let Some((set, agent)) = self.policy.take() else { return Ok(()) };
+        let args = self.args;
+        let domain_set = Arc::clone(&set);
+        let name = agent.id.clone();
+        let governance = govern::Governance::start(
+            &args.policy,
+            Arc::clone(&set),
+            agent,
+            program.to_path_buf(),
+            Some(cgroup.path().join("cgroup.kill")),
+            plan,
+            args.events.as_deref(),
+            !args.quiet,
+        )?;
+        if let Some(programs) = self.programs.as_ref() {
+            if self.tier_a.is_some() {
+                *lock(&governance.actuator.exec_approvals) = Some(govern::exec_approver(Arc::clone(programs)));
+                *lock(&governance.actuator.on_first_exec) =
+                    Some(govern::guard_enabler(Arc::clone(programs), cgroup.id()));
+            }
+            *lock(&governance.actuator.on_demote) = Some(govern::demoter(
+                Arc::clone(programs),
+                cgroup.id(),
+                set,
+                Arc::clone(&governance.plan),
+                profile.confine,
+                self.tier_a.is_some(),
+            ));
+        }
+        if !args.quiet {
+            eprintln!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
+        }
+        let domains = agt_jail_policy::plan::domains(&domain_set);
+        if args.policy.dns_refresh > 0 && !domains.is_empty() && lock(&governance.actuator.on_demote).is_some() {
+            let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
+            self.dns_thread = Some(
+                govern::follow_domains(
+                    domains,
+                    Duration::from_secs(args.policy.dns_refresh),
+                    Arc::clone(&self.dns_stop),
+                    |names| govern::resolve_domains(names).0,
+                    move || match lock(&actuator.on_demote).as_mut() {
+                        // The same re-plan as a demotion, for the agent as it is now.
+                        Some(replan) => replan(&evaluator.agent()),
+                        None => Ok(()),
+                    },
+                )
+                .context("cannot start the DNS thread")?,
+            );
+        }
+        self.governance = Some(governance);
+        Ok(())
+    }
+
+    /// The thread that moves kernel events to the evaluator (or the events file).
+    fn start_pump(&mut self) -> Result<()> {
+        let Some(programs) = self.programs.as_ref() else { return Ok(()) };
+        let evaluator = self.governance.as_ref().map(|g| (Arc::clone(&g.evaluator), Arc::clone(&g.plan)));
+        let sink = match evaluator {
+            Some(_) => EventSink::open(None, false)?,
+            None => EventSink::open(self.args.events.as_deref(), !self.args.quiet)?,
+        };
+        let reader = lock(programs).take_events().context("event reader already taken")?;
+        let stop = Arc::clone(&self.pump_stop);
+        self.pump = Some(
+            thread::Builder::new()
+                .name("events".into())
+                .spawn(move || pump_events(reader, sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), &stop))
+                .context("cannot start the event thread")?,
+        );
+        Ok(())
+    }
+
+    /// The exec plane: the command's own execve is the first action held for the evaluator.
+    fn start_exec_plane(&mut self, profile: &Profile) -> Result<()> {
+        let Some(governance) = self.governance.as_ref() else { return Ok(()) };
+        let file_plane = profile.confine && govern::needs_file_plane(lock(&governance.plan).as_ref());
+        let decider = govern::ArmingDecider::new(governance, file_plane);
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().context("cannot create the exec listener socket")?;
+        let notifier = ExecNotifier::start_with(OwnedFd::from(ours), decider.clone(), |err| {
+            eprintln!("agt-jail: denied an exec that could not be decided: {err}");
+        })
+        .context("cannot start the exec plane")?;
+        self.exec_plane = Some((notifier, decider));
+        self.listener_socket = Some(OwnedFd::from(theirs));
+        Ok(())
+    }
+}
+
+impl Governor for Governed<'_> {
+    fn attach(&mut self, cgroup: &AgentCgroup, profile: &Profile, program: &Path) -> Result<()> {
+        let plan = self.load_programs(cgroup, profile)?;
+        self.start_governance(cgroup, profile, program, plan)?;
+        self.start_pump()?;
+        self.start_exec_plane(profile)
+    }
+
+    fn exec_listener(&self) -> Option<RawFd> {
+        self.listener_socket.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    fn started(&mut self) {
+        // The agent has sent its listener (or is gone): agt-jail keeps no copy of its end.
+        self.listener_socket = None;
+        if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
+            if let Some(sync) = self.exec_plane.as_ref().and_then(|(notifier, _)| notifier.sync_wake_up()) {
+                eprintln!(
+                    "agt-jail: debug: exec plane: {}",
+                    if sync {
+                        "synchronous seccomp wake-ups (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)"
+                    } else {
+                        "ordinary seccomp wake-ups (this kernel lacks SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, Linux 6.6)"
+                    }
+                );
+            }
+        }
+    }
+
+    fn ended(&mut self) {
+        self.dns_stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.dns_thread.take() {
+            let _ = thread.join();
+        }
+        if let Some((notifier, decider)) = self.exec_plane.take() {
+            if let Err(err) = notifier.stop() {
+                eprintln!("agt-jail: warning: the exec plane ended with an error: {err}");
+            }
+            decider.stop();
+        }
+    }
+
+    /// The events the command caused are already in the ring buffer: drain them before leaving.
+    fn finish(mut self) -> Result<()> {
+        self.ended();
+        let (mut drops, mut deny_drops) = (0, 0);
+        if let Some(programs) = self.programs.as_ref() {
+            let programs = lock(programs);
+            drops = programs.dropped_events().unwrap_or(0);
+            deny_drops = programs.dropped_denies().unwrap_or(0);
+        }
+        drop(self.tier_a.take());
+        self.pump_stop.store(true, Ordering::SeqCst);
+        if let Some(pump) = self.pump.take() {
+            pump.join().map_err(|_| anyhow::anyhow!("event thread panicked"))?.context("cannot write events")?;
+        }
+        if drops > 0 {
+            eprintln!("agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full");
+        }
+        if deny_drops > 0 {
+            eprintln!(
+                "agt-jail: warning: the kernel dropped {deny_drops} deny record(s): the deny ring buffer and the deny \
+                 summary map were both full"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Destinations an allowlist-mode agent never reaches unless explicitly listed: host
+/// loopback (services of the host) and the cloud metadata service.
+fn allowlist_denies(profile: &Profile) -> Vec<ConnectRule> {
+    let listed = |addr: IpAddr| {
+        let host_prefix = if addr.is_ipv4() { 32 } else { 128 };
+        profile.allow_connect.iter().any(|d| d.addr == addr && d.prefix == host_prefix)
+    };
+    ["127.0.0.1", "::1", "169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::"]
+        .iter()
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .filter(|a| !listed(*a))
+        .map(|a| ConnectRule::new(a, 0))
+        .collect()
+}
+
+/// Where events go: a JSON-lines file (or stdout) and, for denials, a line on stderr.
+struct EventSink {
+    out: Option<Box<dyn Write + Send>>,
+    show_denials: bool,
+}
+
+impl EventSink {
+    fn open(path: Option<&Path>, show_denials: bool) -> Result<Self> {
+        let out: Option<Box<dyn Write + Send>> = match path {
+            None => None,
+            Some(path) if path == Path::new("-") => Some(Box::new(BufWriter::new(io::stdout()))),
+            Some(path) => {
+                let file: File = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("cannot open events file {}", path.display()))?;
+                Some(Box::new(BufWriter::new(file)))
+            }
+        };
+        Ok(Self { out, show_denials })
+    }
+
+    fn record(&mut self, event: &Event) -> io::Result<()> {
+        if self.show_denials && event.is_deny() {
+            // One write per line: the command's own stderr shares the descriptor, and a
+            // line split over several writes gets its output spliced into the middle.
+            let line = format!("agt-jail: {}\n", describe_denial(event));
+            let _ = io::stderr().lock().write_all(line.as_bytes());
+        }
+        if let Some(out) = self.out.as_mut() {
+            serde_json::to_writer(&mut *out, event)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.out.as_mut() {
+            Some(out) => out.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn describe_denial(event: &Event) -> String {
+    match event {
+        Event::Connect { addr, port, protocol, tgid, .. } => {
+            let dest = SocketAddr::new(*addr, *port);
+            format!("denied {protocol} connect to {dest} (pid {tgid})")
+        }
+        Event::Sendmsg { net, tgid, .. } => {
+            let dest = SocketAddr::new(net.addr, net.port);
+            format!("denied {} send to {dest} (pid {tgid})", net.protocol)
+        }
+        Event::Bind { net, tgid, .. } => {
+            let local = SocketAddr::new(net.addr, net.port);
+            format!("denied {} bind to {local} (pid {tgid})", net.protocol)
+        }
+        Event::Exec { filename, tgid, .. } => format!("denied exec of {filename} (pid {tgid})"),
+        Event::ExecCheck { filename, tgid, reason, .. } => format!("denied exec of {filename} ({reason}, pid {tgid})"),
+        Event::File { op, path, rule_kind, tgid, .. } => {
+            format!("denied {op} of {path} ({rule_kind} rule, pid {tgid})")
+        }
+        Event::Guard { hook, detail, target_pid, tgid, .. } => {
+            format!("denied {hook} (detail {detail}, target pid {target_pid}, pid {tgid})")
+        }
+        Event::Fork { tgid, .. } | Event::Exit { tgid, .. } => format!("process event (pid {tgid})"),
+    }
+}
+
+/// Moves events from the ring buffer to the sink until told to stop, then drains
+/// what is left, so nothing the command caused is lost.
+fn pump_events(
+    mut reader: EventReader,
+    mut sink: EventSink,
+    evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mut write_error: Option<io::Error> = None;
+    let mut handle = |decoded: std::result::Result<Event, agt_jail_ebpf_loader::DecodeError>| match decoded {
+        Ok(event) => {
+            if let Some((evaluator, plan)) = evaluator {
+                govern::observe(evaluator, plan, &event);
+            } else if let Err(err) = sink.record(&event) {
+                write_error.get_or_insert(err);
+            }
+        }
+        Err(err) => eprintln!("agt-jail: warning: undecodable event: {err}"),
+    };
+    while !stop.load(Ordering::SeqCst) {
+        reader.poll(Duration::from_millis(50), &mut handle).context("cannot poll the event ring buffer")?;
+        if let Some((evaluator, _)) = evaluator {
+            evaluator.flush();
+        }
+    }
+    reader.drain(&mut handle);
+    if let Some((evaluator, _)) = evaluator {
+        evaluator.flush();
+    }
+    if let Some(err) = write_error {
+        bail!(err);
+    }
+    sink.flush().context("cannot flush events")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use agt_jail_jail::profile::Dest;
+
+    use super::*;
+
+    #[test]
+    fn allowlist_denies_loopback_and_metadata_unless_listed() {
+        let mut profile = Profile::builtin(2).unwrap();
+        let denied: Vec<IpAddr> = allowlist_denies(&profile).iter().map(|r| r.addr).collect();
+        for addr in ["127.0.0.1", "::1", "169.254.169.254", "0.0.0.0"] {
+            assert!(denied.contains(&addr.parse().unwrap()), "{addr}");
+        }
+        profile.allow_connect.push(Dest::parse("127.0.0.1:8080").unwrap());
+        let denied: Vec<IpAddr> = allowlist_denies(&profile).iter().map(|r| r.addr).collect();
+        assert!(!denied.contains(&"127.0.0.1".parse().unwrap()));
+        assert!(denied.contains(&"169.254.169.254".parse().unwrap()));
+    }
+}

@@ -1,0 +1,84 @@
+//! `agt-jail-full`: every command of agt-jail. `agt-jail` hands it each command line
+//! that is not a jail without BPF programs (docs/adr/0004). Errors become one line on
+//! stderr and an exit code; every library below returns typed errors.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod control_cmd;
+mod doctor_cmd;
+mod exec_cmd;
+mod govern;
+mod policy_cmd;
+
+pub use agt_jail_cli::EXIT_INTERNAL;
+
+#[derive(Parser)]
+#[command(
+    name = "agt-jail",
+    version,
+    about = "Enforce AI-agent policy below the application: jails, eBPF, policy kernel",
+    long_about = "agt-jail runs AI agents in a jail and enforces policy in the kernel, below the \
+                  agent's own process, so a prompt-injected or compromised agent cannot skip the check."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
+    Exec(Box<agt_jail_cli::args::ExecArgs>),
+    /// Report what this kernel offers and what each ring enforces on this host.
+    Doctor(doctor_cmd::DoctorArgs),
+    /// Lint, evaluate and test policies (AGT governance.toolkit/v1, Agent-OS v4, Rego).
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+    /// Let a held action of a running agent proceed (a `require_approval` rule held it).
+    Approve(control_cmd::RequestArgs),
+    /// Refuse a held action of a running agent (it fails with EPERM).
+    Deny(control_cmd::RequestArgs),
+    /// Kill switch: end every process of a running agent at once.
+    Kill(control_cmd::AgentArg),
+    /// Move a running agent to a more restricted ring, live (never the other way).
+    Demote(control_cmd::DemoteArgs),
+    /// Show a running agent's ring, trust and held requests.
+    Status(control_cmd::AgentArg),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version are not failures and print in full.
+            if !err.use_stderr() {
+                let _ = err.print();
+                return ExitCode::SUCCESS;
+            }
+            // Usage errors: one line, the one that says what is wrong.
+            // clap's first paragraph says what is wrong (it may wrap onto indented lines).
+            let rendered = err.render().to_string();
+            let reason: Vec<&str> = rendered
+                .lines()
+                .skip_while(|line| line.trim().is_empty())
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let reason = reason.join(" ");
+            let reason = reason.trim_start_matches("error: ");
+            eprintln!("agt-jail: {reason} (see --help)");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    match cli.command {
+        Command::Exec(args) => exec_cmd::run(*args),
+        Command::Doctor(args) => doctor_cmd::run(args),
+        Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Approve(args) => control_cmd::approve(args),
+        Command::Deny(args) => control_cmd::deny(args),
+        Command::Kill(args) => control_cmd::kill(args),
+        Command::Demote(args) => control_cmd::demote(args),
+        Command::Status(args) => control_cmd::status(args),
+    }
+}
