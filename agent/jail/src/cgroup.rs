@@ -492,6 +492,15 @@ impl Drop for AgentCgroup {
     }
 }
 
+/// The root `cgroup.procs` of the v1 hierarchy an agent's v1 `cgroup.procs`
+/// (`<root>/agt-jail/<name>/cgroup.procs`) belongs to: where a process that must not stay
+/// in the agent's v1 cgroup goes (v1 allows processes in any cgroup, the root included).
+pub fn hierarchy_procs(agent_procs: &Path) -> Option<PathBuf> {
+    let dir = agent_procs.parent()?;
+    let agents = dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "agt-jail"))?;
+    Some(agents.parent()?.join("cgroup.procs"))
+}
+
 /// Names agent cgroups `<owner pid>-<sequence>` so stale ones can be recognised.
 pub fn cgroup_name(owner: u32, sequence: u64) -> String {
     format!("{owner}-{sequence}")
@@ -578,6 +587,14 @@ pub fn sweep_stale(parent: &Path, proc_root: &Path) -> Vec<PathBuf> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn an_agents_v1_cgroup_belongs_to_its_hierarchy_root() {
+        let procs = Path::new("/sys/fs/cgroup/memory/agt-jail/42-0/cgroup.procs");
+        assert_eq!(hierarchy_procs(procs), Some(PathBuf::from("/sys/fs/cgroup/memory/cgroup.procs")));
+        assert_eq!(hierarchy_procs(Path::new("/sys/fs/cgroup/memory/other/42-0/cgroup.procs")), None);
+        assert_eq!(hierarchy_procs(Path::new("cgroup.procs")), None);
+    }
 
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

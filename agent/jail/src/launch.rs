@@ -3,13 +3,21 @@
 //! ```text
 //! parent  prepare everything (paths, mount plan, Landlock plan, seccomp BPF, argv/env)
 //!   └─ clone(NEWPID|NEWNS|NEWIPC|NEWUTS[|NEWNET][|NEWUSER])      = jail init (pid 1)
-//!        uid/gid map (rootless) → join cgroups (v2 + v1) → unshare(NEWCGROUP)
-//!        → private mounts → build view → pivot_root → hostname → lo up
-//!        └─ fork                                                   = the agent
-//!             setsid/ctty → chdir → securebits + drop bounding/ambient/all caps
-//!             → rlimits → no_new_privs → Landlock → seccomp → exec
-//!        init: reap children, forward signals to the agent's group, exit with its status
+//!        uid/gid map (rootless) → private mounts → build view → pivot_root → hostname
+//!        → lo up → wait until the parent has moved it into the agent's v1 cgroups
+//!        └─ clone3(CLONE_INTO_CGROUP: the agent's v2 cgroup)        = the agent
+//!             unshare(NEWCGROUP) → setsid/ctty → chdir → securebits + drop
+//!             bounding/ambient/all caps → rlimits → no_new_privs → Landlock → seccomp → exec
+//!        init: leave the v1 cgroups, reap children, forward signals to the agent's group;
+//!        once the agent is gone, write its status to the parent, then exit
 //! ```
+//!
+//! The init is agt-jail's code, not the agent's, and is in none of the agent's cgroups
+//! once the agent exists: it is born outside the v2 cgroup and leaves the v1 ones (which
+//! the agent inherits) right after the fork, while the agent sets itself up. When the
+//! agent's processes are gone the cgroups are empty, and the parent removes them and exits
+//! on the status the init writes, without waiting for the init's own exit: that tears the
+//! jail's namespaces down (unmounting the view waits for an RCU grace period).
 //!
 //! Everything the children need is built in the parent before clone: after a raw
 //! clone of a multi-threaded process only async-signal-safe work is allowed, so the
@@ -19,12 +27,15 @@
 use std::{
     ffi::CString,
     io::{self, Read},
-    os::unix::{ffi::OsStrExt, fs::PermissionsExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
 use crate::{
-    cgroup::{CgroupError, V1Cgroup},
+    cgroup::{self, CgroupError, V1Cgroup},
     landlock::{self, LandlockPlan, LandlockRequest},
     mounts::{self, Bind, MountOp, ViewSpec},
     profile::{self, NetMode, Profile, WorkspaceMode},
@@ -109,11 +120,28 @@ pub struct Enforcement {
 #[derive(Debug)]
 pub struct JailProcess {
     pub pid: libc::pid_t,
+    /// Where the init writes the agent's status (exit code, or 128+N for signal N).
+    status: OwnedFd,
 }
 
 impl JailProcess {
-    /// Waits for the jail's init; its exit code is the agent's (128+N when killed by N).
+    /// Waits until the agent is gone and returns a wait(2) status word whose exit code is
+    /// the agent's (128+N when killed by N). The init sends it before it tears the
+    /// jail's namespaces down, and that teardown is not waited for: the init is no longer
+    /// in the agent's cgroups and dies with agt-jail. When the init itself was killed, its
+    /// own status is returned.
     pub fn wait(&self) -> io::Result<libc::c_int> {
+        let mut code = [0u8; 4];
+        let mut got = 0;
+        while got < code.len() {
+            match sys::read_raw(self.status.as_raw_fd(), &mut code[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        if got == code.len() {
+            return Ok((libc::c_int::from_ne_bytes(code) & 0xff) << 8);
+        }
         sys::waitpid(self.pid, false).map(|(_, status)| status)
     }
 }
@@ -146,8 +174,15 @@ struct Plan {
     rootless: bool,
     uid_map: Vec<u8>,
     gid_map: Vec<u8>,
-    /// The v2 `cgroup.procs` (the child writes it when clone3 could not place it).
-    cgroup_v2_procs: Option<CString>,
+    /// The v2 `cgroup.procs` (the agent joins through it when clone3 could not place it).
+    cgroup_v2_procs: Option<PathBuf>,
+    /// That file, open (set by the parent right before the clone).
+    cgroup_v2_join: Option<libc::c_int>,
+    /// The v1 hierarchies' root `cgroup.procs`, open: the init leaves the agent's v1
+    /// cgroups through them once the agent exists.
+    cgroup_v1_leave: Vec<libc::c_int>,
+    /// The write end of the status pipe (see [`JailProcess::wait`]).
+    status: libc::c_int,
     /// v1 `cgroup.procs` files, written by the parent while the child builds its root.
     cgroup_v1_procs: Vec<PathBuf>,
     /// v1 cgroups the parent creates (with their limits) before joining them.
@@ -466,7 +501,10 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         rootless: cfg.rootless,
         uid_map: format!("0 {} 1", sys::geteuid()).into_bytes(),
         gid_map: format!("0 {} 1", sys::getegid()).into_bytes(),
-        cgroup_v2_procs: cfg.cgroup_procs.first().map(|p| path_c(p)).transpose()?,
+        cgroup_v2_procs: cfg.cgroup_procs.first().cloned(),
+        cgroup_v2_join: None,
+        cgroup_v1_leave: Vec::new(),
+        status: -1,
         cgroup_v1_procs: cfg.cgroup_procs.iter().skip(1).cloned().collect(),
         cgroup_v1_create: Vec::new(),
         cgroup_dir: cfg.cgroup_dir,
@@ -485,6 +523,11 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         envp,
         tty: cfg.tty,
     })
+}
+
+/// Opens a cgroup file for writing (close-on-exec).
+fn open_for_write(path: &Path) -> io::Result<OwnedFd> {
+    std::fs::OpenOptions::new().write(true).open(path).map(OwnedFd::from)
 }
 
 /// Checks `program` is a runnable file before anything is set up.
@@ -521,48 +564,41 @@ pub fn launch_with_cgroups(
         }
     }
     plan.cgroup_v1_create = cgroup_v1.to_vec();
-    let (report_r, report_w) = sys::pipe_cloexec().map_err(LaunchError::Clone)?;
-    let (go_r, go_w) = match sys::pipe_cloexec() {
-        Ok(fds) => fds,
-        Err(e) => {
-            sys::close(report_r);
-            sys::close(report_w);
-            return Err(LaunchError::Clone(e));
+    // The children inherit these; the parent's copies close when they drop (a child
+    // never comes back here: it execs or exits).
+    let pipe = || sys::pipe_cloexec().map(|(r, w)| (sys::owned(r), sys::owned(w))).map_err(LaunchError::Clone);
+    let (report_r, report_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    plan.status = status_w.as_raw_fd();
+    let mut inherited = Vec::new();
+    if let Some(procs) = &plan.cgroup_v2_procs {
+        let join = open_for_write(procs)
+            .map_err(|source| LaunchError::Setup { stage: format!("opening {}", procs.display()), source })?;
+        plan.cgroup_v2_join = Some(join.as_raw_fd());
+        inherited.push(join);
+    }
+    // Best effort: an init that cannot leave a v1 cgroup stays in it until its exit, and
+    // removing that cgroup then waits for the exit.
+    for procs in &plan.cgroup_v1_procs {
+        if let Some(leave) = cgroup::hierarchy_procs(procs).and_then(|root| open_for_write(&root).ok()) {
+            plan.cgroup_v1_leave.push(leave.as_raw_fd());
+            inherited.push(leave);
         }
-    };
-    // Born in the agent's v2 cgroup when the kernel can (clone3 + CLONE_INTO_CGROUP);
-    // otherwise a plain clone and the child joins it itself.
-    let ns_flags = plan.clone_flags & !(libc::SIGCHLD as libc::c_ulong);
-    let cloned = match plan.cgroup_dir {
-        Some(fd) => match sys::clone3_process(ns_flags, Some(fd)) {
-            Ok(pid) => Ok((pid, true)),
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP)) =>
-            {
-                sys::clone_process(plan.clone_flags).map(|pid| (pid, false))
-            }
-            Err(e) => Err(e),
-        },
-        None => sys::clone_process(plan.clone_flags).map(|pid| (pid, plan.cgroup_v2_procs.is_none())),
-    };
-    let pid = match cloned {
-        Ok((0, in_v2)) => {
-            sys::close(go_w);
-            child_init(&plan, report_w, go_r, in_v2)
+    }
+    // The init is born outside the agent's cgroups (see the module docs).
+    let pid = match sys::clone_process(plan.clone_flags) {
+        Ok(0) => {
+            sys::close(go_w.as_raw_fd());
+            child_init(&plan, report_w.as_raw_fd(), go_r.as_raw_fd())
         }
-        Ok((pid, _)) => pid,
-        Err(e) => {
-            for fd in [report_r, report_w, go_r, go_w] {
-                sys::close(fd);
-            }
-            return Err(LaunchError::Clone(e));
-        }
+        Ok(pid) => pid,
+        Err(e) => return Err(LaunchError::Clone(e)),
     };
-    sys::close(report_w);
-    sys::close(go_r);
+    drop((report_w, go_r, status_w, inherited));
     // The v1 hierarchies (hybrid hosts): the parent creates the agent's v1 cgroups,
-    // writes their limits and moves the child in while the child builds its root (the
-    // two overlap); the child forks the agent only after the go byte.
+    // writes their limits and moves the init in while it builds its root (the two
+    // overlap); the init forks the agent, which inherits them, only after the go byte.
     let joined =
         plan.cgroup_v1_create.iter().try_for_each(|v1| v1.create().map_err(LaunchError::from)).and_then(|()| {
             plan.cgroup_v1_procs.iter().try_for_each(|procs| {
@@ -573,23 +609,21 @@ pub fn launch_with_cgroups(
     if let Err(err) = joined {
         let _ = sys::kill(pid, libc::SIGKILL);
         let _ = sys::waitpid(pid, false);
-        sys::close(go_w);
-        sys::close(report_r);
         return Err(err);
     }
-    let _ = sys::write_all_raw(go_w, b"g");
-    sys::close(go_w);
+    let _ = sys::write_all_raw(go_w.as_raw_fd(), b"g");
+    drop(go_w);
     let mut buf = [0u8; 12];
     let mut got = 0;
     while got < buf.len() {
-        match sys::read_raw(report_r, &mut buf[got..]) {
+        match sys::read_raw(report_r.as_raw_fd(), &mut buf[got..]) {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
         }
     }
-    sys::close(report_r);
+    drop(report_r);
     if got == 0 {
-        return Ok(JailProcess { pid });
+        return Ok(JailProcess { pid, status: status_r });
     }
     // The child failed and exits; reap it so nothing is left behind.
     let _ = sys::waitpid(pid, false);
@@ -705,7 +739,7 @@ const C_GID_MAP: &std::ffi::CStr = c"/proc/self/gid_map";
 const FORWARDED: [libc::c_int; 7] =
     [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
 
-fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int, in_v2: bool) -> ! {
+fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int) -> ! {
     // Handlers first: pid 1 drops signals it has no handler for.
     step!(report, Stage::Session, 0, sys::install_forwarding_handlers(&FORWARDED));
     // Die with agt-jail: if the supervisor is killed, the jail goes too.
@@ -715,9 +749,6 @@ fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int, in_v2: bool) ->
         step!(report, Stage::UserMap, 1, sys::write_file(C_UID_MAP, &plan.uid_map));
         step!(report, Stage::UserMap, 2, sys::write_file(C_GID_MAP, &plan.gid_map));
     }
-    if let (Some(procs), false) = (&plan.cgroup_v2_procs, in_v2) {
-        step!(report, Stage::JoinCgroup, 0, sys::write_file(procs, b"0"));
-    }
     build_root(plan, report);
     if plan.uts_ns {
         step!(report, Stage::Hostname, 0, sys::sethostname(b"agt-jail"));
@@ -725,8 +756,9 @@ fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int, in_v2: bool) ->
     if plan.net_ns {
         step!(report, Stage::Loopback, 0, sys::loopback_up());
     }
-    // Wait until the parent has moved us into every v1 hierarchy: no agent code runs
-    // outside the agent's cgroups. EOF without the byte means the parent gave up.
+    // Wait until the parent has moved us into every v1 hierarchy, which the agent
+    // inherits: no agent code runs outside the agent's cgroups. EOF without the byte
+    // means the parent gave up.
     let mut byte = [0u8; 1];
     match sys::read_raw(go, &mut byte) {
         Ok(1) => {}
@@ -734,15 +766,11 @@ fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int, in_v2: bool) ->
         Err(err) => fail(report, Stage::JoinCgroup, 1, &err, 125),
     }
     sys::close(go);
-    // The cgroup namespace is rooted at the agent's cgroups, now that all are joined.
-    if plan.cgroup_ns {
-        step!(report, Stage::CgroupNs, 0, sys::unshare(libc::CLONE_NEWCGROUP));
-    }
     // The init's memory holds agt-jail's environment: keep it out of reach.
     step!(report, Stage::Session, 2, sys::prctl(libc::PR_SET_DUMPABLE, 0, 0));
-    let agent = match sys::clone_process(libc::SIGCHLD as libc::c_ulong) {
-        Ok(0) => child_agent(plan, report),
-        Ok(pid) => pid,
+    let agent = match fork_agent(plan) {
+        Ok((0, in_v2)) => child_agent(plan, report, in_v2),
+        Ok((pid, _)) => pid,
         Err(err) => fail(report, Stage::Fork, 0, &err, 125),
     };
     sys::close(report);
@@ -750,9 +778,37 @@ fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int, in_v2: bool) ->
     if let Some((_, socket)) = &plan.exec_listener {
         sys::close(*socket);
     }
+    // The agent holds the v1 cgroups now; the init leaves them while the agent sets
+    // itself up, so that they are empty the moment the agent's processes are gone.
+    for leave in &plan.cgroup_v1_leave {
+        let _ = sys::write_all_raw(*leave, b"0");
+        sys::close(*leave);
+    }
+    if let Some(join) = plan.cgroup_v2_join {
+        sys::close(join);
+    }
     // The init itself needs no privilege from here on.
     let _ = drop_privileges();
-    init_loop(agent)
+    init_loop(agent, plan.status)
+}
+
+/// Forks the agent, born in the agent's v2 cgroup when the kernel can (clone3 with
+/// CLONE_INTO_CGROUP, Linux 5.7+); otherwise it joins through `cgroup_v2_join` itself.
+/// Returns (pid, born in the v2 cgroup). Child-safe.
+fn fork_agent(plan: &Plan) -> io::Result<(libc::pid_t, bool)> {
+    let plain = libc::SIGCHLD as libc::c_ulong;
+    match plan.cgroup_dir {
+        Some(dir) => match sys::clone3_process(0, Some(dir)) {
+            Ok(pid) => Ok((pid, true)),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
+                sys::clone_process(plain).map(|pid| (pid, false))
+            }
+            Err(e) => Err(e),
+        },
+        None => sys::clone_process(plain).map(|pid| (pid, false)),
+    }
 }
 
 fn build_root(plan: &Plan, report: libc::c_int) {
@@ -892,7 +948,14 @@ fn apply_landlock(l: &LandlockChild, report: libc::c_int) {
     sys::close(ruleset);
 }
 
-fn child_agent(plan: &Plan, report: libc::c_int) -> ! {
+fn child_agent(plan: &Plan, report: libc::c_int, in_v2: bool) -> ! {
+    if let (Some(join), false) = (plan.cgroup_v2_join, in_v2) {
+        step!(report, Stage::JoinCgroup, 0, sys::write_all_raw(join, b"0"));
+    }
+    // The cgroup namespace is rooted at the agent's cgroups, which it is in from birth.
+    if plan.cgroup_ns {
+        step!(report, Stage::CgroupNs, 0, sys::unshare(libc::CLONE_NEWCGROUP));
+    }
     step!(report, Stage::Session, 3, sys::setsid());
     if let Some(tty) = plan.tty {
         for fd in 0..3 {
@@ -943,9 +1006,9 @@ fn child_agent(plan: &Plan, report: libc::c_int) -> ! {
 }
 
 /// pid 1 of the jail: forward signals to the agent's process group, reap every child,
-/// and leave with the agent's status once it is gone (the kernel then kills whatever
-/// is left in the pid namespace).
-fn init_loop(agent: libc::pid_t) -> ! {
+/// and once the agent is gone, send its status to the parent and leave with it (the
+/// kernel then kills whatever is left in the pid namespace).
+fn init_loop(agent: libc::pid_t, status_pipe: libc::c_int) -> ! {
     loop {
         match sys::waitpid(-1, true) {
             Ok((pid, status)) if pid == agent => {
@@ -956,6 +1019,7 @@ fn init_loop(agent: libc::pid_t) -> ! {
                 } else {
                     125
                 };
+                let _ = sys::write_all_raw(status_pipe, &code.to_ne_bytes());
                 sys::exit_now(code);
             }
             Ok(_) => {}

@@ -117,6 +117,13 @@ pub fn pipe_cloexec() -> io::Result<(libc::c_int, libc::c_int)> {
     Ok((fds[0], fds[1]))
 }
 
+/// Takes ownership of a descriptor this process just created (closed when dropped).
+pub fn owned(fd: libc::c_int) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: callers pass a descriptor they created and hand over; nothing else closes it.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
 /// close(2). Child-safe.
 pub fn close(fd: libc::c_int) {
     // SAFETY: closing an fd the caller owns; errors are irrelevant to callers.
