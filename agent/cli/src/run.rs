@@ -528,7 +528,6 @@ fn exit_code(status: ExitStatus) -> u8 {
 /// also why [`Self::stop`] need not wait for the thread (agt-jail's exit ends it).
 struct SignalForwarder {
     signals: Option<SignalsInfo<WithOrigin>>,
-    handle: signal_hook::iterator::Handle,
     jail: bool,
     kill_file: Option<PathBuf>,
     grace: Duration,
@@ -563,8 +562,7 @@ impl SignalForwarder {
     /// Installs the handlers before the command starts.
     fn start(jail: bool, kill_file: Option<PathBuf>, grace: Duration) -> Result<Self> {
         let signals = SignalsInfo::<WithOrigin>::new(FORWARDED).context("cannot install signal handlers")?;
-        let handle = signals.handle();
-        Ok(Self { signals: Some(signals), handle, jail, kill_file, grace, done: Arc::new(AtomicBool::new(false)) })
+        Ok(Self { signals: Some(signals), jail, kill_file, grace, done: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Names the started command (before it is waited for, so its pid is still its own)
@@ -579,7 +577,8 @@ impl SignalForwarder {
             .spawn(move || {
                 let mut armed = false;
                 for origin in signals.forever() {
-                    if !jail && matches!(origin.cause, Cause::Kernel) {
+                    let stopped = finished.load(Ordering::SeqCst);
+                    if stopped || (!jail && matches!(origin.cause, Cause::Kernel)) {
                         continue;
                     }
                     command.signal(origin.signal);
@@ -610,10 +609,11 @@ impl SignalForwarder {
 
     /// Forwards nothing more. A signal the thread already took may still be delivered
     /// after this returns; through the pidfd it reaches, at worst, the command that is
-    /// already gone and never a process that reused its pid.
+    /// already gone and never a process that reused its pid. The thread is not woken to
+    /// end it: on the way out that costs agt-jail a CPU the jail's teardown is using, and
+    /// the signals it takes from now on are dropped (agt-jail finishes its cleanup).
     fn stop(self) {
         self.done.store(true, Ordering::SeqCst);
-        self.handle.close();
     }
 }
 
