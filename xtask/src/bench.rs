@@ -344,8 +344,8 @@ pub fn run(opts: &Options) -> Result<()> {
          Landlock or seccomp; the last row gives it ring 3's limits the way a script would: the harness creates v1 \
          cgroups, the child joins them before exec, the harness removes them after. Neither loads BPF programs here \
          (ring 3 without `--events` or connect rules does not; see docs/adr/0003-launcher.md), so the `agt-jail` \
-         executable runs the jail itself, without handing over to `agt-jail-full`. The jail is cloned straight into its cgroup v2 (clone3 with CLONE_INTO_CGROUP); its v1 cgroups are created, limited and joined \
-         while the jail builds its root, before the agent exists (docs/adr/0004-jail-start-up.md).\n",
+         executable runs the jail itself, without handing over to `agt-jail-full`. The agent is born in its cgroup v2 (clone3 with CLONE_INTO_CGROUP); its v1 cgroups are created, limited and joined \
+         while the jail builds its root, before the agent exists; agt-jail exits on the status the jail's init sends, without waiting for the init's namespace teardown (docs/adr/0004-jail-start-up.md).\n",
         runs = opts.runs,
         machine = machine(),
         jail = cases[1].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
