@@ -124,13 +124,14 @@ fn environment_is_scrubbed_and_env_adds() {
     assert_eq!(stdout(&output), "hi||/workspace\n");
 }
 
-/// Starts `agt-jail exec OPTIONS -- /bin/sh -c SCRIPT` and returns once the script has
-/// printed its first line, which must be `ready`.
+/// Starts `agt-jail exec OPTIONS -- /bin/sh -c SCRIPT` (stdin and stdout piped) and
+/// returns once the script has printed its first line, which must be `ready`.
 fn start_until_ready(options: &[&str], script: &str) -> (Child, BufReader<ChildStdout>) {
     let mut child = agt_jail()
         .arg("exec")
         .args(options)
         .args(["--", "/bin/sh", "-c", script])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -266,18 +267,7 @@ fn jails_without_bpf_run_in_agt_jail_and_the_rest_in_agt_jail_full() {
         (&[], "agt-jail-full"),
     ];
     for (options, expected) in cases {
-        let mut child = agt_jail()
-            .arg("exec")
-            .args(options)
-            .args(["--", "/bin/sh", "-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "{options:?}");
+        let (mut child, _out) = start_until_ready(options, script);
         let running = executable_of(&child);
         child.stdin.take().unwrap().write_all(b"done\n").unwrap();
         assert_eq!(child.wait().unwrap().code(), Some(0), "{options:?}");
