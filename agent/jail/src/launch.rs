@@ -122,14 +122,18 @@ pub struct JailProcess {
     pub pid: libc::pid_t,
     /// Where the init writes the agent's status (exit code, or 128+N for signal N).
     status: OwnedFd,
+    /// Without cgroups nothing else ends what the agent left running, so the init's exit
+    /// (which kills the rest of the pid namespace) is waited for after all.
+    wait_for_init: bool,
 }
 
 impl JailProcess {
     /// Waits until the agent is gone and returns a wait(2) status word whose exit code is
     /// the agent's (128+N when killed by N). The init sends it before it tears the
-    /// jail's namespaces down, and that teardown is not waited for: the init is no longer
-    /// in the agent's cgroups and dies with agt-jail. When the init itself was killed, its
-    /// own status is returned.
+    /// jail's namespaces down, and in a jail with cgroups that teardown is not waited for:
+    /// the init is no longer in the agent's cgroups and dies with agt-jail, and removing
+    /// the cgroups ends whatever the agent left running. When the init itself was killed,
+    /// its own status is returned.
     pub fn wait(&self) -> io::Result<libc::c_int> {
         let mut code = [0u8; 4];
         let mut got = 0;
@@ -139,7 +143,7 @@ impl JailProcess {
                 Ok(n) => got += n,
             }
         }
-        if got == code.len() {
+        if got == code.len() && !self.wait_for_init {
             return Ok((libc::c_int::from_ne_bytes(code) & 0xff) << 8);
         }
         sys::waitpid(self.pid, false).map(|(_, status)| status)
@@ -623,7 +627,7 @@ pub fn launch_with_cgroups(
     }
     drop(report_r);
     if got == 0 {
-        return Ok(JailProcess { pid, status: status_r });
+        return Ok(JailProcess { pid, status: status_r, wait_for_init: plan.cgroup_v2_procs.is_none() });
     }
     // The child failed and exits; reap it so nothing is left behind.
     let _ = sys::waitpid(pid, false);
