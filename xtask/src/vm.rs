@@ -955,33 +955,45 @@ fn choose_accel(wanted: Accel) -> Accelerator {
     }
 }
 
-/// /dev/kvm existing is not enough (some paravirtual KVMs make stock QEMU abort on its
-/// first vCPU run): start a guest with nothing to boot; still running after two seconds
-/// means KVM works.
+/// /dev/kvm existing is not enough (some paravirtual KVMs make stock QEMU abort when it
+/// sets up its first vCPU) and a QEMU still running after a while proves nothing on a
+/// loaded host, where it may not have reached that point yet: start a guest with nothing
+/// to boot and wait for the firmware's banner on its debug console, which only a vCPU
+/// that runs guest code prints.
 fn kvm_runs_guests() -> bool {
     if !Path::new("/dev/kvm").exists() {
         return false;
     }
     let Ok(mut child) = Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-cpu", "host", "-display", "none", "-monitor", "none", "-serial", "none"])
-        .args(["-nodefaults", "-no-reboot", "-m", "64"])
+        .args(["-accel", "kvm", "-cpu", "host", "-smp", "2", "-display", "none", "-monitor", "none"])
+        .args(["-serial", "none", "-nodefaults", "-no-reboot", "-m", "64"])
+        .args(["-chardev", "stdio,id=firmware", "-device", "isa-debugcon,iobase=0x402,chardev=firmware"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
     else {
         return false;
     };
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(stdout) = child.stdout.take() {
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for byte in std::io::Read::bytes(stdout) {
+                let Ok(byte) = byte else { break };
+                seen.push(byte);
+                if seen.windows(7).any(|w| w == b"SeaBIOS") {
+                    let _ = tx.send(());
+                    return;
+                }
+            }
+        });
     }
+    // EOF (QEMU aborted) drops the sender and ends the wait at once.
+    let runs = rx.recv_timeout(Duration::from_secs(20)).is_ok();
     let _ = child.kill();
     let _ = child.wait();
-    true
+    runs
 }
 
 fn boot(kernel: &Kernel, initrd: &Path, accel: Accelerator, opts: &Options, log: &Path) -> Result<Outcome> {
