@@ -128,16 +128,21 @@ impl Prepared {
         Ok(Self { program, profile })
     }
 
-    /// Whether the run needs BPF programs: record mode (ring 0) exists to be observed,
-    /// connect rules, allow-lists, --events and policies are enforced by them. A run
-    /// without them is enforced by namespaces, Landlock, seccomp and cgroups alone.
+    /// See [`needs_bpf`].
     pub fn needs_bpf(&self, args: &ExecArgs) -> bool {
-        !self.profile.confine
-            || self.profile.net == NetMode::Allowlist
-            || args.events.is_some()
-            || !args.deny_connect.is_empty()
-            || args.policy.given()
+        needs_bpf(args, &self.profile)
     }
+}
+
+/// Whether a run needs BPF programs: record mode (ring 0) exists to be observed;
+/// connect rules, allow-lists, --events and policies are enforced by them. A run without
+/// them is enforced by namespaces, Landlock, seccomp and cgroups alone (docs/adr/0003).
+pub fn needs_bpf(args: &ExecArgs, profile: &Profile) -> bool {
+    !profile.confine
+        || profile.net == NetMode::Allowlist
+        || args.events.is_some()
+        || !args.deny_connect.is_empty()
+        || args.policy.given()
 }
 
 /// Finds the program the way execvp(3) would, so "not found" and "not executable"

@@ -83,13 +83,9 @@ impl<'a> Governed<'a> {
         if profile.confine && profile.net == NetMode::Allowlist {
             rules.extend(allowlist_denies(profile));
         }
-        // Loading the BPF object costs ~90 ms per run. Ring 0 exists to be observed,
-        // and connect rules and --events need the programs; a confined ring without
-        // them is enforced by namespaces, Landlock and seccomp alone (docs/adr/0003).
+        // Loading the BPF object costs ~90 ms per run: only for the runs that need it.
         let allowlist = profile.confine && profile.net == NetMode::Allowlist;
-        let need_bpf =
-            !profile.confine || args.events.is_some() || !rules.is_empty() || allowlist || self.policy.is_some();
-        if !need_bpf {
+        if !run::needs_bpf(args, profile) {
             return Ok(None);
         }
         let agent_id = cgroup.id();
