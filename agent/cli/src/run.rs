@@ -19,7 +19,7 @@ use std::{
     process::{Command, ExitCode, ExitStatus},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     thread,
     time::Duration,
@@ -446,11 +446,6 @@ pub fn execute<G: Governor>(
     governor.finish()?;
     cleanup?;
     Ok(exit_code(status))
-}
-
-/// Locks shared state, recovering it from a panicked holder (cleanup must still run).
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Relays agt-jail's stdin to the pty and the pty to stdout (raw mode when stdin is a

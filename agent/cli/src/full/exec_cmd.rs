@@ -21,7 +21,7 @@ use std::{
 
 use agt_jail_cli::{
     args::ExecArgs,
-    run::{self, lock, Governor, Prepared},
+    run::{self, Governor, Prepared},
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader};
 use agt_jail_jail::{AgentCgroup, NetMode, Profile};
@@ -32,7 +32,7 @@ use agt_jail_supervisor::{
 };
 use anyhow::{bail, Context, Result};
 
-use crate::govern;
+use crate::govern::{self, lock};
 
 pub fn run(args: ExecArgs) -> ExitCode {
     let result = Prepared::new(&args)

@@ -34,6 +34,11 @@ use agt_jail_supervisor::{
 };
 use anyhow::{anyhow, Context, Result};
 
+/// Locks shared state, recovering it from a panicked holder (cleanup must still run).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// 16 random bytes as hex (session ids, DIDs).
 fn random_hex() -> Result<String> {
     let mut bytes = [0u8; 16];
@@ -91,27 +96,27 @@ impl Actuator for HostActuator {
     }
 
     fn approve_exec(&self, tid: u32, identity: FileIdentity) -> io::Result<()> {
-        match self.exec_approvals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+        match lock(&self.exec_approvals).as_mut() {
             Some(approve) => approve(tid, identity),
             None => Ok(()),
         }
     }
 
     fn demote(&self, agent: &AgentFacts) -> io::Result<()> {
-        match self.on_demote.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+        match lock(&self.on_demote).as_mut() {
             Some(tighten) => tighten(agent),
             None => Ok(()),
         }
     }
 
     fn allow_file_always(&self, identity: FileIdentity) {
-        if let Some(cache) = self.file_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+        if let Some(cache) = lock(&self.file_cache).as_ref() {
             cache.allow_always(identity);
         }
     }
 
     fn forget_file_answers(&self) {
-        if let Some(cache) = self.file_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+        if let Some(cache) = lock(&self.file_cache).as_ref() {
             cache.forget();
         }
     }
@@ -319,7 +324,7 @@ pub fn compile_plan(
 
 /// The policy domain an address was resolved from, as the plan in force knows it.
 fn domain_of(plan: &Mutex<Option<Plan>>, addr: std::net::IpAddr) -> Option<String> {
-    let plan = plan.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let plan = lock(plan);
     let class = plan.as_ref()?.net.as_ref()?.class_of(addr)?;
     class.domains.first().cloned()
 }
@@ -364,7 +369,7 @@ impl ArmingDecider {
     }
 
     fn arm(&self, jail_pid: u32) -> Result<(), String> {
-        let hook = self.actuator.on_first_exec.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let hook = lock(&self.actuator.on_first_exec).take();
         if let Some(hook) = hook {
             hook().map_err(|e| format!("cannot turn on the guard hooks: {e}"))?;
         }
@@ -372,22 +377,21 @@ impl ArmingDecider {
     }
 
     fn arm_file_plane(&self, jail_pid: u32) -> Result<(), FanotifyError> {
-        let mut pending = self.pending_file_plane.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pending = lock(&self.pending_file_plane);
         if !*pending {
             return Ok(());
         }
         let decider: Arc<dyn Decider> = Arc::new(Arc::clone(&self.evaluator));
         let guard = FileGuard::start(jail_pid, decider, FileGuardOptions::default())?;
-        *self.actuator.file_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(Box::new(guard.handle()));
-        *self.file_guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(guard);
+        *lock(&self.actuator.file_cache) = Some(Box::new(guard.handle()));
+        *lock(&self.file_guard) = Some(guard);
         *pending = false;
         Ok(())
     }
 
     /// Stops the file plane (held opens are denied).
     pub fn stop(&self) {
-        let guard = self.file_guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let guard = lock(&self.file_guard).take();
         if let Some(guard) = guard {
             if let Err(err) = guard.stop() {
                 eprintln!("agt-jail: warning: stopping the file plane: {err}");
@@ -530,7 +534,7 @@ pub fn guard_enabler(programs: Arc<Mutex<AgentPrograms>>, agent_id: u64) -> ArmH
             | lsm::guard::DENY_BPF
             | lsm::guard::DENY_KERNEL_LOAD
             | lsm::guard::DENY_FOREIGN_SOCKETS;
-        let mut programs = programs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut programs = lock(&programs);
         GuardLsm::enable(&mut programs, agent_id, flags).map_err(io::Error::other)
     })
 }
@@ -538,7 +542,7 @@ pub fn guard_enabler(programs: Arc<Mutex<AgentPrograms>>, agent_id: u64) -> ArmH
 /// Hands the evaluator's exec approvals to the kernel's exec hook.
 pub fn exec_approver(programs: Arc<Mutex<AgentPrograms>>) -> ApproveExec {
     Box::new(move |tid, identity| {
-        let mut programs = programs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut programs = lock(&programs);
         let file = ExecIdentity { dev: lsm::kernel_dev(identity.dev), ino: identity.ino };
         ExecLsm::approve_exec(&mut programs, tid, file).map_err(io::Error::other)
     })
@@ -556,7 +560,7 @@ pub fn demoter(
     bpf_lsm: bool,
 ) -> Tighten {
     Box::new(move |agent: &AgentFacts| {
-        let mut programs = programs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut programs = lock(&programs);
         if agent.ring >= 3 {
             programs.deny_all_net(agent_id).map_err(io::Error::other)?;
         }
@@ -565,7 +569,7 @@ pub fn demoter(
         // Not strict: the agent is running; a plan that no longer compiles keeps the old tables.
         let compiled = plan::compile(&set, agent, &caps, &resolved, false).map_err(io::Error::other)?;
         install_plan(&mut programs, agent_id, &compiled).map_err(io::Error::other)?;
-        *current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(compiled);
+        *lock(&current) = Some(compiled);
         Ok(())
     })
 }
