@@ -136,14 +136,7 @@ impl JailProcess {
     /// its own status is returned.
     pub fn wait(&self) -> io::Result<libc::c_int> {
         let mut code = [0u8; 4];
-        let mut got = 0;
-        while got < code.len() {
-            match sys::read_raw(self.status.as_raw_fd(), &mut code[got..]) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
-            }
-        }
-        if got == code.len() && !self.wait_for_init {
+        if read_message(self.status.as_raw_fd(), &mut code) == code.len() && !self.wait_for_init {
             return Ok((libc::c_int::from_ne_bytes(code) & 0xff) << 8);
         }
         sys::waitpid(self.pid, false).map(|(_, status)| status)
@@ -529,6 +522,19 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     })
 }
 
+/// Reads a child's fixed-size message from a pipe: until `buf` is full, the pipe ends
+/// (the writer exited or exec'd) or it fails. Returns the bytes read.
+fn read_message(fd: libc::c_int, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::read_raw(fd, &mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    got
+}
+
 /// Opens a cgroup file for writing (close-on-exec).
 fn open_for_write(path: &Path) -> io::Result<OwnedFd> {
     std::fs::OpenOptions::new().write(true).open(path).map(OwnedFd::from)
@@ -618,13 +624,7 @@ pub fn launch_with_cgroups(
     let _ = sys::write_all_raw(go_w.as_raw_fd(), b"g");
     drop(go_w);
     let mut buf = [0u8; 12];
-    let mut got = 0;
-    while got < buf.len() {
-        match sys::read_raw(report_r.as_raw_fd(), &mut buf[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
+    let got = read_message(report_r.as_raw_fd(), &mut buf);
     drop(report_r);
     if got == 0 {
         return Ok(JailProcess { pid, status: status_r, wait_for_init: plan.cgroup_v2_procs.is_none() });
