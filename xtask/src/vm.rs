@@ -982,7 +982,7 @@ fn kvm_runs_guests() -> bool {
             for byte in std::io::Read::bytes(stdout) {
                 let Ok(byte) = byte else { break };
                 seen.push(byte);
-                if seen.windows(7).any(|w| w == b"SeaBIOS") {
+                if seen.ends_with(b"SeaBIOS") {
                     let _ = tx.send(());
                     return;
                 }
