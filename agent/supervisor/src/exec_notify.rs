@@ -8,7 +8,9 @@
 //!
 //! 1. SECCOMP_IOCTL_NOTIF_RECV (structure sizes from SECCOMP_GET_NOTIF_SIZES);
 //! 2. the pathname and argv are read from the target with `process_vm_readv`, bounded
-//!    ([`MAX_PATH`], [`MAX_ARGS`] entries, [`MAX_ARGV_BYTES`] in all);
+//!    ([`MAX_PATH`], [`MAX_ARGS`] entries, [`MAX_ARGV_BYTES`] in all): usually in two calls
+//!    (the path with the page of argv pointers, then all arguments), a string at a time
+//!    when they do not fit what those two take;
 //! 3. the path is made absolute as the agent sees it: a relative name is joined to
 //!    `/proc/TID/cwd` (or `/proc/TID/fd/DIRFD` for `execveat`), whose link text is the
 //!    directory in the agent's own mount namespace; `.` and empty components are dropped,
@@ -19,9 +21,13 @@
 //!    resolve; `interpreter` is what a `#!` line at the start of that file names, read
 //!    from the same open file; `execveat(fd, "", AT_EMPTY_PATH)` is `fileless`, its path is
 //!    the link text of the fd (e.g. `/memfd:x (deleted)`) and its identity the fd's file;
-//!    the process facts (tgid, ppid, uid, comm, exe) are read from `/proc/TID` while the
-//!    task is held. Every `/proc` read is relative to one `/proc/TID` directory fd, so the
-//!    (usually new) pid's `/proc` entry is looked up once per exec;
+//!    the process facts (tgid, ppid, uid, comm, exe) are read while the task is held: the
+//!    ids from PIDFD_GET_INFO (Linux 6.13; `/proc/TID/status` before), comm and exe from
+//!    `/proc/TID`. Every `/proc` read is relative to one `/proc/TID` directory fd, so the
+//!    (usually new) pid's `/proc` entry is looked up once per exec. The `#!` line is read
+//!    once per version of a file (inode and change time), not once per exec. Every system
+//!    call here is paid while the agent waits: about 60 µs in all per exec on the 2-CPU
+//!    test host (docs/benchmarks.md);
 //! 5. SECCOMP_IOCTL_NOTIF_ID_VALID after reading: a target that died or was interrupted
 //!    meanwhile is dropped quietly (its pid may already be someone else's);
 //! 6. the [`Decider`] gets the [`Request`] and a [`Reply`]: Allow sends
@@ -54,6 +60,7 @@
 //! executes) and, on Tier A, the LSM verdict map keyed by the inode actually executed.
 //! See docs/threat-model.md.
 use std::{
+    collections::HashMap,
     ffi::CString,
     io::{self, Read},
     os::{
@@ -264,6 +271,7 @@ fn serve(
     listener.wake.store(wake, Ordering::Relaxed);
     *listener.fd.write().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))? = Some(fd);
     let mut buf = vec![0u64; notif_words];
+    let mut memory = ReadMemory::default();
     loop {
         let guard = listener.fd.read().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))?;
         let Some(fd) = guard.as_ref().map(|fd| fd.as_fd()) else { return Ok(()) };
@@ -278,7 +286,7 @@ fn serve(
             Err(e) => return Err(NotifyError::Listener(e)),
         };
         let id = notif.id;
-        let request = read_request(&notif);
+        let request = read_request(&notif, &mut memory);
         // The target may have died (and its pid been reused) or been interrupted while we
         // read: only a still-pending notification is worth a decision.
         match sys::seccomp_notif_id_valid(fd, id) {
@@ -300,8 +308,47 @@ fn serve(
     }
 }
 
+/// What the loop keeps from one notification to the next, so each exec costs fewer
+/// system calls (on this path every call is paid while the agent waits).
+#[derive(Default)]
+struct ReadMemory {
+    /// The `#!` interpreter of each version of a file already read (see [`FileVersion`]).
+    interpreters: HashMap<FileVersion, Option<String>>,
+    /// Whether PIDFD_GET_INFO answers on this kernel; None until the first try.
+    pidfd_info: Option<bool>,
+}
+
+/// Interpreters remembered at most; the memory is emptied when it is full.
+const INTERPRETERS_MAX: usize = 4096;
+
+/// One version of a file: any write to it changes its ctime (which no one can set back),
+/// so the bytes at its start are the same while this is. A write through a shared mapping
+/// whose page is already dirty updates no time; that is one more way to change a file
+/// between the check and the exec, which the decision does not guard against anyway (see
+/// "Known race" above).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileVersion {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        FileVersion {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
 /// What one notification asks for, read from the target.
-fn read_request(notif: &libc::seccomp_notif) -> Result<Request, NotifyError> {
+fn read_request(notif: &libc::seccomp_notif, memory: &mut ReadMemory) -> Result<Request, NotifyError> {
     let tid = notif.pid;
     let data = &notif.data;
     let (arch, nr) = (data.arch, data.nr);
@@ -314,11 +361,16 @@ fn read_request(notif: &libc::seccomp_notif) -> Result<Request, NotifyError> {
         _ => return Err(NotifyError::Unexpected { tid, nr, arch }),
     };
     let pid = tid as libc::pid_t;
-    let name = read_cstr(pid, path_ptr, MAX_PATH).map_err(|e| match e {
-        ReadFail::Io(source) => NotifyError::Unreadable { tid, what: "path", source },
-        ReadFail::TooLong => NotifyError::PathTooLong { tid },
-    })?;
-    let argv = read_argv(pid, argv_ptr, tid)?;
+    let (name, argv) = match read_quick(pid, path_ptr, argv_ptr) {
+        Some(read) => read,
+        None => {
+            let name = read_cstr(pid, path_ptr, MAX_PATH).map_err(|e| match e {
+                ReadFail::Io(source) => NotifyError::Unreadable { tid, what: "path", source },
+                ReadFail::TooLong => NotifyError::PathTooLong { tid },
+            })?;
+            (name, read_argv(pid, argv_ptr, tid)?)
+        }
+    };
     let name = String::from_utf8_lossy(&name).into_owned();
     let fileless = flags & AT_EMPTY_PATH != 0 && name.is_empty();
     let dir = sys::open_at(proc_root(), &CString::new(tid.to_string()).unwrap_or_default(), O_DIR)
@@ -334,10 +386,10 @@ fn read_request(notif: &libc::seccomp_notif) -> Result<Request, NotifyError> {
         (link, identity, None)
     } else {
         let path = absolute(dir, tid, dirfd, &name)?;
-        let (identity, interpreter) = identify(dir, &path);
+        let (identity, interpreter) = identify(dir, &path, &mut memory.interpreters);
         (path, identity, interpreter)
     };
-    let (tgid, proc) = facts(dir, tid);
+    let (tgid, proc) = facts(dir, tid, &mut memory.pidfd_info);
     Ok(Request {
         pid: tgid,
         tid,
@@ -406,6 +458,66 @@ fn read_cstr(pid: libc::pid_t, addr: u64, max: usize) -> Result<Vec<u8>, ReadFai
         at = at.checked_add(got as u64).ok_or(ReadFail::Io(io::Error::from_raw_os_error(libc::EFAULT)))?;
     }
     Err(ReadFail::TooLong)
+}
+
+/// Arguments [`read_quick`] reads (an argv with more is read the slow way).
+const QUICK_ARGS: usize = 64;
+/// Bytes of each argument [`read_quick`] reads at most (a longer argument sends the whole
+/// argv the slow way).
+const QUICK_ARG_BYTES: usize = 1024;
+
+/// Bytes from `addr` to the end of its page.
+fn to_page_end(addr: u64) -> usize {
+    (PAGE - addr % PAGE) as usize
+}
+
+/// The path and argv in two `process_vm_readv` calls (the path with the page of argv
+/// pointers, then every argument), where [`read_cstr`] and [`read_argv`] make one call per
+/// string. None when something is not within what was read (a longer string, more
+/// arguments, an unmapped page, a NULL pointer): the caller then reads the slow way, which
+/// gives the same result or the precise error. Never reads past the page a string starts
+/// on, as the slow way.
+fn read_quick(pid: libc::pid_t, path_ptr: u64, argv_ptr: u64) -> Option<(Vec<u8>, Vec<String>)> {
+    if path_ptr == 0 || argv_ptr == 0 {
+        return None;
+    }
+    let path_len = to_page_end(path_ptr).min(MAX_PATH);
+    let ptrs_len = (to_page_end(argv_ptr) / 8).min(QUICK_ARGS + 1) * 8;
+    if ptrs_len == 0 {
+        return None;
+    }
+    let mut head = vec![0u8; path_len + ptrs_len];
+    let got = sys::process_vm_read_ranges(pid, &[(path_ptr, path_len), (argv_ptr, ptrs_len)], &mut head).ok()?;
+    if got != head.len() {
+        return None;
+    }
+    let (path, ptrs) = head.split_at(path_len);
+    let path = path[..path.iter().position(|b| *b == 0)?].to_vec();
+    let mut ranges = Vec::new();
+    let mut terminated = false;
+    for word in ptrs.chunks_exact(8) {
+        let ptr = u64::from_ne_bytes(word.try_into().ok()?);
+        if ptr == 0 {
+            terminated = true;
+            break;
+        }
+        ranges.push((ptr, to_page_end(ptr).min(QUICK_ARG_BYTES)));
+    }
+    if !terminated {
+        return None;
+    }
+    let mut strings = vec![0u8; ranges.iter().map(|(_, len)| len).sum()];
+    if !ranges.is_empty() && sys::process_vm_read_ranges(pid, &ranges, &mut strings).ok()? != strings.len() {
+        return None;
+    }
+    let mut argv = Vec::with_capacity(ranges.len());
+    let mut rest = strings.as_slice();
+    for (_, len) in &ranges {
+        let (chunk, after) = rest.split_at(*len);
+        rest = after;
+        argv.push(String::from_utf8_lossy(&chunk[..chunk.iter().position(|b| *b == 0)?]).into_owned());
+    }
+    Some((path, argv))
 }
 
 /// Reads argv (a NULL-terminated array of string pointers) within the bounds. A NULL argv
@@ -481,7 +593,11 @@ fn normalize(path: &str) -> String {
 
 /// (dev, ino) of what `path` resolves to inside the agent's root (`proc` is `/proc/TID`),
 /// now, when it is a regular file; and the interpreter its `#!` line names.
-fn identify(proc: BorrowedFd<'_>, path: &str) -> (Option<FileIdentity>, Option<String>) {
+fn identify(
+    proc: BorrowedFd<'_>,
+    path: &str,
+    interpreters: &mut HashMap<FileVersion, Option<String>>,
+) -> (Option<FileIdentity>, Option<String>) {
     let Ok(root) = sys::open_at(proc, c"root", O_DIR) else { return (None, None) };
     let Ok(name) = CString::new(path.trim_start_matches('/')) else { return (None, None) };
     let name = if name.as_bytes().is_empty() { c".".to_owned() } else { name };
@@ -495,13 +611,22 @@ fn identify(proc: BorrowedFd<'_>, path: &str) -> (Option<FileIdentity>, Option<S
         return (None, None);
     }
     let identity = FileIdentity { dev: meta.dev(), ino: meta.ino() };
+    let version = FileVersion::of(&meta);
+    if let Some(known) = interpreters.get(&version) {
+        return (Some(identity), known.clone());
+    }
     // Reopened through the descriptor already held, so it is the same file whatever the
     // agent renames meanwhile; without blocking (a lease) and without taking a terminal.
     let readable = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(format!("/proc/self/fd/{}", held.as_raw_fd()));
-    (Some(identity), readable.ok().and_then(|file| interpreter(&file)))
+    let named = readable.ok().and_then(|file| interpreter(&file));
+    if interpreters.len() >= INTERPRETERS_MAX {
+        interpreters.clear();
+    }
+    interpreters.insert(version, named.clone());
+    (Some(identity), named)
 }
 
 /// The interpreter named by a `#!` line at the start of `file` (first 256 bytes).
@@ -517,22 +642,16 @@ fn interpreter(file: &std::fs::File) -> Option<String> {
 /// The thread group (process) id of thread `tid` (`proc` is `/proc/TID`), and, when `tid`
 /// leads its group, the process facts read on the way (the evaluator reads a non-leader's
 /// from `/proc/TGID`). Unreadable fields stay empty, as in `evaluator::proc_facts`.
-fn facts(proc: BorrowedFd<'_>, tid: u32) -> (u32, Option<ProcFacts>) {
-    // The fields needed come first in `status` (Tgid, PPid, Uid; the long Groups and
-    // signal lines come after): one read of its head is enough.
-    let mut head = [0u8; 1024];
-    let n = sys::open_at(proc, c"status", libc::O_RDONLY)
-        .and_then(|fd| read_full(&mut std::fs::File::from(fd), &mut head))
-        .unwrap_or(0);
-    let status = String::from_utf8_lossy(&head[..n]);
-    let field = |name: &str| crate::evaluator::status_field(&status, name);
-    let tgid = field("Tgid:").unwrap_or(tid);
+fn facts(proc: BorrowedFd<'_>, tid: u32, pidfd_info: &mut Option<bool>) -> (u32, Option<ProcFacts>) {
+    let ids = task_ids(proc, tid, pidfd_info);
+    let tgid = ids.map_or(tid, |ids| ids.tgid);
     if tgid != tid {
         return (tgid, None);
     }
+    // `comm` is at most 16 bytes and a newline: one read returns all of it.
     let mut comm = [0u8; 64];
     let comm = sys::open_at(proc, c"comm", libc::O_RDONLY)
-        .and_then(|fd| read_full(&mut std::fs::File::from(fd), &mut comm))
+        .and_then(|fd| std::fs::File::from(fd).read(&mut comm))
         .map(|n| String::from_utf8_lossy(&comm[..n]).trim_end().to_string())
         .unwrap_or_default();
     let mut exe = [0u8; MAX_PATH];
@@ -540,9 +659,49 @@ fn facts(proc: BorrowedFd<'_>, tid: u32) -> (u32, Option<ProcFacts>) {
         Ok(n) => String::from_utf8_lossy(&exe[..n]).into_owned(),
         Err(_) => String::new(),
     };
-    let proc =
-        ProcFacts { pid: tgid, ppid: field("PPid:").unwrap_or(0), uid: field("Uid:").unwrap_or(u32::MAX), comm, exe };
+    let proc = ProcFacts {
+        pid: tgid,
+        ppid: ids.map_or(0, |ids| ids.ppid),
+        uid: ids.map_or(u32::MAX, |ids| ids.uid),
+        comm,
+        exe,
+    };
     (tgid, Some(proc))
+}
+
+/// The thread group, parent and real uid of thread `tid`: from PIDFD_GET_INFO where the
+/// kernel has it (Linux 6.13; `works` remembers whether it does), else from the head of
+/// `/proc/TID/status`, which the kernel generates in full (signal masks, capabilities,
+/// CPU lists) to be read (about three times the cost here).
+fn task_ids(proc: BorrowedFd<'_>, tid: u32, works: &mut Option<bool>) -> Option<sys::TaskIds> {
+    if *works != Some(false) {
+        match sys::pidfd_open_thread(tid as libc::pid_t).and_then(|fd| sys::pidfd_task_ids(fd.as_fd())) {
+            Ok(ids) => {
+                *works = Some(true);
+                return Some(ids);
+            }
+            // PIDFD_THREAD (6.9) or PIDFD_GET_INFO (6.13) unknown: `status` from now on.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTTY | libc::ENOSYS | libc::EOPNOTSUPP)) =>
+            {
+                *works = Some(false);
+            }
+            Err(_) => {}
+        }
+    }
+    // The fields needed come first in `status` (Tgid, PPid, Uid; the long Groups and
+    // signal lines come after): one read of its head is enough.
+    let mut head = [0u8; 1024];
+    let n = sys::open_at(proc, c"status", libc::O_RDONLY)
+        .and_then(|fd| read_full(&mut std::fs::File::from(fd), &mut head))
+        .ok()?;
+    let status = String::from_utf8_lossy(&head[..n]);
+    let field = |name: &str| crate::evaluator::status_field(&status, name);
+    Some(sys::TaskIds {
+        tgid: field("Tgid:").unwrap_or(tid),
+        ppid: field("PPid:").unwrap_or(0),
+        uid: field("Uid:").unwrap_or(u32::MAX),
+    })
 }
 
 /// Reads until `buf` is full or the end of the file; returns the bytes read.
@@ -600,6 +759,66 @@ mod tests {
         assert!(matches!(read_argv(pid, huge.as_ptr() as u64, 1), Err(NotifyError::ArgsTooLarge { .. })));
     }
 
+    /// What `read_quick` returns is what the page-at-a-time reads return; what it cannot
+    /// take whole it leaves to them.
+    #[test]
+    fn the_quick_read_agrees_with_the_slow_one_or_leaves_it_to_it() {
+        let pid = std::process::id() as libc::pid_t;
+        let slow = |path: u64, argv: u64| {
+            let name = read_cstr(pid, path, MAX_PATH).ok().unwrap();
+            (name, read_argv(pid, argv, 1).unwrap())
+        };
+        let path = CString::new("/usr/bin/env").unwrap();
+        let shapes: Vec<Vec<String>> = vec![
+            vec![],
+            vec!["env".into()],
+            vec!["sh".into(), "-c".into(), "echo hi".into(), String::new()],
+            (0..QUICK_ARGS).map(|i| format!("arg{i}")).collect(),
+            vec!["x".repeat(QUICK_ARG_BYTES - 1)],
+        ];
+        for shape in &shapes {
+            let args: Vec<CString> = shape.iter().map(|a| CString::new(a.as_str()).unwrap()).collect();
+            let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+            ptrs.push(std::ptr::null());
+            let (p, a) = (path.as_ptr() as u64, ptrs.as_ptr() as u64);
+            let quick = read_quick(pid, p, a);
+            // An argument that crosses into the next page is left to the slow read.
+            if let Some(read) = quick {
+                assert_eq!(read, slow(p, a), "{shape:?}");
+                assert_eq!(&read.1, shape);
+            } else {
+                assert!(args.iter().any(|s| to_page_end(s.as_ptr() as u64) <= s.as_bytes().len()), "{shape:?}");
+            }
+        }
+        // Beyond what it takes: more arguments, a longer one, NULL pointers.
+        let many: Vec<CString> = (0..=QUICK_ARGS).map(|i| CString::new(format!("a{i}")).unwrap()).collect();
+        let mut ptrs: Vec<*const libc::c_char> = many.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        assert!(read_quick(pid, path.as_ptr() as u64, ptrs.as_ptr() as u64).is_none());
+        let long = CString::new("y".repeat(QUICK_ARG_BYTES)).unwrap();
+        let ptrs = [long.as_ptr(), std::ptr::null()];
+        assert!(read_quick(pid, path.as_ptr() as u64, ptrs.as_ptr() as u64).is_none());
+        assert!(read_quick(pid, 0, ptrs.as_ptr() as u64).is_none());
+        assert!(read_quick(pid, path.as_ptr() as u64, 0).is_none());
+    }
+
+    /// PIDFD_GET_INFO and `status` give the same ids, for the process and for a thread.
+    #[test]
+    fn task_ids_from_the_pidfd_match_status() {
+        let proc = sys::open_at(cwd_fd(), c"/proc/thread-self", O_DIR).unwrap();
+        let tid = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid: u32 = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let from_status = task_ids(proc.as_fd(), tid, &mut Some(false)).unwrap();
+        assert_eq!(from_status.tgid, std::process::id());
+        assert_eq!(from_status.uid, sys::euid());
+        let mut works = None;
+        let from_pidfd = task_ids(proc.as_fd(), tid, &mut works).unwrap();
+        assert_eq!(from_pidfd, from_status);
+        if works != Some(true) {
+            eprintln!("note: PIDFD_GET_INFO (Linux 6.13) is not on this kernel; both reads used `status`");
+        }
+    }
+
     #[test]
     fn only_regular_files_are_opened_for_their_interpreter() {
         let dir = std::env::temp_dir().join(format!("agt-jail-identify-{}", std::process::id()));
@@ -621,12 +840,23 @@ mod tests {
         assert!(unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), fifo_c.as_ptr(), libc::IN_OPEN) } >= 0);
 
         let me = sys::open_at(cwd_fd(), c"/proc/self", O_DIR).unwrap();
-        let (identity, interpreter) = identify(me.as_fd(), script.to_str().unwrap());
+        let mut known = HashMap::new();
+        let (identity, interpreter) = identify(me.as_fd(), script.to_str().unwrap(), &mut known);
         let meta = std::fs::metadata(&script).unwrap();
         assert_eq!(identity, Some(FileIdentity { dev: meta.dev(), ino: meta.ino() }));
         assert_eq!(interpreter.as_deref(), Some("/bin/sh"));
-        assert_eq!(identify(me.as_fd(), fifo.to_str().unwrap()), (None, None));
-        assert_eq!(identify(me.as_fd(), "/dev/null"), (None, None));
+        assert_eq!(identify(me.as_fd(), fifo.to_str().unwrap(), &mut known), (None, None));
+        assert_eq!(identify(me.as_fd(), "/dev/null", &mut known), (None, None));
+        assert_eq!(known.len(), 1, "only the regular file's interpreter is remembered");
+        // The same version of the file is answered from memory; a rewrite is read again
+        // (same inode, new ctime).
+        assert_eq!(identify(me.as_fd(), script.to_str().unwrap(), &mut known).1.as_deref(), Some("/bin/sh"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&script, "#!/usr/bin/python3\nprint(1)\n").unwrap();
+        assert_eq!(std::fs::metadata(&script).unwrap().ino(), meta.ino());
+        let (again, rewritten) = identify(me.as_fd(), script.to_str().unwrap(), &mut known);
+        assert_eq!(again, identity);
+        assert_eq!(rewritten.as_deref(), Some("/usr/bin/python3"));
         let mut events = [0u8; 256];
         let read = std::fs::File::from(inotify).read(&mut events);
         assert!(matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock), "the FIFO was opened: {read:?}");

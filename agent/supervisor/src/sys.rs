@@ -280,6 +280,95 @@ mod notif {
         Ok(n as usize)
     }
 
+    /// process_vm_readv(2) of several remote ranges of thread `pid` into one buffer, in
+    /// order (`buf` must be at least the sum of the lengths). Returns the bytes read: the
+    /// kernel stops at the first range that faults, so a short count means the ranges after
+    /// the one it ended in were not read.
+    pub fn process_vm_read_ranges(pid: libc::pid_t, ranges: &[(u64, usize)], buf: &mut [u8]) -> io::Result<usize> {
+        let total: usize = ranges.iter().map(|(_, len)| len).sum();
+        if total > buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: total };
+        let remote: Vec<libc::iovec> = ranges
+            .iter()
+            .map(|&(addr, len)| libc::iovec { iov_base: addr as usize as *mut libc::c_void, iov_len: len })
+            .collect();
+        // SAFETY: `local` describes the first `total` bytes of `buf`, valid for writes; the
+        // remote iovecs are only dereferenced by the kernel, in the other process, with its
+        // checks; both arrays outlive the call and their lengths are passed.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, remote.as_ptr(), remote.len() as libc::c_ulong, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// pidfd_open(2) of thread `tid` (PIDFD_THREAD, Linux 6.9: a thread that does not lead
+    /// its group gets a pidfd of its own).
+    pub fn pidfd_open_thread(tid: libc::pid_t) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_open takes two integers; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    }
+
+    /// Ids of a task as PIDFD_GET_INFO reports them (in this process's pid and user
+    /// namespaces).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct TaskIds {
+        pub tgid: u32,
+        pub ppid: u32,
+        /// The real uid (the first `Uid:` field of `/proc/PID/status`).
+        pub uid: u32,
+    }
+
+    /// The kernel's struct pidfd_info as of Linux 6.13 (PIDFD_INFO_SIZE_VER0); later kernels
+    /// append fields and fill only as much as the size in the ioctl number says.
+    #[repr(C)]
+    #[derive(Default)]
+    struct PidfdInfo {
+        mask: u64,
+        cgroupid: u64,
+        pid: u32,
+        tgid: u32,
+        ppid: u32,
+        ruid: u32,
+        rgid: u32,
+        euid: u32,
+        egid: u32,
+        suid: u32,
+        sgid: u32,
+        fsuid: u32,
+        fsgid: u32,
+        spare0: u32,
+    }
+    const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
+
+    const PIDFD_THREAD: libc::c_int = libc::O_EXCL;
+    const PIDFD_INFO_CREDS: u64 = 1 << 1;
+    /// _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info of 64 bytes).
+    const PIDFD_GET_INFO: libc::c_ulong = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+
+    /// PIDFD_GET_INFO (Linux 6.13) on `pidfd`: the task's thread group, parent and real
+    /// uid without generating `/proc/PID/status`. ENOTTY or EINVAL on older kernels.
+    pub fn pidfd_task_ids(pidfd: BorrowedFd<'_>) -> io::Result<TaskIds> {
+        let mut info = PidfdInfo { mask: PIDFD_INFO_CREDS, ..PidfdInfo::default() };
+        // SAFETY: PIDFD_GET_INFO reads and writes one struct pidfd_info of the size encoded
+        // in the request number (64 bytes, the size of `info`); the fd is open for the call.
+        let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &raw mut info) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if info.mask & PIDFD_INFO_CREDS == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        Ok(TaskIds { tgid: info.tgid, ppid: info.ppid, uid: info.ruid })
+    }
+
     /// Receives one fd sent as SCM_RIGHTS on `socket` (made close-on-exec). Ok(None) when the
     /// peer closed the socket, or sent data without an fd.
     pub fn recv_fd(socket: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
