@@ -591,9 +591,33 @@ impl EventReader {
         count
     }
 
-    /// Waits up to `timeout` for records, then drains them. Returns how many were read.
+    /// Waits up to `timeout` for records of either ring, then drains them. Returns how many
+    /// were read.
     pub fn poll(
         &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(Result<Event, DecodeError>),
+    ) -> std::io::Result<usize> {
+        self.wait_then_drain(2, timeout, sink)
+    }
+
+    /// Waits up to `timeout` for a deny or kill record only, then drains every ring. A
+    /// reader that calls this in a loop picks observations up once per `timeout` instead of
+    /// being woken for each: on a busy agent (three records per fork, exec and exit) the
+    /// wake-ups would otherwise take CPU time from the agent itself. Denies still wake it
+    /// at once.
+    pub fn poll_denies(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(Result<Event, DecodeError>),
+    ) -> std::io::Result<usize> {
+        self.wait_then_drain(1, timeout, sink)
+    }
+
+    /// Waits on the first `rings` of (deny ring, event ring), then drains everything.
+    fn wait_then_drain(
+        &mut self,
+        rings: usize,
         timeout: Duration,
         sink: &mut dyn FnMut(Result<Event, DecodeError>),
     ) -> std::io::Result<usize> {
@@ -602,9 +626,10 @@ impl EventReader {
             events: libc::POLLIN,
             revents: 0,
         });
+        let waited = &mut fds[..rings.min(2)];
         let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `fds` is an array of valid, initialised pollfds and we pass its length.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+        // SAFETY: `waited` is a slice of valid, initialised pollfds and we pass its length.
+        let ready = unsafe { libc::poll(waited.as_mut_ptr(), waited.len() as libc::nfds_t, millis) };
         if ready < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
