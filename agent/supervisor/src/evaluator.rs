@@ -494,7 +494,8 @@ impl Evaluator {
                 if let Some(what) = &denial {
                     self.print_denial(what, request.pid, &decision);
                 }
-                reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
+                // The record is in the file before the action takes effect (or fails), so
+                // agt-jail being killed in between loses no decision that had an effect.
                 self.record(
                     &agent,
                     request.pid,
@@ -507,6 +508,7 @@ impl Evaluator {
                     None,
                     note,
                 );
+                reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
                 if denial.is_some() {
                     self.lower_trust();
                 }
@@ -575,11 +577,12 @@ impl Evaluator {
                 }
             }
         }
-        p.reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
         let mut decision = p.decision.clone();
         decision.allowed = allowed;
         decision.reason = format!("{} ({outcome})", decision.reason);
+        // Recorded before the answer, as in `handle`.
         self.record(&agent, p.pid, &p.event, &p.context, &decision, p.plane, outcome, p.started, Some(id), None);
+        p.reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
         if !allowed {
             self.on_denied(&format!("held {} (request {id}, {outcome})", p.event), p.pid, &decision);
         }
