@@ -588,7 +588,8 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
          per event (only the executable, once per process); a network event equal to an earlier one \
          (same agent state, process facts, destination and kernel verdict) is written from that \
          event's remembered context and decision; records are written with one write per \
-         ring-buffer drain.\n\n\
+         ring-buffer drain. The reader is woken at once by a deny record and otherwise drains \
+         every 10 ms.\n\n\
          Machine: {machine}.\n\n\
          | | |\n| --- | ---: |\n\
          | connects made (kernel events offered) | {offered} |\n\
