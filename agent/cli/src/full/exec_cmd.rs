@@ -380,14 +380,14 @@ fn describe_denial(event: &Event) -> String {
     }
 }
 
-/// Moves events from the ring buffer to the sink until told to stop, then drains
-/// what is left, so nothing the command caused is lost.
 /// How often observations (fork, exec, exit, allowed network events) are read: at most
 /// this late in the events file, and read in batches rather than one wake-up each, which on
 /// an agent that forks and execs in a loop took as much CPU time as its own work. Deny and
 /// kill records wake the reader at once.
 const OBSERVATION_PERIOD: Duration = Duration::from_millis(10);
 
+/// Moves events from the ring buffer to the sink until told to stop, then drains
+/// what is left, so nothing the command caused is lost.
 fn pump_events(
     mut reader: EventReader,
     mut sink: EventSink,
