@@ -436,3 +436,56 @@ fn denies_beyond_the_deny_ring_are_counted_not_lost() {
     drop(programs);
     cgroup.remove().unwrap();
 }
+
+/// The kernel keeps each agent thread's `comm` and executable for the exec plane: set at
+/// fork and exec, renamed with the task (`task_rename`), gone at its exit; tasks outside
+/// agents are not in the map.
+#[test]
+fn the_kernel_keeps_each_agent_threads_name_and_executable() {
+    require!(Need::Root, Need::Btf, Need::CgroupV2);
+    let cgroup = test_cgroup(0x7a51);
+    let mut programs = AgentPrograms::load().unwrap();
+    programs.register_agent(cgroup.id(), AGENT + 2).unwrap();
+    let facts = programs.take_task_facts().unwrap();
+    assert!(facts.get(std::process::id()).is_none(), "the test process is no agent");
+
+    let procs = CString::new(cgroup.path().join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+    // The shell renames itself, forks a subshell that keeps the name and the executable,
+    // prints both pids and waits for its stdin to close (the subshell too, through fd 3).
+    let script = "printf renamed > /proc/self/comm; exec 3<&0; ( read y <&3 ) & echo $$ $!; read x; wait";
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", script]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (open, write, close) on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    io::BufRead::read_line(&mut io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let pids: Vec<u32> = line.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let (shell, subshell) = (pids[0], pids[1]);
+
+    let exe_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/proc/{shell}/exe")).unwrap());
+    let named = |tid: u32| facts.get(tid).map(|f| (f.comm, f.exe));
+    let (comm, exe) = named(shell).expect("the shell exec'd in the agent's cgroup");
+    assert_eq!(&comm[..8], b"renamed\0", "renamed after its exec");
+    assert_eq!(exe.ino, exe_ino, "the executable's inode, read through the BTF offsets");
+    assert_ne!((exe.mnt, exe.dentry), (0, 0));
+    let (child_comm, child_exe) = named(subshell).expect("the subshell forked as the agent's");
+    assert_eq!((child_comm, child_exe), (comm, exe), "a fork keeps the name and executable");
+
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    // The shell waited for the subshell: both have exited.
+    assert!(facts.get(shell).is_none() && facts.get(subshell).is_none(), "entries are removed at exit");
+    drop(programs);
+    cgroup.remove().unwrap();
+}

@@ -29,6 +29,15 @@ pub struct KernelOffsets {
     pub task_tgid: u64,
     pub task_real_parent: u64,
     pub task_exit_code: u64,
+    /// The way from a task to its executable: `task_struct.mm`, `mm_struct.exe_file`,
+    /// `file.f_path`, `path.mnt`, `path.dentry`, `dentry.d_inode`, `inode.i_ino`.
+    pub task_mm: u64,
+    pub mm_exe_file: u64,
+    pub file_path: u64,
+    pub path_mnt: u64,
+    pub path_dentry: u64,
+    pub dentry_inode: u64,
+    pub inode_ino: u64,
 }
 
 impl KernelOffsets {
@@ -45,6 +54,13 @@ impl KernelOffsets {
             task_tgid: lookup.member_offset("task_struct", "tgid")?,
             task_real_parent: lookup.member_offset("task_struct", "real_parent")?,
             task_exit_code: lookup.member_offset("task_struct", "exit_code")?,
+            task_mm: lookup.member_offset("task_struct", "mm")?,
+            mm_exe_file: lookup.member_offset("mm_struct", "exe_file")?,
+            file_path: lookup.member_offset("file", "f_path")?,
+            path_mnt: lookup.member_offset("path", "mnt")?,
+            path_dentry: lookup.member_offset("path", "dentry")?,
+            dentry_inode: lookup.member_offset("dentry", "d_inode")?,
+            inode_ino: lookup.member_offset("inode", "i_ino")?,
         })
     }
 }
@@ -135,5 +151,11 @@ mod tests {
         let task = [offsets.task_pid, offsets.task_tgid, offsets.task_real_parent, offsets.task_exit_code];
         assert!(task.iter().all(|&offset| offset > 0), "{offsets:?}");
         assert_eq!(offsets.task_tgid, offsets.task_pid + 4, "pid and tgid are adjacent pid_t fields");
+        // struct path is { mnt, dentry }; the rest of the way to the executable is past
+        // each struct's first member.
+        assert_eq!((offsets.path_mnt, offsets.path_dentry), (0, 8));
+        assert!([offsets.task_mm, offsets.mm_exe_file, offsets.file_path, offsets.dentry_inode, offsets.inode_ino]
+            .iter()
+            .all(|&offset| offset > 0));
     }
 }

@@ -14,7 +14,7 @@ mod sys;
 pub use btf::{KernelOffsets, OffsetError};
 pub use events::{decode, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit, VerdictName};
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
-pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError};
+pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
 
 /// The eBPF object, embedded at build time. Aligned because aya parses it in place.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/agt-jail.bpf.o");

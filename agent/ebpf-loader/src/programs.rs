@@ -6,8 +6,8 @@ use std::{
 };
 
 use agt_jail_common::{
-    ConnectAllowData, ConnectRuleKey, AF_INET, AF_INET6, AGENT_FLAG_CONNECT_ALLOWLIST, CONNECT_ALLOW_FIXED_BITS,
-    RULE_ALLOW, RULE_DENY,
+    ConnectAllowData, ConnectRuleKey, ExeKey, TaskFacts, AF_INET, AF_INET6, AGENT_FLAG_CONNECT_ALLOWLIST,
+    CONNECT_ALLOW_FIXED_BITS, RULE_ALLOW, RULE_DENY,
 };
 use aya::{
     maps::{
@@ -136,12 +136,27 @@ impl From<SocketAddr> for ConnectRule {
 /// The cgroup programs attached to every agent's cgroup (connect, UDP sendmsg, bind).
 const SOCK_ADDR_PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "bind4", "bind6"];
 /// The process-tracking tracepoints (they filter by agent cgroup themselves).
-const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "sched_process_fork", "sched_process_exit"];
+const TRACEPOINTS: [&str; 4] = ["sched_process_exec", "sched_process_fork", "sched_process_exit", "task_rename"];
 
 /// The loaded object with its always-on programs (process tracking, network hooks).
 pub struct AgentPrograms {
     bpf: Ebpf,
     reader: Option<EventReader>,
+    task_facts: Option<TaskFactsMap>,
+}
+
+/// The kernel's per-thread record of agents' `comm` and executable (`TASK_FACTS`, kept by
+/// the fork, exec, rename and exit tracepoints), for lookups from any thread.
+pub struct TaskFactsMap {
+    map: HashMap<MapData, u32, TaskFacts>,
+}
+
+impl TaskFactsMap {
+    /// What the kernel knows of thread `tid` (host thread id); None for a thread it has
+    /// not seen fork or exec as an agent's, or whose executable it could not read.
+    pub fn get(&self, tid: u32) -> Option<TaskFacts> {
+        self.map.get(&tid, 0).ok().filter(|facts| facts.exe != ExeKey::default())
+    }
 }
 
 impl AgentPrograms {
@@ -163,6 +178,13 @@ impl AgentPrograms {
             .override_global("TASK_TGID_OFFSET", &offsets.task_tgid, true)
             .override_global("TASK_REAL_PARENT_OFFSET", &offsets.task_real_parent, true)
             .override_global("TASK_EXIT_CODE_OFFSET", &offsets.task_exit_code, true)
+            .override_global("TASK_MM_OFFSET", &offsets.task_mm, true)
+            .override_global("MM_EXE_FILE_OFFSET", &offsets.mm_exe_file, true)
+            .override_global("FILE_PATH_OFFSET", &offsets.file_path, true)
+            .override_global("PATH_MNT_OFFSET", &offsets.path_mnt, true)
+            .override_global("PATH_DENTRY_OFFSET", &offsets.path_dentry, true)
+            .override_global("DENTRY_INODE_OFFSET", &offsets.dentry_inode, true)
+            .override_global("INODE_INO_OFFSET", &offsets.inode_ino, true)
             .load(EBPF_OBJECT)
             .map_err(|err| LoaderError::Load(err.to_string()))?;
 
@@ -192,7 +214,9 @@ impl AgentPrograms {
         let summary = PerCpuHashMap::try_from(summary)
             .map_err(|err| LoaderError::Map { map: "DENY_SUMMARY", message: err.to_string() })?;
         let reader = EventReader::new(ring(events)?, ring(denies)?, summary);
-        Ok(Self { bpf, reader: Some(reader) })
+        let task_facts = HashMap::try_from(take("TASK_FACTS")?)
+            .map_err(|err| LoaderError::Map { map: "TASK_FACTS", message: err.to_string() })?;
+        Ok(Self { bpf, reader: Some(reader), task_facts: Some(TaskFactsMap { map: task_facts }) })
     }
 
     /// Attaches the network programs (connect, UDP sendmsg, bind; IPv4 and IPv6) to an
@@ -247,6 +271,11 @@ impl AgentPrograms {
                 .map_err(|err| LoaderError::Map { map: "CONNECT_ALLOW", message: err.to_string() })?;
         }
         Ok(())
+    }
+
+    /// The kernel's per-thread `comm` and executable of agents; `None` after it was taken once.
+    pub fn take_task_facts(&mut self) -> Option<TaskFactsMap> {
+        self.task_facts.take()
     }
 
     /// The event reader; `None` after it was taken once.

@@ -7,7 +7,11 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::{count_drop, current_agent, header, load_time_constant, proc::parent_tgid, EVENTS};
+use crate::{
+    count_drop, current_agent, header, load_time_constant,
+    proc::{exe_key, forget, parent_tgid, remember},
+    EVENTS,
+};
 
 /// Offset of `filename` in `struct linux_binprm`, read from the running kernel's BTF
 /// at load time (Rust eBPF has no CO-RE relocations).
@@ -30,6 +34,14 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     };
     let ppid = parent_tgid(task);
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // The task runs a new executable under a new name; a thread that exec'd took its
+    // leader's id (old_pid was its own).
+    let header = header(EventKind::Exec as u32, Verdict::Allow as u32, cgroup_id, agent_id);
+    let old_pid: i32 = ctx.arg(1);
+    if old_pid as u32 != header.pid {
+        forget(old_pid as u32);
+    }
+    remember(header.pid, exe_key(task), comm);
     let Some(mut entry) = EVENTS.reserve::<ExecTraceEvent>(0) else {
         count_drop();
         return 0;
@@ -38,7 +50,7 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: `event` points at reserved ring-buffer memory of the right size, owned by
     // this program until submit; every field is written before submit.
     unsafe {
-        (*event).header = header(EventKind::Exec as u32, Verdict::Allow as u32, cgroup_id, agent_id);
+        (*event).header = header;
         (*event).ppid = ppid;
         (*event).comm = comm;
         let len = match bpf_probe_read_kernel_str_bytes(filename, &mut (*event).filename) {

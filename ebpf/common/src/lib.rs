@@ -161,6 +161,35 @@ pub struct ExitEvent {
 }
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 40 + 8 + TASK_COMM_LEN);
 
+/// Entries of the task facts map (threads of agents the exec plane can look up).
+pub const MAX_TASK_FACTS: u32 = 65536;
+
+/// Which executable a task runs, as the kernel holds it: the `vfsmount` and `dentry` of
+/// `mm->exe_file` (kernel addresses, pinned while any task runs that file) and the inode
+/// number. The addresses serve only as a key that userspace never dereferences; all zero
+/// means unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExeKey {
+    pub mnt: u64,
+    pub dentry: u64,
+    pub ino: u64,
+}
+const _: () = assert!(core::mem::size_of::<ExeKey>() == 24);
+
+/// What the kernel keeps per thread of an agent (map `TASK_FACTS`, keyed by the thread id
+/// in the initial pid namespace), so the exec plane can read the caller's `comm` and
+/// executable with one lookup instead of from `/proc`. Written at fork (the child's entry),
+/// exec and rename (`task_rename`), removed at the thread's exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskFacts {
+    pub exe: ExeKey,
+    /// The thread's `comm`, NUL-padded.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<TaskFacts>() == 24 + TASK_COMM_LEN);
+
 /// A connect(2), UDP sendmsg(2) or bind(2) of an agent (kinds [`EventKind::Connect`],
 /// [`EventKind::Sendmsg`], [`EventKind::Bind`]).
 #[repr(C)]
@@ -724,4 +753,6 @@ mod pod {
     unsafe impl aya::Pod for super::NetLimitState {}
     // SAFETY: as above (the key of the deny summary map is a network record).
     unsafe impl aya::Pod for super::NetEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TaskFacts {}
 }
