@@ -369,6 +369,46 @@ fn a_bad_policy_is_refused_before_anything_starts() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
+/// The caller's name and executable in an exec decision are the ones it has at that exec:
+/// a process that renamed itself (and a child it forked afterwards) is judged by the new
+/// name, one that exec'd since by its new program.
+#[test]
+fn exec_rules_see_the_callers_name_as_it_is_now() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    let ws = Workspace::new();
+    let policy = repo().join("tests/policies/caller.yaml");
+    // Ring 0: the agent may write its own /proc/self/comm (a confined ring's view refuses it).
+    let script = format!(
+        "{tick} before; printf renamed > /proc/self/comm; {tick} after; echo \"after: $?\"; /bin/sh -c '{tick} child'",
+        tick = ws.tool("tick")
+    );
+    let out = Command::new(BIN)
+        .args(["exec", "--agent", "caller", "--policy"])
+        .arg(&policy)
+        .arg("--events")
+        .arg(ws.events())
+        .args(["--", "/bin/sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout} {stderr}");
+    assert!(stdout.contains("after: 126"), "the renamed shell's exec is denied: {stdout} {stderr}");
+    assert_eq!(ws.ran("tick"), ["before", "child"], "{stderr}");
+    let records = ws.records();
+    let denied = decisions(&records, "renamed-caller");
+    assert_eq!(denied.len(), 1, "{records:?}");
+    let caller = &denied[0]["context"]["proc"];
+    assert_eq!(caller["comm"], "renamed");
+    let shell = std::fs::canonicalize("/bin/sh").unwrap().display().to_string();
+    assert_eq!(caller["exe"], shell.as_str(), "{caller}");
+    let child = records
+        .iter()
+        .find(|r| r["context"]["exec"]["argv"] == serde_json::json!([ws.tool("tick"), "child"]))
+        .expect("the child's exec is recorded");
+    assert_eq!(child["context"]["proc"]["comm"], "sh", "{child}");
+    assert_same_as_policy_eval(&policy, &records);
+}
+
 #[test]
 fn a_fileless_exec_is_denied() {
     require!(Need::Root, Need::CgroupV2, Need::Btf);

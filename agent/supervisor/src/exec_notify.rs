@@ -16,18 +16,23 @@
 //!    directory in the agent's own mount namespace; `.` and empty components are dropped,
 //!    `..` is kept as written. Symlinks are not followed in `path`;
 //! 4. `identity` is the (dev, ino) of the file the name resolves to now, looked up with
-//!    `openat2(RESOLVE_IN_ROOT)` under `/proc/TID/root` (the agent's root, so `..` and
-//!    absolute symlinks resolve as they would for the agent), None when it does not
-//!    resolve; `interpreter` is what a `#!` line at the start of that file names, read
-//!    from the same open file; `execveat(fd, "", AT_EMPTY_PATH)` is `fileless`, its path is
-//!    the link text of the fd (e.g. `/memfd:x (deleted)`) and its identity the fd's file;
-//!    the process facts (tgid, ppid, uid, comm, exe) are read while the task is held: the
-//!    ids from PIDFD_GET_INFO (Linux 6.13; `/proc/TID/status` before), comm and exe from
-//!    `/proc/TID`. Every `/proc` read is relative to one `/proc/TID` directory fd, so the
-//!    (usually new) pid's `/proc` entry is looked up once per exec. The `#!` line is read
-//!    once per version of a file (inode and change time), not once per exec. Every system
-//!    call here is paid while the agent waits: about 60 µs in all per exec on the 2-CPU
-//!    test host (docs/benchmarks.md);
+//!    `openat2(RESOLVE_IN_ROOT)` under the agent's root (so `..` and absolute symlinks
+//!    resolve as they would for the agent), None when it does not resolve; `interpreter`
+//!    is what a `#!` line at the start of that file names, read from the same open file;
+//!    `execveat(fd, "", AT_EMPTY_PATH)` is `fileless`, its path is the link text of the fd
+//!    (e.g. `/memfd:x (deleted)`) and its identity the fd's file. The process facts (tgid,
+//!    ppid, uid, comm, exe) are read while the task is held: the ids from PIDFD_GET_INFO
+//!    (Linux 6.13; `/proc/TID/status` before), comm and exe from the kernel's per-thread
+//!    record ([`TaskSource`], kept by the fork, exec and rename tracepoints) where it has
+//!    one, else from `/proc/TID`. The `#!` line is read once per version of a file (inode
+//!    and change time), not once per exec;
+//!
+//!    `/proc/TID` is looked up only when something is not known otherwise: the root when
+//!    it can change ([`NotifierOptions::fixed_root`] unset; set, it is opened once from the
+//!    first exec), the cwd of a relative name, a thread the kernel's record lacks. The
+//!    lookup is what an exec of a just-forked process pays most for: the kernel builds that
+//!    pid's `/proc` entries and tears them down again at its exit, on the path the parent
+//!    waits for (docs/benchmarks.md);
 //! 5. SECCOMP_IOCTL_NOTIF_ID_VALID after reading: a target that died or was interrupted
 //!    meanwhile is dropped quietly (its pid may already be someone else's);
 //! 6. the [`Decider`] gets the [`Request`] and a [`Reply`]: Allow sends
@@ -110,6 +115,33 @@ pub enum NotifyError {
     Listener(io::Error),
 }
 
+/// What the kernel records of one thread of an agent: its `comm` and which executable it
+/// runs (an opaque key; see `agt_jail_common::ExeKey`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTask {
+    /// NUL-padded, as the kernel keeps it.
+    pub comm: [u8; 16],
+    /// Equal keys are the same executable file at the same place; all zero is unknown.
+    pub exe: [u64; 3],
+}
+
+/// The kernel's per-thread records, looked up by host thread id.
+pub trait TaskSource: Send + Sync {
+    /// None when the kernel has no record of `tid` (the exec plane then reads `/proc`).
+    fn task(&self, tid: u32) -> Option<KernelTask>;
+}
+
+/// How the notifier reads what it does not get from the notification itself.
+#[derive(Clone, Default)]
+pub struct NotifierOptions {
+    /// The kernel's per-thread `comm` and executable; None: read from `/proc/TID`.
+    pub tasks: Option<Arc<dyn TaskSource>>,
+    /// No process of the jail can change its root (no capability to chroot, and mount
+    /// namespaces and pivot_root refused by its seccomp filter, as in rings 1-3): the root
+    /// is opened once, from the first exec, instead of from `/proc/TID/root` each time.
+    pub fixed_root: bool,
+}
+
 /// The listener, shared by the loop and every pending [`Reply`]. Closed (set to None)
 /// when the loop ends, whatever replies are still outstanding: their targets then fail
 /// with ENOSYS and a late answer is a no-op.
@@ -175,6 +207,16 @@ impl ExecNotifier {
         decider: Arc<dyn Decider>,
         on_error: impl Fn(&NotifyError) + Send + Sync + 'static,
     ) -> io::Result<Handle> {
+        Self::start_with_options(socket, decider, NotifierOptions::default(), on_error)
+    }
+
+    /// [`ExecNotifier::start_with`], reading through `options`.
+    pub fn start_with_options(
+        socket: OwnedFd,
+        decider: Arc<dyn Decider>,
+        options: NotifierOptions,
+        on_error: impl Fn(&NotifyError) + Send + Sync + 'static,
+    ) -> io::Result<Handle> {
         let sizes = sys::seccomp_notif_sizes()?;
         let stop = Arc::new(sys::eventfd()?);
         let listener = Arc::new(Listener {
@@ -185,7 +227,7 @@ impl ExecNotifier {
         let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
         let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
         let thread = std::thread::Builder::new().name("exec-notify".into()).spawn(move || {
-            let served = serve(&socket, &thread_stop, &thread_listener, notif_words, &*decider, &on_error);
+            let served = serve(&socket, &thread_stop, &thread_listener, notif_words, &*decider, options, &on_error);
             // Whatever ended the loop, nothing answers any more: close, so the kernel fails
             // pending and future execs instead of holding them.
             thread_listener.close();
@@ -256,6 +298,7 @@ fn serve(
     listener: &Arc<Listener>,
     notif_words: usize,
     decider: &dyn Decider,
+    options: NotifierOptions,
     on_error: &dyn Fn(&NotifyError),
 ) -> Result<(), NotifyError> {
     // The listener first. The caller's copy of the child end closes after the launch, so
@@ -271,7 +314,7 @@ fn serve(
     listener.wake.store(wake, Ordering::Relaxed);
     *listener.fd.write().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))? = Some(fd);
     let mut buf = vec![0u64; notif_words];
-    let mut memory = ReadMemory::default();
+    let mut memory = ReadMemory { options, ..ReadMemory::default() };
     loop {
         let guard = listener.fd.read().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))?;
         let Some(fd) = guard.as_ref().map(|fd| fd.as_fd()) else { return Ok(()) };
@@ -316,10 +359,124 @@ struct ReadMemory {
     interpreters: HashMap<FileVersion, Option<String>>,
     /// Whether PIDFD_GET_INFO answers on this kernel; None until the first try.
     pidfd_info: Option<bool>,
+    options: NotifierOptions,
+    /// The jail's root, when [`NotifierOptions::fixed_root`] (opened at the first exec).
+    root: Option<OwnedFd>,
+    /// The path of each executable the kernel's record named (its key) and `/proc/TID/exe`
+    /// gave once: the link text as it read then (a rename of the file afterwards is not
+    /// followed while a process still runs it).
+    exes: HashMap<[u64; 3], String>,
 }
 
-/// Interpreters remembered at most; the memory is emptied when it is full.
+/// Interpreters (and executables' paths) remembered at most; the memory is emptied when
+/// it is full.
 const INTERPRETERS_MAX: usize = 4096;
+
+/// `/proc/TID`, looked up on first use (the lookup is what costs; see the module doc).
+struct ProcDir {
+    tid: u32,
+    fd: Option<OwnedFd>,
+}
+
+impl ProcDir {
+    fn new(tid: u32) -> Self {
+        ProcDir { tid, fd: None }
+    }
+
+    fn get(&mut self) -> Result<BorrowedFd<'_>, NotifyError> {
+        if self.fd.is_none() {
+            let name = CString::new(self.tid.to_string()).unwrap_or_default();
+            let fd = sys::open_at(proc_root(), &name, O_DIR).map_err(|source| NotifyError::Unreadable {
+                tid: self.tid,
+                what: "/proc entry",
+                source,
+            })?;
+            self.fd = Some(fd);
+        }
+        match &self.fd {
+            Some(fd) => Ok(fd.as_fd()),
+            None => {
+                Err(NotifyError::Unreadable { tid: self.tid, what: "/proc entry", source: io::Error::other("gone") })
+            }
+        }
+    }
+}
+
+/// The agent's root for resolving an exec's path (`kept` once opened, when `fixed`), or
+/// None when it cannot be opened.
+fn agent_root<'a>(kept: &'a mut Option<OwnedFd>, fixed: bool, proc: &mut ProcDir) -> Option<RootDir<'a>> {
+    if !fixed {
+        return sys::open_at(proc.get().ok()?, c"root", O_DIR).ok().map(RootDir::Own);
+    }
+    if kept.is_none() {
+        *kept = Some(sys::open_at(proc.get().ok()?, c"root", O_DIR).ok()?);
+    }
+    kept.as_ref().map(|fd| RootDir::Kept(fd.as_fd()))
+}
+
+impl ReadMemory {
+    /// The `comm` and executable of thread `tid`: from the kernel's record where it has
+    /// one (the executable's path read once per executable), else from `/proc/TID`.
+    fn comm_and_exe(&mut self, proc: &mut ProcDir, tid: u32) -> (String, String) {
+        let known = self.options.tasks.as_ref().and_then(|tasks| tasks.task(tid)).filter(|t| t.exe != [0; 3]);
+        let Some(task) = known else {
+            let Ok(dir) = proc.get() else { return (String::new(), String::new()) };
+            return (read_comm(dir), read_exe(dir));
+        };
+        let comm = comm_text(&task.comm);
+        if let Some(exe) = self.exes.get(&task.exe) {
+            return (comm, exe.clone());
+        }
+        let exe = proc.get().map(read_exe).unwrap_or_default();
+        if !exe.is_empty() {
+            if self.exes.len() >= INTERPRETERS_MAX {
+                self.exes.clear();
+            }
+            self.exes.insert(task.exe, exe.clone());
+        }
+        (comm, exe)
+    }
+}
+
+/// A root directory fd: kept for the life of the notifier, or opened for one exec.
+enum RootDir<'a> {
+    Kept(BorrowedFd<'a>),
+    Own(OwnedFd),
+}
+
+impl RootDir<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            RootDir::Kept(fd) => *fd,
+            RootDir::Own(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// A NUL-padded `comm` as text (the same reading as the kernel's event records').
+fn comm_text(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&byte| byte == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// `comm` of `/proc/TID` (`proc`); empty when unreadable.
+fn read_comm(proc: BorrowedFd<'_>) -> String {
+    // `comm` is at most 16 bytes and a newline: one read returns all of it.
+    let mut comm = [0u8; 64];
+    sys::open_at(proc, c"comm", libc::O_RDONLY)
+        .and_then(|fd| std::fs::File::from(fd).read(&mut comm))
+        .map(|n| String::from_utf8_lossy(&comm[..n]).trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// The link text of `/proc/TID/exe` (`proc`); empty when unreadable.
+fn read_exe(proc: BorrowedFd<'_>) -> String {
+    let mut exe = [0u8; MAX_PATH];
+    match sys::readlink_at(proc, c"exe", &mut exe) {
+        Ok(n) => String::from_utf8_lossy(&exe[..n]).into_owned(),
+        Err(_) => String::new(),
+    }
+}
 
 /// One version of a file: any write to it changes its ctime (which no one can set back),
 /// so the bytes at its start are the same while this is. A write through a shared mapping
@@ -373,9 +530,7 @@ fn read_request(notif: &libc::seccomp_notif, memory: &mut ReadMemory) -> Result<
     };
     let name = String::from_utf8_lossy(&name).into_owned();
     let fileless = flags & AT_EMPTY_PATH != 0 && name.is_empty();
-    let dir = sys::open_at(proc_root(), &CString::new(tid.to_string()).unwrap_or_default(), O_DIR)
-        .map_err(|source| NotifyError::Unreadable { tid, what: "/proc entry", source })?;
-    let dir = dir.as_fd();
+    let mut proc = ProcDir::new(tid);
     let (path, identity, interpreter) = if fileless {
         let fd = format!("/proc/{tid}/fd/{dirfd}");
         let link = std::fs::read_link(&fd)
@@ -385,11 +540,17 @@ fn read_request(notif: &libc::seccomp_notif, memory: &mut ReadMemory) -> Result<
         let identity = std::fs::metadata(&fd).ok().map(|m| FileIdentity { dev: m.dev(), ino: m.ino() });
         (link, identity, None)
     } else {
-        let path = absolute(dir, tid, dirfd, &name)?;
-        let (identity, interpreter) = identify(dir, &path, &mut memory.interpreters);
+        let path = absolute(&mut proc, tid, dirfd, &name)?;
+        let (identity, interpreter) = match agent_root(&mut memory.root, memory.options.fixed_root, &mut proc) {
+            Some(root) => {
+                let root = root.as_fd();
+                identify(root, &path, &mut memory.interpreters)
+            }
+            None => (None, None),
+        };
         (path, identity, interpreter)
     };
-    let (tgid, proc) = facts(dir, tid, &mut memory.pidfd_info);
+    let (tgid, proc) = facts(&mut proc, tid, memory);
     Ok(Request {
         pid: tgid,
         tid,
@@ -566,8 +727,8 @@ fn read_argv(pid: libc::pid_t, addr: u64, tid: u32) -> Result<Vec<String>, Notif
 }
 
 /// `name` made absolute in the agent's view: joined to the cwd or the execveat dirfd
-/// (`proc` is `/proc/TID`).
-fn absolute(proc: BorrowedFd<'_>, tid: u32, dirfd: i32, name: &str) -> Result<String, NotifyError> {
+/// (`proc` is `/proc/TID`, looked up only for a relative name).
+fn absolute(proc: &mut ProcDir, tid: u32, dirfd: i32, name: &str) -> Result<String, NotifyError> {
     let joined = if name.starts_with('/') {
         name.to_string()
     } else {
@@ -575,7 +736,7 @@ fn absolute(proc: BorrowedFd<'_>, tid: u32, dirfd: i32, name: &str) -> Result<St
             if dirfd == AT_FDCWD { c"cwd".to_owned() } else { CString::new(format!("fd/{dirfd}")).unwrap_or_default() };
         let unresolvable = |source| NotifyError::Unresolvable { tid, path: name.to_string(), source };
         let mut buf = [0u8; MAX_PATH];
-        let n = sys::readlink_at(proc, &base, &mut buf).map_err(unresolvable)?;
+        let n = sys::readlink_at(proc.get()?, &base, &mut buf).map_err(unresolvable)?;
         if n == buf.len() {
             return Err(unresolvable(io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
         }
@@ -591,20 +752,19 @@ fn normalize(path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-/// (dev, ino) of what `path` resolves to inside the agent's root (`proc` is `/proc/TID`),
-/// now, when it is a regular file; and the interpreter its `#!` line names.
+/// (dev, ino) of what `path` resolves to inside the agent's root (`root`), now, when it
+/// is a regular file; and the interpreter its `#!` line names.
 fn identify(
-    proc: BorrowedFd<'_>,
+    root: BorrowedFd<'_>,
     path: &str,
     interpreters: &mut HashMap<FileVersion, Option<String>>,
 ) -> (Option<FileIdentity>, Option<String>) {
-    let Ok(root) = sys::open_at(proc, c"root", O_DIR) else { return (None, None) };
     let Ok(name) = CString::new(path.trim_start_matches('/')) else { return (None, None) };
     let name = if name.as_bytes().is_empty() { c".".to_owned() } else { name };
     // O_PATH first: nothing but a regular file is ever opened for reading, since opening a
     // device can act (a watchdog arms, a tape rewinds) and the supervisor would do it with
     // its own privileges on the agent's behalf.
-    let Ok(fd) = sys::open_in_root(root.as_fd(), &name, libc::O_PATH) else { return (None, None) };
+    let Ok(fd) = sys::open_in_root(root, &name, libc::O_PATH) else { return (None, None) };
     let held = std::fs::File::from(fd);
     let Ok(meta) = held.metadata() else { return (None, None) };
     if !meta.is_file() {
@@ -639,26 +799,16 @@ fn interpreter(file: &std::fs::File) -> Option<String> {
     text.split_whitespace().next().map(str::to_string)
 }
 
-/// The thread group (process) id of thread `tid` (`proc` is `/proc/TID`), and, when `tid`
-/// leads its group, the process facts read on the way (the evaluator reads a non-leader's
-/// from `/proc/TGID`). Unreadable fields stay empty, as in `evaluator::proc_facts`.
-fn facts(proc: BorrowedFd<'_>, tid: u32, pidfd_info: &mut Option<bool>) -> (u32, Option<ProcFacts>) {
-    let ids = task_ids(proc, tid, pidfd_info);
+/// The thread group (process) id of thread `tid`, and, when `tid` leads its group, the
+/// process facts (the evaluator reads a non-leader's from `/proc/TGID`). Unreadable fields
+/// stay empty, as in `evaluator::proc_facts`.
+fn facts(proc: &mut ProcDir, tid: u32, memory: &mut ReadMemory) -> (u32, Option<ProcFacts>) {
+    let ids = task_ids(proc, tid, &mut memory.pidfd_info);
     let tgid = ids.map_or(tid, |ids| ids.tgid);
     if tgid != tid {
         return (tgid, None);
     }
-    // `comm` is at most 16 bytes and a newline: one read returns all of it.
-    let mut comm = [0u8; 64];
-    let comm = sys::open_at(proc, c"comm", libc::O_RDONLY)
-        .and_then(|fd| std::fs::File::from(fd).read(&mut comm))
-        .map(|n| String::from_utf8_lossy(&comm[..n]).trim_end().to_string())
-        .unwrap_or_default();
-    let mut exe = [0u8; MAX_PATH];
-    let exe = match sys::readlink_at(proc, c"exe", &mut exe) {
-        Ok(n) => String::from_utf8_lossy(&exe[..n]).into_owned(),
-        Err(_) => String::new(),
-    };
+    let (comm, exe) = memory.comm_and_exe(proc, tid);
     let proc = ProcFacts {
         pid: tgid,
         ppid: ids.map_or(0, |ids| ids.ppid),
@@ -673,7 +823,7 @@ fn facts(proc: BorrowedFd<'_>, tid: u32, pidfd_info: &mut Option<bool>) -> (u32,
 /// kernel has it (Linux 6.13; `works` remembers whether it does), else from the head of
 /// `/proc/TID/status`, which the kernel generates in full (signal masks, capabilities,
 /// CPU lists) to be read (about three times the cost here).
-fn task_ids(proc: BorrowedFd<'_>, tid: u32, works: &mut Option<bool>) -> Option<sys::TaskIds> {
+fn task_ids(proc: &mut ProcDir, tid: u32, works: &mut Option<bool>) -> Option<sys::TaskIds> {
     if *works != Some(false) {
         match sys::pidfd_open_thread(tid as libc::pid_t).and_then(|fd| sys::pidfd_task_ids(fd.as_fd())) {
             Ok(ids) => {
@@ -692,7 +842,7 @@ fn task_ids(proc: BorrowedFd<'_>, tid: u32, works: &mut Option<bool>) -> Option<
     // The fields needed come first in `status` (Tgid, PPid, Uid; the long Groups and
     // signal lines come after): one read of its head is enough.
     let mut head = [0u8; 1024];
-    let n = sys::open_at(proc, c"status", libc::O_RDONLY)
+    let n = sys::open_at(proc.get().ok()?, c"status", libc::O_RDONLY)
         .and_then(|fd| read_full(&mut std::fs::File::from(fd), &mut head))
         .ok()?;
     let status = String::from_utf8_lossy(&head[..n]);
@@ -802,17 +952,74 @@ mod tests {
         assert!(read_quick(pid, path.as_ptr() as u64, 0).is_none());
     }
 
+    fn own_tid() -> u32 {
+        let tid = std::fs::read_link("/proc/thread-self").unwrap();
+        tid.file_name().unwrap().to_str().unwrap().parse().unwrap()
+    }
+
+    /// A kernel record for one thread, as the fork/exec/rename tracepoints would keep it.
+    struct OneTask(u32, KernelTask);
+
+    impl TaskSource for OneTask {
+        fn task(&self, tid: u32) -> Option<KernelTask> {
+            (tid == self.0).then_some(self.1)
+        }
+    }
+
+    /// With the kernel's record, `comm` comes from it and the executable's path from
+    /// `/proc` once per executable; without one, both from `/proc`.
+    #[test]
+    fn comm_and_exe_come_from_the_kernel_record_where_it_has_one() {
+        let tid = own_tid();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap().display().to_string();
+        let own_comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim_end().to_string();
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"named");
+        let task = KernelTask { comm, exe: [1, 2, 3] };
+        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(tid, task))), fixed_root: false };
+        let mut memory = ReadMemory { options, ..ReadMemory::default() };
+        assert_eq!(memory.comm_and_exe(&mut ProcDir::new(tid), tid), ("named".to_string(), exe.clone()));
+        assert_eq!(memory.exes.get(&[1, 2, 3]), Some(&exe), "the path is remembered by the executable's key");
+        // Known executable: no /proc at all (a pid that does not exist would fail it).
+        memory.exes.insert([1, 2, 3], "/remembered".into());
+        let gone = u32::MAX - 1;
+        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(gone, task))), fixed_root: false };
+        memory.options = options;
+        assert_eq!(memory.comm_and_exe(&mut ProcDir::new(gone), gone), ("named".into(), "/remembered".into()));
+        // A thread the kernel has no record of, or whose executable it could not read.
+        assert_eq!(memory.comm_and_exe(&mut ProcDir::new(tid), tid), (own_comm.clone(), exe.clone()));
+        let unknown_exe = KernelTask { comm, exe: [0; 3] };
+        memory.options.tasks = Some(Arc::new(OneTask(tid, unknown_exe)));
+        assert_eq!(memory.comm_and_exe(&mut ProcDir::new(tid), tid), (own_comm, exe));
+        assert_eq!(memory.comm_and_exe(&mut ProcDir::new(gone), gone), (String::new(), String::new()));
+    }
+
+    /// A fixed root is opened once and kept; otherwise it is the thread's, each time.
+    #[test]
+    fn a_fixed_root_is_opened_once() {
+        let tid = own_tid();
+        let gone = u32::MAX - 1;
+        let mut kept = None;
+        assert!(agent_root(&mut kept, false, &mut ProcDir::new(tid)).is_some());
+        assert!(agent_root(&mut kept, false, &mut ProcDir::new(gone)).is_none());
+        assert!(kept.is_none());
+        assert!(agent_root(&mut kept, true, &mut ProcDir::new(gone)).is_none(), "nothing to keep yet");
+        assert!(agent_root(&mut kept, true, &mut ProcDir::new(tid)).is_some());
+        let kept = agent_root(&mut kept, true, &mut ProcDir::new(gone))
+            .map(|root| std::fs::File::from(root.as_fd().try_clone_to_owned().unwrap()).metadata().unwrap().ino());
+        assert_eq!(kept, Some(std::fs::metadata("/").unwrap().ino()));
+    }
+
     /// PIDFD_GET_INFO and `status` give the same ids, for the process and for a thread.
     #[test]
     fn task_ids_from_the_pidfd_match_status() {
-        let proc = sys::open_at(cwd_fd(), c"/proc/thread-self", O_DIR).unwrap();
-        let tid = std::fs::read_link("/proc/thread-self").unwrap();
-        let tid: u32 = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        let from_status = task_ids(proc.as_fd(), tid, &mut Some(false)).unwrap();
+        let tid = own_tid();
+        let mut proc = ProcDir::new(tid);
+        let from_status = task_ids(&mut proc, tid, &mut Some(false)).unwrap();
         assert_eq!(from_status.tgid, std::process::id());
         assert_eq!(from_status.uid, sys::euid());
         let mut works = None;
-        let from_pidfd = task_ids(proc.as_fd(), tid, &mut works).unwrap();
+        let from_pidfd = task_ids(&mut proc, tid, &mut works).unwrap();
         assert_eq!(from_pidfd, from_status);
         if works != Some(true) {
             eprintln!("note: PIDFD_GET_INFO (Linux 6.13) is not on this kernel; both reads used `status`");
@@ -839,7 +1046,7 @@ mod tests {
         // SAFETY: a valid inotify fd and a NUL-terminated path.
         assert!(unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), fifo_c.as_ptr(), libc::IN_OPEN) } >= 0);
 
-        let me = sys::open_at(cwd_fd(), c"/proc/self", O_DIR).unwrap();
+        let me = sys::open_at(cwd_fd(), c"/", O_DIR).unwrap();
         let mut known = HashMap::new();
         let (identity, interpreter) = identify(me.as_fd(), script.to_str().unwrap(), &mut known);
         let meta = std::fs::metadata(&script).unwrap();

@@ -23,12 +23,12 @@ use agt_jail_cli::{
     args::ExecArgs,
     run::{self, Governor, Prepared},
 };
-use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader};
+use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader, TaskFactsMap};
 use agt_jail_jail::{AgentCgroup, NetMode, Profile};
 use agt_jail_policy::{context::AgentFacts, plan::Plan, PolicySet};
 use agt_jail_supervisor::{
     evaluator::Evaluator,
-    exec_notify::{self, ExecNotifier},
+    exec_notify::{self, ExecNotifier, KernelTask, NotifierOptions, TaskSource},
 };
 use anyhow::{bail, Context, Result};
 
@@ -45,6 +45,8 @@ struct Governed<'a> {
     args: &'a ExecArgs,
     policy: Option<(Arc<PolicySet>, AgentFacts)>,
     programs: Option<Arc<Mutex<AgentPrograms>>>,
+    /// The kernel's per-thread `comm` and executable, for the exec plane.
+    task_facts: Option<Arc<KernelTasks>>,
     tier_a: Option<govern::TierA>,
     governance: Option<govern::Governance>,
     dns_stop: Arc<AtomicBool>,
@@ -63,6 +65,7 @@ impl<'a> Governed<'a> {
             args,
             policy,
             programs: None,
+            task_facts: None,
             tier_a: None,
             governance: None,
             dns_stop: Arc::new(AtomicBool::new(false)),
@@ -122,6 +125,7 @@ impl<'a> Governed<'a> {
             programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
         }
         programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
+        self.task_facts = programs.take_task_facts().map(|map| Arc::new(KernelTasks(map)));
         self.programs = Some(Arc::new(Mutex::new(programs)));
         Ok(plan)
     }
@@ -215,13 +219,29 @@ impl<'a> Governed<'a> {
         let decider = govern::ArmingDecider::new(governance, file_plane);
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().context("cannot create the exec listener socket")?;
-        let notifier = ExecNotifier::start_with(OwnedFd::from(ours), decider.clone(), |err| {
+        // A confined agent cannot change its root (no capabilities, no new namespaces).
+        let options = NotifierOptions {
+            tasks: self.task_facts.clone().map(|tasks| tasks as Arc<dyn TaskSource>),
+            fixed_root: profile.confine,
+        };
+        let notifier = ExecNotifier::start_with_options(OwnedFd::from(ours), decider.clone(), options, |err| {
             eprintln!("agt-jail: denied an exec that could not be decided: {err}");
         })
         .context("cannot start the exec plane")?;
         self.exec_plane = Some((notifier, decider));
         self.listener_socket = Some(OwnedFd::from(theirs));
         Ok(())
+    }
+}
+
+/// The loader's map of the kernel's per-thread records, as the exec plane reads them.
+struct KernelTasks(TaskFactsMap);
+
+impl TaskSource for KernelTasks {
+    fn task(&self, tid: u32) -> Option<KernelTask> {
+        self.0
+            .get(tid)
+            .map(|facts| KernelTask { comm: facts.comm, exe: [facts.exe.mnt, facts.exe.dentry, facts.exe.ino] })
     }
 }
 
