@@ -4,11 +4,11 @@
 //! A fork is attributed by the parent's cgroup (the child starts in it); an exit is
 //! reported for thread-group leaders only (the process, not each of its threads).
 //! `TASK_FACTS` keeps each agent thread's `comm` and executable for the exec plane: written
-//! at fork and exec, renamed with the task, removed at the thread's exit.
+//! at fork and exec, renamed with the task, removed at the thread's exit (any thread's).
 
 use agt_jail_common::{EventKind, ExeKey, ExitEvent, ForkEvent, TaskFacts, Verdict, MAX_TASK_FACTS, TASK_COMM_LEN};
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{btf_tracepoint, map},
     maps::LruHashMap,
     programs::BtfTracePointContext,
@@ -128,11 +128,14 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    // Every exiting thread's entry goes, an agent's or not: a thread that left its agent's
+    // cgroup (a ring-0 agent may move itself) must not leave its facts to whoever gets its
+    // id next. One more hash lookup per thread exit on the host.
+    forget(bpf_get_current_pid_tgid() as u32);
     let Some((cgroup_id, agent_id)) = current_agent() else {
         return 0;
     };
     let header = header(EventKind::Exit as u32, Verdict::Allow as u32, cgroup_id, agent_id);
-    forget(header.pid);
     if header.pid != header.tgid {
         return 0;
     }
