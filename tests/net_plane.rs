@@ -119,6 +119,20 @@ unsafe fn run_op(op: Op) -> i32 {
     }
 }
 
+/// Moves the calling process into the cgroup whose `cgroup.procs` path is `procs`.
+/// Async-signal-safe (open, write, close), for use between fork and exec.
+fn join_cgroup(procs: &CString) -> io::Result<()> {
+    // SAFETY: a NUL-terminated path, a one-byte buffer, and an fd closed here.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}
+
 /// Runs `ops` in a child inside `cgroup` (after `unshare(CLONE_NEWNET)` when `new_netns`),
 /// then execs `sh -c script` there; returns each op's errno (0 = success) and the exit code.
 fn probe(cgroup: &Path, ops: &[Op], new_netns: bool, script: &str) -> (Vec<i32>, i32) {
@@ -137,11 +151,7 @@ fn probe(cgroup: &Path, ops: &[Op], new_netns: bool, script: &str) -> (Vec<i32>,
     // prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::close(fd);
+            join_cgroup(&procs)?;
             if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -458,14 +468,7 @@ fn the_kernel_keeps_each_agent_threads_name_and_executable() {
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe calls (open, write, close) on memory prepared before the fork.
     unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::close(fd);
-            Ok(())
-        });
+        cmd.pre_exec(move || join_cgroup(&procs));
     }
     let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
