@@ -499,8 +499,8 @@ fn kernel_string(buffer: &[u8], len: usize) -> String {
     String::from_utf8_lossy(raw).into_owned()
 }
 
-/// A NUL-padded `comm`.
-fn comm_string(comm: &[u8]) -> String {
+/// A NUL-padded `comm` as text (every record's and the task facts map's reading).
+pub fn comm_string(comm: &[u8]) -> String {
     let end = comm.iter().position(|&byte| byte == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }

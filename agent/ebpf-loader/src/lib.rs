@@ -12,7 +12,9 @@ mod programs;
 mod sys;
 
 pub use btf::{KernelOffsets, OffsetError};
-pub use events::{decode, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit, VerdictName};
+pub use events::{
+    comm_string, decode, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit, VerdictName,
+};
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
 pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
 

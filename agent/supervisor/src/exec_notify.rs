@@ -117,10 +117,9 @@ pub enum NotifyError {
 
 /// What the kernel records of one thread of an agent: its `comm` and which executable it
 /// runs (an opaque key; see `agt_jail_common::ExeKey`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelTask {
-    /// NUL-padded, as the kernel keeps it.
-    pub comm: [u8; 16],
+    pub comm: String,
     /// Equal keys are the same executable file at the same place; all zero is unknown.
     pub exe: [u64; 3],
 }
@@ -423,7 +422,7 @@ impl ReadMemory {
             let Ok(dir) = proc.get() else { return (String::new(), String::new()) };
             return (read_comm(dir), read_exe(dir));
         };
-        let comm = comm_text(&task.comm);
+        let comm = task.comm;
         if let Some(exe) = self.exes.get(&task.exe) {
             return (comm, exe.clone());
         }
@@ -451,12 +450,6 @@ impl RootDir<'_> {
             RootDir::Own(fd) => fd.as_fd(),
         }
     }
-}
-
-/// A NUL-padded `comm` as text (the same reading as the kernel's event records').
-fn comm_text(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&byte| byte == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 /// `comm` of `/proc/TID` (`proc`); empty when unreadable.
@@ -962,7 +955,7 @@ mod tests {
 
     impl TaskSource for OneTask {
         fn task(&self, tid: u32) -> Option<KernelTask> {
-            (tid == self.0).then_some(self.1)
+            (tid == self.0).then(|| self.1.clone())
         }
     }
 
@@ -973,22 +966,20 @@ mod tests {
         let tid = own_tid();
         let exe = std::fs::read_link("/proc/self/exe").unwrap().display().to_string();
         let own_comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim_end().to_string();
-        let mut comm = [0u8; 16];
-        comm[..5].copy_from_slice(b"named");
-        let task = KernelTask { comm, exe: [1, 2, 3] };
-        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(tid, task))), fixed_root: false };
+        let task = KernelTask { comm: "named".into(), exe: [1, 2, 3] };
+        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(tid, task.clone()))), fixed_root: false };
         let mut memory = ReadMemory { options, ..ReadMemory::default() };
         assert_eq!(memory.comm_and_exe(&mut ProcDir::new(tid), tid), ("named".to_string(), exe.clone()));
         assert_eq!(memory.exes.get(&[1, 2, 3]), Some(&exe), "the path is remembered by the executable's key");
         // Known executable: no /proc at all (a pid that does not exist would fail it).
         memory.exes.insert([1, 2, 3], "/remembered".into());
         let gone = u32::MAX - 1;
-        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(gone, task))), fixed_root: false };
+        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(gone, task.clone()))), fixed_root: false };
         memory.options = options;
         assert_eq!(memory.comm_and_exe(&mut ProcDir::new(gone), gone), ("named".into(), "/remembered".into()));
         // A thread the kernel has no record of, or whose executable it could not read.
         assert_eq!(memory.comm_and_exe(&mut ProcDir::new(tid), tid), (own_comm.clone(), exe.clone()));
-        let unknown_exe = KernelTask { comm, exe: [0; 3] };
+        let unknown_exe = KernelTask { comm: task.comm.clone(), exe: [0; 3] };
         memory.options.tasks = Some(Arc::new(OneTask(tid, unknown_exe)));
         assert_eq!(memory.comm_and_exe(&mut ProcDir::new(tid), tid), (own_comm, exe));
         assert_eq!(memory.comm_and_exe(&mut ProcDir::new(gone), gone), (String::new(), String::new()));
