@@ -203,6 +203,16 @@ fn pipeline(c: &mut Criterion) {
             to_file.flush();
         })
     });
+    // The same with every event different: the records of a flood of distinct events.
+    group.bench_function("decode_observe_distinct_connects_to_file_per_1000", |b| {
+        b.iter(|| {
+            for _ in 0..1000 {
+                next = (next + 1) % distinct.len();
+                observe(&to_file, &decode(black_box(&distinct[next])).unwrap(), true);
+            }
+            to_file.flush();
+        })
+    });
     group.throughput(Throughput::Elements(1));
     group.bench_function("decode_observe_exec_to_file", |b| {
         b.iter(|| observe(&to_file, &decode(black_box(&exec)).unwrap(), true))

@@ -278,6 +278,171 @@ pub fn net_context(
     Value::Object(m)
 }
 
+/// A network event context filled in place, for the stream of kernel network events: the
+/// [`Value`] the policy kernel reads is updated field by field (no tree is built and dropped per
+/// event), and [`Self::write_json`] writes it from the `agent` and `proc` sections serialised
+/// when they change. Value and bytes are those of [`net_context`] and `serde_json::to_writer`
+/// of it for the same facts.
+#[derive(Debug, Clone)]
+pub struct NetContextBuf {
+    value: Value,
+    agent: AgentFacts,
+    agent_json: Vec<u8>,
+    proc: ProcFacts,
+    proc_json: Vec<u8>,
+    event: NetEvent,
+}
+
+impl Default for NetContextBuf {
+    fn default() -> Self {
+        NetContextBuf::new()
+    }
+}
+
+impl NetContextBuf {
+    /// A context for default agent and process facts and a connect to `0.0.0.0:0`.
+    pub fn new() -> NetContextBuf {
+        let agent = AgentFacts::default();
+        let proc = ProcFacts::default();
+        let unspecified = IpAddr::from([0, 0, 0, 0]);
+        let value = net_context(&agent, &proc, NetEvent::Connect, NetFamily::Inet, NetProto::Tcp, unspecified, 0, None);
+        let agent_json = section_json(&value, "agent");
+        let proc_json = section_json(&value, "proc");
+        NetContextBuf { value, agent, agent_json, proc, proc_json, event: NetEvent::Connect }
+    }
+
+    /// Sets the `agent` section (nothing is done when it is unchanged).
+    pub fn set_agent(&mut self, agent: &AgentFacts) {
+        if self.agent == *agent {
+            return;
+        }
+        self.agent.clone_from(agent);
+        if let Some(section) = self.value.get_mut("agent") {
+            *section = agent.to_json();
+        }
+        self.agent_json = section_json(&self.value, "agent");
+    }
+
+    /// Sets the `proc` section (nothing is done when it is unchanged).
+    pub fn set_proc(&mut self, pid: u32, ppid: u32, uid: u32, comm: &str, exe: &str) {
+        let p = &self.proc;
+        if p.pid == pid && p.ppid == ppid && p.uid == uid && p.comm == comm && p.exe == exe {
+            return;
+        }
+        let p = &mut self.proc;
+        (p.pid, p.ppid, p.uid) = (pid, ppid, uid);
+        replace_str(&mut p.comm, comm);
+        replace_str(&mut p.exe, exe);
+        if let Some(Value::Object(section)) = self.value.get_mut("proc") {
+            put_u64(section, "pid", u64::from(pid));
+            put_u64(section, "ppid", u64::from(ppid));
+            put_u64(section, "uid", u64::from(uid));
+            put_str(section, "comm", comm);
+            put_str(section, "exe", exe);
+        }
+        self.proc_json = section_json(&self.value, "proc");
+    }
+
+    /// Sets `event` and the `net` section.
+    pub fn set_net(
+        &mut self,
+        event: NetEvent,
+        family: NetFamily,
+        protocol: NetProto,
+        addr: IpAddr,
+        port: u16,
+        domain: Option<&str>,
+    ) {
+        use std::fmt::Write as _;
+        self.event = event;
+        let Value::Object(ctx) = &mut self.value else { return };
+        put_str(ctx, "event", event.as_str());
+        let Some(Value::Object(net)) = ctx.get_mut("net") else { return };
+        put_str(net, "family", family.as_str());
+        put_str(net, "protocol", protocol.as_str());
+        put_u64(net, "port", u64::from(port));
+        if let Some(Value::String(text)) = net.get_mut("addr") {
+            text.clear();
+            // Writing into a String does not fail.
+            let _ = write!(text, "{addr}");
+        }
+        match (net.get_mut("domain"), domain) {
+            (Some(Value::String(text)), Some(name)) => replace_str(text, name),
+            (Some(slot), name) => *slot = name.map_or(Value::Null, |n| Value::String(n.to_string())),
+            (None, _) => {}
+        }
+    }
+
+    /// The context as the policy kernel reads it.
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// The agent last set.
+    pub fn agent(&self) -> &AgentFacts {
+        &self.agent
+    }
+
+    /// The event last set.
+    pub fn event(&self) -> NetEvent {
+        self.event
+    }
+
+    /// Appends the context's JSON: the bytes `serde_json::to_writer` writes for [`Self::value`].
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let Value::Object(ctx) = &self.value else { return };
+        out.push(b'{');
+        for (i, (key, section)) in ctx.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            // Serialising strings and JSON trees into a Vec does not fail.
+            let _ = serde_json::to_writer(&mut *out, key);
+            out.push(b':');
+            match key.as_str() {
+                "agent" => out.extend_from_slice(&self.agent_json),
+                "proc" => out.extend_from_slice(&self.proc_json),
+                _ => {
+                    let _ = serde_json::to_writer(&mut *out, section);
+                }
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+fn section_json(ctx: &Value, key: &str) -> Vec<u8> {
+    // Serialising a JSON tree into a Vec does not fail.
+    serde_json::to_vec(&ctx[key]).unwrap_or_default()
+}
+
+fn replace_str(slot: &mut String, text: &str) {
+    if slot != text {
+        slot.clear();
+        slot.push_str(text);
+    }
+}
+
+/// Sets `key` to the string `text`, reusing the string already there.
+fn put_str(map: &mut Map<String, Value>, key: &str, text: &str) {
+    match map.get_mut(key) {
+        Some(Value::String(slot)) => replace_str(slot, text),
+        Some(slot) => *slot = Value::String(text.to_string()),
+        None => {
+            map.insert(key.to_string(), Value::String(text.to_string()));
+        }
+    }
+}
+
+fn put_u64(map: &mut Map<String, Value>, key: &str, n: u64) {
+    match map.get_mut(key) {
+        Some(slot) => *slot = Value::from(n),
+        None => {
+            map.insert(key.to_string(), Value::from(n));
+        }
+    }
+}
+
 /// A `ptrace` attempt on `target_pid`.
 pub fn ptrace_context(agent: &AgentFacts, proc: &ProcFacts, target_pid: u32) -> Value {
     let mut m = base(agent, proc, "ptrace");
@@ -355,6 +520,35 @@ mod tests {
         assert_eq!(signal_context(&agent(), &proc(), 7, 9)["signal"]["signal"], 9);
         assert_eq!(mount_context(&agent(), &proc(), "none", "/mnt", "tmpfs")["event"], "mount");
         assert_eq!(event_context(&agent(), &proc(), "bpf")["event"], "bpf");
+    }
+
+    #[test]
+    fn a_context_filled_in_place_is_the_built_one_value_and_bytes() {
+        let mut buf = NetContextBuf::new();
+        let other = AgentFacts::new("other", "did:mesh:ff", 3, 120, "s-2");
+        let procs = [proc(), ProcFacts { pid: 7, ppid: 42, uid: 0, comm: "c\"url\n".into(), exe: "/usr/bin/é".into() }];
+        type Case<'a> = (NetEvent, NetFamily, NetProto, &'a str, u16, Option<&'a str>);
+        let cases: [Case<'_>; 4] = [
+            (NetEvent::Connect, NetFamily::Inet, NetProto::Tcp, "10.0.0.1", 443, Some("api.example")),
+            (NetEvent::Sendmsg, NetFamily::Inet6, NetProto::Udp, "::ffff:10.1.2.3", 53, None),
+            (NetEvent::Bind, NetFamily::Inet6, NetProto::Other, "2001:db8::1", 0, Some("x\"y")),
+            (NetEvent::Connect, NetFamily::Inet, NetProto::Tcp, "255.255.255.255", 65535, Some("other.example")),
+        ];
+        // Every order of changes: agent, process and destination each change or stay.
+        for (round, (event, family, protocol, addr, port, domain)) in cases.iter().cycle().take(12).enumerate() {
+            let agent = if round % 3 == 0 { other.clone() } else { agent() };
+            let proc = &procs[round % 2];
+            let addr: IpAddr = addr.parse().unwrap();
+            buf.set_agent(&agent);
+            buf.set_proc(proc.pid, proc.ppid, proc.uid, &proc.comm, &proc.exe);
+            buf.set_net(*event, *family, *protocol, addr, *port, *domain);
+            let built = net_context(&agent, proc, *event, *family, *protocol, addr, *port, *domain);
+            assert_eq!(buf.value(), &built, "round {round}");
+            let mut bytes = Vec::new();
+            buf.write_json(&mut bytes);
+            assert_eq!(String::from_utf8(bytes).unwrap(), serde_json::to_string(&built).unwrap(), "round {round}");
+            assert_eq!(buf.event(), *event);
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
 };
 
 use agt_jail_policy::{
-    context::{self, AgentFacts, FileEvent, NetEvent, NetFamily, NetProto, ProcFacts},
+    context::{self, AgentFacts, FileEvent, NetContextBuf, NetEvent, NetFamily, NetProto, ProcFacts},
     Action, Decision, EvalOptions, Expr, Operand, PolicySet, RateLimiter,
 };
 use serde::Serialize;
@@ -159,10 +159,17 @@ impl RecordSink {
         }
     }
 
-    /// Buffers a kernel record from its parts: `body` is the serialised record from
-    /// `agent` to `outcome` (no braces), `tail` what follows `latency_us` (`,"note":...`).
-    /// The line is the one [`Record`] serialises to.
-    fn write_parts(&mut self, body: &[u8], latency_us: u64, tail: &[u8], count: Option<u64>) {
+    /// Buffers a kernel record from its parts: `body` writes the serialised record from
+    /// `agent` to `outcome` (no braces) into the line, `latency_us` is read after it, `tail`
+    /// is what follows `latency_us` (`,"note":...`). The line is the one [`Record`]
+    /// serialises to; the parts are written straight into the buffer.
+    fn write_parts(
+        &mut self,
+        body: impl FnOnce(&mut Vec<u8>),
+        latency_us: impl FnOnce() -> u64,
+        tail: &[u8],
+        count: Option<u64>,
+    ) {
         use std::io::Write as _;
         self.seq += 1;
         if self.out.is_none() {
@@ -172,8 +179,8 @@ impl RecordSink {
         let _ = write!(line, "{{\"seq\":{},\"time\":", self.seq);
         let _ = serde_json::to_writer(&mut *line, &now_secs());
         line.push(b',');
-        line.extend_from_slice(body);
-        let _ = write!(line, ",\"latency_us\":{latency_us}");
+        body(line);
+        let _ = write!(line, ",\"latency_us\":{}", latency_us());
         line.extend_from_slice(tail);
         if let Some(count) = count {
             let _ = write!(line, ",\"count\":{count}");
@@ -249,9 +256,8 @@ pub struct Evaluator {
     file_cacheable: bool,
     state: Mutex<State>,
     procs: Mutex<ProcCache>,
-    /// Whether network records may be remembered (not when a rule can see more than the context).
-    memoize: bool,
-    net_memo: Mutex<NetMemoTable>,
+    /// The kernel network events' reusable context and record parts.
+    net: Mutex<NetPath>,
     sink: Mutex<RecordSink>,
     actuator: Arc<dyn Actuator>,
 }
@@ -270,7 +276,6 @@ fn now_secs() -> f64 {
 impl Evaluator {
     pub fn new(cfg: EvaluatorConfig, sink: RecordSink, actuator: Arc<dyn Actuator>) -> Arc<Self> {
         let file_cacheable = !reads_varying_state(&cfg.policies);
-        let memoize = !cfg.policies.has_rego();
         let opts = EvalOptions { agent: Some(cfg.agent.did.clone()), ..EvalOptions::default() };
         Arc::new(Evaluator {
             policies: cfg.policies,
@@ -289,8 +294,7 @@ impl Evaluator {
                 killed: false,
             }),
             procs: Mutex::new(ProcCache::default()),
-            memoize,
-            net_memo: Mutex::new(NetMemoTable::default()),
+            net: Mutex::new(NetPath::default()),
             sink: Mutex::new(sink),
             actuator,
         })
@@ -325,22 +329,22 @@ impl Evaluator {
         facts
     }
 
-    /// The facts of a process whose pid, uid, parent and comm the kernel's record carries:
-    /// only the executable is looked up, once per process (`/proc/PID/exe`).
-    fn kernel_proc_facts(&self, pid: u32, caller: &KernelCaller<'_>) -> ProcFacts {
-        let cached = lock(&self.procs).exes.get(&pid).cloned();
-        let exe = cached.unwrap_or_else(|| {
-            let exe = std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe"))
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            let mut cache = lock(&self.procs);
-            if cache.exes.len() >= PROC_CACHE_MAX {
-                cache.exes.clear();
-            }
-            cache.exes.insert(pid, exe.clone());
-            exe
-        });
-        ProcFacts { pid, ppid: caller.ppid, uid: caller.uid, comm: caller.comm.to_string(), exe }
+    /// Runs `f` on the executable of `pid`, looked up once per process (`/proc/PID/exe`) for
+    /// events whose other process facts the kernel's record carries.
+    fn with_exe<R>(&self, pid: u32, f: impl FnOnce(&str) -> R) -> R {
+        if let Some(exe) = lock(&self.procs).exes.get(&pid) {
+            return f(exe);
+        }
+        let exe = std::fs::read_link(self.proc_root.join(pid.to_string()).join("exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let answer = f(&exe);
+        let mut cache = lock(&self.procs);
+        if cache.exes.len() >= PROC_CACHE_MAX {
+            cache.exes.clear();
+        }
+        cache.exes.insert(pid, exe);
+        answer
     }
 
     /// Forgets what is known of a process (it exec'd or exited).
@@ -688,71 +692,47 @@ impl Evaluator {
         }
     }
 
-    /// Records a network event that the kernel already decided: the context is rebuilt
+    /// Records a network event that the kernel already decided: the context is filled in
     /// (process facts from the kernel's record when it carries them), the policy consulted
     /// for the matched rule, and a disagreement between kernel and policy reported loudly.
     ///
-    /// Evaluation is a pure function of the context, so the serialised context and decision
-    /// of an event are remembered under everything the context is built from (agent ring and
-    /// trust, process facts, destination, kernel verdict): a flood of equal events is
-    /// evaluated once and written from the remembered bytes, byte for byte the same record.
+    /// This is the path of the kernel's event stream, so nothing in it is built per event that
+    /// can be kept: the context is one [`NetContextBuf`] updated in place, its `agent` and
+    /// `proc` sections are serialised when they change, and the decision's JSON when it
+    /// differs from the last event's.
     pub fn observe_net(&self, obs: &NetObservation<'_>) {
         let started = Instant::now();
-        let proc = match &obs.caller {
-            Some(caller) => self.kernel_proc_facts(obs.pid, caller),
-            None => self.cached_proc_facts(obs.pid),
-        };
-        let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
-        let key = self.memo_in_use().then(|| {
-            let state = lock(&self.state);
-            NetMemoKey {
-                ring: state.agent.ring,
-                trust: state.agent.trust,
-                killed: state.killed,
-                proc: (proc.pid, proc.ppid, proc.uid, proc.comm.clone(), proc.exe.clone()),
-                net: (obs.event, obs.family, obs.protocol, obs.addr, obs.port, obs.domain.map(str::to_string)),
-                kernel: obs.kernel,
+        let mut guard = lock(&self.net);
+        let net = &mut *guard;
+        net.ctx.set_agent(&lock(&self.state).agent);
+        match &obs.caller {
+            Some(caller) => {
+                self.with_exe(obs.pid, |exe| net.ctx.set_proc(obs.pid, caller.ppid, caller.uid, caller.comm, exe));
             }
-        });
-        let remembered = key.as_ref().and_then(|key| lock(&self.net_memo).get(key));
-        let entry = match remembered {
-            Some(entry) => entry,
             None => {
-                let agent = self.agent();
-                let ctx = context::net_context(
-                    &agent,
-                    &proc,
-                    obs.event,
-                    obs.family,
-                    obs.protocol,
-                    obs.addr,
-                    obs.port,
-                    obs.domain,
-                );
-                let (decision, outcome, note) = self.decide_kernel(&ctx, &what, obs.kernel);
-                let entry = Arc::new(NetMemo::new(&agent, obs.pid, &ctx, decision, outcome, note));
-                if let Some(key) = key.filter(|_| note != Some(DISAGREE)) {
-                    lock(&self.net_memo).insert(key, Arc::clone(&entry));
-                }
-                entry
+                let p = self.cached_proc_facts(obs.pid);
+                net.ctx.set_proc(p.pid, p.ppid, p.uid, &p.comm, &p.exe);
             }
-        };
-        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        lock(&self.sink).write_parts(&entry.body, latency_us, &entry.tail, (obs.count != 1).then_some(obs.count));
-        self.after_kernel_verdict(obs.kernel, obs.pid, &entry.decision, &what, obs.count);
-    }
-
-    /// Whether this event goes through the memo (see [`NetMemoTable`]).
-    fn memo_in_use(&self) -> bool {
-        if !self.memoize {
-            return false;
         }
-        let mut memo = lock(&self.net_memo);
-        if memo.skip > 0 {
-            memo.skip -= 1;
-            return false;
+        net.ctx.set_net(obs.event, obs.family, obs.protocol, obs.addr, obs.port, obs.domain);
+        let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
+        let (decision, outcome, note) = self.decide_kernel(net.ctx.value(), &what, obs.kernel);
+        let decision_json = decision_json(&mut net.decision, &decision);
+        net.tail.clear();
+        if let Some(note) = note {
+            net.tail.extend_from_slice(b",\"note\":");
+            // Serialising a string into a Vec does not fail.
+            let _ = serde_json::to_writer(&mut net.tail, note);
         }
-        true
+        let matched_rule = decision.matched_rule.as_deref();
+        lock(&self.sink).write_parts(
+            |line| write_net_body(line, obs.pid, &net.ctx, decision_json, matched_rule, outcome),
+            || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            &net.tail,
+            (obs.count != 1).then_some(obs.count),
+        );
+        drop(guard);
+        self.after_kernel_verdict(obs.kernel, obs.pid, &decision, &what, obs.count);
     }
 
     /// Records a file access the kernel decided (Tier A: the LSM file hooks).
@@ -891,98 +871,50 @@ impl Evaluator {
 /// The note of a record whose kernel verdict the policy would not have given.
 const DISAGREE: &str = "kernel and policy disagree";
 
-/// Most network events remembered at once; the memo starts over when full.
-const NET_MEMO_MAX: usize = 4096;
-
-/// Everything a network event's context is built from, besides what never changes for
-/// one evaluator (the agent's id, DID, session, the policy).
-#[derive(PartialEq, Eq, Hash)]
-struct NetMemoKey {
-    ring: u8,
-    trust: u32,
-    killed: bool,
-    proc: (u32, u32, u32, String, String),
-    net: (NetEvent, NetFamily, NetProto, std::net::IpAddr, u16, Option<String>),
-    kernel: KernelVerdict,
-}
-
-/// The remembered network records. When a table's worth of events brought few repeats
-/// (events that all differ), the next events skip the memo for a while: remembering
-/// costs a key and a copy per event, which only repeats pay back.
+/// The network path's parts kept from one kernel event to the next (the event thread is
+/// their one user; the lock only makes the evaluator shareable).
 #[derive(Default)]
-struct NetMemoTable {
-    map: HashMap<NetMemoKey, Arc<NetMemo>>,
-    /// Hits since the table was last emptied.
-    hits: usize,
-    /// Events still to pass without the memo.
-    skip: usize,
-}
-
-impl NetMemoTable {
-    fn get(&mut self, key: &NetMemoKey) -> Option<Arc<NetMemo>> {
-        let found = self.map.get(key).cloned();
-        self.hits += usize::from(found.is_some());
-        found
-    }
-
-    fn insert(&mut self, key: NetMemoKey, entry: Arc<NetMemo>) {
-        if self.map.len() >= NET_MEMO_MAX {
-            if self.hits < NET_MEMO_MAX / 8 {
-                self.skip = 4 * NET_MEMO_MAX;
-            }
-            self.map.clear();
-            self.hits = 0;
-        }
-        self.map.insert(key, entry);
-    }
-}
-
-/// A network event's record, serialised but for its sequence number, time, latency and count.
-struct NetMemo {
-    body: Vec<u8>,
+struct NetPath {
+    ctx: NetContextBuf,
+    /// The last decision and its JSON: a stream of events is mostly decided by a few rules.
+    decision: Option<(Decision, Vec<u8>)>,
+    /// What follows `latency_us` in the record.
     tail: Vec<u8>,
-    decision: Decision,
 }
 
-/// The fields of [`Record`] from `agent` to `outcome`, in its order.
-#[derive(Serialize)]
-struct RecordBody<'a> {
-    agent: &'a str,
-    pid: u32,
-    event: &'a str,
-    context: &'a Value,
-    decision: &'a Decision,
-    matched_rule: Option<&'a str>,
-    plane: &'a str,
-    outcome: &'a str,
-}
-
-impl NetMemo {
-    fn new(agent: &AgentFacts, pid: u32, ctx: &Value, decision: Decision, outcome: &str, note: Option<&str>) -> Self {
-        let body = RecordBody {
-            agent: &agent.id,
-            pid,
-            event: ctx["event"].as_str().unwrap_or("?"),
-            context: ctx,
-            decision: &decision,
-            matched_rule: decision.matched_rule.as_deref(),
-            plane: "kernel",
-            outcome,
-        };
-        // Serialising plain strings, numbers and a JSON tree does not fail.
-        let mut json = Vec::with_capacity(1024);
-        let _ = serde_json::to_writer(&mut json, &body);
-        let body = json.get(1..json.len().saturating_sub(1)).unwrap_or_default().to_vec();
-        let tail = match note {
-            Some(note) => {
-                let mut tail = b",\"note\":".to_vec();
-                let _ = serde_json::to_writer(&mut tail, note);
-                tail
-            }
-            None => Vec::new(),
-        };
-        NetMemo { body, tail, decision }
+/// The JSON of `decision`, serialised again only when it differs from the `last` one.
+fn decision_json<'a>(last: &'a mut Option<(Decision, Vec<u8>)>, decision: &Decision) -> &'a [u8] {
+    let stale = !matches!(last, Some((seen, _)) if seen == decision);
+    if stale {
+        // Serialising plain strings and numbers into a Vec does not fail.
+        let json = serde_json::to_vec(decision).unwrap_or_default();
+        *last = Some((decision.clone(), json));
     }
+    last.as_ref().map_or(&[], |(_, json)| json.as_slice())
+}
+
+/// Appends the fields of a kernel network record from `agent` to `outcome`, the bytes
+/// [`Record`] serialises them to (no braces: the sink adds the sequence number and times).
+fn write_net_body(
+    out: &mut Vec<u8>,
+    pid: u32,
+    ctx: &NetContextBuf,
+    decision_json: &[u8],
+    matched_rule: Option<&str>,
+    outcome: &str,
+) {
+    use std::io::Write as _;
+    // Writing strings and numbers into a Vec does not fail.
+    out.extend_from_slice(b"\"agent\":");
+    let _ = serde_json::to_writer(&mut *out, &ctx.agent().id);
+    let _ = write!(out, ",\"pid\":{pid},\"event\":\"{}\",\"context\":", ctx.event().as_str());
+    ctx.write_json(out);
+    out.extend_from_slice(b",\"decision\":");
+    out.extend_from_slice(decision_json);
+    out.extend_from_slice(b",\"matched_rule\":");
+    let _ = serde_json::to_writer(&mut *out, &matched_rule);
+    out.extend_from_slice(b",\"plane\":\"kernel\",\"outcome\":");
+    let _ = serde_json::to_writer(&mut *out, outcome);
 }
 
 /// What a record is about (the fields [`Record`] borrows).
@@ -1168,6 +1100,10 @@ rules:
     priority: 1
   - name: keys
     condition: "event in ['file_open', 'file_write'] and file.path endswith 'id_rsa'"
+    action: deny
+    priority: 100
+  - name: no-api
+    condition: "event == 'connect' and net.domain == 'api.example'"
     action: deny
     priority: 100
 "#;
@@ -1382,7 +1318,7 @@ rules:
     }
 
     #[test]
-    fn a_remembered_network_record_is_the_record_a_fresh_evaluation_writes() {
+    fn a_network_record_is_the_record_a_fresh_context_and_evaluation_write() {
         let (ev, _, lines) = evaluator_with(Duration::from_secs(1), TrustRules { penalty: 10, kill_below: 0 });
         for _ in 0..3 {
             ev.observe_net(&connect(KernelVerdict::Floor, 1));
@@ -1398,7 +1334,7 @@ rules:
         // Each denial lowers trust, and the context shows the agent as it was at the event.
         let trusts: Vec<u64> = records.iter().map(|r| r["context"]["agent"]["trust"].as_u64().unwrap()).collect();
         assert_eq!(trusts, [500, 490, 480]);
-        // The same event with the same agent: one evaluation, two equal records.
+        // The same event with the same agent: two equal records.
         let (ev, _, lines) = evaluator(Duration::from_secs(1));
         for _ in 0..2 {
             ev.observe_net(&connect(KernelVerdict::Floor, 1));
@@ -1408,8 +1344,13 @@ rules:
         assert_eq!(records[0], records[1]);
         assert_eq!(records[0]["note"], "ring floor (profile allow-list or deny rule)");
         assert_eq!(records[0]["decision"]["allowed"], true, "the policy's own decision is recorded");
-        // And it is the line `Record` itself serialises to.
-        let ctx = records[0]["context"].clone();
+        // And it is the line `Record` itself serialises to, with the context built afresh.
+        let exe = records[0]["context"]["proc"]["exe"].as_str().unwrap().to_string();
+        let proc = ProcFacts { pid: 7, ppid: 3, uid: 1000, comm: "curl".into(), exe };
+        let addr = "127.0.0.2".parse().unwrap();
+        let ctx =
+            context::net_context(&ev.agent(), &proc, NetEvent::Connect, NetFamily::Inet, NetProto::Tcp, addr, 80, None);
+        assert_eq!(records[0]["context"], ctx);
         let decision = ev.policies.evaluate(&ctx, &ev.opts);
         let direct = serde_json::to_value(Record {
             seq: 0,
@@ -1432,30 +1373,49 @@ rules:
     }
 
     #[test]
-    fn the_memo_steps_aside_when_events_do_not_repeat() {
-        let key = |port: u16| NetMemoKey {
-            ring: 2,
-            trust: 500,
-            killed: false,
-            proc: (7, 1, 0, "curl".into(), String::new()),
-            net: (NetEvent::Connect, NetFamily::Inet, NetProto::Tcp, "127.0.0.1".parse().unwrap(), port, None),
-            kernel: KernelVerdict::Allow,
-        };
-        let entry = || Arc::new(NetMemo { body: Vec::new(), tail: Vec::new(), decision: Decision::error("x") });
-        let mut table = NetMemoTable::default();
-        for port in 0..=NET_MEMO_MAX as u16 {
-            table.insert(key(port), entry());
+    fn every_network_record_carries_its_own_events_facts() {
+        // Events that differ in process, destination, domain and verdict, in turn: the context
+        // filled in place must never keep a field of the event before.
+        let (ev, _, lines) = evaluator(Duration::from_secs(1));
+        let mut expected = Vec::new();
+        for i in 0..6u16 {
+            let mut obs = connect(if i % 3 == 0 { KernelVerdict::Floor } else { KernelVerdict::Allow }, 1);
+            let comm = if i % 2 == 0 { "curl" } else { "wget\"2" };
+            obs.caller = Some(KernelCaller { ppid: u32::from(i), uid: 1000 + u32::from(i % 2), comm });
+            obs.port = 80 + i;
+            obs.domain = (i % 2 == 1).then_some("api.example");
+            if i == 4 {
+                obs.event = NetEvent::Sendmsg;
+                obs.family = NetFamily::Inet6;
+                obs.protocol = NetProto::Udp;
+                obs.addr = "2001:db8::1".parse().unwrap();
+            }
+            ev.observe_net(&obs);
+            let proc = ProcFacts {
+                pid: 7,
+                ppid: u32::from(i),
+                uid: 1000 + u32::from(i % 2),
+                comm: comm.into(),
+                exe: String::new(),
+            };
+            expected.push((obs.event, obs.family, obs.protocol, obs.addr, obs.port, obs.domain, proc));
         }
-        assert_eq!((table.map.len(), table.skip), (1, 4 * NET_MEMO_MAX), "all different: skip for a while");
-        let mut table = NetMemoTable::default();
-        table.insert(key(0), entry());
-        for _ in 0..NET_MEMO_MAX {
-            assert!(table.get(&key(0)).is_some());
+        ev.flush();
+        let records = lines.records();
+        assert_eq!(records.len(), expected.len());
+        for (record, (event, family, protocol, addr, port, domain, mut proc)) in records.iter().zip(expected) {
+            proc.exe = record["context"]["proc"]["exe"].as_str().unwrap().to_string();
+            let ctx = context::net_context(&ev.agent(), &proc, event, family, protocol, addr, port, domain);
+            assert_eq!(record["context"], ctx);
+            assert_eq!(record["event"], event.as_str());
+            let decision = ev.policies.evaluate(&ctx, &ev.opts);
+            assert_eq!(record["decision"], serde_json::to_value(&decision).unwrap());
+            assert_eq!(record["matched_rule"], json!(decision.matched_rule));
+            let disagree = record["outcome"] == "allow" && !decision.allowed;
+            assert_eq!(record.get("note").is_some_and(|n| n == DISAGREE), disagree, "{record}");
         }
-        for port in 1..=NET_MEMO_MAX as u16 {
-            table.insert(key(port), entry());
-        }
-        assert_eq!(table.skip, 0, "repeats pay the memo back: keep it");
+        let rules: Vec<&Value> = records.iter().map(|r| &r["matched_rule"]).collect();
+        assert!(rules.contains(&&json!("no-api")) && rules.contains(&&Value::Null), "decisions differ: {rules:?}");
     }
 
     #[derive(Clone, Default)]
