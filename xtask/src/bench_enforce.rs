@@ -585,9 +585,9 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
          writes each increment as one deny record with `\"count\": N`. Only a deny that fits neither \
          (16,384 distinct keys) is lost, and it is counted (`DENY_DROPS`) and reported. The records \
          carry the caller's pid, uid, parent and comm from the kernel, so the evaluator reads no /proc \
-         per event (only the executable, once per process); a network event equal to an earlier one \
-         (same agent state, process facts, destination and kernel verdict) is written from that \
-         event's remembered context and decision; records are written with one write per \
+         per event (only the executable, once per process); each network event's context is one \
+         context updated in place, whose agent and process sections (and the decision) are \
+         serialised again only when they change; records are written with one write per \
          ring-buffer drain. The reader is woken at once by a deny record and otherwise drains \
          every 10 ms.\n\n\
          Machine: {machine}.\n\n\
