@@ -13,7 +13,8 @@ mod sys;
 
 pub use btf::{KernelOffsets, OffsetError};
 pub use events::{
-    comm_string, decode, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit, VerdictName,
+    comm_string, decode, Caller, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit,
+    VerdictName,
 };
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
 pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};

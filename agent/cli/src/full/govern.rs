@@ -190,19 +190,19 @@ impl Governance {
 pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event) {
     let (hook, tgid, net, verdict) = match event {
         Event::Connect { tgid, family, addr, port, protocol, verdict, layer, plan, caller, count, .. } => {
-            let net = agt_jail_ebpf_loader::NetDetail {
+            let net = NetParts {
                 family: *family,
                 addr: *addr,
                 port: *port,
-                protocol: protocol.clone(),
+                protocol,
                 layer: *layer,
                 plan: *plan,
-                caller: caller.clone(),
+                caller,
                 count: *count,
             };
             (NetEvent::Connect, *tgid, net, *verdict)
         }
-        Event::Sendmsg { tgid, net, verdict, .. } => (NetEvent::Sendmsg, *tgid, net.clone(), *verdict),
+        Event::Sendmsg { tgid, net, verdict, .. } => (NetEvent::Sendmsg, *tgid, NetParts::of(net), *verdict),
         // Tier A: an open the kernel's file hook decided from the policy's path forms.
         Event::File { tgid, op, access, path, verdict, .. } if op == "open" => {
             let writes = access.iter().any(|a| a != "read");
@@ -215,7 +215,7 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
             evaluator.observe_file(*tgid, event, path, access, kernel);
             return;
         }
-        Event::Bind { tgid, net, verdict, .. } => (NetEvent::Bind, *tgid, net.clone(), *verdict),
+        Event::Bind { tgid, net, verdict, .. } => (NetEvent::Bind, *tgid, NetParts::of(net), *verdict),
         other => {
             // A process's facts change when it execs or exits.
             if let Event::Exec { tgid, .. } | Event::Exit { tgid, .. } = other {
@@ -231,11 +231,39 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
     evaluator.observe_net(&net_observation(hook, tgid, &net, verdict, domain.as_deref()));
 }
 
+/// A decoded network event's details, borrowed from the event (connect records carry them
+/// in the event itself, sendmsg and bind in a [`agt_jail_ebpf_loader::NetDetail`]).
+pub struct NetParts<'a> {
+    pub family: agt_jail_ebpf_loader::NetFamily,
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+    pub protocol: &'a str,
+    pub layer: NetLayer,
+    pub plan: Option<agt_jail_ebpf_loader::NetPlanHit>,
+    pub caller: &'a agt_jail_ebpf_loader::Caller,
+    pub count: u64,
+}
+
+impl<'a> NetParts<'a> {
+    pub fn of(net: &'a agt_jail_ebpf_loader::NetDetail) -> NetParts<'a> {
+        NetParts {
+            family: net.family,
+            addr: net.addr,
+            port: net.port,
+            protocol: &net.protocol,
+            layer: net.layer,
+            plan: net.plan,
+            caller: &net.caller,
+            count: net.count,
+        }
+    }
+}
+
 /// The evaluator's view of a decoded network event.
 pub fn net_observation<'a>(
     hook: NetEvent,
     tgid: u32,
-    net: &'a agt_jail_ebpf_loader::NetDetail,
+    net: &NetParts<'a>,
     verdict: VerdictName,
     domain: Option<&'a str>,
 ) -> NetObservation<'a> {
@@ -243,7 +271,7 @@ pub fn net_observation<'a>(
         agt_jail_ebpf_loader::NetFamily::Inet => NetFamily::Inet,
         agt_jail_ebpf_loader::NetFamily::Inet6 => NetFamily::Inet6,
     };
-    let protocol = match net.protocol.as_str() {
+    let protocol = match net.protocol {
         "tcp" => NetProto::Tcp,
         "udp" => NetProto::Udp,
         _ => NetProto::Other,
@@ -257,7 +285,7 @@ pub fn net_observation<'a>(
         (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
         (VerdictName::Deny, _) => KernelVerdict::Floor,
     };
-    let caller = &net.caller;
+    let caller = net.caller;
     NetObservation {
         pid: tgid,
         event: hook,
