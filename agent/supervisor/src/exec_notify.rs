@@ -925,12 +925,19 @@ mod tests {
             ptrs.push(std::ptr::null());
             let (p, a) = (path.as_ptr() as u64, ptrs.as_ptr() as u64);
             let quick = read_quick(pid, p, a);
-            // An argument that crosses into the next page is left to the slow read.
+            // The path, the pointer array or an argument that crosses into the next page
+            // (where the allocator happened to put it) is left to the slow read.
+            let crosses = |addr: u64, len: usize| to_page_end(addr) < len;
             if let Some(read) = quick {
                 assert_eq!(read, slow(p, a), "{shape:?}");
                 assert_eq!(&read.1, shape);
             } else {
-                assert!(args.iter().any(|s| to_page_end(s.as_ptr() as u64) <= s.as_bytes().len()), "{shape:?}");
+                assert!(
+                    crosses(p, path.as_bytes_with_nul().len())
+                        || crosses(a, ptrs.len() * 8)
+                        || args.iter().any(|s| crosses(s.as_ptr() as u64, s.as_bytes_with_nul().len())),
+                    "{shape:?}"
+                );
             }
         }
         // Beyond what it takes: more arguments, a longer one, NULL pointers.
@@ -943,6 +950,43 @@ mod tests {
         assert!(read_quick(pid, path.as_ptr() as u64, ptrs.as_ptr() as u64).is_none());
         assert!(read_quick(pid, 0, ptrs.as_ptr() as u64).is_none());
         assert!(read_quick(pid, path.as_ptr() as u64, 0).is_none());
+    }
+
+    /// Placed by hand around page boundaries: what ends on its page is read quickly; an
+    /// argument, a path or a pointer array that runs onto the next page is left to the slow
+    /// read, which still reads it.
+    #[test]
+    fn what_crosses_a_page_boundary_goes_to_the_slow_read() {
+        let pid = std::process::id() as libc::pid_t;
+        let page = PAGE as usize;
+        let mut buffer = vec![0u8; 6 * page];
+        let base = buffer.as_ptr() as u64;
+        // Offsets in `buffer` of four page boundaries with a whole page before each; each
+        // boundary has one string or array across or just before it.
+        let first = page + to_page_end(base);
+        let [b1, b2, b3, b4] = [0, 1, 2, 3].map(|n| first + n * page);
+        let mut put = |at: usize, bytes: &[u8]| {
+            buffer[at..at + bytes.len()].copy_from_slice(bytes);
+            base + at as u64
+        };
+        let path = put(b1 - page, b"/usr/bin/env\0");
+        let path_across = put(b1 - 5, b"/usr/bin/env\0");
+        let arg_within = put(b2 - 4, b"abc\0");
+        let arg_across = put(b3 - 2, b"abc\0");
+        let words = |ptrs: &[u64]| ptrs.iter().flat_map(|p| p.to_ne_bytes()).collect::<Vec<u8>>();
+        let argv_within = put(b2 - page + 64, &words(&[arg_within, 0]));
+        let argv_across_arg = put(b2 - page + 128, &words(&[arg_across, 0]));
+        let argv_across_page = put(b4 - 8, &words(&[arg_within, 0]));
+        let env = (b"/usr/bin/env".to_vec(), vec!["abc".to_string()]);
+        let slow = |path: u64, argv: u64| {
+            (read_cstr(pid, path, MAX_PATH).ok().expect("a readable path"), read_argv(pid, argv, 1).unwrap())
+        };
+
+        assert_eq!(read_quick(pid, path, argv_within), Some(env.clone()));
+        for (path, argv) in [(path_across, argv_within), (path, argv_across_arg), (path, argv_across_page)] {
+            assert!(read_quick(pid, path, argv).is_none());
+            assert_eq!(slow(path, argv), env);
+        }
     }
 
     fn own_tid() -> u32 {
