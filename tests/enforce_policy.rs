@@ -350,6 +350,12 @@ fn an_egress_allow_list_lets_the_listed_host_through_and_denies_the_rest() {
     assert_eq!(allowed[0]["context"]["net"]["domain"], "localhost");
     assert!(denied.iter().any(|r| r["context"]["net"]["addr"] == "127.0.0.2" && r["outcome"] == "deny"), "{denied:?}");
     assert!(denied.iter().all(|r| r["plane"] == "kernel"));
+    // The connects come from bash and a forked subshell, both gone by the time agt-jail
+    // reads a batch of records: the executable comes from their exec and fork records.
+    for record in records.iter().filter(|r| r["event"] == "connect") {
+        let exe = record["context"]["proc"]["exe"].as_str().unwrap_or_default();
+        assert!(exe.starts_with('/') && exe.ends_with("/bash"), "{record}");
+    }
     assert_same_as_policy_eval(&guard_policy(), &records);
 }
 

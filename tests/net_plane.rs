@@ -398,7 +398,50 @@ fn the_plan_is_scoped_to_the_agent() {
     cgroup.remove().unwrap();
 }
 
-/// A burst of denies larger than the deny ring holds, with nobody reading: every deny is
+/// A deny and the exec of the process that made it come through one ring, in order: the
+/// reader sees the exec first, and the deny's executable key is the exec's, so userspace
+/// can name what made the deny even when the process is gone before the records are read.
+#[test]
+fn a_deny_is_read_after_the_exec_of_its_process_and_carries_its_executable() {
+    require!(Need::Root, Need::Btf, Need::CgroupV2);
+    let cgroup = test_cgroup(0x0e7e);
+    let agent = AGENT + 3;
+    let listener = counted_listener();
+    let mut programs = AgentPrograms::load().unwrap();
+    let mut reader = programs.take_events().unwrap();
+    programs.register_agent(cgroup.id(), agent).unwrap();
+    programs.attach_cgroup(cgroup.dir()).unwrap();
+    programs.install_net_plan(agent, &deny_every_tcp_connect()).unwrap();
+    // The shell forks a bash that connects (denied) and exits at once.
+    let script = format!("bash -c 'echo > /dev/tcp/127.0.0.1/{}'; exit 0", listener.port);
+    let (_, status) = probe(cgroup.path(), &[], false, &script);
+    assert_eq!(status, 0);
+    assert_eq!(accepted(&listener, 0), 0, "the denied connect never arrived");
+
+    let events = collect(&mut reader, |events| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Connect { agent_id, verdict: VerdictName::Deny, .. } if *agent_id == agent))
+    });
+    let deny_at = events
+        .iter()
+        .position(|e| matches!(e, Event::Connect { agent_id, verdict: VerdictName::Deny, .. } if *agent_id == agent))
+        .unwrap_or_else(|| panic!("no deny record: {events:#?}"));
+    let Event::Connect { tgid, caller, .. } = &events[deny_at] else { unreachable!() };
+    let exec_at = events
+        .iter()
+        .position(|e| matches!(e, Event::Exec { tgid: t, filename, .. } if t == tgid && filename.ends_with("/bash")))
+        .unwrap_or_else(|| panic!("no exec record of bash ({tgid}): {events:#?}"));
+    assert!(exec_at < deny_at, "the exec is read before the deny it explains: {events:#?}");
+    let Event::Exec { exe, .. } = &events[exec_at] else { unreachable!() };
+    assert_ne!(*exe, [0; 3], "the kernel knows what the exec runs");
+    assert_eq!(caller.exe, *exe, "the deny names the executable the exec started");
+    assert_eq!(caller.comm, "bash");
+    drop(programs);
+    cgroup.remove().unwrap();
+}
+
+/// A burst of denies larger than the priority ring holds, with nobody reading: every deny is
 /// still accounted for, in the ring or in the kernel's deny summary (a record with a
 /// count), and none is dropped. Ring records carry the caller as the kernel saw it.
 #[test]
@@ -413,7 +456,7 @@ fn denies_beyond_the_deny_ring_are_counted_not_lost() {
     programs.attach_cgroup(cgroup.dir()).unwrap();
     programs.install_net_plan(agent, &deny_all).unwrap();
 
-    // The 1 MiB deny ring holds ~9,300 network records; the results (4 bytes each) must
+    // The 1 MiB priority ring holds ~7,700 network records; the results (4 bytes each) must
     // fit into the pipe the child writes them to before anyone reads it.
     const DENIES: usize = 15_000;
     let port = 9;
@@ -437,7 +480,7 @@ fn denies_beyond_the_deny_ring_are_counted_not_lost() {
         }
     }
     assert_eq!(accounted, DENIES as u64, "every deny in a record or a summary count");
-    assert!(summaries >= 1, "the burst overflowed the deny ring into the summary");
+    assert!(summaries >= 1, "the burst overflowed the priority ring into the summary");
     assert_eq!(programs.dropped_denies().unwrap(), 0);
     // Nothing new: a second drain hands out no summary again.
     let mut again = 0;

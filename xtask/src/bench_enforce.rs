@@ -548,7 +548,7 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
             "none needed a kernel summary".to_string()
         } else {
             format!(
-                "{} of them through {} kernel deny summaries, when the deny ring buffer was full",
+                "{} of them through {} kernel deny summaries, when the priority ring buffer was full",
                 p.summarised_denies, p.summary_records
             )
         };
@@ -564,7 +564,7 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
     } else {
         format!(
             "**{lost_denies} of {} denied connects have no deny record** ({} denies dropped by the kernel with \
-             both the deny ring buffer and the deny summary map full)",
+             both the priority ring buffer and the deny summary map full)",
             p.workload.denied, p.deny_drops
         )
     };
@@ -600,7 +600,7 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
          | denied connects accounted for by deny records (a summary of N counts N) | {deny_records} |\n\
          | of which in kernel deny summaries (summary records) | {summarised} ({summary_records}) |\n\
          | deny records missing | {lost_denies} |\n\
-         | kernel deny drop counter (deny ring and summary map full) | {deny_drops} |\n\
+         | kernel deny drop counter (priority ring and summary map full) | {deny_drops} |\n\
          | kernel drop counter for allowed events (event ring buffer full) | {drops} |\n\
          | deny records missing with no drop counted (silent loss) | {silent} |\n\
          | evaluator rate: connect records / span of their record times | {connect_records} / {record_span:.2} s = {record_rate:.0} records/s |\n\

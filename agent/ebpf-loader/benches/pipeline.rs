@@ -18,7 +18,7 @@ use std::{
 };
 
 use agt_jail_common::{
-    EventHeader, EventKind, ExecTraceEvent, NetEvent as NetRecord, Verdict, AF_INET, EXEC_FILENAME_LEN,
+    EventHeader, EventKind, ExeKey, ExecTraceEvent, NetEvent as NetRecord, Verdict, AF_INET, EXEC_FILENAME_LEN,
     NET_LAYER_ALLOW_LIST, NET_LAYER_NONE, NET_RULE_DEFAULT, TASK_COMM_LEN,
 };
 use agt_jail_ebpf_loader::{decode, Event, NetLayer, VerdictName};
@@ -77,7 +77,15 @@ fn connect_record_to(verdict: Verdict, pid: u32, port: u16) -> Vec<u8> {
         uid: 0,
         ppid: 1,
         comm: *b"loops\0\0\0\0\0\0\0\0\0\0\0",
+        exe: own_exe_key(),
     })
+}
+
+/// A kernel executable key for this process's executable: its inode number is the real one,
+/// so the evaluator names the key from /proc once, as it does for an agent's process.
+fn own_exe_key() -> ExeKey {
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/exe").unwrap());
+    ExeKey { mnt: 1, dentry: 2, ino }
 }
 
 fn exec_record(pid: u32) -> Vec<u8> {
@@ -90,6 +98,7 @@ fn exec_record(pid: u32) -> Vec<u8> {
         ppid: 1,
         filename_len: 10,
         comm,
+        exe: own_exe_key(),
         filename,
     })
 }
@@ -136,7 +145,12 @@ fn observe(evaluator: &Evaluator, event: &Event, from_record: bool) {
                 (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
                 (VerdictName::Deny, _) => KernelVerdict::Floor,
             };
-            let caller = from_record.then_some(KernelCaller { ppid: caller.ppid, uid: caller.uid, comm: &caller.comm });
+            let caller = from_record.then_some(KernelCaller {
+                ppid: caller.ppid,
+                uid: caller.uid,
+                comm: &caller.comm,
+                exe: caller.exe,
+            });
             evaluator.observe_net(&NetObservation {
                 pid: *tgid,
                 event: NetEvent::Connect,

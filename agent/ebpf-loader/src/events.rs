@@ -91,6 +91,11 @@ pub struct Caller {
     /// The real parent's process id (0 when unreadable).
     pub ppid: u32,
     pub comm: String,
+    /// Which executable the caller runs: an opaque key (`agt_jail_common::ExeKey`, kernel
+    /// addresses, so never written out), equal to [`Event::Exec`]'s `exe` for the exec
+    /// that started it; all zero when the kernel did not know.
+    #[serde(skip)]
+    pub exe: [u64; 3],
 }
 
 /// The fields every network event (connect, sendmsg, bind) carries.
@@ -106,7 +111,7 @@ pub struct NetDetail {
     #[serde(flatten)]
     pub caller: Caller,
     /// How many calls this record stands for: 1, or more for a deny summary (denies that
-    /// did not fit into the deny ring and were counted in the kernel; their `pid` and
+    /// did not fit into the priority ring and were counted in the kernel; their `pid` and
     /// `ktime_ns` are 0).
     #[serde(skip_serializing_if = "is_one")]
     pub count: u64,
@@ -133,6 +138,9 @@ pub enum Event {
         /// The task's name after the exec.
         comm: String,
         verdict: VerdictName,
+        /// The executable the task runs now, as [`Caller::exe`] keys it (never written out).
+        #[serde(skip)]
+        exe: [u64; 3],
     },
     /// An agent's process was checked before an exec (Tier A, BPF LSM).
     ExecCheck {
@@ -409,7 +417,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let event: ExecTraceEvent = read_pod(bytes, "exec event")?;
             let filename = kernel_string(&event.filename, event.filename_len as usize);
             let comm = comm_string(&event.comm);
-            Ok(Event::Exec { pid, tgid, ppid: event.ppid, cgroup_id, agent_id, ktime_ns, filename, comm, verdict })
+            let exe = exe_key(event.exe);
+            Ok(Event::Exec { pid, tgid, ppid: event.ppid, cgroup_id, agent_id, ktime_ns, filename, comm, verdict, exe })
         }
         EventKind::Connect | EventKind::Sendmsg | EventKind::Bind => {
             let event: NetEvent = read_pod(bytes, "network event")?;
@@ -499,6 +508,11 @@ fn kernel_string(buffer: &[u8], len: usize) -> String {
     String::from_utf8_lossy(raw).into_owned()
 }
 
+/// The kernel's executable key as the plain array userspace compares and hashes.
+fn exe_key(key: agt_jail_common::ExeKey) -> [u64; 3] {
+    [key.mnt, key.dentry, key.ino]
+}
+
 /// A NUL-padded `comm` as text (every record's and the task facts map's reading).
 pub fn comm_string(comm: &[u8]) -> String {
     let end = comm.iter().position(|&byte| byte == 0).unwrap_or(comm.len());
@@ -531,7 +545,7 @@ fn net_detail(event: &NetEvent, count: u64) -> Result<NetDetail, DecodeError> {
         rate_limited: event.flags & NET_EVENT_RATE_LIMITED != 0,
         log: event.flags & NET_EVENT_LOG != 0,
     });
-    let caller = Caller { uid: event.uid, ppid: event.ppid, comm: comm_string(&event.comm) };
+    let caller = Caller { uid: event.uid, ppid: event.ppid, comm: comm_string(&event.comm), exe: exe_key(event.exe) };
     Ok(NetDetail {
         family,
         addr,
@@ -544,10 +558,11 @@ fn net_detail(event: &NetEvent, count: u64) -> Result<NetDetail, DecodeError> {
     })
 }
 
-/// Blocking reader over the kernel's event rings (deny records first) and its deny summary.
+/// Blocking reader over the kernel's event rings (the priority ring first: deny, kill and
+/// process records) and its deny summary.
 pub struct EventReader {
     events: RingBuf<MapData>,
-    denies: RingBuf<MapData>,
+    priority: RingBuf<MapData>,
     summary: PerCpuHashMap<MapData, NetEvent, u64>,
     /// Per summary key (its bytes): the count already handed out.
     reported: HashMap<Vec<u8>, u64>,
@@ -556,18 +571,18 @@ pub struct EventReader {
 impl EventReader {
     pub(crate) fn new(
         events: RingBuf<MapData>,
-        denies: RingBuf<MapData>,
+        priority: RingBuf<MapData>,
         summary: PerCpuHashMap<MapData, NetEvent, u64>,
     ) -> Self {
-        Self { events, denies, summary, reported: HashMap::new() }
+        Self { events, priority, summary, reported: HashMap::new() }
     }
 
-    /// Hands every record already queued to `sink`, without waiting: the deny ring, the
+    /// Hands every record already queued to `sink`, without waiting: the priority ring, the
     /// event ring, then the denies the kernel counted since the last look (one event per
     /// summary key with the increment as its count). Returns how many events were handed out.
     pub fn drain(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
         let mut count = 0;
-        for ring in [&mut self.denies, &mut self.events] {
+        for ring in [&mut self.priority, &mut self.events] {
             while let Some(item) = ring.next() {
                 sink(decode(&item));
                 count += 1;
@@ -591,8 +606,9 @@ impl EventReader {
         count
     }
 
-    /// Waits up to `timeout` for records of either ring, then drains them. Returns how many
-    /// were read.
+    /// Waits up to `timeout` for records of either ring, then drains them (process records
+    /// in the priority ring do not wake it: they come with the next record that does, or at
+    /// the timeout). Returns how many were read.
     pub fn poll(
         &mut self,
         timeout: Duration,
@@ -614,14 +630,14 @@ impl EventReader {
         self.wait_then_drain(1, timeout, sink)
     }
 
-    /// Waits on the first `rings` of (deny ring, event ring), then drains everything.
+    /// Waits on the first `rings` of (priority ring, event ring), then drains everything.
     fn wait_then_drain(
         &mut self,
         rings: usize,
         timeout: Duration,
         sink: &mut dyn FnMut(Result<Event, DecodeError>),
     ) -> std::io::Result<usize> {
-        let mut fds = [self.denies.as_raw_fd(), self.events.as_raw_fd()].map(|fd| libc::pollfd {
+        let mut fds = [self.priority.as_raw_fd(), self.events.as_raw_fd()].map(|fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
@@ -652,7 +668,7 @@ fn bytes_of<T: Copy>(value: &T) -> &[u8] {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use agt_jail_common::{EXEC_FILENAME_LEN, TASK_COMM_LEN};
+    use agt_jail_common::{ExeKey, EXEC_FILENAME_LEN, TASK_COMM_LEN};
 
     fn header(kind: EventKind, verdict: Verdict) -> EventHeader {
         EventHeader {
@@ -683,6 +699,7 @@ mod tests {
             uid: 1000,
             ppid: 4,
             comm: comm(b"curl"),
+            exe: ExeKey { mnt: 1, dentry: 2, ino: 3 },
         }
     }
 
@@ -701,6 +718,7 @@ mod tests {
             ppid: 9,
             filename_len: 10,
             comm: comm(b"true"),
+            exe: ExeKey { mnt: 4, dentry: 5, ino: 6 },
             filename,
         };
         let decoded = decode(bytes_of(&event)).unwrap();
@@ -715,11 +733,13 @@ mod tests {
                 ktime_ns: 123,
                 filename: "/bin/true".into(),
                 comm: "true".into(),
-                verdict: VerdictName::Allow
+                verdict: VerdictName::Allow,
+                exe: [4, 5, 6],
             }
         );
         let json = serde_json::to_value(&decoded).unwrap();
         assert_eq!((json["kind"].as_str(), json["ppid"].as_u64()), (Some("exec"), Some(9)));
+        assert!(json.get("exe").is_none(), "the key is kernel addresses, never written out: {json}");
     }
 
     #[test]
@@ -752,6 +772,9 @@ mod tests {
             (Some(1000), Some(4), Some("curl"))
         );
         assert!(json.get("count").is_none(), "a record of one call has no count: {json}");
+        assert!(json.get("exe").is_none(), "the executable key is kernel addresses, never written out: {json}");
+        let Ok(Event::Connect { caller, .. }) = decode(bytes_of(&event)) else { panic!("not a connect") };
+        assert_eq!(caller.exe, [1, 2, 3]);
 
         event.header.pid = 0;
         event.header.ktime_ns = 0;
@@ -888,6 +911,7 @@ mod tests {
             ppid: 1,
             filename_len: 10_000,
             comm: [0; TASK_COMM_LEN],
+            exe: ExeKey::default(),
             filename: [b'a'; EXEC_FILENAME_LEN],
         };
         let Event::Exec { filename, comm, .. } = decode(bytes_of(&event)).unwrap() else { panic!("not exec") };

@@ -209,11 +209,11 @@ impl AgentPrograms {
         }
 
         let mut take = |name: &'static str| bpf.take_map(name).ok_or(LoaderError::Missing { what: "map", name });
-        let (events, denies, summary) = (take("EVENTS")?, take("DENY_EVENTS")?, take("DENY_SUMMARY")?);
+        let (events, priority, summary) = (take("EVENTS")?, take("PRIORITY_EVENTS")?, take("DENY_SUMMARY")?);
         let ring = |map: aya::maps::Map| RingBuf::try_from(map).map_err(|err| LoaderError::Load(err.to_string()));
         let summary = PerCpuHashMap::try_from(summary)
             .map_err(|err| LoaderError::Map { map: "DENY_SUMMARY", message: err.to_string() })?;
-        let reader = EventReader::new(ring(events)?, ring(denies)?, summary);
+        let reader = EventReader::new(ring(events)?, ring(priority)?, summary);
         let task_facts = HashMap::try_from(take("TASK_FACTS")?)
             .map_err(|err| LoaderError::Map { map: "TASK_FACTS", message: err.to_string() })?;
         Ok(Self { bpf, reader: Some(reader), task_facts: Some(TaskFactsMap { map: task_facts }) })
@@ -288,7 +288,7 @@ impl AgentPrograms {
         self.counter("EVENT_DROPS")
     }
 
-    /// Denies the kernel side could neither queue (deny ring full) nor count in the deny
+    /// Denies the kernel side could neither queue (priority ring full) nor count in the deny
     /// summary (summary map full): denied calls without a record.
     pub fn dropped_denies(&self) -> Result<u64, LoaderError> {
         self.counter("DENY_DROPS")

@@ -105,7 +105,7 @@ pub struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'a str>,
     /// How many calls the record stands for, when more than one: a kernel deny summary
-    /// (denies counted in the kernel when its deny ring was full).
+    /// (denies counted in the kernel when its priority ring was full).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
 }
@@ -227,12 +227,27 @@ struct Pending {
 #[derive(Default)]
 struct ProcCache {
     facts: HashMap<u32, ProcFacts>,
-    /// The executable of processes whose other facts came with the kernel's record.
+    /// The executable of processes whose other facts came with the kernel's record, for
+    /// records without the kernel's executable key.
     exes: HashMap<u32, String>,
+    /// The kernel's executable keys → paths, learnt from exec records and from
+    /// `/proc/PID/exe` of a live process that runs the key's file. Records are read in
+    /// batches, so the process of a record has often exited by then; its key still names it.
+    named: HashMap<[u64; 3], String>,
 }
 
 /// Most processes remembered at once; the cache starts over when full.
 const PROC_CACHE_MAX: usize = 4096;
+
+/// The kernel's executable key for "unknown".
+const NO_EXE: [u64; 3] = [0; 3];
+
+fn remember_name(cache: &mut ProcCache, key: [u64; 3], name: String) {
+    if cache.named.len() >= PROC_CACHE_MAX {
+        cache.named.clear();
+    }
+    cache.named.insert(key, name);
+}
 
 struct State {
     agent: AgentFacts,
@@ -345,6 +360,47 @@ impl Evaluator {
         }
         cache.exes.insert(pid, exe);
         answer
+    }
+
+    /// Runs `f` on the path of the kernel's executable key `key` of a record of `pid`: as
+    /// learnt before, else from `/proc/PID/exe` when that process still runs the key's file,
+    /// else empty (unknown, never a guess).
+    fn with_named_exe<R>(&self, pid: u32, key: [u64; 3], f: impl FnOnce(&str) -> R) -> R {
+        if let Some(name) = lock(&self.procs).named.get(&key) {
+            return f(name);
+        }
+        match self.exe_running(pid, key) {
+            Some(name) => {
+                let answer = f(&name);
+                remember_name(&mut lock(&self.procs), key, name);
+                answer
+            }
+            None => f(""),
+        }
+    }
+
+    /// `/proc/PID/exe` when process `pid` runs the file of key `key` (the inode numbers
+    /// agree; the rest of the key is kernel addresses).
+    fn exe_running(&self, pid: u32, key: [u64; 3]) -> Option<String> {
+        let link = self.proc_root.join(pid.to_string()).join("exe");
+        let name = std::fs::read_link(&link).ok()?.display().to_string();
+        let runs_key = std::fs::metadata(&link).is_ok_and(|meta| std::os::unix::fs::MetadataExt::ino(&meta) == key[2]);
+        (runs_key && !name.is_empty()).then_some(name)
+    }
+
+    /// The kernel's record of an exec by `pid` of `filename`, now running the file of key
+    /// `key`: what was known of the process is read again, and the key is named, from
+    /// `/proc/PID/exe` (symbolic links resolved) while the process still runs it, else by
+    /// `filename` when absolute (the path as the exec named it: the process has gone).
+    pub fn process_execd(&self, pid: u32, key: [u64; 3], filename: &str) {
+        self.forget_process(pid);
+        if key == NO_EXE || lock(&self.procs).named.contains_key(&key) {
+            return;
+        }
+        let name = self.exe_running(pid, key).or_else(|| filename.starts_with('/').then(|| filename.to_string()));
+        if let Some(name) = name {
+            remember_name(&mut lock(&self.procs), key, name);
+        }
     }
 
     /// Forgets what is known of a process (it exec'd or exited).
@@ -707,7 +763,12 @@ impl Evaluator {
         net.ctx.set_agent(&lock(&self.state).agent);
         match &obs.caller {
             Some(caller) => {
-                self.with_exe(obs.pid, |exe| net.ctx.set_proc(obs.pid, caller.ppid, caller.uid, caller.comm, exe));
+                let set = |exe: &str| net.ctx.set_proc(obs.pid, caller.ppid, caller.uid, caller.comm, exe);
+                if caller.exe == NO_EXE {
+                    self.with_exe(obs.pid, set);
+                } else {
+                    self.with_named_exe(obs.pid, caller.exe, set);
+                }
             }
             None => {
                 let p = self.cached_proc_facts(obs.pid);
@@ -951,6 +1012,9 @@ pub struct KernelCaller<'a> {
     pub ppid: u32,
     pub uid: u32,
     pub comm: &'a str,
+    /// The executable the caller runs, as the kernel keys it (`agt_jail_common::ExeKey`);
+    /// all zero when the kernel did not know.
+    pub exe: [u64; 3],
 }
 
 /// What the kernel did with a network event.
@@ -1113,6 +1177,10 @@ rules:
     }
 
     fn evaluator_with(timeout: Duration, trust: TrustRules) -> (Arc<Evaluator>, Arc<Recorder>, Lines) {
+        evaluator_at(timeout, trust, Path::new("/nonexistent-proc"))
+    }
+
+    fn evaluator_at(timeout: Duration, trust: TrustRules, proc_root: &Path) -> (Arc<Evaluator>, Arc<Recorder>, Lines) {
         let set = PolicySet::from_str("t.yaml", POLICY).unwrap();
         let actuator = Arc::new(Recorder::default());
         let lines = Lines::default();
@@ -1131,7 +1199,7 @@ rules:
             trust,
             entry_program: PathBuf::from("/bin/entry"),
             show_denials: false,
-            proc_root: PathBuf::from("/nonexistent-proc"),
+            proc_root: proc_root.to_path_buf(),
         };
         let ev = Evaluator::new(cfg, RecordSink::new(Some(Box::new(lines.clone()))), actuator.clone());
         (ev, actuator, lines)
@@ -1293,7 +1361,7 @@ rules:
             port: 80,
             domain: None,
             kernel,
-            caller: Some(KernelCaller { ppid: 3, uid: 1000, comm: "curl" }),
+            caller: Some(KernelCaller { ppid: 3, uid: 1000, comm: "curl", exe: NO_EXE }),
             count,
         }
     }
@@ -1381,7 +1449,7 @@ rules:
         for i in 0..6u16 {
             let mut obs = connect(if i % 3 == 0 { KernelVerdict::Floor } else { KernelVerdict::Allow }, 1);
             let comm = if i % 2 == 0 { "curl" } else { "wget\"2" };
-            obs.caller = Some(KernelCaller { ppid: u32::from(i), uid: 1000 + u32::from(i % 2), comm });
+            obs.caller = Some(KernelCaller { ppid: u32::from(i), uid: 1000 + u32::from(i % 2), comm, exe: NO_EXE });
             obs.port = 80 + i;
             obs.domain = (i % 2 == 1).then_some("api.example");
             if i == 4 {
@@ -1416,6 +1484,44 @@ rules:
         }
         let rules: Vec<&Value> = records.iter().map(|r| &r["matched_rule"]).collect();
         assert!(rules.contains(&&json!("no-api")) && rules.contains(&&Value::Null), "decisions differ: {rules:?}");
+    }
+
+    #[test]
+    fn network_records_name_the_callers_executable_by_the_kernels_key() {
+        // A fake /proc: process 20 is alive and runs `tool`; every other pid has exited.
+        let root = tempfile::tempdir().unwrap();
+        let tool = root.path().join("tool");
+        std::fs::write(&tool, "").unwrap();
+        let tool_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&tool).unwrap());
+        let proc_root = root.path().join("proc");
+        std::fs::create_dir_all(proc_root.join("20")).unwrap();
+        std::os::unix::fs::symlink(&tool, proc_root.join("20/exe")).unwrap();
+        let (ev, _, lines) = evaluator_at(Duration::from_secs(1), TrustRules { penalty: 0, kill_below: 0 }, &proc_root);
+        let exe_in_record = |pid: u32, exe: [u64; 3]| {
+            let mut obs = connect(KernelVerdict::Allow, 1);
+            obs.pid = pid;
+            obs.caller = Some(KernelCaller { ppid: 1, uid: 0, comm: "c", exe });
+            ev.observe_net(&obs);
+            ev.flush();
+            let record = lines.records().pop().unwrap();
+            assert_eq!(record["context"]["proc"]["pid"], pid);
+            record["context"]["proc"]["exe"].as_str().unwrap().to_string()
+        };
+        let (curl, tools, other_file, relative) = ([1, 1, 11], [2, 2, tool_ino], [3, 3, tool_ino + 1], [4, 4, 44]);
+
+        assert_eq!(exe_in_record(7, curl), "", "an unknown key of an exited process: unknown, not a guess");
+        ev.process_execd(7, curl, "/usr/bin/curl");
+        assert_eq!(exe_in_record(7, curl), "/usr/bin/curl", "the exec record names the key");
+        assert_eq!(exe_in_record(9, curl), "/usr/bin/curl", "the key names the file, whichever process runs it");
+
+        assert_eq!(exe_in_record(20, tools), tool.display().to_string(), "a live process running the key's file");
+        ev.process_execd(21, tools, "/bin/alias");
+        assert_eq!(exe_in_record(21, tools), tool.display().to_string(), "a key is named once");
+        assert_eq!(exe_in_record(20, other_file), "", "/proc shows another file than the key's: not used");
+
+        ev.process_execd(22, relative, "./relative");
+        assert_eq!(exe_in_record(22, relative), "", "a relative exec path names nothing");
+        assert_eq!(exe_in_record(20, NO_EXE), tool.display().to_string(), "no key: /proc by pid, as before");
     }
 
     #[derive(Clone, Default)]

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use crate::{
     count_drop, current_agent, header, load_time_constant,
     proc::{exe_key, forget, parent_tgid, remember},
-    EVENTS,
+    process_ring,
 };
 
 /// Offset of `filename` in `struct linux_binprm`, read from the running kernel's BTF
@@ -41,8 +41,10 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     if old_pid as u32 != header.pid {
         forget(old_pid as u32);
     }
-    remember(header.pid, exe_key(task), comm);
-    let Some(mut entry) = EVENTS.reserve::<ExecTraceEvent>(0) else {
+    let exe = exe_key(task);
+    remember(header.pid, exe, comm);
+    let (ring, submit_flags) = process_ring();
+    let Some(mut entry) = ring.reserve::<ExecTraceEvent>(0) else {
         count_drop();
         return 0;
     };
@@ -53,12 +55,13 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
         (*event).header = header;
         (*event).ppid = ppid;
         (*event).comm = comm;
+        (*event).exe = exe;
         let len = match bpf_probe_read_kernel_str_bytes(filename, &mut (*event).filename) {
             Ok(bytes) => bytes.len(),
             Err(_) => 0,
         };
         (*event).filename_len = if len > EXEC_FILENAME_LEN { EXEC_FILENAME_LEN as u32 } else { len as u32 };
     }
-    entry.submit(0);
+    entry.submit(submit_flags);
     0
 }

@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::LsmContext,
 };
 
-use crate::{count_deny_drop, current_agent, header, DENY_EVENTS};
+use crate::{count_deny_drop, current_agent, header, PRIORITY_EVENTS, WAKE_AT_ONCE};
 
 /// -EPERM, what a denied operation returns.
 const EPERM: i32 = -1;
@@ -234,7 +234,7 @@ fn file_identity(bprm: *const u8) -> Option<FileIdentity> {
 #[inline(always)]
 fn report_deny(bprm: *const u8, cgroup_id: u64, agent_id: u64, reason: ExecDenyReason, dev: u64, ino: u64) {
     let filename: *const u8 = offset(OFF_BINPRM_FILENAME).and_then(|at| read_at(bprm, at)).unwrap_or(core::ptr::null());
-    let Some(mut entry) = DENY_EVENTS.reserve::<ExecCheckEvent>(0) else {
+    let Some(mut entry) = PRIORITY_EVENTS.reserve::<ExecCheckEvent>(0) else {
         count_deny_drop();
         return;
     };
@@ -257,5 +257,5 @@ fn report_deny(bprm: *const u8, cgroup_id: u64, agent_id: u64, reason: ExecDenyR
         };
         (*event).filename_len = if len > EXEC_FILENAME_LEN { EXEC_FILENAME_LEN as u32 } else { len as u32 };
     }
-    entry.submit(0);
+    entry.submit(WAKE_AT_ONCE);
 }

@@ -16,14 +16,14 @@
 //! so userspace can write a new plan beside the old one and switch with one map update.
 
 use agt_jail_common::{
-    bpf_spin_lock, ConnectAllowData, ConnectRuleKey, EventKind, NetAddr4Data, NetAddr6Data, NetEvent, NetLimitKey,
-    NetLimitState, NetPortKey, NetVerdict, NetVerdictKey, Verdict, AF_INET, AF_INET6, AGENT_FLAG_CONNECT_ALLOWLIST,
-    AGENT_FLAG_NET_DENY_ALL, AGENT_FLAG_NET_POLICY, CONNECT_ALLOW_FIXED_BITS, MAX_AGENTS, MAX_CONNECT_ALLOW,
-    MAX_CONNECT_RULES, MAX_NET_ADDRS, MAX_NET_LIMITS, MAX_NET_PORTS, MAX_NET_VERDICTS, NET_ACTION_ALLOW,
-    NET_ACTION_KILL, NET_ADDR_FIXED_BITS, NET_EVENT_LOG, NET_EVENT_PLAN, NET_EVENT_RATE_LIMITED, NET_HOOK_BIND,
-    NET_HOOK_CONNECT, NET_HOOK_SENDMSG, NET_LAYER_ALLOW_LIST, NET_LAYER_DENY_ALL, NET_LAYER_DENY_LIST, NET_LAYER_NONE,
-    NET_LAYER_PLAN, NET_LAYER_UNKNOWN_AGENT, NET_PROTO_OTHER, NET_PROTO_TCP, NET_PROTO_UDP, NET_RULE_DEFAULT,
-    NET_VERDICT_LOG, RULE_ALLOW, RULE_DENY,
+    bpf_spin_lock, ConnectAllowData, ConnectRuleKey, EventKind, ExeKey, NetAddr4Data, NetAddr6Data, NetEvent,
+    NetLimitKey, NetLimitState, NetPortKey, NetVerdict, NetVerdictKey, Verdict, AF_INET, AF_INET6,
+    AGENT_FLAG_CONNECT_ALLOWLIST, AGENT_FLAG_NET_DENY_ALL, AGENT_FLAG_NET_POLICY, CONNECT_ALLOW_FIXED_BITS, MAX_AGENTS,
+    MAX_CONNECT_ALLOW, MAX_CONNECT_RULES, MAX_NET_ADDRS, MAX_NET_LIMITS, MAX_NET_PORTS, MAX_NET_VERDICTS,
+    NET_ACTION_ALLOW, NET_ACTION_KILL, NET_ADDR_FIXED_BITS, NET_EVENT_LOG, NET_EVENT_PLAN, NET_EVENT_RATE_LIMITED,
+    NET_HOOK_BIND, NET_HOOK_CONNECT, NET_HOOK_SENDMSG, NET_LAYER_ALLOW_LIST, NET_LAYER_DENY_ALL, NET_LAYER_DENY_LIST,
+    NET_LAYER_NONE, NET_LAYER_PLAN, NET_LAYER_UNKNOWN_AGENT, NET_PROTO_OTHER, NET_PROTO_TCP, NET_PROTO_UDP,
+    NET_RULE_DEFAULT, NET_VERDICT_LOG, RULE_ALLOW, RULE_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -38,7 +38,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::{count_deny_drop, count_drop, header, proc::parent_tgid, AGENT_CGROUPS, DENY_EVENTS, DENY_SUMMARY, EVENTS};
+use crate::{
+    count_deny_drop, count_drop, header,
+    proc::{known_exe, parent_tgid},
+    AGENT_CGROUPS, DENY_SUMMARY, EVENTS, PRIORITY_EVENTS, WAKE_AT_ONCE,
+};
 
 /// Denied destinations per agent; value is `RULE_DENY`. `port == 0` in a key means any port.
 #[map]
@@ -264,6 +268,7 @@ fn net_event(sock_addr: &bpf_sock_addr, family: u16, addr: [u8; 16], port: u16) 
         uid: 0,
         ppid: 0,
         comm: [0; 16],
+        exe: ExeKey { mnt: 0, dentry: 0, ino: 0 },
     }
 }
 
@@ -402,6 +407,7 @@ fn report(hook: u8, cgroup_id: u64, agent_id: u64, verdict: Verdict, mut event: 
     // SAFETY: bpf_get_current_task has no preconditions; the pointer is only read through
     // the probe helper.
     event.ppid = parent_tgid(unsafe { bpf_get_current_task() } as *const u8);
+    event.exe = known_exe(event.header.pid);
     if verdict == Verdict::Allow {
         let Some(mut entry) = EVENTS.reserve::<NetEvent>(0) else {
             count_drop();
@@ -411,15 +417,15 @@ fn report(hook: u8, cgroup_id: u64, agent_id: u64, verdict: Verdict, mut event: 
         entry.submit(0);
         return;
     }
-    if let Some(mut entry) = DENY_EVENTS.reserve::<NetEvent>(0) {
+    if let Some(mut entry) = PRIORITY_EVENTS.reserve::<NetEvent>(0) {
         entry.write(event);
-        entry.submit(0);
+        entry.submit(WAKE_AT_ONCE);
         return;
     }
     summarise(&mut event);
 }
 
-/// Counts a deny that did not fit into the deny ring under its record, with the fields
+/// Counts a deny that did not fit into the priority ring under its record, with the fields
 /// that differ between otherwise equal denies (thread id, time) zeroed.
 #[inline(always)]
 fn summarise(event: &mut NetEvent) {

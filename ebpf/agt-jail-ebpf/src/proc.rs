@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::{count_drop, current_agent, header, load_time_constant, EVENTS};
+use crate::{count_drop, current_agent, header, load_time_constant, process_ring};
 
 /// Thread id (initial pid namespace) → the thread's `comm` and executable. LRU, so a
 /// thread whose exit was not seen cannot fill it; userspace falls back to `/proc` for a
@@ -87,6 +87,14 @@ pub(crate) fn remember(tid: u32, exe: ExeKey, comm: [u8; TASK_COMM_LEN]) {
     let _ = TASK_FACTS.insert(&tid, &TaskFacts { exe, comm }, 0);
 }
 
+/// The executable thread `tid` runs, as `TASK_FACTS` has it (all zero when it has none).
+#[inline(always)]
+pub(crate) fn known_exe(tid: u32) -> ExeKey {
+    // SAFETY: the value is copied out at once; an entry changing under the read yields a
+    // torn key at worst, never a fault.
+    unsafe { TASK_FACTS.get(&tid) }.map(|facts| facts.exe).unwrap_or(ExeKey { mnt: 0, dentry: 0, ino: 0 })
+}
+
 #[inline(always)]
 pub(crate) fn forget(tid: u32) {
     let _ = TASK_FACTS.remove(&tid);
@@ -117,12 +125,13 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
         child_tgid: read_at::<i32>(child, tgid_offset).unwrap_or(0) as u32,
         comm,
     };
-    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+    let (ring, submit_flags) = process_ring();
+    let Some(mut entry) = ring.reserve::<ForkEvent>(0) else {
         count_drop();
         return 0;
     };
     entry.write(event);
-    entry.submit(0);
+    entry.submit(submit_flags);
     0
 }
 
@@ -143,12 +152,13 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     let task: *const u8 = ctx.arg(0);
     let exit_code = read_at::<i32>(task, load_time_constant(&TASK_EXIT_CODE_OFFSET)).unwrap_or(0) as u32;
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
+    let (ring, submit_flags) = process_ring();
+    let Some(mut entry) = ring.reserve::<ExitEvent>(0) else {
         count_drop();
         return 0;
     };
     entry.write(ExitEvent { header, exit_code, _pad: 0, comm });
-    entry.submit(0);
+    entry.submit(submit_flags);
     0
 }
 

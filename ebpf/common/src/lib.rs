@@ -14,9 +14,11 @@ pub const EXEC_FILENAME_LEN: usize = 256;
 /// One ring for every program and agent: 4 MiB holds ~40k network events.
 pub const EVENT_RING_BYTES: u32 = 4 << 20;
 
-/// Capacity of the ring buffer that only deny and kill records use, so that a flood of
-/// allowed events cannot crowd them out (1 MiB holds ~10k network denies).
-pub const DENY_RING_BYTES: u32 = 1 << 20;
+/// Capacity of the priority ring buffer: deny and kill records, so that a flood of allowed
+/// events cannot crowd them out (1 MiB holds ~8k network denies), and process records
+/// (fork, exec, exit) while it is less than half full, so that the record of the process a
+/// deny came from is read before the deny.
+pub const PRIORITY_RING_BYTES: u32 = 1 << 20;
 
 /// Entries of the deny summary map: distinct (agent, process, destination, verdict)
 /// keys whose denies did not fit into the deny ring and are counted instead.
@@ -131,9 +133,11 @@ pub struct ExecTraceEvent {
     pub filename_len: u32,
     /// The task's `comm` after the exec, NUL-padded.
     pub comm: [u8; TASK_COMM_LEN],
+    /// The executable the task runs now (what [`NetEvent::exe`] of its later events says).
+    pub exe: ExeKey,
     pub filename: [u8; EXEC_FILENAME_LEN],
 }
-const _: () = assert!(core::mem::size_of::<ExecTraceEvent>() == 40 + 8 + TASK_COMM_LEN + EXEC_FILENAME_LEN);
+const _: () = assert!(core::mem::size_of::<ExecTraceEvent>() == 40 + 8 + TASK_COMM_LEN + 24 + EXEC_FILENAME_LEN);
 
 /// A fork of an agent's task (kind [`EventKind::Fork`]); the header names the parent.
 #[repr(C)]
@@ -223,8 +227,11 @@ pub struct NetEvent {
     pub ppid: u32,
     /// The calling task's `comm`, NUL-padded.
     pub comm: [u8; TASK_COMM_LEN],
+    /// The executable the calling thread runs, from `TASK_FACTS` (all zero when unknown), so
+    /// that userspace can name it after the process has gone.
+    pub exe: ExeKey,
 }
-const _: () = assert!(core::mem::size_of::<NetEvent>() == 40 + 40 + 8 + TASK_COMM_LEN);
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 40 + 40 + 8 + TASK_COMM_LEN + 24);
 
 /// [`NetEvent::layer`]: nothing denied.
 pub const NET_LAYER_NONE: u8 = 0;

@@ -307,7 +307,7 @@ impl Governor for Governed<'_> {
         }
         if deny_drops > 0 {
             eprintln!(
-                "agt-jail: warning: the kernel dropped {deny_drops} deny record(s): the deny ring buffer and the deny \
+                "agt-jail: warning: the kernel dropped {deny_drops} deny record(s): the priority ring buffer and the deny \
                  summary map were both full"
             );
         }

@@ -218,8 +218,10 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
         Event::Bind { tgid, net, verdict, .. } => (NetEvent::Bind, *tgid, NetParts::of(net), *verdict),
         other => {
             // A process's facts change when it execs or exits.
-            if let Event::Exec { tgid, .. } | Event::Exit { tgid, .. } = other {
-                evaluator.forget_process(*tgid);
+            match other {
+                Event::Exec { tgid, exe, filename, .. } => evaluator.process_execd(*tgid, *exe, filename),
+                Event::Exit { tgid, .. } => evaluator.forget_process(*tgid),
+                _ => {}
             }
             if let Ok(value) = serde_json::to_value(other) {
                 evaluator.observe_raw(&value);
@@ -295,7 +297,7 @@ pub fn net_observation<'a>(
         port: net.port,
         domain,
         kernel,
-        caller: Some(KernelCaller { ppid: caller.ppid, uid: caller.uid, comm: &caller.comm }),
+        caller: Some(KernelCaller { ppid: caller.ppid, uid: caller.uid, comm: &caller.comm, exe: caller.exe }),
         count: net.count,
     }
 }

@@ -32,7 +32,7 @@ use aya_ebpf::{
 use super::{
     agent_config, offset, read_at, EPERM, OFF_DENTRY_NAME, OFF_FILE_FLAGS, OFF_FILE_MODE, OFF_FILE_PATH, OFF_QSTR_NAME,
 };
-use crate::{count_drop, current_agent, header, EVENTS};
+use crate::{count_deny_drop, current_agent, header, PRIORITY_EVENTS, WAKE_AT_ONCE};
 
 /// Exact and directory-prefix rules: (agent, path bytes) → denied accesses.
 #[map]
@@ -303,8 +303,8 @@ fn report(
     rule_index: u32,
     rule_kind: u32,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<FileEvent>(0) else {
-        count_drop();
+    let Some(mut entry) = PRIORITY_EVENTS.reserve::<FileEvent>(0) else {
+        count_deny_drop();
         return;
     };
     let event = entry.as_mut_ptr();
@@ -330,5 +330,5 @@ fn report(
             (*event).path_len = 0;
         }
     }
-    entry.submit(0);
+    entry.submit(WAKE_AT_ONCE);
 }

@@ -12,7 +12,7 @@ use agt_jail_common::{
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 
 use super::{agent_config, offset, read_at, task_cgroup_id, EPERM, OFF_TASK_TGID};
-use crate::{count_drop, current_agent, header, AGENT_CGROUPS, EVENTS};
+use crate::{count_deny_drop, current_agent, header, AGENT_CGROUPS, PRIORITY_EVENTS, WAKE_AT_ONCE};
 
 const AF_UNSPEC: u16 = 0;
 const AF_UNIX: u16 = 1;
@@ -130,8 +130,8 @@ fn deny_all(flag: u32, hook: GuardHook, detail: u32) -> i32 {
 
 #[inline(always)]
 fn report(cgroup_id: u64, agent_id: u64, hook: GuardHook, detail: u32, target_pid: u32, target_cgroup: u64) {
-    let Some(mut entry) = EVENTS.reserve::<GuardEvent>(0) else {
-        count_drop();
+    let Some(mut entry) = PRIORITY_EVENTS.reserve::<GuardEvent>(0) else {
+        count_deny_drop();
         return;
     };
     entry.write(GuardEvent {
@@ -142,5 +142,5 @@ fn report(cgroup_id: u64, agent_id: u64, hook: GuardHook, detail: u32, target_pi
         _pad: 0,
         target_cgroup,
     });
-    entry.submit(0);
+    entry.submit(WAKE_AT_ONCE);
 }
