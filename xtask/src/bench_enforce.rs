@@ -579,13 +579,14 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
          workload saw.\n\n\
          How the kernel side keeps denies: allowed events go to the 4 MiB event ring buffer, and when \
          it is full they are dropped and counted (`EVENT_DROPS`). Deny and kill records go to a ring \
-         buffer of their own (1 MiB), which allowed events cannot fill; a deny that does not fit there \
-         either is counted in a per-CPU hash map keyed by the whole record minus thread id and time \
-         (agent, cgroup, process, uid, comm, destination, verdict, layer, plan class), and agt-jail \
+         buffer of their own (1 MiB, shared with process records while it is less than half full), \
+         which allowed events cannot fill; a deny that does not fit there either is counted in a \
+         per-CPU hash map keyed by the whole record minus thread id and time (agent, cgroup, process, \
+         uid, comm, executable, destination, verdict, layer, plan class), and agt-jail \
          writes each increment as one deny record with `\"count\": N`. Only a deny that fits neither \
          (16,384 distinct keys) is lost, and it is counted (`DENY_DROPS`) and reported. The records \
          carry the caller's pid, uid, parent and comm from the kernel, so the evaluator reads no /proc \
-         per event (only the executable, once per process); each network event's context is one \
+         per event (only the executable's path, once per executable); each network event's context is one \
          context updated in place, whose agent and process sections (and the decision) are \
          serialised again only when they change; records are written with one write per \
          ring-buffer drain. The reader is woken at once by a deny record and otherwise drains \
