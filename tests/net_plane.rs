@@ -379,6 +379,18 @@ fn deny_every_tcp_connect() -> NetTables {
     }
 }
 
+/// A test cgroup registered as `agent`, with the programs attached, every TCP connect denied
+/// by its plan, and the reader of its records.
+fn agent_denying_tcp(tag: u64, agent: u64) -> (AgentCgroup, AgentPrograms, EventReader) {
+    let cgroup = test_cgroup(tag);
+    let mut programs = AgentPrograms::load().unwrap();
+    let reader = programs.take_events().unwrap();
+    programs.register_agent(cgroup.id(), agent).unwrap();
+    programs.attach_cgroup(cgroup.dir()).unwrap();
+    programs.install_net_plan(agent, &deny_every_tcp_connect()).unwrap();
+    (cgroup, programs, reader)
+}
+
 /// Outside the agent's cgroup nothing of the plan applies.
 #[test]
 fn the_plan_is_scoped_to_the_agent() {
@@ -404,29 +416,19 @@ fn the_plan_is_scoped_to_the_agent() {
 #[test]
 fn a_deny_is_read_after_the_exec_of_its_process_and_carries_its_executable() {
     require!(Need::Root, Need::Btf, Need::CgroupV2);
-    let cgroup = test_cgroup(0x0e7e);
     let agent = AGENT + 3;
+    let (cgroup, programs, mut reader) = agent_denying_tcp(0x0e7e, agent);
     let listener = counted_listener();
-    let mut programs = AgentPrograms::load().unwrap();
-    let mut reader = programs.take_events().unwrap();
-    programs.register_agent(cgroup.id(), agent).unwrap();
-    programs.attach_cgroup(cgroup.dir()).unwrap();
-    programs.install_net_plan(agent, &deny_every_tcp_connect()).unwrap();
     // The shell forks a bash that connects (denied) and exits at once.
     let script = format!("bash -c 'echo > /dev/tcp/127.0.0.1/{}'; exit 0", listener.port);
     let (_, status) = probe(cgroup.path(), &[], false, &script);
     assert_eq!(status, 0);
     assert_eq!(accepted(&listener, 0), 0, "the denied connect never arrived");
 
-    let events = collect(&mut reader, |events| {
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Connect { agent_id, verdict: VerdictName::Deny, .. } if *agent_id == agent))
-    });
-    let deny_at = events
-        .iter()
-        .position(|e| matches!(e, Event::Connect { agent_id, verdict: VerdictName::Deny, .. } if *agent_id == agent))
-        .unwrap_or_else(|| panic!("no deny record: {events:#?}"));
+    let is_our_deny =
+        |e: &Event| matches!(e, Event::Connect { agent_id, verdict: VerdictName::Deny, .. } if *agent_id == agent);
+    let events = collect(&mut reader, |events| events.iter().any(is_our_deny));
+    let deny_at = events.iter().position(is_our_deny).unwrap_or_else(|| panic!("no deny record: {events:#?}"));
     let Event::Connect { tgid, caller, .. } = &events[deny_at] else { unreachable!() };
     let exec_at = events
         .iter()
@@ -447,14 +449,8 @@ fn a_deny_is_read_after_the_exec_of_its_process_and_carries_its_executable() {
 #[test]
 fn denies_beyond_the_deny_ring_are_counted_not_lost() {
     require!(Need::Root, Need::Btf, Need::CgroupV2);
-    let cgroup = test_cgroup(0x8e70);
     let agent = AGENT + 2;
-    let deny_all = deny_every_tcp_connect();
-    let mut programs = AgentPrograms::load().unwrap();
-    let mut reader = programs.take_events().unwrap();
-    programs.register_agent(cgroup.id(), agent).unwrap();
-    programs.attach_cgroup(cgroup.dir()).unwrap();
-    programs.install_net_plan(agent, &deny_all).unwrap();
+    let (cgroup, programs, mut reader) = agent_denying_tcp(0x8e70, agent);
 
     // The 1 MiB priority ring holds ~7,700 network records; the results (4 bytes each) must
     // fit into the pipe the child writes them to before anyone reads it.

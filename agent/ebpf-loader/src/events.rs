@@ -508,8 +508,9 @@ fn kernel_string(buffer: &[u8], len: usize) -> String {
     String::from_utf8_lossy(raw).into_owned()
 }
 
-/// The kernel's executable key as the plain array userspace compares and hashes.
-fn exe_key(key: agt_jail_common::ExeKey) -> [u64; 3] {
+/// The kernel's executable key as the plain array userspace compares and hashes (every
+/// record's and the task facts map's reading).
+pub fn exe_key(key: agt_jail_common::ExeKey) -> [u64; 3] {
     [key.mnt, key.dentry, key.ino]
 }
 

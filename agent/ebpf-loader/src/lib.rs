@@ -13,7 +13,7 @@ mod sys;
 
 pub use btf::{KernelOffsets, OffsetError};
 pub use events::{
-    comm_string, decode, Caller, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit,
+    comm_string, decode, exe_key, Caller, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit,
     VerdictName,
 };
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};

@@ -241,7 +241,7 @@ impl TaskSource for KernelTasks {
     fn task(&self, tid: u32) -> Option<KernelTask> {
         self.0.get(tid).map(|facts| KernelTask {
             comm: agt_jail_ebpf_loader::comm_string(&facts.comm),
-            exe: [facts.exe.mnt, facts.exe.dentry, facts.exe.ino],
+            exe: agt_jail_ebpf_loader::exe_key(facts.exe),
         })
     }
 }
