@@ -78,6 +78,10 @@ pub struct Options {
     /// the run fails.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// Limit for a KVM guest to reach init, in seconds; past it the guest is stopped and
+    /// this and every later kernel boot under TCG instead (with `--accel auto`).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..))]
+    kvm_init_timeout: u64,
     /// Limit for one test inside the VM, in seconds (killed and failed past it).
     #[arg(long, default_value_t = 300)]
     test_timeout: u64,
@@ -166,6 +170,8 @@ struct Outcome {
     /// (test, reason) of every skip, shown in the summary.
     skipped_tests: Vec<(String, String)>,
     boot_secs: Option<f64>,
+    /// The guest was stopped because it had not reached init by the KVM init bound.
+    init_timed_out: bool,
     total_secs: f64,
     problem: Option<String>,
 }
@@ -240,7 +246,7 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
         image_started.elapsed().as_secs_f64()
     );
 
-    let accel = choose_accel(opts.accel);
+    let mut accel = choose_accel(opts.accel);
     println!("vm-test: accelerator {accel}");
     let logs = vm_dir.join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
@@ -250,6 +256,18 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
         println!("vm-test: booting {} ({})", kernel.release, kernel.package);
         let log = logs.join(format!("{}.log", kernel.series));
         let mut outcome = boot(kernel, &initrd, accel, opts, &log)?;
+        // Some paravirtual KVMs pass the firmware probe yet never bring a Linux guest to
+        // init: under `--accel auto` that is a host problem, not a test result, so the
+        // rest of the run uses TCG (which works everywhere, only slower).
+        if outcome.init_timed_out && opts.accel == Accel::Auto {
+            println!(
+                "vm-test: the KVM guest of {} did not reach init within {}s; falling back to TCG for it and every later kernel (log kept as .kvm)",
+                kernel.release, opts.kvm_init_timeout
+            );
+            let _ = fs::rename(&log, log.with_extension("log.kvm"));
+            accel = Accelerator::Tcg;
+            outcome = boot(kernel, &initrd, accel, opts, &log)?;
+        }
         // A guest that dies before our init ran (seen: a TCG guest kernel panicking in
         // early boot) says nothing about the code under test: boot it once more. A guest
         // that reached init is never booted again, whatever its tests did.
@@ -1037,14 +1055,19 @@ fn boot(kernel: &Kernel, initrd: &Path, accel: Accelerator, opts: &Options, log:
     let mut tail: VecDeque<String> = VecDeque::with_capacity(CONSOLE_TAIL);
     let mut outcome = Outcome::default();
     let deadline = started + Duration::from_secs(opts.timeout);
+    let init_deadline = (accel == Accelerator::Kvm).then(|| started + Duration::from_secs(opts.kvm_init_timeout));
     let mut verdict_at: Option<Instant> = None;
     loop {
-        // After the verdict the guest powers off; give it a moment, then stop waiting.
-        let limit = verdict_at.map_or(deadline, |at| (at + Duration::from_secs(30)).min(deadline));
+        let (limit, expiry) = wait_limit(deadline, init_deadline, outcome.boot_secs.is_some(), verdict_at);
         let now = Instant::now();
         if now >= limit {
-            if verdict_at.is_none() {
-                outcome.problem = Some(format!("timed out after {}s (--timeout)", opts.timeout));
+            match expiry {
+                Expiry::Init => {
+                    outcome.init_timed_out = true;
+                    outcome.problem = Some(format!("the KVM guest reached no init within {}s", opts.kvm_init_timeout));
+                }
+                Expiry::Run => outcome.problem = Some(format!("timed out after {}s (--timeout)", opts.timeout)),
+                Expiry::PowerOff => {}
             }
             break;
         }
@@ -1084,6 +1107,34 @@ fn boot(kernel: &Kernel, initrd: &Path, accel: Accelerator, opts: &Options, log:
         println!("---- end of console (whole log: {}) ----", log.display());
     }
     Ok(outcome)
+}
+
+/// What a guest run is waiting for when its time runs out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expiry {
+    /// The guest had not reached init by the KVM init bound.
+    Init,
+    /// The whole run's `--timeout`.
+    Run,
+    /// The verdict came; the guest was given a moment to power off.
+    PowerOff,
+}
+
+/// Until when to wait for the next console line, and what it means if nothing comes.
+fn wait_limit(
+    deadline: Instant,
+    init_deadline: Option<Instant>,
+    reached_init: bool,
+    verdict_at: Option<Instant>,
+) -> (Instant, Expiry) {
+    if let Some(at) = verdict_at {
+        // After the verdict the guest powers off; give it a moment, then stop waiting.
+        return ((at + Duration::from_secs(30)).min(deadline), Expiry::PowerOff);
+    }
+    match init_deadline {
+        Some(at) if !reached_init && at < deadline => (at, Expiry::Init),
+        _ => (deadline, Expiry::Run),
+    }
 }
 
 /// Reads the init's result lines (they may follow other output on the same line).
@@ -1156,6 +1207,22 @@ mod tests {
         assert_eq!(v612.rank("linux-image-6.12.9+bpo-amd64-unsigned"), Some(9));
         assert_eq!(v612.rank("linux-image-6.12.117+deb12-rt-amd64-unsigned"), None);
         assert_eq!(v612.rank("linux-image-6.1.0-56-amd64-unsigned"), None);
+    }
+
+    #[test]
+    fn a_kvm_guest_is_given_a_bound_to_reach_init_and_then_the_whole_run() {
+        let start = Instant::now();
+        let run = start + Duration::from_secs(900);
+        let init = Some(start + Duration::from_secs(90));
+        assert_eq!(wait_limit(run, init, false, None), (start + Duration::from_secs(90), Expiry::Init));
+        assert_eq!(wait_limit(run, init, true, None), (run, Expiry::Run));
+        // TCG guests (no init bound) and a bound past the run's own limit wait for the run.
+        assert_eq!(wait_limit(run, None, false, None), (run, Expiry::Run));
+        assert_eq!(wait_limit(run, Some(run + Duration::from_secs(1)), false, None), (run, Expiry::Run));
+        let verdict = start + Duration::from_secs(100);
+        assert_eq!(wait_limit(run, init, true, Some(verdict)), (verdict + Duration::from_secs(30), Expiry::PowerOff));
+        let late = start + Duration::from_secs(880);
+        assert_eq!(wait_limit(run, init, true, Some(late)), (run, Expiry::PowerOff));
     }
 
     #[test]
