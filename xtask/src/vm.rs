@@ -530,13 +530,66 @@ fn add_backports_source() -> Result<()> {
     if !release.contains("VERSION_CODENAME=bookworm") {
         bail!("no 6.12 kernel package in the apt archive and this is not Debian bookworm; add a source that has one");
     }
-    println!("vm-test: adding apt source {BACKPORTS_LIST} (bookworm-backports) for the 6.12 kernel");
+    let mirror = debian_mirror(&apt_sources(Path::new("/etc/apt")), "bookworm").with_context(|| {
+        "no apt source under /etc/apt serves Debian bookworm, so there is no mirror to take bookworm-backports (the 6.12 kernel) from"
+    })?;
+    println!("vm-test: adding apt source {BACKPORTS_LIST} (bookworm-backports from {mirror}) for the 6.12 kernel");
     fs::write(
         BACKPORTS_LIST,
-        "# Added by `cargo xtask vm-test` for the 6.12 test kernel.\n\
-         deb http://deb.debian.org/debian bookworm-backports main\n",
+        format!("# Added by `cargo xtask vm-test` for the 6.12 test kernel.\ndeb {mirror} bookworm-backports main\n"),
     )
     .with_context(|| format!("cannot write {BACKPORTS_LIST}"))
+}
+
+/// The text of every apt source file: `sources.list` and `sources.list.d/*.list|*.sources`.
+fn apt_sources(etc_apt: &Path) -> Vec<String> {
+    let mut files = vec![etc_apt.join("sources.list")];
+    if let Ok(entries) = fs::read_dir(etc_apt.join("sources.list.d")) {
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "list" || ext == "sources"))
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    files.iter().filter_map(|file| fs::read_to_string(file).ok()).collect()
+}
+
+/// The first mirror URI that serves `suite` itself (not `suite-security` or another
+/// suite), from one-line (`deb URI SUITE ...`) or deb822 (`URIs:` / `Suites:`) sources:
+/// machines with a local mirror keep using it for the extra suites the VM needs.
+fn debian_mirror(sources: &[String], suite: &str) -> Option<String> {
+    for text in sources {
+        for stanza in text.split("\n\n") {
+            let mut uris = Vec::new();
+            let mut suites = Vec::new();
+            for line in stanza.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+                if let Some(rest) = line.strip_prefix("deb ") {
+                    // Options in brackets ([signed-by=...]) come before the URI.
+                    let rest = match rest.trim_start().strip_prefix('[') {
+                        Some(opts) => opts.split_once(']').map_or("", |(_, tail)| tail),
+                        None => rest,
+                    };
+                    let mut words = rest.split_whitespace();
+                    if let (Some(uri), Some(line_suite)) = (words.next(), words.next()) {
+                        if line_suite == suite {
+                            return Some(uri.trim_end_matches('/').to_string());
+                        }
+                    }
+                } else if let Some(list) = line.strip_prefix("URIs:") {
+                    uris.extend(list.split_whitespace());
+                } else if let Some(list) = line.strip_prefix("Suites:") {
+                    suites.extend(list.split_whitespace());
+                }
+            }
+            if suites.contains(&suite) {
+                if let Some(uri) = uris.first() {
+                    return Some(uri.trim_end_matches('/').to_string());
+                }
+            }
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1223,6 +1276,25 @@ mod tests {
         assert_eq!(wait_limit(run, init, true, Some(verdict)), (verdict + Duration::from_secs(30), Expiry::PowerOff));
         let late = start + Duration::from_secs(880);
         assert_eq!(wait_limit(run, init, true, Some(late)), (run, Expiry::PowerOff));
+    }
+
+    #[test]
+    fn the_mirror_comes_from_the_machines_own_sources() {
+        let deb822 =
+            "Types: deb\nURIs: http://mirror.local/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
+                      Types: deb\nURIs: http://mirror.local/debian-security\nSuites: bookworm-security\n"
+                .to_string();
+        assert_eq!(debian_mirror(&[deb822], "bookworm").as_deref(), Some("http://mirror.local/debian"));
+        let legacy = "# deb http://old.example/debian bookworm main\n\
+                      deb http://sec.example/debian-security bookworm-security main\n\
+                      deb [signed-by=/k.gpg arch=amd64] http://one.example/debian bookworm main contrib\n"
+            .to_string();
+        assert_eq!(
+            debian_mirror(std::slice::from_ref(&legacy), "bookworm").as_deref(),
+            Some("http://one.example/debian")
+        );
+        assert_eq!(debian_mirror(&[legacy], "bullseye"), None);
+        assert_eq!(debian_mirror(&[], "bookworm"), None);
     }
 
     #[test]
