@@ -136,8 +136,8 @@ pub fn run(opts: &Options) -> Result<()> {
     for case in CASES {
         results.push(run_case(&paths, case, &listeners)?);
     }
+    let agreed = add_policy_answers(&paths, &mut results)?;
     let table = Table::build(&results)?;
-    let agreed = agt_jail_agrees(&paths, &results)?;
 
     let block = readme_block(&tier, &table.render());
     println!("\n{block}");
@@ -168,7 +168,7 @@ fn build_agt_jail(root: &Path) -> Result<PathBuf> {
 /// system interpreter cannot make venvs (a fresh Debian 12 lacks it). Idempotent.
 fn ensure_agt(venv: &Path) -> Result<()> {
     let python = venv.join("bin/python");
-    if has_agt(&python) {
+    if made_from_system_python(venv) && has_agt(&python) {
         return Ok(());
     }
     println!("==> installing {AGT_PACKAGE}=={AGT_VERSION} into {}", venv.display());
@@ -188,6 +188,16 @@ fn ensure_agt(venv: &Path) -> Result<()> {
     ]))?;
     ensure!(has_agt(&python), "{} still lacks {AGT_PACKAGE}=={AGT_VERSION} after installing it", venv.display());
     Ok(())
+}
+
+/// A venv's interpreter is its base's: one based elsewhere (pyenv under /root) is hidden in the jail.
+fn made_from_system_python(venv: &Path) -> bool {
+    let system_bin = Path::new(SYSTEM_PYTHON).parent();
+    fs::read_to_string(venv.join("pyvenv.cfg")).is_ok_and(|cfg| {
+        cfg.lines()
+            .filter_map(|l| l.split_once('='))
+            .any(|(k, v)| k.trim() == "home" && Some(Path::new(v.trim())) == system_bin)
+    })
 }
 
 fn has_agt(python: &Path) -> bool {
@@ -249,7 +259,7 @@ fn check_policy(paths: &Paths) -> Result<String> {
     );
     let tier = if explained["host"]["bpf_lsm"] == true { "Tier A (BPF LSM)" } else { "Tier B (no BPF LSM)" };
     println!(
-        "==> {}: agt-jail lint ok, every deny rule has a plane in ring 2 on this host ({tier}); AGT {AGT_VERSION} loads the same {} rules",
+        "==> {}: agt-jail lint ok, every deny rule has a plane in ring 2 on this host, {tier}; AGT {AGT_VERSION} loads the same {} rules",
         relative(&paths.policy),
         agt_rules.len()
     );
@@ -403,6 +413,24 @@ enum Outcome {
     Failed { errno: String, record: Option<Record> },
 }
 
+/// One cell: the outcome, and whether AGT's answer in the agent was not the policy's (the
+/// compromised agent's patched engine allowed what the named rule denies).
+#[derive(Debug, PartialEq)]
+struct Cell {
+    overruled: Option<String>,
+    outcome: Outcome,
+}
+
+impl fmt::Display for Cell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The rule is in the honest column of the same row; the check compares it.
+        if self.overruled.is_some() {
+            write!(f, "AGT allows (patched); ")?;
+        }
+        write!(f, "{}", self.outcome)
+    }
+}
+
 /// agt-jail's decision record for the same action: its outcome, rule and plane.
 #[derive(Debug, PartialEq)]
 struct Record {
@@ -443,14 +471,14 @@ impl fmt::Display for Outcome {
 struct Table {
     labels: Vec<String>,
     /// rows × CASES
-    cells: Vec<Vec<Outcome>>,
+    cells: Vec<Vec<Cell>>,
 }
 
 impl Table {
     fn build(results: &[CaseResult]) -> Result<Table> {
         let first = results.first().context("no case ran")?;
         let labels: Vec<String> = first.steps.iter().map(label).collect();
-        let mut cells: Vec<Vec<Outcome>> = labels.iter().map(|_| Vec::new()).collect();
+        let mut cells: Vec<Vec<Cell>> = labels.iter().map(|_| Vec::new()).collect();
         for result in results {
             ensure!(
                 result.steps.iter().map(label).eq(labels.iter().cloned()),
@@ -458,7 +486,7 @@ impl Table {
                 result.case.title()
             );
             for (row, step) in result.steps.iter().enumerate() {
-                cells[row].push(outcome(step, result)?);
+                cells[row].push(Cell { overruled: overruled(step), outcome: outcome(step, result)? });
             }
         }
         Ok(Table { labels, cells })
@@ -521,7 +549,20 @@ const FORBIDDEN: [Forbidden; 3] = [
     Forbidden { target: "127.0.0.1:4444", tool_rule: "no-exfil-tool", os_rule: "no-exfil-port" },
 ];
 
-fn expect(forbidden: Option<&Forbidden>, case: Case, cell: &Outcome) -> std::result::Result<(), &'static str> {
+fn expect(forbidden: Option<&Forbidden>, case: Case, cell: &Cell) -> std::result::Result<(), &'static str> {
+    let patched = case.mode == Mode::Compromised && forbidden.is_some();
+    let overruled_ok = match forbidden {
+        Some(f) if patched => cell.overruled.as_deref() == Some(f.tool_rule),
+        _ => cell.overruled.is_none(),
+    };
+    if !overruled_ok {
+        return Err(if patched {
+            "expected the patched AGT to allow what its tool rule denies"
+        } else {
+            "expected AGT's answer to be the policy's"
+        });
+    }
+    let cell = &cell.outcome;
     let denied_by_kernel = |rule: &str| match cell {
         Outcome::Failed { errno, record: Some(r) } => {
             errno == "EPERM" && r.outcome == "deny" && r.rule.as_deref() == Some(rule)
@@ -563,6 +604,12 @@ fn label(step: &Value) -> String {
         }
         other => format!("{other} (unknown tool)"),
     }
+}
+
+/// The rule AGT's answer in the agent went against: it allowed what the policy denies.
+fn overruled(step: &Value) -> Option<String> {
+    let policy = &step["policy"];
+    (step["agt"]["allowed"] == true && policy["allowed"] == false).then(|| text(&policy["matched_rule"]))
 }
 
 fn outcome(step: &Value, result: &CaseResult) -> Result<Outcome> {
@@ -623,12 +670,11 @@ fn decision_record(step: &Value, records: &[Value]) -> Option<Record> {
     })
 }
 
-/// Every tool call of the honest runs, evaluated again by `agt-jail policy eval`: the same
-/// action and rule as AGT's own evaluator said in the agent.
-fn agt_jail_agrees(paths: &Paths, results: &[CaseResult]) -> Result<usize> {
-    let steps: Vec<&Value> =
-        results.iter().filter(|r| r.case.mode == Mode::Honest).flat_map(|r| r.steps.iter()).collect();
-    let batch: String = steps.iter().map(|s| format!("{}\n", s["context"])).collect();
+/// Evaluates every tool call's context with `agt-jail policy eval` and adds the answer to
+/// the step as `policy`. In the honest runs AGT's answer must be the same (action and rule):
+/// one file, two evaluators. Returns how many honest decisions agreed.
+fn add_policy_answers(paths: &Paths, results: &mut [CaseResult]) -> Result<usize> {
+    let batch: String = results.iter().flat_map(|r| r.steps.iter()).map(|s| format!("{}\n", s["context"])).collect();
     let mut child = Command::new(&paths.agt_jail)
         .args(["policy", "eval", "--batch", "--input", "-", "--policy"])
         .arg(&paths.policy)
@@ -641,17 +687,27 @@ fn agt_jail_agrees(paths: &Paths, results: &[CaseResult]) -> Result<usize> {
     let out = child.wait_with_output().context("agt-jail policy eval")?;
     writer.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))?.context("cannot feed policy eval")?;
     ensure!(out.status.success(), "agt-jail policy eval exited with {}", out.status);
-    let answers = json_lines(&String::from_utf8_lossy(&out.stdout))?;
-    ensure!(answers.len() == steps.len(), "policy eval answered {} of {} contexts", answers.len(), steps.len());
-    for (step, answer) in steps.iter().zip(&answers) {
-        let agt = &step["agt"];
-        ensure!(
-            agt["action"] == answer["action"] && agt["matched_rule"] == answer["matched_rule"],
-            "AGT and agt-jail disagree on {}: AGT {agt}, agt-jail {answer}",
-            step["context"]
-        );
+    let mut answers = json_lines(&String::from_utf8_lossy(&out.stdout))?.into_iter();
+    let mut agreed = 0;
+    for result in results.iter_mut() {
+        for step in &mut result.steps {
+            let answer = answers.next().context("policy eval answered fewer lines than it was given")?;
+            if result.case.mode == Mode::Honest {
+                let agt = &step["agt"];
+                ensure!(
+                    agt["action"] == answer["action"] && agt["matched_rule"] == answer["matched_rule"],
+                    "AGT and agt-jail disagree on {}: AGT {agt}, agt-jail {answer}",
+                    step["context"]
+                );
+                agreed += 1;
+            }
+            if let Some(step) = step.as_object_mut() {
+                step.insert("policy".into(), answer);
+            }
+        }
     }
-    Ok(steps.len())
+    ensure!(answers.next().is_none(), "policy eval answered more lines than it was given");
+    Ok(agreed)
 }
 
 // ------------------------------------------------------------------------------ README
@@ -767,9 +823,12 @@ mod tests {
 
     #[test]
     fn cells_are_read_from_the_agent_the_events_and_the_listener() {
-        let denied = exfil("agt_denied", json!({"agt": {"matched_rule": "no-exfil-tool"}}));
-        let sent = exfil("done", json!({"detail": {"bytes": 24}}));
-        let refused = exfil("error", json!({"errno": "EPERM"}));
+        let policy = json!({"allowed": false, "matched_rule": "no-exfil-tool"});
+        let denied =
+            exfil("agt_denied", json!({"agt": {"allowed": false, "matched_rule": "no-exfil-tool"}, "policy": policy}));
+        let patched = json!({"allowed": true, "matched_rule": null});
+        let sent = exfil("done", json!({"detail": {"bytes": 24}, "agt": patched, "policy": policy}));
+        let refused = exfil("error", json!({"errno": "EPERM", "agt": patched, "policy": policy}));
         let deny = record(
             "connect",
             json!({"net": {"addr": "127.0.0.1", "port": 4444}}),
@@ -792,43 +851,53 @@ mod tests {
             cells,
             [
                 "AGT denies (`no-exfil-tool`)",
-                "sent 24 bytes, listener got them",
+                "AGT allows (patched); sent 24 bytes, listener got them",
                 "AGT denies (`no-exfil-tool`)",
-                "**EPERM**; deny by `no-exfil-port` [kernel]",
+                "AGT allows (patched); **EPERM**; deny by `no-exfil-port` [kernel]",
             ]
         );
         // What the listener did not get is not claimed.
         let unreceived = Table::build(&[result(CASES[1], vec![sent], vec![], vec![(EXFIL_PORT, 23)])]).unwrap();
-        assert_eq!(unreceived.cells[0][0].to_string(), "sent 24 bytes, listener got nothing");
+        assert!(unreceived.cells[0][0].to_string().ends_with("; sent 24 bytes, listener got nothing"));
     }
 
     #[test]
     fn the_check_accepts_only_what_the_demo_claims() {
         let exfil = &FORBIDDEN[2];
-        let kernel = |errno: &str, outcome: &str, rule: &str| Outcome::Failed {
-            errno: errno.into(),
-            record: Some(Record { outcome: outcome.into(), rule: Some(rule.into()), plane: "kernel".into() }),
+        let patched = |outcome| Cell { overruled: Some("no-exfil-tool".into()), outcome };
+        let plain = |outcome| Cell { overruled: None, outcome };
+        let kernel = |errno: &str, outcome: &str, rule: &str| {
+            patched(Outcome::Failed {
+                errno: errno.into(),
+                record: Some(Record { outcome: outcome.into(), rule: Some(rule.into()), plane: "kernel".into() }),
+            })
         };
-        let done = Outcome::Done { what: "sent".into(), record: None };
-        let agt = Outcome::AgtDenied { rule: "no-exfil-tool".into() };
+        let sent = || Outcome::Done { what: "sent".into(), record: None };
+        let done = patched(sent());
+        let agt = plain(Outcome::AgtDenied { rule: "no-exfil-tool".into() });
         assert!(expect(Some(exfil), CASES[0], &agt).is_ok());
         assert!(expect(Some(exfil), CASES[0], &done).is_err());
-        assert!(expect(Some(exfil), CASES[0], &Outcome::AgtDenied { rule: "other".into() }).is_err());
+        assert!(expect(Some(exfil), CASES[0], &plain(Outcome::AgtDenied { rule: "other".into() })).is_err());
         assert!(expect(Some(exfil), CASES[1], &done).is_ok());
+        // The bypass must be the patch's doing: AGT's answer went against the tool rule.
+        assert!(expect(Some(exfil), CASES[1], &plain(sent())).is_err());
         assert!(expect(Some(exfil), CASES[1], &kernel("EPERM", "deny", "no-exfil-port")).is_err());
         assert!(expect(Some(exfil), CASES[3], &kernel("EPERM", "deny", "no-exfil-port")).is_ok());
         // Refused by something else than the policy's rule (Landlock: EACCES, no record) is not the claim.
         assert!(expect(Some(exfil), CASES[3], &kernel("EACCES", "deny", "no-exfil-port")).is_err());
         assert!(expect(Some(exfil), CASES[3], &kernel("EPERM", "deny", "other-rule")).is_err());
-        assert!(expect(Some(exfil), CASES[3], &Outcome::Failed { errno: "EPERM".into(), record: None }).is_err());
+        assert!(
+            expect(Some(exfil), CASES[3], &patched(Outcome::Failed { errno: "EPERM".into(), record: None })).is_err()
+        );
         assert!(expect(Some(exfil), CASES[3], &done).is_err());
         // Allowed calls must work everywhere, and under agt-jail be on record as allowed.
-        assert!(expect(None, CASES[1], &done).is_ok());
-        assert!(expect(None, CASES[2], &done).is_err());
-        let allowed = Outcome::Done {
+        assert!(expect(None, CASES[1], &plain(sent())).is_ok());
+        assert!(expect(None, CASES[1], &done).is_err());
+        assert!(expect(None, CASES[2], &plain(sent())).is_err());
+        let allowed = plain(Outcome::Done {
             what: "read".into(),
             record: Some(Record { outcome: "allow".into(), rule: None, plane: "fanotify".into() }),
-        };
+        });
         assert!(expect(None, CASES[2], &allowed).is_ok());
     }
 
@@ -838,9 +907,12 @@ mod tests {
             labels: vec!["read `x`".into()],
             cells: vec![CASES
                 .iter()
-                .map(|_| Outcome::Done {
-                    what: "read 3 bytes".into(),
-                    record: Some(Record { outcome: "allow".into(), rule: None, plane: "fanotify".into() }),
+                .map(|_| Cell {
+                    overruled: None,
+                    outcome: Outcome::Done {
+                        what: "read 3 bytes".into(),
+                        record: Some(Record { outcome: "allow".into(), rule: None, plane: "fanotify".into() }),
+                    },
                 })
                 .collect()],
         };
