@@ -330,45 +330,20 @@ struct CaseResult {
 }
 
 fn run_case(paths: &Paths, case: Case, listeners: &Listeners) -> Result<CaseResult> {
-    let agent = paths.example.join("agent.py");
-    let mut agent_args: Vec<String> = vec![
-        paths.python().display().to_string(),
-        "-B".into(),
-        agent.display().to_string(),
-        "--policy".into(),
-        paths.policy.display().to_string(),
-        "--mode".into(),
-        case.mode_arg().into(),
-        "--exfil-port".into(),
-        EXFIL_PORT.to_string(),
-        "--report-port".into(),
-        listeners.report_port.to_string(),
-    ];
+    let agent = agent_argv(paths, case, listeners.report_port);
     let events = paths.events(case);
-    let mut cmd;
-    let shown;
-    if case.jailed {
+    let argv = if case.jailed {
         let _ = fs::remove_file(&events);
-        // --net host: the policy alone decides the agent's connects, in the kernel's cgroup
-        // connect program; ring 2's default allow-list would refuse this one earlier
-        // (Landlock, EACCES) without consulting the policy.
-        let mut jail: Vec<String> = ["exec", "--ring", "2", "--net", "host", "--policy"].map(String::from).to_vec();
-        jail.push(paths.policy.display().to_string());
-        jail.extend(["--events".into(), events.display().to_string()]);
-        jail.extend(["--workspace".into(), paths.workspace.display().to_string()]);
-        for ro in [&paths.venv, &paths.example] {
-            jail.extend(["--ro".into(), ro.display().to_string()]);
-        }
-        jail.push("--".into());
-        shown = format!("agt-jail {} {}", shortened(&jail), shortened(&agent_args));
-        jail.append(&mut agent_args);
-        cmd = Command::new(&paths.agt_jail);
-        cmd.args(&jail);
+        let mut argv = jail_argv(paths, &events);
+        argv.extend(agent);
+        argv
     } else {
-        shown = shortened(&agent_args);
-        cmd = Command::new(&agent_args[0]);
-        cmd.args(&agent_args[1..]);
-    }
+        agent
+    };
+    let (program, args) = argv.split_first().context("empty command line")?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let shown = shortened(&argv);
     println!("\n==> {}\n$ {shown}", case.title());
     listeners.take();
     let out = cmd
@@ -388,9 +363,41 @@ fn run_case(paths: &Paths, case: Case, listeners: &Listeners) -> Result<CaseResu
     Ok(CaseResult { case, steps: json_lines(&stdout)?, records, received: listeners.take() })
 }
 
-/// A command line with the repository's and target directory's prefixes left out.
+/// The agent's command line for one case, the interpreter first.
+fn agent_argv(paths: &Paths, case: Case, report_port: u16) -> Vec<String> {
+    let mut argv = vec![paths.python().display().to_string(), "-B".into()];
+    argv.push(paths.example.join("agent.py").display().to_string());
+    argv.extend(["--policy".into(), paths.policy.display().to_string()]);
+    argv.extend(["--mode".into(), case.mode_arg().into()]);
+    argv.extend(["--exfil-port".into(), EXFIL_PORT.to_string()]);
+    argv.extend(["--report-port".into(), report_port.to_string()]);
+    argv
+}
+
+/// `agt-jail exec ... --`: ring 2 under the example policy, the agent's files visible.
+fn jail_argv(paths: &Paths, events: &Path) -> Vec<String> {
+    let mut argv = vec![paths.agt_jail.display().to_string()];
+    // --net host: the policy alone decides the agent's connects, in the kernel's cgroup
+    // connect program; ring 2's default allow-list would refuse this one earlier
+    // (Landlock, EACCES) without consulting the policy.
+    argv.extend(["exec", "--ring", "2", "--net", "host"].map(String::from));
+    argv.extend(["--policy".into(), paths.policy.display().to_string()]);
+    argv.extend(["--events".into(), events.display().to_string()]);
+    argv.extend(["--workspace".into(), paths.workspace.display().to_string()]);
+    for ro in [&paths.venv, &paths.example] {
+        argv.extend(["--ro".into(), ro.display().to_string()]);
+    }
+    argv.push("--".into());
+    argv
+}
+
+/// A command line with the repository's path left out, and agt-jail by its name.
 fn shortened(args: &[String]) -> String {
-    args.iter().map(|a| relative(Path::new(a))).collect::<Vec<_>>().join(" ")
+    let shown = |(i, arg): (usize, &String)| match i {
+        0 if arg.ends_with("/agt-jail") => "agt-jail".to_string(),
+        _ => relative(Path::new(arg)),
+    };
+    args.iter().enumerate().map(shown).collect::<Vec<_>>().join(" ")
 }
 
 fn relative(path: &Path) -> String {
@@ -405,8 +412,9 @@ fn relative(path: &Path) -> String {
 /// the listeners.
 #[derive(Debug, PartialEq)]
 enum Outcome {
-    /// AGT's in-process check refused the call: the tool never ran.
-    AgtDenied { rule: String },
+    /// AGT's in-process check refused the call: the tool never ran (so agt-jail should have
+    /// no record of it either).
+    AgtDenied { rule: String, record: Option<Record> },
     /// The tool ran to the end; `what` says what it achieved (bytes read, bytes received).
     Done { what: String, record: Option<Record> },
     /// The tool ran and the system call failed with `errno`.
@@ -455,7 +463,10 @@ impl fmt::Display for Outcome {
             None => Ok(()),
         };
         match self {
-            Outcome::AgtDenied { rule } => write!(f, "AGT denies (`{rule}`)"),
+            Outcome::AgtDenied { rule, record } => {
+                write!(f, "AGT denies (`{rule}`)")?;
+                with_record(f, record)
+            }
             Outcome::Done { what, record } => {
                 write!(f, "{what}")?;
                 with_record(f, record)
@@ -570,7 +581,7 @@ fn expect(forbidden: Option<&Forbidden>, case: Case, cell: &Cell) -> std::result
         _ => false,
     };
     let ok = match (forbidden, case.mode, case.jailed) {
-        (Some(f), Mode::Honest, _) => *cell == Outcome::AgtDenied { rule: f.tool_rule.to_string() },
+        (Some(f), Mode::Honest, _) => *cell == Outcome::AgtDenied { rule: f.tool_rule.to_string(), record: None },
         (Some(_), Mode::Compromised, false) => matches!(cell, Outcome::Done { record: None, .. }),
         (Some(f), Mode::Compromised, true) => denied_by_kernel(f.os_rule),
         (None, _, false) => matches!(cell, Outcome::Done { record: None, .. }),
@@ -615,7 +626,7 @@ fn overruled(step: &Value) -> Option<String> {
 fn outcome(step: &Value, result: &CaseResult) -> Result<Outcome> {
     let record = if result.case.jailed { decision_record(step, &result.records) } else { None };
     Ok(match text(&step["result"]).as_str() {
-        "agt_denied" => Outcome::AgtDenied { rule: text(&step["agt"]["matched_rule"]) },
+        "agt_denied" => Outcome::AgtDenied { rule: text(&step["agt"]["matched_rule"]), record },
         "error" => Outcome::Failed { errno: text(&step["errno"]), record },
         "done" => Outcome::Done { what: achieved(step, &result.received), record },
         other => bail!("{}: the agent reported {other:?} for {step}", result.case.title()),
@@ -874,10 +885,12 @@ mod tests {
         };
         let sent = || Outcome::Done { what: "sent".into(), record: None };
         let done = patched(sent());
-        let agt = plain(Outcome::AgtDenied { rule: "no-exfil-tool".into() });
+        let agt = plain(Outcome::AgtDenied { rule: "no-exfil-tool".into(), record: None });
         assert!(expect(Some(exfil), CASES[0], &agt).is_ok());
         assert!(expect(Some(exfil), CASES[0], &done).is_err());
-        assert!(expect(Some(exfil), CASES[0], &plain(Outcome::AgtDenied { rule: "other".into() })).is_err());
+        assert!(
+            expect(Some(exfil), CASES[0], &plain(Outcome::AgtDenied { rule: "other".into(), record: None })).is_err()
+        );
         assert!(expect(Some(exfil), CASES[1], &done).is_ok());
         // The bypass must be the patch's doing: AGT's answer went against the tool rule.
         assert!(expect(Some(exfil), CASES[1], &plain(sent())).is_err());
@@ -899,6 +912,29 @@ mod tests {
             record: Some(Record { outcome: "allow".into(), rule: None, plane: "fanotify".into() }),
         });
         assert!(expect(None, CASES[2], &allowed).is_ok());
+    }
+
+    #[test]
+    fn the_jailed_agent_runs_in_ring_2_under_the_example_policy() {
+        let paths = Paths {
+            example: "/r/examples/agt-bypass".into(),
+            policy: "/r/examples/agt-bypass/policy.yaml".into(),
+            venv: "/r/target/agt-venv".into(),
+            run: "/r/target/agt-bypass".into(),
+            workspace: "/r/target/agt-bypass/workspace".into(),
+            agt_jail: "/r/target/debug/agt-jail".into(),
+        };
+        let case = CASES[3];
+        let mut argv = jail_argv(&paths, &paths.events(case));
+        argv.extend(agent_argv(&paths, case, 5000));
+        assert_eq!(
+            argv.join(" "),
+            "/r/target/debug/agt-jail exec --ring 2 --net host --policy /r/examples/agt-bypass/policy.yaml \
+             --events /r/target/agt-bypass/compromised.events.jsonl --workspace /r/target/agt-bypass/workspace \
+             --ro /r/target/agt-venv --ro /r/examples/agt-bypass -- /r/target/agt-venv/bin/python -B \
+             /r/examples/agt-bypass/agent.py --policy /r/examples/agt-bypass/policy.yaml --mode compromised \
+             --exfil-port 4444 --report-port 5000"
+        );
     }
 
     #[test]
