@@ -222,11 +222,14 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 
 // ------------------------------------------------------------------------------ the policy
 
-/// The policy must pass agt-jail's lint, have a plane for every deny rule on this host
-/// (`explain --strict`), and load in AGT with the same rules. Returns the host's tier line.
+/// The policy must pass agt-jail's lint and its own test cases, have a plane for every deny
+/// rule on this host (`explain --strict`), and load in AGT with the same rules. Returns the
+/// host's tier line.
 fn check_policy(paths: &Paths) -> Result<String> {
     run_checked(Command::new(&paths.agt_jail).args(["policy", "lint"]).arg(&paths.policy).stdout(Stdio::null()))
         .context("agt-jail policy lint refused the example policy")?;
+    run_checked(Command::new(&paths.agt_jail).args(["policy", "test"]).arg(&paths.example).stdout(Stdio::null()))
+        .context("the example policy fails its test cases (agt-jail policy test examples/agt-bypass)")?;
     let explained = output(
         Command::new(&paths.agt_jail)
             .args(["policy", "explain", "--strict", "--json", "--ring", "2", "--policy"])
@@ -259,7 +262,7 @@ fn check_policy(paths: &Paths) -> Result<String> {
     );
     let tier = if explained["host"]["bpf_lsm"] == true { "Tier A (BPF LSM)" } else { "Tier B (no BPF LSM)" };
     println!(
-        "==> {}: agt-jail lint ok, every deny rule has a plane in ring 2 on this host, {tier}; AGT {AGT_VERSION} loads the same {} rules",
+        "==> {}: agt-jail lint and test cases ok, every deny rule has a plane in ring 2 on this host, {tier}; AGT {AGT_VERSION} loads the same {} rules",
         relative(&paths.policy),
         agt_rules.len()
     );
