@@ -727,7 +727,7 @@ fn add_policy_answers(paths: &Paths, results: &mut [CaseResult]) -> Result<usize
 // ------------------------------------------------------------------------------ README
 
 fn readme_block(tier: &str, table: &str) -> String {
-    format!("{README_BEGIN}\n{table}\n\nOutcomes on this host: {tier}, ring 2.\n{README_END}")
+    format!("{README_BEGIN}\n{table}\n\nRun on a {tier} host, ring 2.\n{README_END}")
 }
 
 fn readme_span(readme: &str) -> Result<(usize, usize)> {
@@ -749,7 +749,7 @@ fn check_readme(path: &Path, tier: &str, table: &Table) -> Result<()> {
     let readme = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (begin, end) = readme_span(&readme)?;
     let stored = &readme[begin..end];
-    let same_tier = stored.contains(&format!("Outcomes on this host: {tier},"));
+    let same_tier = stored.contains(&format!("Run on a {tier} host,"));
     let rows = |block: &str| -> Vec<String> {
         block
             .lines()
