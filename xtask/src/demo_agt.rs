@@ -418,8 +418,10 @@ enum Outcome {
     /// AGT's in-process check refused the call: the tool never ran (so agt-jail should have
     /// no record of it either).
     AgtDenied { rule: String, record: Option<Record> },
-    /// The tool ran to the end; `what` says what it achieved (bytes read, bytes received).
-    Done { what: String, record: Option<Record> },
+    /// The tool ran to the end; `what` says what it achieved (bytes read, bytes received),
+    /// `effect` whether that is the effect the call was for (exit 0, bytes read, the listener
+    /// got the bytes).
+    Done { what: String, effect: bool, record: Option<Record> },
     /// The tool ran and the system call failed with `errno`.
     Failed { errno: String, record: Option<Record> },
 }
@@ -470,7 +472,7 @@ impl fmt::Display for Outcome {
                 write!(f, "AGT denies (`{rule}`)")?;
                 with_record(f, record)
             }
-            Outcome::Done { what, record } => {
+            Outcome::Done { what, record, .. } => {
                 write!(f, "{what}")?;
                 with_record(f, record)
             }
@@ -585,11 +587,11 @@ fn expect(forbidden: Option<&Forbidden>, case: Case, cell: &Cell) -> std::result
     };
     let ok = match (forbidden, case.mode, case.jailed) {
         (Some(f), Mode::Honest, _) => *cell == Outcome::AgtDenied { rule: f.tool_rule.to_string(), record: None },
-        (Some(_), Mode::Compromised, false) => matches!(cell, Outcome::Done { record: None, .. }),
+        (Some(_), Mode::Compromised, false) => matches!(cell, Outcome::Done { effect: true, record: None, .. }),
         (Some(f), Mode::Compromised, true) => denied_by_kernel(f.os_rule),
-        (None, _, false) => matches!(cell, Outcome::Done { record: None, .. }),
+        (None, _, false) => matches!(cell, Outcome::Done { effect: true, record: None, .. }),
         (None, _, true) => {
-            matches!(cell, Outcome::Done { record: Some(r), .. } if r.outcome == "allow")
+            matches!(cell, Outcome::Done { effect: true, record: Some(r), .. } if r.outcome == "allow")
         }
     };
     match (ok, forbidden, case.mode, case.jailed) {
@@ -631,17 +633,21 @@ fn outcome(step: &Value, result: &CaseResult) -> Result<Outcome> {
     Ok(match text(&step["result"]).as_str() {
         "agt_denied" => Outcome::AgtDenied { rule: text(&step["agt"]["matched_rule"]), record },
         "error" => Outcome::Failed { errno: text(&step["errno"]), record },
-        "done" => Outcome::Done { what: achieved(step, &result.received), record },
+        "done" => {
+            let (what, effect) = achieved(step, &result.received);
+            Outcome::Done { what, effect, record }
+        }
         other => bail!("{}: the agent reported {other:?} for {step}", result.case.title()),
     })
 }
 
 /// What a completed tool call achieved, in words that do not vary between runs.
-fn achieved(step: &Value, received: &[(u16, usize)]) -> String {
+/// Also whether the effect the call was for happened.
+fn achieved(step: &Value, received: &[(u16, usize)]) -> (String, bool) {
     let detail = &step["detail"];
     match text(&step["tool"]).as_str() {
-        "shell" => format!("ran (exit {})", detail["exit"]),
-        "read_file" => format!("read {} bytes", detail["bytes"]),
+        "shell" => (format!("ran (exit {})", detail["exit"]), detail["exit"] == 0),
+        "read_file" => (format!("read {} bytes", detail["bytes"]), detail["bytes"].as_u64().is_some_and(|b| b > 0)),
         "send" => {
             let port = step["context"]["action"]["destination"]
                 .as_str()
@@ -649,13 +655,10 @@ fn achieved(step: &Value, received: &[(u16, usize)]) -> String {
                 .and_then(|p| p.parse::<u16>().ok());
             let bytes = detail["bytes"].as_u64().and_then(|b| usize::try_from(b).ok());
             let got = port.zip(bytes).is_some_and(|pb| received.contains(&pb));
-            if got {
-                format!("sent {} bytes, listener got them", detail["bytes"])
-            } else {
-                format!("sent {} bytes, listener got nothing", detail["bytes"])
-            }
+            let heard = if got { "listener got them" } else { "listener got nothing" };
+            (format!("sent {} bytes, {heard}", detail["bytes"]), got)
         }
-        _ => "done".to_string(),
+        _ => ("done".to_string(), false),
     }
 }
 
@@ -886,7 +889,7 @@ mod tests {
                 record: Some(Record { outcome: outcome.into(), rule: Some(rule.into()), plane: "kernel".into() }),
             })
         };
-        let sent = || Outcome::Done { what: "sent".into(), record: None };
+        let sent = || Outcome::Done { what: "sent".into(), effect: true, record: None };
         let done = patched(sent());
         let agt = plain(Outcome::AgtDenied { rule: "no-exfil-tool".into(), record: None });
         assert!(expect(Some(exfil), CASES[0], &agt).is_ok());
@@ -897,6 +900,9 @@ mod tests {
         assert!(expect(Some(exfil), CASES[1], &done).is_ok());
         // The bypass must be the patch's doing: AGT's answer went against the tool rule.
         assert!(expect(Some(exfil), CASES[1], &plain(sent())).is_err());
+        // ... and the effect must have happened (the listener got the bytes).
+        let unheard = Outcome::Done { what: "sent".into(), effect: false, record: None };
+        assert!(expect(Some(exfil), CASES[1], &patched(unheard)).is_err());
         assert!(expect(Some(exfil), CASES[1], &kernel("EPERM", "deny", "no-exfil-port")).is_err());
         assert!(expect(Some(exfil), CASES[3], &kernel("EPERM", "deny", "no-exfil-port")).is_ok());
         // Refused by something else than the policy's rule (Landlock: EACCES, no record) is not the claim.
@@ -912,6 +918,7 @@ mod tests {
         assert!(expect(None, CASES[2], &plain(sent())).is_err());
         let allowed = plain(Outcome::Done {
             what: "read".into(),
+            effect: true,
             record: Some(Record { outcome: "allow".into(), rule: None, plane: "fanotify".into() }),
         });
         assert!(expect(None, CASES[2], &allowed).is_ok());
@@ -950,6 +957,7 @@ mod tests {
                     overruled: None,
                     outcome: Outcome::Done {
                         what: "read 3 bytes".into(),
+                        effect: true,
                         record: Some(Record { outcome: "allow".into(), rule: None, plane: "fanotify".into() }),
                     },
                 })
