@@ -1,6 +1,9 @@
 //! `cargo xtask demo`: the main job, end to end, for a newcomer.
 //!
-//! Builds the release binary, starts a TCP service on 127.0.0.1, and runs the same
+//! `cargo xtask demo agt` shows why agt-jail exists: an AGT-governed agent that is
+//! compromised skips AGT's in-process check, and the kernel stops it (`demo_agt.rs`).
+//!
+//! `cargo xtask demo` alone builds the release binary, starts a TCP service on 127.0.0.1, and runs the same
 //! client twice under `agt-jail exec`: once with the destination denied (the kernel
 //! refuses the connect with EPERM and the event says so), once without (it connects).
 use std::{net::TcpListener, process::Command, thread};
@@ -10,9 +13,26 @@ use anyhow::{bail, Context, Result};
 use crate::util::{is_root, repo_root, run_checked, target_dir};
 
 #[derive(clap::Args)]
-pub struct Options {}
+pub struct Options {
+    #[command(subcommand)]
+    which: Option<Which>,
+}
 
-pub fn run(_opts: &Options) -> Result<()> {
+#[derive(clap::Subcommand)]
+enum Which {
+    /// An AGT-governed agent, honest and compromised, with and without agt-jail: one table.
+    Agt(crate::demo_agt::Options),
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    match &opts.which {
+        Some(Which::Agt(agt)) => crate::demo_agt::run(agt),
+        None => connect_demo(),
+    }
+}
+
+/// A jailed command whose connect is denied in the kernel, and the same command allowed.
+fn connect_demo() -> Result<()> {
     if !is_root() {
         bail!("the demo creates cgroups and loads BPF programs: run it as root (sudo -E env PATH=\"$PATH\" cargo xtask demo)");
     }

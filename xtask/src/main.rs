@@ -7,6 +7,7 @@ mod bench;
 mod bench_enforce;
 mod build_ebpf;
 mod demo;
+mod demo_agt;
 mod test;
 mod util;
 mod vm;
@@ -24,7 +25,8 @@ enum Task {
     BuildEbpf(build_ebpf::Options),
     /// Run the whole test suite: unit, root integration, policy tests; prints a pass/fail/skip summary.
     Test(test::Options),
-    /// Show the main job: a jailed command whose denied connect is reported (needs root).
+    /// Show the main job (needs root): `demo agt` runs an AGT-governed agent, honest and compromised,
+    /// with and without agt-jail; `demo` alone runs a jailed command whose denied connect is reported.
     Demo(demo::Options),
     /// Boot Debian kernels (6.1, 6.12) in QEMU and run the test suite inside (Tier A).
     VmTest(vm::Options),

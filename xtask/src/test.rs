@@ -50,7 +50,8 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 
     let agt_jail = target_dir().join("debug/agt-jail");
-    let checks: [(&str, Command); 2] = [
+    let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
+    let checks: [(&str, Command); 3] = [
         ("example policies pass their test cases (agt-jail policy test policies)", {
             let mut cmd = Command::new(&agt_jail);
             cmd.current_dir(&root).args(["policy", "test", "policies"]);
@@ -59,6 +60,11 @@ pub fn run(opts: &Options) -> Result<()> {
         ("decisions equal AGT's own evaluators (tests/differential/run.sh)", {
             let mut cmd = Command::new("bash");
             cmd.current_dir(&root).arg("tests/differential/run.sh").env("AGT_JAIL_BIN", &agt_jail);
+            cmd
+        }),
+        ("a compromised AGT agent is stopped by agt-jail; README's table is the run's (cargo xtask demo agt --check)", {
+            let mut cmd = Command::new(&xtask);
+            cmd.current_dir(&root).args(["demo", "agt", "--check", "--agt-jail"]).arg(&agt_jail);
             cmd
         }),
     ];
