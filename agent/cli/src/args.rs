@@ -141,6 +141,11 @@ pub fn parse_env(text: &str) -> Result<(String, String), String> {
     }
 }
 
+fn parse_trust_domain(text: &str) -> Result<String, String> {
+    agt_jail_supervisor::identity::check_trust_domain(text).map_err(|e| e.to_string())?;
+    Ok(text.to_string())
+}
+
 /// The flags of `exec` that put an agent under policy.
 #[derive(Args, Debug, Default)]
 pub struct PolicyArgs {
@@ -174,6 +179,17 @@ pub struct PolicyArgs {
     /// (otherwise: a warning per rule).
     #[arg(long)]
     pub strict: bool,
+
+    /// Lifetime in seconds (1-3600) of the identity tokens (JWT-SVIDs) the agent gets from
+    /// its identity socket (docs/identity.md).
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub token_ttl: u64,
+
+    /// SPIFFE trust domain of the agent's identity: tokens name
+    /// `spiffe://DOMAIN/agt-jail/AGENT` (lower-case letters, digits, `.`, `-`, `_`).
+    #[arg(long, value_name = "DOMAIN", default_value = agt_jail_supervisor::identity::TRUST_DOMAIN_DEFAULT,
+          value_parser = parse_trust_domain)]
+    pub trust_domain: String,
 
     /// Seconds between DNS lookups of the policy's domains; when an answer changes the
     /// network tables are re-installed (0: resolve only at start).

@@ -9,6 +9,9 @@ pub mod control;
 pub mod evaluator;
 pub mod exec_notify;
 pub mod fanotify;
+pub mod identity;
+pub mod identity_socket;
+pub mod peer;
 mod sys;
 
 use std::fmt;

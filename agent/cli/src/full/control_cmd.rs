@@ -11,11 +11,11 @@ use crate::EXIT_INTERNAL;
 pub struct AgentArg {
     /// The agent's name (`agt-jail exec --agent NAME`; agt-jail prints it at start).
     #[arg(long, value_name = "NAME")]
-    agent: String,
+    pub agent: String,
 
     /// Directory of the agents' control sockets.
     #[arg(long, value_name = "DIR", default_value = control::RUNTIME_DIR, hide = true)]
-    runtime_dir: PathBuf,
+    pub runtime_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

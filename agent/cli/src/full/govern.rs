@@ -25,11 +25,13 @@ use agt_jail_policy::{
     PolicySet,
 };
 use agt_jail_supervisor::{
-    control::{self, ControlServer},
+    control::{self, ControlServer, IdentityView},
     evaluator::{
         Actuator, Evaluator, EvaluatorConfig, KernelCaller, KernelVerdict, NetObservation, RecordSink, TrustRules,
     },
     fanotify::{FanotifyError, FileGuard, FileGuardHandle, FileGuardOptions},
+    identity::{self, AgentIdentity},
+    identity_socket::{IdentityFacts, IdentitySocket, IDENTITY_DIR},
     Answer, Decider, FileIdentity, Reply, Request,
 };
 use anyhow::{anyhow, Context, Result};
@@ -39,7 +41,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// 16 random bytes as hex (session ids, DIDs).
+/// 16 random bytes as hex (session ids).
 fn random_hex() -> Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")
@@ -48,14 +50,27 @@ fn random_hex() -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Loads the policies and names the agent. Errors are the policy's own located errors.
-pub fn load(args: &PolicyArgs, ring: u8) -> Result<(Arc<PolicySet>, AgentFacts)> {
+/// A loaded policy and the agent it governs.
+pub struct Loaded {
+    pub set: Arc<PolicySet>,
+    pub agent: AgentFacts,
+    /// The agent's key pair (its DID is derived from it).
+    pub identity: Arc<AgentIdentity>,
+    /// SHA-256 of the policy files.
+    pub policy_hash: String,
+}
+
+/// Loads the policies, makes the agent's key pair and names the agent by it. Errors are
+/// the policy's own located errors.
+pub fn load(args: &PolicyArgs, ring: u8) -> Result<Loaded> {
     let set = PolicySet::load(&args.policy).map_err(|e| anyhow!("{e}"))?;
+    let policy_hash = identity::policy_hash(&args.policy)?;
     let name = args.agent.clone().unwrap_or_else(|| format!("agent-{}", std::process::id()));
     control::check_name(&name).map_err(|e| anyhow!("--agent: {e}"))?;
-    let did = format!("did:mesh:{}", random_hex()?);
-    let agent = AgentFacts::new(name, did, ring, args.trust, random_hex()?);
-    Ok((Arc::new(set), agent))
+    let ttl = std::time::Duration::from_secs(args.token_ttl);
+    let identity = AgentIdentity::generate(&name, &args.trust_domain, ttl).map_err(|e| anyhow!("{e}"))?;
+    let agent = AgentFacts::new(name, identity.did(), ring, args.trust, random_hex()?);
+    Ok(Loaded { set: Arc::new(set), agent, identity: Arc::new(identity), policy_hash })
 }
 
 /// Tightens the kernel planes to a lower ring.
@@ -145,16 +160,24 @@ pub struct Governance {
     pub actuator: Arc<HostActuator>,
     /// The compiled planes in force (replaced on demotion and when domains move).
     pub plan: Arc<Mutex<Option<Plan>>>,
+    /// The agent's identity socket (shown inside its jail).
+    pub identity_socket: IdentitySocket,
     /// Removes the control socket when the run ends.
     _control: ControlServer,
+}
+
+/// The agent's cgroup as the kernel names it: its id and its `/proc/PID/cgroup` path.
+pub struct CgroupName {
+    pub id: u64,
+    pub path: String,
 }
 
 impl Governance {
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         args: &PolicyArgs,
-        policies: Arc<PolicySet>,
-        agent: AgentFacts,
+        loaded: Loaded,
+        cgroup: CgroupName,
         entry_program: PathBuf,
         kill_file: Option<PathBuf>,
         plan: Option<Plan>,
@@ -168,6 +191,7 @@ impl Governance {
             exec_approvals: Mutex::new(None),
             on_first_exec: Mutex::new(None),
         });
+        let Loaded { set: policies, agent, identity, policy_hash } = loaded;
         let name = agent.id.clone();
         let cfg = EvaluatorConfig {
             policies,
@@ -179,9 +203,25 @@ impl Governance {
             proc_root: PathBuf::from("/proc"),
         };
         let evaluator = Evaluator::new(cfg, record_sink(events)?, actuator.clone());
-        let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator))
+        let view = IdentityView {
+            spiffe_id: identity.spiffe_id().to_string(),
+            cgroup_id: cgroup.id,
+            jwks: identity.jwks(),
+            socket: Path::new(IDENTITY_DIR).join(&name).join("identity.sock"),
+            policy_hash: policy_hash.clone(),
+        };
+        let facts = IdentityFacts {
+            identity,
+            cgroup: cgroup.path,
+            cgroup_id: cgroup.id,
+            policy_hash,
+            proc_root: PathBuf::from("/proc"),
+        };
+        let identity_socket = IdentitySocket::start(Path::new(IDENTITY_DIR), &name, facts, Arc::clone(&evaluator))
+            .context("cannot start the identity socket")?;
+        let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator), Some(view))
             .map_err(|e| anyhow!("{e}"))?;
-        Ok(Governance { evaluator, actuator, plan: Arc::new(Mutex::new(plan)), _control: control })
+        Ok(Governance { evaluator, actuator, plan: Arc::new(Mutex::new(plan)), identity_socket, _control: control })
     }
 }
 

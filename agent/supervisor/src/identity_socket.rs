@@ -1,0 +1,188 @@
+//! The agent's identity socket: the one agt-jail socket an agent can reach. It hands a
+//! process of the agent a JWT-SVID for the agent, and nothing to anyone else.
+//!
+//! The caller is who the kernel says it is ([`crate::peer::identify`]): a process whose
+//! cgroup is the agent's cgroup or below it. One request line in (`token AUDIENCE`), one
+//! JSON line out. Every answer, given or refused, is a record.
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, SystemTime},
+};
+
+use serde_json::{json, Value};
+
+use crate::{
+    evaluator::Evaluator,
+    identity::{AgentClaims, AgentIdentity},
+    peer, sys,
+};
+
+/// Where agents' identity sockets live: `<dir>/<agent>/identity.sock`. Each agent's
+/// directory is shown (read-only) inside its own jail, at the same path.
+pub const IDENTITY_DIR: &str = "/run/agt-jail/identity";
+/// The variable that tells the agent where its identity socket is.
+pub const SOCKET_ENV: &str = "AGT_JAIL_IDENTITY_SOCKET";
+
+const MAX_REQUEST: u64 = 1024;
+
+/// What the socket needs to know of the agent besides its evaluator.
+pub struct IdentityFacts {
+    pub identity: Arc<AgentIdentity>,
+    /// The agent's cgroup, as `/proc/PID/cgroup` names it.
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub policy_hash: String,
+    pub proc_root: PathBuf,
+}
+
+/// A listening identity socket; removed (with its directory) when dropped.
+pub struct IdentitySocket {
+    dir: PathBuf,
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl IdentitySocket {
+    /// Listens at `<root>/<agent>/identity.sock`.
+    pub fn start(
+        root: &Path,
+        agent: &str,
+        facts: IdentityFacts,
+        evaluator: Arc<Evaluator>,
+    ) -> io::Result<IdentitySocket> {
+        crate::control::check_name(agent).map_err(io::Error::other)?;
+        let dir = root.join(agent);
+        let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).map_err(at)?;
+        // Anyone may connect (the agent may run as any user); the kernel's answer about
+        // the caller is the check, not the file mode.
+        sys::chmod(root, 0o755).map_err(at)?;
+        sys::chmod(&dir, 0o755).map_err(at)?;
+        let path = dir.join("identity.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(at)?;
+        sys::chmod(&path, 0o666).map_err(at)?;
+        listener.set_nonblocking(true).map_err(at)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("identity".into())
+            .spawn(move || serve(&listener, &facts, &evaluator, &stopping))
+            .map_err(at)?;
+        Ok(IdentitySocket { dir, path, stop, thread: Some(thread) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory to show inside the agent's jail.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for IdentitySocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn serve(listener: &UnixListener, facts: &IdentityFacts, evaluator: &Evaluator, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let reply = answer(&stream, facts, evaluator);
+                let mut stream = stream;
+                let _ = stream.write_all(format!("{reply}\n").as_bytes());
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Identifies the caller, then answers its request; records the outcome.
+fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> Value {
+    let caller = peer::identify(stream, &facts.proc_root);
+    let (pid, cgroup) = match &caller {
+        Ok(p) => (p.pid, Some(p.cgroup.clone())),
+        Err(_) => (0, None),
+    };
+    let outcome = match caller {
+        Err(err) => Err(format!("refused: {err}")),
+        Ok(p) if !peer::within(&p.cgroup, &facts.cgroup) => {
+            Err(format!("refused: pid {} (cgroup {}) is not a process of this agent", p.pid, p.cgroup))
+        }
+        Ok(_) => read_request(stream).and_then(|line| issue(&line, facts, evaluator)),
+    };
+    let (reply, record_outcome, reason) = match outcome {
+        Ok((token, audience)) => (json!({"ok": true, "token": token}), "issued", audience),
+        Err(e) => (json!({"ok": false, "error": e}), "refused", e),
+    };
+    let agent = evaluator.agent();
+    evaluator.observe_raw(&json!({
+        "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        "agent": agent.id, "did": agent.did, "event": "identity_token", "pid": pid, "cgroup": cgroup,
+        "outcome": record_outcome, "reason": reason,
+    }));
+    evaluator.flush();
+    reply
+}
+
+fn read_request(stream: &UnixStream) -> Result<String, String> {
+    let mut line = String::new();
+    BufReader::new(stream.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the request: {e}"))?;
+    Ok(line.trim().to_string())
+}
+
+/// `token AUDIENCE` → (the token, the audience).
+fn issue(line: &str, facts: &IdentityFacts, evaluator: &Evaluator) -> Result<(String, String), String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let ["token", audience] = words.as_slice() else {
+        return Err(format!("unknown request {line:?}; expected: token AUDIENCE"));
+    };
+    let agent = evaluator.agent();
+    let claims = AgentClaims {
+        did: agent.did,
+        ring: agent.ring,
+        trust: agent.trust,
+        tier: agent.tier,
+        policy_hash: facts.policy_hash.clone(),
+        cgroup_id: facts.cgroup_id,
+    };
+    let token = facts.identity.issue(audience, claims, SystemTime::now()).map_err(|e| e.to_string())?;
+    Ok((token, (*audience).to_string()))
+}
+
+/// Asks the identity socket at `path` for a token for `audience` (the agent side).
+pub fn request_token(path: &Path, audience: &str) -> Result<String, String> {
+    let mut stream =
+        UnixStream::connect(path).map_err(|e| format!("cannot reach the identity socket {}: {e}", path.display()))?;
+    let io = |e: io::Error| format!("identity socket {}: {e}", path.display());
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    stream.write_all(format!("token {audience}\n").as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
+    let value: Value = serde_json::from_str(reply.trim()).map_err(|e| format!("bad answer {reply:?}: {e}"))?;
+    match value["token"].as_str() {
+        Some(token) if value["ok"] == Value::Bool(true) => Ok(token.to_string()),
+        _ => Err(value["error"].as_str().unwrap_or("refused").to_string()),
+    }
+}
