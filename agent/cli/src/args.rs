@@ -164,12 +164,14 @@ pub struct PolicyArgs {
     pub trust: u32,
 
     /// Trust lost per denied action; crossing a tier boundary demotes the ring live.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub deny_penalty: u32,
+    /// Default: the policy's `trust.penalty`, else 10.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub deny_penalty: Option<u32>,
 
-    /// Kill the agent when its trust falls below N (0: never).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub kill_below: u32,
+    /// Kill the agent when its trust falls below N (0: never). Default: the policy's
+    /// `trust.kill_below`, else 0.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub kill_below: Option<u32>,
 
     /// Seconds a `require_approval` action is held before it is denied.
     #[arg(long, value_name = "SECS", default_value_t = 60)]

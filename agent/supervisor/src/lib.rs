@@ -13,6 +13,7 @@ pub mod identity;
 pub mod identity_socket;
 pub mod peer;
 mod sys;
+pub mod trust;
 
 use std::fmt;
 

@@ -32,9 +32,10 @@ use agt_jail_supervisor::{
     fanotify::{FanotifyError, FileGuard, FileGuardHandle, FileGuardOptions},
     identity::{self, AgentIdentity},
     identity_socket::{IdentityFacts, IdentitySocket, IDENTITY_DIR},
+    trust::TrustSection,
     Answer, Decider, FileIdentity, Reply, Request,
 };
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 /// Locks shared state, recovering it from a panicked holder (cleanup must still run).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -58,6 +59,8 @@ pub struct Loaded {
     pub identity: Arc<AgentIdentity>,
     /// SHA-256 of the policy files.
     pub policy_hash: String,
+    /// How trust moves: the policy's `trust:` section under the command-line flags.
+    pub trust: TrustRules,
 }
 
 /// Loads the policies, makes the agent's key pair and names the agent by it. Errors are
@@ -70,7 +73,60 @@ pub fn load(args: &PolicyArgs, ring: u8) -> Result<Loaded> {
     let ttl = std::time::Duration::from_secs(args.token_ttl);
     let identity = AgentIdentity::generate(&name, &args.trust_domain, ttl).map_err(|e| anyhow!("{e}"))?;
     let agent = AgentFacts::new(name, identity.did(), ring, args.trust, random_hex()?);
-    Ok(Loaded { set: Arc::new(set), agent, identity: Arc::new(identity), policy_hash })
+    let trust = trust_rules(args, &set)?;
+    Ok(Loaded { set: Arc::new(set), agent, identity: Arc::new(identity), policy_hash, trust })
+}
+
+/// The trust rules: defaults, then the policy's `trust:` section (one policy may have
+/// one), then `--deny-penalty` and `--kill-below`.
+pub fn trust_rules(args: &PolicyArgs, set: &PolicySet) -> Result<TrustRules> {
+    let mut rules = TrustRules::default();
+    let mut sections = set.trust_sections();
+    if let Some((file, section)) = sections.next() {
+        if let Some((other, _)) = sections.next() {
+            bail!("{other}: trust: a trust section is already given in {file}; give it in one policy only");
+        }
+        rules = TrustSection::parse(file, section)?.apply(rules);
+    }
+    rules.penalty = args.deny_penalty.unwrap_or(rules.penalty);
+    rules.kill_below = args.kill_below.unwrap_or(rules.kill_below);
+    Ok(rules)
+}
+
+/// Charges trust decay once a second until dropped.
+pub struct DecayTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DecayTicker {
+    fn start(evaluator: Arc<Evaluator>) -> io::Result<DecayTicker> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new().name("trust-decay".into()).spawn(move || {
+            let step = std::time::Duration::from_millis(100);
+            let mut waited = std::time::Duration::ZERO;
+            while !stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(step);
+                waited += step;
+                if waited >= std::time::Duration::from_secs(1) {
+                    waited = std::time::Duration::ZERO;
+                    evaluator.decay_trust(std::time::Instant::now());
+                }
+            }
+        })?;
+        Ok(DecayTicker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for DecayTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Tightens the kernel planes to a lower ring.
@@ -162,6 +218,8 @@ pub struct Governance {
     pub plan: Arc<Mutex<Option<Plan>>>,
     /// The agent's identity socket (shown inside its jail).
     pub identity_socket: IdentitySocket,
+    /// Charges trust decay while the agent runs (when the policy asks for decay).
+    _decay: Option<DecayTicker>,
     /// Removes the control socket when the run ends.
     _control: ControlServer,
 }
@@ -191,13 +249,13 @@ impl Governance {
             exec_approvals: Mutex::new(None),
             on_first_exec: Mutex::new(None),
         });
-        let Loaded { set: policies, agent, identity, policy_hash } = loaded;
+        let Loaded { set: policies, agent, identity, policy_hash, trust } = loaded;
         let name = agent.id.clone();
         let cfg = EvaluatorConfig {
             policies,
             agent,
             approval_timeout: std::time::Duration::from_secs(args.approval_timeout),
-            trust: TrustRules { penalty: args.deny_penalty, kill_below: args.kill_below },
+            trust,
             entry_program,
             show_denials,
             proc_root: PathBuf::from("/proc"),
@@ -217,11 +275,22 @@ impl Governance {
             policy_hash,
             proc_root: PathBuf::from("/proc"),
         };
+        let decay = match trust.decay {
+            Some(_) => Some(DecayTicker::start(Arc::clone(&evaluator)).context("cannot start the trust decay thread")?),
+            None => None,
+        };
         let identity_socket = IdentitySocket::start(Path::new(IDENTITY_DIR), &name, facts, Arc::clone(&evaluator))
             .context("cannot start the identity socket")?;
         let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator), Some(view))
             .map_err(|e| anyhow!("{e}"))?;
-        Ok(Governance { evaluator, actuator, plan: Arc::new(Mutex::new(plan)), identity_socket, _control: control })
+        Ok(Governance {
+            evaluator,
+            actuator,
+            plan: Arc::new(Mutex::new(plan)),
+            identity_socket,
+            _decay: decay,
+            _control: control,
+        })
     }
 }
 

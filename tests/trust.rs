@@ -1,0 +1,77 @@
+//! Trust end to end: a policy's `trust:` section sets the penalty and the kill threshold;
+//! denials lower trust, the tier change demotes the agent to ring 3 live, trust below the
+//! threshold kills it, and every change is a `trust` record in the events file.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use agt_jail_test_support::{require, Need};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
+
+const POLICY: &str = "apiVersion: governance.toolkit/v1
+name: trusty
+agents: [\"*\"]
+default_action: allow
+trust:
+  penalty: 150
+  kill_below: 100
+rules:
+  - name: no-true
+    condition: \"event == 'exec' and exec.path endswith '/true'\"
+    action: deny
+    priority: 10
+";
+
+#[test]
+fn denials_lower_trust_demote_then_kill_and_each_change_is_recorded() {
+    if !require("trust::denials", &[Need::Root, Need::CgroupV2]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("trust.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let events = dir.path().join("events.jsonl");
+    let out = Command::new(BIN)
+        .args(["exec", "--ring", "2", "--agent", &format!("trust-{}", std::process::id()), "--policy"])
+        .arg(&policy)
+        .arg("--events")
+        .arg(&events)
+        .args(["--", "/bin/sh", "-c", "/bin/true; /bin/true; /bin/true; echo survived"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("survived"), "the agent outlived trust 50: {stdout}");
+    assert_eq!(out.status.code(), Some(137), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<Value> =
+        std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let trust: Vec<(u64, u64, &str, u64)> = records
+        .iter()
+        .filter(|r| r["event"] == "trust")
+        .map(|r| {
+            (
+                r["before"].as_u64().unwrap(),
+                r["after"].as_u64().unwrap(),
+                r["tier"].as_str().unwrap(),
+                r["ring"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(trust, [(500, 350, "probationary", 2), (350, 200, "untrusted", 2), (200, 50, "untrusted", 3)]);
+    let demote = records.iter().find(|r| r["event"] == "demote").unwrap();
+    assert_eq!((demote["from_ring"].as_u64(), demote["to_ring"].as_u64()), (Some(2), Some(3)));
+}
+
+#[test]
+fn a_bad_trust_section_is_refused_with_125_and_one_located_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("bad.yaml");
+    std::fs::write(&policy, POLICY.replace("penalty: 150", "penalty: lots")).unwrap();
+    let out =
+        Command::new(BIN).args(["exec", "--ring", "2", "--policy"]).arg(&policy).args(["--", "true"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("bad.yaml: trust.penalty: expected a whole number 0-1000"), "{stderr}");
+}
