@@ -8,17 +8,17 @@ use std::{
     io::{self, BufRead, BufReader, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread,
+    sync::Arc,
     time::Duration,
 };
 
 use serde_json::{json, Value};
 
-use crate::{evaluator::Evaluator, sys};
+use crate::{
+    evaluator::Evaluator,
+    line_socket::{self, LineServer},
+    sys,
+};
 
 /// Where agents' control sockets live (hidden inside every confined ring).
 pub const RUNTIME_DIR: &str = "/run/agt-jail/agents";
@@ -75,8 +75,7 @@ pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
 /// A listening control socket; removed when dropped.
 pub struct ControlServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    server: Option<LineServer>,
 }
 
 impl ControlServer {
@@ -100,14 +99,17 @@ impl ControlServer {
             UnixListener::bind(&path).map_err(|source| ControlError::Create { path: path.clone(), source })?;
         // Owner only; SO_PEERCRED below is the real check.
         let _ = sys::chmod(&path, 0o600);
-        listener.set_nonblocking(true).map_err(|source| ControlError::Io { path: path.clone(), source })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve(listener, &evaluator, identity.as_ref(), &stopping))
-            .map_err(|source| ControlError::Create { path: path.clone(), source })?;
-        Ok(ControlServer { path, stop, thread: Some(thread) })
+        let me = sys::euid();
+        let server = LineServer::spawn("control", listener, move |stream| {
+            if sys::peer_uid(stream).is_ok_and(|uid| uid == 0 || uid == me) {
+                line_socket::read_request(stream, MAX_REQUEST)
+                    .map_or_else(|e| json!({"ok": false, "error": e}), |line| answer(&evaluator, identity.as_ref(), &line))
+            } else {
+                json!({"ok": false, "error": "permission denied: only root or the user running agt-jail may control an agent"})
+            }
+        })
+        .map_err(|source| ControlError::Create { path: path.clone(), source })?;
+        Ok(ControlServer { path, server: Some(server) })
     }
 
     pub fn path(&self) -> &Path {
@@ -117,44 +119,9 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        drop(self.server.take());
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-fn serve(listener: UnixListener, evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, stop: &AtomicBool) {
-    let me = sys::euid();
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let allowed = sys::peer_uid(&stream).is_ok_and(|uid| uid == 0 || uid == me);
-                let reply = if allowed {
-                    read_request(&stream)
-                        .map_or_else(|e| json!({"ok": false, "error": e}), |line| answer(evaluator, identity, &line))
-                } else {
-                    json!({"ok": false, "error": "permission denied: only root or the user running agt-jail may control an agent"})
-                };
-                let mut stream = stream;
-                let _ = stream.write_all(format!("{reply}\n").as_bytes());
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-fn read_request(stream: &UnixStream) -> Result<String, String> {
-    use io::Read;
-    let mut line = String::new();
-    BufReader::new(stream.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .map_err(|e| format!("cannot read the request: {e}"))?;
-    Ok(line.trim().to_string())
 }
 
 /// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `key`.

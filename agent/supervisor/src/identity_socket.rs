@@ -5,14 +5,10 @@
 //! cgroup is the agent's cgroup or below it. One request line in (`token AUDIENCE`), one
 //! JSON line out. Every answer, given or refused, is a record.
 use std::{
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, BufRead, BufReader, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -21,6 +17,7 @@ use serde_json::{json, Value};
 use crate::{
     evaluator::Evaluator,
     identity::{AgentClaims, AgentIdentity},
+    line_socket::{self, LineServer},
     peer, sys,
 };
 
@@ -46,8 +43,7 @@ pub struct IdentityFacts {
 pub struct IdentitySocket {
     dir: PathBuf,
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    server: Option<LineServer>,
 }
 
 impl IdentitySocket {
@@ -70,14 +66,9 @@ impl IdentitySocket {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(at)?;
         sys::chmod(&path, 0o666).map_err(at)?;
-        listener.set_nonblocking(true).map_err(at)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = thread::Builder::new()
-            .name("identity".into())
-            .spawn(move || serve(&listener, &facts, &evaluator, &stopping))
-            .map_err(at)?;
-        Ok(IdentitySocket { dir, path, stop, thread: Some(thread) })
+        let server =
+            LineServer::spawn("identity", listener, move |stream| answer(stream, &facts, &evaluator)).map_err(at)?;
+        Ok(IdentitySocket { dir, path, server: Some(server) })
     }
 
     pub fn path(&self) -> &Path {
@@ -92,27 +83,9 @@ impl IdentitySocket {
 
 impl Drop for IdentitySocket {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        drop(self.server.take());
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn serve(listener: &UnixListener, facts: &IdentityFacts, evaluator: &Evaluator, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let reply = answer(&stream, facts, evaluator);
-                let mut stream = stream;
-                let _ = stream.write_all(format!("{reply}\n").as_bytes());
-            }
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
     }
 }
 
@@ -128,7 +101,7 @@ fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> 
         Ok(p) if !peer::within(&p.cgroup, &facts.cgroup) => {
             Err(format!("refused: pid {} (cgroup {}) is not a process of this agent", p.pid, p.cgroup))
         }
-        Ok(_) => read_request(stream).and_then(|line| issue(&line, facts, evaluator)),
+        Ok(_) => line_socket::read_request(stream, MAX_REQUEST).and_then(|line| issue(&line, facts, evaluator)),
     };
     let (reply, record_outcome, reason) = match outcome {
         Ok((token, audience)) => (json!({"ok": true, "token": token}), "issued", audience),
@@ -142,14 +115,6 @@ fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> 
     }));
     evaluator.flush();
     reply
-}
-
-fn read_request(stream: &UnixStream) -> Result<String, String> {
-    let mut line = String::new();
-    BufReader::new(stream.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .map_err(|e| format!("cannot read the request: {e}"))?;
-    Ok(line.trim().to_string())
 }
 
 /// `token AUDIENCE` → (the token, the audience).

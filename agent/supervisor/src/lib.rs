@@ -11,6 +11,7 @@ pub mod exec_notify;
 pub mod fanotify;
 pub mod identity;
 pub mod identity_socket;
+mod line_socket;
 pub mod peer;
 mod sys;
 pub mod trust;
