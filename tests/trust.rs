@@ -74,4 +74,11 @@ fn a_bad_trust_section_is_refused_with_125_and_one_located_line() {
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("bad.yaml: trust.penalty: expected a whole number 0-1000"), "{stderr}");
+    // `policy lint` reads the section as `exec` does; the good policy passes.
+    let lint = Command::new(BIN).args(["policy", "lint"]).arg(&policy).output().unwrap();
+    assert_eq!(lint.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&lint.stderr).contains("bad.yaml: trust.penalty"));
+    std::fs::write(&policy, POLICY).unwrap();
+    let lint = Command::new(BIN).args(["policy", "lint"]).arg(&policy).output().unwrap();
+    assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stderr));
 }

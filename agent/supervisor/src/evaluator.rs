@@ -561,10 +561,13 @@ impl Evaluator {
                     None,
                     note,
                 );
-                reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
+                // Trust moves before the answer: a denial that demotes or kills the agent
+                // takes effect while the caller is still held, so it cannot act in between.
                 if denial.is_some() {
                     self.lower_trust();
+                    reply.answer(Answer::Deny);
                 } else {
+                    reply.answer(Answer::Allow);
                     self.reward();
                 }
             }
@@ -637,11 +640,13 @@ impl Evaluator {
         decision.reason = format!("{} ({outcome})", decision.reason);
         // Recorded before the answer, as in `handle`.
         self.record(&agent, p.pid, &p.event, &p.context, &decision, p.plane, outcome, p.started, Some(id), None);
-        p.reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
+        // As in `handle`: a denial's trust effects before the answer.
         if allowed {
+            p.reply.answer(Answer::Allow);
             self.reward();
         } else {
             self.on_denied(&format!("held {} (request {id}, {outcome})", p.event), p.pid, &decision);
+            p.reply.answer(Answer::Deny);
         }
         Ok(())
     }
