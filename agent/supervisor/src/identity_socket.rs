@@ -151,3 +151,103 @@ pub fn request_token(path: &Path, audience: &str) -> Result<String, String> {
         _ => Err(value["error"].as_str().unwrap_or("refused").to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{
+        evaluator::{Actuator, EvaluatorConfig, RecordSink, TrustRules},
+        identity::TokenClaims,
+    };
+    use agt_jail_policy::{context::AgentFacts, PolicySet};
+    use std::sync::Mutex;
+
+    struct NoEffects;
+    impl Actuator for NoEffects {
+        fn kill_agent(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn demote(&self, _: &AgentFacts) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An identity socket in a temp dir for an agent whose cgroup is `cgroup`.
+    fn socket(cgroup: &str) -> (tempfile::TempDir, IdentitySocket, Arc<AgentIdentity>, Lines) {
+        let policies = PolicySet::from_str("p.yaml", "name: p\nagents: ['*']\ndefault_action: allow\n").unwrap();
+        let identity =
+            Arc::new(AgentIdentity::from_secret(&[3; 32], "a1", "example.org", Duration::from_secs(60)).unwrap());
+        let cfg = EvaluatorConfig {
+            policies: Arc::new(policies),
+            agent: AgentFacts::new("a1", identity.did(), 2, 640, "s"),
+            approval_timeout: Duration::from_secs(1),
+            trust: TrustRules::default(),
+            entry_program: PathBuf::from("/bin/true"),
+            show_denials: false,
+            proc_root: PathBuf::from("/proc"),
+        };
+        let lines = Lines::default();
+        let evaluator = Evaluator::new(cfg, RecordSink::new(Some(Box::new(lines.clone()))), Arc::new(NoEffects));
+        let facts = IdentityFacts {
+            identity: Arc::clone(&identity),
+            cgroup: cgroup.to_string(),
+            cgroup_id: 77,
+            policy_hash: "ab".repeat(32),
+            proc_root: PathBuf::from("/proc"),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let socket = IdentitySocket::start(dir.path(), "a1", facts, evaluator).unwrap();
+        (dir, socket, identity, lines)
+    }
+
+    fn records(lines: &Lines) -> Vec<Value> {
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_process_of_the_agents_cgroup_gets_a_token_naming_the_agent() {
+        // This test process plays the agent: the agent's cgroup is its own.
+        let own = peer::cgroup_of(Path::new("/proc"), std::process::id()).unwrap();
+        let (_dir, socket, identity, lines) = socket(&own);
+        let token = request_token(socket.path(), "tools.example").unwrap();
+        let x = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(identity.public_key())
+        };
+        let key = jsonwebtoken::DecodingKey::from_ed_components(&x).unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        v.set_audience(&["tools.example"]);
+        let claims = jsonwebtoken::decode::<TokenClaims>(&token, &key, &v).unwrap().claims;
+        assert_eq!((claims.agent.ring, claims.agent.trust, claims.agent.cgroup_id), (2, 640, 77));
+        assert_eq!(claims.agent.did, identity.did());
+        let r = records(&lines);
+        assert_eq!((r[0]["event"].as_str(), r[0]["outcome"].as_str()), (Some("identity_token"), Some("issued")));
+        assert_eq!(r[0]["pid"].as_u64(), Some(u64::from(std::process::id())));
+        // A malformed request is refused, and recorded.
+        let err = request_token(socket.path(), "two words").unwrap_err();
+        assert!(err.contains("unknown request"), "{err}");
+    }
+
+    #[test]
+    fn a_process_outside_the_agents_cgroup_is_refused() {
+        let (_dir, socket, _, lines) = socket("/agt-jail/some-other-agent");
+        let err = request_token(socket.path(), "tools.example").unwrap_err();
+        assert!(err.contains("is not a process of this agent"), "{err}");
+        let r = records(&lines);
+        assert_eq!(r[0]["outcome"], "refused");
+    }
+}
