@@ -139,6 +139,11 @@ fn tokens_are_given_to_the_agents_own_processes_only_and_verify_and_expire() {
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(status["did"], format!("did:mesh:{hex}"));
     assert!(status["cgroup_id"].as_u64().unwrap() > 0, "{status}");
+    // `ps` lists the agent with the same facts.
+    let ps = String::from_utf8(agt(&["ps"]).stdout).unwrap();
+    let row: Vec<&str> = ps.lines().find(|l| l.starts_with(&format!("{a} "))).unwrap().split_whitespace().collect();
+    let cgroup_id = status["cgroup_id"].to_string();
+    assert_eq!(row[1..6], ["2", "500", "standard", status["did"].as_str().unwrap(), cgroup_id.as_str()], "{ps}");
 
     // A process of A gets A's token; it verifies with the published key and says who A is.
     let tok = dir.path().join("tok");

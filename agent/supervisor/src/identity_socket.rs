@@ -103,16 +103,24 @@ fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> 
         }
         Ok(_) => line_socket::read_request(stream, MAX_REQUEST).and_then(|line| issue(&line, facts, evaluator)),
     };
-    let (reply, record_outcome, reason) = match outcome {
-        Ok((token, audience)) => (json!({"ok": true, "token": token}), "issued", audience),
-        Err(e) => (json!({"ok": false, "error": e}), "refused", e),
-    };
     let agent = evaluator.agent();
-    evaluator.observe_raw(&json!({
+    let mut record = json!({
         "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         "agent": agent.id, "did": agent.did, "event": "identity_token", "pid": pid, "cgroup": cgroup,
-        "outcome": record_outcome, "reason": reason,
-    }));
+    });
+    let reply = match outcome {
+        Ok((token, audience)) => {
+            record["outcome"] = json!("issued");
+            record["audience"] = json!(audience);
+            json!({"ok": true, "token": token})
+        }
+        Err(e) => {
+            record["outcome"] = json!("refused");
+            record["reason"] = json!(e);
+            json!({"ok": false, "error": e})
+        }
+    };
+    evaluator.observe_raw(&record);
     evaluator.flush();
     reply
 }
@@ -237,6 +245,7 @@ mod tests {
         let r = records(&lines);
         assert_eq!((r[0]["event"].as_str(), r[0]["outcome"].as_str()), (Some("identity_token"), Some("issued")));
         assert_eq!(r[0]["pid"].as_u64(), Some(u64::from(std::process::id())));
+        assert_eq!(r[0]["audience"], "tools.example");
         // A malformed request is refused, and recorded.
         let err = request_token(socket.path(), "two words").unwrap_err();
         assert!(err.contains("unknown request"), "{err}");
@@ -249,5 +258,6 @@ mod tests {
         assert!(err.contains("is not a process of this agent"), "{err}");
         let r = records(&lines);
         assert_eq!(r[0]["outcome"], "refused");
+        assert!(r[0]["reason"].as_str().unwrap().contains("not a process of this agent"));
     }
 }

@@ -46,6 +46,8 @@ enum Command {
     Demote(control_cmd::DemoteArgs),
     /// Show a running agent's DID, cgroup, ring, trust, tier and held requests.
     Status(control_cmd::AgentArg),
+    /// List the running agents: ring, trust, tier, DID, cgroup id and held requests.
+    Ps(control_cmd::PsArgs),
     /// An agent's identity: its public key (`key`), a token for it (`token`, from inside).
     #[command(subcommand)]
     Identity(identity_cmd::IdentityCommand),
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
         Command::Kill(args) => control_cmd::kill(args),
         Command::Demote(args) => control_cmd::demote(args),
         Command::Status(args) => control_cmd::status(args),
+        Command::Ps(args) => control_cmd::ps(args),
         Command::Identity(cmd) => identity_cmd::run(cmd),
     }
 }
