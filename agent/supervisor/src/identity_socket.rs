@@ -96,12 +96,15 @@ fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> 
         Ok(p) => (p.pid, Some(p.cgroup.clone())),
         Err(_) => (0, None),
     };
+    // Read whatever was asked even when the answer is a refusal, so the caller gets the
+    // refusal rather than a broken pipe.
+    let request = line_socket::read_request(stream, MAX_REQUEST);
     let outcome = match caller {
         Err(err) => Err(format!("refused: {err}")),
         Ok(p) if !peer::within(&p.cgroup, &facts.cgroup) => {
             Err(format!("refused: pid {} (cgroup {}) is not a process of this agent", p.pid, p.cgroup))
         }
-        Ok(_) => line_socket::read_request(stream, MAX_REQUEST).and_then(|line| issue(&line, facts, evaluator)),
+        Ok(_) => request.and_then(|line| issue(&line, facts, evaluator)),
     };
     let agent = evaluator.agent();
     let mut record = json!({

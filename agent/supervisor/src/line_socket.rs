@@ -32,6 +32,10 @@ impl LineServer {
         let stopping = Arc::clone(&stop);
         let thread = thread::Builder::new().name(name.into()).spawn(move || {
             while !stopping.load(Ordering::SeqCst) {
+                // Woken by a connection at once; the timeout only bounds how late a stop is seen.
+                if !readable(&listener, 100) {
+                    continue;
+                }
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let _ = stream.set_nonblocking(false);
@@ -55,6 +59,15 @@ impl Drop for LineServer {
             let _ = t.join();
         }
     }
+}
+
+/// Whether `listener` has a connection waiting, within `timeout_ms`.
+fn readable(listener: &UnixListener, timeout_ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fds = [libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    // SAFETY: one valid pollfd for the length passed; the listener stays open for the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout_ms) };
+    n > 0 && fds[0].revents & libc::POLLIN != 0
 }
 
 /// Reads one request line of at most `max` bytes, trimmed.
