@@ -145,6 +145,15 @@ fn tokens_are_given_to_the_agents_own_processes_only_and_verify_and_expire() {
     let cgroup_id = status["cgroup_id"].to_string();
     assert_eq!(row[1..6], ["2", "500", "standard", status["did"].as_str().unwrap(), cgroup_id.as_str()], "{ps}");
 
+    // A second run under A's name is refused and leaves A's identity socket alone.
+    let twin = Command::new(BIN)
+        .args(["exec", "--ring", "2", "--agent", &a, "--policy"])
+        .arg(&policy)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(twin.status.code(), Some(125), "{}", String::from_utf8_lossy(&twin.stderr));
+
     // A process of A gets A's token; it verifies with the published key and says who A is.
     let tok = dir.path().join("tok");
     std::fs::write(dir.path().join("req"), "").unwrap();

@@ -279,10 +279,12 @@ impl Governance {
             Some(_) => Some(DecayTicker::start(Arc::clone(&evaluator)).context("cannot start the trust decay thread")?),
             None => None,
         };
-        let identity_socket = IdentitySocket::start(Path::new(IDENTITY_DIR), &name, facts, Arc::clone(&evaluator))
-            .context("cannot start the identity socket")?;
+        // The control socket first: it refuses a name already running, whose identity
+        // socket must then be left alone.
         let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator), Some(view))
             .map_err(|e| anyhow!("{e}"))?;
+        let identity_socket = IdentitySocket::start(Path::new(IDENTITY_DIR), &name, facts, Arc::clone(&evaluator))
+            .context("cannot start the identity socket")?;
         Ok(Governance {
             evaluator,
             actuator,
