@@ -82,3 +82,39 @@ fn a_bad_trust_section_is_refused_with_125_and_one_located_line() {
     let lint = Command::new(BIN).args(["policy", "lint"]).arg(&policy).output().unwrap();
     assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stderr));
 }
+
+#[test]
+fn trust_decays_over_time_down_to_the_floor() {
+    if !require("trust::decay", &[Need::Root, Need::CgroupV2]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("decay.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: governance.toolkit/v1\nname: decay\nagents: [\"*\"]\ndefault_action: allow\n\
+         trust:\n  decay: {points: 50, every: 1, floor: 400}\n",
+    )
+    .unwrap();
+    let events = dir.path().join("events.jsonl");
+    let out = Command::new(BIN)
+        .args(["exec", "--ring", "2", "--agent", &format!("decay-{}", std::process::id()), "--policy"])
+        .arg(&policy)
+        .arg("--events")
+        .arg(&events)
+        .args(["--", "/bin/sleep", "3.5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let afters: Vec<u64> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "trust" && r["reason"] == "decay")
+        .map(|r| r["after"].as_u64().unwrap())
+        .collect();
+    // Whole steps of 50 from 500, however the ticks fell, ending at the floor after 3 s.
+    assert!(!afters.is_empty() && afters.windows(2).all(|w| w[0] > w[1]), "{afters:?}");
+    assert!(afters.iter().all(|a| *a >= 400 && a % 50 == 0), "{afters:?}");
+    assert_eq!(afters.last(), Some(&400), "{afters:?}");
+}
