@@ -373,7 +373,9 @@ pub fn execute<G: Governor>(
             (Some(ws), _) => ws.display().to_string(),
             (None, _) => "/tmp".to_string(),
         };
+        // What governs the agent names its own variables (an --env of the same name loses).
         let mut env = jail_env(args, &home);
+        env.retain(|(key, _)| !additions.env.iter().any(|(k, _)| k == key));
         env.extend(additions.env.iter().cloned());
         let cfg = JailConfig {
             env,
