@@ -92,9 +92,9 @@ impl Drop for IdentitySocket {
 /// Identifies the caller, then answers its request; records the outcome.
 fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> Value {
     let caller = peer::identify(stream, &facts.proc_root);
-    let (pid, cgroup) = match &caller {
-        Ok(p) => (p.pid, Some(p.cgroup.clone())),
-        Err(_) => (0, None),
+    let (pid, cgroup, pinned) = match &caller {
+        Ok(p) => (p.pid, Some(p.cgroup.clone()), Some(p.pinned_at_connect)),
+        Err(_) => (0, None, None),
     };
     // Read whatever was asked even when the answer is a refusal, so the caller gets the
     // refusal rather than a broken pipe.
@@ -110,6 +110,7 @@ fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> 
     let mut record = json!({
         "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         "agent": agent.id, "did": agent.did, "event": "identity_token", "pid": pid, "cgroup": cgroup,
+        "peer_pidfd": pinned,
     });
     let reply = match outcome {
         Ok((token, audience)) => {
