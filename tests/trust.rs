@@ -24,28 +24,35 @@ rules:
     priority: 10
 ";
 
+/// Runs `command` as a ring-2 agent under `policy` (text); its output and event records.
+fn run_agent(name: &str, policy: &str, command: &[&str]) -> (std::process::Output, Vec<Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, policy).unwrap();
+    let events = dir.path().join("events.jsonl");
+    let out = Command::new(BIN)
+        .args(["exec", "--ring", "2", "--agent", &format!("{name}-{}", std::process::id()), "--policy"])
+        .arg(&path)
+        .arg("--events")
+        .arg(&events)
+        .arg("--")
+        .args(command)
+        .output()
+        .unwrap();
+    let records = std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (out, records)
+}
+
 #[test]
 fn denials_lower_trust_demote_then_kill_and_each_change_is_recorded() {
     if !require("trust::denials", &[Need::Root, Need::CgroupV2]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("trust.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let events = dir.path().join("events.jsonl");
-    let out = Command::new(BIN)
-        .args(["exec", "--ring", "2", "--agent", &format!("trust-{}", std::process::id()), "--policy"])
-        .arg(&policy)
-        .arg("--events")
-        .arg(&events)
-        .args(["--", "/bin/sh", "-c", "/bin/true; /bin/true; /bin/true; echo survived"])
-        .output()
-        .unwrap();
+    let (out, records) =
+        run_agent("trust", POLICY, &["/bin/sh", "-c", "/bin/true; /bin/true; /bin/true; echo survived"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("survived"), "the agent outlived trust 50: {stdout}");
     assert_eq!(out.status.code(), Some(137), "{}", String::from_utf8_lossy(&out.stderr));
-    let records: Vec<Value> =
-        std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let trust: Vec<(u64, u64, &str, u64)> = records
         .iter()
         .filter(|r| r["event"] == "trust")
@@ -88,28 +95,12 @@ fn trust_decays_over_time_down_to_the_floor() {
     if !require("trust::decay", &[Need::Root, Need::CgroupV2]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("decay.yaml");
-    std::fs::write(
-        &policy,
-        "apiVersion: governance.toolkit/v1\nname: decay\nagents: [\"*\"]\ndefault_action: allow\n\
-         trust:\n  decay: {points: 50, every: 1, floor: 400}\n",
-    )
-    .unwrap();
-    let events = dir.path().join("events.jsonl");
-    let out = Command::new(BIN)
-        .args(["exec", "--ring", "2", "--agent", &format!("decay-{}", std::process::id()), "--policy"])
-        .arg(&policy)
-        .arg("--events")
-        .arg(&events)
-        .args(["--", "/bin/sleep", "3.5"])
-        .output()
-        .unwrap();
+    let policy = "apiVersion: governance.toolkit/v1\nname: decay\nagents: [\"*\"]\ndefault_action: allow\n\
+                  trust:\n  decay: {points: 50, every: 1, floor: 400}\n";
+    let (out, records) = run_agent("decay", policy, &["/bin/sleep", "3.5"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let afters: Vec<u64> = std::fs::read_to_string(&events)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let afters: Vec<u64> = records
+        .iter()
         .filter(|r| r["event"] == "trust" && r["reason"] == "decay")
         .map(|r| r["after"].as_u64().unwrap())
         .collect();
