@@ -113,7 +113,8 @@ fn tokens_are_given_to_the_agents_own_processes_only_and_verify_and_expire() {
     let mut agent_a = Command::new(BIN)
         .args(["exec", "--ring", "2", "--agent", &a, "--token-ttl", "2", "--policy"])
         .arg(&policy)
-        .args(["--rw", &d, "--allow-exec", FULL])
+        .args(["--rw", &d, "--allow-exec", FULL, "--events"])
+        .arg(dir.path().join("a.events"))
         .args(["--", "/bin/sh", "-c", &script])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -139,6 +140,14 @@ fn tokens_are_given_to_the_agents_own_processes_only_and_verify_and_expire() {
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(status["did"], format!("did:mesh:{hex}"));
     assert!(status["cgroup_id"].as_u64().unwrap() > 0, "{status}");
+    // The first record binds the DID, the key and the cgroup.
+    let events = std::fs::read_to_string(dir.path().join("a.events")).unwrap();
+    let first: Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(first["event"], "identity", "{first}");
+    assert_eq!(
+        (&first["did"], &first["cgroup_id"], &first["jwks"]),
+        (&status["did"], &status["cgroup_id"], &key["jwks"])
+    );
     // `ps` lists the agent with the same facts.
     let ps = String::from_utf8(agt(&["ps"]).stdout).unwrap();
     let row: Vec<&str> = ps.lines().find(|l| l.starts_with(&format!("{a} "))).unwrap().split_whitespace().collect();

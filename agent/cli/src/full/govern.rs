@@ -268,6 +268,14 @@ impl Governance {
             socket: Path::new(IDENTITY_DIR).join(&name).join("identity.sock"),
             policy_hash: policy_hash.clone(),
         };
+        // The identity bound to the cgroup, on file before the agent exists: whoever reads the
+        // records (or the audit log) has the key that verifies the agent's tokens.
+        evaluator.observe_raw(&serde_json::json!({
+            "time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            "agent": name, "event": "identity", "did": identity.did(), "spiffe_id": identity.spiffe_id(),
+            "cgroup_id": cgroup.id, "cgroup": cgroup.path, "jwks": view.jwks, "policy_hash": policy_hash,
+        }));
+        evaluator.flush();
         let facts = IdentityFacts {
             identity,
             cgroup: cgroup.path,
