@@ -141,6 +141,11 @@ pub fn parse_env(text: &str) -> Result<(String, String), String> {
     }
 }
 
+fn parse_trust_domain(text: &str) -> Result<String, String> {
+    agt_jail_supervisor::identity::check_trust_domain(text).map_err(|e| e.to_string())?;
+    Ok(text.to_string())
+}
+
 /// The flags of `exec` that put an agent under policy.
 #[derive(Args, Debug, Default)]
 pub struct PolicyArgs {
@@ -159,12 +164,14 @@ pub struct PolicyArgs {
     pub trust: u32,
 
     /// Trust lost per denied action; crossing a tier boundary demotes the ring live.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub deny_penalty: u32,
+    /// Default: the policy's `trust.penalty`, else 10.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub deny_penalty: Option<u32>,
 
-    /// Kill the agent when its trust falls below N (0: never).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub kill_below: u32,
+    /// Kill the agent when its trust falls below N (0: never). Default: the policy's
+    /// `trust.kill_below`, else 0.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub kill_below: Option<u32>,
 
     /// Seconds a `require_approval` action is held before it is denied.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -174,6 +181,17 @@ pub struct PolicyArgs {
     /// (otherwise: a warning per rule).
     #[arg(long)]
     pub strict: bool,
+
+    /// Lifetime in seconds (1-3600) of the identity tokens (JWT-SVIDs) the agent gets from
+    /// its identity socket (docs/identity.md).
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub token_ttl: u64,
+
+    /// SPIFFE trust domain of the agent's identity: tokens name
+    /// `spiffe://DOMAIN/agt-jail/AGENT` (lower-case letters, digits, `.`, `-`, `_`).
+    #[arg(long, value_name = "DOMAIN", default_value = agt_jail_supervisor::identity::TRUST_DOMAIN_DEFAULT,
+          value_parser = parse_trust_domain)]
+    pub trust_domain: String,
 
     /// Seconds between DNS lookups of the policy's domains; when an answer changes the
     /// network tables are re-installed (0: resolve only at start).

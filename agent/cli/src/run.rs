@@ -81,6 +81,10 @@ pub trait Governor {
     fn attach(&mut self, cgroup: &AgentCgroup, profile: &Profile, program: &Path) -> Result<()>;
     /// The agent's end of the exec listener socket (the seccomp user-notification plane).
     fn exec_listener(&self) -> Option<RawFd>;
+    /// What the agent's view gets besides its profile (known once attached).
+    fn jail_additions(&self) -> JailAdditions {
+        JailAdditions::default()
+    }
     /// The command started and holds what it needs; agt-jail lets go of its copies.
     fn started(&mut self);
     /// The command ended: stop deciding, before its cgroup goes.
@@ -108,6 +112,14 @@ impl Governor for Ungoverned {
     fn finish(self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Host paths shown read-only inside the jail and variables set for the command, added by
+/// what governs it (the identity socket).
+#[derive(Debug, Default)]
+pub struct JailAdditions {
+    pub ro: Vec<PathBuf>,
+    pub env: Vec<(String, String)>,
 }
 
 /// The command and the profile of a run, resolved before anything is created.
@@ -267,7 +279,7 @@ pub fn execute<G: Governor>(
     prepared: Prepared,
     governor: impl FnOnce(&Profile) -> Result<G>,
 ) -> Result<u8, Failure> {
-    let Prepared { program: program_path, profile } = prepared;
+    let Prepared { program: program_path, mut profile } = prepared;
     let root = host::euid() == 0;
     if !root && !profile.confine {
         return Err(
@@ -350,6 +362,8 @@ pub fn execute<G: Governor>(
     }
 
     let exec_notify = governor.exec_listener();
+    let additions = governor.jail_additions();
+    profile.ro.extend(additions.ro.iter().map(|p| p.display().to_string()));
     let kill_file = agent_cgroup.as_ref().map(|c| c.path().join("cgroup.kill"));
     let mut forwarder = SignalForwarder::start(profile.confine, kill_file, Duration::from_secs(args.grace))?;
     let pty = if args.tty { Some(Pty::open().context("cannot open a pseudo-terminal")?) } else { None };
@@ -359,8 +373,12 @@ pub fn execute<G: Governor>(
             (Some(ws), _) => ws.display().to_string(),
             (None, _) => "/tmp".to_string(),
         };
+        // What governs the agent names its own variables (an --env of the same name loses).
+        let mut env = jail_env(args, &home);
+        env.retain(|(key, _)| !additions.env.iter().any(|(k, _)| k == key));
+        env.extend(additions.env.iter().cloned());
         let cfg = JailConfig {
-            env: jail_env(args, &home),
+            env,
             profile: profile.clone(),
             program: program_path.clone(),
             argv: args.command.clone(),
@@ -386,7 +404,7 @@ pub fn execute<G: Governor>(
         if let Some((program, program_args)) = args.command.split_first() {
             command.arg0(program).args(program_args);
         }
-        for (key, value) in &args.env {
+        for (key, value) in args.env.iter().chain(&additions.env) {
             command.env(key, value);
         }
         match agent_cgroup.as_ref() {

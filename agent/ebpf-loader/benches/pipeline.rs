@@ -123,7 +123,7 @@ fn evaluator(out: Box<dyn Write + Send>, proc_root: &str) -> Arc<Evaluator> {
         agent,
         approval_timeout: Duration::from_secs(60),
         // No trust movement: a million denials would otherwise demote and kill the agent.
-        trust: TrustRules { penalty: 0, kill_below: 0 },
+        trust: TrustRules { penalty: 0, kill_below: 0, ..TrustRules::default() },
         entry_program: PathBuf::from("/bin/true"),
         show_denials: false,
         proc_root: PathBuf::from(proc_root),

@@ -311,6 +311,11 @@ impl PolicySet {
         Ok(())
     }
 
+    /// The `trust:` sections of the loaded policies, with their files.
+    pub fn trust_sections(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.toolkit.iter().filter_map(|p| p.trust.as_ref().map(|t| (p.file.as_str(), t)))
+    }
+
     /// Evaluates one event context. Pure: same set, context and options give the same decision.
     pub fn evaluate(&self, ctx: &Value, opts: &EvalOptions) -> Decision {
         if !ctx.is_object() {

@@ -56,6 +56,8 @@ pub(crate) struct Policy {
     pub default_action: Action,
     pub strategy: Option<Strategy>,
     pub strategy_pos: Pos,
+    /// The `trust:` section as written (agt-jail's; AGT ignores it), read by the supervisor.
+    pub trust: Option<serde_json::Value>,
 }
 
 impl Policy {
@@ -81,6 +83,7 @@ const TOP_KEYS: &[&str] = &[
     "created_at",
     "updated_at",
     "conflict_strategy",
+    "trust",
 ];
 const RULE_KEYS: &[&str] =
     &["name", "description", "stage", "condition", "action", "limit", "approvers", "priority", "enabled"];
@@ -235,6 +238,7 @@ pub(crate) fn parse(
         default_action,
         strategy,
         strategy_pos,
+        trust: node.get("trust").map(Node::to_json),
     };
     if let Some(ext) = node.get("extends") {
         let refs: Vec<(String, Pos)> = match &ext.kind {

@@ -8,20 +8,33 @@ use std::{
     io::{self, BufRead, BufReader, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread,
+    sync::Arc,
     time::Duration,
 };
 
 use serde_json::{json, Value};
 
-use crate::{evaluator::Evaluator, sys};
+use crate::{
+    evaluator::Evaluator,
+    line_socket::{self, LineServer},
+    sys,
+};
 
 /// Where agents' control sockets live (hidden inside every confined ring).
 pub const RUNTIME_DIR: &str = "/run/agt-jail/agents";
+
+/// What `status` and `key` say of the agent's identity (none without one).
+#[derive(Debug, Clone, Default)]
+pub struct IdentityView {
+    pub spiffe_id: String,
+    pub cgroup_id: u64,
+    /// The agent's public key as a JWK Set.
+    pub jwks: Value,
+    /// The identity socket the agent asks for tokens.
+    pub socket: PathBuf,
+    /// SHA-256 of the policy files in force.
+    pub policy_hash: String,
+}
 
 /// Longest accepted request line.
 const MAX_REQUEST: u64 = 4096;
@@ -62,13 +75,17 @@ pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
 /// A listening control socket; removed when dropped.
 pub struct ControlServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    server: Option<LineServer>,
 }
 
 impl ControlServer {
     /// Listens at `dir/<name>.sock` and serves requests against `evaluator`.
-    pub fn start(dir: &Path, name: &str, evaluator: Arc<Evaluator>) -> Result<ControlServer, ControlError> {
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        evaluator: Arc<Evaluator>,
+        identity: Option<IdentityView>,
+    ) -> Result<ControlServer, ControlError> {
         check_name(name)?;
         let create = |source| ControlError::Create { path: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(create)?;
@@ -82,14 +99,17 @@ impl ControlServer {
             UnixListener::bind(&path).map_err(|source| ControlError::Create { path: path.clone(), source })?;
         // Owner only; SO_PEERCRED below is the real check.
         let _ = sys::chmod(&path, 0o600);
-        listener.set_nonblocking(true).map_err(|source| ControlError::Io { path: path.clone(), source })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve(listener, &evaluator, &stopping))
-            .map_err(|source| ControlError::Create { path: path.clone(), source })?;
-        Ok(ControlServer { path, stop, thread: Some(thread) })
+        let me = sys::euid();
+        let server = LineServer::spawn("control", listener, move |stream| {
+            if sys::peer_uid(stream).is_ok_and(|uid| uid == 0 || uid == me) {
+                line_socket::read_request(stream, MAX_REQUEST)
+                    .map_or_else(|e| json!({"ok": false, "error": e}), |line| answer(&evaluator, identity.as_ref(), &line))
+            } else {
+                json!({"ok": false, "error": "permission denied: only root or the user running agt-jail may control an agent"})
+            }
+        })
+        .map_err(|source| ControlError::Create { path: path.clone(), source })?;
+        Ok(ControlServer { path, server: Some(server) })
     }
 
     pub fn path(&self) -> &Path {
@@ -99,48 +119,13 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        drop(self.server.take());
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn serve(listener: UnixListener, evaluator: &Arc<Evaluator>, stop: &AtomicBool) {
-    let me = sys::euid();
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let allowed = sys::peer_uid(&stream).is_ok_and(|uid| uid == 0 || uid == me);
-                let reply = if allowed {
-                    read_request(&stream)
-                        .map_or_else(|e| json!({"ok": false, "error": e}), |line| answer(evaluator, &line))
-                } else {
-                    json!({"ok": false, "error": "permission denied: only root or the user running agt-jail may control an agent"})
-                };
-                let mut stream = stream;
-                let _ = stream.write_all(format!("{reply}\n").as_bytes());
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-fn read_request(stream: &UnixStream) -> Result<String, String> {
-    use io::Read;
-    let mut line = String::new();
-    BufReader::new(stream.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .map_err(|e| format!("cannot read the request: {e}"))?;
-    Ok(line.trim().to_string())
-}
-
-/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`.
-pub fn answer(evaluator: &Arc<Evaluator>, line: &str) -> Value {
+/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `key`.
+pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line: &str) -> Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     let id = |w: Option<&&str>| -> Result<u64, String> {
         w.and_then(|s| s.parse().ok()).ok_or_else(|| format!("expected a request number in {line:?}"))
@@ -169,10 +154,21 @@ pub fn answer(evaluator: &Arc<Evaluator>, line: &str) -> Value {
                 .into_iter()
                 .map(|(id, event, pid, rule)| json!({"request": id, "event": event, "pid": pid, "rule": rule}))
                 .collect();
-            return json!({"ok": true, "agent": agent.id, "ring": agent.ring, "trust": agent.trust,
-                          "tier": agent.tier, "pending": pending});
+            let mut status = json!({"ok": true, "agent": agent.id, "did": agent.did, "ring": agent.ring,
+                          "trust": agent.trust, "tier": agent.tier, "pending": pending});
+            if let Some(id) = identity {
+                status["spiffe_id"] = json!(id.spiffe_id);
+                status["cgroup_id"] = json!(id.cgroup_id);
+                status["identity_socket"] = json!(id.socket.display().to_string());
+                status["policy_hash"] = json!(id.policy_hash);
+            }
+            return status;
         }
-        _ => Err(format!("unknown request {line:?}; expected approve ID, deny ID, kill, demote RING or status")),
+        ["key"] => match identity {
+            Some(id) => return json!({"ok": true, "did": evaluator.agent().did, "jwks": id.jwks}),
+            None => Err("the agent has no identity key".to_string()),
+        },
+        _ => Err(format!("unknown request {line:?}; expected approve ID, deny ID, kill, demote RING, status or key")),
     };
     match result {
         Ok(()) => json!({"ok": true}),

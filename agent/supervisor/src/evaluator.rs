@@ -23,7 +23,7 @@ use agt_jail_policy::{
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::{Answer, FileAccess, FileIdentity, Reply, Request, RequestKind};
+use crate::{trust, Answer, FileAccess, FileIdentity, Reply, Request, RequestKind};
 
 /// Host-side effects the evaluator asks for. Implemented by the caller over the
 /// agent's cgroup and BPF maps; a test double records the calls.
@@ -42,20 +42,7 @@ pub trait Actuator: Send + Sync {
     fn forget_file_answers(&self) {}
 }
 
-/// How denials move trust, and what trust ends an agent.
-#[derive(Debug, Clone, Copy)]
-pub struct TrustRules {
-    /// Trust lost per denied action.
-    pub penalty: u32,
-    /// Below this trust the agent is killed (0: never).
-    pub kill_below: u32,
-}
-
-impl Default for TrustRules {
-    fn default() -> Self {
-        TrustRules { penalty: 10, kill_below: 0 }
-    }
-}
+pub use crate::trust::TrustRules;
 
 /// The least restricted ring an agent of this trust may hold (a higher number is more
 /// restricted): standard and above keep the ring they were started in, probationary
@@ -251,6 +238,10 @@ fn remember_name(cache: &mut ProcCache, key: [u64; 3], name: String) {
 
 struct State {
     agent: AgentFacts,
+    /// Rewards never lift trust above this.
+    reward_ceiling: u32,
+    /// Decay has been charged up to here.
+    decayed_to: Instant,
     limiter: RateLimiter,
     next_approval: u64,
     pending: HashMap<u64, Pending>,
@@ -302,6 +293,8 @@ impl Evaluator {
             proc_root: cfg.proc_root,
             file_cacheable,
             state: Mutex::new(State {
+                reward_ceiling: cfg.trust.reward_max.unwrap_or(cfg.agent.trust),
+                decayed_to: Instant::now(),
                 agent: cfg.agent,
                 limiter: RateLimiter::default(),
                 next_approval: 0,
@@ -568,9 +561,14 @@ impl Evaluator {
                     None,
                     note,
                 );
-                reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
+                // Trust moves before the answer: a denial that demotes or kills the agent
+                // takes effect while the caller is still held, so it cannot act in between.
                 if denial.is_some() {
                     self.lower_trust();
+                    reply.answer(Answer::Deny);
+                } else {
+                    reply.answer(Answer::Allow);
+                    self.reward();
                 }
             }
         }
@@ -642,9 +640,13 @@ impl Evaluator {
         decision.reason = format!("{} ({outcome})", decision.reason);
         // Recorded before the answer, as in `handle`.
         self.record(&agent, p.pid, &p.event, &p.context, &decision, p.plane, outcome, p.started, Some(id), None);
-        p.reply.answer(if allowed { Answer::Allow } else { Answer::Deny });
-        if !allowed {
+        // As in `handle`: a denial's trust effects before the answer.
+        if allowed {
+            p.reply.answer(Answer::Allow);
+            self.reward();
+        } else {
             self.on_denied(&format!("held {} (request {id}, {outcome})", p.event), p.pid, &decision);
+            p.reply.answer(Answer::Deny);
         }
         Ok(())
     }
@@ -717,19 +719,62 @@ impl Evaluator {
 
     /// [`Self::lower_trust`] for `denials` denials at once (a kernel deny summary).
     fn lower_trust_by(&self, denials: u64) {
+        let rules = self.trust_rules;
+        let reason = if denials == 1 { "denied action".to_string() } else { format!("{denials} denied actions") };
+        self.change_trust(|trust, _| trust::penalize(trust, &rules, denials), &reason);
+    }
+
+    /// An allowed action earns trust back, up to the ceiling.
+    fn reward(&self) {
+        let rules = self.trust_rules;
+        if rules.reward > 0 {
+            self.change_trust(|trust, state| trust::reward(trust, &rules, state.reward_ceiling), "allowed action");
+        }
+    }
+
+    /// Charges the decay due by `now` (called periodically; `now` is passed in so tests
+    /// can move the clock).
+    pub fn decay_trust(&self, now: Instant) {
+        let Some(decay) = self.trust_rules.decay else { return };
+        self.change_trust(
+            |trust, state| {
+                let (after, used) = trust::decay(trust, &decay, now.saturating_duration_since(state.decayed_to));
+                state.decayed_to += used;
+                after
+            },
+            "decay",
+        );
+    }
+
+    /// Moves trust by `step` (given the trust and the state); a change is recorded, and
+    /// then a tier change demotes the ring (never the other way) and trust below the kill
+    /// threshold ends the agent.
+    fn change_trust(&self, step: impl FnOnce(u32, &mut State) -> u32, reason: &str) {
         let mut state = lock(&self.state);
         let before = state.agent.trust;
-        let penalty = u32::try_from(u64::from(self.trust_rules.penalty).saturating_mul(denials)).unwrap_or(u32::MAX);
-        let after = before.saturating_sub(penalty);
-        state.agent.trust = after;
-        state.agent.tier = context::tier_of(after).to_string();
-        let ring = state.agent.ring;
-        let killed = state.killed;
-        drop(state);
-        if killed {
+        let after = step(before, &mut state);
+        if after == before || state.killed {
             return;
         }
-        if after < self.trust_rules.kill_below {
+        state.agent.trust = after;
+        state.agent.tier = context::tier_of(after).to_string();
+        let agent = state.agent.clone();
+        drop(state);
+        let kills = after < self.trust_rules.kill_below;
+        let demotes = ring_floor(after) > agent.ring;
+        {
+            let mut sink = lock(&self.sink);
+            sink.write_value(&json!({
+                "time": now_secs(), "agent": agent.id, "did": agent.did, "event": "trust", "before": before,
+                "after": after, "tier": agent.tier, "ring": agent.ring, "reason": reason,
+            }));
+            // Pushed out before its effects (a demotion, the kill switch); otherwise with
+            // the next batch, as the observation that caused it.
+            if kills || demotes {
+                sink.flush();
+            }
+        }
+        if kills {
             let d = Decision::new(
                 Action::Kill,
                 None,
@@ -739,10 +784,9 @@ impl Evaluator {
             self.kill(&d);
             return;
         }
-        let floor = ring_floor(after);
-        if floor > ring {
-            let why = format!("trust fell from {before} to {after} ({})", context::tier_of(after));
-            if let Err(err) = self.demote(floor, &why) {
+        if demotes {
+            let why = format!("trust fell from {before} to {after} ({})", agent.tier);
+            if let Err(err) = self.demote(ring_floor(after), &why) {
                 eprintln!("agt-jail: {err}");
             }
         }
@@ -1173,7 +1217,7 @@ rules:
 "#;
 
     fn evaluator(timeout: Duration) -> (Arc<Evaluator>, Arc<Recorder>, Lines) {
-        evaluator_with(timeout, TrustRules { penalty: 0, kill_below: 0 })
+        evaluator_with(timeout, TrustRules { penalty: 0, kill_below: 0, reward: 0, ..TrustRules::default() })
     }
 
     fn evaluator_with(timeout: Duration, trust: TrustRules) -> (Arc<Evaluator>, Arc<Recorder>, Lines) {
@@ -1344,11 +1388,79 @@ rules:
     #[test]
     fn denials_lower_trust_and_a_tier_change_demotes() {
         // 500 - 250 = 250 is untrusted, whose floor is ring 3.
-        let (ev, actuator, _) = evaluator_with(Duration::from_secs(1), TrustRules { penalty: 250, kill_below: 0 });
+        let (ev, actuator, _) = evaluator_with(
+            Duration::from_secs(1),
+            TrustRules { penalty: 250, kill_below: 0, reward: 0, ..TrustRules::default() },
+        );
         ask(&ev, exec(&["rm", "-rf", "/"])).recv().unwrap();
         assert_eq!(ev.agent().trust, 250);
         assert_eq!(ev.agent().ring, 3);
         assert_eq!(*lock(&actuator.demotions), [3]);
+    }
+
+    fn trust_records(lines: &Lines) -> Vec<(u64, u64, String, String)> {
+        lines
+            .records()
+            .into_iter()
+            .filter(|r| r["event"] == "trust")
+            .map(|r| {
+                let n = |k: &str| r[k].as_u64().unwrap();
+                (n("before"), n("after"), r["tier"].as_str().unwrap().into(), r["reason"].as_str().unwrap().into())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn allowed_actions_win_back_trust_up_to_the_start_and_each_change_is_a_record() {
+        let rules = TrustRules { penalty: 30, reward: 10, ..TrustRules::default() };
+        let (ev, _, lines) = evaluator_with(Duration::from_secs(1), rules);
+        ask(&ev, exec(&["rm", "-rf", "/"])).recv().unwrap();
+        // Three allowed execs: the test policy's exec budget.
+        for _ in 0..3 {
+            assert_eq!(ask(&ev, exec(&["ls"])).recv().unwrap(), Answer::Allow);
+        }
+        ev.flush();
+        assert_eq!(ev.agent().trust, 500, "the ceiling is the starting trust");
+        let tier = |t: &str| t.to_string();
+        assert_eq!(
+            trust_records(&lines),
+            [
+                (500, 470, tier("probationary"), tier("denied action")),
+                (470, 480, tier("probationary"), tier("allowed action")),
+                (480, 490, tier("probationary"), tier("allowed action")),
+                (490, 500, tier("standard"), tier("allowed action")),
+            ],
+            "no record once trust stops moving"
+        );
+        // A ceiling above the start lets rewards lift it further.
+        let (ev, _, _) = evaluator_with(Duration::from_secs(1), TrustRules { reward_max: Some(520), ..rules });
+        for _ in 0..3 {
+            ask(&ev, exec(&["ls"])).recv().unwrap();
+        }
+        assert_eq!(ev.agent().trust, 520);
+    }
+
+    #[test]
+    fn decay_on_a_moved_clock_lowers_trust_demotes_and_kills() {
+        let decay = crate::trust::Decay { points: 100, every: Duration::from_secs(60), floor: 0 };
+        let rules = TrustRules { reward: 0, kill_below: 150, decay: Some(decay), ..TrustRules::default() };
+        let (ev, actuator, lines) = evaluator_with(Duration::from_secs(1), rules);
+        let start = Instant::now();
+        ev.decay_trust(start + Duration::from_secs(59));
+        assert_eq!(ev.agent().trust, 500, "no whole step yet");
+        ev.decay_trust(start + Duration::from_secs(121));
+        assert_eq!(ev.agent().trust, 300);
+        // The next step counts from the last whole one (120 s), not from the call.
+        ev.decay_trust(start + Duration::from_secs(180));
+        assert_eq!((ev.agent().trust, ev.agent().tier.as_str(), ev.agent().ring), (200, "untrusted", 3));
+        assert_eq!(*lock(&actuator.demotions), [3]);
+        assert_eq!(actuator.kills.load(Ordering::SeqCst), 0);
+        ev.decay_trust(start + Duration::from_secs(240));
+        assert_eq!(actuator.kills.load(Ordering::SeqCst), 1, "100 is below the kill threshold 150");
+        ev.flush();
+        let after: Vec<u64> = trust_records(&lines).iter().map(|r| r.1).collect();
+        assert_eq!(after, [300, 200, 100]);
+        assert!(trust_records(&lines).iter().all(|r| r.3 == "decay"));
     }
 
     fn connect(kernel: KernelVerdict, count: u64) -> NetObservation<'static> {
@@ -1368,14 +1480,19 @@ rules:
 
     #[test]
     fn kernel_records_carry_the_kernels_process_facts_and_counts() {
-        let (ev, _, lines) = evaluator_with(Duration::from_secs(1), TrustRules { penalty: 10, kill_below: 0 });
+        let (ev, _, lines) = evaluator_with(
+            Duration::from_secs(1),
+            TrustRules { penalty: 10, kill_below: 0, reward: 0, ..TrustRules::default() },
+        );
         ev.observe_net(&connect(KernelVerdict::Allow, 1));
         ev.observe_net(&connect(KernelVerdict::Floor, 4));
         // Buffered until the reader's flush.
         assert!(lines.records().is_empty());
         ev.flush();
-        let records = lines.records();
+        let (records, trust): (Vec<Value>, Vec<Value>) =
+            lines.records().into_iter().partition(|r| r["event"] != "trust");
         assert_eq!(records.len(), 2);
+        assert_eq!((trust[0]["before"].as_u64(), trust[0]["after"].as_u64()), (Some(500), Some(460)));
         let proc = &records[0]["context"]["proc"];
         assert_eq!((proc["pid"].as_u64(), proc["ppid"].as_u64()), (Some(7), Some(3)));
         assert_eq!((proc["uid"].as_u64(), proc["comm"].as_str()), (Some(1000), Some("curl")));
@@ -1387,7 +1504,10 @@ rules:
 
     #[test]
     fn a_network_record_is_the_record_a_fresh_context_and_evaluation_write() {
-        let (ev, _, lines) = evaluator_with(Duration::from_secs(1), TrustRules { penalty: 10, kill_below: 0 });
+        let (ev, _, lines) = evaluator_with(
+            Duration::from_secs(1),
+            TrustRules { penalty: 10, kill_below: 0, reward: 0, ..TrustRules::default() },
+        );
         for _ in 0..3 {
             ev.observe_net(&connect(KernelVerdict::Floor, 1));
         }
@@ -1398,7 +1518,7 @@ rules:
             }
             record
         };
-        let records: Vec<Value> = lines.records().into_iter().map(strip).collect();
+        let records: Vec<Value> = lines.records().into_iter().filter(|r| r["event"] != "trust").map(strip).collect();
         // Each denial lowers trust, and the context shows the agent as it was at the event.
         let trusts: Vec<u64> = records.iter().map(|r| r["context"]["agent"]["trust"].as_u64().unwrap()).collect();
         assert_eq!(trusts, [500, 490, 480]);
@@ -1496,7 +1616,11 @@ rules:
         let proc_root = root.path().join("proc");
         std::fs::create_dir_all(proc_root.join("20")).unwrap();
         std::os::unix::fs::symlink(&tool, proc_root.join("20/exe")).unwrap();
-        let (ev, _, lines) = evaluator_at(Duration::from_secs(1), TrustRules { penalty: 0, kill_below: 0 }, &proc_root);
+        let (ev, _, lines) = evaluator_at(
+            Duration::from_secs(1),
+            TrustRules { penalty: 0, kill_below: 0, reward: 0, ..TrustRules::default() },
+            &proc_root,
+        );
         let exe_in_record = |pid: u32, exe: [u64; 3]| {
             let mut obs = connect(KernelVerdict::Allow, 1);
             obs.pid = pid;

@@ -9,7 +9,12 @@ pub mod control;
 pub mod evaluator;
 pub mod exec_notify;
 pub mod fanotify;
+pub mod identity;
+pub mod identity_socket;
+mod line_socket;
+pub mod peer;
 mod sys;
+pub mod trust;
 
 use std::fmt;
 

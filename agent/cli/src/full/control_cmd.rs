@@ -11,11 +11,11 @@ use crate::EXIT_INTERNAL;
 pub struct AgentArg {
     /// The agent's name (`agt-jail exec --agent NAME`; agt-jail prints it at start).
     #[arg(long, value_name = "NAME")]
-    agent: String,
+    pub agent: String,
 
     /// Directory of the agents' control sockets.
     #[arg(long, value_name = "DIR", default_value = control::RUNTIME_DIR, hide = true)]
-    runtime_dir: PathBuf,
+    pub runtime_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -81,4 +81,45 @@ pub fn demote(args: DemoteArgs) -> ExitCode {
 
 pub fn status(args: AgentArg) -> ExitCode {
     send(&args, "status", "")
+}
+
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Directory of the agents' control sockets.
+    #[arg(long, value_name = "DIR", default_value = control::RUNTIME_DIR, hide = true)]
+    runtime_dir: PathBuf,
+}
+
+/// One line per running agent: name, ring, trust, tier, DID, cgroup id, held requests.
+pub fn ps(args: PsArgs) -> ExitCode {
+    let mut names: Vec<String> = match std::fs::read_dir(&args.runtime_dir) {
+        Ok(entries) => {
+            entries.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".sock").map(str::to_string)).collect()
+        }
+        // No directory: no agent has run since boot.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => {
+            eprintln!("agt-jail: cannot list {}: {err}", args.runtime_dir.display());
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    names.sort();
+    println!("{:<24} {:>4} {:>5} {:<16} {:<41} {:>8} {:>4}", "AGENT", "RING", "TRUST", "TIER", "DID", "CGROUP", "HELD");
+    for name in names {
+        match control::request(&args.runtime_dir, &name, "status") {
+            Ok(s) => println!(
+                "{:<24} {:>4} {:>5} {:<16} {:<41} {:>8} {:>4}",
+                name,
+                s["ring"].to_string(),
+                s["trust"].to_string(),
+                s["tier"].as_str().unwrap_or("?"),
+                s["did"].as_str().unwrap_or("?"),
+                s["cgroup_id"].to_string(),
+                s["pending"].as_array().map_or(0, Vec::len)
+            ),
+            // A socket left by a killed agt-jail answers nobody.
+            Err(_) => println!("{name:<24} (not answering)"),
+        }
+    }
+    ExitCode::SUCCESS
 }

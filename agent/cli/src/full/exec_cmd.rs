@@ -24,8 +24,8 @@ use agt_jail_cli::{
     run::{self, Governor, Prepared},
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader, TaskFactsMap};
-use agt_jail_jail::{AgentCgroup, NetMode, Profile};
-use agt_jail_policy::{context::AgentFacts, plan::Plan, PolicySet};
+use agt_jail_jail::{cgroup::CgroupLayout, AgentCgroup, NetMode, Profile};
+use agt_jail_policy::plan::Plan;
 use agt_jail_supervisor::{
     evaluator::Evaluator,
     exec_notify::{self, ExecNotifier, KernelTask, NotifierOptions, TaskSource},
@@ -43,7 +43,7 @@ pub fn run(args: ExecArgs) -> ExitCode {
 /// Everything that governs one run beyond the jail, in the order it was set up.
 struct Governed<'a> {
     args: &'a ExecArgs,
-    policy: Option<(Arc<PolicySet>, AgentFacts)>,
+    policy: Option<govern::Loaded>,
     programs: Option<Arc<Mutex<AgentPrograms>>>,
     /// The kernel's per-thread `comm` and executable, for the exec plane.
     task_facts: Option<Arc<KernelTasks>>,
@@ -95,7 +95,7 @@ impl<'a> Governed<'a> {
         let mut programs = AgentPrograms::load().context("cannot load agt-jail's BPF programs")?;
         programs.register_agent(cgroup.id(), agent_id).context("cannot register the agent")?;
         let mut plan = None;
-        if let Some((set, agent)) = self.policy.as_ref() {
+        if let Some(govern::Loaded { set, agent, .. }) = self.policy.as_ref() {
             // Tier A is what the kernel accepts, not what it advertises.
             let exec_lsm = agt_jail_ebpf_loader::lsm::ExecLsm::load(&mut programs).ok();
             let (compiled, _) = govern::compile_plan(
@@ -139,14 +139,19 @@ impl<'a> Governed<'a> {
         program: &Path,
         plan: Option<Plan>,
     ) -> Result<()> {
-        let Some((set, agent)) = self.policy.take() else { return Ok(()) };
+        let Some(loaded) = self.policy.take() else { return Ok(()) };
         let args = self.args;
+        let set = Arc::clone(&loaded.set);
         let domain_set = Arc::clone(&set);
-        let name = agent.id.clone();
+        let name = loaded.agent.id.clone();
+        let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
+        let cgroup_path = agt_jail_supervisor::peer::cgroup_name(&layout.v2, cgroup.path()).with_context(|| {
+            format!("the agent's cgroup {} is not under {}", cgroup.path().display(), layout.v2.display())
+        })?;
         let governance = govern::Governance::start(
             &args.policy,
-            Arc::clone(&set),
-            agent,
+            loaded,
+            govern::CgroupName { id: cgroup.id(), path: cgroup_path },
             program.to_path_buf(),
             Some(cgroup.path().join("cgroup.kill")),
             plan,
@@ -256,6 +261,19 @@ impl Governor for Governed<'_> {
 
     fn exec_listener(&self) -> Option<RawFd> {
         self.listener_socket.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// The agent's identity socket: its directory shown read-only in the jail, its path announced.
+    fn jail_additions(&self) -> run::JailAdditions {
+        let Some(governance) = self.governance.as_ref() else { return run::JailAdditions::default() };
+        let socket = &governance.identity_socket;
+        run::JailAdditions {
+            ro: vec![socket.dir().to_path_buf()],
+            env: vec![(
+                agt_jail_supervisor::identity_socket::SOCKET_ENV.to_string(),
+                socket.path().display().to_string(),
+            )],
+        }
     }
 
     fn started(&mut self) {

@@ -25,21 +25,24 @@ use agt_jail_policy::{
     PolicySet,
 };
 use agt_jail_supervisor::{
-    control::{self, ControlServer},
+    control::{self, ControlServer, IdentityView},
     evaluator::{
         Actuator, Evaluator, EvaluatorConfig, KernelCaller, KernelVerdict, NetObservation, RecordSink, TrustRules,
     },
     fanotify::{FanotifyError, FileGuard, FileGuardHandle, FileGuardOptions},
+    identity::{self, AgentIdentity},
+    identity_socket::{IdentityFacts, IdentitySocket, IDENTITY_DIR},
+    trust::TrustSection,
     Answer, Decider, FileIdentity, Reply, Request,
 };
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 /// Locks shared state, recovering it from a panicked holder (cleanup must still run).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// 16 random bytes as hex (session ids, DIDs).
+/// 16 random bytes as hex (session ids).
 fn random_hex() -> Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")
@@ -48,14 +51,82 @@ fn random_hex() -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Loads the policies and names the agent. Errors are the policy's own located errors.
-pub fn load(args: &PolicyArgs, ring: u8) -> Result<(Arc<PolicySet>, AgentFacts)> {
+/// A loaded policy and the agent it governs.
+pub struct Loaded {
+    pub set: Arc<PolicySet>,
+    pub agent: AgentFacts,
+    /// The agent's key pair (its DID is derived from it).
+    pub identity: Arc<AgentIdentity>,
+    /// SHA-256 of the policy files.
+    pub policy_hash: String,
+    /// How trust moves: the policy's `trust:` section under the command-line flags.
+    pub trust: TrustRules,
+}
+
+/// Loads the policies, makes the agent's key pair and names the agent by it. Errors are
+/// the policy's own located errors.
+pub fn load(args: &PolicyArgs, ring: u8) -> Result<Loaded> {
     let set = PolicySet::load(&args.policy).map_err(|e| anyhow!("{e}"))?;
+    let policy_hash = identity::policy_hash(&args.policy)?;
     let name = args.agent.clone().unwrap_or_else(|| format!("agent-{}", std::process::id()));
     control::check_name(&name).map_err(|e| anyhow!("--agent: {e}"))?;
-    let did = format!("did:mesh:{}", random_hex()?);
-    let agent = AgentFacts::new(name, did, ring, args.trust, random_hex()?);
-    Ok((Arc::new(set), agent))
+    let ttl = std::time::Duration::from_secs(args.token_ttl);
+    let identity = AgentIdentity::generate(&name, &args.trust_domain, ttl).map_err(|e| anyhow!("{e}"))?;
+    let agent = AgentFacts::new(name, identity.did(), ring, args.trust, random_hex()?);
+    let trust = trust_rules(args, &set)?;
+    Ok(Loaded { set: Arc::new(set), agent, identity: Arc::new(identity), policy_hash, trust })
+}
+
+/// The trust rules: defaults, then the policy's `trust:` section (one policy may have
+/// one), then `--deny-penalty` and `--kill-below`.
+pub fn trust_rules(args: &PolicyArgs, set: &PolicySet) -> Result<TrustRules> {
+    let mut rules = TrustRules::default();
+    let mut sections = set.trust_sections();
+    if let Some((file, section)) = sections.next() {
+        if let Some((other, _)) = sections.next() {
+            bail!("{other}: trust: a trust section is already given in {file}; give it in one policy only");
+        }
+        rules = TrustSection::parse(file, section)?.apply(rules);
+    }
+    rules.penalty = args.deny_penalty.unwrap_or(rules.penalty);
+    rules.kill_below = args.kill_below.unwrap_or(rules.kill_below);
+    Ok(rules)
+}
+
+/// Charges trust decay once a second until dropped.
+pub struct DecayTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DecayTicker {
+    fn start(evaluator: Arc<Evaluator>) -> io::Result<DecayTicker> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new().name("trust-decay".into()).spawn(move || {
+            let step = std::time::Duration::from_millis(100);
+            let mut waited = std::time::Duration::ZERO;
+            while !stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(step);
+                waited += step;
+                if waited >= std::time::Duration::from_secs(1) {
+                    waited = std::time::Duration::ZERO;
+                    evaluator.decay_trust(std::time::Instant::now());
+                }
+            }
+        })?;
+        Ok(DecayTicker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for DecayTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Tightens the kernel planes to a lower ring.
@@ -145,16 +216,26 @@ pub struct Governance {
     pub actuator: Arc<HostActuator>,
     /// The compiled planes in force (replaced on demotion and when domains move).
     pub plan: Arc<Mutex<Option<Plan>>>,
+    /// The agent's identity socket (shown inside its jail).
+    pub identity_socket: IdentitySocket,
+    /// Charges trust decay while the agent runs (when the policy asks for decay).
+    _decay: Option<DecayTicker>,
     /// Removes the control socket when the run ends.
     _control: ControlServer,
+}
+
+/// The agent's cgroup as the kernel names it: its id and its `/proc/PID/cgroup` path.
+pub struct CgroupName {
+    pub id: u64,
+    pub path: String,
 }
 
 impl Governance {
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         args: &PolicyArgs,
-        policies: Arc<PolicySet>,
-        agent: AgentFacts,
+        loaded: Loaded,
+        cgroup: CgroupName,
         entry_program: PathBuf,
         kill_file: Option<PathBuf>,
         plan: Option<Plan>,
@@ -168,20 +249,58 @@ impl Governance {
             exec_approvals: Mutex::new(None),
             on_first_exec: Mutex::new(None),
         });
+        let Loaded { set: policies, agent, identity, policy_hash, trust } = loaded;
         let name = agent.id.clone();
         let cfg = EvaluatorConfig {
             policies,
             agent,
             approval_timeout: std::time::Duration::from_secs(args.approval_timeout),
-            trust: TrustRules { penalty: args.deny_penalty, kill_below: args.kill_below },
+            trust,
             entry_program,
             show_denials,
             proc_root: PathBuf::from("/proc"),
         };
         let evaluator = Evaluator::new(cfg, record_sink(events)?, actuator.clone());
-        let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator))
+        let view = IdentityView {
+            spiffe_id: identity.spiffe_id().to_string(),
+            cgroup_id: cgroup.id,
+            jwks: identity.jwks(),
+            socket: Path::new(IDENTITY_DIR).join(&name).join("identity.sock"),
+            policy_hash: policy_hash.clone(),
+        };
+        // The identity bound to the cgroup, on file before the agent exists: whoever reads the
+        // records (or the audit log) has the key that verifies the agent's tokens.
+        evaluator.observe_raw(&serde_json::json!({
+            "time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            "agent": name, "event": "identity", "did": identity.did(), "spiffe_id": identity.spiffe_id(),
+            "cgroup_id": cgroup.id, "cgroup": cgroup.path, "jwks": view.jwks, "policy_hash": policy_hash,
+        }));
+        evaluator.flush();
+        let facts = IdentityFacts {
+            identity,
+            cgroup: cgroup.path,
+            cgroup_id: cgroup.id,
+            policy_hash,
+            proc_root: PathBuf::from("/proc"),
+        };
+        let decay = match trust.decay {
+            Some(_) => Some(DecayTicker::start(Arc::clone(&evaluator)).context("cannot start the trust decay thread")?),
+            None => None,
+        };
+        // The control socket first: it refuses a name already running, whose identity
+        // socket must then be left alone.
+        let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator), Some(view))
             .map_err(|e| anyhow!("{e}"))?;
-        Ok(Governance { evaluator, actuator, plan: Arc::new(Mutex::new(plan)), _control: control })
+        let identity_socket = IdentitySocket::start(Path::new(IDENTITY_DIR), &name, facts, Arc::clone(&evaluator))
+            .context("cannot start the identity socket")?;
+        Ok(Governance {
+            evaluator,
+            actuator,
+            plan: Arc::new(Mutex::new(plan)),
+            identity_socket,
+            _decay: decay,
+            _control: control,
+        })
     }
 }
 

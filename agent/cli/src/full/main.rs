@@ -9,6 +9,7 @@ mod control_cmd;
 mod doctor_cmd;
 mod exec_cmd;
 mod govern;
+mod identity_cmd;
 mod policy_cmd;
 
 pub use agt_jail_cli::EXIT_INTERNAL;
@@ -43,8 +44,13 @@ enum Command {
     Kill(control_cmd::AgentArg),
     /// Move a running agent to a more restricted ring, live (never the other way).
     Demote(control_cmd::DemoteArgs),
-    /// Show a running agent's ring, trust and held requests.
+    /// Show a running agent's DID, cgroup, ring, trust, tier and held requests.
     Status(control_cmd::AgentArg),
+    /// List the running agents: ring, trust, tier, DID, cgroup id and held requests.
+    Ps(control_cmd::PsArgs),
+    /// An agent's identity: its public key (`key`), a token for it (`token`, from inside).
+    #[command(subcommand)]
+    Identity(identity_cmd::IdentityCommand),
 }
 
 fn main() -> ExitCode {
@@ -80,5 +86,7 @@ fn main() -> ExitCode {
         Command::Kill(args) => control_cmd::kill(args),
         Command::Demote(args) => control_cmd::demote(args),
         Command::Status(args) => control_cmd::status(args),
+        Command::Ps(args) => control_cmd::ps(args),
+        Command::Identity(cmd) => identity_cmd::run(cmd),
     }
 }

@@ -103,9 +103,9 @@ fn lint(files: &[PathBuf]) -> ExitCode {
         // Test files beside the policies are checked as test files (structure and the policies
         // they load), so `policy lint policies/*/*` works.
         let result = if testrun::is_test_file(f) {
-            testrun::lint_file(f)
+            testrun::lint_file(f).map(|_| ()).map_err(|e| e.to_string())
         } else {
-            PolicySet::load(std::slice::from_ref(f)).map(|_| ())
+            PolicySet::load(std::slice::from_ref(f)).map_err(|e| e.to_string()).and_then(|set| lint_trust(&set))
         };
         match result {
             Ok(_) => {}
@@ -121,6 +121,15 @@ fn lint(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// The `trust:` sections are agt-jail's (the policy kernel keeps them as written): checked
+/// here as `exec` reads them.
+fn lint_trust(set: &PolicySet) -> Result<(), String> {
+    for (file, section) in set.trust_sections() {
+        agt_jail_supervisor::trust::TrustSection::parse(file, section).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn open_input(input: &str) -> Result<Box<dyn BufRead>, String> {
