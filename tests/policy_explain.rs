@@ -1,6 +1,8 @@
-//! `agt-jail policy explain` on the shipped coding-agent policy and synthetic ones.
-use std::path::PathBuf;
-use std::process::Command;
+//! `agt-jail policy explain` on the shipped coding-agent policy and synthetic ones, and the exit
+//! codes and messages of `policy lint/eval/test` on wrong input.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agt-jail"))
@@ -71,4 +73,174 @@ fn strict_mode_fails_on_an_uncompilable_network_rule_and_passes_otherwise() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert!(v["plan"]["net"]["rows"].as_array().is_some_and(|r| !r.is_empty()));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("agt-policy-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp");
+    d
+}
+
+fn put(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p
+}
+
+/// Runs agt-jail; a run that outlives `limit` is killed and fails the test (the bug was a hang).
+fn run_bounded(args: &[&str], limit: Duration) -> Output {
+    let mut child = bin()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run agt-jail");
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agt-jail {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const ALLOW_ALL: &str = "name: p\nagents: ['*']\ndefault_action: allow\n";
+
+#[test]
+fn eval_refuses_an_unknown_stage_listing_the_valid_ones() {
+    let dir = scratch("stage");
+    let p = put(&dir, "p.yaml", ALLOW_ALL);
+    let c = put(&dir, "c.json", "{}");
+    let o = run_bounded(
+        &[
+            "policy",
+            "eval",
+            "--policy",
+            p.to_str().unwrap_or_default(),
+            "--input",
+            c.to_str().unwrap_or_default(),
+            "--stage",
+            "pre-tool",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pre_input, pre_tool, post_tool, pre_output"), "{}", stderr(&o));
+}
+
+#[test]
+fn eval_batch_stops_at_an_endless_line() {
+    let dir = scratch("batch");
+    let p = put(&dir, "p.yaml", ALLOW_ALL);
+    let o = run_bounded(
+        &["policy", "eval", "--batch", "--policy", p.to_str().unwrap_or_default(), "--input", "/dev/zero"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("/dev/zero:1: line longer than"), "{}", stderr(&o));
+}
+
+#[test]
+fn eval_exits_2_for_a_context_that_is_not_an_object() {
+    let dir = scratch("ctx");
+    let p = put(&dir, "p.yaml", ALLOW_ALL);
+    let c = put(&dir, "c.json", "[1, 2]");
+    let o = run_bounded(
+        &["policy", "eval", "--policy", p.to_str().unwrap_or_default(), "--input", c.to_str().unwrap_or_default()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("must be a JSON object, found an array"), "{}", stderr(&o));
+    let lines = put(&dir, "l.jsonl", "{}\n7\n{}\n");
+    let o = run_bounded(
+        &[
+            "policy",
+            "eval",
+            "--batch",
+            "--policy",
+            p.to_str().unwrap_or_default(),
+            "--input",
+            lines.to_str().unwrap_or_default(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 3, "every line still gets a decision");
+    assert!(stderr(&o).contains(":2: the context must be a JSON object, found a number"), "{}", stderr(&o));
+}
+
+#[test]
+fn eval_refuses_a_broken_rego_query_and_survives_an_exploding_builtin() {
+    let dir = scratch("rego");
+    let r = put(&dir, "x.rego", "package x\nallow if {\n  count(numbers.range(1, 400000000000)) > 0\n}\n");
+    let c = put(&dir, "c.json", "{}");
+    let (r, c) = (r.to_str().unwrap_or_default(), c.to_str().unwrap_or_default());
+    let o = run_bounded(
+        &["policy", "eval", "--policy", r, "--input", c, "--rego-query", "data.x.["],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("rego query \"data.x.[\" is invalid"), "{}", stderr(&o));
+    let o = run_bounded(&["policy", "eval", "--policy", r, "--input", c], Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let d: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(d["action"], "deny");
+    assert_eq!(d["error"], true);
+    assert!(d["reason"].as_str().is_some_and(|s| s.contains("numbers.range")), "{d}");
+}
+
+#[test]
+fn lint_refuses_a_fifo_without_hanging_and_warns_about_silent_policies() {
+    let dir = scratch("lint");
+    let fifo = dir.join("f.yaml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let o = run_bounded(&["policy", "lint", fifo.to_str().unwrap_or_default()], Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+    let o = run_bounded(
+        &["policy", "eval", "--policy", fifo.to_str().unwrap_or_default(), "--input", "-"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    let quiet =
+        put(&dir, "q.yaml", "name: q\ndefault_action: deny\nrules:\n  - {name: r, condition: 'true', action: log}\n");
+    let o = run_bounded(&["policy", "lint", quiet.to_str().unwrap_or_default()], Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("q.yaml:1:7: warning: policy \"q\" names no agent"), "{err}");
+    assert!(err.contains("q.yaml:4:27: warning: rule \"r\": condition: `true` is a bare literal"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 file(s) ok, 2 warning(s)"));
+}
+
+#[test]
+fn explain_refuses_a_trust_score_over_1000() {
+    let dir = scratch("trust");
+    let p = put(&dir, "p.yaml", ALLOW_ALL);
+    let o = run_bounded(
+        &["policy", "explain", "--trust", "2000", "--policy", p.to_str().unwrap_or_default()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("0..=1000"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_documents_exit_codes_and_stages() {
+    for sub in ["lint", "eval", "test"] {
+        let o = run_bounded(&["policy", sub, "--help"], Duration::from_secs(60));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("Exit status: 0"), "{sub}: {text}");
+    }
+    let o = run_bounded(&["policy", "eval", "--help"], Duration::from_secs(60));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("pre_input, pre_tool, post_tool, pre_output"));
 }

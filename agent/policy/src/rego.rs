@@ -11,6 +11,62 @@ use crate::{Action, Decision, LoadError};
 /// Wall-clock cap for one Rego evaluation; a runaway policy is a deny, not a hang.
 const REGO_TIME_LIMIT: Duration = Duration::from_millis(250);
 
+/// Most elements `numbers.range`/`numbers.range_step` may build. regorus reserves the whole
+/// array before its time check runs, so `numbers.range(1, 1e10)` would abort the process on a
+/// failed allocation; our replacements refuse such a range (an evaluation error, so a deny).
+pub const MAX_RANGE_ELEMENTS: u64 = 1_000_000;
+
+/// The integer value of a Rego number argument; `None` when it is a non-integral number (OPA
+/// then returns undefined).
+fn int_arg(name: &str, v: &regorus::Value) -> anyhow::Result<Option<i64>> {
+    let n = v.as_number().map_err(|_| anyhow::anyhow!("{name}: operand must be a number"))?;
+    if !n.is_integer() {
+        return Ok(None);
+    }
+    n.as_i64().map(Some).ok_or_else(|| anyhow::anyhow!("{name}: operand is out of the 64-bit integer range"))
+}
+
+/// `numbers.range_step(from, to, step)`; `numbers.range` is the step-1 case.
+fn bounded_range(name: &str, args: &[regorus::Value], step_arg: bool) -> anyhow::Result<regorus::Value> {
+    let (Some(from), Some(to)) = (int_arg(name, &args[0])?, int_arg(name, &args[1])?) else {
+        return Ok(regorus::Value::Undefined);
+    };
+    let step = if step_arg {
+        match int_arg(name, &args[2])? {
+            Some(s) if s > 0 => s,
+            _ => anyhow::bail!("{name}: step must be a positive integer"),
+        }
+    } else {
+        1
+    };
+    let span = (i128::from(to) - i128::from(from)).unsigned_abs();
+    let count = span / step.unsigned_abs() as u128 + 1;
+    if count > u128::from(MAX_RANGE_ELEMENTS) {
+        anyhow::bail!("{name}: a range of {count} elements is over agt-jail's limit of {MAX_RANGE_ELEMENTS}");
+    }
+    let dir: i128 = if to >= from { 1 } else { -1 };
+    let items: Vec<regorus::Value> = (0..count as i128)
+        .map(|i| i128::from(from) + dir * i * i128::from(step))
+        .filter_map(|v| i64::try_from(v).ok())
+        .map(regorus::Value::from)
+        .collect();
+    Ok(regorus::Value::from(items))
+}
+
+/// Replaces the builtins that can allocate without bound in one call.
+fn add_bounded_builtins(engine: &mut regorus::Engine) -> anyhow::Result<()> {
+    engine.add_extension(
+        "numbers.range".to_string(),
+        2,
+        Box::new(|args: Vec<regorus::Value>| bounded_range("numbers.range", &args, false)),
+    )?;
+    engine.add_extension(
+        "numbers.range_step".to_string(),
+        3,
+        Box::new(|args: Vec<regorus::Value>| bounded_range("numbers.range_step", &args, true)),
+    )
+}
+
 pub(crate) struct RegoPolicy {
     pub name: String,
     pub query: String,
@@ -41,7 +97,35 @@ fn locate(msg: &str) -> (Pos, String) {
         .lines()
         .find_map(|l| l.trim().strip_prefix("error:").map(|m| m.trim().to_string()))
         .unwrap_or_else(|| msg.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or(msg).to_string());
+    // regorus leaves the expectation empty for some syntax errors ("expecting ").
+    let message = if message.is_empty() || message == "expecting" {
+        "syntax error: the expression is incomplete or malformed".to_string()
+    } else {
+        message
+    };
     (pos, message)
+}
+
+/// Evaluates the query once on an empty input so that a query that does not parse, or names a
+/// function that does not exist, is a load error rather than a deny on every event. Errors
+/// located in the policy itself depend on the input and are left to evaluation (a deny).
+fn check_query(engine: &mut regorus::Engine, file: &str, query: &str) -> Result<(), LoadError> {
+    engine.set_input(regorus::Value::new_object());
+    match engine.eval_query(query.to_string(), false) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let text = e.to_string();
+            if !text.contains("<query.rego>") {
+                return Ok(());
+            }
+            let (pos, msg) = locate(&text);
+            Err(LoadError::new(
+                file,
+                Pos::default(),
+                format!("rego query {} is invalid at column {}: {msg}", crate::quoted(query), pos.col),
+            ))
+        }
+    }
 }
 
 impl RegoPolicy {
@@ -51,6 +135,8 @@ impl RegoPolicy {
             limit: REGO_TIME_LIMIT,
             check_interval: std::num::NonZeroU32::MIN,
         });
+        add_bounded_builtins(&mut engine)
+            .map_err(|e| LoadError::new(file, Pos::default(), format!("rego: cannot install bounded builtins: {e}")))?;
         let package = engine.add_policy(file.to_string(), text.to_string()).map_err(|e| {
             let (pos, msg) = locate(&e.to_string());
             LoadError::new(file, pos, format!("rego: {msg}"))
@@ -59,6 +145,7 @@ impl RegoPolicy {
             Some(q) => q.to_string(),
             None => format!("{package}.allow"),
         };
+        check_query(&mut engine, file, &query)?;
         Ok(RegoPolicy { name: file.to_string(), query, engine: Mutex::new(engine) })
     }
 
@@ -77,7 +164,7 @@ impl RegoPolicy {
                     "rego evaluation error in {} ({}): {} (fail closed)",
                     self.name,
                     self.query,
-                    e.to_string().lines().next().unwrap_or_default()
+                    locate(&e.to_string()).1
                 ));
                 d.policy = Some(self.name.clone());
                 return d;

@@ -81,7 +81,7 @@ fn defaults_agents_and_stages() {
     let yaml = "name: p\nagents: ['*']\ndefault_action: allow\nrules:\n  - {name: r, stage: post_tool, condition: 'event', action: deny}\n";
     assert_eq!(eval(yaml, json!({"event": "x"})).action, Action::Allow);
     let set = PolicySet::from_str("p", yaml).unwrap();
-    let opts = EvalOptions { stage: "post_tool".into(), ..Default::default() };
+    let opts = EvalOptions { stage: agt_jail_policy::Stage::PostTool, ..Default::default() };
     assert_eq!(set.evaluate(&json!({"event": "x"}), &opts).action, Action::Deny);
 }
 
