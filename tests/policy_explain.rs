@@ -244,3 +244,32 @@ fn help_documents_exit_codes_and_stages() {
     let o = run_bounded(&["policy", "eval", "--help"], Duration::from_secs(60));
     assert!(String::from_utf8_lossy(&o.stdout).contains("pre_input, pre_tool, post_tool, pre_output"));
 }
+
+#[test]
+fn eval_refuses_flags_that_would_have_no_effect() {
+    let dir = scratch("noeffect");
+    let p = put(&dir, "p.yaml", ALLOW_ALL);
+    let v4 = put(
+        &dir,
+        "v4.yaml",
+        "version: '1.0'\nname: v\nrules:\n  - {name: r, condition: {field: x, operator: eq, value: 1}, action: deny}\n",
+    );
+    let c = put(&dir, "c.json", "{}");
+    let (p, v4, c) = (p.to_str().unwrap_or_default(), v4.to_str().unwrap_or_default(), c.to_str().unwrap_or_default());
+    let o = run_bounded(
+        &["policy", "eval", "--policy", p, "--input", c, "--rego-query", "data.x.allow"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--rego-query is given but none of the --policy files is a .rego file"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_bounded(
+        &["policy", "eval", "--policy", v4, "--input", c, "--strategy", "deny_overrides"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--strategy applies to governance.toolkit/v1"), "{}", stderr(&o));
+}

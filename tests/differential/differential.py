@@ -90,6 +90,10 @@ def rand_os_context(r):
         ctx.setdefault("agent", {})
         if isinstance(ctx["agent"], dict):
             ctx["agent"]["did"] = r.choice(AGENTS)
+    # Keys spelled like literals: AGT reads a bare `true` or `1` condition as such a key.
+    for key in LITERAL_KEYS:
+        if r.random() < 0.1:
+            ctx[key] = rand_scalar(r)
     return ctx
 
 
@@ -101,9 +105,16 @@ SAFE_STR = ["exec", "file_open", "connect", "rm", "curl", "/usr/bin/rm", "/etc/p
             "élan", "two words"]
 
 
+# Bare literals standing as a whole test (AGT reads a word as a context key, the rest as false).
+BARE_LITERALS = ["true", "True", "false", "1", "0", "1.5", "None", "'x'", '"yes"', "-1", "[1]"]
+LITERAL_KEYS = ["true", "True", "false", "1", "0", "None"]
+
+
 def rand_atom(r):
     path = r.choice(PATHS)
     k = r.random()
+    if k < 0.04:
+        return r.choice(BARE_LITERALS)
     if k < 0.3:
         return f"{path} {r.choice(['==', '!='])} '{r.choice(SAFE_STR)}'"
     if k < 0.45:

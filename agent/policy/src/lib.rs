@@ -297,6 +297,16 @@ impl PolicySet {
             if path.extension().is_some_and(|e| e == "rego") {
                 let bytes = read_limited(path)?;
                 let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
+                if let Some(first) = set.rego.first() {
+                    set.warnings.push(LoadError::new(
+                        &file,
+                        yaml::Pos::default(),
+                        format!(
+                            "only the first Rego policy ({}) decides, as in AGT (which tries the next only when one fails; agt-jail denies on a failure): this file is never consulted",
+                            first.name
+                        ),
+                    ));
+                }
                 set.rego.push(rego::RegoPolicy::new(&file, text, rego_query)?);
             } else {
                 let doc = load_document(path)?;
@@ -453,6 +463,12 @@ impl PolicySet {
     /// Valid but suspicious constructs found while loading (`policy lint` prints them).
     pub fn warnings(&self) -> &[LoadError] {
         &self.warnings
+    }
+
+    /// Whether a governance.toolkit/v1 policy is loaded (the only kind a conflict strategy, a
+    /// stage or an acting agent applies to).
+    pub fn has_toolkit(&self) -> bool {
+        !self.toolkit.is_empty()
     }
 
     /// Whether a Rego policy is loaded (its conditions are opaque to plane compilation).

@@ -44,36 +44,55 @@ impl Report {
 /// Deepest directory recursion when looking for test files.
 const MAX_DIR_DEPTH: usize = 16;
 
-/// Finds `*.test.yaml` / `*.test.yml` under `dir` (or `dir` itself if it is a file).
-pub fn find_test_files(dir: &Path) -> Vec<PathBuf> {
+/// Finds `*.test.yaml` / `*.test.yml` under `dir` (or `dir` itself if it is a file). A directory
+/// that cannot be read is an error, never a silently smaller set of tests.
+pub fn find_test_files(dir: &Path) -> (Vec<PathBuf>, Vec<LoadError>) {
     let mut out = Vec::new();
+    let mut errors = Vec::new();
     if dir.is_file() {
         out.push(dir.to_path_buf());
-        return out;
+        return (out, errors);
     }
+    let unreadable = |d: &Path, e: std::io::Error| {
+        LoadError::new(d.display().to_string(), yaml::Pos::default(), format!("cannot read directory: {e}"))
+    };
     let mut todo = vec![(dir.to_path_buf(), 0usize)];
     while let Some((d, depth)) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
+        let rd = match std::fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) => {
+                errors.push(unreadable(&d, e));
+                continue;
+            }
         };
-        for e in rd.flatten() {
+        for e in rd {
+            let e = match e {
+                Ok(e) => e,
+                Err(err) => {
+                    errors.push(unreadable(&d, err));
+                    continue;
+                }
+            };
             let p = e.path();
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() && depth < MAX_DIR_DEPTH {
                 todo.push((p, depth + 1));
-            } else if ft.is_file() && is_test_file(&p) {
+            } else if is_test_file(&p) && !ft.is_dir() {
+                // Not only regular files: a FIFO named like a test file is reported, not skipped.
                 out.push(p);
             }
         }
     }
     out.sort();
-    out
+    (out, errors)
 }
 
 pub fn run_dir(dir: &Path) -> Report {
     let mut report = Report::default();
-    let files = find_test_files(dir);
-    if files.is_empty() {
+    let (files, errors) = find_test_files(dir);
+    let unreadable = !errors.is_empty();
+    report.errors = errors;
+    if files.is_empty() && !unreadable {
         report.errors.push(LoadError::new(
             dir.display().to_string(),
             yaml::Pos::default(),
@@ -118,6 +137,11 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
     let policies: Vec<PathBuf> = cx.string_list(pnode, "policies")?.into_iter().map(|p| base.join(p)).collect();
     let rego_query = cx.opt_string(&node, "rego_query")?;
     let set = PolicySet::load_with(&policies, rego_query.as_deref())?;
+    if let (Some(_), Some(n)) = (&rego_query, node.get("rego_query")) {
+        if !set.has_rego() {
+            return Err(cx.err(n.pos, "rego_query is set but none of the policies is a .rego file"));
+        }
+    }
     let mut opts = EvalOptions::default();
     if let Some(s) = opt_stage(&cx, &node)? {
         opts.stage = s;

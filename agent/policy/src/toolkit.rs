@@ -154,7 +154,11 @@ impl Ctx<'_> {
                 Kind::Seq(items) => items.iter().all(|i| matches!(i.kind, Kind::Str(_))),
                 _ => false,
             },
-            FieldType::DateTime => matches!(n.kind, Kind::Str(_) | Kind::Int(_) | Kind::Float(_)),
+            FieldType::DateTime => match &n.kind {
+                Kind::Str(s) => is_datetime(s),
+                Kind::Int(_) | Kind::Float(_) => true,
+                _ => false,
+            },
         };
         if ok {
             Ok(())
@@ -169,6 +173,20 @@ impl Ctx<'_> {
             _ => Err(self.err(node.pos, format!("expected an integer for {what}, found {}", node.type_name()))),
         }
     }
+}
+
+/// What pydantic accepts for a `datetime` given as a string: an ISO 8601 date or date-time with
+/// in-range fields, or a number (Unix time).
+fn is_datetime(s: &str) -> bool {
+    if s.parse::<f64>().is_ok_and(f64::is_finite) {
+        return true;
+    }
+    let Ok(re) = regex::Regex::new(
+        r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$",
+    ) else {
+        return false;
+    };
+    re.is_match(s)
 }
 
 /// Field types of AGT's pydantic models, for [`Ctx::check_field`].
@@ -196,7 +214,7 @@ impl FieldType {
             FieldType::OptNumber => "a number or null",
             FieldType::Bool => "a boolean",
             FieldType::StrList => "a list of strings",
-            FieldType::DateTime => "a date-time (string or number)",
+            FieldType::DateTime => "an ISO 8601 date-time (or a Unix time)",
         }
     }
 }

@@ -153,7 +153,9 @@ const V4_RULES: &str = "rules:\n  - {name: r, condition: {field: x, operator: eq
 
 #[test]
 fn fields_agt_type_checks_are_type_checked() {
-    let docs: [(&str, (usize, usize)); 7] = [
+    let docs: [(&str, (usize, usize)); 9] = [
+        ("name: p\nagents: ['*']\ncreated_at: '2024-13-01'\n", (3, 13)),
+        ("name: p\nagents: ['*']\nupdated_at: nope\n", (3, 13)),
         ("name: p\nagents: ['*']\ndescription: [1, 2]\n", (3, 14)),
         ("name: p\nagents: ['*']\nversion: [1, 2]\n", (3, 10)),
         ("name: p\nagents: ['*']\nversion: 1.0\n", (3, 10)),
@@ -166,6 +168,9 @@ fn fields_agt_type_checks_are_type_checked() {
         let e = load_err(doc);
         assert_eq!((e.line, e.col), at, "{doc}: {e}");
         assert!(e.message.starts_with("expected") || e.message.contains("invalid"), "{e}");
+    }
+    for ok in ["2024-01-01", "2024-01-01 10:00:00+02:00", "'2024-01-01T10:00:00.123Z'", "1700000000", "'20240101'"] {
+        assert!(PolicySet::from_str("t.yaml", &format!("name: p\nagents: ['*']\ncreated_at: {ok}\n")).is_ok(), "{ok}");
     }
     let e = load_err("name: p\nagents: ['*']\ndescription: \"a\0b\"\n");
     assert_eq!((e.line, e.col), (3, 16), "{e}");
@@ -248,4 +253,32 @@ fn a_broken_rego_query_is_a_load_error() {
     // A query that is valid but fails on some inputs still loads (and denies on them).
     let div = "package x\nallow if { 1 / input.n > 0 }\n";
     assert!(PolicySet::from_rego_str("x.rego", div, None).is_ok());
+}
+
+#[test]
+fn a_second_rego_policy_is_reported_as_never_consulted() {
+    let dir = tmpdir("rego2");
+    let a = write(&dir, "a.rego", "package a\nallow := true\n");
+    let b = write(&dir, "b.rego", "package b\nallow := false\n");
+    let set = PolicySet::load(&[a, b]).unwrap();
+    assert_eq!(eval(&set, json!({})).action, Action::Allow);
+    let w = set.warnings();
+    assert_eq!(w.len(), 1);
+    assert!(w[0].file.ends_with("b.rego") && w[0].message.contains("never consulted"), "{}", w[0]);
+}
+
+#[test]
+fn test_runs_report_what_they_cannot_read() {
+    let report = testrun::run_dir(Path::new("/nonexistent-agt-tests"));
+    assert_eq!(report.errors.len(), 1);
+    assert!(report.errors[0].message.contains("cannot read directory"), "{}", report.errors[0]);
+    let dir = tmpdir("testfifo");
+    mkfifo(&dir.join("f.test.yaml"));
+    let report = testrun::run_dir(&dir);
+    assert!(report.errors.iter().any(|e| e.message.contains("FIFO")), "{:?}", report.errors);
+    // rego_query with no Rego policy would be ignored: refused, at the key.
+    write(&dir, "p.yaml", "name: p\nagents: ['*']\n");
+    let t = write(&dir, "q.test.yaml", "policies: [p.yaml]\nrego_query: data.x.allow\ncases: []\n");
+    let e = testrun::lint_file(&t).unwrap_err();
+    assert_eq!((e.line, e.message.contains("rego_query")), (2, true), "{e}");
 }

@@ -158,8 +158,26 @@ fn open_input(input: &str) -> Result<Box<dyn BufRead>, String> {
     }
 }
 
+/// Loads the policies and refuses flags that would have no effect on them.
+fn load_for(policies: &[PathBuf], rego_query: Option<&str>, strategy: Option<&str>) -> Result<PolicySet, String> {
+    let set = PolicySet::load_with(policies, rego_query).map_err(|e| e.to_string())?;
+    if rego_query.is_some() && !set.has_rego() {
+        return Err("agt-jail: --rego-query is given but none of the --policy files is a .rego file".to_string());
+    }
+    if strategy.is_some() && !set.has_toolkit() {
+        return Err(
+            "agt-jail: --strategy applies to governance.toolkit/v1 policies and none is loaded (Agent-OS v4 and Rego have no conflict strategy)"
+                .to_string(),
+        );
+    }
+    for w in set.warnings() {
+        eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
+    }
+    Ok(set)
+}
+
 fn eval(args: &EvalArgs) -> ExitCode {
-    let set = match PolicySet::load_with(&args.policies, args.rego_query.as_deref()) {
+    let set = match load_for(&args.policies, args.rego_query.as_deref(), args.strategy.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -310,7 +328,7 @@ pub(crate) fn bpf_lsm_usable() -> (bool, String) {
 fn explain(args: &ExplainArgs) -> ExitCode {
     use agt_jail_policy::context::AgentFacts;
     use agt_jail_policy::plan;
-    let set = match PolicySet::load_with(&args.policies, args.rego_query.as_deref()) {
+    let set = match load_for(&args.policies, args.rego_query.as_deref(), None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
