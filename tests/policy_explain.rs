@@ -242,7 +242,8 @@ fn help_documents_exit_codes_and_stages() {
         assert!(text.contains("Exit status: 0"), "{sub}: {text}");
     }
     let o = run_bounded(&["policy", "eval", "--help"], Duration::from_secs(60));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("pre_input, pre_tool, post_tool, pre_output"));
+    let text = String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(text.contains("pre_input, pre_tool (the default), post_tool, pre_output"), "{text}");
 }
 
 #[test]
@@ -272,4 +273,15 @@ fn eval_refuses_flags_that_would_have_no_effect() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--strategy applies to governance.toolkit/v1"), "{}", stderr(&o));
+    for flag in [["--stage", "post_tool"], ["--agent", "did:x"]] {
+        let o =
+            run_bounded(&["policy", "eval", "--policy", v4, "--input", c, flag[0], flag[1]], Duration::from_secs(60));
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&format!("{} applies to governance.toolkit/v1", flag[0])), "{}", stderr(&o));
+    }
+    let o = run_bounded(
+        &["policy", "eval", "--policy", p, "--input", c, "--stage", "post_tool", "--agent", "did:x"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }

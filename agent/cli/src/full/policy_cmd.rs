@@ -79,10 +79,10 @@ pub struct EvalArgs {
     /// Policy file; repeat for several (.rego files are Rego, others YAML/JSON).
     #[arg(long = "policy", required = true)]
     policies: Vec<PathBuf>,
-    /// Lifecycle stage of governance.toolkit/v1 rules to consider: pre_input, pre_tool, post_tool,
-    /// pre_output (AGT's stages; rules of other stages are skipped).
-    #[arg(long, default_value = "pre_tool", value_parser = parse_stage)]
-    stage: Stage,
+    /// Lifecycle stage of governance.toolkit/v1 rules to consider: pre_input, pre_tool (the
+    /// default), post_tool, pre_output (AGT's stages; rules of other stages are skipped).
+    #[arg(long, value_parser = parse_stage)]
+    stage: Option<Stage>,
     /// Acting agent's DID (default: the context's agent.did, then agent.id).
     #[arg(long)]
     agent: Option<String>,
@@ -158,17 +158,17 @@ fn open_input(input: &str) -> Result<Box<dyn BufRead>, String> {
     }
 }
 
-/// Loads the policies and refuses flags that would have no effect on them.
-fn load_for(policies: &[PathBuf], rego_query: Option<&str>, strategy: Option<&str>) -> Result<PolicySet, String> {
+/// Loads the policies and refuses flags that would have no effect on them. `toolkit_flags`
+/// names the given flags that only governance.toolkit/v1 policies use.
+fn load_for(policies: &[PathBuf], rego_query: Option<&str>, toolkit_flags: &[&str]) -> Result<PolicySet, String> {
     let set = PolicySet::load_with(policies, rego_query).map_err(|e| e.to_string())?;
     if rego_query.is_some() && !set.has_rego() {
         return Err("agt-jail: --rego-query is given but none of the --policy files is a .rego file".to_string());
     }
-    if strategy.is_some() && !set.has_toolkit() {
-        return Err(
-            "agt-jail: --strategy applies to governance.toolkit/v1 policies and none is loaded (Agent-OS v4 and Rego have no conflict strategy)"
-                .to_string(),
-        );
+    if let (Some(flag), false) = (toolkit_flags.first(), set.has_toolkit()) {
+        return Err(format!(
+            "agt-jail: {flag} applies to governance.toolkit/v1 policies and none is loaded (Agent-OS v4 and Rego policies have no strategy, stage or agent targeting)"
+        ));
     }
     for w in set.warnings() {
         eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
@@ -177,7 +177,10 @@ fn load_for(policies: &[PathBuf], rego_query: Option<&str>, strategy: Option<&st
 }
 
 fn eval(args: &EvalArgs) -> ExitCode {
-    let set = match load_for(&args.policies, args.rego_query.as_deref(), args.strategy.as_deref()) {
+    let given =
+        [("--strategy", args.strategy.is_some()), ("--stage", args.stage.is_some()), ("--agent", args.agent.is_some())];
+    let toolkit_flags: Vec<&str> = given.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect();
+    let set = match load_for(&args.policies, args.rego_query.as_deref(), &toolkit_flags) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -185,7 +188,7 @@ fn eval(args: &EvalArgs) -> ExitCode {
         }
     };
     let opts = EvalOptions {
-        stage: args.stage,
+        stage: args.stage.unwrap_or_default(),
         agent: args.agent.clone(),
         strategy: args.strategy.as_deref().and_then(Strategy::parse),
     };
@@ -328,7 +331,7 @@ pub(crate) fn bpf_lsm_usable() -> (bool, String) {
 fn explain(args: &ExplainArgs) -> ExitCode {
     use agt_jail_policy::context::AgentFacts;
     use agt_jail_policy::plan;
-    let set = match load_for(&args.policies, args.rego_query.as_deref(), None) {
+    let set = match load_for(&args.policies, args.rego_query.as_deref(), &[]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
