@@ -82,14 +82,17 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn put(dir: &Path, name: &str, text: &str) -> PathBuf {
+/// Writes a scratch file and returns its path as a string, ready to be an argument.
+fn put(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
-    p
+    p.to_string_lossy().into_owned()
 }
 
-/// Runs agt-jail; a run that outlives `limit` is killed and fails the test (the bug was a hang).
-fn run_bounded(args: &[&str], limit: Duration) -> Output {
+/// Runs agt-jail; a run that outlives two minutes is killed and fails the test (some of the
+/// bugs below were hangs).
+fn run_bounded(args: &[&str]) -> Output {
+    let limit = Duration::from_secs(120);
     let mut child = bin()
         .args(args)
         .stdin(Stdio::null())
@@ -109,8 +112,13 @@ fn run_bounded(args: &[&str], limit: Duration) -> Output {
     child.wait_with_output().expect("output")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+/// Runs agt-jail and checks its exit status and that stderr says `needle`.
+fn expect_exit(args: &[&str], code: i32, needle: &str) -> Output {
+    let o = run_bounded(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "agt-jail {args:?}: {err}");
+    assert!(err.contains(needle), "agt-jail {args:?}: expected {needle:?} in: {err}");
+    o
 }
 
 const ALLOW_ALL: &str = "name: p\nagents: ['*']\ndefault_action: allow\n";
@@ -118,64 +126,33 @@ const ALLOW_ALL: &str = "name: p\nagents: ['*']\ndefault_action: allow\n";
 #[test]
 fn eval_refuses_an_unknown_stage_listing_the_valid_ones() {
     let dir = scratch("stage");
-    let p = put(&dir, "p.yaml", ALLOW_ALL);
-    let c = put(&dir, "c.json", "{}");
-    let o = run_bounded(
-        &[
-            "policy",
-            "eval",
-            "--policy",
-            p.to_str().unwrap_or_default(),
-            "--input",
-            c.to_str().unwrap_or_default(),
-            "--stage",
-            "pre-tool",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
-    assert!(stderr(&o).contains("pre_input, pre_tool, post_tool, pre_output"), "{}", stderr(&o));
+    let (p, c) = (put(&dir, "p.yaml", ALLOW_ALL), put(&dir, "c.json", "{}"));
+    let args = ["policy", "eval", "--policy", &p, "--input", &c, "--stage", "pre-tool"];
+    expect_exit(&args, 125, "pre_input, pre_tool, post_tool, pre_output");
 }
 
 #[test]
 fn eval_batch_stops_at_an_endless_line() {
-    let dir = scratch("batch");
-    let p = put(&dir, "p.yaml", ALLOW_ALL);
-    let o = run_bounded(
-        &["policy", "eval", "--batch", "--policy", p.to_str().unwrap_or_default(), "--input", "/dev/zero"],
-        Duration::from_secs(120),
+    let p = put(&scratch("batch"), "p.yaml", ALLOW_ALL);
+    expect_exit(
+        &["policy", "eval", "--batch", "--policy", &p, "--input", "/dev/zero"],
+        2,
+        "/dev/zero:1: line longer than",
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("/dev/zero:1: line longer than"), "{}", stderr(&o));
 }
 
 #[test]
 fn eval_exits_2_for_a_context_that_is_not_an_object() {
     let dir = scratch("ctx");
-    let p = put(&dir, "p.yaml", ALLOW_ALL);
-    let c = put(&dir, "c.json", "[1, 2]");
-    let o = run_bounded(
-        &["policy", "eval", "--policy", p.to_str().unwrap_or_default(), "--input", c.to_str().unwrap_or_default()],
-        Duration::from_secs(60),
-    );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("must be a JSON object, found an array"), "{}", stderr(&o));
+    let (p, c) = (put(&dir, "p.yaml", ALLOW_ALL), put(&dir, "c.json", "[1, 2]"));
+    expect_exit(&["policy", "eval", "--policy", &p, "--input", &c], 2, "must be a JSON object, found an array");
     let lines = put(&dir, "l.jsonl", "{}\n7\n{}\n");
-    let o = run_bounded(
-        &[
-            "policy",
-            "eval",
-            "--batch",
-            "--policy",
-            p.to_str().unwrap_or_default(),
-            "--input",
-            lines.to_str().unwrap_or_default(),
-        ],
-        Duration::from_secs(60),
+    let o = expect_exit(
+        &["policy", "eval", "--batch", "--policy", &p, "--input", &lines],
+        2,
+        ":2: the context must be a JSON object, found a number",
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 3, "every line still gets a decision");
-    assert!(stderr(&o).contains(":2: the context must be a JSON object, found a number"), "{}", stderr(&o));
 }
 
 #[test]
@@ -183,18 +160,14 @@ fn eval_refuses_a_broken_rego_query_and_survives_an_exploding_builtin() {
     let dir = scratch("rego");
     let r = put(&dir, "x.rego", "package x\nallow if {\n  count(numbers.range(1, 400000000000)) > 0\n}\n");
     let c = put(&dir, "c.json", "{}");
-    let (r, c) = (r.to_str().unwrap_or_default(), c.to_str().unwrap_or_default());
-    let o = run_bounded(
-        &["policy", "eval", "--policy", r, "--input", c, "--rego-query", "data.x.["],
-        Duration::from_secs(60),
+    expect_exit(
+        &["policy", "eval", "--policy", &r, "--input", &c, "--rego-query", "data.x.["],
+        2,
+        "rego query \"data.x.[\" is invalid",
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("rego query \"data.x.[\" is invalid"), "{}", stderr(&o));
-    let o = run_bounded(&["policy", "eval", "--policy", r, "--input", c], Duration::from_secs(60));
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = expect_exit(&["policy", "eval", "--policy", &r, "--input", &c], 0, "");
     let d: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(d["action"], "deny");
-    assert_eq!(d["error"], true);
+    assert_eq!((&d["action"], &d["error"]), (&serde_json::json!("deny"), &serde_json::json!(true)), "{d}");
     assert!(d["reason"].as_str().is_some_and(|s| s.contains("numbers.range")), "{d}");
 }
 
@@ -203,45 +176,32 @@ fn lint_refuses_a_fifo_without_hanging_and_warns_about_silent_policies() {
     let dir = scratch("lint");
     let fifo = dir.join("f.yaml");
     assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
-    let o = run_bounded(&["policy", "lint", fifo.to_str().unwrap_or_default()], Duration::from_secs(60));
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
-    let o = run_bounded(
-        &["policy", "eval", "--policy", fifo.to_str().unwrap_or_default(), "--input", "-"],
-        Duration::from_secs(60),
-    );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let fifo = fifo.to_string_lossy();
+    expect_exit(&["policy", "lint", &fifo], 1, "FIFO");
+    expect_exit(&["policy", "eval", "--policy", &fifo, "--input", "-"], 2, "FIFO");
 
     let quiet =
         put(&dir, "q.yaml", "name: q\ndefault_action: deny\nrules:\n  - {name: r, condition: 'true', action: log}\n");
-    let o = run_bounded(&["policy", "lint", quiet.to_str().unwrap_or_default()], Duration::from_secs(60));
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let err = stderr(&o);
-    assert!(err.contains("q.yaml:1:7: warning: policy \"q\" names no agent"), "{err}");
+    let o = expect_exit(&["policy", "lint", &quiet], 0, "q.yaml:1:7: warning: policy \"q\" names no agent");
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("q.yaml:4:27: warning: rule \"r\": condition: `true` is a bare literal"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 file(s) ok, 2 warning(s)"));
 }
 
 #[test]
 fn explain_refuses_a_trust_score_over_1000() {
-    let dir = scratch("trust");
-    let p = put(&dir, "p.yaml", ALLOW_ALL);
-    let o = run_bounded(
-        &["policy", "explain", "--trust", "2000", "--policy", p.to_str().unwrap_or_default()],
-        Duration::from_secs(60),
-    );
-    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
-    assert!(stderr(&o).contains("0..=1000"), "{}", stderr(&o));
+    let p = put(&scratch("trust"), "p.yaml", ALLOW_ALL);
+    expect_exit(&["policy", "explain", "--trust", "2000", "--policy", &p], 125, "0..=1000");
 }
 
 #[test]
 fn help_documents_exit_codes_and_stages() {
     for sub in ["lint", "eval", "test"] {
-        let o = run_bounded(&["policy", sub, "--help"], Duration::from_secs(60));
+        let o = expect_exit(&["policy", sub, "--help"], 0, "");
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(text.contains("Exit status: 0"), "{sub}: {text}");
     }
-    let o = run_bounded(&["policy", "eval", "--help"], Duration::from_secs(60));
+    let o = expect_exit(&["policy", "eval", "--help"], 0, "");
     let text = String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(text.contains("pre_input, pre_tool (the default), post_tool, pre_output"), "{text}");
 }
@@ -256,32 +216,14 @@ fn eval_refuses_flags_that_would_have_no_effect() {
         "version: '1.0'\nname: v\nrules:\n  - {name: r, condition: {field: x, operator: eq, value: 1}, action: deny}\n",
     );
     let c = put(&dir, "c.json", "{}");
-    let (p, v4, c) = (p.to_str().unwrap_or_default(), v4.to_str().unwrap_or_default(), c.to_str().unwrap_or_default());
-    let o = run_bounded(
-        &["policy", "eval", "--policy", p, "--input", c, "--rego-query", "data.x.allow"],
-        Duration::from_secs(60),
+    expect_exit(
+        &["policy", "eval", "--policy", &p, "--input", &c, "--rego-query", "data.x.allow"],
+        2,
+        "--rego-query is given but none of the --policy files is a .rego file",
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("--rego-query is given but none of the --policy files is a .rego file"),
-        "{}",
-        stderr(&o)
-    );
-    let o = run_bounded(
-        &["policy", "eval", "--policy", v4, "--input", c, "--strategy", "deny_overrides"],
-        Duration::from_secs(60),
-    );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--strategy applies to governance.toolkit/v1"), "{}", stderr(&o));
-    for flag in [["--stage", "post_tool"], ["--agent", "did:x"]] {
-        let o =
-            run_bounded(&["policy", "eval", "--policy", v4, "--input", c, flag[0], flag[1]], Duration::from_secs(60));
-        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-        assert!(stderr(&o).contains(&format!("{} applies to governance.toolkit/v1", flag[0])), "{}", stderr(&o));
+    for (flag, value) in [("--strategy", "deny_overrides"), ("--stage", "post_tool"), ("--agent", "did:x")] {
+        let needle = format!("{flag} applies to governance.toolkit/v1");
+        expect_exit(&["policy", "eval", "--policy", &v4, "--input", &c, flag, value], 2, &needle);
     }
-    let o = run_bounded(
-        &["policy", "eval", "--policy", p, "--input", c, "--stage", "post_tool", "--agent", "did:x"],
-        Duration::from_secs(60),
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    expect_exit(&["policy", "eval", "--policy", &p, "--input", &c, "--stage", "post_tool", "--agent", "did:x"], 0, "");
 }

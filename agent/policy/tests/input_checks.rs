@@ -9,17 +9,11 @@ use agt_jail_policy::testrun;
 use agt_jail_policy::{Action, EvalOptions, PolicySet, Stage};
 use serde_json::{json, Value};
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("agt-input-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::write;
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
+fn tmpdir(name: &str) -> PathBuf {
+    common::tmpdir("input", name)
 }
 
 fn eval(set: &PolicySet, ctx: Value) -> agt_jail_policy::Decision {
