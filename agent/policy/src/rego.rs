@@ -72,6 +72,9 @@ pub(crate) struct RegoPolicy {
     pub query: String,
     // regorus evaluates with `&mut self`; the lock keeps `PolicySet::evaluate(&self)` shareable.
     engine: Mutex<regorus::Engine>,
+    /// The engine as loaded, before any evaluation: a panic inside regorus leaves the engine's
+    /// rule bookkeeping half-done, so the evaluating engine is replaced by a copy of this one.
+    pristine: regorus::Engine,
 }
 
 impl std::fmt::Debug for RegoPolicy {
@@ -106,12 +109,33 @@ fn locate(msg: &str) -> (Pos, String) {
     (pos, message)
 }
 
+/// Runs a query, turning a panic inside regorus (some builtins panic on hostile arguments, e.g.
+/// an overflowing `sprintf` width) into an error, so that the caller fails closed instead of
+/// the process dying. After a panic the engine is replaced by a copy of `pristine`.
+fn eval_guarded(
+    engine: &mut regorus::Engine,
+    pristine: &regorus::Engine,
+    query: &str,
+) -> anyhow::Result<regorus::QueryResults> {
+    let run = std::panic::AssertUnwindSafe(|| engine.eval_query(query.to_string(), false));
+    std::panic::catch_unwind(run).unwrap_or_else(|payload| {
+        *engine = pristine.clone();
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(anyhow::anyhow!("the Rego evaluator failed: {what}"))
+    })
+}
+
 /// Evaluates the query once on an empty input so that a query that does not parse, or names a
 /// function that does not exist, is a load error rather than a deny on every event. Errors
 /// located in the policy itself depend on the input and are left to evaluation (a deny).
-fn check_query(engine: &mut regorus::Engine, file: &str, query: &str) -> Result<(), LoadError> {
+fn check_query(pristine: &regorus::Engine, file: &str, query: &str) -> Result<(), LoadError> {
+    let mut engine = pristine.clone();
     engine.set_input(regorus::Value::new_object());
-    match engine.eval_query(query.to_string(), false) {
+    match eval_guarded(&mut engine, pristine, query) {
         Ok(_) => Ok(()),
         Err(e) => {
             let text = e.to_string();
@@ -145,8 +169,8 @@ impl RegoPolicy {
             Some(q) => q.to_string(),
             None => format!("{package}.allow"),
         };
-        check_query(&mut engine, file, &query)?;
-        Ok(RegoPolicy { name: file.to_string(), query, engine: Mutex::new(engine) })
+        check_query(&engine, file, &query)?;
+        Ok(RegoPolicy { name: file.to_string(), query, pristine: engine.clone(), engine: Mutex::new(engine) })
     }
 
     pub fn evaluate(&self, ctx: &Value) -> Decision {
@@ -157,7 +181,7 @@ impl RegoPolicy {
             Err(poisoned) => poisoned.into_inner(),
         };
         engine.set_input(regorus::Value::from(ctx.clone()));
-        let results = match engine.eval_query(self.query.clone(), false) {
+        let results = match eval_guarded(&mut engine, &self.pristine, &self.query) {
             Ok(r) => r,
             Err(e) => {
                 let mut d = Decision::error(format!(

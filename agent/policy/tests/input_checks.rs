@@ -276,3 +276,18 @@ fn test_runs_report_what_they_cannot_read() {
     let e = testrun::lint_file(&t).unwrap_err();
     assert_eq!((e.line, e.message.contains("rego_query")), (2, true), "{e}");
 }
+
+#[test]
+fn a_panicking_rego_builtin_is_a_deny_not_a_crash() {
+    // regorus panics on these widths (an overflowing multiplication in debug builds, a
+    // non-ASCII digit in any build).
+    for fmt in ["%09999999999d", "%\u{0663}d"] {
+        let rego = format!("package x\nallow if {{ count(sprintf(\"{fmt}\", [1])) > 0 }}\n");
+        let set = PolicySet::from_rego_str("x.rego", &rego, None).unwrap();
+        let d = eval(&set, json!({}));
+        assert!(d.error && d.action == Action::Deny, "{fmt}: {}", d.reason);
+        assert!(d.reason.contains("the Rego evaluator failed"), "{fmt}: {}", d.reason);
+        // The same policy set keeps evaluating.
+        assert!(eval(&set, json!({})).error);
+    }
+}
