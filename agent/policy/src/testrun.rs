@@ -143,6 +143,7 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
         }
     }
     let mut opts = EvalOptions::default();
+    toolkit_only(&cx, &node, &set)?;
     if let Some(s) = opt_stage(&cx, &node)? {
         opts.stage = s;
     }
@@ -177,6 +178,7 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
             },
         };
         let mut case_opts = opts.clone();
+        toolkit_only(&cx, case, &set)?;
         if let Some(s) = opt_stage(&cx, case)? {
             case_opts.stage = s;
         }
@@ -196,6 +198,21 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
         report.cases.push(CaseResult { file: file.clone(), name, passed, detail });
     }
     Ok(())
+}
+
+/// `stage`, `agent` and `strategy` only mean something to governance.toolkit/v1 policies;
+/// given for Agent-OS v4 or Rego policies they would be silently without effect.
+fn toolkit_only(cx: &Ctx<'_>, node: &Node, set: &PolicySet) -> Result<(), LoadError> {
+    if set.has_toolkit() {
+        return Ok(());
+    }
+    match ["stage", "agent", "strategy"].iter().find_map(|k| node.get(k).map(|n| (k, n))) {
+        Some((key, n)) => Err(cx.err(
+            n.pos,
+            format!("{key} applies to governance.toolkit/v1 policies and none is loaded (Agent-OS v4 and Rego policies have no strategy, stage or agent targeting)"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `stage:` of a test file or case, checked against AGT's stages (a typo would skip every rule).

@@ -275,6 +275,20 @@ fn test_runs_report_what_they_cannot_read() {
     let t = write(&dir, "q.test.yaml", "policies: [p.yaml]\nrego_query: data.x.allow\ncases: []\n");
     let e = testrun::lint_file(&t).unwrap_err();
     assert_eq!((e.line, e.message.contains("rego_query")), (2, true), "{e}");
+    // stage/agent/strategy would be without effect on v4 policies: refused, at the key.
+    write(
+        &dir,
+        "v4.yaml",
+        "version: '1.0'\nname: v\nrules:\n  - {name: r, condition: {field: x, operator: eq, value: 1}, action: deny}\n",
+    );
+    let t = write(
+        &dir,
+        "v.test.yaml",
+        "policies: [v4.yaml]\ncases:\n  - {name: c, agent: did:x, context: {}, expect: allow}\n",
+    );
+    let e = testrun::lint_file(&t).unwrap_err();
+    assert_eq!((e.line, e.col), (3, 22), "{e}");
+    assert!(e.message.contains("agent applies to governance.toolkit/v1"), "{e}");
 }
 
 #[test]
