@@ -127,9 +127,7 @@ fn lint(files: &[PathBuf]) -> ExitCode {
         };
         match result {
             Ok(found) => {
-                for w in &found {
-                    eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
-                }
+                print_warnings(&found);
                 warnings += found.len();
             }
             Err(e) => {
@@ -170,10 +168,14 @@ fn load_for(policies: &[PathBuf], rego_query: Option<&str>, toolkit_flags: &[&st
             "agt-jail: {flag} applies to governance.toolkit/v1 policies and none is loaded (Agent-OS v4 and Rego policies have no strategy, stage or agent targeting)"
         ));
     }
-    for w in set.warnings() {
+    print_warnings(set.warnings());
+    Ok(set)
+}
+
+fn print_warnings(warnings: &[agt_jail_policy::LoadError]) {
+    for w in warnings {
         eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
     }
-    Ok(set)
 }
 
 fn eval(args: &EvalArgs) -> ExitCode {
