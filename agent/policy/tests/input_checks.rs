@@ -16,6 +16,11 @@ fn tmpdir(name: &str) -> PathBuf {
     common::tmpdir("input", name)
 }
 
+/// Writes a test file and returns the error `policy lint` reports for it.
+fn test_file_error(dir: &Path, name: &str, text: &str) -> agt_jail_policy::LoadError {
+    testrun::lint_file(&write(dir, name, text)).unwrap_err()
+}
+
 fn eval(set: &PolicySet, ctx: Value) -> agt_jail_policy::Decision {
     set.evaluate(&ctx, &EvalOptions::default())
 }
@@ -79,16 +84,15 @@ fn stages_are_checked_against_agts_vocabulary() {
     assert!(e.contains("pre_input, pre_tool, post_tool, pre_output"), "{e}");
     let dir = tmpdir("stage");
     write(&dir, "p.yaml", "name: p\nagents: ['*']\ndefault_action: allow\n");
-    let t = write(
+    let e = test_file_error(
         &dir,
         "s.test.yaml",
         "policies: [p.yaml]\ncases:\n  - name: c\n    stage: pre-tool\n    context: {}\n    expect: allow\n",
     );
-    let e = testrun::lint_file(&t).unwrap_err();
     assert_eq!((e.line, e.col), (4, 12), "{e}");
     assert!(e.message.contains("invalid stage \"pre-tool\"; expected one of pre_input"), "{e}");
-    let top = write(&dir, "top.test.yaml", "policies: [p.yaml]\nstage: tool\ncases: []\n");
-    assert!(testrun::lint_file(&top).unwrap_err().message.contains("invalid stage"));
+    let e = test_file_error(&dir, "top.test.yaml", "policies: [p.yaml]\nstage: tool\ncases: []\n");
+    assert!(e.message.contains("invalid stage"), "{e}");
 }
 
 fn mkfifo(path: &Path) {
@@ -272,8 +276,7 @@ fn test_runs_report_what_they_cannot_read() {
     assert!(report.errors.iter().any(|e| e.message.contains("FIFO")), "{:?}", report.errors);
     // rego_query with no Rego policy would be ignored: refused, at the key.
     write(&dir, "p.yaml", "name: p\nagents: ['*']\n");
-    let t = write(&dir, "q.test.yaml", "policies: [p.yaml]\nrego_query: data.x.allow\ncases: []\n");
-    let e = testrun::lint_file(&t).unwrap_err();
+    let e = test_file_error(&dir, "q.test.yaml", "policies: [p.yaml]\nrego_query: data.x.allow\ncases: []\n");
     assert_eq!((e.line, e.message.contains("rego_query")), (2, true), "{e}");
     // stage/agent/strategy would be without effect on v4 policies: refused, at the key.
     write(
@@ -281,12 +284,11 @@ fn test_runs_report_what_they_cannot_read() {
         "v4.yaml",
         "version: '1.0'\nname: v\nrules:\n  - {name: r, condition: {field: x, operator: eq, value: 1}, action: deny}\n",
     );
-    let t = write(
+    let e = test_file_error(
         &dir,
         "v.test.yaml",
         "policies: [v4.yaml]\ncases:\n  - {name: c, agent: did:x, context: {}, expect: allow}\n",
     );
-    let e = testrun::lint_file(&t).unwrap_err();
     assert_eq!((e.line, e.col), (3, 22), "{e}");
     assert!(e.message.contains("agent applies to governance.toolkit/v1"), "{e}");
 }
