@@ -53,8 +53,77 @@ fn bounded_range(name: &str, args: &[regorus::Value], step_arg: bool) -> anyhow:
     Ok(regorus::Value::from(items))
 }
 
+/// Longest string `concat`, `replace` and `strings.replace_n` may build. `replace` multiplies
+/// (a 4 MiB string with each byte replaced by 4 MiB is 16 TiB), and doubling `concat`s grow
+/// faster than the time check between rule evaluations can stop them.
+pub const MAX_STRING_BYTES: usize = 64 << 20;
+
+fn str_arg<'a>(name: &str, v: &'a regorus::Value) -> anyhow::Result<&'a str> {
+    v.as_string().map(|s| s.as_ref()).map_err(|_| anyhow::anyhow!("{name}: operand must be a string"))
+}
+
+fn check_len(name: &str, len: usize) -> anyhow::Result<()> {
+    if len > MAX_STRING_BYTES {
+        anyhow::bail!("{name}: a result of {len} bytes is over agt-jail's limit of {MAX_STRING_BYTES}");
+    }
+    Ok(())
+}
+
+/// `replace(s, old, new)` (Go's `strings.ReplaceAll`, as regorus does it), sized before it is built.
+fn bounded_replace(name: &str, s: &str, old: &str, new: &str) -> anyhow::Result<String> {
+    let (count, removed) =
+        if old.is_empty() { (s.chars().count() + 1, 0) } else { (s.matches(old).count(), old.len()) };
+    let len = (s.len() - count * removed).saturating_add(count.saturating_mul(new.len()));
+    check_len(name, len)?;
+    Ok(s.replace(old, new))
+}
+
+/// `concat(delimiter, array or set of strings)`.
+fn bounded_concat(args: &[regorus::Value]) -> anyhow::Result<regorus::Value> {
+    let name = "concat";
+    let delim = str_arg(name, &args[0])?;
+    let items: Vec<&str> = match &args[1] {
+        regorus::Value::Array(a) => a.iter().map(|v| str_arg(name, v)).collect::<anyhow::Result<_>>()?,
+        regorus::Value::Set(s) => s.iter().map(|v| str_arg(name, v)).collect::<anyhow::Result<_>>()?,
+        _ => anyhow::bail!("`{name}` expects array/set of strings."),
+    };
+    let len = items.iter().map(|i| i.len()).sum::<usize>() + delim.len() * items.len().saturating_sub(1);
+    check_len(name, len)?;
+    Ok(regorus::Value::from(items.join(delim)))
+}
+
+/// `strings.replace_n(patterns, s)`: each pattern in key order, one after the other (as regorus).
+fn bounded_replace_n(args: &[regorus::Value]) -> anyhow::Result<regorus::Value> {
+    let name = "strings.replace_n";
+    let patterns = args[0].as_object().map_err(|_| anyhow::anyhow!("{name}: patterns must be an object"))?;
+    let mut s = str_arg(name, &args[1])?.to_string();
+    for (k, v) in patterns.iter() {
+        let (Ok(old), Ok(new)) = (k.as_string(), v.as_string()) else {
+            anyhow::bail!("`{name}` expects string keys and values in pattern object.");
+        };
+        s = bounded_replace(name, &s, old, new)?;
+    }
+    Ok(regorus::Value::from(s))
+}
+
 /// Replaces the builtins that can allocate without bound in one call.
 fn add_bounded_builtins(engine: &mut regorus::Engine) -> anyhow::Result<()> {
+    engine.add_extension("concat".to_string(), 2, Box::new(|args: Vec<regorus::Value>| bounded_concat(&args)))?;
+    engine.add_extension(
+        "replace".to_string(),
+        3,
+        Box::new(|args: Vec<regorus::Value>| {
+            let name = "replace";
+            let r =
+                bounded_replace(name, str_arg(name, &args[0])?, str_arg(name, &args[1])?, str_arg(name, &args[2])?)?;
+            Ok(regorus::Value::from(r))
+        }),
+    )?;
+    engine.add_extension(
+        "strings.replace_n".to_string(),
+        2,
+        Box::new(|args: Vec<regorus::Value>| bounded_replace_n(&args)),
+    )?;
     engine.add_extension(
         "numbers.range".to_string(),
         2,

@@ -307,3 +307,33 @@ fn a_panicking_rego_builtin_is_a_deny_not_a_crash() {
         assert!(eval(&set, json!({})).error);
     }
 }
+
+#[test]
+fn string_builtins_that_multiply_are_bounded() {
+    // A 1 MiB string, built within the bounds.
+    let big = format!(
+        "package x\nb32 := \"{}\"\nkb := replace(b32, \"a\", b32)\nbig := replace(kb, \"a\", kb)\n",
+        "a".repeat(32)
+    );
+    let eighty = vec!["\"x\""; 80].join(", ");
+    for (rule, builtin) in [
+        ("allow if { count(replace(big, \"a\", big)) > 0 }".to_string(), "replace"),
+        ("allow if { count(strings.replace_n({\"a\": big}, big)) > 0 }".to_string(), "strings.replace_n"),
+        (format!("allow if {{ count(concat(big, [{eighty}])) > 0 }}"), "concat"),
+    ] {
+        let set = PolicySet::from_rego_str("x.rego", &format!("{big}{rule}\n"), None).unwrap();
+        let d = eval(&set, json!({}));
+        assert!(d.error && d.reason.contains(builtin) && d.reason.contains("limit"), "{builtin}: {}", d.reason);
+    }
+    // Within the bound they keep regorus's (Go's) meaning.
+    let ok = r#"package x
+allow if {
+  concat(", ", ["a", "b"]) == "a, b"
+  concat("-", {"b", "a"}) == "a-b"
+  replace("abab", "b", "xy") == "axyaxy"
+  replace("ab", "", "-") == "-a-b-"
+  strings.replace_n({"a": "b", "b": "c"}, "ab") == "cc"
+}
+"#;
+    assert_eq!(eval(&PolicySet::from_rego_str("x.rego", ok, None).unwrap(), json!({})).action, Action::Allow);
+}
