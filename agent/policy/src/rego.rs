@@ -11,7 +11,7 @@ use crate::{Action, Decision, LoadError};
 /// Wall-clock cap for one Rego evaluation; a runaway policy is a deny, not a hang.
 const REGO_TIME_LIMIT: Duration = Duration::from_millis(250);
 
-/// Most elements `numbers.range`/`numbers.range_step` may build. regorus reserves the whole
+/// Most elements `numbers.range`/`numbers.range_step` (and `array.concat`) may build. regorus reserves the whole
 /// array before its time check runs, so `numbers.range(1, 1e10)` would abort the process on a
 /// failed allocation; our replacements refuse such a range (an evaluation error, so a deny).
 pub const MAX_RANGE_ELEMENTS: u64 = 1_000_000;
@@ -106,8 +106,25 @@ fn bounded_replace_n(args: &[regorus::Value]) -> anyhow::Result<regorus::Value> 
     Ok(regorus::Value::from(s))
 }
 
+/// `array.concat(a, b)`, refused over [`MAX_RANGE_ELEMENTS`] elements (doubling chains).
+fn bounded_array_concat(args: &[regorus::Value]) -> anyhow::Result<regorus::Value> {
+    let name = "array.concat";
+    let not_array = || anyhow::anyhow!("{name}: operand must be an array");
+    let (a, b) = (args[0].as_array().map_err(|_| not_array())?, args[1].as_array().map_err(|_| not_array())?);
+    let count = a.len() + b.len();
+    if count as u64 > MAX_RANGE_ELEMENTS {
+        anyhow::bail!("{name}: an array of {count} elements is over agt-jail's limit of {MAX_RANGE_ELEMENTS}");
+    }
+    Ok(regorus::Value::from(a.iter().chain(b.iter()).cloned().collect::<Vec<regorus::Value>>()))
+}
+
 /// Replaces the builtins that can allocate without bound in one call.
 fn add_bounded_builtins(engine: &mut regorus::Engine) -> anyhow::Result<()> {
+    engine.add_extension(
+        "array.concat".to_string(),
+        2,
+        Box::new(|args: Vec<regorus::Value>| bounded_array_concat(&args)),
+    )?;
     engine.add_extension("concat".to_string(), 2, Box::new(|args: Vec<regorus::Value>| bounded_concat(&args)))?;
     engine.add_extension(
         "replace".to_string(),
