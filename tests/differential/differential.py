@@ -90,6 +90,10 @@ def rand_os_context(r):
         ctx.setdefault("agent", {})
         if isinstance(ctx["agent"], dict):
             ctx["agent"]["did"] = r.choice(AGENTS)
+    # Keys spelled like literals: AGT reads a bare `true` or `1` condition as such a key.
+    for key in LITERAL_KEYS:
+        if r.random() < 0.1:
+            ctx[key] = rand_scalar(r)
     return ctx
 
 
@@ -101,9 +105,16 @@ SAFE_STR = ["exec", "file_open", "connect", "rm", "curl", "/usr/bin/rm", "/etc/p
             "élan", "two words"]
 
 
+# Bare literals standing as a whole test (AGT reads a word as a context key, the rest as false).
+BARE_LITERALS = ["true", "True", "false", "1", "0", "1.5", "None", "'x'", '"yes"', "-1", "[1]"]
+LITERAL_KEYS = ["true", "True", "false", "1", "0", "None"]
+
+
 def rand_atom(r):
     path = r.choice(PATHS)
     k = r.random()
+    if k < 0.04:
+        return r.choice(BARE_LITERALS)
     if k < 0.3:
         return f"{path} {r.choice(['==', '!='])} '{r.choice(SAFE_STR)}'"
     if k < 0.45:
@@ -279,8 +290,9 @@ def quirk_groups():
 
 # ------------------------------------------------------------------ driver
 
-def run_agt_jail(binary, files, contexts, stage="pre_tool"):
-    cmd = [binary, "policy", "eval", "--batch", "--input", "-", "--stage", stage]
+def run_agt_jail(binary, files, contexts, stage=None):
+    # --stage is refused for v4 policies (they have no stages), so it is passed for toolkit only.
+    cmd = [binary, "policy", "eval", "--batch", "--input", "-"] + (["--stage", stage] if stage else [])
     for f in files:
         cmd += ["--policy", f]
     inp = "".join(json.dumps(c) + "\n" for c in contexts)
@@ -309,7 +321,8 @@ def compare(binary, tmp, gid, group):
         expected = oracle_toolkit(group, files)
     else:
         expected = oracle_v4(group, files)
-    got, err = run_agt_jail(binary, files, group["contexts"])
+    got, err = run_agt_jail(binary, files, group["contexts"],
+                            stage="pre_tool" if group["kind"] == "toolkit" else None)
     for e in expected:
         STATS[(group["kind"], e["action"], e["matched_rule"] is not None)] = STATS.get((group["kind"], e["action"], e["matched_rule"] is not None), 0) + 1
     diffs = []

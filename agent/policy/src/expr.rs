@@ -24,8 +24,22 @@ use crate::value::{agt_float, py_eq, py_in, truthy};
 pub const MAX_EXPR_BYTES: usize = 16 * 1024;
 /// Deepest nesting of parentheses and `not`.
 pub const MAX_EXPR_DEPTH: usize = 64;
-/// Compiled size cap for `matches`/`glob` patterns, so a pattern cannot eat memory.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Compiled size cap for one `matches`/`glob` pattern (and a v4 `matches` value), so a pattern
+/// cannot eat memory. 16 MiB admits what real policies write (`\w{100,}` needs 8 MiB: `\w` is
+/// the Unicode class, as in Python's `re`); beyond it the pattern is refused as over the limit.
+pub const REGEX_SIZE_LIMIT: usize = 16 << 20;
+
+/// Compiles a pattern with the size cap; `shown` is the pattern as the user wrote it.
+pub(crate) fn compile_regex(re_src: &str, shown: &str) -> Result<Regex, String> {
+    regex::RegexBuilder::new(re_src).size_limit(REGEX_SIZE_LIMIT).build().map_err(|e| match e {
+        regex::Error::CompiledTooBig(limit) => format!(
+            "pattern {} is over the {} MiB compiled-size limit for regular expressions (a Unicode class such as \\w repeated many times grows large: use an ASCII class such as [A-Za-z0-9_] or a smaller count)",
+            crate::quoted(shown),
+            limit >> 20
+        ),
+        other => format!("invalid pattern {}: {}", crate::quoted(shown), first_line(&other.to_string())),
+    })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmpOp {
@@ -133,11 +147,18 @@ pub fn lookup<'a>(ctx: &'a Value, parts: &[String]) -> &'a Value {
 
 impl Expr {
     pub fn parse(src: &str) -> Result<Expr, ExprError> {
+        Expr::parse_noted(src).map(|(e, _)| e)
+    }
+
+    /// Parses a condition and also returns notes for `policy lint`: parts that are valid but
+    /// almost certainly not what the author meant (each at a character offset).
+    pub fn parse_noted(src: &str) -> Result<(Expr, Vec<ExprError>), ExprError> {
         if src.len() > MAX_EXPR_BYTES {
             return Err(ExprError { offset: 0, message: format!("condition is longer than {MAX_EXPR_BYTES} bytes") });
         }
         let tokens = lex(src)?;
-        let mut p = ParserState { tokens, i: 0, end: src.chars().count(), depth: 0 };
+        let chars: Vec<char> = src.chars().collect();
+        let mut p = ParserState { tokens, i: 0, end: chars.len(), depth: 0, chars, notes: Vec::new() };
         let e = p.or()?;
         if let Some(t) = p.tokens.get(p.i) {
             return Err(ExprError {
@@ -145,7 +166,7 @@ impl Expr {
                 message: format!("expected `and`, `or` or end of condition, found {}", t.tok),
             });
         }
-        Ok(e)
+        Ok((e, p.notes))
     }
 
     /// Evaluates the condition. Total: every input gives true or false.
@@ -436,7 +457,7 @@ impl fmt::Display for Tok {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Tok::Path(p) => write!(f, "path `{}`", p.join(".")),
-            Tok::Str(s) => write!(f, "string {s:?}"),
+            Tok::Str(s) => write!(f, "string {}", crate::quoted(s)),
             Tok::Num(n) => write!(f, "number {n}"),
             Tok::Op(o) => write!(f, "`{}`", o.as_str()),
             Tok::Matches => f.write_str("`matches`"),
@@ -628,7 +649,7 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             out.push(Token { tok, offset: start });
             continue;
         }
-        return Err(err(start, format!("unexpected character {c:?}")));
+        return Err(err(start, format!("unexpected character {}", crate::quoted(&c.to_string()))));
     }
     Ok(out)
 }
@@ -640,6 +661,8 @@ struct ParserState {
     i: usize,
     end: usize,
     depth: usize,
+    chars: Vec<char>,
+    notes: Vec<ExprError>,
 }
 
 impl ParserState {
@@ -712,7 +735,34 @@ impl ParserState {
         }
     }
 
+    /// A constant standing alone as a test (`true`, `1`, `'x'`). AGT has no literals in that
+    /// position: a word (`true`, `True`, `1`, `1.5`) matches its "boolean attribute" pattern and
+    /// is looked up as a context key, anything else (`'x'`, `-1`, `[1]`) matches no pattern and
+    /// is false. Decide the same, and leave a note for lint.
+    fn bare_literal(&mut self, first: usize) -> Expr {
+        let start = self.tokens.get(first).map_or(self.end, |t| t.offset);
+        let stop = self.tokens.get(self.i).map_or(self.end, |t| t.offset);
+        let raw: String = self.chars[start..stop].iter().collect::<String>().trim_end().to_string();
+        let is_key = !raw.is_empty() && raw.split('.').all(|seg| !seg.is_empty() && seg.chars().all(is_word));
+        if is_key {
+            self.notes.push(ExprError {
+                offset: start,
+                message: format!(
+                    "`{raw}` is a bare literal: like AGT it is read as the context key \"{raw}\" (true only if the event carries that key), not as a constant"
+                ),
+            });
+            Expr::Truthy(Operand::Path(raw.split('.').map(str::to_string).collect()))
+        } else {
+            self.notes.push(ExprError {
+                offset: start,
+                message: format!("`{raw}` is a bare constant: like AGT it never matches; write a comparison"),
+            });
+            Expr::Truthy(Operand::Lit(Value::Bool(false)))
+        }
+    }
+
     fn test(&mut self) -> Result<Expr, ExprError> {
+        let first = self.i;
         let left = self.operand()?;
         let op = match self.peek() {
             Some(Tok::Op(op)) => *op,
@@ -729,14 +779,11 @@ impl ParserState {
                 };
                 self.i += 1;
                 let re_src = if glob { glob_to_regex(&source) } else { source.clone() };
-                let regex =
-                    regex::RegexBuilder::new(&re_src).size_limit(REGEX_SIZE_LIMIT).build().map_err(|e| ExprError {
-                        offset: at,
-                        message: format!("invalid pattern {source:?}: {}", first_line(&e.to_string())),
-                    })?;
+                let regex = compile_regex(&re_src, &source).map_err(|message| ExprError { offset: at, message })?;
                 let pattern = Pattern { source, regex };
                 return Ok(if glob { Expr::Glob(left, pattern) } else { Expr::Matches(left, pattern) });
             }
+            _ if matches!(left, Operand::Lit(_)) => return Ok(self.bare_literal(first)),
             _ => return Ok(Expr::Truthy(left)),
         };
         self.i += 1;

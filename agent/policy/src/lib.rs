@@ -163,11 +163,70 @@ impl Decision {
     }
 }
 
+/// AGT's lifecycle stages (`PolicyRule.stage`); a rule is only considered at its own stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stage {
+    PreInput,
+    #[default]
+    PreTool,
+    PostTool,
+    PreOutput,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::PreInput, Stage::PreTool, Stage::PostTool, Stage::PreOutput];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::PreInput => "pre_input",
+            Stage::PreTool => "pre_tool",
+            Stage::PostTool => "post_tool",
+            Stage::PreOutput => "pre_output",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The valid values, for error messages and help.
+    pub fn valid_values() -> String {
+        Stage::ALL.map(Stage::as_str).join(", ")
+    }
+
+    /// Parses a stage or explains which values are valid.
+    pub fn parse_or_explain(s: &str) -> Result<Stage, String> {
+        Stage::parse(s).ok_or_else(|| format!("invalid stage {}; expected one of {}", quoted(s), Stage::valid_values()))
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A user-supplied string quoted for a message: control characters are escaped, backslashes are
+/// kept as written (so `\w{3}` reads as the user typed it, not doubled as Rust's `{:?}` would).
+pub fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            c if c.is_control() || c == '\u{feff}' => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Per-evaluation options.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     /// Lifecycle stage; only governance.toolkit/v1 rules of this stage are considered.
-    pub stage: String,
+    pub stage: Stage,
     /// Acting agent's DID; when absent, `agent.did` (then `agent.id`) of the context is used.
     pub agent: Option<String>,
     /// Overrides the conflict strategy the policies declare.
@@ -176,7 +235,7 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { stage: "pre_tool".to_string(), agent: None, strategy: None }
+        EvalOptions { stage: Stage::PreTool, agent: None, strategy: None }
     }
 }
 
@@ -221,6 +280,7 @@ pub struct PolicySet {
     v4: v4::V4Set,
     rego: Vec<rego::RegoPolicy>,
     strategy: Option<Strategy>,
+    warnings: Vec<LoadError>,
 }
 
 impl PolicySet {
@@ -237,6 +297,16 @@ impl PolicySet {
             if path.extension().is_some_and(|e| e == "rego") {
                 let bytes = read_limited(path)?;
                 let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
+                if let Some(first) = set.rego.first() {
+                    set.warnings.push(LoadError::new(
+                        &file,
+                        yaml::Pos::default(),
+                        format!(
+                            "only the first Rego policy ({}) decides, as in AGT (which tries the next only when one fails; agt-jail denies on a failure): this file is never consulted",
+                            first.name
+                        ),
+                    ));
+                }
                 set.rego.push(rego::RegoPolicy::new(&file, text, rego_query)?);
             } else {
                 let doc = load_document(path)?;
@@ -252,7 +322,7 @@ impl PolicySet {
     pub fn from_str(name: &str, text: &str) -> Result<PolicySet, LoadError> {
         let mut set = PolicySet::default();
         let node = yaml::parse(text).map_err(|e| LoadError::new(name, e.pos, e.message))?;
-        let doc = parse_document(&node, name, None, &mut Vec::new())?;
+        let doc = parse_document(&node, name, text, None, &mut Vec::new())?;
         set.add_document(doc, name)?;
         set.finish()?;
         Ok(set)
@@ -268,7 +338,7 @@ impl PolicySet {
 
     fn add_document(&mut self, doc: Document, file: &str) -> Result<(), LoadError> {
         match doc {
-            Document::Toolkit(p) => {
+            Document::Toolkit(mut p) => {
                 if let Some(s) = p.strategy {
                     match self.strategy {
                         Some(prev) if prev != s => {
@@ -285,11 +355,22 @@ impl PolicySet {
                         _ => self.strategy = Some(s),
                     }
                 }
+                if p.agent.as_deref().is_none_or(str::is_empty) && p.agents.is_empty() {
+                    self.warnings.push(LoadError::new(
+                        file,
+                        p.name_pos,
+                        format!(
+                            "policy {} names no agent (`agent` or `agents`): like AGT it applies to no agent, so its rules never run; use `agents: [\"*\"]` for every agent",
+                            quoted(&p.name)
+                        ),
+                    ));
+                }
+                self.warnings.append(&mut p.warnings);
                 if let Some(prev) = self.toolkit.iter().find(|q| q.name == p.name) {
                     return Err(LoadError::new(
                         file,
                         p.name_pos,
-                        format!("duplicate policy name {:?} (also in {})", p.name, prev.file),
+                        format!("duplicate policy name {} (also in {})", quoted(&p.name), prev.file),
                     ));
                 }
                 self.toolkit.push(*p);
@@ -337,7 +418,7 @@ impl PolicySet {
         };
         let strategy = opts.strategy.or(self.strategy).unwrap_or_default();
         let applies = |p: &&toolkit::Policy| p.wildcard || p.applies_to(agent());
-        if let Some(mut d) = toolkit::evaluate(self.toolkit.iter().filter(applies), ctx, &opts.stage, strategy) {
+        if let Some(mut d) = toolkit::evaluate(self.toolkit.iter().filter(applies), ctx, opts.stage, strategy) {
             if let Some(l) = d.limit.as_mut() {
                 l.agent = agent().to_string();
             }
@@ -372,7 +453,7 @@ impl PolicySet {
                     description: r.description.as_deref(),
                     action: r.action,
                     priority: r.priority,
-                    stage: Some(&r.stage),
+                    stage: Some(r.stage.as_str()),
                     condition: Some(&r.condition),
                     condition_text: Some(&r.condition_src),
                     v4_condition: None,
@@ -382,6 +463,17 @@ impl PolicySet {
         }
         out.extend(self.v4.rules());
         out
+    }
+
+    /// Valid but suspicious constructs found while loading (`policy lint` prints them).
+    pub fn warnings(&self) -> &[LoadError] {
+        &self.warnings
+    }
+
+    /// Whether a governance.toolkit/v1 policy is loaded (the only kind a conflict strategy, a
+    /// stage or an acting agent applies to).
+    pub fn has_toolkit(&self) -> bool {
+        !self.toolkit.is_empty()
     }
 
     /// Whether a Rego policy is loaded (its conditions are opaque to plane compilation).
@@ -404,22 +496,48 @@ pub(crate) enum Document {
     V4(Box<v4::V4Policy>),
 }
 
-/// Reads a file, refusing anything over the size limit without reading it whole.
-pub(crate) fn read_limited(path: &Path) -> Result<Vec<u8>, LoadError> {
+/// Reads a policy or test file, refusing anything over the size limit without reading it whole,
+/// and anything that is not a regular file (a FIFO, device, socket or directory would block or
+/// never end). The file is opened without blocking and its type is checked on the open
+/// descriptor, so a file swapped after a check cannot slip through.
+pub fn read_limited(path: &Path) -> Result<Vec<u8>, LoadError> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let file = path.display().to_string();
-    let io = |e: std::io::Error| LoadError::new(&file, yaml::Pos::default(), format!("cannot read file: {e}"));
-    let f = std::fs::File::open(path).map_err(io)?;
+    let fail = |message: String| LoadError::new(&file, yaml::Pos::default(), message);
+    let io = |e: std::io::Error| fail(format!("cannot read file: {e}"));
+    // stat first: opening a socket fails with a confusing error, so name the type instead.
+    check_regular(&std::fs::metadata(path).map_err(io)?).map_err(fail)?;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
+    check_regular(&f.metadata().map_err(io)?).map_err(fail)?;
     let mut bytes = Vec::new();
     f.take(yaml::limits::MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() > yaml::limits::MAX_FILE_BYTES {
-        return Err(LoadError::new(
-            &file,
-            yaml::Pos::default(),
-            format!("file is larger than the {} byte limit for policy files", yaml::limits::MAX_FILE_BYTES),
-        ));
+        return Err(fail(format!(
+            "file is larger than the {} byte limit for policy files",
+            yaml::limits::MAX_FILE_BYTES
+        )));
     }
     Ok(bytes)
+}
+
+fn check_regular(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(format!("refusing to read {kind}: policy and test files must be regular files"))
 }
 
 fn load_document(path: &Path) -> Result<Document, LoadError> {
@@ -435,22 +553,24 @@ pub(crate) fn load_document_inner(path: &Path, stack: &mut Vec<PathBuf>) -> Resu
     let bytes = read_limited(path)?;
     let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
     let node = yaml::parse(text).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
-    parse_document(&node, &file, Some(path), stack)
+    parse_document(&node, &file, text, Some(path), stack)
 }
 
 fn parse_document(
     node: &yaml::Node,
     file: &str,
+    src: &str,
     path: Option<&Path>,
     stack: &mut Vec<PathBuf>,
 ) -> Result<Document, LoadError> {
+    let cx = toolkit::Ctx { file, src: src.strip_prefix('\u{feff}').unwrap_or(src) };
     if !matches!(node.kind, yaml::Kind::Map(_)) {
         return Err(LoadError::new(file, node.pos, format!("expected a policy mapping, found {}", node.type_name())));
     }
     if v4::looks_like_v4(node) {
-        return v4::parse(node, file).map(|p| Document::V4(Box::new(p)));
+        return v4::parse(node, &cx).map(|p| Document::V4(Box::new(p)));
     }
-    toolkit::parse(node, file, path, stack).map(|p| Document::Toolkit(Box::new(p)))
+    toolkit::parse(node, &cx, path, stack).map(|p| Document::Toolkit(Box::new(p)))
 }
 
 #[cfg(test)]

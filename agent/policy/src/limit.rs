@@ -24,17 +24,27 @@ impl RateSpec {
     pub fn parse(s: &str) -> Result<RateSpec, String> {
         let parts: Vec<&str> = s.split('/').collect();
         let [count, period] = parts.as_slice() else {
-            return Err(format!("invalid limit {s:?}: expected \"<count>/<period>\", e.g. \"100/hour\""));
+            return Err(format!(
+                "invalid limit {}: expected \"<count>/<period>\", e.g. \"100/hour\"",
+                crate::quoted(s)
+            ));
         };
-        let max: u64 =
-            count.trim().parse().map_err(|_| format!("invalid limit {s:?}: count must be a non-negative integer"))?;
+        let max: u64 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid limit {}: count must be a non-negative integer", crate::quoted(s)))?;
         let period_secs = match period.trim().to_ascii_lowercase().as_str() {
             "second" => 1,
             "minute" => 60,
             "hour" => 3600,
             "day" => 86_400,
             "session" => 0,
-            _ => return Err(format!("invalid limit {s:?}: period must be one of second, minute, hour, day, session")),
+            _ => {
+                return Err(format!(
+                    "invalid limit {}: period must be one of second, minute, hour, day, session",
+                    crate::quoted(s)
+                ))
+            }
         };
         Ok(RateSpec { max, period_secs, text: s.to_string() })
     }

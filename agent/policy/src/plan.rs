@@ -318,7 +318,7 @@ fn toolkit_applies(p: &crate::toolkit::Policy, agent: &AgentFacts) -> bool {
 }
 
 fn collect_rules<'a>(set: &'a PolicySet, agent: &AgentFacts) -> Vec<CRule<'a>> {
-    let stage = crate::toolkit::stage_id(&EvalOptions::default().stage);
+    let stage = EvalOptions::default().stage;
     let mut out = Vec::new();
     let mut order = 0;
     for p in &set.toolkit {
@@ -327,7 +327,7 @@ fn collect_rules<'a>(set: &'a PolicySet, agent: &AgentFacts) -> Vec<CRule<'a>> {
         }
         for r in &p.rules {
             order += 1;
-            if !r.enabled || r.stage_id != stage {
+            if !r.enabled || r.stage != stage {
                 continue;
             }
             out.push(CRule {
@@ -539,13 +539,14 @@ fn startswith_prefixes(s: &str) -> Result<(Vec<(u32, u8)>, Vec<(u128, u8)>), Str
     }
     // IPv6 renderings starting with a hex digit are lowercase hex groups and colons; `::ffff:a.b.c.d`
     // and every other rendering with a zero first group start with ':' or "0:".
+    let q = crate::quoted(s);
     if s.starts_with(':') {
-        return Err(format!("net.addr startswith {s:?}: prefixes starting with ':' are not compiled"));
+        return Err(format!("net.addr startswith {q}: prefixes starting with ':' are not compiled"));
     }
     let is_v6_chars = s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b':');
     if is_v6_chars {
         if s.contains("::") {
-            return Err(format!("net.addr startswith {s:?}: compressed IPv6 prefixes are not compiled"));
+            return Err(format!("net.addr startswith {q}: compressed IPv6 prefixes are not compiled"));
         }
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() <= 8 {
@@ -554,15 +555,13 @@ fn startswith_prefixes(s: &str) -> Result<(Vec<(u32, u8)>, Vec<(u128, u8)>), Str
             let mut renderable = true;
             for g in full {
                 if g == &"0" {
-                    return Err(format!(
-                        "net.addr startswith {s:?}: a zero IPv6 group may be compressed; not compiled"
-                    ));
+                    return Err(format!("net.addr startswith {q}: a zero IPv6 group may be compressed; not compiled"));
                 }
                 if g.is_empty() || g.len() > 4 || g.starts_with('0') {
                     renderable = false;
                     break;
                 }
-                fixed.push(u128::from(u16::from_str_radix(g, 16).map_err(|e| format!("{s:?}: {e}"))?));
+                fixed.push(u128::from(u16::from_str_radix(g, 16).map_err(|e| format!("{q}: {e}"))?));
             }
             if renderable {
                 let k = fixed.len() as u32;
@@ -570,9 +569,9 @@ fn startswith_prefixes(s: &str) -> Result<(Vec<(u32, u8)>, Vec<(u128, u8)>), Str
                 if last.is_empty() {
                     v6.push((if k == 0 { 0 } else { base << (128 - 16 * k) }, (16 * k) as u8));
                 } else if last.starts_with('0') {
-                    return Err(format!("net.addr startswith {s:?}: a group starting with 0 is not compiled"));
+                    return Err(format!("net.addr startswith {q}: a group starting with 0 is not compiled"));
                 } else if last.len() <= 4 && k < 8 {
-                    let p = u128::from(u16::from_str_radix(last, 16).map_err(|e| format!("{s:?}: {e}"))?);
+                    let p = u128::from(u16::from_str_radix(last, 16).map_err(|e| format!("{q}: {e}"))?);
                     let l = last.len() as u32;
                     for n in l..=4 {
                         let shift = 4 * (n - l);

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::limit::{ManualClock, RateLimiter};
 use crate::toolkit::Ctx;
 use crate::yaml::{self, Kind, Node};
-use crate::{Action, Decision, EvalOptions, LoadError, PolicySet, Strategy};
+use crate::{Action, Decision, EvalOptions, LoadError, PolicySet, Stage, Strategy};
 
 #[derive(Debug, Clone)]
 pub struct CaseResult {
@@ -44,36 +44,55 @@ impl Report {
 /// Deepest directory recursion when looking for test files.
 const MAX_DIR_DEPTH: usize = 16;
 
-/// Finds `*.test.yaml` / `*.test.yml` under `dir` (or `dir` itself if it is a file).
-pub fn find_test_files(dir: &Path) -> Vec<PathBuf> {
+/// Finds `*.test.yaml` / `*.test.yml` under `dir` (or `dir` itself if it is a file). A directory
+/// that cannot be read is an error, never a silently smaller set of tests.
+pub fn find_test_files(dir: &Path) -> (Vec<PathBuf>, Vec<LoadError>) {
     let mut out = Vec::new();
+    let mut errors = Vec::new();
     if dir.is_file() {
         out.push(dir.to_path_buf());
-        return out;
+        return (out, errors);
     }
+    let unreadable = |d: &Path, e: std::io::Error| {
+        LoadError::new(d.display().to_string(), yaml::Pos::default(), format!("cannot read directory: {e}"))
+    };
     let mut todo = vec![(dir.to_path_buf(), 0usize)];
     while let Some((d, depth)) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
+        let rd = match std::fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) => {
+                errors.push(unreadable(&d, e));
+                continue;
+            }
         };
-        for e in rd.flatten() {
+        for e in rd {
+            let e = match e {
+                Ok(e) => e,
+                Err(err) => {
+                    errors.push(unreadable(&d, err));
+                    continue;
+                }
+            };
             let p = e.path();
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() && depth < MAX_DIR_DEPTH {
                 todo.push((p, depth + 1));
-            } else if ft.is_file() && is_test_file(&p) {
+            } else if is_test_file(&p) && !ft.is_dir() {
+                // Not only regular files: a FIFO named like a test file is reported, not skipped.
                 out.push(p);
             }
         }
     }
     out.sort();
-    out
+    (out, errors)
 }
 
 pub fn run_dir(dir: &Path) -> Report {
     let mut report = Report::default();
-    let files = find_test_files(dir);
-    if files.is_empty() {
+    let (files, errors) = find_test_files(dir);
+    let unreadable = !errors.is_empty();
+    report.errors = errors;
+    if files.is_empty() && !unreadable {
         report.errors.push(LoadError::new(
             dir.display().to_string(),
             yaml::Pos::default(),
@@ -110,7 +129,7 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
     let bytes = crate::read_limited(path)?;
     let text = yaml::check_bytes(&bytes).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
     let node = yaml::parse(text).map_err(|e| LoadError::new(&file, e.pos, e.message))?;
-    let cx = Ctx { file: &file };
+    let cx = Ctx { file: &file, src: text };
     cx.check_keys(&node, &["policies", "stage", "agent", "strategy", "rego_query", "cases"], "test file")?;
     let base = path.parent().unwrap_or(Path::new("."));
     let pnode =
@@ -118,14 +137,20 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
     let policies: Vec<PathBuf> = cx.string_list(pnode, "policies")?.into_iter().map(|p| base.join(p)).collect();
     let rego_query = cx.opt_string(&node, "rego_query")?;
     let set = PolicySet::load_with(&policies, rego_query.as_deref())?;
+    if let (Some(_), Some(n)) = (&rego_query, node.get("rego_query")) {
+        if !set.has_rego() {
+            return Err(cx.err(n.pos, "rego_query is set but none of the policies is a .rego file"));
+        }
+    }
     let mut opts = EvalOptions::default();
-    if let Some(s) = cx.opt_string(&node, "stage")? {
+    toolkit_only(&cx, &node, &set)?;
+    if let Some(s) = opt_stage(&cx, &node)? {
         opts.stage = s;
     }
     opts.agent = cx.opt_string(&node, "agent")?;
     if let Some(n) = node.get("strategy") {
         let s = cx.string(n, "strategy")?;
-        opts.strategy = Some(Strategy::parse(&s).ok_or_else(|| cx.err(n.pos, format!("invalid strategy {s:?}")))?);
+        opts.strategy = Some(Strategy::parse(&s).ok_or_else(|| cx.err(n.pos, format!("invalid strategy {}; expected priority_first_match, deny_overrides, allow_overrides or most_specific_wins", crate::quoted(&s))))?);
     }
     let cases = match node.get("cases").map(|c| &c.kind) {
         Some(Kind::Seq(items)) => items,
@@ -134,10 +159,16 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
     for (i, case) in cases.iter().enumerate() {
         cx.check_keys(case, &["name", "context", "expect", "repeat", "stage", "agent"], "case")?;
         let name = cx.opt_string(case, "name")?.unwrap_or_else(|| format!("case {}", i + 1));
-        let ctx = case
+        let ctx_node = case
             .get("context")
-            .ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"context\"")))?
-            .to_json();
+            .ok_or_else(|| cx.err(case.pos, format!("case {} is missing \"context\"", crate::quoted(&name))))?;
+        if !matches!(ctx_node.kind, Kind::Map(_)) {
+            return Err(cx.err(
+                ctx_node.pos,
+                format!("case {}: context must be a mapping, found {}", crate::quoted(&name), ctx_node.type_name()),
+            ));
+        }
+        let ctx = ctx_node.to_json();
         let expect = parse_expect(&cx, case, &name)?;
         let repeat = match case.get("repeat") {
             None => 1,
@@ -147,7 +178,8 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
             },
         };
         let mut case_opts = opts.clone();
-        if let Some(s) = cx.opt_string(case, "stage")? {
+        toolkit_only(&cx, case, &set)?;
+        if let Some(s) = opt_stage(&cx, case)? {
             case_opts.stage = s;
         }
         if let Some(a) = cx.opt_string(case, "agent")? {
@@ -168,11 +200,36 @@ fn run_file(path: &Path, report: &mut Report, run: bool) -> Result<(), LoadError
     Ok(())
 }
 
+/// `stage`, `agent` and `strategy` only mean something to governance.toolkit/v1 policies;
+/// given for Agent-OS v4 or Rego policies they would be silently without effect.
+fn toolkit_only(cx: &Ctx<'_>, node: &Node, set: &PolicySet) -> Result<(), LoadError> {
+    if set.has_toolkit() {
+        return Ok(());
+    }
+    match ["stage", "agent", "strategy"].iter().find_map(|k| node.get(k).map(|n| (k, n))) {
+        Some((key, n)) => Err(cx.err(
+            n.pos,
+            format!("{key} applies to governance.toolkit/v1 policies and none is loaded (Agent-OS v4 and Rego policies have no strategy, stage or agent targeting)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `stage:` of a test file or case, checked against AGT's stages (a typo would skip every rule).
+fn opt_stage(cx: &Ctx<'_>, parent: &Node) -> Result<Option<Stage>, LoadError> {
+    match parent.get("stage") {
+        None => Ok(None),
+        Some(n) => Stage::parse_or_explain(&cx.string(n, "stage")?).map(Some).map_err(|m| cx.err(n.pos, m)),
+    }
+}
+
 fn parse_expect(cx: &Ctx<'_>, case: &Node, name: &str) -> Result<Expect, LoadError> {
-    let n = case.get("expect").ok_or_else(|| cx.err(case.pos, format!("case {name:?} is missing \"expect\"")))?;
+    let n = case
+        .get("expect")
+        .ok_or_else(|| cx.err(case.pos, format!("case {} is missing \"expect\"", crate::quoted(name))))?;
     let action_of = |n: &Node| -> Result<Action, LoadError> {
         let s = cx.string(n, "expect.action")?;
-        Action::parse(&s).ok_or_else(|| cx.err(n.pos, format!("unknown action {s:?}")))
+        Action::parse(&s).ok_or_else(|| cx.err(n.pos, format!("unknown action {}", crate::quoted(&s))))
     };
     match &n.kind {
         Kind::Str(_) => Ok(Expect { action: Some(action_of(n)?), allowed: None, matched_rule: None }),
@@ -209,7 +266,11 @@ fn check(e: &Expect, d: &Decision) -> (bool, String) {
     }
     if let Some(m) = &e.matched_rule {
         if m != &d.matched_rule {
-            problems.push(format!("matched_rule: expected {m:?}, got {:?}", d.matched_rule));
+            problems.push(format!(
+                "matched_rule: expected {}, got {}",
+                rule_name(m.as_deref()),
+                rule_name(d.matched_rule.as_deref())
+            ));
         }
     }
     let got = serde_json::to_string(d).unwrap_or_default();
@@ -220,8 +281,22 @@ fn check(e: &Expect, d: &Decision) -> (bool, String) {
     }
 }
 
+/// A matched rule for a message: its quoted name, or `none`.
+fn rule_name(r: Option<&str>) -> String {
+    r.map_or_else(|| "none".to_string(), crate::quoted)
+}
+
 /// Parses one JSON context for evaluation (shared with the CLI).
+/// A context must be a JSON object (evaluating anything else could only fail closed).
 pub fn parse_context(text: &str) -> Result<Value, String> {
-    serde_json::from_str::<Value>(text)
-        .map_err(|e| format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+    let v = serde_json::from_str::<Value>(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let found = match &v {
+        Value::Object(_) => return Ok(v),
+        Value::Array(_) => "an array",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+    };
+    Err(format!("the context must be a JSON object, found {found}"))
 }

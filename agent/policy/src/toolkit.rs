@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::expr::{Expr, PathTable, Prog};
 use crate::limit::{LimitRef, RateSpec};
 use crate::yaml::{Kind, Node, Pos};
-use crate::{Action, Decision, Document, LoadError, Strategy, MAX_EXTENDS_DEPTH};
+use crate::{quoted, Action, Decision, Document, LoadError, Stage, Strategy, MAX_EXTENDS_DEPTH};
 
 /// Policy scope, for most_specific_wins (agent > organization > tenant > global).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,8 +22,7 @@ pub enum Scope {
 pub(crate) struct Rule {
     pub name: String,
     pub description: Option<String>,
-    pub stage: String,
-    pub stage_id: u8,
+    pub stage: Stage,
     pub condition_src: String,
     pub condition: Expr,
     /// `condition` lowered against the owning policy's path table.
@@ -58,6 +57,8 @@ pub(crate) struct Policy {
     pub strategy_pos: Pos,
     /// The `trust:` section as written (agt-jail's; AGT ignores it), read by the supervisor.
     pub trust: Option<serde_json::Value>,
+    /// Valid but suspicious constructs, for `policy lint` (this file and its `extends` parents).
+    pub warnings: Vec<LoadError>,
 }
 
 impl Policy {
@@ -87,15 +88,11 @@ const TOP_KEYS: &[&str] = &[
 ];
 const RULE_KEYS: &[&str] =
     &["name", "description", "stage", "condition", "action", "limit", "approvers", "priority", "enabled"];
-const STAGES: &[&str] = &["pre_input", "pre_tool", "post_tool", "pre_output"];
-
-/// Index of a stage in `STAGES`; unknown stages match no rule.
-pub(crate) fn stage_id(stage: &str) -> u8 {
-    STAGES.iter().position(|s| *s == stage).map_or(u8::MAX, |i| i as u8)
-}
 
 pub(crate) struct Ctx<'a> {
     pub file: &'a str,
+    /// The file's text, to locate errors inside scalars (empty when not available).
+    pub src: &'a str,
 }
 
 impl Ctx<'_> {
@@ -111,7 +108,7 @@ impl Ctx<'_> {
                     Kind::Str(s) => {
                         return Err(self.err(
                             k.pos,
-                            format!("unknown {what} field {s:?}; expected one of: {}", allowed.join(", ")),
+                            format!("unknown {what} field {}; expected one of: {}", quoted(s), allowed.join(", ")),
                         ))
                     }
                     _ => return Err(self.err(k.pos, format!("{what} keys must be strings"))),
@@ -144,6 +141,35 @@ impl Ctx<'_> {
         }
     }
 
+    /// Type-checks an optional field AGT's pydantic model declares, whose value agt-jail does not
+    /// use: a wrong type is a load error in AGT, so it is one here too.
+    pub fn check_field(&self, parent: &Node, key: &str, ty: FieldType) -> Result<(), LoadError> {
+        let Some(n) = parent.get(key) else { return Ok(()) };
+        let ok = match ty {
+            FieldType::Str => matches!(n.kind, Kind::Str(_)),
+            FieldType::OptStr => matches!(n.kind, Kind::Str(_) | Kind::Null),
+            FieldType::Int => matches!(n.kind, Kind::Int(_)),
+            FieldType::OptInt => matches!(n.kind, Kind::Int(_) | Kind::Null),
+            FieldType::Number => matches!(n.kind, Kind::Int(_) | Kind::Float(_)),
+            FieldType::OptNumber => matches!(n.kind, Kind::Int(_) | Kind::Float(_) | Kind::Null),
+            FieldType::Bool => matches!(n.kind, Kind::Bool(_)),
+            FieldType::StrList => match &n.kind {
+                Kind::Seq(items) => items.iter().all(|i| matches!(i.kind, Kind::Str(_))),
+                _ => false,
+            },
+            FieldType::DateTime => match &n.kind {
+                Kind::Str(s) => is_datetime(s),
+                Kind::Int(_) | Kind::Float(_) => true,
+                _ => false,
+            },
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(n.pos, format!("expected {} for {key}, found {}", ty.describe(), n.type_name())))
+        }
+    }
+
     pub fn int(&self, node: &Node, what: &str) -> Result<i64, LoadError> {
         match &node.kind {
             Kind::Int(i) => Ok(*i),
@@ -152,28 +178,75 @@ impl Ctx<'_> {
     }
 }
 
-/// Where a condition's character `offset` lands in the file, for single-line scalars.
-fn condition_pos(node: &Node, src: &str, offset: usize) -> Pos {
-    if src.contains('\n') {
-        return node.pos;
+/// What pydantic accepts for a `datetime` given as a string: an ISO 8601 date or date-time with
+/// in-range fields, or a number (Unix time).
+fn is_datetime(s: &str) -> bool {
+    if s.parse::<f64>().is_ok_and(f64::is_finite) {
+        return true;
     }
-    Pos { line: node.pos.line, col: node.pos.col + offset + usize::from(node.quoted) }
+    let Ok(re) = regex::Regex::new(
+        r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$",
+    ) else {
+        return false;
+    };
+    re.is_match(s)
+}
+
+/// Field types of AGT's pydantic models, for [`Ctx::check_field`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FieldType {
+    Str,
+    OptStr,
+    Int,
+    OptInt,
+    Number,
+    OptNumber,
+    Bool,
+    StrList,
+    DateTime,
+}
+
+impl FieldType {
+    fn describe(self) -> &'static str {
+        match self {
+            FieldType::Str => "a string",
+            FieldType::OptStr => "a string or null",
+            FieldType::Int => "an integer",
+            FieldType::OptInt => "an integer or null",
+            FieldType::Number => "a number",
+            FieldType::OptNumber => "a number or null",
+            FieldType::Bool => "a boolean",
+            FieldType::StrList => "a list of strings",
+            FieldType::DateTime => "an ISO 8601 date-time (or a Unix time)",
+        }
+    }
+}
+
+/// Where a condition's character `offset` lands in the file.
+fn condition_pos(cx: &Ctx<'_>, node: &Node, cond: &str, offset: usize) -> Pos {
+    crate::yaml::scalar_char_pos(cx.src, node.pos, cond, offset).unwrap_or(node.pos)
 }
 
 pub(crate) fn parse(
     node: &Node,
-    file: &str,
+    cx: &Ctx<'_>,
     path: Option<&Path>,
     stack: &mut Vec<PathBuf>,
 ) -> Result<Policy, LoadError> {
-    let cx = Ctx { file };
+    let file = cx.file;
     cx.check_keys(node, TOP_KEYS, "policy")?;
     if let Some(v) = node.get("apiVersion") {
         let s = cx.string(v, "apiVersion")?;
         if s != "governance.toolkit/v1" && s != "1.0" {
-            return Err(cx.err(v.pos, format!("unsupported apiVersion {s:?}; expected \"governance.toolkit/v1\"")));
+            return Err(
+                cx.err(v.pos, format!("unsupported apiVersion {}; expected \"governance.toolkit/v1\"", quoted(&s)))
+            );
         }
     }
+    cx.check_field(node, "version", FieldType::Str)?;
+    cx.check_field(node, "description", FieldType::OptStr)?;
+    cx.check_field(node, "created_at", FieldType::DateTime)?;
+    cx.check_field(node, "updated_at", FieldType::DateTime)?;
     let name_node = node.get("name").ok_or_else(|| cx.err(node.pos, "missing required field \"name\""))?;
     let name = cx.string(name_node, "name")?;
     let default_action = match node.get("default_action") {
@@ -181,7 +254,9 @@ pub(crate) fn parse(
         Some(n) => match cx.string(n, "default_action")?.as_str() {
             "allow" => Action::Allow,
             "deny" => Action::Deny,
-            other => return Err(cx.err(n.pos, format!("invalid default_action {other:?}; expected allow or deny"))),
+            other => {
+                return Err(cx.err(n.pos, format!("invalid default_action {}; expected allow or deny", quoted(other))))
+            }
         },
     };
     let agent = cx.opt_string(node, "agent")?;
@@ -204,13 +279,14 @@ pub(crate) fn parse(
             let st = Strategy::parse(&s).ok_or_else(|| {
                 cx.err(
                     n.pos,
-                    format!("invalid conflict_strategy {s:?}; expected priority_first_match, deny_overrides, allow_overrides or most_specific_wins"),
+                    format!("invalid conflict_strategy {}; expected priority_first_match, deny_overrides, allow_overrides or most_specific_wins", quoted(&s)),
                 )
             })?;
             (Some(st), n.pos)
         }
     };
     let mut rules = Vec::new();
+    let mut warnings = Vec::new();
     let mut paths = PathTable::default();
     match node.get("rules") {
         None => {}
@@ -218,7 +294,7 @@ pub(crate) fn parse(
             Kind::Null => {}
             Kind::Seq(items) => {
                 for item in items {
-                    rules.push(parse_rule(&cx, item, &mut paths)?);
+                    rules.push(parse_rule(cx, item, &mut paths, &mut warnings)?);
                 }
             }
             _ => return Err(cx.err(n.pos, format!("expected a list for rules, found {}", n.type_name()))),
@@ -239,6 +315,7 @@ pub(crate) fn parse(
         strategy,
         strategy_pos,
         trust: node.get("trust").map(Node::to_json),
+        warnings,
     };
     if let Some(ext) = node.get("extends") {
         let refs: Vec<(String, Pos)> = match &ext.kind {
@@ -253,7 +330,7 @@ pub(crate) fn parse(
             let Some(path) = path else {
                 return Err(cx.err(ext.pos, "extends needs the policy to be loaded from a file"));
             };
-            resolve_extends(&cx, &mut policy, path, &refs, stack)?;
+            resolve_extends(cx, &mut policy, path, &refs, stack)?;
         }
     }
     policy.index = RuleIndex::build(&policy.rules, &mut policy.paths);
@@ -278,13 +355,14 @@ fn resolve_extends(
     for (r, pos) in refs {
         let candidate = base.join(r);
         let real = std::fs::canonicalize(&candidate)
-            .map_err(|e| io(*pos, &format!("extends {r:?} cannot be read at {}", candidate.display()), e))?;
+            .map_err(|e| io(*pos, &format!("extends {} cannot be read at {}", quoted(r), candidate.display()), e))?;
         if !real.starts_with(&base) {
             stack.pop();
             return Err(cx.err(
                 *pos,
                 format!(
-                    "extends {r:?} resolves to {} which is outside the policy directory {}",
+                    "extends {} resolves to {} which is outside the policy directory {}",
+                    quoted(r),
                     real.display(),
                     base.display()
                 ),
@@ -298,9 +376,11 @@ fn resolve_extends(
         let parent = match crate::load_document_inner(&real, stack)? {
             Document::Toolkit(p) => p,
             Document::V4(_) => {
-                return Err(cx.err(*pos, format!("extends {r:?} is an Agent-OS v4 document, not governance.toolkit/v1")))
+                return Err(cx
+                    .err(*pos, format!("extends {} is an Agent-OS v4 document, not governance.toolkit/v1", quoted(r))))
             }
         };
+        policy.warnings.extend(parent.warnings);
         // Diamonds: the first parent to define a rule name wins, as in AGT.
         for mut rule in parent.rules {
             if !parent_rules.iter().any(|p| p.name == rule.name) {
@@ -325,7 +405,12 @@ fn resolve_extends(
     Ok(())
 }
 
-fn parse_rule(cx: &Ctx<'_>, node: &Node, paths: &mut PathTable) -> Result<Rule, LoadError> {
+fn parse_rule(
+    cx: &Ctx<'_>,
+    node: &Node,
+    paths: &mut PathTable,
+    warnings: &mut Vec<LoadError>,
+) -> Result<Rule, LoadError> {
     if !matches!(node.kind, Kind::Map(_)) {
         return Err(cx.err(node.pos, format!("expected a rule mapping, found {}", node.type_name())));
     }
@@ -336,11 +421,16 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node, paths: &mut PathTable) -> Result<Rule, 
     )?;
     let cond_node = node
         .get("condition")
-        .ok_or_else(|| cx.err(node.pos, format!("rule {name:?} is missing required field \"condition\"")))?;
+        .ok_or_else(|| cx.err(node.pos, format!("rule {} is missing required field \"condition\"", quoted(&name))))?;
     let condition_src = cx.string(cond_node, "condition")?;
-    let condition = Expr::parse(&condition_src).map_err(|e| {
-        cx.err(condition_pos(cond_node, &condition_src, e.offset), format!("rule {name:?}: condition: {}", e.message))
-    })?;
+    let located = |e: crate::expr::ExprError| {
+        cx.err(
+            condition_pos(cx, cond_node, &condition_src, e.offset),
+            format!("rule {}: condition: {}", quoted(&name), e.message),
+        )
+    };
+    let (condition, notes) = Expr::parse_noted(&condition_src).map_err(located)?;
+    warnings.extend(notes.into_iter().map(located));
     let action = match node.get("action") {
         None => Action::Deny,
         Some(n) => {
@@ -357,21 +447,18 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node, paths: &mut PathTable) -> Result<Rule, 
                 _ => {
                     return Err(cx.err(
                         n.pos,
-                        format!("invalid action {s:?}; expected allow, deny, warn, require_approval, log or kill"),
+                        format!(
+                            "invalid action {}; expected allow, deny, warn, require_approval, log or kill",
+                            quoted(&s)
+                        ),
                     ))
                 }
             }
         }
     };
     let stage = match node.get("stage") {
-        None => "pre_tool".to_string(),
-        Some(n) => {
-            let s = cx.string(n, "stage")?;
-            if !STAGES.contains(&s.as_str()) {
-                return Err(cx.err(n.pos, format!("invalid stage {s:?}; expected one of {}", STAGES.join(", "))));
-            }
-            s
-        }
+        None => Stage::PreTool,
+        Some(n) => Stage::parse_or_explain(&cx.string(n, "stage")?).map_err(|m| cx.err(n.pos, m))?,
     };
     let priority = match node.get("priority") {
         None => 0,
@@ -402,7 +489,6 @@ fn parse_rule(cx: &Ctx<'_>, node: &Node, paths: &mut PathTable) -> Result<Rule, 
         prog: Prog::compile(&condition, paths),
         name,
         description,
-        stage_id: stage_id(&stage),
         stage,
         condition_src,
         condition,
@@ -426,15 +512,14 @@ struct Candidate<'a> {
 pub(crate) fn evaluate<'a>(
     applicable: impl Iterator<Item = &'a Policy>,
     ctx: &'a Value,
-    stage: &str,
+    stage: Stage,
     strategy: Strategy,
 ) -> Option<Decision> {
     let mut cands: Vec<Candidate<'a>> = Vec::new();
-    let stage = stage_id(stage);
     for p in applicable {
         let mut slots = p.paths.slots(ctx);
         let mut consider = |r: &'a Rule, slots: &mut crate::expr::Slots<'a>| {
-            if r.enabled && r.stage_id == stage && r.prog.eval(slots) {
+            if r.enabled && r.stage == stage && r.prog.eval(slots) {
                 cands.push(Candidate { policy: p, rule: r });
             }
         };
@@ -608,7 +693,7 @@ mod tests {
 
     fn policy(yaml: &str) -> Policy {
         let node = crate::yaml::parse(yaml).unwrap();
-        parse(&node, "t.yaml", None, &mut Vec::new()).unwrap()
+        parse(&node, &Ctx { file: "t.yaml", src: yaml }, None, &mut Vec::new()).unwrap()
     }
 
     #[test]
@@ -636,8 +721,8 @@ mod tests {
                     json!({"proc": {"uid": uid}}),
                 ] {
                     for st in [Strategy::PriorityFirstMatch, Strategy::DenyOverrides] {
-                        let a = evaluate([&indexed].into_iter(), &ctx, "pre_tool", st);
-                        let b = evaluate([&scan].into_iter(), &ctx, "pre_tool", st);
+                        let a = evaluate([&indexed].into_iter(), &ctx, Stage::PreTool, st);
+                        let b = evaluate([&scan].into_iter(), &ctx, Stage::PreTool, st);
                         assert_eq!(a, b, "{ctx}");
                     }
                 }

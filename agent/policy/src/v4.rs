@@ -8,10 +8,10 @@ use std::cmp::Ordering;
 use regex::Regex;
 use serde_json::Value;
 
-use crate::toolkit::Ctx;
+use crate::toolkit::{Ctx, FieldType};
 use crate::value::{py_cmp, py_eq, py_in, py_str};
 use crate::yaml::{Kind, Node};
-use crate::{Action, Decision, LoadError, RuleView};
+use crate::{quoted, Action, Decision, LoadError, RuleView};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op {
@@ -128,6 +128,25 @@ const DEFAULT_KEYS: &[&str] = &[
     "network_default",
 ];
 
+/// Top-level fields of AGT's `PolicyDocument` that agt-jail does not use, type-checked as AGT does.
+fn check_v4_fields(cx: &Ctx<'_>, node: &Node) -> Result<(), LoadError> {
+    cx.check_field(node, "version", FieldType::Str)?;
+    cx.check_field(node, "description", FieldType::Str)?;
+    cx.check_field(node, "inherit", FieldType::Bool)?;
+    cx.check_field(node, "scope", FieldType::OptStr)?;
+    cx.check_field(node, "network_allowlist", FieldType::StrList)?;
+    cx.check_field(node, "tool_allowlist", FieldType::StrList)?;
+    if let Some(m) = node.get("sandbox_mounts") {
+        if !matches!(m.kind, Kind::Map(_)) {
+            return Err(cx.err(m.pos, format!("expected a mapping for sandbox_mounts, found {}", m.type_name())));
+        }
+        cx.check_keys(m, &["input_dir", "output_dir"], "sandbox_mounts")?;
+        cx.check_field(m, "input_dir", FieldType::OptStr)?;
+        cx.check_field(m, "output_dir", FieldType::OptStr)?;
+    }
+    Ok(())
+}
+
 fn parse_action(cx: &Ctx<'_>, n: &Node) -> Result<Action, LoadError> {
     let s = cx.string(n, "action")?;
     match s.as_str() {
@@ -135,14 +154,14 @@ fn parse_action(cx: &Ctx<'_>, n: &Node) -> Result<Action, LoadError> {
         "deny" => Ok(Action::Deny),
         "audit" => Ok(Action::Audit),
         "block" => Ok(Action::Block),
-        _ => Err(cx.err(n.pos, format!("invalid action {s:?}; expected allow, deny, audit or block"))),
+        _ => Err(cx.err(n.pos, format!("invalid action {}; expected allow, deny, audit or block", quoted(&s)))),
     }
 }
 
-pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
-    let cx = Ctx { file };
+pub(crate) fn parse(node: &Node, cx: &Ctx<'_>) -> Result<V4Policy, LoadError> {
     cx.check_keys(node, TOP_KEYS, "policy")?;
     let name = cx.opt_string(node, "name")?.unwrap_or_else(|| "unnamed".to_string());
+    check_v4_fields(cx, node)?;
     let default_action = match node.get("defaults") {
         None => Action::Deny,
         Some(d) => {
@@ -150,9 +169,27 @@ pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
                 return Err(cx.err(d.pos, format!("expected a mapping for defaults, found {}", d.type_name())));
             }
             cx.check_keys(d, DEFAULT_KEYS, "defaults")?;
+            for (key, ty) in [
+                ("max_tokens", FieldType::Int),
+                ("max_tool_calls", FieldType::Int),
+                ("confidence_threshold", FieldType::Number),
+                ("max_cpu", FieldType::OptNumber),
+                ("max_memory_mb", FieldType::OptInt),
+                ("timeout_seconds", FieldType::OptInt),
+            ] {
+                cx.check_field(d, key, ty)?;
+            }
+            if let Some(n) = d.get("network_default") {
+                let s = cx.string(n, "network_default")?;
+                if s != "allow" && s != "deny" {
+                    return Err(
+                        cx.err(n.pos, format!("invalid network_default {}; expected allow or deny", quoted(&s)))
+                    );
+                }
+            }
             match d.get("action") {
                 None => Action::Deny,
-                Some(a) => parse_action(&cx, a)?,
+                Some(a) => parse_action(cx, a)?,
             }
         }
     };
@@ -177,9 +214,9 @@ pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
                     return Err(cx.err(dc.pos, "dynamic_condition is not supported by agt-jail (time and budget windows live outside the pure evaluator)"));
                 }
             }
-            let c = r
-                .get("condition")
-                .ok_or_else(|| cx.err(r.pos, format!("rule {rname:?} is missing required field \"condition\"")))?;
+            let c = r.get("condition").ok_or_else(|| {
+                cx.err(r.pos, format!("rule {} is missing required field \"condition\"", quoted(&rname)))
+            })?;
             if !matches!(c.kind, Kind::Map(_)) {
                 return Err(cx.err(c.pos, "expected a condition mapping {field, operator, value}"));
             }
@@ -192,7 +229,8 @@ pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
                 cx.err(
                     op_node.pos,
                     format!(
-                        "invalid operator {op_s:?}; expected eq, ne, gt, lt, gte, lte, in, not_in, matches or contains"
+                        "invalid operator {}; expected eq, ne, gt, lt, gte, lte, in, not_in, matches or contains",
+                        quoted(&op_s)
                     ),
                 )
             })?;
@@ -200,28 +238,22 @@ pub(crate) fn parse(node: &Node, file: &str) -> Result<V4Policy, LoadError> {
             let value = value_node.to_json();
             let regex = if op == Op::Matches {
                 let pat = py_str(&value);
-                Some(regex::RegexBuilder::new(&pat).size_limit(1 << 20).build().map_err(|e| {
-                    cx.err(
-                        value_node.pos,
-                        format!(
-                            "invalid regex {pat:?}: {}",
-                            e.to_string().lines().next_back().unwrap_or_default().trim()
-                        ),
-                    )
-                })?)
+                Some(crate::expr::compile_regex(&pat, &pat).map_err(|m| cx.err(value_node.pos, m))?)
             } else {
                 None
             };
             let action = parse_action(
-                &cx,
-                r.get("action")
-                    .ok_or_else(|| cx.err(r.pos, format!("rule {rname:?} is missing required field \"action\"")))?,
+                cx,
+                r.get("action").ok_or_else(|| {
+                    cx.err(r.pos, format!("rule {} is missing required field \"action\"", quoted(&rname)))
+                })?,
             )?;
             let priority = match r.get("priority") {
                 None => 0,
                 Some(p) => cx.int(p, "priority")?,
             };
             let message = cx.opt_string(r, "message")?.unwrap_or_default();
+            cx.check_field(r, "override", FieldType::Bool)?;
             rules.push(V4Rule {
                 name: rname,
                 field_path: field.split('.').map(str::to_string).collect(),
@@ -281,8 +313,9 @@ impl V4Set {
                 }
                 Err(e) => {
                     let mut d = Decision::error(format!(
-                        "Policy evaluation error — access denied (fail closed): rule {:?}: {}",
-                        r.name, e
+                        "Policy evaluation error — access denied (fail closed): rule {}: {}",
+                        quoted(&r.name),
+                        e
                     ));
                     d.policy = Some(p.name.clone());
                     return Some(d);

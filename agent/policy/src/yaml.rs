@@ -111,6 +111,97 @@ pub fn pos_at_byte(bytes: &[u8], offset: usize) -> Pos {
     Pos { line, col }
 }
 
+/// Where character `offset` of a scalar's value lies in the file, for scalars whose value is not
+/// a verbatim slice of one line: folded or continued lines, escapes (`\"`, `\\`, `''`), block
+/// scalars. `start` is the scalar's position (its opening quote or indicator), `src` the file.
+/// `None` if the source does not line up with the value (the caller then uses `start`).
+pub fn scalar_char_pos(src: &str, start: Pos, value: &str, offset: usize) -> Option<Pos> {
+    let line_start = src.split_inclusive('\n').take(start.line.checked_sub(1)?).map(str::len).sum::<usize>();
+    let raw: Vec<char> = src.get(line_start..)?.chars().collect();
+    let (mut line, mut col) = (start.line, 1usize);
+    let mut cur = 0usize;
+    let mut step = |cur: &mut usize, n: usize| {
+        for _ in 0..n {
+            if raw.get(*cur) == Some(&'\n') {
+                line += 1;
+                col = 1;
+            } else {
+                col += 1;
+            }
+            *cur += 1;
+        }
+        (line, col)
+    };
+    let mut here = step(&mut cur, start.col.checked_sub(1)?);
+    let opener = *raw.get(cur)?;
+    let (single, double) = (opener == '\'', opener == '"');
+    if single || double {
+        here = step(&mut cur, 1);
+    } else if opener == '|' || opener == '>' {
+        while raw.get(cur).is_some_and(|c| *c != '\n') {
+            here = step(&mut cur, 1);
+        }
+    }
+    let value: Vec<char> = value.chars().collect();
+    for (i, v) in value.iter().enumerate().take(offset + 1) {
+        let at = loop {
+            let r = *raw.get(cur)?;
+            let next = raw.get(cur + 1).copied();
+            if double && r == '\\' && next == Some('\n') {
+                // An escaped line break joins the lines without a space.
+                step(&mut cur, 2);
+                while raw.get(cur).is_some_and(|c| *c == ' ' || *c == '\t') {
+                    step(&mut cur, 1);
+                }
+                continue;
+            }
+            if double && r == '\\' {
+                let at = here;
+                let len = match next? {
+                    'x' => 4,
+                    'u' => 6,
+                    'U' => 10,
+                    _ => 2,
+                };
+                here = step(&mut cur, len);
+                break at;
+            }
+            if single && r == '\'' && next == Some('\'') {
+                let at = here;
+                here = step(&mut cur, 2);
+                break at;
+            }
+            if r == *v {
+                let at = here;
+                here = step(&mut cur, 1);
+                break at;
+            }
+            let ws = |c: char| c == ' ' || c == '\t' || c == '\n' || c == '\r';
+            if !ws(r) {
+                return None;
+            }
+            if ws(*v) {
+                // Folding: a line break and the next line's indentation became one space.
+                let at = here;
+                here = step(&mut cur, 1);
+                if !value.get(i + 1).is_some_and(|c| ws(*c)) {
+                    while raw.get(cur).is_some_and(|c| ws(*c)) {
+                        here = step(&mut cur, 1);
+                    }
+                }
+                break at;
+            }
+            // Indentation or a folded line break that produced nothing.
+            here = step(&mut cur, 1);
+        };
+        if i == offset {
+            return Some(Pos { line: at.0, col: at.1 });
+        }
+    }
+    // The end of the value (an error such as "found end of condition").
+    (offset == value.len()).then_some(Pos { line: here.0, col: here.1 })
+}
+
 /// Checks size and encoding of raw file bytes and returns the text.
 pub fn check_bytes(bytes: &[u8]) -> Result<&str, YamlError> {
     if bytes.len() > limits::MAX_FILE_BYTES {
@@ -123,10 +214,28 @@ pub fn check_bytes(bytes: &[u8]) -> Result<&str, YamlError> {
             ),
         });
     }
-    std::str::from_utf8(bytes).map_err(|e| YamlError {
+    let text = std::str::from_utf8(bytes).map_err(|e| YamlError {
         pos: pos_at_byte(bytes, e.valid_up_to()),
         message: "invalid UTF-8: policy files must be UTF-8 text".to_string(),
-    })
+    })?;
+    // A UTF-8 byte order mark is allowed, as PyYAML allows it.
+    Ok(text.strip_prefix('\u{feff}').unwrap_or(text))
+}
+
+/// PyYAML refuses characters outside its printable set anywhere in a stream (a raw NUL, other
+/// C0/C1 controls, DEL, U+FFFE/U+FFFF); so do we, with the position of the first one.
+fn check_printable(text: &str) -> Result<(), YamlError> {
+    let printable = |c: char| {
+        matches!(c, '\t' | '\n' | '\r' | ' '..='~' | '\u{85}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}')
+            || c >= '\u{10000}'
+    };
+    match text.char_indices().find(|(_, c)| !printable(*c)) {
+        None => Ok(()),
+        Some((at, c)) => Err(YamlError {
+            pos: pos_at_byte(text.as_bytes(), at),
+            message: format!("unacceptable character U+{:04X}: control characters are not allowed in YAML", c as u32),
+        }),
+    }
 }
 
 enum Frame {
@@ -139,6 +248,8 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     if text.len() > limits::MAX_FILE_BYTES {
         return check_bytes(text.as_bytes()).map(|_| Node { kind: Kind::Null, pos: Pos::default(), quoted: false });
     }
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    check_printable(text)?;
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
     // Anchored nodes, with their size so that every alias use is charged in full.
@@ -148,7 +259,7 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     let mut docs = 0usize;
     loop {
         let (event, mark) =
-            parser.next_token().map_err(|e| YamlError { pos: pos_of(e.marker()), message: e.info().to_string() })?;
+            parser.next_token().map_err(|e| YamlError { pos: pos_of(e.marker()), message: scan_message(e.info()) })?;
         let pos = pos_of(&mark);
         let err = |message: String| YamlError { pos, message };
         let (node, anchor, size) = match event {
@@ -230,6 +341,16 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     Ok(root.unwrap_or(Node { kind: Kind::Null, pos: Pos { line: 1, col: 1 }, quoted: false }))
 }
 
+/// The scanner calls every quoted scalar "double-quoted" in this message, even a single-quoted one.
+fn scan_message(info: &str) -> String {
+    match info {
+        "invalid trailing content after double-quoted scalar" => {
+            "invalid trailing content after a quoted scalar (the closing quote must end the value)".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Size of a subtree, used as the charge for each alias use.
 fn nodes_in(node: &Node) -> usize {
     let mut count = 0usize;
@@ -267,12 +388,17 @@ fn resolve_scalar(value: String, style: TScalarStyle, tag: Option<&Tag>) -> Resu
         let suffix = if t.handle == "!!" || t.handle == "tag:yaml.org,2002:" { t.suffix.as_str() } else { "" };
         return match suffix {
             "str" => Ok(Kind::Str(value)),
-            "int" => parse_int(&value).map(Kind::Int).ok_or_else(|| format!("{value:?} is not an integer")),
+            "int" => match parse_int_checked(&value) {
+                Some(i) => i.map(Kind::Int),
+                None => Err(format!("{} is not an integer", crate::quoted(&value))),
+            },
             "float" => parse_float(&value)
                 .or_else(|| parse_int(&value).map(|i| i as f64))
                 .map(Kind::Float)
-                .ok_or_else(|| format!("{value:?} is not a number")),
-            "bool" => parse_bool(&value).map(Kind::Bool).ok_or_else(|| format!("{value:?} is not a boolean")),
+                .ok_or_else(|| format!("{} is not a number", crate::quoted(&value))),
+            "bool" => {
+                parse_bool(&value).map(Kind::Bool).ok_or_else(|| format!("{} is not a boolean", crate::quoted(&value)))
+            }
             "null" => Ok(Kind::Null),
             _ => Err(format!(
                 "unsupported tag {}{} (only the core !!str/!!int/!!float/!!bool/!!null/!!seq/!!map tags are accepted)",
@@ -289,8 +415,8 @@ fn resolve_scalar(value: String, style: TScalarStyle, tag: Option<&Tag>) -> Resu
     if let Some(b) = parse_bool(&value) {
         return Ok(Kind::Bool(b));
     }
-    if let Some(i) = parse_int(&value) {
-        return Ok(Kind::Int(i));
+    if let Some(i) = parse_int_checked(&value) {
+        return i.map(Kind::Int);
     }
     if let Some(f) = parse_float(&value) {
         return Ok(Kind::Float(f));
@@ -309,6 +435,11 @@ fn parse_bool(s: &str) -> Option<bool> {
 
 /// YAML 1.1 integers: decimal, 0x hex, leading-zero octal, 0b binary, `_` separators.
 fn parse_int(s: &str) -> Option<i64> {
+    parse_int_checked(s).and_then(Result::ok)
+}
+
+/// `None` when `s` is not written as an integer; an error when it is one but does not fit in 64 bits.
+fn parse_int_checked(s: &str) -> Option<Result<i64, String>> {
     let (neg, body) = match s.as_bytes().first()? {
         b'-' => (true, &s[1..]),
         b'+' => (false, &s[1..]),
@@ -330,8 +461,8 @@ fn parse_int(s: &str) -> Option<i64> {
     if d.is_empty() || !d.chars().all(|c| c.is_digit(radix)) {
         return None;
     }
-    let v = i64::from_str_radix(d, radix).ok()?;
-    Some(if neg { v.checked_neg()? } else { v })
+    let v = i64::from_str_radix(d, radix).ok().and_then(|v| if neg { v.checked_neg() } else { Some(v) });
+    Some(v.ok_or_else(|| format!("integer {s} is out of range (integers must fit in 64 bits)")))
 }
 
 /// YAML 1.1 floats as PyYAML resolves them: a dot is required, plus .inf/.nan.

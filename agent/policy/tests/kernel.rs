@@ -2,7 +2,7 @@
 //! error locations, v4, Rego, and adversarial inputs (none may panic or hang).
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use agt_jail_policy::{Action, EvalOptions, ManualClock, PolicySet, RateLimiter, Strategy};
 use serde_json::{json, Value};
@@ -11,17 +11,11 @@ fn eval(yaml: &str, ctx: Value) -> agt_jail_policy::Decision {
     PolicySet::from_str("t.yaml", yaml).unwrap().evaluate(&ctx, &EvalOptions::default())
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("agt-policy-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::write;
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
+fn tmpdir(name: &str) -> PathBuf {
+    common::tmpdir("policy", name)
 }
 
 const CONFLICT: &str = r#"
@@ -81,7 +75,7 @@ fn defaults_agents_and_stages() {
     let yaml = "name: p\nagents: ['*']\ndefault_action: allow\nrules:\n  - {name: r, stage: post_tool, condition: 'event', action: deny}\n";
     assert_eq!(eval(yaml, json!({"event": "x"})).action, Action::Allow);
     let set = PolicySet::from_str("p", yaml).unwrap();
-    let opts = EvalOptions { stage: "post_tool".into(), ..Default::default() };
+    let opts = EvalOptions { stage: agt_jail_policy::Stage::PostTool, ..Default::default() };
     assert_eq!(set.evaluate(&json!({"event": "x"}), &opts).action, Action::Deny);
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use agt_jail_policy::testrun;
-use agt_jail_policy::{Decision, EvalOptions, PolicySet, RateLimiter, Strategy};
+use agt_jail_policy::{Decision, EvalOptions, PolicySet, RateLimiter, Stage, Strategy};
 use clap::{Args, Subcommand};
 
 /// Largest single context accepted (a whole `--input` file, or one `--batch` line).
@@ -13,14 +13,26 @@ const MAX_CONTEXT_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Check policy files (YAML governance.toolkit/v1, Agent-OS v4, .rego, or *.test.yaml); errors print as file:line:col: message.
+    #[command(
+        after_help = "Warnings (file:line:col: warning: ...) name constructs that load but almost certainly do \
+        not do what was meant, e.g. a policy that names no agent, or a bare literal condition.\n\n\
+        Exit status: 0 every file loads (warnings may be printed), 1 a file does not load, 125 usage error."
+    )]
     Lint {
         /// Policy files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Evaluate one event context (or, with --batch, one per input line) and print the decision as JSON.
+    #[command(after_help = "A decision is printed for every context, including a deny caused by an evaluation \
+        error (\"error\": true, e.g. a Rego policy that fails at run time: fail closed).\n\n\
+        Exit status: 0 every context was evaluated; 2 a policy does not load, the input cannot be read, or a \
+        context is not a JSON object (in --batch mode the bad line gets an error decision and the rest are still \
+        evaluated; a line over the 16 MiB limit stops the run); 125 usage error (e.g. an invalid --stage).")]
     Eval(EvalArgs),
     /// Run the *.test.yaml cases under DIR and report pass/fail per case.
+    #[command(after_help = "Exit status: 0 every case passed, 1 a case failed or a test file (or a policy it \
+        names) does not load, 125 usage error.")]
     Test {
         /// Directory (searched recursively) or a single test file.
         dir: PathBuf,
@@ -55,7 +67,7 @@ pub struct ExplainArgs {
     #[arg(long, default_value = "did:mesh:00000000000000000000000000000000")]
     agent: String,
     /// Trust score of the agent (0..1000).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1000))]
     trust: u32,
     /// Query for .rego policies (default: data.<package>.allow).
     #[arg(long)]
@@ -67,9 +79,10 @@ pub struct EvalArgs {
     /// Policy file; repeat for several (.rego files are Rego, others YAML/JSON).
     #[arg(long = "policy", required = true)]
     policies: Vec<PathBuf>,
-    /// Lifecycle stage of governance.toolkit/v1 rules to consider.
-    #[arg(long, default_value = "pre_tool")]
-    stage: String,
+    /// Lifecycle stage of governance.toolkit/v1 rules to consider: pre_input, pre_tool (the
+    /// default), post_tool, pre_output (AGT's stages; rules of other stages are skipped).
+    #[arg(long, value_parser = parse_stage)]
+    stage: Option<Stage>,
     /// Acting agent's DID (default: the context's agent.did, then agent.id).
     #[arg(long)]
     agent: Option<String>,
@@ -88,6 +101,10 @@ pub struct EvalArgs {
     rego_query: Option<String>,
 }
 
+fn parse_stage(s: &str) -> Result<Stage, String> {
+    Stage::parse_or_explain(s)
+}
+
 pub fn run(cmd: PolicyCommand) -> ExitCode {
     match cmd {
         PolicyCommand::Lint { files } => lint(&files),
@@ -99,16 +116,22 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
 
 fn lint(files: &[PathBuf]) -> ExitCode {
     let mut bad = 0usize;
+    let mut warnings = 0usize;
     for f in files {
         // Test files beside the policies are checked as test files (structure and the policies
         // they load), so `policy lint policies/*/*` works.
         let result = if testrun::is_test_file(f) {
-            testrun::lint_file(f).map(|_| ()).map_err(|e| e.to_string())
+            testrun::lint_file(f).map(|_| Vec::new()).map_err(|e| e.to_string())
         } else {
-            PolicySet::load(std::slice::from_ref(f)).map_err(|e| e.to_string()).and_then(|set| lint_trust(&set))
+            PolicySet::load(std::slice::from_ref(f))
+                .map_err(|e| e.to_string())
+                .and_then(|set| lint_trust(&set).map(|()| set.warnings().to_vec()))
         };
         match result {
-            Ok(_) => {}
+            Ok(found) => {
+                print_warnings(&found);
+                warnings += found.len();
+            }
             Err(e) => {
                 bad += 1;
                 eprintln!("{e}");
@@ -116,7 +139,10 @@ fn lint(files: &[PathBuf]) -> ExitCode {
         }
     }
     if bad == 0 {
-        println!("{} file(s) ok", files.len());
+        match warnings {
+            0 => println!("{} file(s) ok", files.len()),
+            n => println!("{} file(s) ok, {n} warning(s)", files.len()),
+        }
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -141,8 +167,33 @@ fn open_input(input: &str) -> Result<Box<dyn BufRead>, String> {
     }
 }
 
+/// Loads the policies and refuses flags that would have no effect on them. `toolkit_flags`
+/// names the given flags that only governance.toolkit/v1 policies use.
+fn load_for(policies: &[PathBuf], rego_query: Option<&str>, toolkit_flags: &[&str]) -> Result<PolicySet, String> {
+    let set = PolicySet::load_with(policies, rego_query).map_err(|e| e.to_string())?;
+    if rego_query.is_some() && !set.has_rego() {
+        return Err("agt-jail: --rego-query is given but none of the --policy files is a .rego file".to_string());
+    }
+    if let (Some(flag), false) = (toolkit_flags.first(), set.has_toolkit()) {
+        return Err(format!(
+            "agt-jail: {flag} applies to governance.toolkit/v1 policies and none is loaded (Agent-OS v4 and Rego policies have no strategy, stage or agent targeting)"
+        ));
+    }
+    print_warnings(set.warnings());
+    Ok(set)
+}
+
+fn print_warnings(warnings: &[agt_jail_policy::LoadError]) {
+    for w in warnings {
+        eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
+    }
+}
+
 fn eval(args: &EvalArgs) -> ExitCode {
-    let set = match PolicySet::load_with(&args.policies, args.rego_query.as_deref()) {
+    let given =
+        [("--strategy", args.strategy.is_some()), ("--stage", args.stage.is_some()), ("--agent", args.agent.is_some())];
+    let toolkit_flags: Vec<&str> = given.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect();
+    let set = match load_for(&args.policies, args.rego_query.as_deref(), &toolkit_flags) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -150,7 +201,7 @@ fn eval(args: &EvalArgs) -> ExitCode {
         }
     };
     let opts = EvalOptions {
-        stage: args.stage.clone(),
+        stage: args.stage.unwrap_or_default(),
         agent: args.agent.clone(),
         strategy: args.strategy.as_deref().and_then(Strategy::parse),
     };
@@ -204,11 +255,11 @@ fn eval(args: &EvalArgs) -> ExitCode {
             break;
         }
         let decision = if buf.len() > MAX_CONTEXT_BYTES && !buf.ends_with(b"\n") {
-            // Skip the rest of the oversized line.
-            let mut sink = Vec::new();
-            let _ = reader.read_until(b'\n', &mut sink);
-            bad_input = true;
-            Decision::error(format!("invalid input line {line_no}: longer than {MAX_CONTEXT_BYTES} bytes"))
+            // Finding the end of the line could mean reading without end (`--input /dev/zero`):
+            // stop here, after the decisions already written.
+            let _ = out.flush();
+            eprintln!("{}:{line_no}: line longer than {MAX_CONTEXT_BYTES} bytes; stopping", args.input);
+            return ExitCode::from(2);
         } else {
             if buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -293,7 +344,7 @@ pub(crate) fn bpf_lsm_usable() -> (bool, String) {
 fn explain(args: &ExplainArgs) -> ExitCode {
     use agt_jail_policy::context::AgentFacts;
     use agt_jail_policy::plan;
-    let set = match PolicySet::load_with(&args.policies, args.rego_query.as_deref()) {
+    let set = match load_for(&args.policies, args.rego_query.as_deref(), &[]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
