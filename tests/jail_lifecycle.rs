@@ -363,7 +363,7 @@ fn bad_flags_are_one_line_errors() {
         (&["--ring", "2", "--pids", "1"], "at least 2"),
         (&["--ring", "2", "--cpu=-3"], "--cpu"),
         (&["--ring", "2", "--allow-connect", "example.com:443"], "not an IP address"),
-        (&["--ring", "3", "--allow-connect", "10.0.0.1:443"], "needs network mode allowlist"),
+        (&["--ring", "3", "--allow-connect", "10.0.0.1:443"], "ring 3 has no network"),
         (&["--env", "NOEQUALS"], "is not KEY=VAL"),
         (&["--tty"], "needs a confined ring"),
         (&["--ring", "2", "--rw", "/nonexistent/agt-jail"], "cannot use /nonexistent/agt-jail"),

@@ -6,11 +6,13 @@
 //! events file) plugs in through [`Governor`]; the jail-only front uses [`Ungoverned`]
 //! and links none of it, which is what keeps its start-up short (docs/adr/0004).
 use std::{
+    ffi::OsStr,
     fs::File,
     io::{self, Write},
     os::{
         fd::{AsFd, AsRawFd, OwnedFd, RawFd},
         unix::{
+            ffi::OsStrExt,
             fs::PermissionsExt,
             process::{CommandExt, ExitStatusExt},
         },
@@ -44,8 +46,15 @@ use crate::{args::ExecArgs, EXIT_INTERNAL};
 pub enum Failure {
     Spawn(SpawnError),
     Launch(LaunchError),
+    /// The policy refused to run the command itself (exit 126, like a command that cannot run).
+    PolicyDenied {
+        program: String,
+    },
     Internal(anyhow::Error),
 }
+
+/// Exit status when the policy refuses the command itself: the shell's "cannot execute".
+pub const EXIT_POLICY_DENIED: u8 = 126;
 
 impl From<anyhow::Error> for Failure {
     fn from(err: anyhow::Error) -> Self {
@@ -65,6 +74,13 @@ pub fn exit_status(result: Result<u8, Failure>) -> ExitCode {
         Err(Failure::Launch(err)) => {
             eprintln!("agt-jail: {err}");
             ExitCode::from(err.shell_status().unwrap_or(EXIT_INTERNAL))
+        }
+        Err(Failure::PolicyDenied { program }) => {
+            eprintln!(
+                "agt-jail: {program}: denied by policy: the policy refused to run the command \
+                 (its rule or default is in the denial line above, or in --events)"
+            );
+            ExitCode::from(EXIT_POLICY_DENIED)
         }
         Err(Failure::Internal(err)) => {
             eprintln!("agt-jail: {err:#}");
@@ -87,6 +103,10 @@ pub trait Governor {
     fn ended(&mut self);
     /// The cgroup is gone (or the command never started): drain and report.
     fn finish(self) -> Result<()>;
+    /// Whether the policy refused the entry command's own exec.
+    fn entry_denied(&self) -> bool {
+        false
+    }
 }
 
 /// A run governed by the jail alone (namespaces, Landlock, seccomp, cgroup limits).
@@ -147,8 +167,8 @@ pub fn needs_bpf(args: &ExecArgs, profile: &Profile) -> bool {
 
 /// Finds the program the way execvp(3) would, so "not found" and "not executable"
 /// are reported before anything is set up.
-pub fn resolve_program(program: &str) -> std::result::Result<PathBuf, SpawnError> {
-    let candidates: Vec<PathBuf> = if program.contains('/') {
+pub fn resolve_program(program: &OsStr) -> std::result::Result<PathBuf, SpawnError> {
+    let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
         vec![PathBuf::from(program)]
     } else {
         let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
@@ -162,7 +182,7 @@ pub fn resolve_program(program: &str) -> std::result::Result<PathBuf, SpawnError
         }
         found_unexecutable = true;
     }
-    let program = program.to_string();
+    let program = program.to_string_lossy().into_owned();
     Err(if found_unexecutable { SpawnError::NotExecutable { program } } else { SpawnError::NotFound { program } })
 }
 
@@ -192,18 +212,46 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
             bail!("{flag} needs a confined ring (--ring 1, 2 or 3); ring 0 is record mode");
         }
     }
+    let ring = profile.ring;
     if let Some(mode) = &args.net {
-        profile.net = NetMode::parse(mode).context("bad --net")?;
+        let mode =
+            NetMode::parse(mode).with_context(|| format!("--net '{mode}' is not one of none, allowlist, host"))?;
+        // Under a policy, rings 1-2 may use the host network: the policy's network rules
+        // and default then decide every connect in the kernel (the policy is the allow-list).
+        let policy_allow_list = mode == NetMode::Host && args.policy.given() && profile.net == NetMode::Allowlist;
+        if mode > profile.net && !policy_allow_list {
+            let narrower: Vec<NetMode> =
+                [NetMode::Host, NetMode::Allowlist, NetMode::None].into_iter().filter(|m| m <= &profile.net).collect();
+            let with_policy = if profile.net == NetMode::Allowlist { "; --net host needs --policy" } else { "" };
+            bail!(
+                "--net {} cannot be honoured in ring {ring}: its network is {} and flags can only narrow it \
+                 (here: --net {}{with_policy})",
+                mode.name(),
+                profile.net.name(),
+                profile::mode_names(&narrower)
+            );
+        }
+        profile.net = mode;
     }
     profile.allow_connect.extend(args.allow_connect.iter().cloned());
     if !args.allow_connect.is_empty() && profile.net != NetMode::Allowlist {
-        bail!("--allow-connect needs network mode allowlist; add --net allowlist");
+        if NetMode::allowed_in(ring).contains(&NetMode::Allowlist) {
+            bail!("--allow-connect needs network mode allowlist, but this run's is {}", profile.net.name());
+        }
+        bail!("--allow-connect cannot be honoured in ring {ring}: ring {ring} has no network");
     }
-    for (paths, list) in [(&args.rw, &mut profile.rw), (&args.ro, &mut profile.ro)] {
+    if ring == 3 && !args.rw.is_empty() {
+        bail!("--rw cannot be honoured in ring 3: nothing is writable there but the scratch /workspace (use --ro, or ring 2)");
+    }
+    for (flag, paths, list) in [("--rw", &args.rw, &mut profile.rw), ("--ro", &args.ro, &mut profile.ro)] {
         for path in paths {
-            let real = path.canonicalize().with_context(|| format!("cannot use {}", path.display()))?;
+            let real = path.canonicalize().with_context(|| format!("{flag}: cannot use {}", path.display()))?;
             list.push(real.display().to_string());
         }
+    }
+    // An --allow-exec path that does not exist would allow nothing: refused, not skipped.
+    for path in &args.allow_exec {
+        path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
     }
     if let Some(memory) = &args.memory {
         profile.limits.memory = profile::parse_size(memory).map_err(|m| anyhow::anyhow!("--memory: {m}"))?;
@@ -399,6 +447,18 @@ pub fn execute<G: Governor>(
     let running = match started {
         Ok(running) => running,
         Err(err) => {
+            // EPERM from the exec plane reads as "not executable" to the kernel's caller;
+            // the evaluator knows it was a denial.
+            let not_executable = matches!(
+                &err,
+                Failure::Launch(LaunchError::NotExecutable { .. }) | Failure::Spawn(SpawnError::NotExecutable { .. })
+            );
+            let err = if not_executable && governor.entry_denied() {
+                let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+                Failure::PolicyDenied { program }
+            } else {
+                err
+            };
             forwarder.stop();
             let _ = governor.finish();
             return Err(err);
@@ -632,12 +692,15 @@ mod tests {
 
     #[test]
     fn resolves_programs_like_a_shell() {
-        assert!(resolve_program("sh").is_ok());
-        assert!(matches!(resolve_program("/nonexistent/agt-jail-nope"), Err(SpawnError::NotFound { .. })));
-        assert!(matches!(resolve_program("agt-jail-no-such-command-xyz"), Err(SpawnError::NotFound { .. })));
+        assert!(resolve_program(OsStr::new("sh")).is_ok());
+        assert!(matches!(resolve_program(OsStr::new("/nonexistent/agt-jail-nope")), Err(SpawnError::NotFound { .. })));
+        assert!(matches!(
+            resolve_program(OsStr::new("agt-jail-no-such-command-xyz")),
+            Err(SpawnError::NotFound { .. })
+        ));
         let plain = std::env::temp_dir().join(format!("agt-jail-plain-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
-        let result = resolve_program(plain.to_str().unwrap());
+        let result = resolve_program(plain.as_os_str());
         let _ = std::fs::remove_file(&plain);
         assert!(matches!(result, Err(SpawnError::NotExecutable { .. })));
     }

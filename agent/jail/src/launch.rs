@@ -25,7 +25,7 @@
 //! is reported through a close-on-exec pipe as (stage, index, errno); the parent
 //! turns it into a message and nothing runs. EOF on that pipe means the exec happened.
 use std::{
-    ffi::CString,
+    ffi::{CString, OsString},
     io::{self, Read},
     os::{
         fd::{AsRawFd, OwnedFd},
@@ -36,6 +36,7 @@ use std::{
 
 use crate::{
     cgroup::{self, CgroupError, V1Cgroup},
+    exec_size::{self, ExecSizeError},
     landlock::{self, LandlockPlan, LandlockRequest},
     mounts::{self, Bind, MountOp, ViewSpec},
     profile::{self, NetMode, Profile, WorkspaceMode},
@@ -61,6 +62,8 @@ pub enum LaunchError {
     NotFound { program: String },
     #[error("{program}: permission denied inside the jail")]
     NotExecutable { program: String },
+    #[error("cannot run {program}: {source}")]
+    TooLarge { program: String, source: ExecSizeError },
 }
 
 impl LaunchError {
@@ -80,8 +83,8 @@ pub struct JailConfig {
     pub profile: Profile,
     /// The program as resolved on the host.
     pub program: PathBuf,
-    /// argv, argv[0] as the user typed it.
-    pub argv: Vec<String>,
+    /// argv, argv[0] as the user typed it (any bytes but NUL: arguments need not be UTF-8).
+    pub argv: Vec<OsString>,
     /// The complete environment of the agent (already scrubbed by the caller).
     pub env: Vec<(String, String)>,
     /// The host workspace directory (canonical), if any.
@@ -197,14 +200,28 @@ struct Plan {
     /// The exec listener filter and the socket to send its fd over.
     exec_listener: Option<(Vec<libc::sock_filter>, libc::c_int)>,
     exe: CString,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
+    /// The strings of argv and envp, kept alive for `argv_ptrs`/`envp_ptrs`, which point into them.
+    _strings: [Vec<CString>; 2],
+    /// Null-terminated pointer arrays for execve(2), built before clone because the
+    /// child must not allocate. A CString's bytes stay where they are when the Plan moves.
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
     tty: Option<libc::c_int>,
+}
+
+/// A null-terminated array of pointers to `strings` (valid while they live).
+fn pointer_array(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
 }
 
 fn cstr(text: impl AsRef<[u8]>) -> Result<CString, LaunchError> {
     CString::new(text.as_ref())
         .map_err(|_| LaunchError::Config(format!("'{}' contains a NUL byte", String::from_utf8_lossy(text.as_ref()))))
+}
+
+/// The command as the user typed it, for messages.
+fn program_name(cfg: &JailConfig) -> String {
+    cfg.argv.first().map(|arg| arg.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn path_c(path: &Path) -> Result<CString, LaunchError> {
@@ -491,8 +508,13 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             clone_flags |= flag as libc::c_ulong;
         }
     }
-    let argv = cfg.argv.iter().map(cstr).collect::<Result<Vec<_>, _>>()?;
+    let argv = cfg.argv.iter().map(|arg| cstr(arg.as_bytes())).collect::<Result<Vec<_>, _>>()?;
     let envp = cfg.env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
+    let exe = path_c(&cfg.program)?;
+    let lengths = |list: &[CString]| list.iter().map(|s| s.as_bytes().len()).collect::<Vec<_>>();
+    exec_size::check(exe.as_bytes().len(), &lengths(&argv), &lengths(&envp), exec_size::host_limit())
+        .map_err(|source| LaunchError::TooLarge { program: program_name(cfg), source })?;
+    let (argv_ptrs, envp_ptrs) = (pointer_array(&argv), pointer_array(&envp));
     Ok(Plan {
         clone_flags,
         rootless: cfg.rootless,
@@ -515,9 +537,10 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         landlock,
         seccomp,
         exec_listener,
-        exe: path_c(&cfg.program)?,
-        argv,
-        envp,
+        exe,
+        _strings: [argv, envp],
+        argv_ptrs,
+        envp_ptrs,
         tty: cfg.tty,
     })
 }
@@ -634,7 +657,7 @@ pub fn launch_with_cgroups(
     let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
     let (stage, index, errno) = (word(0), word(4) as usize, word(8) as i32);
     let source = io::Error::from_raw_os_error(errno);
-    let program = cfg.argv.first().cloned().unwrap_or_default();
+    let program = program_name(cfg);
     if stage == Stage::Exec as u32 {
         return Err(match errno {
             libc::ENOENT => LaunchError::NotFound { program },
@@ -981,14 +1004,6 @@ fn child_agent(plan: &Plan, report: libc::c_int, in_v2: bool) -> ! {
     if let Some(filter) = &plan.seccomp {
         step!(report, Stage::Seccomp, 0, sys::seccomp_set_filter(filter));
     }
-    let mut argv: [*const libc::c_char; 256] = [std::ptr::null(); 256];
-    let mut envp: [*const libc::c_char; 512] = [std::ptr::null(); 512];
-    for (slot, arg) in argv.iter_mut().zip(plan.argv.iter().take(255)) {
-        *slot = arg.as_ptr();
-    }
-    for (slot, var) in envp.iter_mut().zip(plan.envp.iter().take(511)) {
-        *slot = var.as_ptr();
-    }
     // The exec listener, last: from here every execve/execveat waits for the supervisor,
     // this one first. The listener fd leaves the agent before it runs anything.
     if let Some((filter, socket)) = &plan.exec_listener {
@@ -1000,7 +1015,7 @@ fn child_agent(plan: &Plan, report: libc::c_int, in_v2: bool) -> ! {
         sys::close(listener);
         sys::close(*socket);
     }
-    let err = sys::execve(&plan.exe, &argv, &envp);
+    let err = sys::execve(&plan.exe, &plan.argv_ptrs, &plan.envp_ptrs);
     let code = match err.raw_os_error() {
         Some(libc::ENOENT) => 127,
         Some(libc::EACCES) => 126,

@@ -258,6 +258,10 @@ impl Governor for Governed<'_> {
         self.listener_socket.as_ref().map(AsRawFd::as_raw_fd)
     }
 
+    fn entry_denied(&self) -> bool {
+        self.exec_plane.as_ref().is_some_and(|(_, decider)| decider.entry_denied())
+    }
+
     fn started(&mut self) {
         // The agent has sent its listener (or is gone): agt-jail keeps no copy of its end.
         self.listener_socket = None;

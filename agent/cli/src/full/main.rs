@@ -47,6 +47,20 @@ enum Command {
     Status(control_cmd::AgentArg),
 }
 
+/// Names the first argument that is not UTF-8 (clap only says there is one): its
+/// position and the flag before it. Flags take UTF-8; the command after `--` may be any bytes.
+fn not_utf8(argv: &[std::ffi::OsString]) -> String {
+    let Some(index) = argv.iter().position(|arg| arg.to_str().is_none()) else {
+        return "invalid UTF-8 was detected in one or more arguments".into();
+    };
+    let shown = argv[index].to_string_lossy();
+    let after = match index.checked_sub(1).and_then(|i| argv.get(i)).and_then(|a| a.to_str()) {
+        Some(flag) if flag.starts_with('-') => format!(" (the value of {flag})"),
+        _ => String::new(),
+    };
+    format!("argument {index} '{shown}'{after} is not UTF-8 text; flags and names take UTF-8")
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -65,9 +79,19 @@ fn main() -> ExitCode {
                 .take_while(|line| !line.trim().is_empty())
                 .map(str::trim)
                 .collect();
-            let reason = reason.join(" ");
+            let mut reason = reason.join(" ");
+            if err.kind() == clap::error::ErrorKind::InvalidUtf8 {
+                reason = not_utf8(&std::env::args_os().collect::<Vec<_>>());
+            }
             let reason = reason.trim_start_matches("error: ");
-            eprintln!("agt-jail: {reason} (see --help)");
+            // clap names the missing flag, not the one that needs it.
+            let why = if err.kind() == clap::error::ErrorKind::MissingRequiredArgument && reason.contains("--policy") {
+                "; --agent, --trust, --deny-penalty, --kill-below, --approval-timeout, --strict and --dns-refresh \
+                 govern an agent under a policy and need --policy"
+            } else {
+                ""
+            };
+            eprintln!("agt-jail: {reason}{why} (see --help)");
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
