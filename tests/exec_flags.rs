@@ -63,6 +63,10 @@ fn a_ring_is_never_given_a_wider_network_or_a_writable_path_it_does_not_have() {
     refused_by_both(&["--ring", "3", "--rw", "/tmp"], "--rw cannot be honoured in ring 3");
     refused_by_both(&["--ring", "0", "--workspace", "/tmp"], "--workspace needs a confined ring");
     refused_by_both(&["--tty"], "--tty needs a confined ring");
+    refused_by_both(&["--ring", "2", "--rw", "/"], "--rw / overlaps the system paths");
+    refused_by_both(&["--ring", "1", "--rw", "/usr/local"], "overlaps the system paths");
+    refused_by_both(&["--ring", "2", "--rw", "/sys"], "the host's /sys is never writable");
+    refused_by_both(&["--ring", "2", "--ro", "/proc"], "the jail has its own /proc");
     // Nothing reached the host service.
     listener.set_nonblocking(true).unwrap();
     assert!(listener.accept().is_err(), "a refused run connected to the host service");
@@ -105,6 +109,10 @@ fn sizes_and_counts_refuse_empty_zero_garbage_and_overflow_with_the_flag_named()
         }
     }
     refused_by_both(&["--grace", "99999999"], "--grace");
+    for ring in ["0", "2"] {
+        let output = agt_jail().args(["exec", "--ring", ring, "--", ""]).output().unwrap();
+        assert_one_line_error(&output, 127, "'': command not found");
+    }
     refused_by_both(&["--ring", "2", "--allow-exec", "/nonexistent/agt-jail-tool"], "--allow-exec");
 }
 

@@ -168,6 +168,10 @@ pub fn needs_bpf(args: &ExecArgs, profile: &Profile) -> bool {
 /// Finds the program the way execvp(3) would, so "not found" and "not executable"
 /// are reported before anything is set up.
 pub fn resolve_program(program: &OsStr) -> std::result::Result<PathBuf, SpawnError> {
+    // An empty name is no command (a PATH search would find its directories instead).
+    if program.is_empty() {
+        return Err(SpawnError::NotFound { program: "''".into() });
+    }
     let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
         vec![PathBuf::from(program)]
     } else {
@@ -243,9 +247,11 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
     if ring == 3 && !args.rw.is_empty() {
         bail!("--rw cannot be honoured in ring 3: nothing is writable there but the scratch /workspace (use --ro, or ring 2)");
     }
+    let checked = profile.clone();
     for (flag, paths, list) in [("--rw", &args.rw, &mut profile.rw), ("--ro", &args.ro, &mut profile.ro)] {
         for path in paths {
             let real = path.canonicalize().with_context(|| format!("{flag}: cannot use {}", path.display()))?;
+            launch::check_extra_path(&checked, &real, flag == "--rw").map_err(|e| anyhow::anyhow!("{e}"))?;
             list.push(real.display().to_string());
         }
     }
@@ -693,6 +699,7 @@ mod tests {
     #[test]
     fn resolves_programs_like_a_shell() {
         assert!(resolve_program(OsStr::new("sh")).is_ok());
+        assert!(matches!(resolve_program(OsStr::new("")), Err(SpawnError::NotFound { .. })));
         assert!(matches!(resolve_program(OsStr::new("/nonexistent/agt-jail-nope")), Err(SpawnError::NotFound { .. })));
         assert!(matches!(
             resolve_program(OsStr::new("agt-jail-no-such-command-xyz")),

@@ -298,11 +298,42 @@ pub fn check_workspace(profile: &Profile, ws: &Path) -> Result<(), LaunchError> 
     if profile.workspace == WorkspaceMode::Scratch || !profile.confine {
         return Ok(());
     }
-    let system: Vec<PathBuf> = profile.system.iter().filter_map(|s| Path::new(s).canonicalize().ok()).collect();
-    if ws == Path::new("/") || system.iter().any(|s| is_under(s, ws) || is_under(ws, s)) {
+    if overlaps_system(profile, ws) {
         return Err(LaunchError::Config(format!(
             "workspace {} overlaps the system paths of the jail; give a project directory with --workspace",
             ws.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `path` (canonical) is `/`, a system path of the profile, above one or under one.
+fn overlaps_system(profile: &Profile, path: &Path) -> bool {
+    let system: Vec<PathBuf> = profile.system.iter().filter_map(|s| Path::new(s).canonicalize().ok()).collect();
+    path == Path::new("/") || system.iter().any(|s| is_under(s, path) || is_under(path, s))
+}
+
+/// Checks an extra path (`--rw`/`--ro`, canonical) can be honoured: a writable one never
+/// makes a system path (or an ancestor) writable, nor the host's /sys; neither goes
+/// under /proc, where the jail's own procfs (of its pid namespace) would hide it.
+pub fn check_extra_path(profile: &Profile, path: &Path, writable: bool) -> Result<(), LaunchError> {
+    let flag = if writable { "--rw" } else { "--ro" };
+    if is_under(path, Path::new("/proc")) {
+        return Err(LaunchError::Config(format!(
+            "{flag} {}: the jail has its own /proc (its pid namespace's); a host path there would be hidden",
+            path.display()
+        )));
+    }
+    if writable && is_under(path, Path::new("/sys")) {
+        return Err(LaunchError::Config(format!(
+            "--rw {}: the host's /sys is never writable in a jail (use --ro)",
+            path.display()
+        )));
+    }
+    if writable && overlaps_system(profile, path) {
+        return Err(LaunchError::Config(format!(
+            "--rw {} overlaps the system paths of the jail, which stay read-only; give a directory outside them",
+            path.display()
         )));
     }
     Ok(())
@@ -481,7 +512,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     let mut ops = Vec::with_capacity(ops_plain.len());
     let mut op_names = Vec::with_capacity(ops_plain.len());
     for op in &ops_plain {
-        op_names.push(format!("{op:?}"));
+        op_names.push(op.to_string());
         ops.push(match op {
             MountOp::Mkdir(p) => COp::Mkdir(cstr(p)?),
             MountOp::Touch(p) => COp::Touch(cstr(p)?),
@@ -1116,6 +1147,34 @@ mod tests {
         let l = plan.landlock.unwrap();
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/usr" && a & landlock::fs::EXECUTE != 0));
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/tmp" && a & landlock::fs::WRITE_FILE != 0));
+    }
+
+    #[test]
+    fn extra_paths_never_make_the_system_writable_or_hide_under_proc() {
+        let ring2 = Profile::builtin(2).unwrap();
+        for (path, writable, needle) in [
+            ("/", true, "overlaps the system paths"),
+            ("/usr", true, "overlaps the system paths"),
+            ("/usr/share", true, "overlaps the system paths"),
+            ("/sys", true, "never writable"),
+            ("/sys/fs/cgroup", true, "never writable"),
+            ("/proc", false, "its own /proc"),
+            ("/proc/sys", true, "its own /proc"),
+        ] {
+            let err = check_extra_path(&ring2, Path::new(path), writable).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains(path), "{path}: {err}");
+        }
+        for (path, writable) in [("/usr", false), ("/sys", false), ("/tmp", true), ("/dev/null", true)] {
+            assert!(check_extra_path(&ring2, Path::new(path), writable).is_ok(), "{path}");
+        }
+    }
+
+    #[test]
+    fn mount_steps_are_named_in_plain_words() {
+        let op = MountOp::Touch("/newroot/dev/tty".into());
+        assert_eq!(op.to_string(), "create /newroot/dev/tty");
+        let op = MountOp::Bind { src: "/oldroot/usr".into(), dst: "/newroot/usr".into() };
+        assert_eq!(op.to_string(), "bind /oldroot/usr on /newroot/usr");
     }
 
     #[test]

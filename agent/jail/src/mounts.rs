@@ -58,6 +58,24 @@ pub enum MountOp {
     },
 }
 
+/// How a step is named in a setup error ("jail setup failed at mount step ...").
+impl std::fmt::Display for MountOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountOp::Mkdir(path) => write!(f, "mkdir {path}"),
+            MountOp::Touch(path) => write!(f, "create {path}"),
+            MountOp::Bind { src, dst } => write!(f, "bind {src} on {dst}"),
+            MountOp::RemountRo { dst } => write!(f, "remount {dst} read-only"),
+            MountOp::Tmpfs { dst, .. } => write!(f, "tmpfs on {dst}"),
+            MountOp::Proc { dst } => write!(f, "proc on {dst}"),
+            MountOp::Devpts { dst } => write!(f, "devpts on {dst}"),
+            MountOp::Symlink { target, link } => write!(f, "symlink {link} -> {target}"),
+            MountOp::HideFile { dst } => write!(f, "hide file {dst}"),
+            MountOp::HideDir { dst } => write!(f, "hide directory {dst}"),
+        }
+    }
+}
+
 /// One host path to show inside, at the same path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bind {
