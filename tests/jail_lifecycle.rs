@@ -326,9 +326,20 @@ fn unprivileged_ring3_runs_in_a_user_namespace() {
         .current_dir("/tmp")
         .output()
         .unwrap();
-    let _ = fs::remove_dir_all(&dir);
     assert_eq!(output.status.code(), Some(125));
     assert!(stderr(&output).contains("only --net none"), "{}", stderr(&output));
+    // A limit asked for cannot be held without a cgroup: refused, not dropped.
+    for limit in ["--memory=64M", "--pids=10", "--cpu=1"] {
+        let output = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(&bin)
+            .args(["exec", "--ring", "3", limit, "--", "/bin/true"])
+            .current_dir("/tmp")
+            .output()
+            .unwrap();
+        assert_one_line_error(&output, 125, "needs root: limits are held by cgroups");
+    }
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -337,6 +337,17 @@ pub fn execute<G: Governor>(
     if !root && (args.events.is_some() || !args.deny_connect.is_empty()) {
         return Err(anyhow::anyhow!("--events and --deny-connect need root (they use BPF programs)").into());
     }
+    // A limit the operator asked for is refused, not dropped: without root there is no
+    // cgroup to hold it (the ring's default limits only draw the warning below).
+    let asked = [("--memory", &args.memory), ("--pids", &args.pids), ("--cpu", &args.cpu)]
+        .into_iter()
+        .find(|(_, value)| value.as_deref().is_some_and(|v| !v.trim().eq_ignore_ascii_case("max")));
+    if let (false, Some((flag, _))) = (root, asked) {
+        return Err(anyhow::anyhow!(
+            "{flag} needs root: limits are held by cgroups, which need root (run it with sudo)"
+        )
+        .into());
+    }
     if !root && args.policy.given() {
         return Err(anyhow::anyhow!(
             "--policy needs root (its planes are BPF programs, seccomp user-notification and fanotify)"
