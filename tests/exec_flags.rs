@@ -200,6 +200,9 @@ fn demote_takes_only_rings_a_demotion_can_reach() {
         let text = stdout(&agt_jail().args([command, "--help"]).output().unwrap());
         text.split_whitespace().collect::<Vec<_>>().join(" ")
     };
+    for command in ["approve", "deny", "kill", "demote", "status"] {
+        assert!(help(command).contains("Exit status: 0 done; 1 the agent refused"), "{command} --help");
+    }
     let demote = help("demote");
     assert!(demote.contains("1, 2 or 3, and higher than the agent's ring"), "{demote}");
     let help = help("exec");

@@ -26,6 +26,11 @@ struct Cli {
     command: Command,
 }
 
+/// The exit status of the commands that talk to a running agent.
+const CONTROL_EXIT: &str = "Exit status: 0 done; 1 the agent refused (no such held request, a ring \
+lower than its own); 125 bad flags or no running agent of that name (only `exec --policy` \
+creates the control socket).";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
@@ -36,14 +41,19 @@ enum Command {
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
     /// Let a held action of a running agent proceed (a `require_approval` rule held it).
+    #[command(after_help = CONTROL_EXIT)]
     Approve(control_cmd::RequestArgs),
     /// Refuse a held action of a running agent (it fails with EPERM).
+    #[command(after_help = CONTROL_EXIT)]
     Deny(control_cmd::RequestArgs),
     /// Kill switch: end every process of a running agent at once.
+    #[command(after_help = CONTROL_EXIT)]
     Kill(control_cmd::AgentArg),
     /// Move a running agent to a more restricted ring, live (never the other way).
+    #[command(after_help = CONTROL_EXIT)]
     Demote(control_cmd::DemoteArgs),
     /// Show a running agent's ring, trust and held requests.
+    #[command(after_help = CONTROL_EXIT)]
     Status(control_cmd::AgentArg),
 }
 
