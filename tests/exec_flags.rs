@@ -278,6 +278,17 @@ fn arguments_of_any_bytes_reach_the_command_and_flags_name_a_bad_byte() {
         let output = agt_jail().args(["exec", "--ring", ring, "--", "/bin/echo"]).arg(raw).output().unwrap();
         assert_eq!(output.stdout, b"caf\xe9\n", "ring {ring}: {output:?}");
     }
+    let entry = OsStr::from_bytes(b"AGT_JAIL_RAW=caf\xe9");
+    for ring in ["0", "2", "3"] {
+        let output = agt_jail()
+            .args(["exec", "--ring", ring, "--env"])
+            .arg(entry)
+            .args(["--", "/usr/bin/env"])
+            .output()
+            .unwrap();
+        let found = output.stdout.split(|b| *b == b'\n').any(|line| line == entry.as_bytes());
+        assert!(found, "ring {ring}: {output:?}");
+    }
     for flag in ["--memory", "--agent", "--net"] {
         let output =
             agt_jail().args(["exec", "--ring", "2", flag]).arg(raw).args(["--", "/bin/true"]).output().unwrap();

@@ -1,8 +1,9 @@
 //! The flags of `agt-jail exec`, shared by both executables so that a command line means
 //! the same to the jail-only front (`agt-jail`) as to the full command set (`agt-jail-full`).
 use std::{
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     net::{IpAddr, SocketAddr},
+    os::unix::ffi::OsStrExt,
     path::PathBuf,
 };
 
@@ -108,9 +109,9 @@ pub struct ExecArgs {
     #[arg(long, value_name = "CORES")]
     pub cpu: Option<String>,
 
-    /// Set KEY=VAL in the command's environment. Repeatable.
-    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
+    /// Set KEY=VAL in the command's environment (any bytes but NUL). Repeatable.
+    #[arg(long = "env", value_name = "KEY=VAL", value_parser = clap::builder::TypedValueParser::try_map(clap::builder::OsStringValueParser::new(), parse_env))]
+    pub env: Vec<(OsString, OsString)>,
 
     /// Run the command on a new pseudo-terminal (rings 1-3).
     #[arg(long)]
@@ -143,13 +144,15 @@ pub fn parse_connect_rule(text: &str) -> Result<ConnectDest, String> {
     Ok(ConnectDest { addr: addr.ip(), port: addr.port() })
 }
 
-/// Parses `KEY=VAL` for --env.
-pub fn parse_env(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() && !key.contains('\0') && !value.contains('\0') => {
-            Ok((key.to_string(), value.to_string()))
+/// Parses `KEY=VAL` for --env (bytes, as the kernel takes them: the key up to the first
+/// `=`, not empty).
+pub fn parse_env(text: OsString) -> Result<(OsString, OsString), String> {
+    let bytes = text.as_bytes();
+    match bytes.iter().position(|b| *b == b'=') {
+        Some(eq) if eq > 0 && !bytes.contains(&0) => {
+            Ok((OsStr::from_bytes(&bytes[..eq]).to_owned(), OsStr::from_bytes(&bytes[eq + 1..]).to_owned()))
         }
-        _ => Err(format!("'{text}' is not KEY=VAL")),
+        _ => Err(format!("'{}' is not KEY=VAL", text.to_string_lossy())),
     }
 }
 
@@ -237,7 +240,10 @@ mod tests {
 
     #[test]
     fn env_flags_parse() {
-        assert_eq!(parse_env("A=b=c").unwrap(), ("A".to_string(), "b=c".to_string()));
-        assert!(parse_env("=x").is_err() && parse_env("novalue").is_err());
+        assert_eq!(parse_env("A=b=c".into()).unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("A=".into()).unwrap(), ("A".into(), "".into()));
+        let raw = OsStr::from_bytes(b"L=caf\xe9").to_owned();
+        assert_eq!(parse_env(raw).unwrap().1, OsStr::from_bytes(b"caf\xe9"));
+        assert!(parse_env("=x".into()).is_err() && parse_env("novalue".into()).is_err());
     }
 }

@@ -6,7 +6,7 @@
 //! events file) plugs in through [`Governor`]; the jail-only front uses [`Ungoverned`]
 //! and links none of it, which is what keeps its start-up short (docs/adr/0004).
 use std::{
-    ffi::OsStr,
+    ffi::{OsStr, OsString},
     fs::File,
     io::{self, Write},
     os::{
@@ -271,15 +271,16 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
     Ok(profile)
 }
 
-/// The scrubbed environment of a jailed command.
-fn jail_env(args: &ExecArgs, home: &str) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
-        ("HOME".to_string(), home.to_string()),
+/// The scrubbed environment of a jailed command (values as bytes: a non-UTF-8 `LANG`
+/// or workspace path is passed on whole, not dropped or mangled).
+fn jail_env(args: &ExecArgs, home: &OsStr) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOME".into(), home.to_owned()),
     ];
     for key in ["TERM", "LANG"] {
-        if let Ok(value) = std::env::var(key) {
-            env.push((key.to_string(), value));
+        if let Some(value) = std::env::var_os(key) {
+            env.push((key.into(), value));
         }
     }
     if args.tty && !env.iter().any(|(k, _)| k == "TERM") {
@@ -420,12 +421,12 @@ pub fn execute<G: Governor>(
     let pty = if args.tty { Some(Pty::open().context("cannot open a pseudo-terminal")?) } else { None };
     let started = if profile.confine {
         let home = match (&workspace, profile.workspace) {
-            (_, WorkspaceMode::Scratch) => mounts::SCRATCH.to_string(),
-            (Some(ws), _) => ws.display().to_string(),
-            (None, _) => "/tmp".to_string(),
+            (_, WorkspaceMode::Scratch) => OsStr::new(mounts::SCRATCH),
+            (Some(ws), _) => ws.as_os_str(),
+            (None, _) => OsStr::new("/tmp"),
         };
         let cfg = JailConfig {
-            env: jail_env(args, &home),
+            env: jail_env(args, home),
             profile: profile.clone(),
             program: program_path.clone(),
             argv: args.command.clone(),

@@ -86,7 +86,7 @@ pub struct JailConfig {
     /// argv, argv[0] as the user typed it (any bytes but NUL: arguments need not be UTF-8).
     pub argv: Vec<OsString>,
     /// The complete environment of the agent (already scrubbed by the caller).
-    pub env: Vec<(String, String)>,
+    pub env: Vec<(OsString, OsString)>,
     /// The host workspace directory (canonical), if any.
     pub workspace: Option<PathBuf>,
     /// Extra executables (`--allow-exec`).
@@ -540,7 +540,11 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         }
     }
     let argv = cfg.argv.iter().map(|arg| cstr(arg.as_bytes())).collect::<Result<Vec<_>, _>>()?;
-    let envp = cfg.env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
+    let envp = cfg
+        .env
+        .iter()
+        .map(|(k, v)| cstr([k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect::<Result<Vec<_>, _>>()?;
     let exe = path_c(&cfg.program)?;
     let lengths = |list: &[CString]| list.iter().map(|s| s.as_bytes().len()).collect::<Vec<_>>();
     exec_size::check(exe.as_bytes().len(), &lengths(&argv), &lengths(&envp), exec_size::host_limit())
