@@ -296,6 +296,22 @@ fn arguments_of_any_bytes_reach_the_command_and_flags_name_a_bad_byte() {
     }
     let output = agt_jail().args(["kill", "--agent"]).arg(raw).output().unwrap();
     assert_one_line_error(&output, 125, "(the value of --agent) is not UTF-8");
+    // Paths the jail's view shows are refused by name when not UTF-8 (ring 0 runs them).
+    let dir = scratch("raw-path");
+    let odd = dir.join(raw);
+    fs::create_dir_all(&odd).unwrap();
+    let tool = odd.join("true");
+    fs::copy("/bin/true", &tool).unwrap();
+    for (flag, path) in [("--rw", &odd), ("--ro", &odd), ("--workspace", &odd), ("--allow-exec", &tool)] {
+        let output = agt_jail().args(["exec", "--ring", "2", flag]).arg(path).args(["--", "/bin/true"]).output();
+        let output = output.unwrap();
+        assert_one_line_error(&output, 125, "a path the jail shows must be UTF-8 text");
+    }
+    let output = agt_jail().args(["exec", "--ring", "3", "--"]).arg(&tool).output().unwrap();
+    assert_one_line_error(&output, 125, "the command");
+    let status = agt_jail().args(["exec", "--ring", "0", "--"]).arg(&tool).status().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

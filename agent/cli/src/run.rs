@@ -145,6 +145,9 @@ impl Prepared {
         };
         let program = resolve_program(program).map_err(Failure::Spawn)?;
         let profile = resolve_profile(args)?;
+        if profile.confine {
+            view_path("the command", &program)?;
+        }
         Ok(Self { program, profile })
     }
 
@@ -251,13 +254,15 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
     for (flag, paths, list) in [("--rw", &args.rw, &mut profile.rw), ("--ro", &args.ro, &mut profile.ro)] {
         for path in paths {
             let real = path.canonicalize().with_context(|| format!("{flag}: cannot use {}", path.display()))?;
+            view_path(flag, &real)?;
             launch::check_extra_path(&checked, &real, flag == "--rw").map_err(|e| anyhow::anyhow!("{e}"))?;
             list.push(real.display().to_string());
         }
     }
     // An --allow-exec path that does not exist would allow nothing: refused, not skipped.
     for path in &args.allow_exec {
-        path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
+        let real = path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
+        view_path("--allow-exec", &real)?;
     }
     if let Some(memory) = &args.memory {
         profile.limits.memory = profile::parse_size(memory).map_err(|m| anyhow::anyhow!("--memory: {m}"))?;
@@ -269,6 +274,15 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
         profile.limits.cpu_millis = profile::parse_cpu(cpu).map_err(|m| anyhow::anyhow!("--cpu: {m}"))?;
     }
     Ok(profile)
+}
+
+/// A path the jail's view must show is UTF-8: the mount plan names paths as text, so a
+/// path of other bytes is refused here, by name, rather than failing at its mount step.
+fn view_path(what: &str, path: &Path) -> Result<()> {
+    if path.to_str().is_none() {
+        bail!("{what} {}: a path the jail shows must be UTF-8 text (this one is not)", path.display());
+    }
+    Ok(())
 }
 
 /// The scrubbed environment of a jailed command (values as bytes: a non-UTF-8 `LANG`
@@ -370,6 +384,7 @@ pub fn execute<G: Governor>(
         if !ws.is_dir() {
             return Err(anyhow::anyhow!("workspace {} is not a directory", ws.display()).into());
         }
+        view_path("the workspace", ws)?;
         launch::check_workspace(&profile, ws).map_err(Failure::Launch)?;
     }
     // What this kernel can enforce for the ring: refused before anything is created
