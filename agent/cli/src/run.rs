@@ -219,6 +219,40 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
             bail!("{flag} needs a confined ring (--ring 1, 2 or 3); ring 0 is record mode");
         }
     }
+    narrow_network(args, &mut profile)?;
+    if profile.ring == 3 && !args.rw.is_empty() {
+        bail!("--rw cannot be honoured in ring 3: nothing is writable there but the scratch /workspace (use --ro, or ring 2)");
+    }
+    let checked = profile.clone();
+    for (flag, paths, list) in [("--rw", &args.rw, &mut profile.rw), ("--ro", &args.ro, &mut profile.ro)] {
+        for path in paths {
+            let real = path.canonicalize().with_context(|| format!("{flag}: cannot use {}", path.display()))?;
+            view_path(flag, &real)?;
+            launch::check_extra_path(&checked, &real, flag == "--rw").map_err(|e| anyhow::anyhow!("{e}"))?;
+            list.push(real.display().to_string());
+        }
+    }
+    // An --allow-exec path that does not exist would allow nothing: refused, not skipped.
+    for path in &args.allow_exec {
+        let real = path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
+        view_path("--allow-exec", &real)?;
+    }
+    if let Some(memory) = &args.memory {
+        profile.limits.memory = profile::parse_size(memory).map_err(|m| anyhow::anyhow!("--memory: {m}"))?;
+    }
+    if let Some(pids) = &args.pids {
+        profile.limits.pids = profile::parse_pids(pids).map_err(|m| anyhow::anyhow!("--pids: {m}"))?;
+    }
+    if let Some(cpu) = &args.cpu {
+        profile.limits.cpu_millis = profile::parse_cpu(cpu).map_err(|m| anyhow::anyhow!("--cpu: {m}"))?;
+    }
+    Ok(profile)
+}
+
+/// `--net` and `--allow-connect` on top of the profile: a flag only narrows the ring's
+/// network (rings 1-2 take `--net host` under a policy, whose rules then decide every
+/// connect); what the ring cannot honour is refused.
+fn narrow_network(args: &ExecArgs, profile: &mut Profile) -> Result<()> {
     let ring = profile.ring;
     if let Some(mode) = &args.net {
         let mode =
@@ -247,33 +281,7 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
         }
         bail!("--allow-connect cannot be honoured in ring {ring}: ring {ring} has no network");
     }
-    if ring == 3 && !args.rw.is_empty() {
-        bail!("--rw cannot be honoured in ring 3: nothing is writable there but the scratch /workspace (use --ro, or ring 2)");
-    }
-    let checked = profile.clone();
-    for (flag, paths, list) in [("--rw", &args.rw, &mut profile.rw), ("--ro", &args.ro, &mut profile.ro)] {
-        for path in paths {
-            let real = path.canonicalize().with_context(|| format!("{flag}: cannot use {}", path.display()))?;
-            view_path(flag, &real)?;
-            launch::check_extra_path(&checked, &real, flag == "--rw").map_err(|e| anyhow::anyhow!("{e}"))?;
-            list.push(real.display().to_string());
-        }
-    }
-    // An --allow-exec path that does not exist would allow nothing: refused, not skipped.
-    for path in &args.allow_exec {
-        let real = path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
-        view_path("--allow-exec", &real)?;
-    }
-    if let Some(memory) = &args.memory {
-        profile.limits.memory = profile::parse_size(memory).map_err(|m| anyhow::anyhow!("--memory: {m}"))?;
-    }
-    if let Some(pids) = &args.pids {
-        profile.limits.pids = profile::parse_pids(pids).map_err(|m| anyhow::anyhow!("--pids: {m}"))?;
-    }
-    if let Some(cpu) = &args.cpu {
-        profile.limits.cpu_millis = profile::parse_cpu(cpu).map_err(|m| anyhow::anyhow!("--cpu: {m}"))?;
-    }
-    Ok(profile)
+    Ok(())
 }
 
 /// A path the jail's view must show is UTF-8: the mount plan names paths as text, so a
