@@ -241,6 +241,22 @@ fn a_policy_denial_of_the_command_reads_as_a_denial() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn under_a_policy_a_command_line_the_exec_plane_cannot_read_is_refused_not_denied() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    let policy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/policies/caller.yaml");
+    let run = |count: usize| {
+        let numbers: Vec<String> = (1..=count).map(|n| n.to_string()).collect();
+        let mut command = agt_jail();
+        command.arg("exec").arg("--policy").arg(&policy).args(["-q", "--", "/bin/echo"]).args(&numbers);
+        (command.output().unwrap(), numbers.join(" "))
+    };
+    let (output, expected) = run(4000);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(stdout(&output).trim_end(), expected);
+    assert_one_line_error(&run(5000).0, 125, "reads at most 4096 arguments");
+}
+
 /// The kernel's budget for argv+envp of a child of this process (fs/exec.c).
 fn exec_budget() -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -61,6 +61,9 @@ impl<'a> Governed<'a> {
     /// The policy loads (and fails with its located error) before anything is created.
     fn new(args: &'a ExecArgs, profile: &Profile) -> Result<Self> {
         let policy = if args.policy.given() { Some(govern::load(&args.policy, profile.ring)?) } else { None };
+        if policy.is_some() {
+            decidable(&args.command)?;
+        }
         Ok(Self {
             args,
             policy,
@@ -232,6 +235,24 @@ impl<'a> Governed<'a> {
         self.listener_socket = Some(OwnedFd::from(theirs));
         Ok(())
     }
+}
+
+/// Under a policy the entry command's exec is decided by the exec plane, which reads at
+/// most [`exec_notify::MAX_ARGS`] arguments of at most [`exec_notify::MAX_ARGV_BYTES`]
+/// and denies what it cannot read: such a command line is refused before anything starts
+/// (125), not run into a denial that reads as "not executable".
+fn decidable(command: &[std::ffi::OsString]) -> Result<()> {
+    let bytes: usize = command.iter().map(|arg| arg.len() + 1).sum();
+    if command.len() > exec_notify::MAX_ARGS || bytes > exec_notify::MAX_ARGV_BYTES {
+        bail!(
+            "under --policy a command line is decided by the exec plane, which reads at most {} arguments \
+             and {} bytes of them; this one has {} arguments and {bytes} bytes",
+            exec_notify::MAX_ARGS,
+            exec_notify::MAX_ARGV_BYTES,
+            command.len()
+        );
+    }
+    Ok(())
 }
 
 /// The loader's map of the kernel's per-thread records, as the exec plane reads them.
@@ -452,6 +473,17 @@ mod tests {
     use agt_jail_jail::profile::Dest;
 
     use super::*;
+
+    #[test]
+    fn command_lines_the_exec_plane_cannot_read_are_refused() {
+        let args =
+            |n: usize, len: usize| -> Vec<std::ffi::OsString> { (0..n).map(|_| "x".repeat(len).into()).collect() };
+        assert!(decidable(&args(exec_notify::MAX_ARGS, 1)).is_ok());
+        let err = decidable(&args(exec_notify::MAX_ARGS + 1, 1)).unwrap_err().to_string();
+        assert!(err.contains("this one has 4097 arguments"), "{err}");
+        assert!(decidable(&args(2, exec_notify::MAX_ARGV_BYTES / 2 - 1)).is_ok());
+        assert!(decidable(&args(2, exec_notify::MAX_ARGV_BYTES / 2)).is_err());
+    }
 
     #[test]
     fn allowlist_denies_loopback_and_metadata_unless_listed() {
