@@ -396,7 +396,7 @@ pub struct ArmingDecider {
 /// What the evaluator answered to the entry command's execve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Entry {
+enum Entry {
     NotAsked = 0,
     Held = 1,
     Allowed = 2,
