@@ -150,6 +150,27 @@ fn ring_0_applies_memory_and_pids_limits() {
     let limited = run(&["--ring", "0", "--memory", "20M"]);
     assert!(!stdout(&limited).contains("allocated"), "ring 0 --memory 20M allocated 300 MiB: {limited:?}");
     assert_eq!(limited.status.code(), Some(137), "{limited:?}");
+    // Every controller that holds a limit has the command in the agent's cgroup (the v1
+    // ones on hybrid hosts; on pure v2 hosts the one line is the v2 cgroup).
+    let output = agt_jail()
+        .args(["exec", "--memory", "64M", "--pids", "32", "--cpu", "1", "--", "/bin/cat", "/proc/self/cgroup"])
+        .output()
+        .unwrap();
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let layout = agt_jail_jail::CgroupLayout::parse(&mountinfo).unwrap();
+    let v2_controllers = layout.v2_controllers();
+    for controller in ["memory", "pids", "cpu"] {
+        let line = if v2_controllers.iter().any(|c| c == controller) || layout.v1_root(controller).is_none() {
+            stdout(&output).lines().find(|l| l.starts_with("0::")).map(str::to_string)
+        } else {
+            stdout(&output)
+                .lines()
+                .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == controller)))
+                .map(str::to_string)
+        };
+        let line = line.unwrap_or_default();
+        assert!(line.contains("/agt-jail/"), "{controller}: the command is not in the agent's cgroup: {line:?}");
+    }
     let forks = "for i in 1 2 3 4 5 6 7 8; do /bin/sleep 1 & done; wait";
     let output = agt_jail().args(["exec", "--pids", "4", "--", "/bin/sh", "-c", forks]).output().unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("fork"), "--pids 4 let 9 processes run: {output:?}");
