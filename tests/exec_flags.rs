@@ -73,6 +73,25 @@ fn a_ring_is_never_given_a_wider_network_or_a_writable_path_it_does_not_have() {
 }
 
 #[test]
+fn a_profile_file_cannot_widen_its_ring_or_hang_the_loader() {
+    let dir = scratch("profiles");
+    for (text, needle) in [
+        ("ring: 3\nnetwork: {mode: host}\n", ":2:10: ring 3 cannot have network.mode host; ring 3 allows none"),
+        ("ring: 2\nnetwork: {mode: host}\n", "ring 2 allows allowlist or none"),
+        ("ring: 3\nfilesystem: {rw: [/tmp]}\n", "ring 3 has nothing writable"),
+        ("ring: 2\nlimits: {memory: ''}\n", "an empty size is not a limit"),
+    ] {
+        let path = dir.join("p.yaml");
+        fs::write(&path, text).unwrap();
+        let output = agt_jail().arg("exec").arg("--profile").arg(&path).args(["--", "/bin/true"]).output().unwrap();
+        assert_one_line_error(&output, 125, needle);
+    }
+    let output = agt_jail().args(["exec", "--profile", "/dev/zero", "--", "/bin/true"]).output().unwrap();
+    assert_one_line_error(&output, 125, "/dev/zero:1:1: cannot read profile: not a regular file");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_narrower_network_is_honoured() {
     require!(Need::Root, Need::CgroupV2, Need::Landlock);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
