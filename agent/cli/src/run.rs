@@ -145,9 +145,6 @@ impl Prepared {
         };
         let program = resolve_program(program).map_err(Failure::Spawn)?;
         let profile = resolve_profile(args)?;
-        if profile.confine {
-            view_path("the command", &program)?;
-        }
         Ok(Self { program, profile })
     }
 
@@ -227,15 +224,13 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
     for (flag, paths, list) in [("--rw", &args.rw, &mut profile.rw), ("--ro", &args.ro, &mut profile.ro)] {
         for path in paths {
             let real = path.canonicalize().with_context(|| format!("{flag}: cannot use {}", path.display()))?;
-            view_path(flag, &real)?;
             launch::check_extra_path(&checked, &real, flag == "--rw").map_err(|e| anyhow::anyhow!("{e}"))?;
-            list.push(real.display().to_string());
+            list.push(real);
         }
     }
     // An --allow-exec path that does not exist would allow nothing: refused, not skipped.
     for path in &args.allow_exec {
-        let real = path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
-        view_path("--allow-exec", &real)?;
+        path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
     }
     if let Some(memory) = &args.memory {
         profile.limits.memory = profile::parse_size(memory).map_err(|m| anyhow::anyhow!("--memory: {m}"))?;
@@ -280,15 +275,6 @@ fn narrow_network(args: &ExecArgs, profile: &mut Profile) -> Result<()> {
             bail!("--allow-connect needs network mode allowlist, but this run's is {}", profile.net.name());
         }
         bail!("--allow-connect cannot be honoured in ring {ring}: ring {ring} has no network");
-    }
-    Ok(())
-}
-
-/// A path the jail's view must show is UTF-8: the mount plan names paths as text, so a
-/// path of other bytes is refused here, by name, rather than failing at its mount step.
-fn view_path(what: &str, path: &Path) -> Result<()> {
-    if path.to_str().is_none() {
-        bail!("{what} {}: a path the jail shows must be UTF-8 text (this one is not)", path.display());
     }
     Ok(())
 }
@@ -392,7 +378,6 @@ pub fn execute<G: Governor>(
         if !ws.is_dir() {
             return Err(anyhow::anyhow!("workspace {} is not a directory", ws.display()).into());
         }
-        view_path("the workspace", ws)?;
         launch::check_workspace(&profile, ws).map_err(Failure::Launch)?;
     }
     // What this kernel can enforce for the ring: refused before anything is created

@@ -399,8 +399,11 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     let system_dirs: Vec<PathBuf> = view.binds.iter().map(|b| b.path.clone()).collect();
     // The workspace.
     let mut cwd = PathBuf::from("/tmp");
-    let mut write_paths: Vec<String> = vec!["/tmp".into(), "/dev/shm".into(), "/dev/pts".into()];
-    write_paths.extend(["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"].map(String::from));
+    let mut write_paths: Vec<PathBuf> =
+        ["/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full", "/dev/tty"]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
     if let Some(console) = &cfg.tty_path {
         view.console = Some(console.clone());
         write_paths.push("/dev/console".into());
@@ -418,18 +421,18 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             check_workspace(p, ws)?;
             add_bind(&mut view, ws, mode == WorkspaceMode::Rw, true)?;
             if mode == WorkspaceMode::Rw {
-                write_paths.push(ws.display().to_string());
+                write_paths.push(ws.clone());
             }
             cwd = ws.clone();
         }
         (_, None) => {}
     }
     for rw in &p.rw {
-        add_bind(&mut view, Path::new(rw), true, true)?;
+        add_bind(&mut view, rw, true, true)?;
         write_paths.push(rw.clone());
     }
     for ro in &p.ro {
-        add_bind(&mut view, Path::new(ro), false, true)?;
+        add_bind(&mut view, ro, false, true)?;
     }
     // The entry command, its interpreters and --allow-exec paths must be visible.
     let mut exec_paths: Vec<PathBuf> = vec![cfg.program.clone()];
@@ -459,11 +462,11 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
 
     // Landlock.
     let landlock = if enforcement.landlock_abi > 0 {
-        let mut execute: Vec<String> = Vec::new();
+        let mut execute: Vec<PathBuf> = Vec::new();
         if p.exec_system {
-            execute.extend(system_dirs.iter().map(|d| d.display().to_string()));
+            execute.extend(system_dirs.iter().cloned());
         }
-        execute.extend(exec_paths.iter().map(|e| e.display().to_string()));
+        execute.extend(exec_paths.iter().cloned());
         let connect_ports = match p.net {
             NetMode::Host => None,
             NetMode::None => Some(Vec::new()),
@@ -482,7 +485,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             scope_ipc: p.scope_ipc,
         };
         let plan = LandlockPlan::for_abi(&req, enforcement.landlock_abi);
-        let paths = plan.paths.iter().map(|r| Ok((cstr(&r.path)?, r.access))).collect::<Result<_, LaunchError>>()?;
+        let paths = plan.paths.iter().map(|r| Ok((path_c(&r.path)?, r.access))).collect::<Result<_, LaunchError>>()?;
         Some(LandlockChild { plan, paths })
     } else {
         None
@@ -514,16 +517,16 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     for op in &ops_plain {
         op_names.push(op.to_string());
         ops.push(match op {
-            MountOp::Mkdir(p) => COp::Mkdir(cstr(p)?),
-            MountOp::Touch(p) => COp::Touch(cstr(p)?),
-            MountOp::Bind { src, dst } => COp::Bind(cstr(src)?, cstr(dst)?),
-            MountOp::RemountRo { dst } => COp::RemountRo(cstr(dst)?),
-            MountOp::Tmpfs { dst, options, flags } => COp::Tmpfs(cstr(dst)?, cstr(options)?, *flags as libc::c_ulong),
-            MountOp::Proc { dst } => COp::Proc(cstr(dst)?),
-            MountOp::Devpts { dst } => COp::Devpts(cstr(dst)?),
-            MountOp::Symlink { target, link } => COp::Symlink(cstr(target)?, cstr(link)?),
-            MountOp::HideFile { dst } => COp::HideFile(cstr(dst)?),
-            MountOp::HideDir { dst } => COp::HideDir(cstr(dst)?),
+            MountOp::Mkdir(p) => COp::Mkdir(path_c(p)?),
+            MountOp::Touch(p) => COp::Touch(path_c(p)?),
+            MountOp::Bind { src, dst } => COp::Bind(path_c(src)?, path_c(dst)?),
+            MountOp::RemountRo { dst } => COp::RemountRo(path_c(dst)?),
+            MountOp::Tmpfs { dst, options, flags } => COp::Tmpfs(path_c(dst)?, cstr(options)?, *flags as libc::c_ulong),
+            MountOp::Proc { dst } => COp::Proc(path_c(dst)?),
+            MountOp::Devpts { dst } => COp::Devpts(path_c(dst)?),
+            MountOp::Symlink { target, link } => COp::Symlink(path_c(target)?, path_c(link)?),
+            MountOp::HideFile { dst } => COp::HideFile(path_c(dst)?),
+            MountOp::HideDir { dst } => COp::HideDir(path_c(dst)?),
         });
     }
 

@@ -175,8 +175,10 @@ pub struct Profile {
     /// System paths mounted read-only.
     pub system: Vec<String>,
     pub workspace: WorkspaceMode,
-    pub rw: Vec<String>,
-    pub ro: Vec<String>,
+    /// Extra paths shown writable / read-only (bytes: a path given on the command line need
+    /// not be UTF-8).
+    pub rw: Vec<PathBuf>,
+    pub ro: Vec<PathBuf>,
     /// Paths (globs with `*`, `~` for the invoking user's home) never visible inside.
     pub hide: Vec<String>,
     /// Exec of anything under the system paths.
@@ -536,8 +538,8 @@ impl Profile {
                             }
                         };
                     }
-                    "rw" => p.rw = cx.paths(value, "filesystem.rw")?,
-                    "ro" => p.ro = cx.paths(value, "filesystem.ro")?,
+                    "rw" => p.rw = cx.paths(value, "filesystem.rw")?.into_iter().map(PathBuf::from).collect(),
+                    "ro" => p.ro = cx.paths(value, "filesystem.ro")?.into_iter().map(PathBuf::from).collect(),
                     _ => p.hide = cx.paths(value, "filesystem.hide")?,
                 }
             }
@@ -549,7 +551,8 @@ impl Profile {
                  filesystem.workspace scratch or ro",
             ));
         }
-        for path in p.system.iter().chain(&p.rw).chain(&p.ro) {
+        let extra = p.rw.iter().chain(&p.ro).map(|path| path.to_string_lossy().into_owned());
+        for path in p.system.iter().cloned().chain(extra) {
             if path.starts_with('~') || path.contains('*') {
                 return Err(cx.err(
                     get("filesystem").map_or(root.pos, |n| n.pos),
