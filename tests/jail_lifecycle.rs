@@ -326,9 +326,20 @@ fn unprivileged_ring3_runs_in_a_user_namespace() {
         .current_dir("/tmp")
         .output()
         .unwrap();
-    let _ = fs::remove_dir_all(&dir);
     assert_eq!(output.status.code(), Some(125));
     assert!(stderr(&output).contains("only --net none"), "{}", stderr(&output));
+    // A limit asked for cannot be held without a cgroup: refused, not dropped.
+    for limit in ["--memory=64M", "--pids=10", "--cpu=1"] {
+        let output = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(&bin)
+            .args(["exec", "--ring", "3", limit, "--", "/bin/true"])
+            .current_dir("/tmp")
+            .output()
+            .unwrap();
+        assert_one_line_error(&output, 125, "needs root: limits are held by cgroups");
+    }
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -363,7 +374,7 @@ fn bad_flags_are_one_line_errors() {
         (&["--ring", "2", "--pids", "1"], "at least 2"),
         (&["--ring", "2", "--cpu=-3"], "--cpu"),
         (&["--ring", "2", "--allow-connect", "example.com:443"], "not an IP address"),
-        (&["--ring", "3", "--allow-connect", "10.0.0.1:443"], "needs network mode allowlist"),
+        (&["--ring", "3", "--allow-connect", "10.0.0.1:443"], "ring 3 has no network"),
         (&["--env", "NOEQUALS"], "is not KEY=VAL"),
         (&["--tty"], "needs a confined ring"),
         (&["--ring", "2", "--rw", "/nonexistent/agt-jail"], "cannot use /nonexistent/agt-jail"),

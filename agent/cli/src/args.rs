@@ -1,7 +1,9 @@
 //! The flags of `agt-jail exec`, shared by both executables so that a command line means
 //! the same to the jail-only front (`agt-jail`) as to the full command set (`agt-jail-full`).
 use std::{
+    ffi::{OsStr, OsString},
     net::{IpAddr, SocketAddr},
+    os::unix::ffi::OsStrExt,
     path::PathBuf,
 };
 
@@ -25,6 +27,12 @@ Rings (profiles/ring0..3.yaml, built in; --profile FILE loads another):
 Rings 1-3 run in new pid, mount, ipc, uts and cgroup namespaces (plus net with --net none),
 without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
 TERM, LANG and what --env adds.
+Flags that need rings 1-3: --workspace, --rw, --ro, --allow-exec, --allow-connect, --tty,
+--net none|allowlist. Flags can only narrow a ring: --net none|allowlist in rings 1-2 (and
+host with --policy, whose network rules then decide every connect), --net none in ring 3,
+host in ring 0; --rw and --allow-connect are refused in ring 3 (no network, nothing
+writable but the scratch /workspace). --memory, --pids and --cpu apply in every ring.
+A flag that cannot be honoured is refused (exit 125), never ignored.
 
 Examples:
   agt-jail exec --deny-connect 169.254.169.254:80 -- python3 agent.py
@@ -35,7 +43,9 @@ Examples:
       (held actions: agt-jail approve|deny --agent coder N; agt-jail demote|kill --agent coder)
 
 Exit status: the command's own; 128+N when it was killed by signal N; 125 when \
-agt-jail itself fails; 126/127 when the command cannot be run or is not found.")]
+agt-jail itself fails (bad flags, arguments or environment over the kernel's limits); \
+126/127 when the command cannot be run or is not found; 126 with a \
+\"denied by policy\" line when the policy refuses the command itself.")]
 pub struct ExecArgs {
     /// Deny connect(2) to this destination with EPERM inside the command. ADDR is an
     /// IPv4 address or a bracketed IPv6 address; PORT is a number or `*` for every port.
@@ -81,39 +91,42 @@ pub struct ExecArgs {
     pub allow_connect: Vec<Dest>,
 
     /// Network: none (own namespace, loopback only), allowlist (TCP egress to --allow-connect only) or host.
+    /// Default: the ring's (0 host, 1-2 allowlist, 3 none); it can only be narrowed (rings
+    /// 1-2 take host with --policy: the policy's network rules decide every connect).
     #[arg(long, value_name = "MODE", value_parser = ["none", "allowlist", "host"])]
     pub net: Option<String>,
 
-    /// Memory limit (e.g. 512M, 2G, max).
+    /// Memory limit: bytes or K/M/G/T (e.g. 512M, 2G; at least 1M), or max for none.
+    /// Every ring (ring 0 too). Default: the ring's (3: 512M, 2: 2G, 1: 8G, 0: none).
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
 
-    /// Process/thread limit.
+    /// Process/thread limit: 2 or more, or max for none. Every ring. Default: the ring's (3: 64).
     #[arg(long, value_name = "N")]
     pub pids: Option<String>,
 
-    /// CPU limit in cores (e.g. 0.5, 2).
+    /// CPU limit in cores, 0.01-1024 (e.g. 0.5, 2), or max for none. Every ring. Default: the ring's (3: 1).
     #[arg(long, value_name = "CORES")]
     pub cpu: Option<String>,
 
-    /// Set KEY=VAL in the command's environment. Repeatable.
-    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
+    /// Set KEY=VAL in the command's environment (any bytes but NUL). Repeatable.
+    #[arg(long = "env", value_name = "KEY=VAL", value_parser = clap::builder::TypedValueParser::try_map(clap::builder::OsStringValueParser::new(), parse_env))]
+    pub env: Vec<(OsString, OsString)>,
 
     /// Run the command on a new pseudo-terminal (rings 1-3).
     #[arg(long)]
     pub tty: bool,
 
-    /// Seconds between forwarding SIGTERM/SIGINT/SIGHUP and killing everything with SIGKILL.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    /// Seconds (0-86400) between forwarding SIGTERM/SIGINT/SIGHUP and killing everything with SIGKILL.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub grace: u64,
 
     #[command(flatten)]
     pub policy: PolicyArgs,
 
-    /// The command and its arguments.
+    /// The command and its arguments (any bytes: they need not be UTF-8).
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    pub command: Vec<OsString>,
 }
 
 /// Parses `ADDR:PORT`, `[V6]:PORT`, with `*` as "any port".
@@ -131,19 +144,29 @@ pub fn parse_connect_rule(text: &str) -> Result<ConnectDest, String> {
     Ok(ConnectDest { addr: addr.ip(), port: addr.port() })
 }
 
-/// Parses `KEY=VAL` for --env.
-pub fn parse_env(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() && !key.contains('\0') && !value.contains('\0') => {
-            Ok((key.to_string(), value.to_string()))
+/// Parses `KEY=VAL` for --env (bytes, as the kernel takes them: the key up to the first
+/// `=`, not empty).
+pub fn parse_env(text: OsString) -> Result<(OsString, OsString), String> {
+    let bytes = text.as_bytes();
+    match bytes.iter().position(|b| *b == b'=') {
+        Some(eq) if eq > 0 && !bytes.contains(&0) => {
+            Ok((OsStr::from_bytes(&bytes[..eq]).to_owned(), OsStr::from_bytes(&bytes[eq + 1..]).to_owned()))
         }
-        _ => Err(format!("'{text}' is not KEY=VAL")),
+        _ => Err(format!("'{}' is not KEY=VAL", text.to_string_lossy())),
     }
 }
 
 fn parse_trust_domain(text: &str) -> Result<String, String> {
     agt_jail_supervisor::identity::check_trust_domain(text).map_err(|e| e.to_string())?;
     Ok(text.to_string())
+}
+
+/// Parses `--agent NAME`: a name that is also a file name in the control directory, so
+/// no path separators and no leading dot (the same rule as the control socket's).
+pub fn parse_agent_name(text: &str) -> Result<String, String> {
+    agt_jail_supervisor::control::check_name(text).map(|()| text.to_string()).map_err(|_| {
+        format!("'{text}' is not an agent name: use 1-64 of A-Z a-z 0-9 . _ - and do not start with a dot")
+    })
 }
 
 /// The flags of `exec` that put an agent under policy.
@@ -155,31 +178,33 @@ pub struct PolicyArgs {
     pub policy: Vec<PathBuf>,
 
     /// The agent's name: its control socket (`agt-jail approve/deny/kill/demote --agent NAME`)
-    /// and `agent.id` in the policy. Default: agent-<pid of agt-jail>.
-    #[arg(long, value_name = "NAME")]
+    /// and `agent.id` in the policy; 1-64 of A-Z a-z 0-9 . _ - (not starting with a dot).
+    /// Needs --policy (the control socket serves the policy's evaluator).
+    /// Default: agent-<pid of agt-jail>.
+    #[arg(long, value_name = "NAME", requires = "policy", value_parser = parse_agent_name)]
     pub agent: Option<String>,
 
-    /// Starting trust score 0-1000 (`agent.trust`; tiers as in AGT).
-    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    /// Starting trust score 0-1000 (`agent.trust`; tiers as in AGT). Needs --policy.
+    #[arg(long, value_name = "N", default_value_t = 500, requires = "policy", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub trust: u32,
 
-    /// Trust lost per denied action; crossing a tier boundary demotes the ring live.
-    /// Default: the policy's `trust.penalty`, else 10.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    /// Trust lost per denied action (0-1000); crossing a tier boundary demotes the ring live.
+    /// Default: the policy's `trust.penalty`, else 10. Needs --policy.
+    #[arg(long, value_name = "N", requires = "policy", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub deny_penalty: Option<u32>,
 
-    /// Kill the agent when its trust falls below N (0: never). Default: the policy's
-    /// `trust.kill_below`, else 0.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    /// Kill the agent when its trust falls below N (0-1000; 0: never). Default: the policy's
+    /// `trust.kill_below`, else 0. Needs --policy.
+    #[arg(long, value_name = "N", requires = "policy", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub kill_below: Option<u32>,
 
-    /// Seconds a `require_approval` action is held before it is denied.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    /// Seconds a `require_approval` action is held before it is denied (1-86400). Needs --policy.
+    #[arg(long, value_name = "SECS", default_value_t = 60, requires = "policy", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub approval_timeout: u64,
 
     /// Refuse to start when a deny rule cannot be enforced before effect on this host
-    /// (otherwise: a warning per rule).
-    #[arg(long)]
+    /// (otherwise: a warning per rule). Needs --policy.
+    #[arg(long, requires = "policy")]
     pub strict: bool,
 
     /// Lifetime in seconds (1-3600) of the identity tokens (JWT-SVIDs) the agent gets from
@@ -194,8 +219,8 @@ pub struct PolicyArgs {
     pub trust_domain: String,
 
     /// Seconds between DNS lookups of the policy's domains; when an answer changes the
-    /// network tables are re-installed (0: resolve only at start).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    /// network tables are re-installed (0: resolve only at start; at most 86400). Needs --policy.
+    #[arg(long, value_name = "SECS", default_value_t = 30, requires = "policy", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub dns_refresh: u64,
 }
 
@@ -232,7 +257,10 @@ mod tests {
 
     #[test]
     fn env_flags_parse() {
-        assert_eq!(parse_env("A=b=c").unwrap(), ("A".to_string(), "b=c".to_string()));
-        assert!(parse_env("=x").is_err() && parse_env("novalue").is_err());
+        assert_eq!(parse_env("A=b=c".into()).unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("A=".into()).unwrap(), ("A".into(), "".into()));
+        let raw = OsStr::from_bytes(b"L=caf\xe9").to_owned();
+        assert_eq!(parse_env(raw).unwrap().1, OsStr::from_bytes(b"caf\xe9"));
+        assert!(parse_env("=x".into()).is_err() && parse_env("novalue".into()).is_err());
     }
 }

@@ -6,11 +6,13 @@
 //! events file) plugs in through [`Governor`]; the jail-only front uses [`Ungoverned`]
 //! and links none of it, which is what keeps its start-up short (docs/adr/0004).
 use std::{
+    ffi::{OsStr, OsString},
     fs::File,
     io::{self, Write},
     os::{
         fd::{AsFd, AsRawFd, OwnedFd, RawFd},
         unix::{
+            ffi::OsStrExt,
             fs::PermissionsExt,
             process::{CommandExt, ExitStatusExt},
         },
@@ -44,8 +46,15 @@ use crate::{args::ExecArgs, EXIT_INTERNAL};
 pub enum Failure {
     Spawn(SpawnError),
     Launch(LaunchError),
+    /// The policy refused to run the command itself (exit 126, like a command that cannot run).
+    PolicyDenied {
+        program: String,
+    },
     Internal(anyhow::Error),
 }
+
+/// Exit status when the policy refuses the command itself: the shell's "cannot execute".
+pub const EXIT_POLICY_DENIED: u8 = 126;
 
 impl From<anyhow::Error> for Failure {
     fn from(err: anyhow::Error) -> Self {
@@ -65,6 +74,13 @@ pub fn exit_status(result: Result<u8, Failure>) -> ExitCode {
         Err(Failure::Launch(err)) => {
             eprintln!("agt-jail: {err}");
             ExitCode::from(err.shell_status().unwrap_or(EXIT_INTERNAL))
+        }
+        Err(Failure::PolicyDenied { program }) => {
+            eprintln!(
+                "agt-jail: {program}: denied by policy: the policy refused to run the command \
+                 (its rule or default is in the denial line above, or in --events)"
+            );
+            ExitCode::from(EXIT_POLICY_DENIED)
         }
         Err(Failure::Internal(err)) => {
             eprintln!("agt-jail: {err:#}");
@@ -91,6 +107,10 @@ pub trait Governor {
     fn ended(&mut self);
     /// The cgroup is gone (or the command never started): drain and report.
     fn finish(self) -> Result<()>;
+    /// Whether the policy refused the entry command's own exec.
+    fn entry_denied(&self) -> bool {
+        false
+    }
 }
 
 /// A run governed by the jail alone (namespaces, Landlock, seccomp, cgroup limits).
@@ -119,7 +139,7 @@ impl Governor for Ungoverned {
 #[derive(Debug, Default)]
 pub struct JailAdditions {
     pub ro: Vec<PathBuf>,
-    pub env: Vec<(String, String)>,
+    pub env: Vec<(OsString, OsString)>,
 }
 
 /// The command and the profile of a run, resolved before anything is created.
@@ -159,8 +179,12 @@ pub fn needs_bpf(args: &ExecArgs, profile: &Profile) -> bool {
 
 /// Finds the program the way execvp(3) would, so "not found" and "not executable"
 /// are reported before anything is set up.
-pub fn resolve_program(program: &str) -> std::result::Result<PathBuf, SpawnError> {
-    let candidates: Vec<PathBuf> = if program.contains('/') {
+pub fn resolve_program(program: &OsStr) -> std::result::Result<PathBuf, SpawnError> {
+    // An empty name is no command (a PATH search would find its directories instead).
+    if program.is_empty() {
+        return Err(SpawnError::NotFound { program: "''".into() });
+    }
+    let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
         vec![PathBuf::from(program)]
     } else {
         let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
@@ -174,7 +198,7 @@ pub fn resolve_program(program: &str) -> std::result::Result<PathBuf, SpawnError
         }
         found_unexecutable = true;
     }
-    let program = program.to_string();
+    let program = program.to_string_lossy().into_owned();
     Err(if found_unexecutable { SpawnError::NotExecutable { program } } else { SpawnError::NotFound { program } })
 }
 
@@ -204,18 +228,21 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
             bail!("{flag} needs a confined ring (--ring 1, 2 or 3); ring 0 is record mode");
         }
     }
-    if let Some(mode) = &args.net {
-        profile.net = NetMode::parse(mode).context("bad --net")?;
+    narrow_network(args, &mut profile)?;
+    if profile.ring == 3 && !args.rw.is_empty() {
+        bail!("--rw cannot be honoured in ring 3: nothing is writable there but the scratch /workspace (use --ro, or ring 2)");
     }
-    profile.allow_connect.extend(args.allow_connect.iter().cloned());
-    if !args.allow_connect.is_empty() && profile.net != NetMode::Allowlist {
-        bail!("--allow-connect needs network mode allowlist; add --net allowlist");
-    }
-    for (paths, list) in [(&args.rw, &mut profile.rw), (&args.ro, &mut profile.ro)] {
+    let checked = profile.clone();
+    for (flag, paths, list) in [("--rw", &args.rw, &mut profile.rw), ("--ro", &args.ro, &mut profile.ro)] {
         for path in paths {
-            let real = path.canonicalize().with_context(|| format!("cannot use {}", path.display()))?;
-            list.push(real.display().to_string());
+            let real = path.canonicalize().with_context(|| format!("{flag}: cannot use {}", path.display()))?;
+            launch::check_extra_path(&checked, &real, flag == "--rw").map_err(|e| anyhow::anyhow!("{e}"))?;
+            list.push(real);
         }
+    }
+    // An --allow-exec path that does not exist would allow nothing: refused, not skipped.
+    for path in &args.allow_exec {
+        path.canonicalize().with_context(|| format!("--allow-exec: cannot use {}", path.display()))?;
     }
     if let Some(memory) = &args.memory {
         profile.limits.memory = profile::parse_size(memory).map_err(|m| anyhow::anyhow!("--memory: {m}"))?;
@@ -229,15 +256,51 @@ fn resolve_profile(args: &ExecArgs) -> Result<Profile> {
     Ok(profile)
 }
 
-/// The scrubbed environment of a jailed command.
-fn jail_env(args: &ExecArgs, home: &str) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
-        ("HOME".to_string(), home.to_string()),
+/// `--net` and `--allow-connect` on top of the profile: a flag only narrows the ring's
+/// network (rings 1-2 take `--net host` under a policy, whose rules then decide every
+/// connect); what the ring cannot honour is refused.
+fn narrow_network(args: &ExecArgs, profile: &mut Profile) -> Result<()> {
+    let ring = profile.ring;
+    if let Some(mode) = &args.net {
+        let mode =
+            NetMode::parse(mode).with_context(|| format!("--net '{mode}' is not one of none, allowlist, host"))?;
+        // Under a policy, rings 1-2 may use the host network: the policy's network rules
+        // and default then decide every connect in the kernel (the policy is the allow-list).
+        let policy_allow_list = mode == NetMode::Host && args.policy.given() && profile.net == NetMode::Allowlist;
+        if mode > profile.net && !policy_allow_list {
+            let narrower: Vec<NetMode> =
+                [NetMode::Host, NetMode::Allowlist, NetMode::None].into_iter().filter(|m| m <= &profile.net).collect();
+            let with_policy = if profile.net == NetMode::Allowlist { "; --net host needs --policy" } else { "" };
+            bail!(
+                "--net {} cannot be honoured in ring {ring}: its network is {} and flags can only narrow it \
+                 (here: --net {}{with_policy})",
+                mode.name(),
+                profile.net.name(),
+                profile::mode_names(&narrower)
+            );
+        }
+        profile.net = mode;
+    }
+    profile.allow_connect.extend(args.allow_connect.iter().cloned());
+    if !args.allow_connect.is_empty() && profile.net != NetMode::Allowlist {
+        if NetMode::allowed_in(ring).contains(&NetMode::Allowlist) {
+            bail!("--allow-connect needs network mode allowlist, but this run's is {}", profile.net.name());
+        }
+        bail!("--allow-connect cannot be honoured in ring {ring}: ring {ring} has no network");
+    }
+    Ok(())
+}
+
+/// The scrubbed environment of a jailed command (values as bytes: a non-UTF-8 `LANG`
+/// or workspace path is passed on whole, not dropped or mangled).
+fn jail_env(args: &ExecArgs, home: &OsStr) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOME".into(), home.to_owned()),
     ];
     for key in ["TERM", "LANG"] {
-        if let Ok(value) = std::env::var(key) {
-            env.push((key.to_string(), value));
+        if let Some(value) = std::env::var_os(key) {
+            env.push((key.into(), value));
         }
     }
     if args.tty && !env.iter().any(|(k, _)| k == "TERM") {
@@ -294,6 +357,17 @@ pub fn execute<G: Governor>(
     }
     if !root && (args.events.is_some() || !args.deny_connect.is_empty()) {
         return Err(anyhow::anyhow!("--events and --deny-connect need root (they use BPF programs)").into());
+    }
+    // A limit the operator asked for is refused, not dropped: without root there is no
+    // cgroup to hold it (the ring's default limits only draw the warning below).
+    let asked = [("--memory", &args.memory), ("--pids", &args.pids), ("--cpu", &args.cpu)]
+        .into_iter()
+        .find(|(_, value)| value.as_deref().is_some_and(|v| !v.trim().eq_ignore_ascii_case("max")));
+    if let (false, Some((flag, _))) = (root, asked) {
+        return Err(anyhow::anyhow!(
+            "{flag} needs root: limits are held by cgroups, which need root (run it with sudo)"
+        )
+        .into());
     }
     if !root && args.policy.given() {
         return Err(anyhow::anyhow!(
@@ -363,18 +437,18 @@ pub fn execute<G: Governor>(
 
     let exec_notify = governor.exec_listener();
     let additions = governor.jail_additions();
-    profile.ro.extend(additions.ro.iter().map(|p| p.display().to_string()));
+    profile.ro.extend(additions.ro.iter().cloned());
     let kill_file = agent_cgroup.as_ref().map(|c| c.path().join("cgroup.kill"));
     let mut forwarder = SignalForwarder::start(profile.confine, kill_file, Duration::from_secs(args.grace))?;
     let pty = if args.tty { Some(Pty::open().context("cannot open a pseudo-terminal")?) } else { None };
     let started = if profile.confine {
         let home = match (&workspace, profile.workspace) {
-            (_, WorkspaceMode::Scratch) => mounts::SCRATCH.to_string(),
-            (Some(ws), _) => ws.display().to_string(),
-            (None, _) => "/tmp".to_string(),
+            (_, WorkspaceMode::Scratch) => OsStr::new(mounts::SCRATCH),
+            (Some(ws), _) => ws.as_os_str(),
+            (None, _) => OsStr::new("/tmp"),
         };
         // What governs the agent names its own variables (an --env of the same name loses).
-        let mut env = jail_env(args, &home);
+        let mut env = jail_env(args, home);
         env.retain(|(key, _)| !additions.env.iter().any(|(k, _)| k == key));
         env.extend(additions.env.iter().cloned());
         let cfg = JailConfig {
@@ -417,6 +491,18 @@ pub fn execute<G: Governor>(
     let running = match started {
         Ok(running) => running,
         Err(err) => {
+            // EPERM from the exec plane reads as "not executable" to the kernel's caller;
+            // the evaluator knows it was a denial.
+            let not_executable = matches!(
+                &err,
+                Failure::Launch(LaunchError::NotExecutable { .. }) | Failure::Spawn(SpawnError::NotExecutable { .. })
+            );
+            let err = if not_executable && governor.entry_denied() {
+                let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+                Failure::PolicyDenied { program }
+            } else {
+                err
+            };
             forwarder.stop();
             let _ = governor.finish();
             return Err(err);
@@ -650,12 +736,16 @@ mod tests {
 
     #[test]
     fn resolves_programs_like_a_shell() {
-        assert!(resolve_program("sh").is_ok());
-        assert!(matches!(resolve_program("/nonexistent/agt-jail-nope"), Err(SpawnError::NotFound { .. })));
-        assert!(matches!(resolve_program("agt-jail-no-such-command-xyz"), Err(SpawnError::NotFound { .. })));
+        assert!(resolve_program(OsStr::new("sh")).is_ok());
+        assert!(matches!(resolve_program(OsStr::new("")), Err(SpawnError::NotFound { .. })));
+        assert!(matches!(resolve_program(OsStr::new("/nonexistent/agt-jail-nope")), Err(SpawnError::NotFound { .. })));
+        assert!(matches!(
+            resolve_program(OsStr::new("agt-jail-no-such-command-xyz")),
+            Err(SpawnError::NotFound { .. })
+        ));
         let plain = std::env::temp_dir().join(format!("agt-jail-plain-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
-        let result = resolve_program(plain.to_str().unwrap());
+        let result = resolve_program(plain.as_os_str());
         let _ = std::fs::remove_file(&plain);
         assert!(matches!(result, Err(SpawnError::NotExecutable { .. })));
     }

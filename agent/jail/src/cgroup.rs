@@ -378,10 +378,16 @@ impl AgentCgroup {
         &self.dir
     }
 
-    /// `cgroup.procs`, opened for writing, for a child to move itself in before exec.
-    pub fn procs_for_join(&self) -> Result<File, CgroupError> {
-        let path = self.path.join("cgroup.procs");
-        fs::OpenOptions::new().write(true).open(&path).map_err(|source| CgroupError::Open { path, source })
+    /// Every `cgroup.procs` of the agent ([`Self::procs_paths`]: v2, then the v1 cgroups
+    /// that hold its limits on hybrid hosts), opened for writing, for a child to move
+    /// itself into all of them before exec.
+    pub fn procs_for_join(&self) -> Result<Vec<File>, CgroupError> {
+        self.procs_paths()
+            .into_iter()
+            .map(|path| {
+                fs::OpenOptions::new().write(true).open(&path).map_err(|source| CgroupError::Open { path, source })
+            })
+            .collect()
     }
 
     /// Process ids currently in the cgroup.

@@ -1,6 +1,7 @@
 //! The Landlock ruleset as data: which accesses are handled for this kernel's ABI and
 //! which paths/ports get which rights. [`LandlockPlan::for_abi`] is pure and tested;
 //! the launcher applies the plan in the child (opening each path inside the new root).
+use std::path::{Path, PathBuf};
 
 /// Filesystem access rights (linux/landlock.h).
 pub mod fs {
@@ -72,11 +73,11 @@ pub fn fs_rights_for_abi(abi: u32) -> u64 {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LandlockRequest {
     /// Paths (inside the jail's root) with read rights.
-    pub read: Vec<String>,
+    pub read: Vec<PathBuf>,
     /// Paths with read and write rights.
-    pub write: Vec<String>,
+    pub write: Vec<PathBuf>,
     /// Paths (files or directories) whose files may be executed.
-    pub execute: Vec<String>,
+    pub execute: Vec<PathBuf>,
     /// Handle TCP connect and allow only these ports (None: do not restrict connect).
     pub connect_ports: Option<Vec<u16>>,
     /// Handle TCP bind and allow only these ports (None: do not restrict bind).
@@ -88,7 +89,7 @@ pub struct LandlockRequest {
 /// One path rule: `access` beneath `path`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PathRule {
-    pub path: String,
+    pub path: PathBuf,
     pub access: u64,
 }
 
@@ -122,11 +123,11 @@ impl LandlockPlan {
         }
         let handled_fs = fs_rights_for_abi(abi);
         let mut paths: Vec<PathRule> = Vec::new();
-        let mut add = |path: &str, access: u64| {
+        let mut add = |path: &Path, access: u64| {
             let access = access & handled_fs;
             match paths.iter_mut().find(|r| r.path == path) {
                 Some(rule) => rule.access |= access,
-                None => paths.push(PathRule { path: path.to_string(), access }),
+                None => paths.push(PathRule { path: path.to_path_buf(), access }),
             }
         };
         for p in &req.read {
@@ -190,11 +191,11 @@ mod tests {
         assert_eq!(plan.handled_net, net::CONNECT_TCP | net::BIND_TCP);
         assert_eq!(plan.scoped, scope::SIGNAL | scope::ABSTRACT_UNIX_SOCKET);
         assert_eq!(plan.ports, vec![(net::CONNECT_TCP, 443)]);
-        let work = plan.paths.iter().find(|r| r.path == "/work").unwrap();
+        let work = plan.paths.iter().find(|r| r.path == Path::new("/work")).unwrap();
         assert!(work.access & fs::WRITE_FILE != 0 && work.access & fs::EXECUTE == 0);
-        let usr = plan.paths.iter().find(|r| r.path == "/usr").unwrap();
+        let usr = plan.paths.iter().find(|r| r.path == Path::new("/usr")).unwrap();
         assert!(usr.access & fs::EXECUTE != 0 && usr.access & fs::WRITE_FILE == 0);
-        let root = plan.paths.iter().find(|r| r.path == "/").unwrap();
+        let root = plan.paths.iter().find(|r| r.path == Path::new("/")).unwrap();
         assert_eq!(root.access, fs::READ);
     }
 

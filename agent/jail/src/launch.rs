@@ -25,7 +25,7 @@
 //! is reported through a close-on-exec pipe as (stage, index, errno); the parent
 //! turns it into a message and nothing runs. EOF on that pipe means the exec happened.
 use std::{
-    ffi::CString,
+    ffi::{CString, OsString},
     io::{self, Read},
     os::{
         fd::{AsRawFd, OwnedFd},
@@ -36,6 +36,7 @@ use std::{
 
 use crate::{
     cgroup::{self, CgroupError, V1Cgroup},
+    exec_size::{self, ExecSizeError},
     landlock::{self, LandlockPlan, LandlockRequest},
     mounts::{self, Bind, MountOp, ViewSpec},
     profile::{self, NetMode, Profile, WorkspaceMode},
@@ -61,6 +62,8 @@ pub enum LaunchError {
     NotFound { program: String },
     #[error("{program}: permission denied inside the jail")]
     NotExecutable { program: String },
+    #[error("cannot run {program}: {source}")]
+    TooLarge { program: String, source: ExecSizeError },
 }
 
 impl LaunchError {
@@ -80,10 +83,10 @@ pub struct JailConfig {
     pub profile: Profile,
     /// The program as resolved on the host.
     pub program: PathBuf,
-    /// argv, argv[0] as the user typed it.
-    pub argv: Vec<String>,
+    /// argv, argv[0] as the user typed it (any bytes but NUL: arguments need not be UTF-8).
+    pub argv: Vec<OsString>,
     /// The complete environment of the agent (already scrubbed by the caller).
-    pub env: Vec<(String, String)>,
+    pub env: Vec<(OsString, OsString)>,
     /// The host workspace directory (canonical), if any.
     pub workspace: Option<PathBuf>,
     /// Extra executables (`--allow-exec`).
@@ -197,14 +200,28 @@ struct Plan {
     /// The exec listener filter and the socket to send its fd over.
     exec_listener: Option<(Vec<libc::sock_filter>, libc::c_int)>,
     exe: CString,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
+    /// The strings of argv and envp, kept alive for `argv_ptrs`/`envp_ptrs`, which point into them.
+    _strings: [Vec<CString>; 2],
+    /// Null-terminated pointer arrays for execve(2), built before clone because the
+    /// child must not allocate. A CString's bytes stay where they are when the Plan moves.
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
     tty: Option<libc::c_int>,
+}
+
+/// A null-terminated array of pointers to `strings` (valid while they live).
+fn pointer_array(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
 }
 
 fn cstr(text: impl AsRef<[u8]>) -> Result<CString, LaunchError> {
     CString::new(text.as_ref())
         .map_err(|_| LaunchError::Config(format!("'{}' contains a NUL byte", String::from_utf8_lossy(text.as_ref()))))
+}
+
+/// The command as the user typed it, for messages.
+fn program_name(cfg: &JailConfig) -> String {
+    cfg.argv.first().map(|arg| arg.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn path_c(path: &Path) -> Result<CString, LaunchError> {
@@ -281,11 +298,42 @@ pub fn check_workspace(profile: &Profile, ws: &Path) -> Result<(), LaunchError> 
     if profile.workspace == WorkspaceMode::Scratch || !profile.confine {
         return Ok(());
     }
-    let system: Vec<PathBuf> = profile.system.iter().filter_map(|s| Path::new(s).canonicalize().ok()).collect();
-    if ws == Path::new("/") || system.iter().any(|s| is_under(s, ws) || is_under(ws, s)) {
+    if overlaps_system(profile, ws) {
         return Err(LaunchError::Config(format!(
             "workspace {} overlaps the system paths of the jail; give a project directory with --workspace",
             ws.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `path` (canonical) is `/`, a system path of the profile, above one or under one.
+fn overlaps_system(profile: &Profile, path: &Path) -> bool {
+    let system: Vec<PathBuf> = profile.system.iter().filter_map(|s| Path::new(s).canonicalize().ok()).collect();
+    path == Path::new("/") || system.iter().any(|s| is_under(s, path) || is_under(path, s))
+}
+
+/// Checks an extra path (`--rw`/`--ro`, canonical) can be honoured: a writable one never
+/// makes a system path (or an ancestor) writable, nor the host's /sys; neither goes
+/// under /proc, where the jail's own procfs (of its pid namespace) would hide it.
+pub fn check_extra_path(profile: &Profile, path: &Path, writable: bool) -> Result<(), LaunchError> {
+    let flag = if writable { "--rw" } else { "--ro" };
+    if is_under(path, Path::new("/proc")) {
+        return Err(LaunchError::Config(format!(
+            "{flag} {}: the jail has its own /proc (its pid namespace's); a host path there would be hidden",
+            path.display()
+        )));
+    }
+    if writable && is_under(path, Path::new("/sys")) {
+        return Err(LaunchError::Config(format!(
+            "--rw {}: the host's /sys is never writable in a jail (use --ro)",
+            path.display()
+        )));
+    }
+    if writable && overlaps_system(profile, path) {
+        return Err(LaunchError::Config(format!(
+            "--rw {} overlaps the system paths of the jail, which stay read-only; give a directory outside them",
+            path.display()
         )));
     }
     Ok(())
@@ -351,8 +399,11 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     let system_dirs: Vec<PathBuf> = view.binds.iter().map(|b| b.path.clone()).collect();
     // The workspace.
     let mut cwd = PathBuf::from("/tmp");
-    let mut write_paths: Vec<String> = vec!["/tmp".into(), "/dev/shm".into(), "/dev/pts".into()];
-    write_paths.extend(["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"].map(String::from));
+    let mut write_paths: Vec<PathBuf> =
+        ["/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full", "/dev/tty"]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
     if let Some(console) = &cfg.tty_path {
         view.console = Some(console.clone());
         write_paths.push("/dev/console".into());
@@ -370,18 +421,18 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             check_workspace(p, ws)?;
             add_bind(&mut view, ws, mode == WorkspaceMode::Rw, true)?;
             if mode == WorkspaceMode::Rw {
-                write_paths.push(ws.display().to_string());
+                write_paths.push(ws.clone());
             }
             cwd = ws.clone();
         }
         (_, None) => {}
     }
     for rw in &p.rw {
-        add_bind(&mut view, Path::new(rw), true, true)?;
+        add_bind(&mut view, rw, true, true)?;
         write_paths.push(rw.clone());
     }
     for ro in &p.ro {
-        add_bind(&mut view, Path::new(ro), false, true)?;
+        add_bind(&mut view, ro, false, true)?;
     }
     // The entry command, its interpreters and --allow-exec paths must be visible.
     let mut exec_paths: Vec<PathBuf> = vec![cfg.program.clone()];
@@ -411,11 +462,11 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
 
     // Landlock.
     let landlock = if enforcement.landlock_abi > 0 {
-        let mut execute: Vec<String> = Vec::new();
+        let mut execute: Vec<PathBuf> = Vec::new();
         if p.exec_system {
-            execute.extend(system_dirs.iter().map(|d| d.display().to_string()));
+            execute.extend(system_dirs.iter().cloned());
         }
-        execute.extend(exec_paths.iter().map(|e| e.display().to_string()));
+        execute.extend(exec_paths.iter().cloned());
         let connect_ports = match p.net {
             NetMode::Host => None,
             NetMode::None => Some(Vec::new()),
@@ -434,7 +485,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             scope_ipc: p.scope_ipc,
         };
         let plan = LandlockPlan::for_abi(&req, enforcement.landlock_abi);
-        let paths = plan.paths.iter().map(|r| Ok((cstr(&r.path)?, r.access))).collect::<Result<_, LaunchError>>()?;
+        let paths = plan.paths.iter().map(|r| Ok((path_c(&r.path)?, r.access))).collect::<Result<_, LaunchError>>()?;
         Some(LandlockChild { plan, paths })
     } else {
         None
@@ -464,18 +515,18 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     let mut ops = Vec::with_capacity(ops_plain.len());
     let mut op_names = Vec::with_capacity(ops_plain.len());
     for op in &ops_plain {
-        op_names.push(format!("{op:?}"));
+        op_names.push(op.to_string());
         ops.push(match op {
-            MountOp::Mkdir(p) => COp::Mkdir(cstr(p)?),
-            MountOp::Touch(p) => COp::Touch(cstr(p)?),
-            MountOp::Bind { src, dst } => COp::Bind(cstr(src)?, cstr(dst)?),
-            MountOp::RemountRo { dst } => COp::RemountRo(cstr(dst)?),
-            MountOp::Tmpfs { dst, options, flags } => COp::Tmpfs(cstr(dst)?, cstr(options)?, *flags as libc::c_ulong),
-            MountOp::Proc { dst } => COp::Proc(cstr(dst)?),
-            MountOp::Devpts { dst } => COp::Devpts(cstr(dst)?),
-            MountOp::Symlink { target, link } => COp::Symlink(cstr(target)?, cstr(link)?),
-            MountOp::HideFile { dst } => COp::HideFile(cstr(dst)?),
-            MountOp::HideDir { dst } => COp::HideDir(cstr(dst)?),
+            MountOp::Mkdir(p) => COp::Mkdir(path_c(p)?),
+            MountOp::Touch(p) => COp::Touch(path_c(p)?),
+            MountOp::Bind { src, dst } => COp::Bind(path_c(src)?, path_c(dst)?),
+            MountOp::RemountRo { dst } => COp::RemountRo(path_c(dst)?),
+            MountOp::Tmpfs { dst, options, flags } => COp::Tmpfs(path_c(dst)?, cstr(options)?, *flags as libc::c_ulong),
+            MountOp::Proc { dst } => COp::Proc(path_c(dst)?),
+            MountOp::Devpts { dst } => COp::Devpts(path_c(dst)?),
+            MountOp::Symlink { target, link } => COp::Symlink(path_c(target)?, path_c(link)?),
+            MountOp::HideFile { dst } => COp::HideFile(path_c(dst)?),
+            MountOp::HideDir { dst } => COp::HideDir(path_c(dst)?),
         });
     }
 
@@ -491,8 +542,17 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             clone_flags |= flag as libc::c_ulong;
         }
     }
-    let argv = cfg.argv.iter().map(cstr).collect::<Result<Vec<_>, _>>()?;
-    let envp = cfg.env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
+    let argv = cfg.argv.iter().map(|arg| cstr(arg.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+    let envp = cfg
+        .env
+        .iter()
+        .map(|(k, v)| cstr([k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let exe = path_c(&cfg.program)?;
+    let lengths = |list: &[CString]| list.iter().map(|s| s.as_bytes().len()).collect::<Vec<_>>();
+    exec_size::check(exe.as_bytes().len(), &lengths(&argv), &lengths(&envp), exec_size::host_limit())
+        .map_err(|source| LaunchError::TooLarge { program: program_name(cfg), source })?;
+    let (argv_ptrs, envp_ptrs) = (pointer_array(&argv), pointer_array(&envp));
     Ok(Plan {
         clone_flags,
         rootless: cfg.rootless,
@@ -515,9 +575,10 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         landlock,
         seccomp,
         exec_listener,
-        exe: path_c(&cfg.program)?,
-        argv,
-        envp,
+        exe,
+        _strings: [argv, envp],
+        argv_ptrs,
+        envp_ptrs,
         tty: cfg.tty,
     })
 }
@@ -634,7 +695,7 @@ pub fn launch_with_cgroups(
     let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
     let (stage, index, errno) = (word(0), word(4) as usize, word(8) as i32);
     let source = io::Error::from_raw_os_error(errno);
-    let program = cfg.argv.first().cloned().unwrap_or_default();
+    let program = program_name(cfg);
     if stage == Stage::Exec as u32 {
         return Err(match errno {
             libc::ENOENT => LaunchError::NotFound { program },
@@ -981,14 +1042,6 @@ fn child_agent(plan: &Plan, report: libc::c_int, in_v2: bool) -> ! {
     if let Some(filter) = &plan.seccomp {
         step!(report, Stage::Seccomp, 0, sys::seccomp_set_filter(filter));
     }
-    let mut argv: [*const libc::c_char; 256] = [std::ptr::null(); 256];
-    let mut envp: [*const libc::c_char; 512] = [std::ptr::null(); 512];
-    for (slot, arg) in argv.iter_mut().zip(plan.argv.iter().take(255)) {
-        *slot = arg.as_ptr();
-    }
-    for (slot, var) in envp.iter_mut().zip(plan.envp.iter().take(511)) {
-        *slot = var.as_ptr();
-    }
     // The exec listener, last: from here every execve/execveat waits for the supervisor,
     // this one first. The listener fd leaves the agent before it runs anything.
     if let Some((filter, socket)) = &plan.exec_listener {
@@ -1000,7 +1053,7 @@ fn child_agent(plan: &Plan, report: libc::c_int, in_v2: bool) -> ! {
         sys::close(listener);
         sys::close(*socket);
     }
-    let err = sys::execve(&plan.exe, &argv, &envp);
+    let err = sys::execve(&plan.exe, &plan.argv_ptrs, &plan.envp_ptrs);
     let code = match err.raw_os_error() {
         Some(libc::ENOENT) => 127,
         Some(libc::EACCES) => 126,
@@ -1101,6 +1154,34 @@ mod tests {
         let l = plan.landlock.unwrap();
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/usr" && a & landlock::fs::EXECUTE != 0));
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/tmp" && a & landlock::fs::WRITE_FILE != 0));
+    }
+
+    #[test]
+    fn extra_paths_never_make_the_system_writable_or_hide_under_proc() {
+        let ring2 = Profile::builtin(2).unwrap();
+        for (path, writable, needle) in [
+            ("/", true, "overlaps the system paths"),
+            ("/usr", true, "overlaps the system paths"),
+            ("/usr/share", true, "overlaps the system paths"),
+            ("/sys", true, "never writable"),
+            ("/sys/fs/cgroup", true, "never writable"),
+            ("/proc", false, "its own /proc"),
+            ("/proc/sys", true, "its own /proc"),
+        ] {
+            let err = check_extra_path(&ring2, Path::new(path), writable).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains(path), "{path}: {err}");
+        }
+        for (path, writable) in [("/usr", false), ("/sys", false), ("/tmp", true), ("/dev/null", true)] {
+            assert!(check_extra_path(&ring2, Path::new(path), writable).is_ok(), "{path}");
+        }
+    }
+
+    #[test]
+    fn mount_steps_are_named_in_plain_words() {
+        let op = MountOp::Touch("/newroot/dev/tty".into());
+        assert_eq!(op.to_string(), "create /newroot/dev/tty");
+        let op = MountOp::Bind { src: "/oldroot/usr".into(), dst: "/newroot/usr".into() };
+        assert_eq!(op.to_string(), "bind /oldroot/usr on /newroot/usr");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! and auditable. All raw syscalls go through [`sys`] (private).
 
 pub mod cgroup;
+pub mod exec_size;
 pub mod landlock;
 pub mod launch;
 pub mod mounts;

@@ -18,44 +18,62 @@ pub const SCRATCH: &str = "/workspace";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MountOp {
     /// mkdir (one level; the plan lists parents first).
-    Mkdir(String),
+    Mkdir(PathBuf),
     /// Create an empty file as a bind target.
-    Touch(String),
+    Touch(PathBuf),
     /// Recursive bind `src` (under /oldroot) onto `dst` (under /newroot).
     Bind {
-        src: String,
-        dst: String,
+        src: PathBuf,
+        dst: PathBuf,
     },
     /// Make the bind at `dst` read-only (keeping the source's nosuid/nodev/noexec locks), plus nosuid and nodev.
     RemountRo {
-        dst: String,
+        dst: PathBuf,
     },
     /// tmpfs with options at `dst`.
     Tmpfs {
-        dst: String,
+        dst: PathBuf,
         options: String,
         flags: u64,
     },
     /// A fresh procfs for the jail's pid namespace.
     Proc {
-        dst: String,
+        dst: PathBuf,
     },
     /// A private devpts instance.
     Devpts {
-        dst: String,
+        dst: PathBuf,
     },
     Symlink {
-        target: String,
-        link: String,
+        target: PathBuf,
+        link: PathBuf,
     },
     /// Bind the empty file over a hidden file.
     HideFile {
-        dst: String,
+        dst: PathBuf,
     },
     /// Mount an empty read-only tmpfs over a hidden directory.
     HideDir {
-        dst: String,
+        dst: PathBuf,
     },
+}
+
+/// How a step is named in a setup error ("jail setup failed at mount step ...").
+impl std::fmt::Display for MountOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountOp::Mkdir(path) => write!(f, "mkdir {}", path.display()),
+            MountOp::Touch(path) => write!(f, "create {}", path.display()),
+            MountOp::Bind { src, dst } => write!(f, "bind {} on {}", src.display(), dst.display()),
+            MountOp::RemountRo { dst } => write!(f, "remount {} read-only", dst.display()),
+            MountOp::Tmpfs { dst, .. } => write!(f, "tmpfs on {}", dst.display()),
+            MountOp::Proc { dst } => write!(f, "proc on {}", dst.display()),
+            MountOp::Devpts { dst } => write!(f, "devpts on {}", dst.display()),
+            MountOp::Symlink { target, link } => write!(f, "symlink {} -> {}", link.display(), target.display()),
+            MountOp::HideFile { dst } => write!(f, "hide file {}", dst.display()),
+            MountOp::HideDir { dst } => write!(f, "hide directory {}", dst.display()),
+        }
+    }
 }
 
 /// One host path to show inside, at the same path.
@@ -87,8 +105,11 @@ pub struct ViewSpec {
 
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
-fn under(root: &str, path: &Path) -> String {
-    format!("{root}{}", path.display())
+/// `path` (absolute) below `root`, as bytes: a path need not be UTF-8.
+fn under(root: &str, path: &Path) -> PathBuf {
+    let mut joined = std::ffi::OsString::from(root);
+    joined.push(path.as_os_str());
+    PathBuf::from(joined)
 }
 
 /// Pushes Mkdir for every component of `path` below `/newroot` (idempotent at run time).
@@ -111,10 +132,10 @@ impl ViewSpec {
         // Private /tmp and minimal /dev first: a workspace under the host's /tmp is
         // then bound on top of the private one, not hidden by it.
         for (dir, options) in [("/tmp", "mode=1777,size=256m"), ("/dev", "mode=0755,size=64k")] {
-            ops.push(MountOp::Mkdir(format!("{NEWROOT}{dir}")));
+            ops.push(MountOp::Mkdir(under(NEWROOT, Path::new(dir))));
             let flags =
                 if dir == "/dev" { libc::MS_NOSUID | libc::MS_NOEXEC } else { libc::MS_NOSUID | libc::MS_NODEV };
-            ops.push(MountOp::Tmpfs { dst: format!("{NEWROOT}{dir}"), options: options.into(), flags });
+            ops.push(MountOp::Tmpfs { dst: under(NEWROOT, Path::new(dir)), options: options.into(), flags });
         }
         let mut binds = self.binds.clone();
         binds.sort_by_key(|b| b.path.components().count());
@@ -140,7 +161,7 @@ impl ViewSpec {
             if let Some(parent) = link.parent() {
                 mkdirs(&mut ops, parent);
             }
-            ops.push(MountOp::Symlink { target: target.display().to_string(), link: under(NEWROOT, link) });
+            ops.push(MountOp::Symlink { target: target.clone(), link: under(NEWROOT, link) });
         }
         if self.scratch {
             mkdirs(&mut ops, Path::new(SCRATCH));
@@ -151,23 +172,23 @@ impl ViewSpec {
             });
         }
         for dev in &self.devices {
-            let dst = format!("{NEWROOT}/dev/{dev}");
+            let dst = under(NEWROOT, &Path::new("/dev").join(dev));
             ops.push(MountOp::Touch(dst.clone()));
-            ops.push(MountOp::Bind { src: format!("{OLDROOT}/dev/{dev}"), dst });
+            ops.push(MountOp::Bind { src: under(OLDROOT, &Path::new("/dev").join(dev)), dst });
         }
         if let Some(console) = &self.console {
-            let dst = format!("{NEWROOT}/dev/console");
+            let dst = under(NEWROOT, Path::new("/dev/console"));
             ops.push(MountOp::Touch(dst.clone()));
             ops.push(MountOp::Bind { src: under(OLDROOT, console), dst });
         }
         if self.devpts {
-            ops.push(MountOp::Mkdir(format!("{NEWROOT}/dev/pts")));
-            ops.push(MountOp::Devpts { dst: format!("{NEWROOT}/dev/pts") });
-            ops.push(MountOp::Symlink { target: "pts/ptmx".into(), link: format!("{NEWROOT}/dev/ptmx") });
+            ops.push(MountOp::Mkdir(under(NEWROOT, Path::new("/dev/pts"))));
+            ops.push(MountOp::Devpts { dst: under(NEWROOT, Path::new("/dev/pts")) });
+            ops.push(MountOp::Symlink { target: "pts/ptmx".into(), link: under(NEWROOT, Path::new("/dev/ptmx")) });
         }
-        ops.push(MountOp::Mkdir(format!("{NEWROOT}/dev/shm")));
+        ops.push(MountOp::Mkdir(under(NEWROOT, Path::new("/dev/shm"))));
         ops.push(MountOp::Tmpfs {
-            dst: format!("{NEWROOT}/dev/shm"),
+            dst: under(NEWROOT, Path::new("/dev/shm")),
             options: "mode=1777,size=64m".into(),
             flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         });
@@ -177,13 +198,16 @@ impl ViewSpec {
             ("/proc/self/fd/1", "stdout"),
             ("/proc/self/fd/2", "stderr"),
         ] {
-            ops.push(MountOp::Symlink { target: target.into(), link: format!("{NEWROOT}/dev/{link}") });
+            ops.push(MountOp::Symlink { target: target.into(), link: under(NEWROOT, &Path::new("/dev").join(link)) });
         }
-        ops.push(MountOp::Mkdir(format!("{NEWROOT}/proc")));
-        ops.push(MountOp::Proc { dst: format!("{NEWROOT}/proc") });
+        ops.push(MountOp::Mkdir(under(NEWROOT, Path::new("/proc"))));
+        ops.push(MountOp::Proc { dst: under(NEWROOT, Path::new("/proc")) });
         // /proc/sys read-only (global sysctls); Landlock refuses the writes as well.
-        ops.push(MountOp::Bind { src: format!("{NEWROOT}/proc/sys"), dst: format!("{NEWROOT}/proc/sys") });
-        ops.push(MountOp::RemountRo { dst: format!("{NEWROOT}/proc/sys") });
+        ops.push(MountOp::Bind {
+            src: under(NEWROOT, Path::new("/proc/sys")),
+            dst: under(NEWROOT, Path::new("/proc/sys")),
+        });
+        ops.push(MountOp::RemountRo { dst: under(NEWROOT, Path::new("/proc/sys")) });
         for (path, is_dir) in &self.hide {
             let dst = under(NEWROOT, path);
             ops.push(if *is_dir { MountOp::HideDir { dst } } else { MountOp::HideFile { dst } });
@@ -228,6 +252,16 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_bytes_not_text() {
+        use std::{ffi::OsStr, os::unix::ffi::OsStrExt};
+        let odd = Path::new(OsStr::from_bytes(b"/srv/caf\xe9"));
+        let spec = ViewSpec { binds: vec![Bind { path: odd.into(), writable: true, is_dir: true }], ..spec() };
+        let src = Path::new(OsStr::from_bytes(b"/oldroot/srv/caf\xe9")).to_path_buf();
+        let dst = Path::new(OsStr::from_bytes(b"/newroot/srv/caf\xe9")).to_path_buf();
+        assert!(spec.plan().contains(&MountOp::Bind { src, dst }));
+    }
+
+    #[test]
     fn secrets_are_hidden_after_the_binds() {
         let ops = spec().plan();
         let last_bind = ops.iter().rposition(|o| matches!(o, MountOp::Bind { .. })).unwrap();
@@ -241,15 +275,21 @@ mod tests {
     fn a_workspace_under_tmp_is_mounted_over_the_private_tmp() {
         let spec = ViewSpec { binds: vec![Bind { path: "/tmp/ws".into(), writable: true, is_dir: true }], ..spec() };
         let ops = spec.plan();
-        let tmp = ops.iter().position(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == "/newroot/tmp")).unwrap();
-        let ws = ops.iter().position(|o| matches!(o, MountOp::Bind { dst, .. } if dst == "/newroot/tmp/ws")).unwrap();
+        let tmp = ops
+            .iter()
+            .position(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == Path::new("/newroot/tmp")))
+            .unwrap();
+        let ws = ops
+            .iter()
+            .position(|o| matches!(o, MountOp::Bind { dst, .. } if dst == Path::new("/newroot/tmp/ws")))
+            .unwrap();
         assert!(tmp < ws);
     }
 
     #[test]
     fn private_tmp_proc_and_dev() {
         let ops = spec().plan();
-        assert!(ops.iter().any(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == "/newroot/tmp")));
+        assert!(ops.iter().any(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == Path::new("/newroot/tmp"))));
         assert!(ops.contains(&MountOp::Proc { dst: "/newroot/proc".into() }));
         assert!(ops.contains(&MountOp::RemountRo { dst: "/newroot/proc/sys".into() }));
         assert!(ops.contains(&MountOp::Bind { src: "/oldroot/dev/null".into(), dst: "/newroot/dev/null".into() }));
@@ -257,6 +297,8 @@ mod tests {
         assert!(ops.contains(&MountOp::Bind { src: "/oldroot/dev/pts/3".into(), dst: "/newroot/dev/console".into() }));
         assert!(ops.contains(&MountOp::Symlink { target: "usr/bin".into(), link: "/newroot/bin".into() }));
         let scratch = ViewSpec { scratch: true, ..spec() }.plan();
-        assert!(scratch.iter().any(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == "/newroot/workspace")));
+        assert!(scratch
+            .iter()
+            .any(|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == Path::new("/newroot/workspace"))));
     }
 }

@@ -57,6 +57,49 @@ impl NetMode {
             _ => None,
         }
     }
+
+    /// The name used in profiles and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetMode::None => "none",
+            NetMode::Allowlist => "allowlist",
+            NetMode::Host => "host",
+        }
+    }
+
+    /// The modes a ring may have: never a network wider than the ring stands for
+    /// (0 host; 1-2 allow-listed egress, or none; 3 none at all).
+    pub fn allowed_in(ring: u8) -> &'static [NetMode] {
+        match ring {
+            0 => &[NetMode::Host],
+            1 | 2 => &[NetMode::Allowlist, NetMode::None],
+            _ => &[NetMode::None],
+        }
+    }
+}
+
+/// Ordered by how much of the network a mode opens (none < allowlist < host): a flag
+/// may only lower it.
+impl PartialOrd for NetMode {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NetMode {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let openness = |mode: &NetMode| match mode {
+            NetMode::None => 0,
+            NetMode::Allowlist => 1,
+            NetMode::Host => 2,
+        };
+        openness(self).cmp(&openness(other))
+    }
+}
+
+/// The names of `modes`, for messages ("allowlist or none").
+pub fn mode_names(modes: &[NetMode]) -> String {
+    modes.iter().map(|m| m.name()).collect::<Vec<_>>().join(" or ")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,8 +175,10 @@ pub struct Profile {
     /// System paths mounted read-only.
     pub system: Vec<String>,
     pub workspace: WorkspaceMode,
-    pub rw: Vec<String>,
-    pub ro: Vec<String>,
+    /// Extra paths shown writable / read-only (bytes: a path given on the command line need
+    /// not be UTF-8).
+    pub rw: Vec<PathBuf>,
+    pub ro: Vec<PathBuf>,
     /// Paths (globs with `*`, `~` for the invoking user's home) never visible inside.
     pub hide: Vec<String>,
     /// Exec of anything under the system paths.
@@ -147,11 +192,36 @@ pub struct Profile {
     pub limits: Limits,
 }
 
+/// The largest profile file read (the built-in ones are about 1.5 KiB).
+const MAX_PROFILE_BYTES: u64 = 1 << 20;
+
+/// Reads a profile: a regular file of at most [`MAX_PROFILE_BYTES`]. Opened without
+/// blocking, so a FIFO is refused instead of waiting for a writer, and a device such as
+/// /dev/zero is refused instead of read until memory runs out.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PROFILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_PROFILE_BYTES {
+        return Err(format!("larger than {MAX_PROFILE_BYTES} bytes"));
+    }
+    Ok(bytes)
+}
+
 /// Parses a size: bytes, or with K/M/G/T suffix (powers of 1024), or "max"/null for none.
 pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
     let t = text.trim();
-    if t.eq_ignore_ascii_case("max") || t.is_empty() {
+    if t.eq_ignore_ascii_case("max") {
         return Ok(None);
+    }
+    if t.is_empty() {
+        return Err("an empty size is not a limit (expected e.g. 512M, 2G, bytes, or max for none)".into());
     }
     let (num, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -167,7 +237,9 @@ pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
         _ => (t, 1),
     };
     let n: u64 = num.trim().parse().map_err(|_| format!("'{text}' is not a size (expected e.g. 512M, 2G or bytes)"))?;
-    let bytes = n.checked_mul(mult).ok_or_else(|| format!("'{text}' is too large"))?;
+    let bytes = n.checked_mul(mult).filter(|b| *b <= MAX_MEMORY).ok_or_else(|| {
+        format!("'{text}' is larger than the kernel takes (at most {MAX_MEMORY} bytes; max for none)")
+    })?;
     if bytes < (1 << 20) {
         return Err(format!("memory limit '{text}' is below 1M; the jail could not start"));
     }
@@ -176,7 +248,7 @@ pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
 
 /// Parses CPUs as a decimal number of cores ("0.5", "2") into millicores.
 pub fn parse_cpu(text: &str) -> Result<Option<u64>, String> {
-    if text.eq_ignore_ascii_case("max") {
+    if text.trim().eq_ignore_ascii_case("max") {
         return Ok(None);
     }
     let cores: f64 =
@@ -189,14 +261,23 @@ pub fn parse_cpu(text: &str) -> Result<Option<u64>, String> {
 
 /// Parses a pids limit.
 pub fn parse_pids(text: &str) -> Result<Option<u64>, String> {
-    if text.eq_ignore_ascii_case("max") {
+    if text.trim().eq_ignore_ascii_case("max") {
         return Ok(None);
     }
     match text.trim().parse::<u64>() {
-        Ok(n) if n >= 2 => Ok(Some(n)),
-        _ => Err(format!("pids '{text}' must be a number of at least 2 (the jail's init and the command)")),
+        Ok(n) if (2..=MAX_PIDS).contains(&n) => Ok(Some(n)),
+        Ok(n) if n > MAX_PIDS => {
+            Err(format!("pids '{text}' is more than the kernel has ({MAX_PIDS}, PID_MAX_LIMIT); use max for none"))
+        }
+        _ => Err(format!("pids '{text}' must be a number of at least 2 (the jail's init and the command), or max")),
     }
 }
+
+/// The largest memory limit cgroups take (v1 memory.limit_in_bytes is a signed 64-bit
+/// number of bytes, rounded up to a page).
+const MAX_MEMORY: u64 = (i64::MAX as u64) & !0xfff;
+/// The kernel's largest pid count (PID_MAX_LIMIT on 64-bit).
+const MAX_PIDS: u64 = 4 * 1024 * 1024;
 
 struct Ctx<'a> {
     file: &'a str,
@@ -295,10 +376,10 @@ impl Profile {
     /// Loads a profile file.
     pub fn load(path: &Path) -> Result<Self, ProfileError> {
         let file = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| ProfileError {
+        let bytes = read_bounded(path).map_err(|message| ProfileError {
             file: file.clone(),
             pos: Pos { line: 1, col: 1 },
-            message: format!("cannot read profile: {e}"),
+            message: format!("cannot read profile: {message}"),
         })?;
         let text = std::str::from_utf8(&bytes).map_err(|e| ProfileError {
             file: file.clone(),
@@ -340,7 +421,7 @@ impl Profile {
             allow_bind: Vec::new(),
             allow_udp: false,
             system: Vec::new(),
-            workspace: WorkspaceMode::Rw,
+            workspace: if ring == 3 { WorkspaceMode::Scratch } else { WorkspaceMode::Rw },
             rw: Vec::new(),
             ro: Vec::new(),
             hide: Vec::new(),
@@ -419,6 +500,16 @@ impl Profile {
                 "ring 0 (confine: false) only supports network.mode host",
             ));
         }
+        if confine && !NetMode::allowed_in(ring).contains(&p.net) {
+            return Err(cx.err(
+                get("network").map_or(root.pos, |n| n.pos),
+                format!(
+                    "ring {ring} cannot have network.mode {}; ring {ring} allows {}",
+                    p.net.name(),
+                    mode_names(NetMode::allowed_in(ring))
+                ),
+            ));
+        }
         if let Some(pos) = net_ns_listed {
             if p.net != NetMode::None {
                 return Err(cx.err(
@@ -447,13 +538,21 @@ impl Profile {
                             }
                         };
                     }
-                    "rw" => p.rw = cx.paths(value, "filesystem.rw")?,
-                    "ro" => p.ro = cx.paths(value, "filesystem.ro")?,
+                    "rw" => p.rw = cx.paths(value, "filesystem.rw")?.into_iter().map(PathBuf::from).collect(),
+                    "ro" => p.ro = cx.paths(value, "filesystem.ro")?.into_iter().map(PathBuf::from).collect(),
                     _ => p.hide = cx.paths(value, "filesystem.hide")?,
                 }
             }
         }
-        for path in p.system.iter().chain(&p.rw).chain(&p.ro) {
+        if ring == 3 && (!p.rw.is_empty() || p.workspace == WorkspaceMode::Rw) {
+            return Err(cx.err(
+                get("filesystem").map_or(root.pos, |n| n.pos),
+                "ring 3 has nothing writable but its scratch /workspace: filesystem.rw must be empty and \
+                 filesystem.workspace scratch or ro",
+            ));
+        }
+        let extra = p.rw.iter().chain(&p.ro).map(|path| path.to_string_lossy().into_owned());
+        for path in p.system.iter().cloned().chain(extra) {
             if path.starts_with('~') || path.contains('*') {
                 return Err(cx.err(
                     get("filesystem").map_or(root.pos, |n| n.pos),
@@ -630,7 +729,7 @@ mod tests {
         assert!(err("ring: 2\nnetwork:\n  allow_connect: ['example.com:443']\n").contains("is not an IP address"));
         assert!(err("ring: 1\nconfine: false\n").contains("only ring 0"));
         assert!(err("ring: 2\nnamespaces: [mount]\n").contains("pid and mount"));
-        assert!(err("ring: 2\nnetwork: {mode: host}\nnamespaces: [pid, mount, net]\n").contains("net namespace"));
+        assert!(err("ring: 2\nnetwork: {mode: allowlist}\nnamespaces: [pid, mount, net]\n").contains("net namespace"));
         assert!(err("ring: [\n").starts_with("p.yaml:"));
         assert!(err("").contains("must be a mapping"));
     }
@@ -663,6 +762,76 @@ mod tests {
         assert_eq!(Dest::parse("[::1]:80").unwrap().prefix, 128);
         assert!(Dest::parse("1.2.3.4").is_err());
         assert!(Dest::parse("1.2.3.4/33:1").is_err());
+    }
+
+    #[test]
+    fn a_ring_never_has_a_wider_network_or_ring_3_a_writable_path() {
+        assert_eq!(
+            err("ring: 3\nnetwork: {mode: host}\n"),
+            "p.yaml:2:10: ring 3 cannot have network.mode host; ring 3 allows none"
+        );
+        assert!(err("ring: 3\nnetwork: {mode: allowlist}\n").contains("ring 3 allows none"));
+        assert!(err("ring: 2\nnetwork: {mode: host}\n").contains("ring 2 allows allowlist or none"));
+        assert!(err("ring: 1\nnetwork: {mode: host}\n").contains("ring 1 allows allowlist or none"));
+        assert!(err("ring: 3\nfilesystem: {rw: [/tmp]}\n").contains("ring 3 has nothing writable"));
+        assert!(err("ring: 3\nfilesystem: {workspace: rw}\n").contains("ring 3 has nothing writable"));
+        assert_eq!(Profile::parse("ring: 3\n", "p.yaml").unwrap().workspace, WorkspaceMode::Scratch);
+        assert_eq!(Profile::parse("ring: 2\nnetwork: {mode: none}\n", "p.yaml").unwrap().net, NetMode::None);
+    }
+
+    #[test]
+    fn limits_refuse_empty_zero_garbage_and_overflow() {
+        for bad in [
+            "",
+            " ",
+            "0",
+            "0M",
+            "-1",
+            "-1M",
+            "1.5G",
+            "12Q",
+            "M",
+            "512MB",
+            "99999999999T",
+            "18446744073709551615",
+            "9223372036854775807",
+            "\u{0}",
+            "５１２M",
+        ] {
+            let message = parse_size(bad).unwrap_err();
+            assert!(!message.is_empty(), "{bad:?}");
+        }
+        assert_eq!(parse_size(" max ").unwrap(), None);
+        assert_eq!(parse_size("1M").unwrap(), Some(1 << 20));
+        for bad in ["", "0", "1", "-2", "x", "2.5", "4194305", "18446744073709551616"] {
+            assert!(parse_pids(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_pids("4194304").unwrap(), Some(4 << 20));
+        assert_eq!(parse_pids(" max").unwrap(), None);
+        for bad in ["", "0", "-1", "0.001", "nan", "inf", "1025", "1e400", "x"] {
+            assert!(parse_cpu(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_cpu(" max ").unwrap(), None);
+    }
+
+    #[test]
+    fn profile_files_are_bounded_regular_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let big = tmp.path().join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (MAX_PROFILE_BYTES + 1) as usize]).unwrap();
+        for (path, needle) in [
+            (fifo.as_path(), "not a regular file"),
+            (Path::new("/dev/zero"), "not a regular file"),
+            (tmp.path(), "not a regular file"),
+            (big.as_path(), "larger than 1048576 bytes"),
+        ] {
+            let err = Profile::load(path).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains(":1:1: cannot read profile"), "{err}");
+        }
     }
 
     #[test]

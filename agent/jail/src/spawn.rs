@@ -59,16 +59,20 @@ pub fn spawn_in_cgroup_notified(
     exec_notify: Option<RawFd>,
 ) -> Result<Child, SpawnError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    // Every hierarchy that holds a limit (v1 ones on hybrid hosts), not only v2: a
+    // limit the command's cgroup does not carry is a limit silently not enforced.
     let procs = cgroup.procs_for_join()?;
-    let procs_fd = procs.as_raw_fd();
+    let procs_fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
     let supervisor = std::process::id();
     // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // (write(2) on an fd that `procs` keeps open in the parent, and so in the child's copy
-    // of the fd table, until spawn returns; prctl(2); getppid(2)): all async-signal-safe,
-    // none allocates.
+    // (write(2) on fds that `procs` keeps open in the parent, and so in the child's copy
+    // of the fd table, until spawn returns; prctl(2); getppid(2)): all async-signal-safe;
+    // iterating the fd list built above does not allocate.
     unsafe {
         cmd.pre_exec(move || {
-            sys::write_all_raw(procs_fd, b"0")?;
+            for fd in &procs_fds {
+                sys::write_all_raw(*fd, b"0")?;
+            }
             // The BPF links live as long as agt-jail: an agent that outlived it would run
             // ungoverned, so it dies with it (its descendants go with the cgroup sweep).
             sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0)?;

@@ -371,6 +371,14 @@ pub fn setrlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> i
     check(unsafe { libc::setrlimit(resource, &limit) }).map(|_| ())
 }
 
+/// The soft RLIMIT_STACK (`RLIM_INFINITY` as u64::MAX).
+pub fn stack_rlimit() -> io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `limit`.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut limit) })?;
+    Ok(limit.rlim_cur)
+}
+
 /// The Landlock ABI version the kernel supports, or the errno when it has none.
 pub fn landlock_abi() -> io::Result<u32> {
     // SAFETY: with a null attribute, size 0 and the VERSION flag the call only returns a number.

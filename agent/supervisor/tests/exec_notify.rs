@@ -506,7 +506,7 @@ fn the_jail_ring3_path_asks_before_the_entry_command_runs() {
         let cfg = JailConfig {
             profile: profile.clone(),
             program: program.into(),
-            argv: argv.iter().map(|a| a.to_string()).collect(),
+            argv: argv.iter().map(|a| (*a).into()).collect(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             workspace: None,
             allow_exec: vec![],

@@ -10,7 +10,7 @@ use crate::EXIT_INTERNAL;
 #[derive(Args, Debug)]
 pub struct AgentArg {
     /// The agent's name (`agt-jail exec --agent NAME`; agt-jail prints it at start).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = agt_jail_cli::args::parse_agent_name)]
     pub agent: String,
 
     /// Directory of the agents' control sockets.
@@ -23,8 +23,8 @@ pub struct RequestArgs {
     #[command(flatten)]
     target: AgentArg,
 
-    /// The held request's number, as printed in the "approval needed (request N)" line.
-    #[arg(value_name = "REQUEST")]
+    /// The held request's number (1 or more), as printed in the "approval needed (request N)" line.
+    #[arg(value_name = "REQUEST", value_parser = parse_request)]
     request: u64,
 }
 
@@ -33,9 +33,19 @@ pub struct DemoteArgs {
     #[command(flatten)]
     target: AgentArg,
 
-    /// The more restricted ring to move the agent to (2 or 3; never a lower number).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=3))]
+    /// The ring to move the agent to: 1, 2 or 3, and higher than the agent's ring now
+    /// (demotion only restricts; an agent is never moved to a lower-numbered ring, and
+    /// ring 0 is never a demotion's target).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=3))]
     ring: u8,
+}
+
+/// Parses a held request's number: a whole number from 1.
+fn parse_request(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("'{text}' is not a request number (1 or more, as in \"approval needed (request N)\")"))
 }
 
 /// Sends `line` to the agent and prints the outcome; exit 0 on success, 1 when the

@@ -61,6 +61,9 @@ impl<'a> Governed<'a> {
     /// The policy loads (and fails with its located error) before anything is created.
     fn new(args: &'a ExecArgs, profile: &Profile) -> Result<Self> {
         let policy = if args.policy.given() { Some(govern::load(&args.policy, profile.ring)?) } else { None };
+        if policy.is_some() {
+            decidable(&args.command)?;
+        }
         Ok(Self {
             args,
             policy,
@@ -239,6 +242,24 @@ impl<'a> Governed<'a> {
     }
 }
 
+/// Under a policy the entry command's exec is decided by the exec plane, which reads at
+/// most [`exec_notify::MAX_ARGS`] arguments of at most [`exec_notify::MAX_ARGV_BYTES`]
+/// and denies what it cannot read: such a command line is refused before anything starts
+/// (125), not run into a denial that reads as "not executable".
+fn decidable(command: &[std::ffi::OsString]) -> Result<()> {
+    let bytes: usize = command.iter().map(|arg| arg.len() + 1).sum();
+    if command.len() > exec_notify::MAX_ARGS || bytes > exec_notify::MAX_ARGV_BYTES {
+        bail!(
+            "under --policy a command line is decided by the exec plane, which reads at most {} arguments \
+             and {} bytes of them; this one has {} arguments and {bytes} bytes",
+            exec_notify::MAX_ARGS,
+            exec_notify::MAX_ARGV_BYTES,
+            command.len()
+        );
+    }
+    Ok(())
+}
+
 /// The loader's map of the kernel's per-thread records, as the exec plane reads them.
 struct KernelTasks(TaskFactsMap);
 
@@ -269,11 +290,12 @@ impl Governor for Governed<'_> {
         let socket = &governance.identity_socket;
         run::JailAdditions {
             ro: vec![socket.dir().to_path_buf()],
-            env: vec![(
-                agt_jail_supervisor::identity_socket::SOCKET_ENV.to_string(),
-                socket.path().display().to_string(),
-            )],
+            env: vec![(agt_jail_supervisor::identity_socket::SOCKET_ENV.into(), socket.path().as_os_str().to_owned())],
         }
+    }
+
+    fn entry_denied(&self) -> bool {
+        self.exec_plane.as_ref().is_some_and(|(_, decider)| decider.entry_denied())
     }
 
     fn started(&mut self) {
@@ -466,6 +488,17 @@ mod tests {
     use agt_jail_jail::profile::Dest;
 
     use super::*;
+
+    #[test]
+    fn command_lines_the_exec_plane_cannot_read_are_refused() {
+        let args =
+            |n: usize, len: usize| -> Vec<std::ffi::OsString> { (0..n).map(|_| "x".repeat(len).into()).collect() };
+        assert!(decidable(&args(exec_notify::MAX_ARGS, 1)).is_ok());
+        let err = decidable(&args(exec_notify::MAX_ARGS + 1, 1)).unwrap_err().to_string();
+        assert!(err.contains("this one has 4097 arguments"), "{err}");
+        assert!(decidable(&args(2, exec_notify::MAX_ARGV_BYTES / 2 - 1)).is_ok());
+        assert!(decidable(&args(2, exec_notify::MAX_ARGV_BYTES / 2)).is_err());
+    }
 
     #[test]
     fn allowlist_denies_loopback_and_metadata_unless_listed() {

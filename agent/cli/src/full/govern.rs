@@ -8,7 +8,10 @@ use std::{
     fs::OpenOptions,
     io::{self, BufWriter, Write},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use std::net::IpAddr;
@@ -505,6 +508,18 @@ pub struct ArmingDecider {
     /// Set when file rules need the fanotify plane and it is not started yet.
     pending_file_plane: Mutex<bool>,
     pub file_guard: Mutex<Option<FileGuard>>,
+    /// The evaluator's answer to the first exec held, the entry command's own (see [`Entry`]).
+    entry: Arc<AtomicU8>,
+}
+
+/// What the evaluator answered to the entry command's execve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Entry {
+    NotAsked = 0,
+    Held = 1,
+    Allowed = 2,
+    Denied = 3,
 }
 
 impl ArmingDecider {
@@ -514,6 +529,31 @@ impl ArmingDecider {
             actuator: Arc::clone(&governance.actuator),
             pending_file_plane: Mutex::new(file_plane),
             file_guard: Mutex::new(None),
+            entry: Arc::new(AtomicU8::new(Entry::NotAsked as u8)),
+        })
+    }
+
+    /// Whether the policy refused the entry command itself (its exec failed with EPERM
+    /// because the evaluator said so, not because the file cannot be run).
+    pub fn entry_denied(&self) -> bool {
+        self.entry.load(Ordering::SeqCst) == Entry::Denied as u8
+    }
+
+    /// The first exec held is the entry command's (the listener is installed right
+    /// before it): its answer is remembered on the way to the kernel.
+    fn watch_entry(&self, reply: Reply) -> Reply {
+        let first = self
+            .entry
+            .compare_exchange(Entry::NotAsked as u8, Entry::Held as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if !first {
+            return reply;
+        }
+        let entry = Arc::clone(&self.entry);
+        Reply::new(move |answer| {
+            let state = if answer == Answer::Allow { Entry::Allowed } else { Entry::Denied };
+            entry.store(state as u8, Ordering::SeqCst);
+            reply.answer(answer);
         })
     }
 
@@ -557,6 +597,7 @@ impl Decider for ArmingDecider {
             reply.answer(Answer::Deny);
             return;
         }
+        let reply = self.watch_entry(reply);
         self.evaluator.handle(request, reply);
     }
 }

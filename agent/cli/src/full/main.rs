@@ -27,6 +27,11 @@ struct Cli {
     command: Command,
 }
 
+/// The exit status of the commands that talk to a running agent.
+const CONTROL_EXIT: &str = "Exit status: 0 done; 1 the agent refused (no such held request, a ring \
+lower than its own); 125 bad flags or no running agent of that name (only `exec --policy` \
+creates the control socket).";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
@@ -37,20 +42,39 @@ enum Command {
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
     /// Let a held action of a running agent proceed (a `require_approval` rule held it).
+    #[command(after_help = CONTROL_EXIT)]
     Approve(control_cmd::RequestArgs),
     /// Refuse a held action of a running agent (it fails with EPERM).
+    #[command(after_help = CONTROL_EXIT)]
     Deny(control_cmd::RequestArgs),
     /// Kill switch: end every process of a running agent at once.
+    #[command(after_help = CONTROL_EXIT)]
     Kill(control_cmd::AgentArg),
     /// Move a running agent to a more restricted ring, live (never the other way).
+    #[command(after_help = CONTROL_EXIT)]
     Demote(control_cmd::DemoteArgs),
     /// Show a running agent's DID, cgroup, ring, trust, tier and held requests.
+    #[command(after_help = CONTROL_EXIT)]
     Status(control_cmd::AgentArg),
     /// List the running agents: ring, trust, tier, DID, cgroup id and held requests.
     Ps(control_cmd::PsArgs),
     /// An agent's identity: its public key (`key`), a token for it (`token`, from inside).
     #[command(subcommand)]
     Identity(identity_cmd::IdentityCommand),
+}
+
+/// Names the first argument that is not UTF-8 (clap only says there is one): its
+/// position and the flag before it. Flags take UTF-8; the command after `--` may be any bytes.
+fn not_utf8(argv: &[std::ffi::OsString]) -> String {
+    let Some(index) = argv.iter().position(|arg| arg.to_str().is_none()) else {
+        return "invalid UTF-8 was detected in one or more arguments".into();
+    };
+    let shown = argv[index].to_string_lossy();
+    let after = match index.checked_sub(1).and_then(|i| argv.get(i)).and_then(|a| a.to_str()) {
+        Some(flag) if flag.starts_with('-') => format!(" (the value of {flag})"),
+        _ => String::new(),
+    };
+    format!("argument {index} '{shown}'{after} is not UTF-8 text; flags and names take UTF-8")
 }
 
 fn main() -> ExitCode {
@@ -71,9 +95,19 @@ fn main() -> ExitCode {
                 .take_while(|line| !line.trim().is_empty())
                 .map(str::trim)
                 .collect();
-            let reason = reason.join(" ");
+            let mut reason = reason.join(" ");
+            if err.kind() == clap::error::ErrorKind::InvalidUtf8 {
+                reason = not_utf8(&std::env::args_os().collect::<Vec<_>>());
+            }
             let reason = reason.trim_start_matches("error: ");
-            eprintln!("agt-jail: {reason} (see --help)");
+            // clap names the missing flag, not the one that needs it.
+            let why = if err.kind() == clap::error::ErrorKind::MissingRequiredArgument && reason.contains("--policy") {
+                "; --agent, --trust, --deny-penalty, --kill-below, --approval-timeout, --strict and --dns-refresh \
+                 govern an agent under a policy and need --policy"
+            } else {
+                ""
+            };
+            eprintln!("agt-jail: {reason}{why} (see --help)");
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
