@@ -19,6 +19,7 @@ pub mod show;
 pub mod verify;
 pub mod writer;
 
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use entry::{Reason, SignedHead, TreeHead};
 pub use writer::{AuditLog, LineWriter, LogOptions, SharedLog, SyncPolicy, Ticker};
 
@@ -35,6 +36,11 @@ pub enum AuditError {
     Record { seq: u64, reason: String },
     #[error("{}: the audit log is closed", .0.display())]
     Closed(PathBuf),
+}
+
+/// Lowercase hex of `bytes` (hashes and keys as the log and its tools print them).
+pub fn to_hex(bytes: &[u8]) -> String {
+    hex::encode(bytes)
 }
 
 impl AuditError {

@@ -11,7 +11,8 @@ use crate::{
 /// One agent's counts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentSummary {
-    pub did: String,
+    /// The agent's name (`agent` of its decision records), when one was recorded.
+    pub name: Option<String>,
     pub records: u64,
     /// Records of a policy decision.
     pub decisions: u64,
@@ -23,8 +24,8 @@ pub struct AgentSummary {
     pub dropped: u64,
 }
 
-/// Counts per agent name (the record's `agent`, else its DID), in name order, with the
-/// walk's result (the chain is checked; signatures are `audit verify`'s).
+/// Counts per agent (by DID, in DID order), with the walk's result (the chain is
+/// checked; signatures are `audit verify`'s).
 pub fn summarise(files: &[PathBuf]) -> Result<(BTreeMap<String, AgentSummary>, Verified), VerifyError> {
     let mut agents: BTreeMap<String, AgentSummary> = BTreeMap::new();
     let verified = walk(files, None, |e| {
@@ -34,9 +35,10 @@ pub fn summarise(files: &[PathBuf]) -> Result<(BTreeMap<String, AgentSummary>, V
         let Ok(entry) = serde_json::from_slice::<Value>(e.line) else { return };
         let did = entry["did"].as_str().unwrap_or("").to_string();
         let record = &entry["record"];
-        let name = record["agent"].as_str().map_or_else(|| did.clone(), str::to_string);
-        let s = agents.entry(name).or_default();
-        s.did = did;
+        let s = agents.entry(did).or_default();
+        if let Some(name) = record["agent"].as_str() {
+            s.name.get_or_insert_with(|| name.to_string());
+        }
         s.records += 1;
         let count = record["count"].as_u64().unwrap_or(1);
         let outcome = record["outcome"].as_str().or_else(|| record["verdict"].as_str()).unwrap_or("");

@@ -64,6 +64,9 @@ pub struct LogOptions {
     pub sync: SyncPolicy,
     /// Start a new file when the current one would grow beyond this many bytes.
     pub rotate_bytes: Option<u64>,
+    /// Milliseconds since the Unix epoch, for the entries' `time_ms` (a test passes a
+    /// fixed clock to write the same log twice).
+    pub clock: fn() -> u64,
 }
 
 impl Default for LogOptions {
@@ -73,6 +76,7 @@ impl Default for LogOptions {
             checkpoint_interval: Duration::from_secs(10),
             sync: SyncPolicy::Batch,
             rotate_bytes: None,
+            clock: now_ms,
         }
     }
 }
@@ -113,7 +117,8 @@ pub struct AuditLog {
     closed: bool,
 }
 
-fn now_ms() -> u64 {
+/// The system clock in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
@@ -170,7 +175,7 @@ impl AuditLog {
             format: FORMAT.into(),
             key_id: log.key_id.clone(),
             sync: log.opts.sync.as_str().into(),
-            time_ms: now_ms(),
+            time_ms: (log.opts.clock)(),
         };
         let line = entry::open_line(&fields);
         log.push_line(line)?;
@@ -261,7 +266,7 @@ impl AuditLog {
             log: FORMAT.into(),
             reason: reason.as_str().into(),
             root: hex::encode(self.tree.root()),
-            time_ms: now_ms(),
+            time_ms: (self.opts.clock)(),
             tree_size: self.tree.size(),
         };
         let signed = SignedHead::sign(head, &self.key);

@@ -28,6 +28,7 @@ fn options(every: u64, rotate: Option<u64>) -> LogOptions {
         checkpoint_interval: Duration::from_secs(3600),
         sync: SyncPolicy::None,
         rotate_bytes: rotate,
+        clock: || 1_765_000_000_000,
     }
 }
 
@@ -300,17 +301,28 @@ fn proofs_verify_for_an_honest_log_and_fail_for_a_rewritten_history() {
     let wrong = Proof::Inclusion { seq, entry: l[8].clone(), head, path: audit_path };
     assert!(verify_proof(&wrong, &keys()).is_err());
 
+    // The same log grown by more records is an honest extension of the kept checkpoint.
+    let grown_path = dir.path().join("grown.jsonl");
+    let grown = write_log(&grown_path, 70, 6, None, "", true);
+    let grown_head = verify(&grown).unwrap().last_head.unwrap();
+    let p = proof::consistency(&grown, kept.clone(), grown_head).unwrap();
+    assert!(verify_proof(&p, &keys()).is_ok(), "{:?}", verify_proof(&p, &keys()));
+
     // The host's key holder rewrites record 3 (before the kept checkpoint) and re-signs
     // everything: the new log verifies on its own, but not against the witness's checkpoint.
     let rewritten_path = dir.path().join("rewritten.jsonl");
     let mut log = AuditLog::create(&rewritten_path, key(), options(6, None)).unwrap();
-    for i in 1..=50 {
+    for i in 1..=70 {
         let tag = if i == 3 { "rewritten" } else { "" };
         log.append_line("did:mesh:00112233445566778899aabbccddeeff", "sha256:abc", record(i, tag).as_bytes()).unwrap();
     }
     log.close().unwrap();
     let rewritten = vec![rewritten_path];
     let new = verify(&rewritten).unwrap().last_head.unwrap();
+    // Only record 3 differs from the honest log.
+    let differing: Vec<usize> =
+        (0..lines(&grown[0]).len()).filter(|i| lines(&grown[0])[*i] != lines(&rewritten[0])[*i]).collect();
+    assert_eq!(differing.first(), Some(&3));
     let p = proof::consistency(&rewritten, kept.clone(), new).unwrap();
     let err = verify_proof(&p, &keys()).unwrap_err();
     assert!(err.contains("rewritten"), "{err}");

@@ -147,8 +147,17 @@ pub struct Profile {
     pub limits: Limits,
 }
 
-/// Parses a size: bytes, or with K/M/G/T suffix (powers of 1024), or "max"/null for none.
+/// Parses a memory limit: a size (see [`parse_bytes`]) of at least 1M.
 pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes.is_some_and(|b| b < (1 << 20)) {
+        return Err(format!("memory limit '{text}' is below 1M; the jail could not start"));
+    }
+    Ok(bytes)
+}
+
+/// Parses a size: bytes, or with K/M/G/T suffix (powers of 1024), or "max"/null for none.
+pub fn parse_bytes(text: &str) -> Result<Option<u64>, String> {
     let t = text.trim();
     if t.eq_ignore_ascii_case("max") || t.is_empty() {
         return Ok(None);
@@ -168,9 +177,6 @@ pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
     };
     let n: u64 = num.trim().parse().map_err(|_| format!("'{text}' is not a size (expected e.g. 512M, 2G or bytes)"))?;
     let bytes = n.checked_mul(mult).ok_or_else(|| format!("'{text}' is too large"))?;
-    if bytes < (1 << 20) {
-        return Err(format!("memory limit '{text}' is below 1M; the jail could not start"));
-    }
     Ok(Some(bytes))
 }
 

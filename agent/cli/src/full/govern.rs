@@ -13,6 +13,7 @@ use std::{
 
 use std::net::IpAddr;
 
+use agt_jail_audit::LineWriter;
 use agt_jail_cli::args::PolicyArgs;
 use agt_jail_common::FileRuleKind;
 use agt_jail_ebpf_loader::{
@@ -34,6 +35,8 @@ use agt_jail_supervisor::{
 };
 use anyhow::{anyhow, Context, Result};
 
+use crate::audit_run;
+
 /// Locks shared state, recovering it from a panicked holder (cleanup must still run).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -48,13 +51,17 @@ fn random_hex() -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A fresh DID for an agent.
+pub fn new_did() -> Result<String> {
+    Ok(format!("did:mesh:{}", random_hex()?))
+}
+
 /// Loads the policies and names the agent. Errors are the policy's own located errors.
 pub fn load(args: &PolicyArgs, ring: u8) -> Result<(Arc<PolicySet>, AgentFacts)> {
     let set = PolicySet::load(&args.policy).map_err(|e| anyhow!("{e}"))?;
     let name = args.agent.clone().unwrap_or_else(|| format!("agent-{}", std::process::id()));
     control::check_name(&name).map_err(|e| anyhow!("--agent: {e}"))?;
-    let did = format!("did:mesh:{}", random_hex()?);
-    let agent = AgentFacts::new(name, did, ring, args.trust, random_hex()?);
+    let agent = AgentFacts::new(name, new_did()?, ring, args.trust, random_hex()?);
     Ok((Arc::new(set), agent))
 }
 
@@ -122,8 +129,9 @@ impl Actuator for HostActuator {
     }
 }
 
-/// Opens the events file (or stdout for `-`) for decision records.
-pub fn record_sink(path: Option<&Path>) -> Result<RecordSink> {
+/// Opens the events file (or stdout for `-`) for decision records; the audit log, when
+/// there is one, gets every line too.
+pub fn record_sink(path: Option<&Path>, audit: Option<LineWriter>) -> Result<RecordSink> {
     let out: Option<Box<dyn Write + Send>> = match path {
         None => None,
         Some(p) if p == Path::new("-") => Some(Box::new(io::stdout())),
@@ -136,7 +144,7 @@ pub fn record_sink(path: Option<&Path>) -> Result<RecordSink> {
             Some(Box::new(BufWriter::new(file)))
         }
     };
-    Ok(RecordSink::new(out))
+    Ok(RecordSink::new(audit_run::tee(out, audit)))
 }
 
 /// The evaluator and the control socket of one governed run.
@@ -159,6 +167,7 @@ impl Governance {
         kill_file: Option<PathBuf>,
         plan: Option<Plan>,
         events: Option<&Path>,
+        audit: Option<LineWriter>,
         show_denials: bool,
     ) -> Result<Governance> {
         let actuator = Arc::new(HostActuator {
@@ -178,7 +187,7 @@ impl Governance {
             show_denials,
             proc_root: PathBuf::from("/proc"),
         };
-        let evaluator = Evaluator::new(cfg, record_sink(events)?, actuator.clone());
+        let evaluator = Evaluator::new(cfg, record_sink(events, audit)?, actuator.clone());
         let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator))
             .map_err(|e| anyhow!("{e}"))?;
         Ok(Governance { evaluator, actuator, plan: Arc::new(Mutex::new(plan)), _control: control })

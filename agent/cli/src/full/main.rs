@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
+mod audit_run;
 mod control_cmd;
 mod doctor_cmd;
 mod exec_cmd;
@@ -45,6 +47,9 @@ enum Command {
     Demote(control_cmd::DemoteArgs),
     /// Show a running agent's ring, trust and held requests.
     Status(control_cmd::AgentArg),
+    /// Verify a tamper-evident audit log (`exec --audit`), prove records and checkpoints.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,10 @@ fn main() -> ExitCode {
             let reason = reason.join(" ");
             let reason = reason.trim_start_matches("error: ");
             eprintln!("agt-jail: {reason} (see --help)");
+            // `audit` documents its own exit statuses (2: usage).
+            if std::env::args_os().nth(1).is_some_and(|word| word == "audit") {
+                return ExitCode::from(audit_cmd::USAGE);
+            }
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
@@ -80,5 +89,6 @@ fn main() -> ExitCode {
         Command::Kill(args) => control_cmd::kill(args),
         Command::Demote(args) => control_cmd::demote(args),
         Command::Status(args) => control_cmd::status(args),
+        Command::Audit(cmd) => audit_cmd::run(cmd),
     }
 }
