@@ -6,9 +6,9 @@
 //! the events file gets; `checkpoint` entries carry a tree head signed by the host key.
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::{
+    canon::{canonicalize, CanonError},
     key::{key_id, parse_hex32},
     merkle::Hash,
 };
@@ -169,31 +169,68 @@ pub fn checkpoint_line(seq: u64, prev: &Hash, head: SignedHead) -> Vec<u8> {
     serde_json_canonicalizer::to_vec(&entry).unwrap_or_default()
 }
 
-/// Appends the canonical line of a record entry to `out`. The keys are written in their
-/// canonical (sorted) order and each value canonically, so the whole line is canonical.
+/// Appends the canonical line of a record entry to `out`; `record` is the record's JSON
+/// text. The keys are written in their canonical (sorted) order and each value
+/// canonically, so the whole line is canonical.
 pub fn write_record_line(
     out: &mut Vec<u8>,
     seq: u64,
     prev: &Hash,
     did: &str,
     policy: &str,
-    record: &Value,
-) -> Result<(), serde_json::Error> {
+    record: &[u8],
+) -> Result<(), CanonError> {
     out.extend_from_slice(b"{\"did\":");
-    serde_json_canonicalizer::to_writer(&did, out)?;
+    write_str(out, did);
     out.extend_from_slice(b",\"kind\":\"record\",\"policy\":");
-    serde_json_canonicalizer::to_writer(&policy, out)?;
+    write_str(out, policy);
     out.extend_from_slice(b",\"prev\":\"");
     let mut hex_buf = [0u8; 64];
     // 32 bytes always fit 64 hex digits.
     let _ = hex::encode_to_slice(prev, &mut hex_buf);
     out.extend_from_slice(&hex_buf);
     out.extend_from_slice(b"\",\"record\":");
-    serde_json_canonicalizer::to_writer(record, out)?;
+    canonicalize(record, out)?;
     out.extend_from_slice(b",\"seq\":");
     out.extend_from_slice(seq.to_string().as_bytes());
     out.push(b'}');
     Ok(())
+}
+
+/// A string as RFC 8785 writes it (serde_json escapes the same way; see `canon`).
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a string into a Vec does not fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `seq` and `prev` (its hex) of a record entry as the writer lays it out, read from the
+/// line's fixed places without parsing it; `None` for anything else (other kinds, or a
+/// line not in the writer's form), which the caller parses in full.
+///
+/// Reading fields this way is sound for verification because nothing read here is
+/// trusted on its own: the line's bytes are hashed whole, and the hash must be the next
+/// entry's `prev` and under the signed root.
+pub fn record_head(line: &[u8]) -> Option<(u64, &[u8])> {
+    let rest = line.strip_prefix(b"{\"did\":\"")?;
+    let rest = skip_plain_string(rest)?;
+    let rest = rest.strip_prefix(b",\"kind\":\"record\",\"policy\":\"")?;
+    let rest = skip_plain_string(rest)?;
+    let rest = rest.strip_prefix(b",\"prev\":\"")?;
+    let (prev, rest) = (rest.get(..64)?, rest.get(64..)?);
+    rest.strip_prefix(b"\",\"record\":{")?;
+    let body = line.strip_suffix(b"}")?;
+    let digits = body.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    let (head, seq) = body.split_at(body.len() - digits);
+    if !head.ends_with(b",\"seq\":") || digits == 0 || (digits > 1 && seq[0] == b'0') {
+        return None;
+    }
+    Some((std::str::from_utf8(seq).ok()?.parse().ok()?, prev))
+}
+
+/// The bytes after a string's closing quote, for a string without escapes.
+fn skip_plain_string(s: &[u8]) -> Option<&[u8]> {
+    let end = s.iter().position(|c| *c == b'"' || *c == b'\\')?;
+    (s[end] == b'"').then(|| &s[end + 1..])
 }
 
 /// The fields every entry has, read without building the rest.
@@ -209,15 +246,15 @@ pub struct Head<'a> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use serde_json::json;
+    use serde_json::Value;
 
     use super::*;
 
     #[test]
     fn a_record_line_is_canonical_json() {
-        let record = json!({"z": 1.0, "a": [1e21, "\u{7f}é\n"], "m": {"b": null, "a": true}, "time": 1765000000.25});
+        let record = r#"{"z": 1.0, "a": [1e21, "\u007fé\n"], "m": {"b": null, "a": true}, "time": 1765000000.25}"#;
         let mut line = Vec::new();
-        write_record_line(&mut line, 7, &[0xab; 32], "did:mesh:00", "sha256:x", &record).unwrap();
+        write_record_line(&mut line, 7, &[0xab; 32], "did:mesh:00", "sha256:x", record.as_bytes()).unwrap();
         let value: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(serde_json_canonicalizer::to_vec(&value).unwrap(), line);
         let text = String::from_utf8(line).unwrap();
@@ -225,6 +262,22 @@ mod tests {
         assert!(text.contains(r#""record":{"a":[1e+21,"#), "{text}");
         assert!(text.contains(r#""z":1}"#), "{text}");
         assert!(text.ends_with(r#","seq":7}"#), "{text}");
+    }
+
+    #[test]
+    fn the_fixed_places_of_a_record_line_are_read_and_other_lines_are_not() {
+        let mut line = Vec::new();
+        write_record_line(&mut line, 42, &[0xab; 32], "did:mesh:00", "sha256:x", br#"{"seq":7}"#).unwrap();
+        let (seq, prev) = record_head(&line).unwrap();
+        assert_eq!((seq, prev), (42, hex::encode([0xab; 32]).as_bytes()));
+        let head: Head<'_> = serde_json::from_slice(&line).unwrap();
+        assert_eq!((head.seq, head.prev.as_bytes()), (seq, prev));
+        for other in [&br#"{"did":"a\"b","kind":"record"}"#[..], br#"{"kind":"open"}"#, b"", b"}"] {
+            assert!(record_head(other).is_none());
+        }
+        let mut leading_zero = line.clone();
+        leading_zero.splice(line.len() - 3..line.len() - 1, *b"042");
+        assert!(record_head(&leading_zero).is_none());
     }
 
     #[test]

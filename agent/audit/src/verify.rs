@@ -10,7 +10,7 @@ use std::{
 use ed25519_dalek::VerifyingKey;
 
 use crate::{
-    entry::{CheckpointEntry, Head, Kind, SignedHead, GENESIS},
+    entry::{record_head, CheckpointEntry, Head, Kind, SignedHead, GENESIS},
     key::parse_hex32,
     merkle::{leaf_hash, sha256, CompactTree, Hash},
     writer::MAX_LINE,
@@ -179,21 +179,27 @@ impl Walk<'_> {
         let expected = self.expected;
         let tamper =
             |seq: u64, why: String| VerifyError::Tampered(Tamper { seq, file: path.to_path_buf(), line: line_no, why });
-        let head: Head<'_> =
-            serde_json::from_slice(line).map_err(|e| tamper(expected, format!("not an audit entry ({e}): edited")))?;
-        let Some(kind) = Kind::parse(head.kind) else {
-            return Err(tamper(expected, format!("unknown entry kind {:?}: edited", head.kind)));
+        let (kind, seq, prev_hex) = match record_head(line) {
+            Some((seq, prev)) => (Kind::Record, seq, prev),
+            None => {
+                let head: Head<'_> = serde_json::from_slice(line)
+                    .map_err(|e| tamper(expected, format!("not an audit entry ({e}): edited")))?;
+                let Some(kind) = Kind::parse(head.kind) else {
+                    return Err(tamper(expected, format!("unknown entry kind {:?}: edited", head.kind)));
+                };
+                (kind, head.seq, head.prev.as_bytes())
+            }
         };
-        if let Some((suspect, seq)) = self.suspect.take() {
-            if head.seq == seq {
+        if let Some((suspect, suspect_seq)) = self.suspect.take() {
+            if seq == suspect_seq {
                 return Err(tamper(seq, format!("record {seq} appears twice: a record was inserted")));
             }
             return Err(VerifyError::Tampered(suspect));
         }
-        if head.seq != expected {
-            return Err(self.misplaced(head.seq, path, line_no, first_in_file));
+        if seq != expected {
+            return Err(self.misplaced(seq, path, line_no, first_in_file));
         }
-        let prev = parse_hex32(head.prev);
+        let prev = std::str::from_utf8(prev_hex).ok().and_then(parse_hex32);
         if prev != Some(self.prev) {
             if expected == 0 {
                 return Err(tamper(0, "the first entry's prev is not zero: edited".into()));

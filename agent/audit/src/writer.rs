@@ -11,7 +11,6 @@ use std::{
 };
 
 use ed25519_dalek::SigningKey;
-use serde_json::Value;
 
 use crate::{
     entry::{self, OpenFields, Reason, SignedHead, TreeHead, FORMAT},
@@ -192,15 +191,15 @@ impl AuditLog {
         self.seq == 0
     }
 
-    /// Appends one record (the events file's record, as JSON) for the agent `did` under
-    /// the policy whose hash is `policy`.
-    pub fn append(&mut self, did: &str, policy: &str, record: &Value) -> Result<(), AuditError> {
+    /// Appends one record (the events file's record, one JSON text) for the agent `did`
+    /// under the policy whose hash is `policy`.
+    pub fn append_line(&mut self, did: &str, policy: &str, record: &[u8]) -> Result<(), AuditError> {
         let mut line = std::mem::take(&mut self.scratch);
         line.clear();
         let written = entry::write_record_line(&mut line, self.seq, &self.prev, did, policy, record);
         let result = match written {
             Ok(()) => self.push_line_ref(&line),
-            Err(e) => Err(AuditError::Record { seq: self.seq, reason: e.to_string() }),
+            Err(e) => Err(AuditError::Record { seq: self.seq, reason: format!("not JSON: {e}") }),
         };
         self.scratch = line;
         result?;
@@ -209,14 +208,6 @@ impl AuditLog {
             self.checkpoint(Reason::Count)?;
         }
         Ok(())
-    }
-
-    /// Appends a record given as one JSON line (what the events file gets).
-    pub fn append_line(&mut self, did: &str, policy: &str, line: &[u8]) -> Result<(), AuditError> {
-        let mut value: Value =
-            serde_json::from_slice(line).map_err(|e| AuditError::Record { seq: self.seq, reason: e.to_string() })?;
-        crate::canon::to_ijson(&mut value);
-        self.append(did, policy, &value)
     }
 
     fn push_line(&mut self, line: Vec<u8>) -> Result<(), AuditError> {

@@ -141,14 +141,14 @@ fn an_inserted_forged_record_is_found_whether_or_not_it_links() {
         let mut forged_lines = l.clone();
         let mut forged = Vec::new();
         let prev = if link { sha256(l[i - 1].as_bytes()) } else { [9; 32] };
-        let value: serde_json::Value = serde_json::from_str(&record(9, "forged")).unwrap();
+        let value = record(9, "forged");
         entry::write_record_line(
             &mut forged,
             9,
             &prev,
             "did:mesh:00112233445566778899aabbccddeeff",
             "sha256:abc",
-            &value,
+            value.as_bytes(),
         )
         .unwrap();
         forged_lines.insert(i, String::from_utf8(forged).unwrap());
@@ -253,8 +253,9 @@ fn an_entry_appended_after_close_is_found() {
     let last = l.last().unwrap().clone();
     let seq = seq_of(&last) + 1;
     let mut extra = Vec::new();
-    let value: serde_json::Value = serde_json::from_str(&record(99, "late")).unwrap();
-    entry::write_record_line(&mut extra, seq, &sha256(last.as_bytes()), "did:mesh:00", "sha256:abc", &value).unwrap();
+    let value = record(99, "late");
+    entry::write_record_line(&mut extra, seq, &sha256(last.as_bytes()), "did:mesh:00", "sha256:abc", value.as_bytes())
+        .unwrap();
     l.push(String::from_utf8(extra).unwrap());
     put(&path, &l);
     assert_eq!(tampered(&[path]).seq, seq);
