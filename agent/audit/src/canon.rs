@@ -50,6 +50,8 @@ struct Member {
     start: usize,
     key_end: usize,
     end: usize,
+    /// The key is ASCII without escapes: it sorts by its bytes.
+    simple: bool,
 }
 
 impl Parser<'_> {
@@ -75,7 +77,7 @@ impl Parser<'_> {
         match self.peek() {
             Some(b'{') => self.object(out, depth),
             Some(b'[') => self.array(out, depth),
-            Some(b'"') => self.string(out),
+            Some(b'"') => self.string(out).map(|_| ()),
             Some(b't') => self.literal(out, b"true"),
             Some(b'f') => self.literal(out, b"false"),
             Some(b'n') => self.literal(out, b"null"),
@@ -137,8 +139,9 @@ impl Parser<'_> {
                 out.push(b',');
             }
             let start = out.len();
-            self.string(out)?;
+            let plain = self.string(out)?;
             let key_end = out.len();
+            let simple = plain && out[start..key_end].is_ascii();
             self.skip_ws();
             if self.peek() != Some(b':') {
                 return Err(self.err("expected :"));
@@ -146,7 +149,7 @@ impl Parser<'_> {
             self.pos += 1;
             out.push(b':');
             self.value(out, depth + 1)?;
-            members.push(Member { start, key_end, end: out.len() });
+            members.push(Member { start, key_end, end: out.len(), simple });
             self.skip_ws();
             match self.peek() {
                 Some(b',') => {}
@@ -156,10 +159,16 @@ impl Parser<'_> {
             self.pos += 1;
         }
         self.pos += 1;
-        let key = |m: &Member| &out[m.start..m.key_end];
+        let order_of = |a: &Member, b: &Member| {
+            if a.simple && b.simple {
+                out[a.start + 1..a.key_end - 1].cmp(&out[b.start + 1..b.key_end - 1])
+            } else {
+                key_order(&out[a.start..a.key_end], &out[b.start..b.key_end])
+            }
+        };
         let mut sorted = true;
         for pair in members.windows(2) {
-            match key_order(key(&pair[0]), key(&pair[1])) {
+            match order_of(&pair[0], &pair[1]) {
                 Ordering::Less => {}
                 Ordering::Equal => return Err(self.err("duplicate key")),
                 Ordering::Greater => sorted = false,
@@ -167,8 +176,8 @@ impl Parser<'_> {
         }
         if !sorted {
             let mut order = members.clone();
-            order.sort_unstable_by(|a, b| key_order(key(a), key(b)));
-            if order.windows(2).any(|w| key_order(key(&w[0]), key(&w[1])) == Ordering::Equal) {
+            order.sort_unstable_by(order_of);
+            if order.windows(2).any(|w| order_of(&w[0], &w[1]) == Ordering::Equal) {
                 return Err(self.err("duplicate key"));
             }
             // The members were written in their input order: write them again in key order.
@@ -185,28 +194,37 @@ impl Parser<'_> {
         Ok(())
     }
 
-    fn string(&mut self, out: &mut Vec<u8>) -> Result<(), CanonError> {
+    /// Writes a string token; says whether it had no escapes.
+    fn string(&mut self, out: &mut Vec<u8>) -> Result<bool, CanonError> {
+        let start = self.pos;
+        let body = &self.input[start + 1..];
+        let stop = body.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20);
+        match stop.map(|n| (n, body[n])) {
+            Some((n, b'"')) => {
+                out.extend_from_slice(&self.input[start..start + n + 2]);
+                self.pos = start + n + 2;
+                Ok(true)
+            }
+            Some((n, c)) if c < 0x20 => Err(CanonError { at: start + 1 + n, what: "control character in a string" }),
+            Some(_) => self.escaped_string(out).map(|()| false),
+            None => Err(self.err("unterminated string")),
+        }
+    }
+
+    fn escaped_string(&mut self, out: &mut Vec<u8>) -> Result<(), CanonError> {
         let start = self.pos;
         let mut i = start + 1;
-        let mut plain = true;
         loop {
             match self.input.get(i) {
                 None => return Err(self.err("unterminated string")),
                 Some(b'"') => break,
-                Some(b'\\') => {
-                    plain = false;
-                    i += 2;
-                }
+                Some(b'\\') => i += 2,
                 Some(c) if *c < 0x20 => return Err(CanonError { at: i, what: "control character in a string" }),
                 Some(_) => i += 1,
             }
         }
         let token = self.input.get(start..=i).ok_or_else(|| self.err("unterminated string"))?;
         self.pos = i + 1;
-        if plain {
-            out.extend_from_slice(token);
-            return Ok(());
-        }
         let text: String = serde_json::from_slice(token).map_err(|_| CanonError { at: start, what: "bad escape" })?;
         // serde_json escapes exactly as RFC 8785 §3.2.2.2 does (\b \t \n \f \r, \" \\,
         // other controls as \u00xx, nothing else); the tests check it.
@@ -286,12 +304,6 @@ impl Parser<'_> {
 /// RFC 8785 §3.2.3: keys sort by their UTF-16 code units. `a` and `b` are canonical
 /// string tokens (quotes included).
 fn key_order(a: &[u8], b: &[u8]) -> Ordering {
-    // Keys without escapes or characters beyond U+FFFF (4-byte UTF-8, lead byte 0xF0..)
-    // sort the same by UTF-8 bytes as by UTF-16 code units.
-    let simple = |k: &[u8]| !k.iter().any(|c| *c >= 0xf0 || *c == b'\\');
-    if simple(a) && simple(b) {
-        return a[1..a.len() - 1].cmp(&b[1..b.len() - 1]);
-    }
     let decode = |k: &[u8]| serde_json::from_slice::<String>(k).unwrap_or_default();
     decode(a).encode_utf16().cmp(decode(b).encode_utf16())
 }

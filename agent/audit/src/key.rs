@@ -26,13 +26,17 @@ pub fn load_or_create(path: &Path) -> Result<SigningKey, AuditError> {
     match fs::metadata(path) {
         Ok(_) => load(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path),
-        Err(e) => Err(AuditError::io(path, e)),
+        Err(e) => Err(key_err(path, e.to_string())),
     }
 }
 
 fn create(path: &Path) -> Result<SigningKey, AuditError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| AuditError::io(dir, e))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| key_err(path, format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut seed = [0u8; 32];
     fs::File::open("/dev/urandom")
@@ -47,8 +51,8 @@ fn create(path: &Path) -> Result<SigningKey, AuditError> {
 }
 
 fn load(path: &Path) -> Result<SigningKey, AuditError> {
-    let file = fs::File::open(path).map_err(|e| AuditError::io(path, e))?;
-    let meta = file.metadata().map_err(|e| AuditError::io(path, e))?;
+    let file = fs::File::open(path).map_err(|e| key_err(path, e.to_string()))?;
+    let meta = file.metadata().map_err(|e| key_err(path, e.to_string()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(key_err(
             path,
