@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     canon::{canonicalize, CanonError},
     key::{key_id, parse_hex32},
-    merkle::Hash,
+    merkle::{hex32, Hash},
 };
 
 /// The format name every `open` entry and tree head carries.
@@ -185,10 +185,7 @@ pub fn write_record_line(
     out.extend_from_slice(b",\"kind\":\"record\",\"policy\":");
     write_str(out, policy);
     out.extend_from_slice(b",\"prev\":\"");
-    let mut hex_buf = [0u8; 64];
-    // 32 bytes always fit 64 hex digits.
-    let _ = hex::encode_to_slice(prev, &mut hex_buf);
-    out.extend_from_slice(&hex_buf);
+    out.extend_from_slice(&hex32(prev));
     out.extend_from_slice(b"\",\"record\":");
     canonicalize(record, out)?;
     out.extend_from_slice(b",\"seq\":");

@@ -8,6 +8,18 @@ use sha2::{Digest, Sha256};
 /// A SHA-256 value.
 pub type Hash = [u8; 32];
 
+/// A hash as the 64 lowercase hex digits the log writes (table lookup: the verifier
+/// compares one per entry).
+pub fn hex32(hash: &Hash) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in hash.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 15)];
+    }
+    out
+}
+
 /// SHA-256 of `bytes`.
 pub fn sha256(bytes: &[u8]) -> Hash {
     Sha256::digest(bytes).into()
@@ -239,6 +251,12 @@ mod tests {
         assert_eq!(hex::encode(root(&[])), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         let l = leaves(1);
         assert_eq!(root(&l), l[0]);
+    }
+
+    #[test]
+    fn hex32_is_lowercase_hex() {
+        let h = sha256(b"abc");
+        assert_eq!(&hex32(&h)[..], hex::encode(h).as_bytes());
     }
 
     #[test]

@@ -11,8 +11,7 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::{
     entry::{record_head, CheckpointEntry, Head, Kind, SignedHead, GENESIS},
-    key::parse_hex32,
-    merkle::{leaf_hash, sha256, CompactTree, Hash},
+    merkle::{hex32, leaf_hash, sha256, CompactTree, Hash},
     writer::MAX_LINE,
     AuditError,
 };
@@ -199,8 +198,7 @@ impl Walk<'_> {
         if seq != expected {
             return Err(self.misplaced(seq, path, line_no, first_in_file));
         }
-        let prev = std::str::from_utf8(prev_hex).ok().and_then(parse_hex32);
-        if prev != Some(self.prev) {
+        if prev_hex != hex32(&self.prev) {
             if expected == 0 {
                 return Err(tamper(0, "the first entry's prev is not zero: edited".into()));
             }
