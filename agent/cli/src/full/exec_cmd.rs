@@ -322,6 +322,10 @@ impl Governor for Governed<'_> {
         if let Some(audit) = self.audit.as_mut() {
             audit.close()?;
         }
+        // The evaluator's records never wait on the file; a failed write is reported here.
+        if let Some(err) = self.governance.as_ref().and_then(|g| g.evaluator.take_record_error()) {
+            bail!("cannot write records (events file or audit log): {err}");
+        }
         if drops > 0 {
             eprintln!("agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full");
         }
