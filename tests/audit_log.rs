@@ -246,3 +246,56 @@ fn a_witness_detects_a_rewritten_history_with_the_public_key_alone() {
         }
     }
 }
+
+#[test]
+fn under_a_policy_the_log_holds_every_record_of_the_events_file() {
+    if !require(
+        "under_a_policy_the_log_holds_every_record_of_the_events_file",
+        &[Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock],
+    ) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("agt-jail-audit-").tempdir_in("/tmp").unwrap();
+    let (log, key, events) =
+        (dir.path().join("audit.jsonl"), dir.path().join("audit.key"), dir.path().join("ev.jsonl"));
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/policies/guard.yaml");
+    let out = agt_jail()
+        .args(["exec", "--ring", "2", "--agent", "audited", "--policy"])
+        .arg(&policy)
+        .arg("--workspace")
+        .arg(dir.path())
+        .arg("--events")
+        .arg(&events)
+        .arg("--audit")
+        .arg(&log)
+        .arg("--audit-key")
+        .arg(&key)
+        .args(["--", "/bin/sh", "-c", "/bin/rm -rf /nonexistent-agt-jail; /bin/true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    let public = agt_jail().args(["audit", "key", "--audit-key"]).arg(&key).output().unwrap();
+    let public = String::from_utf8(public.stdout).unwrap().trim().to_string();
+    let verified = agt_jail().args(["audit", "verify"]).arg(&log).args(["--key", &public]).output().unwrap();
+    assert_eq!(verified.status.code(), Some(0), "{:?}", text(&verified));
+    // A closed log: no warning.
+    assert_eq!(text(&verified).1, "");
+    // Every record of the events file, in order, is a record entry of the log.
+    let in_events: Vec<Value> =
+        std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let entries: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "record").collect();
+    assert_eq!(records.len(), in_events.len());
+    let hash = agt_jail_audit::to_hex(&agt_jail_audit::merkle::sha256(&std::fs::read(&policy).unwrap()));
+    for (entry, record) in records.iter().zip(&in_events) {
+        assert_eq!(&entry["record"], record);
+        assert_eq!(entry["policy"], format!("sha256:{hash}"));
+        assert!(entry["did"].as_str().unwrap().starts_with("did:mesh:"), "{entry}");
+    }
+    let denied: Vec<&&Value> = records.iter().filter(|e| e["record"]["matched_rule"] == "no-recursive-rm").collect();
+    assert_eq!(denied.len(), 1, "{records:?}");
+    assert_eq!(denied[0]["record"]["outcome"], "deny");
+    let show = agt_jail().args(["audit", "show"]).arg(&log).output().unwrap();
+    assert!(text(&show).0.contains("audited (did:mesh:"), "{:?}", text(&show));
+}

@@ -328,3 +328,31 @@ fn proofs_verify_for_an_honest_log_and_fail_for_a_rewritten_history() {
     let err = verify_proof(&p, &keys()).unwrap_err();
     assert!(err.contains("rewritten"), "{err}");
 }
+
+#[test]
+fn the_timer_signs_records_left_waiting_and_sync_policies_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut opts = options(1000, None);
+    opts.checkpoint_interval = Duration::from_millis(20);
+    let log = std::sync::Arc::new(std::sync::Mutex::new(AuditLog::create(&path, key(), opts).unwrap()));
+    let ticker = agt_jail_audit::Ticker::start(log.clone(), Duration::from_millis(20)).unwrap();
+    let mut w = LineWriter::new(log.clone(), "did:mesh:aa".into(), "none".into());
+    w.write_all(format!("{}\n", record(1, "")).as_bytes()).unwrap();
+    // Flushed before the interval is up: the record is written, not yet signed.
+    w.flush().unwrap();
+    let start = std::time::Instant::now();
+    while verify(std::slice::from_ref(&path)).unwrap().unsigned > 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no time checkpoint");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(ticker);
+    let v = verify(std::slice::from_ref(&path)).unwrap();
+    assert_eq!((v.records, v.checkpoints), (1, 1));
+    assert_eq!(v.last_head.unwrap().checkpoint.reason, "time");
+    for (text, policy) in [("always", SyncPolicy::Always), ("batch", SyncPolicy::Batch), ("none", SyncPolicy::None)] {
+        assert_eq!(text.parse::<SyncPolicy>().unwrap(), policy);
+        assert_eq!(policy.as_str(), text);
+    }
+    assert!("sometimes".parse::<SyncPolicy>().is_err());
+}
