@@ -128,7 +128,7 @@ fn a_log_cut_by_kill_9_in_a_flood_of_denies_verifies_and_holds_every_deny() {
         .arg("--audit-key")
         .arg(&key)
         .args(["--audit-checkpoint-every", "700", "--audit-checkpoint-secs", "3600"])
-        .args(["--deny-connect", &format!("127.0.0.1:{port}"), "--", "python3", "-c", &script])
+        .args(["--deny-connect", &format!("127.0.0.1:{port}"), "--", "/usr/bin/python3", "-c", &script])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();

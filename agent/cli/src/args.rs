@@ -33,6 +33,8 @@ Examples:
   agt-jail exec --ring 2 --agent coder --policy policies/coding-agent/policy.yaml \\
       --events decisions.jsonl -- python3 agent.py
       (held actions: agt-jail approve|deny --agent coder N; agt-jail demote|kill --agent coder)
+  agt-jail exec --audit run.audit --deny-connect 169.254.169.254:* -- python3 agent.py
+      (then: agt-jail audit verify run.audit --key \"$(agt-jail audit key)\"; docs/audit.md)
 
 Exit status: the command's own; 128+N when it was killed by signal N; 125 when \
 agt-jail itself fails; 126/127 when the command cannot be run or is not found.")]
