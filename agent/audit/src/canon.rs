@@ -405,6 +405,15 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(500))]
 
         #[test]
+        fn any_bytes_are_written_or_refused_never_a_panic(bytes in prop::collection::vec(any::<u8>(), 0..64),
+                                                         text in "[\\[\\]{}:,\"\\\\0-9eE.+ a-z-]{0,40}") {
+            let _ = canon(&String::from_utf8_lossy(&bytes));
+            let mut out = Vec::new();
+            let _ = canonicalize(&bytes, &mut out);
+            let _ = canon(&text);
+        }
+
+        #[test]
         fn agrees_with_serde_json_canonicalizer(v in value()) {
             let want = serde_json_canonicalizer::to_string(&v).unwrap();
             prop_assert_eq!(canon(&reversed(&v)).unwrap(), want.clone());
