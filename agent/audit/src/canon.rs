@@ -9,7 +9,7 @@
 //! One rule is the writer's own (RFC 8785 §3.2.2.3 leaves it to the application):
 //! integers a double cannot hold exactly (beyond ±2^53) are written as decimal strings,
 //! so no digit of a kernel key or a 64-bit counter is silently rounded.
-use std::cmp::Ordering;
+use std::{cell::RefCell, cmp::Ordering};
 
 /// Deepest nesting accepted (records are a few levels deep).
 const MAX_DEPTH: usize = 64;
@@ -30,18 +30,35 @@ pub fn canonicalize(input: &[u8], out: &mut Vec<u8>) -> Result<(), CanonError> {
     if std::str::from_utf8(input).is_err() {
         return Err(CanonError { at: 0, what: "not UTF-8" });
     }
-    let mut p = Parser { input, pos: 0 };
-    p.value(out, 0)?;
-    p.skip_ws();
-    if p.pos != input.len() {
-        return Err(p.err("trailing characters"));
-    }
-    Ok(())
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let mut p = Parser { input, pos: 0, scratch: &mut scratch };
+        p.value(out, 0)?;
+        p.skip_ws();
+        if p.pos != input.len() {
+            return Err(p.err("trailing characters"));
+        }
+        Ok(())
+    })
 }
 
-struct Parser<'a> {
+/// Buffers kept from one record to the next (a record has a handful of objects).
+#[derive(Default)]
+struct Scratch {
+    /// Member lists, one taken per object being written.
+    members: Vec<Vec<Member>>,
+    /// An unsorted object's members, while they are written again in order.
+    region: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+struct Parser<'a, 's> {
     input: &'a [u8],
     pos: usize,
+    scratch: &'s mut Scratch,
 }
 
 /// A member written into the output: where it starts, where its key ends, where it ends.
@@ -54,7 +71,7 @@ struct Member {
     simple: bool,
 }
 
-impl Parser<'_> {
+impl Parser<'_, '_> {
     fn err(&self, what: &'static str) -> CanonError {
         CanonError { at: self.pos, what }
     }
@@ -122,12 +139,21 @@ impl Parser<'_> {
     fn object(&mut self, out: &mut Vec<u8>, depth: usize) -> Result<(), CanonError> {
         self.pos += 1;
         out.push(b'{');
+        let mut members = self.scratch.members.pop().unwrap_or_default();
+        members.clear();
+        let result = self.members(out, depth, &mut members);
+        self.scratch.members.push(members);
+        result?;
+        out.push(b'}');
+        Ok(())
+    }
+
+    /// The members of an object (its `{` written), in key order.
+    fn members(&mut self, out: &mut Vec<u8>, depth: usize, members: &mut Vec<Member>) -> Result<(), CanonError> {
         let base = out.len();
-        let mut members: Vec<Member> = Vec::new();
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.pos += 1;
-            out.push(b'}');
             return Ok(());
         }
         loop {
@@ -175,22 +201,22 @@ impl Parser<'_> {
             }
         }
         if !sorted {
-            let mut order = members.clone();
-            order.sort_unstable_by(order_of);
-            if order.windows(2).any(|w| order_of(&w[0], &w[1]) == Ordering::Equal) {
+            members.sort_unstable_by(order_of);
+            if members.windows(2).any(|w| order_of(&w[0], &w[1]) == Ordering::Equal) {
                 return Err(self.err("duplicate key"));
             }
             // The members were written in their input order: write them again in key order.
-            let region = out[base..].to_vec();
+            let region = &mut self.scratch.region;
+            region.clear();
+            region.extend_from_slice(&out[base..]);
             out.truncate(base);
-            for (i, m) in order.iter().enumerate() {
+            for (i, m) in members.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 out.extend_from_slice(&region[m.start - base..m.end - base]);
             }
         }
-        out.push(b'}');
         Ok(())
     }
 
@@ -358,6 +384,11 @@ mod tests {
         // its UTF-8 is larger.
         let text = "{\"\u{1f600}\":1,\"\u{20ac}\":2,\"\\n\":3,\"a\":\"\\u0001\u{7f}\\\"\\/\"}";
         assert_eq!(canon(text).unwrap(), "{\"\\n\":3,\"a\":\"\\u0001\u{7f}\\\"/\",\"\u{20ac}\":2,\"\u{1f600}\":1}");
+    }
+
+    #[test]
+    fn empty_containers_and_nesting() {
+        assert_eq!(canon(r#" { "b" : { } , "a" : [ [ ] , { } ] } "#).unwrap(), r#"{"a":[[],{}],"b":{}}"#);
     }
 
     #[test]

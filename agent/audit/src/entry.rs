@@ -4,6 +4,8 @@
 //! of the previous entry's whole line (without its newline); entry 0 is the `open` entry.
 //! `record` entries carry the agent's DID, the hash of the policy in force and the record
 //! the events file gets; `checkpoint` entries carry a tree head signed by the host key.
+use std::io::Write as _;
+
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
@@ -188,9 +190,8 @@ pub fn write_record_line(
     out.extend_from_slice(&hex32(prev));
     out.extend_from_slice(b"\",\"record\":");
     canonicalize(record, out)?;
-    out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(seq.to_string().as_bytes());
-    out.push(b'}');
+    // Writing into a Vec does not fail.
+    let _ = write!(out, ",\"seq\":{seq}}}");
     Ok(())
 }
 
