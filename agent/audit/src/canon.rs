@@ -265,9 +265,7 @@ impl Parser<'_, '_> {
             i += 1;
         }
         let int_start = i;
-        while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
+        i = digits_end(bytes, i);
         let int_digits = i - int_start;
         if int_digits == 0 || (int_digits > 1 && bytes[int_start] == b'0') {
             return Err(self.err("bad number"));
@@ -277,9 +275,7 @@ impl Parser<'_, '_> {
             integral = false;
             i += 1;
             let f = i;
-            while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
+            i = digits_end(bytes, i);
             if i == f {
                 return Err(self.err("bad number"));
             }
@@ -291,9 +287,7 @@ impl Parser<'_, '_> {
                 i += 1;
             }
             let e = i;
-            while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
+            i = digits_end(bytes, i);
             if i == e {
                 return Err(self.err("bad number"));
             }
@@ -325,6 +319,11 @@ impl Parser<'_, '_> {
         out.extend_from_slice(ryu_js::Buffer::new().format_finite(value).as_bytes());
         Ok(())
     }
+}
+
+/// Where the run of ASCII digits starting at `i` ends.
+fn digits_end(bytes: &[u8], i: usize) -> usize {
+    i + bytes.get(i..).map_or(0, |rest| rest.iter().take_while(|c| c.is_ascii_digit()).count())
 }
 
 /// RFC 8785 §3.2.3: keys sort by their UTF-16 code units. `a` and `b` are canonical

@@ -121,6 +121,14 @@ fn subproof(m: usize, leaves: &[Hash], whole: bool, out: &mut Vec<Hash>) {
     }
 }
 
+/// Right-shifts both until `fn_` is odd or 0 (a step of both RFC 9162 verifications).
+fn shift_to_odd(fn_: &mut u64, sn: &mut u64) {
+    while *fn_ & 1 == 0 && *fn_ != 0 {
+        *fn_ >>= 1;
+        *sn >>= 1;
+    }
+}
+
 /// RFC 9162 §2.1.3.2: whether `proof` shows the leaf hash `leaf` at `index` in the tree
 /// of `size` leaves whose root is `root`.
 pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> bool {
@@ -135,10 +143,7 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root
         }
         if fn_ & 1 == 1 || fn_ == sn {
             r = node_hash(p, &r);
-            while fn_ & 1 == 0 && fn_ != 0 {
-                fn_ >>= 1;
-                sn >>= 1;
-            }
+            shift_to_odd(&mut fn_, &mut sn);
         } else {
             r = node_hash(&r, p);
         }
@@ -182,10 +187,7 @@ pub fn verify_consistency(old_size: u64, new_size: u64, old_root: &Hash, new_roo
         if fn_ & 1 == 1 || fn_ == sn {
             fr = node_hash(c, &fr);
             sr = node_hash(c, &sr);
-            while fn_ & 1 == 0 && fn_ != 0 {
-                fn_ >>= 1;
-                sn >>= 1;
-            }
+            shift_to_odd(&mut fn_, &mut sn);
         } else {
             sr = node_hash(&sr, c);
         }
