@@ -381,3 +381,20 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_log_larger_than_a_read_block_verifies_and_a_deep_deletion_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    // ~21k entries of ~300 bytes: the 4 MiB read blocks end inside lines.
+    write_log(&path, 20_000, 500, None, "", true);
+    assert!(std::fs::metadata(&path).unwrap().len() > 5 << 20, "{}", std::fs::metadata(&path).unwrap().len());
+    let v = verify(std::slice::from_ref(&path)).unwrap();
+    assert_eq!((v.records, v.unsigned), (20_000, 0));
+    let mut l = lines(&path);
+    let i = index_of(&l, 18_000);
+    l.remove(i);
+    put(&path, &l);
+    let t = tampered(std::slice::from_ref(&path));
+    assert_eq!((t.seq, t.line), (18_000, i as u64 + 1), "{t}");
+}
