@@ -174,11 +174,9 @@ fn tokens_are_given_to_the_agents_own_processes_only_and_verify_and_expire() {
     assert_eq!((claims["ring"].as_u64(), claims["trust"].as_u64()), (Some(2), Some(500)));
     assert_eq!(claims["tier"], "standard");
     assert_eq!(claims["cgroup_id"], status["cgroup_id"]);
-    let mut hasher = Sha256::new();
-    let text = std::fs::read(&policy).unwrap();
-    hasher.update((text.len() as u64).to_be_bytes());
-    hasher.update(&text);
-    let policy_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    // What `sha256sum POLICY` prints.
+    let digest = Sha256::digest(std::fs::read(&policy).unwrap());
+    let policy_hash = format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>());
     assert_eq!(claims["policy_hash"], policy_hash);
     assert_eq!(status["policy_hash"], policy_hash);
     assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 2);

@@ -41,6 +41,8 @@ Examples:
   agt-jail exec --ring 2 --agent coder --policy policies/coding-agent/policy.yaml \\
       --events decisions.jsonl -- python3 agent.py
       (held actions: agt-jail approve|deny --agent coder N; agt-jail demote|kill --agent coder)
+  agt-jail exec --audit run.audit --deny-connect 169.254.169.254:* -- python3 agent.py
+      (then: agt-jail audit verify run.audit --key \"$(agt-jail audit key)\"; docs/audit.md)
 
 Exit status: the command's own; 128+N when it was killed by signal N; 125 when \
 agt-jail itself fails (bad flags, arguments or environment over the kernel's limits); \
@@ -123,6 +125,9 @@ pub struct ExecArgs {
 
     #[command(flatten)]
     pub policy: PolicyArgs,
+
+    #[command(flatten)]
+    pub audit: AuditArgs,
 
     /// The command and its arguments (any bytes: they need not be UTF-8).
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
@@ -222,6 +227,48 @@ pub struct PolicyArgs {
     /// network tables are re-installed (0: resolve only at start; at most 86400). Needs --policy.
     #[arg(long, value_name = "SECS", default_value_t = 30, requires = "policy", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub dns_refresh: u64,
+}
+
+/// The tamper-evident audit log of `exec` (docs/audit.md).
+#[derive(Args, Debug, Default)]
+pub struct AuditArgs {
+    /// Also write every record (decisions and observations) to FILE as a signed hash chain
+    /// (`agt-jail audit verify FILE --key PUB` checks it). FILE must be new or empty.
+    #[arg(long = "audit", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// The host's Ed25519 signing key (created, mode 0600, on first use; `agt-jail audit key`
+    /// prints its public half).
+    #[arg(long = "audit-key", value_name = "FILE", default_value = "/var/lib/agt-jail/audit.key")]
+    pub key: PathBuf,
+
+    /// When records reach the disk: always (fdatasync before every answer), batch (written
+    /// before every answer, fdatasync at each checkpoint and at close) or none (never fdatasync).
+    #[arg(long = "audit-sync", value_name = "POLICY", default_value = "batch", value_parser = ["always", "batch", "none"])]
+    pub sync: String,
+
+    /// Sign a checkpoint after every N entries (and at close).
+    #[arg(long = "audit-checkpoint-every", value_name = "N", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
+
+    /// Sign a checkpoint when records have waited SECS unsigned.
+    #[arg(long = "audit-checkpoint-secs", value_name = "SECS", default_value_t = 10)]
+    pub checkpoint_secs: u64,
+
+    /// Continue the log in FILE.1, FILE.2, ... when a file would grow beyond SIZE (e.g. 64M, 1G);
+    /// the chain runs on across files.
+    #[arg(long = "audit-rotate", value_name = "SIZE", value_parser = parse_rotate)]
+    pub rotate: Option<u64>,
+}
+
+/// A rotation size: at least 64K, so that a file holds more than a few records.
+fn parse_rotate(text: &str) -> Result<u64, String> {
+    match agt_jail_jail::profile::parse_bytes(text)? {
+        Some(bytes) if bytes >= 64 << 10 => Ok(bytes),
+        Some(_) => Err(format!("'{text}' is below 64K")),
+        None => Err(format!("'{text}' is not a size (expected e.g. 64M or 1G)")),
+    }
 }
 
 impl PolicyArgs {

@@ -173,6 +173,7 @@ pub fn needs_bpf(args: &ExecArgs, profile: &Profile) -> bool {
     !profile.confine
         || profile.net == NetMode::Allowlist
         || args.events.is_some()
+        || args.audit.file.is_some()
         || !args.deny_connect.is_empty()
         || args.policy.given()
 }
@@ -355,8 +356,8 @@ pub fn execute<G: Governor>(
         )
         .into());
     }
-    if !root && (args.events.is_some() || !args.deny_connect.is_empty()) {
-        return Err(anyhow::anyhow!("--events and --deny-connect need root (they use BPF programs)").into());
+    if !root && (args.events.is_some() || args.audit.file.is_some() || !args.deny_connect.is_empty()) {
+        return Err(anyhow::anyhow!("--events, --audit and --deny-connect need root (they use BPF programs)").into());
     }
     // A limit the operator asked for is refused, not dropped: without root there is no
     // cgroup to hold it (the ring's default limits only draw the warning below).

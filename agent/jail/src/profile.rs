@@ -214,8 +214,17 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Parses a size: bytes, or with K/M/G/T suffix (powers of 1024), or "max"/null for none.
+/// Parses a memory limit: a size (see [`parse_bytes`]) of at least 1M.
 pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes.is_some_and(|b| b < (1 << 20)) {
+        return Err(format!("memory limit '{text}' is below 1M; the jail could not start"));
+    }
+    Ok(bytes)
+}
+
+/// Parses a size: bytes, or with K/M/G/T suffix (powers of 1024), or "max"/null for none.
+pub fn parse_bytes(text: &str) -> Result<Option<u64>, String> {
     let t = text.trim();
     if t.eq_ignore_ascii_case("max") {
         return Ok(None);
@@ -240,9 +249,6 @@ pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
     let bytes = n.checked_mul(mult).filter(|b| *b <= MAX_MEMORY).ok_or_else(|| {
         format!("'{text}' is larger than the kernel takes (at most {MAX_MEMORY} bytes; max for none)")
     })?;
-    if bytes < (1 << 20) {
-        return Err(format!("memory limit '{text}' is below 1M; the jail could not start"));
-    }
     Ok(Some(bytes))
 }
 

@@ -54,17 +54,21 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 (hex) of the policy files, in the order given: the policy a token says is in force.
+/// The policy in force, as tokens, `status` and the audit log name it: `sha256:` and the hex
+/// SHA-256 of the policy file (what `sha256sum` prints), or, for several files, of their
+/// SHA-256 digests concatenated in the order given; `none` without a policy.
 pub fn policy_hash(paths: &[std::path::PathBuf]) -> io::Result<String> {
-    let mut hasher = Sha256::new();
+    let mut hashes = Vec::with_capacity(paths.len());
     for path in paths {
         let bytes = std::fs::read(path)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))?;
-        // Length first, so two file lists with the same concatenation differ.
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(&bytes);
+        hashes.push(Sha256::digest(&bytes));
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(match hashes.as_slice() {
+        [] => "none".into(),
+        [one] => format!("sha256:{}", hex(one)),
+        many => format!("sha256:{}", hex(&Sha256::digest(many.concat()))),
+    })
 }
 
 /// Checks a SPIFFE trust domain (the SPIFFE ID spec: lower-case letters, digits, `.`, `-`, `_`).
@@ -104,7 +108,7 @@ pub struct AgentClaims {
     pub ring: u8,
     pub trust: u32,
     pub tier: String,
-    /// SHA-256 (hex) of the policy files in force.
+    /// The policy in force ([`policy_hash`]).
     pub policy_hash: String,
     /// The agent's cgroup (v2) id: the kernel's name for the processes the token speaks for.
     pub cgroup_id: u64,

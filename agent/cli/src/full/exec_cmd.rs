@@ -32,7 +32,11 @@ use agt_jail_supervisor::{
 };
 use anyhow::{bail, Context, Result};
 
-use crate::govern::{self, lock};
+use crate::{
+    audit_run::{self, AuditRun},
+    govern::{self, lock},
+};
+use agt_jail_audit::LineWriter;
 
 pub fn run(args: ExecArgs) -> ExitCode {
     let result = Prepared::new(&args)
@@ -55,6 +59,7 @@ struct Governed<'a> {
     pump: Option<thread::JoinHandle<Result<()>>>,
     exec_plane: Option<(exec_notify::Handle, Arc<govern::ArmingDecider>)>,
     listener_socket: Option<OwnedFd>,
+    audit: Option<AuditRun>,
 }
 
 impl<'a> Governed<'a> {
@@ -64,6 +69,11 @@ impl<'a> Governed<'a> {
         if policy.is_some() {
             decidable(&args.command)?;
         }
+        let did = match &policy {
+            Some(loaded) => loaded.agent.did.clone(),
+            None => govern::new_did()?,
+        };
+        let audit = AuditRun::open(&args.audit, &did, &args.policy.policy)?;
         Ok(Self {
             args,
             policy,
@@ -77,6 +87,7 @@ impl<'a> Governed<'a> {
             pump: None,
             exec_plane: None,
             listener_socket: None,
+            audit,
         })
     }
 
@@ -159,6 +170,7 @@ impl<'a> Governed<'a> {
             Some(cgroup.path().join("cgroup.kill")),
             plan,
             args.events.as_deref(),
+            self.audit.as_ref().map(AuditRun::writer),
             !args.quiet,
         )?;
         if let Some(programs) = self.programs.as_ref() {
@@ -206,15 +218,20 @@ impl<'a> Governed<'a> {
         let Some(programs) = self.programs.as_ref() else { return Ok(()) };
         let evaluator = self.governance.as_ref().map(|g| (Arc::clone(&g.evaluator), Arc::clone(&g.plan)));
         let sink = match evaluator {
-            Some(_) => EventSink::open(None, false)?,
-            None => EventSink::open(self.args.events.as_deref(), !self.args.quiet)?,
+            Some(_) => EventSink::open(None, false, None)?,
+            None => EventSink::open(
+                self.args.events.as_deref(),
+                !self.args.quiet,
+                self.audit.as_ref().map(AuditRun::writer),
+            )?,
         };
         let reader = lock(programs).take_events().context("event reader already taken")?;
         let stop = Arc::clone(&self.pump_stop);
+        let drops = DropWatch { programs: Arc::clone(programs), seen: (0, 0) };
         self.pump = Some(
             thread::Builder::new()
                 .name("events".into())
-                .spawn(move || pump_events(reader, sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), &stop))
+                .spawn(move || pump_events(reader, sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), drops, &stop))
                 .context("cannot start the event thread")?,
         );
         Ok(())
@@ -342,6 +359,13 @@ impl Governor for Governed<'_> {
         if let Some(pump) = self.pump.take() {
             pump.join().map_err(|_| anyhow::anyhow!("event thread panicked"))?.context("cannot write events")?;
         }
+        if let Some(audit) = self.audit.as_mut() {
+            audit.close()?;
+        }
+        // The evaluator's records never wait on the file; a failed write is reported here.
+        if let Some(err) = self.governance.as_ref().and_then(|g| g.evaluator.take_record_error()) {
+            bail!("cannot write records (events file or audit log): {err}");
+        }
         if drops > 0 {
             eprintln!("agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full");
         }
@@ -370,14 +394,16 @@ fn allowlist_denies(profile: &Profile) -> Vec<ConnectRule> {
         .collect()
 }
 
-/// Where events go: a JSON-lines file (or stdout) and, for denials, a line on stderr.
+/// Where events go: a JSON-lines file (or stdout) and the audit log, and, for denials, a
+/// line on stderr.
 struct EventSink {
     out: Option<Box<dyn Write + Send>>,
     show_denials: bool,
+    error: Option<io::Error>,
 }
 
 impl EventSink {
-    fn open(path: Option<&Path>, show_denials: bool) -> Result<Self> {
+    fn open(path: Option<&Path>, show_denials: bool, audit: Option<LineWriter>) -> Result<Self> {
         let out: Option<Box<dyn Write + Send>> = match path {
             None => None,
             Some(path) if path == Path::new("-") => Some(Box::new(BufWriter::new(io::stdout()))),
@@ -390,7 +416,38 @@ impl EventSink {
                 Some(Box::new(BufWriter::new(file)))
             }
         };
-        Ok(Self { out, show_denials })
+        Ok(Self { out: audit_run::tee(out, audit), show_denials, error: None })
+    }
+
+    /// Hands one decoded event to the evaluator, or records it here.
+    fn handle(
+        &mut self,
+        decoded: std::result::Result<Event, agt_jail_ebpf_loader::DecodeError>,
+        evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>,
+    ) {
+        match decoded {
+            Ok(event) => match evaluator {
+                Some((evaluator, plan)) => govern::observe(evaluator, plan, &event),
+                None => {
+                    if let Err(err) = self.record(&event) {
+                        self.error.get_or_insert(err);
+                    }
+                }
+            },
+            Err(err) => eprintln!("agt-jail: warning: undecodable event: {err}"),
+        }
+    }
+
+    /// The end of a batch: its records reach the events file and the audit log.
+    fn end_batch(&mut self, evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>) {
+        match evaluator {
+            Some((evaluator, _)) => evaluator.flush(),
+            None => {
+                if let Err(err) = self.flush() {
+                    self.error.get_or_insert(err);
+                }
+            }
+        }
     }
 
     fn record(&mut self, event: &Event) -> io::Result<()> {
@@ -400,9 +457,15 @@ impl EventSink {
             let line = format!("agt-jail: {}\n", describe_denial(event));
             let _ = io::stderr().lock().write_all(line.as_bytes());
         }
+        self.record_value(event)
+    }
+
+    fn record_value(&mut self, value: &impl serde::Serialize) -> io::Result<()> {
         if let Some(out) = self.out.as_mut() {
-            serde_json::to_writer(&mut *out, event)?;
-            out.write_all(b"\n")?;
+            // One write per line: the audit log takes whole lines.
+            let mut line = serde_json::to_vec(value)?;
+            line.push(b'\n');
+            out.write_all(&line)?;
         }
         Ok(())
     }
@@ -447,39 +510,63 @@ fn describe_denial(event: &Event) -> String {
 /// kill records wake the reader at once.
 const OBSERVATION_PERIOD: Duration = Duration::from_millis(10);
 
+/// The kernel's drop counters, recorded when they move so that a gap in the records is
+/// itself on record.
+struct DropWatch {
+    programs: Arc<Mutex<AgentPrograms>>,
+    /// Events and denies dropped, as last recorded.
+    seen: (u64, u64),
+}
+
+impl DropWatch {
+    fn record(&mut self, sink: &mut EventSink, evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>) {
+        let now = {
+            let programs = lock(&self.programs);
+            (programs.dropped_events().unwrap_or(self.seen.0), programs.dropped_denies().unwrap_or(self.seen.1))
+        };
+        if now == self.seen {
+            return;
+        }
+        self.seen = now;
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let value = serde_json::json!({
+            "event": "kernel_drops", "time": time.as_secs_f64(), "events_dropped": now.0, "denies_dropped": now.1,
+        });
+        match evaluator {
+            Some((evaluator, _)) => evaluator.observe_raw(&value),
+            None => {
+                if let Err(err) = sink.record_value(&value) {
+                    sink.error.get_or_insert(err);
+                }
+            }
+        }
+    }
+}
+
 /// Moves events from the ring buffer to the sink until told to stop, then drains
-/// what is left, so nothing the command caused is lost.
+/// what is left, so nothing the command caused is lost. Each batch is flushed as it
+/// ends: a record read from the kernel is in the file before the next batch is read.
 fn pump_events(
     mut reader: EventReader,
     mut sink: EventSink,
     evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>,
+    mut drops: DropWatch,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let mut write_error: Option<io::Error> = None;
-    let mut handle = |decoded: std::result::Result<Event, agt_jail_ebpf_loader::DecodeError>| match decoded {
-        Ok(event) => {
-            if let Some((evaluator, plan)) = evaluator {
-                govern::observe(evaluator, plan, &event);
-            } else if let Err(err) = sink.record(&event) {
-                write_error.get_or_insert(err);
-            }
-        }
-        Err(err) => eprintln!("agt-jail: warning: undecodable event: {err}"),
-    };
     while !stop.load(Ordering::SeqCst) {
-        reader.poll_denies(OBSERVATION_PERIOD, &mut handle).context("cannot poll the event ring buffer")?;
-        if let Some((evaluator, _)) = evaluator {
-            evaluator.flush();
-        }
+        reader
+            .poll_denies(OBSERVATION_PERIOD, &mut |decoded| sink.handle(decoded, evaluator))
+            .context("cannot poll the event ring buffer")?;
+        drops.record(&mut sink, evaluator);
+        sink.end_batch(evaluator);
     }
-    reader.drain(&mut handle);
-    if let Some((evaluator, _)) = evaluator {
-        evaluator.flush();
-    }
-    if let Some(err) = write_error {
+    reader.drain(&mut |decoded| sink.handle(decoded, evaluator));
+    drops.record(&mut sink, evaluator);
+    sink.end_batch(evaluator);
+    if let Some(err) = sink.error.take() {
         bail!(err);
     }
-    sink.flush().context("cannot flush events")
+    Ok(())
 }
 
 #[cfg(test)]

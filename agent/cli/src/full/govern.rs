@@ -16,6 +16,7 @@ use std::{
 
 use std::net::IpAddr;
 
+use agt_jail_audit::LineWriter;
 use agt_jail_cli::args::PolicyArgs;
 use agt_jail_common::FileRuleKind;
 use agt_jail_ebpf_loader::{
@@ -40,6 +41,8 @@ use agt_jail_supervisor::{
 };
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::audit_run;
+
 /// Locks shared state, recovering it from a panicked holder (cleanup must still run).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -52,6 +55,11 @@ fn random_hex() -> Result<String> {
         .and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes))
         .context("cannot read /dev/urandom")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A fresh DID for an agent.
+pub fn new_did() -> Result<String> {
+    Ok(format!("did:mesh:{}", random_hex()?))
 }
 
 /// A loaded policy and the agent it governs.
@@ -196,8 +204,9 @@ impl Actuator for HostActuator {
     }
 }
 
-/// Opens the events file (or stdout for `-`) for decision records.
-pub fn record_sink(path: Option<&Path>) -> Result<RecordSink> {
+/// Opens the events file (or stdout for `-`) for decision records; the audit log, when
+/// there is one, gets every line too.
+pub fn record_sink(path: Option<&Path>, audit: Option<LineWriter>) -> Result<RecordSink> {
     let out: Option<Box<dyn Write + Send>> = match path {
         None => None,
         Some(p) if p == Path::new("-") => Some(Box::new(io::stdout())),
@@ -210,7 +219,7 @@ pub fn record_sink(path: Option<&Path>) -> Result<RecordSink> {
             Some(Box::new(BufWriter::new(file)))
         }
     };
-    Ok(RecordSink::new(out))
+    Ok(RecordSink::new(audit_run::tee(out, audit)))
 }
 
 /// The evaluator and the control socket of one governed run.
@@ -243,6 +252,7 @@ impl Governance {
         kill_file: Option<PathBuf>,
         plan: Option<Plan>,
         events: Option<&Path>,
+        audit: Option<LineWriter>,
         show_denials: bool,
     ) -> Result<Governance> {
         let actuator = Arc::new(HostActuator {
@@ -263,7 +273,7 @@ impl Governance {
             show_denials,
             proc_root: PathBuf::from("/proc"),
         };
-        let evaluator = Evaluator::new(cfg, record_sink(events)?, actuator.clone());
+        let evaluator = Evaluator::new(cfg, record_sink(events, audit)?, actuator.clone());
         let view = IdentityView {
             spiffe_id: identity.spiffe_id().to_string(),
             cgroup_id: cgroup.id,

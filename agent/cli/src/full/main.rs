@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
+mod audit_run;
 mod control_cmd;
 mod doctor_cmd;
 mod exec_cmd;
@@ -61,6 +63,9 @@ enum Command {
     /// An agent's identity: its public key (`key`), a token for it (`token`, from inside).
     #[command(subcommand)]
     Identity(identity_cmd::IdentityCommand),
+    /// Verify a tamper-evident audit log (`exec --audit`), prove records and checkpoints.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
 }
 
 /// Names the first argument that is not UTF-8 (clap only says there is one): its
@@ -108,6 +113,10 @@ fn main() -> ExitCode {
                 ""
             };
             eprintln!("agt-jail: {reason}{why} (see --help)");
+            // `audit` documents its own exit statuses (2: usage).
+            if std::env::args_os().nth(1).is_some_and(|word| word == "audit") {
+                return ExitCode::from(audit_cmd::USAGE);
+            }
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
@@ -122,5 +131,6 @@ fn main() -> ExitCode {
         Command::Status(args) => control_cmd::status(args),
         Command::Ps(args) => control_cmd::ps(args),
         Command::Identity(cmd) => identity_cmd::run(cmd),
+        Command::Audit(cmd) => audit_cmd::run(cmd),
     }
 }

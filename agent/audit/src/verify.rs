@@ -1,0 +1,293 @@
+//! Reading a log back: every entry's place in the chain, every checkpoint's signature
+//! and root. The first entry that does not fit is reported by its number and why.
+use std::{
+    fmt,
+    fs::File,
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+};
+
+use ed25519_dalek::VerifyingKey;
+
+use crate::{
+    entry::{record_head, CheckpointEntry, Head, Kind, SignedHead, GENESIS},
+    merkle::{hex32, leaf_hash, sha256, CompactTree, Hash},
+    writer::MAX_LINE,
+    AuditError,
+};
+
+/// The first entry of a log that does not fit, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tamper {
+    /// The entry's number (`seq`).
+    pub seq: u64,
+    pub file: PathBuf,
+    /// 1-based line in `file`.
+    pub line: u64,
+    pub why: String,
+}
+
+impl fmt::Display for Tamper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: record {}: {}", self.file.display(), self.line, self.seq, self.why)
+    }
+}
+
+/// Why a log could not be verified.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Io(#[from] AuditError),
+    #[error("{0}")]
+    Tampered(Tamper),
+}
+
+/// What an intact log holds.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    /// Entries of every kind (the next entry would be number `entries`).
+    pub entries: u64,
+    pub records: u64,
+    pub checkpoints: u64,
+    /// Entries after the last checkpoint (not covered by a signature).
+    pub unsigned: u64,
+    /// The log ends with its closing checkpoint.
+    pub closed: bool,
+    /// The last file ended inside an entry (agt-jail stopped while writing it): the file
+    /// and the line the partial entry starts on.
+    pub partial_tail: Option<(PathBuf, u64)>,
+    pub last_head: Option<SignedHead>,
+}
+
+impl Verified {
+    /// Warnings an intact log can still carry (not tampering).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some((file, line)) = &self.partial_tail {
+            out.push(format!(
+                "{}:{line}: a partial entry at the end was left out (written as agt-jail stopped)",
+                file.display()
+            ));
+        }
+        if self.unsigned > 0 {
+            out.push(format!("{} records after the last checkpoint are unsigned", self.unsigned));
+        }
+        if !self.closed {
+            out.push(
+                "the log has no closing checkpoint (agt-jail stopped before closing it, or it is still being written)"
+                    .into(),
+            );
+        }
+        out
+    }
+}
+
+/// One entry as the walk sees it.
+pub struct EntryRef<'a> {
+    pub seq: u64,
+    pub kind: Kind,
+    /// The line, without its newline.
+    pub line: &'a [u8],
+    /// SHA-256 of `line` (the Merkle leaf and the next entry's `prev`).
+    pub hash: Hash,
+}
+
+struct Walk<'k> {
+    keys: Option<&'k [VerifyingKey]>,
+    expected: u64,
+    prev: Hash,
+    prev_at: (PathBuf, u64),
+    tree: CompactTree,
+    out: Verified,
+    signed_size: u64,
+    /// A broken link, held one entry to tell an edited predecessor from an inserted entry.
+    suspect: Option<(Tamper, u64)>,
+}
+
+/// Checks the log in `files` (in order, the first one starting the log). With `keys`,
+/// every checkpoint's signature is checked; without, only the chain and the roots.
+/// `visit` sees every entry that fits.
+pub fn walk(
+    files: &[PathBuf],
+    keys: Option<&[VerifyingKey]>,
+    mut visit: impl FnMut(&EntryRef<'_>),
+) -> Result<Verified, VerifyError> {
+    let mut w = Walk {
+        keys,
+        expected: 0,
+        prev: GENESIS,
+        prev_at: (PathBuf::new(), 0),
+        tree: CompactTree::default(),
+        out: Verified::default(),
+        signed_size: 0,
+        suspect: None,
+    };
+    let mut line = Vec::with_capacity(4096);
+    for (index, path) in files.iter().enumerate() {
+        let last_file = index + 1 == files.len();
+        let file = File::open(path).map_err(|e| AuditError::io(path, e))?;
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut line_no = 0u64;
+        let mut first_in_file = true;
+        loop {
+            line.clear();
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(|e| AuditError::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            if line.last() != Some(&b'\n') {
+                let at = Tamper { seq: w.expected, file: path.clone(), line: line_no, why: String::new() };
+                if line.len() > MAX_LINE {
+                    return Err(VerifyError::Tampered(Tamper { why: format!("longer than {MAX_LINE} bytes"), ..at }));
+                }
+                if !last_file {
+                    return Err(VerifyError::Tampered(Tamper {
+                        why: "the file ends inside an entry, and another file follows".into(),
+                        ..at
+                    }));
+                }
+                w.out.partial_tail = Some((path.clone(), line_no));
+                break;
+            }
+            line.pop();
+            w.entry(&line, path, line_no, first_in_file, &mut visit)?;
+            first_in_file = false;
+        }
+    }
+    if let Some((suspect, _)) = w.suspect.take() {
+        return Err(VerifyError::Tampered(suspect));
+    }
+    w.out.entries = w.expected;
+    w.out.unsigned = w.expected - w.signed_size;
+    Ok(w.out)
+}
+
+impl Walk<'_> {
+    fn entry(
+        &mut self,
+        line: &[u8],
+        path: &Path,
+        line_no: u64,
+        first_in_file: bool,
+        visit: &mut impl FnMut(&EntryRef<'_>),
+    ) -> Result<(), VerifyError> {
+        let expected = self.expected;
+        let tamper =
+            |seq: u64, why: String| VerifyError::Tampered(Tamper { seq, file: path.to_path_buf(), line: line_no, why });
+        let (kind, seq, prev_hex) = match record_head(line) {
+            Some((seq, prev)) => (Kind::Record, seq, prev),
+            None => {
+                let head: Head<'_> = serde_json::from_slice(line)
+                    .map_err(|e| tamper(expected, format!("not an audit entry ({e}): edited")))?;
+                let Some(kind) = Kind::parse(head.kind) else {
+                    return Err(tamper(expected, format!("unknown entry kind {:?}: edited", head.kind)));
+                };
+                (kind, head.seq, head.prev.as_bytes())
+            }
+        };
+        if let Some((suspect, suspect_seq)) = self.suspect.take() {
+            if seq == suspect_seq {
+                return Err(tamper(seq, format!("record {seq} appears twice: a record was inserted")));
+            }
+            return Err(VerifyError::Tampered(suspect));
+        }
+        if seq != expected {
+            return Err(self.misplaced(seq, path, line_no, first_in_file));
+        }
+        if prev_hex != hex32(&self.prev) {
+            if expected == 0 {
+                return Err(tamper(0, "the first entry's prev is not zero: edited".into()));
+            }
+            let (file, line) = self.prev_at.clone();
+            self.suspect = Some((
+                Tamper {
+                    seq: expected - 1,
+                    file,
+                    line,
+                    why: format!(
+                        "it does not hash to the prev that record {expected} holds: record {} was edited \
+                         (or the link in record {expected})",
+                        expected - 1
+                    ),
+                },
+                expected,
+            ));
+        }
+        if self.out.closed {
+            return Err(tamper(expected, "an entry after the closing checkpoint: appended".into()));
+        }
+        if kind == Kind::Checkpoint {
+            if let Some((suspect, _)) = self.suspect.take() {
+                // The checkpoint's root would fail on the same change: name the entry.
+                return Err(VerifyError::Tampered(suspect));
+            }
+        }
+        match kind {
+            Kind::Open if expected != 0 => return Err(tamper(expected, "a second open entry: inserted".into())),
+            Kind::Record => self.out.records += 1,
+            Kind::Checkpoint => self.checkpoint(line).map_err(|why| tamper(expected, why))?,
+            Kind::Open => {}
+        }
+        if expected == 0 && kind != Kind::Open {
+            return Err(tamper(0, "the log does not start with its open entry".into()));
+        }
+        let hash = sha256(line);
+        visit(&EntryRef { seq: expected, kind, line, hash });
+        self.tree.push(leaf_hash(&hash));
+        self.prev = hash;
+        self.prev_at = (path.to_path_buf(), line_no);
+        self.expected += 1;
+        Ok(())
+    }
+
+    /// An entry whose number is not the next one.
+    fn misplaced(&self, seq: u64, path: &Path, line_no: u64, first_in_file: bool) -> VerifyError {
+        let expected = self.expected;
+        let why = if first_in_file && expected == 0 {
+            format!("the first file starts at record {seq}: give every file of the log, from the first")
+        } else if first_in_file {
+            format!(
+                "this file starts at record {seq}, but record {expected} comes next: the files are out of order \
+                 or one is missing"
+            )
+        } else if seq + 1 == expected {
+            format!("record {seq} appears twice: a record was inserted")
+        } else if seq < expected {
+            format!("record {seq} appears again after record {}: records were reordered or inserted", expected - 1)
+        } else {
+            format!("record {expected} is missing here (found record {seq}): records were deleted or reordered")
+        };
+        let at = if seq < expected && !first_in_file { seq } else { expected };
+        VerifyError::Tampered(Tamper { seq: at, file: path.to_path_buf(), line: line_no, why })
+    }
+
+    fn checkpoint(&mut self, line: &[u8]) -> Result<(), String> {
+        let entry: CheckpointEntry =
+            serde_json::from_slice(line).map_err(|e| format!("not a checkpoint ({e}): edited"))?;
+        let head = entry.head();
+        let tree = &head.checkpoint;
+        if tree.tree_size != self.expected {
+            return Err(format!(
+                "the checkpoint covers {} entries, but {} come before it: edited",
+                tree.tree_size, self.expected
+            ));
+        }
+        if let Some(keys) = self.keys {
+            head.verify(keys)?;
+        }
+        if tree.root_hash() != Some(self.tree.root()) {
+            return Err(
+                "the signed root is not the root of the entries before it: an earlier entry was rewritten".into()
+            );
+        }
+        self.out.checkpoints += 1;
+        self.out.closed = tree.reason == "close";
+        self.signed_size = self.expected + 1;
+        self.out.last_head = Some(head);
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! `exec --audit FILE`: the run's audit log. Every record the events sink writes (the
+//! evaluator's decisions and observations, or the kernel's events without a policy) goes
+//! to the log too, as whole lines; the sink's flush, which comes before every answer to a
+//! held action, is the log's group commit.
+use std::{
+    io::{self, Write},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agt_jail_audit::{key, AuditLog, LineWriter, LogOptions, SharedLog, SyncPolicy, Ticker};
+use agt_jail_cli::args::AuditArgs;
+use anyhow::{anyhow, Context, Result};
+
+/// An open audit log, closed (final checkpoint) by [`AuditRun::close`] or when dropped.
+pub struct AuditRun {
+    log: SharedLog,
+    ticker: Option<Ticker>,
+    did: String,
+    policy: String,
+    closed: bool,
+}
+
+impl AuditRun {
+    /// Opens the log `args` names, if any: the key loads (or is created) and the file is
+    /// started before anything of the run exists, so a bad flag fails the run at once.
+    pub fn open(args: &AuditArgs, did: &str, policies: &[PathBuf]) -> Result<Option<AuditRun>> {
+        let Some(path) = args.file.as_deref() else { return Ok(None) };
+        let signing = key::load_or_create(&args.key).map_err(|e| anyhow!("{e}"))?;
+        let opts = LogOptions {
+            checkpoint_every: args.checkpoint_every,
+            checkpoint_interval: Duration::from_secs(args.checkpoint_secs),
+            sync: args.sync.parse::<SyncPolicy>().map_err(|e| anyhow!("--audit-sync: {e}"))?,
+            rotate_bytes: args.rotate,
+            ..LogOptions::default()
+        };
+        let interval = opts.checkpoint_interval;
+        let log = Arc::new(Mutex::new(AuditLog::create(path, signing, opts).map_err(|e| anyhow!("{e}"))?));
+        let ticker = Ticker::start(Arc::clone(&log), interval).context("cannot start the audit checkpoint timer")?;
+        Ok(Some(AuditRun {
+            log,
+            ticker: Some(ticker),
+            did: did.to_string(),
+            policy: policy_hash(policies)?,
+            closed: false,
+        }))
+    }
+
+    /// A writer of record lines into the log.
+    pub fn writer(&self) -> LineWriter {
+        LineWriter::new(Arc::clone(&self.log), self.did.clone(), self.policy.clone())
+    }
+
+    /// Writes the closing checkpoint.
+    pub fn close(&mut self) -> Result<()> {
+        self.closed = true;
+        drop(self.ticker.take());
+        let mut log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        log.close().map_err(|e| anyhow!("cannot close the audit log: {e}"))
+    }
+}
+
+impl Drop for AuditRun {
+    fn drop(&mut self) {
+        if !self.closed {
+            if let Err(err) = self.close() {
+                eprintln!("agt-jail: warning: {err}");
+            }
+        }
+    }
+}
+
+/// The hash of the policy in force (one definition for tokens, `status` and the log).
+pub fn policy_hash(files: &[PathBuf]) -> Result<String> {
+    Ok(agt_jail_supervisor::identity::policy_hash(files)?)
+}
+
+/// The events file's writer and the audit log's, as one: both get every line.
+pub fn tee(events: Option<Box<dyn Write + Send>>, audit: Option<LineWriter>) -> Option<Box<dyn Write + Send>> {
+    match (events, audit) {
+        (events, None) => events,
+        (events, Some(audit)) => Some(Box::new(Tee { events, audit })),
+    }
+}
+
+struct Tee {
+    events: Option<Box<dyn Write + Send>>,
+    audit: LineWriter,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Both get the lines even when one fails; the first error is the one reported.
+        let events = self.events.as_mut().map_or(Ok(()), |out| out.write_all(buf));
+        let audit = self.audit.write_all(buf);
+        events.and(audit).map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let events = self.events.as_mut().map_or(Ok(()), |out| out.flush());
+        let audit = self.audit.flush();
+        events.and(audit)
+    }
+}
