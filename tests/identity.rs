@@ -90,7 +90,7 @@ fn ask(socket: &Path) -> Value {
 
 #[test]
 fn tokens_are_given_to_the_agents_own_processes_only_and_verify_and_expire() {
-    if !require("identity::tokens", &[Need::Root, Need::CgroupV2]) {
+    if !require("identity::tokens", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
         return;
     }
     let dir = tempfile::Builder::new().prefix("agt-jail-identity-").tempdir_in("/tmp").unwrap();

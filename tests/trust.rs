@@ -45,7 +45,7 @@ fn run_agent(name: &str, policy: &str, command: &[&str]) -> (std::process::Outpu
 
 #[test]
 fn denials_lower_trust_demote_then_kill_and_each_change_is_recorded() {
-    if !require("trust::denials", &[Need::Root, Need::CgroupV2]) {
+    if !require("trust::denials", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
         return;
     }
     let (out, records) =
@@ -92,7 +92,7 @@ fn a_bad_trust_section_is_refused_with_125_and_one_located_line() {
 
 #[test]
 fn trust_decays_over_time_down_to_the_floor() {
-    if !require("trust::decay", &[Need::Root, Need::CgroupV2]) {
+    if !require("trust::decay", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
         return;
     }
     let policy = "apiVersion: governance.toolkit/v1\nname: decay\nagents: [\"*\"]\ndefault_action: allow\n\

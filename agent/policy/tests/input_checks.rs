@@ -224,19 +224,25 @@ fn a_context_must_be_an_object() {
     }
 }
 
+/// A fail-closed deny by the builtin's own bound, or by the evaluation's time limit when
+/// the machine is slow enough for it to fire first (emulated test guests): never an abort.
+fn assert_bounded(d: &agt_jail_policy::Decision, builtin: &str) {
+    assert_eq!(d.action, Action::Deny, "{}", d.reason);
+    let by_bound = d.reason.contains(builtin) && d.reason.contains("limit");
+    assert!(d.error && (by_bound || d.reason.contains("exceeded time limit")), "{}", d.reason);
+}
+
 #[test]
 fn an_exploding_rego_builtin_is_a_deny_not_an_abort() {
     let rego = "package x\nallow if {\n  count(numbers.range(1, 400000000000)) > 0\n}\n";
-    let set = PolicySet::from_rego_str("x.rego", rego, None).unwrap();
-    let d = eval(&set, json!({}));
-    assert_eq!(d.action, Action::Deny);
-    assert!(d.error && d.reason.contains("numbers.range") && d.reason.contains("limit"), "{}", d.reason);
+    let d = eval(&PolicySet::from_rego_str("x.rego", rego, None).unwrap(), json!({}));
+    assert_bounded(&d, "numbers.range");
     let doubling = "package x\na := numbers.range(1, 600000)\nallow if { count(array.concat(a, a)) > 0 }\n";
     let d = eval(&PolicySet::from_rego_str("x.rego", doubling, None).unwrap(), json!({}));
-    assert!(d.error && d.reason.contains("array.concat"), "{}", d.reason);
+    assert_bounded(&d, "array.concat");
     let step = "package x\nallow if {\n  count(numbers.range_step(0, 9000000000, 2)) > 0\n}\n";
     let d = eval(&PolicySet::from_rego_str("x.rego", step, None).unwrap(), json!({}));
-    assert!(d.error && d.reason.contains("numbers.range_step"), "{}", d.reason);
+    assert_bounded(&d, "numbers.range_step");
     // Ranges within the bound keep OPA's meaning (both ends included, either direction).
     let ok = "package x\nallow if {\n  array.concat([1], [2, 3]) == [1, 2, 3]\n  numbers.range(3, 1) == [3, 2, 1]\n  numbers.range_step(1, 10, 3) == [1, 4, 7, 10]\n  count(numbers.range(1, 1000)) == 1000\n}\n";
     assert_eq!(eval(&PolicySet::from_rego_str("x.rego", ok, None).unwrap(), json!({})).action, Action::Allow);
