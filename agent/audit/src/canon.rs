@@ -69,17 +69,6 @@ struct Member {
     end: usize,
     /// The key is ASCII without escapes: it sorts by its bytes.
     simple: bool,
-    /// A simple key's first eight bytes, big-endian and padded with zeros: most keys
-    /// differ there, so they sort without a byte-wise comparison.
-    prefix: u64,
-}
-
-/// The first eight bytes of `key`, big-endian, zero-padded (a key without control
-/// characters: a shorter key sorts before any longer one it begins).
-fn key_prefix(key: &[u8]) -> u64 {
-    // Shifted in a byte at a time: copying a short key into an array and loading it
-    // whole stalls on store forwarding.
-    (0..8).fold(0u64, |acc, i| acc << 8 | u64::from(key.get(i).copied().unwrap_or(0)))
 }
 
 impl Parser<'_, '_> {
@@ -176,8 +165,9 @@ impl Parser<'_, '_> {
                 out.push(b',');
             }
             let start = out.len();
-            let simple = self.string(out)?;
+            let plain = self.string(out)?;
             let key_end = out.len();
+            let simple = plain && out[start..key_end].is_ascii();
             self.skip_ws();
             if self.peek() != Some(b':') {
                 return Err(self.err("expected :"));
@@ -185,8 +175,7 @@ impl Parser<'_, '_> {
             self.pos += 1;
             out.push(b':');
             self.value(out, depth + 1)?;
-            let prefix = if simple { key_prefix(&out[start + 1..key_end - 1]) } else { 0 };
-            members.push(Member { start, key_end, end: out.len(), simple, prefix });
+            members.push(Member { start, key_end, end: out.len(), simple });
             self.skip_ws();
             match self.peek() {
                 Some(b',') => {}
@@ -198,9 +187,7 @@ impl Parser<'_, '_> {
         self.pos += 1;
         let order_of = |a: &Member, b: &Member| {
             if a.simple && b.simple {
-                a.prefix
-                    .cmp(&b.prefix)
-                    .then_with(|| out[a.start + 1..a.key_end - 1].cmp(&out[b.start + 1..b.key_end - 1]))
+                out[a.start + 1..a.key_end - 1].cmp(&out[b.start + 1..b.key_end - 1])
             } else {
                 key_order(&out[a.start..a.key_end], &out[b.start..b.key_end])
             }
@@ -233,17 +220,16 @@ impl Parser<'_, '_> {
         Ok(())
     }
 
-    /// Writes a string token; says whether it is ASCII without escapes (a key that sorts
-    /// by its bytes).
+    /// Writes a string token; says whether it had no escapes.
     fn string(&mut self, out: &mut Vec<u8>) -> Result<bool, CanonError> {
         let start = self.pos;
         let body = &self.input[start + 1..];
-        let (stop, ascii) = plain_run(body);
+        let stop = body.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20);
         match stop.map(|n| (n, body[n])) {
             Some((n, b'"')) => {
                 out.extend_from_slice(&self.input[start..start + n + 2]);
                 self.pos = start + n + 2;
-                Ok(ascii)
+                Ok(true)
             }
             Some((n, c)) if c < 0x20 => Err(CanonError { at: start + 1 + n, what: "control character in a string" }),
             Some(_) => self.escaped_string(out).map(|()| false),
@@ -333,38 +319,6 @@ impl Parser<'_, '_> {
         out.extend_from_slice(ryu_js::Buffer::new().format_finite(value).as_bytes());
         Ok(())
     }
-}
-
-/// Where the plain part of a string body ends (the first `"`, `\\` or control character),
-/// and whether the bytes before it are ASCII. Eight bytes at a time: strings are most of
-/// a record's bytes.
-fn plain_run(body: &[u8]) -> (Option<usize>, bool) {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let mut high = 0u64;
-    let mut i = 0;
-    for chunk in body.chunks_exact(8) {
-        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else { break };
-        let v = u64::from_le_bytes(bytes);
-        let (quote, slash) = (v ^ (LO * u64::from(b'"')), v ^ (LO * u64::from(b'\\')));
-        // A zero byte in `quote` or `slash`, or a byte below 0x20 in `v` (exact as to
-        // whether there is one; the byte loop below finds which).
-        let stop =
-            (quote.wrapping_sub(LO) & !quote) | (slash.wrapping_sub(LO) & !slash) | (v.wrapping_sub(LO * 0x20) & !v);
-        if stop & HI != 0 {
-            break;
-        }
-        high |= v;
-        i += 8;
-    }
-    let mut ascii = high & HI == 0;
-    for (n, &c) in body[i..].iter().enumerate() {
-        if c == b'"' || c == b'\\' || c < 0x20 {
-            return (Some(i + n), ascii);
-        }
-        ascii &= c.is_ascii();
-    }
-    (None, ascii)
 }
 
 /// Where the run of ASCII digits starting at `i` ends.
@@ -487,14 +441,6 @@ mod tests {
             let mut out = Vec::new();
             let _ = canonicalize(&bytes, &mut out);
             let _ = canon(&text);
-        }
-
-        #[test]
-        fn the_plain_run_scan_agrees_with_a_byte_loop(body in prop::collection::vec(
-            prop_oneof![Just(b'"'), Just(b'\\'), 0u8..0x20, 0x20u8..0x80, 0x80u8..=0xff, Just(b'a')], 0..40)) {
-            let stop = body.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20);
-            let ascii = body[..stop.unwrap_or(body.len())].is_ascii();
-            prop_assert_eq!(plain_run(&body), (stop, ascii));
         }
 
         #[test]
