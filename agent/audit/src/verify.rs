@@ -5,6 +5,7 @@ use std::{
     fs::File,
     io::{self, BufRead, BufReader, Read},
     path::{Path, PathBuf},
+    sync::{Mutex, PoisonError},
 };
 
 use ed25519_dalek::VerifyingKey;
@@ -222,24 +223,29 @@ impl Batch {
         self.hashes.clear();
         self.hashes.resize(self.ends.len(), [0; 32]);
         let lines: Vec<&[u8]> = lines_of(&self.bytes, &self.ends).collect();
-        let per = lines.len().div_ceil(threads.max(1)).max(1);
-        if threads <= 1 || lines.len() < 2 * MIN_PER_THREAD {
+        if threads <= 1 || lines.len() < 2 * PIECE {
             hash_lines(&mut self.hashes, &lines);
             return;
         }
+        // Pieces taken in turn by whoever is free: a helper that gets no core (the
+        // machine is busy) leaves its share to this thread instead of holding it up.
+        let pieces = Mutex::new(self.hashes.chunks_mut(PIECE).zip(lines.chunks(PIECE)));
+        let work = || loop {
+            let next = pieces.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some((hashes, lines)) = next else { break };
+            hash_lines(hashes, lines);
+        };
         std::thread::scope(|scope| {
-            let mut shares = self.hashes.chunks_mut(per).zip(lines.chunks(per));
-            // This thread takes the first share itself.
-            let own = shares.next();
-            for (hashes, lines) in shares {
-                scope.spawn(move || hash_lines(hashes, lines));
+            for _ in 1..threads {
+                scope.spawn(work);
             }
-            if let Some((hashes, lines)) = own {
-                hash_lines(hashes, lines);
-            }
+            work();
         });
     }
 }
+
+/// Lines hashed per piece of a batch shared between threads.
+const PIECE: usize = 128;
 
 fn hash_lines(hashes: &mut [Hash], lines: &[&[u8]]) {
     for (hash, line) in hashes.iter_mut().zip(lines) {
@@ -252,10 +258,6 @@ fn lines_of<'a>(bytes: &'a [u8], ends: &'a [usize]) -> impl Iterator<Item = &'a 
     let starts = std::iter::once(0).chain(ends.iter().map(|e| e + 1));
     starts.zip(ends).map(|(start, &end)| &bytes[start..end])
 }
-
-/// Fewer lines than this per thread are hashed on the walking thread (a thread costs
-/// more than it saves).
-const MIN_PER_THREAD: usize = 256;
 
 impl Walk<'_> {
     #[allow(clippy::too_many_arguments)]
