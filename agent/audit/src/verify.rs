@@ -260,7 +260,6 @@ fn lines_of<'a>(bytes: &'a [u8], ends: &'a [usize]) -> impl Iterator<Item = &'a 
 }
 
 impl Walk<'_> {
-    #[allow(clippy::too_many_arguments)]
     fn entry(
         &mut self,
         line: &[u8],
