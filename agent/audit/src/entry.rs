@@ -182,11 +182,29 @@ pub fn write_record_line(
     policy: &str,
     record: &[u8],
 ) -> Result<(), CanonError> {
-    out.extend_from_slice(b"{\"did\":");
-    write_str(out, did);
+    write_record_after(out, &record_line_start(did, policy), seq, prev, record)
+}
+
+/// The bytes every record entry of one agent under one policy starts with (its `did`,
+/// `kind` and `policy`, up to the opening quote of `prev`), for [`write_record_after`].
+pub fn record_line_start(did: &str, policy: &str) -> Vec<u8> {
+    let mut out = b"{\"did\":".to_vec();
+    write_str(&mut out, did);
     out.extend_from_slice(b",\"kind\":\"record\",\"policy\":");
-    write_str(out, policy);
+    write_str(&mut out, policy);
     out.extend_from_slice(b",\"prev\":\"");
+    out
+}
+
+/// [`write_record_line`] with its start already written by [`record_line_start`].
+pub fn write_record_after(
+    out: &mut Vec<u8>,
+    start: &[u8],
+    seq: u64,
+    prev: &Hash,
+    record: &[u8],
+) -> Result<(), CanonError> {
+    out.extend_from_slice(start);
     out.extend_from_slice(&hex32(prev));
     out.extend_from_slice(b"\",\"record\":");
     canonicalize(record, out)?;

@@ -3,8 +3,9 @@
 use std::{
     fmt,
     fs::File,
-    io::{BufRead, BufReader, Read},
+    io::{self, BufRead, BufReader, Read},
     path::{Path, PathBuf},
+    sync::{Mutex, PoisonError},
 };
 
 use ed25519_dalek::VerifyingKey;
@@ -104,12 +105,30 @@ struct Walk<'k> {
     suspect: Option<(Tamper, u64)>,
 }
 
+/// Bytes of whole lines read before they are hashed and checked together.
+const BATCH_BYTES: usize = 4 << 20;
+
 /// Checks the log in `files` (in order, the first one starting the log). With `keys`,
 /// every checkpoint's signature is checked; without, only the chain and the roots.
-/// `visit` sees every entry that fits.
+/// `visit` sees every entry that fits. The lines are hashed on as many threads as the
+/// machine has cores (at most 8); see [`walk_with`].
 pub fn walk(
     files: &[PathBuf],
     keys: Option<&[VerifyingKey]>,
+    visit: impl FnMut(&EntryRef<'_>),
+) -> Result<Verified, VerifyError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    walk_with(files, keys, threads, visit)
+}
+
+/// [`walk`] hashing the lines on `threads` threads. Hashing each line is most of the
+/// work and needs nothing from the entries before it, so batches of lines are hashed
+/// in parallel, then checked in order on this thread (the same checks and the same
+/// first tamper whatever the number of threads).
+pub fn walk_with(
+    files: &[PathBuf],
+    keys: Option<&[VerifyingKey]>,
+    threads: usize,
     mut visit: impl FnMut(&EntryRef<'_>),
 ) -> Result<Verified, VerifyError> {
     let mut w = Walk {
@@ -122,40 +141,41 @@ pub fn walk(
         signed_size: 0,
         suspect: None,
     };
-    let mut line = Vec::with_capacity(4096);
+    let mut batch = Batch::default();
     for (index, path) in files.iter().enumerate() {
         let last_file = index + 1 == files.len();
         let file = File::open(path).map_err(|e| AuditError::io(path, e))?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut line_no = 0u64;
-        let mut first_in_file = true;
         loop {
-            line.clear();
-            let n = (&mut reader)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut line)
-                .map_err(|e| AuditError::io(path, e))?;
-            if n == 0 {
+            let partial = batch.fill(&mut reader).map_err(|e| AuditError::io(path, e))?;
+            batch.hash(threads);
+            for (i, line) in batch.lines().enumerate() {
+                line_no += 1;
+                w.entry(line, batch.hashes[i], path, line_no, line_no == 1, &mut visit)?;
+            }
+            let Some(partial) = partial else {
+                if batch.ends.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            if partial == 0 {
                 break;
             }
             line_no += 1;
-            if line.last() != Some(&b'\n') {
-                let at = Tamper { seq: w.expected, file: path.clone(), line: line_no, why: String::new() };
-                if line.len() > MAX_LINE {
-                    return Err(VerifyError::Tampered(Tamper { why: format!("longer than {MAX_LINE} bytes"), ..at }));
-                }
-                if !last_file {
-                    return Err(VerifyError::Tampered(Tamper {
-                        why: "the file ends inside an entry, and another file follows".into(),
-                        ..at
-                    }));
-                }
-                w.out.partial_tail = Some((path.clone(), line_no));
-                break;
+            let at = Tamper { seq: w.expected, file: path.clone(), line: line_no, why: String::new() };
+            if partial > MAX_LINE {
+                return Err(VerifyError::Tampered(Tamper { why: format!("longer than {MAX_LINE} bytes"), ..at }));
             }
-            line.pop();
-            w.entry(&line, path, line_no, first_in_file, &mut visit)?;
-            first_in_file = false;
+            if !last_file {
+                return Err(VerifyError::Tampered(Tamper {
+                    why: "the file ends inside an entry, and another file follows".into(),
+                    ..at
+                }));
+            }
+            w.out.partial_tail = Some((path.clone(), line_no));
+            break;
         }
     }
     if let Some((suspect, _)) = w.suspect.take() {
@@ -166,10 +186,84 @@ pub fn walk(
     Ok(w.out)
 }
 
+/// Whole lines read from a file, with their hashes.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    /// Where each line ends (at its newline).
+    ends: Vec<usize>,
+    /// SHA-256 of each line without its newline.
+    hashes: Vec<Hash>,
+}
+
+impl Batch {
+    /// Reads whole lines until the batch is full. `Some(n)`: the file ended, after a
+    /// line of `n` bytes without a newline (0: at a line's start); `None`: more may follow.
+    /// A line longer than [`MAX_LINE`] is reported as a partial line of that length.
+    fn fill(&mut self, reader: &mut impl BufRead) -> io::Result<Option<usize>> {
+        self.bytes.clear();
+        self.ends.clear();
+        while self.bytes.len() < BATCH_BYTES {
+            let start = self.bytes.len();
+            let n = reader.take(MAX_LINE as u64 + 1).read_until(b'\n', &mut self.bytes)?;
+            if self.bytes.last() != Some(&b'\n') || n == 0 {
+                self.bytes.truncate(start);
+                return Ok(Some(n));
+            }
+            self.ends.push(self.bytes.len() - 1);
+        }
+        Ok(None)
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        lines_of(&self.bytes, &self.ends)
+    }
+
+    fn hash(&mut self, threads: usize) {
+        self.hashes.clear();
+        self.hashes.resize(self.ends.len(), [0; 32]);
+        let lines: Vec<&[u8]> = lines_of(&self.bytes, &self.ends).collect();
+        if threads <= 1 || lines.len() < 2 * PIECE {
+            hash_lines(&mut self.hashes, &lines);
+            return;
+        }
+        // Pieces taken in turn by whoever is free: a helper that gets no core (the
+        // machine is busy) leaves its share to this thread instead of holding it up.
+        let pieces = Mutex::new(self.hashes.chunks_mut(PIECE).zip(lines.chunks(PIECE)));
+        let work = || loop {
+            let next = pieces.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some((hashes, lines)) = next else { break };
+            hash_lines(hashes, lines);
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+    }
+}
+
+/// Lines hashed per piece of a batch shared between threads.
+const PIECE: usize = 128;
+
+fn hash_lines(hashes: &mut [Hash], lines: &[&[u8]]) {
+    for (hash, line) in hashes.iter_mut().zip(lines) {
+        *hash = sha256(line);
+    }
+}
+
+/// The lines of `bytes` that end (at their newlines) at `ends`.
+fn lines_of<'a>(bytes: &'a [u8], ends: &'a [usize]) -> impl Iterator<Item = &'a [u8]> {
+    let starts = std::iter::once(0).chain(ends.iter().map(|e| e + 1));
+    starts.zip(ends).map(|(start, &end)| &bytes[start..end])
+}
+
 impl Walk<'_> {
     fn entry(
         &mut self,
         line: &[u8],
+        hash: Hash,
         path: &Path,
         line_no: u64,
         first_in_file: bool,
@@ -235,7 +329,6 @@ impl Walk<'_> {
         if expected == 0 && kind != Kind::Open {
             return Err(tamper(0, "the log does not start with its open entry".into()));
         }
-        let hash = sha256(line);
         visit(&EntryRef { seq: expected, kind, line, hash });
         self.tree.push(leaf_hash(&hash));
         self.prev = hash;

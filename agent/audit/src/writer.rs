@@ -106,6 +106,9 @@ pub struct AuditLog {
     pending: Vec<u8>,
     /// The line being built.
     scratch: Vec<u8>,
+    /// The DID and policy of the last record, and the start of their entries' lines
+    /// (a writer's records share them: escaped once, not per record).
+    line_start: (String, String, Vec<u8>),
     seq: u64,
     prev: Hash,
     tree: CompactTree,
@@ -160,6 +163,7 @@ impl AuditLog {
             file_bytes: 0,
             pending: Vec::new(),
             scratch: Vec::new(),
+            line_start: (String::new(), String::new(), Vec::new()),
             seq: 0,
             prev: entry::GENESIS,
             tree: CompactTree::default(),
@@ -194,9 +198,12 @@ impl AuditLog {
     /// Appends one record (the events file's record, one JSON text) for the agent `did`
     /// under the policy whose hash is `policy`.
     pub fn append_line(&mut self, did: &str, policy: &str, record: &[u8]) -> Result<(), AuditError> {
+        if self.line_start.2.is_empty() || self.line_start.0 != did || self.line_start.1 != policy {
+            self.line_start = (did.to_string(), policy.to_string(), entry::record_line_start(did, policy));
+        }
         let mut line = std::mem::take(&mut self.scratch);
         line.clear();
-        let written = entry::write_record_line(&mut line, self.seq, &self.prev, did, policy, record);
+        let written = entry::write_record_after(&mut line, &self.line_start.2, self.seq, &self.prev, record);
         let result = match written {
             Ok(()) => self.push_line_ref(&line),
             Err(e) => Err(AuditError::Record { seq: self.seq, reason: format!("not JSON: {e}") }),

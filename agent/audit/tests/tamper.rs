@@ -13,7 +13,7 @@ use agt_jail_audit::{
     key::key_id,
     merkle::sha256,
     proof::{self, verify_proof, Proof},
-    verify::{walk, Tamper, Verified, VerifyError},
+    verify::{walk, walk_with, Tamper, Verified, VerifyError},
     writer::{rotated_path, AuditLog, LineWriter, LogOptions, SyncPolicy},
 };
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -397,4 +397,35 @@ fn a_log_larger_than_a_read_block_verifies_and_a_deep_deletion_is_found() {
     put(&path, &l);
     let t = tampered(std::slice::from_ref(&path));
     assert_eq!((t.seq, t.line), (18_000, i as u64 + 1), "{t}");
+}
+
+#[test]
+fn the_verdict_is_the_same_whatever_the_number_of_hashing_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    // More than one batch of lines (4 MiB), so batches hashed on several threads follow each other.
+    write_log(&path, 20_000, 500, None, "", false);
+    let with = |threads: usize| walk_with(std::slice::from_ref(&path), Some(&keys()), threads, |_| {});
+    let one = with(1).unwrap();
+    for threads in [2, 3, 7] {
+        let many = with(threads).unwrap();
+        assert_eq!(
+            (many.entries, many.records, many.checkpoints, many.unsigned),
+            (one.entries, one.records, one.checkpoints, one.unsigned)
+        );
+        assert_eq!(many.last_head, one.last_head);
+    }
+    let mut l = lines(&path);
+    let i = index_of(&l, 12_345);
+    l[i] = l[i].replacen(r#""outcome":"deny""#, r#""outcome":"dena""#, 1);
+    put(&path, &l);
+    let tamper_with = |threads: usize| match with(threads) {
+        Err(VerifyError::Tampered(t)) => t,
+        other => panic!("not detected with {threads} threads: {other:?}"),
+    };
+    let found = tamper_with(1);
+    assert_eq!(found.seq, 12_345, "{found}");
+    for threads in [2, 3, 7] {
+        assert_eq!(tamper_with(threads), found);
+    }
 }
