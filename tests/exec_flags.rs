@@ -409,3 +409,13 @@ fn a_command_line_over_the_kernels_limit_is_refused() {
     assert_one_line_error(&output, 125, "the kernel takes at most");
     let _ = fs::remove_dir_all(scratch("over-limit"));
 }
+
+#[test]
+fn no_running_agent_says_only_a_policy_run_can_be_controlled() {
+    let name = format!("nobody-{}", std::process::id());
+    for command in [&["kill", "--agent", &name][..], &["status", "--agent", &name]] {
+        let output = agt_jail().args(command).output().unwrap();
+        assert_one_line_error(&output, 125, &format!("no running agent {name}: no control socket at"));
+        assert_one_line_error(&output, 125, "only `agt-jail exec --policy` creates one");
+    }
+}
