@@ -167,7 +167,7 @@ fn commands_about_a_running_agent_and_its_audit_log_end_quietly_too() {
 fn exec_outlives_its_closed_stdout_and_stderr_and_removes_its_cgroup() {
     require!(Need::Root, Need::CgroupV2, Need::Btf);
     let dir = scratch("exec");
-    // A policy with a load warning (a bare literal condition).
+    // A policy with a load warning (a bare literal condition): exec prints it at start.
     let policy = dir.join("p.yaml");
     fs::write(
         &policy,
@@ -181,10 +181,11 @@ fn exec_outlives_its_closed_stdout_and_stderr_and_removes_its_cgroup() {
     let layout = agt_jail_jail::CgroupLayout::parse(&mountinfo).unwrap();
     let cgroup_of = |pid| layout.agents_parent().join(agt_jail_jail::cgroup::cgroup_name(pid, 0));
 
-    // Closed stdout: the command's status, no panic.
+    // Closed stdout: the command's status, its warning printed, no panic.
     let ended = with_closed_stdout(["exec", "--policy", policy].into_iter().chain(command), false);
     assert_eq!(ended.status.code(), Some(7), "{:?} {}", ended.status, ended.stderr);
     assert!(!ended.stderr.contains("panicked"), "{}", ended.stderr);
+    assert!(ended.stderr.contains("is a bare literal"), "{}", ended.stderr);
     assert!(!cgroup_of(ended.pid).exists(), "the agent's cgroup was left behind");
 
     // Closed stdout and stderr, events written to the closed stdout: the lost records are

@@ -66,6 +66,13 @@ impl<'a> Governed<'a> {
     /// The policy loads (and fails with its located error) before anything is created.
     fn new(args: &'a ExecArgs, profile: &Profile) -> Result<Self> {
         let policy = if args.policy.given() { Some(govern::load(&args.policy, profile.ring)?) } else { None };
+        // What `policy lint` warns of, said once before the run (a policy that names no
+        // agent denies everything; a bare literal condition never matches).
+        if let (Some(loaded), false) = (&policy, args.quiet) {
+            for warning in loaded.set.warnings() {
+                agt_jail_jail::stderr_line!("agt-jail: {}", govern::load_warning(warning));
+            }
+        }
         if policy.is_some() {
             decidable(&args.command)?;
         }

@@ -88,6 +88,11 @@ pub fn load(args: &PolicyArgs, ring: u8) -> Result<Loaded> {
     Ok(Loaded { set: Arc::new(set), agent, identity: Arc::new(identity), policy_hash, trust })
 }
 
+/// A warning found while loading a policy, located as `policy lint` prints it.
+pub fn load_warning(warning: &agt_jail_policy::LoadError) -> String {
+    format!("{}:{}:{}: warning: {}", warning.file, warning.line, warning.col, warning.message)
+}
+
 /// The trust rules: defaults, then the policy's `trust:` section (one policy may have
 /// one), then `--deny-penalty` and `--kill-below`.
 pub fn trust_rules(args: &PolicyArgs, set: &PolicySet) -> Result<TrustRules> {
