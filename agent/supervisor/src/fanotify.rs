@@ -92,7 +92,7 @@ pub enum FanotifyError {
     Unavailable(#[source] io::Error),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("malformed mountinfo line in {path}: {line:?}")]
+    #[error("malformed mountinfo line in {path}: {}", agt_jail_policy::quoted(.line))]
     Mountinfo { path: PathBuf, line: String },
     #[error("cannot mark mount {mount_point} ({fstype}, mount id {mnt_id}) of the jail: {source}")]
     Mark { mount_point: String, fstype: String, mnt_id: u64, source: io::Error },
@@ -102,7 +102,7 @@ pub enum FanotifyError {
     NoMountIds,
     #[error("marks of the fanotify group do not match the jail's mounts: marked {marked:?}, wanted {wanted:?}")]
     MarksMismatch { marked: Vec<u64>, wanted: Vec<u64> },
-    #[error("fanotify marks remain after stop: {0:?}")]
+    #[error("fanotify marks remain after stop: {}", .0.join(", "))]
     MarksRemain(Vec<String>),
     #[error("no held open of file {dev}:{ino} (answered already, or not this thread's)")]
     NotPending { dev: u64, ino: u64 },
@@ -690,8 +690,13 @@ fn file_facts(shared: &Shared, fd: &OwnedFd) -> Result<(FileIdentity, String), S
         Some(stripped) if nlink == 0 => stripped,
         _ => file_link,
     };
-    let path = map_to_jail(&mount.mount_point, root_link, file_link)
-        .ok_or_else(|| format!("{file_link:?} is not under the mount root {root_link:?}"))?;
+    let path = map_to_jail(&mount.mount_point, root_link, file_link).ok_or_else(|| {
+        format!(
+            "{} is not under the mount root {}",
+            agt_jail_policy::quoted(file_link),
+            agt_jail_policy::quoted(root_link)
+        )
+    })?;
     Ok((identity, path))
 }
 

@@ -133,7 +133,7 @@ fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> 
 fn issue(line: &str, facts: &IdentityFacts, evaluator: &Evaluator) -> Result<(String, String), String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let ["token", audience] = words.as_slice() else {
-        return Err(format!("unknown request {line:?}; expected: token AUDIENCE"));
+        return Err(format!("unknown request {}; expected: token AUDIENCE", agt_jail_policy::quoted(line)));
     };
     let agent = evaluator.agent();
     let claims = AgentClaims {
@@ -252,8 +252,8 @@ mod tests {
         assert_eq!(r[0]["pid"].as_u64(), Some(u64::from(std::process::id())));
         assert_eq!(r[0]["audience"], "tools.example");
         // A malformed request is refused, and recorded.
-        let err = request_token(socket.path(), "two words").unwrap_err();
-        assert!(err.contains("unknown request"), "{err}");
+        let err = request_token(socket.path(), "two w\\ords").unwrap_err();
+        assert!(err.contains("unknown request \"token two w\\ords\""), "shown as sent, not debug-quoted: {err}");
     }
 
     #[test]

@@ -695,8 +695,8 @@ pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm
             });
             for p in names_with_slash {
                 agt_jail_jail::stderr_line!(
-                    "agt-jail: note: the path form {:?} spans components; the kernel's file hook leaves it to the fanotify plane",
-                    p.text
+                    "agt-jail: note: the path form {} spans components; the kernel's file hook leaves it to the fanotify plane",
+                    agt_jail_policy::quoted(&p.text)
                 );
             }
             let rules: Vec<FileRule> = kernel_paths
