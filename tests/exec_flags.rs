@@ -409,3 +409,35 @@ fn a_command_line_over_the_kernels_limit_is_refused() {
     assert_one_line_error(&output, 125, "the kernel takes at most");
     let _ = fs::remove_dir_all(scratch("over-limit"));
 }
+
+#[test]
+fn exec_says_the_policy_load_warnings_once_unless_quiet() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    let dir = scratch("load-warnings");
+    let policy = dir.join("p.yaml");
+    // A bare literal condition: `policy lint` warns that it never matches.
+    fs::write(
+        &policy,
+        "name: p\nagents: ['*']\ndefault_action: allow\nrules:\n  - {name: lit, condition: 'true', action: log}\n",
+    )
+    .unwrap();
+    for (quiet, count) in [(&[][..], 1), (&["-q"][..], 0)] {
+        let output =
+            agt_jail().arg("exec").args(quiet).arg("--policy").arg(&policy).args(["--", "/bin/true"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert_eq!(stderr.matches("warning: rule \"lit\"").count(), count, "{quiet:?}: {stderr}");
+        let located = format!("agt-jail: {}:5:", policy.display());
+        assert_eq!(stderr.contains(&located), count == 1, "{quiet:?}: {stderr}");
+    }
+}
+
+#[test]
+fn no_running_agent_says_only_a_policy_run_can_be_controlled() {
+    let name = format!("nobody-{}", std::process::id());
+    for command in [&["kill", "--agent", &name][..], &["status", "--agent", &name]] {
+        let output = agt_jail().args(command).output().unwrap();
+        assert_one_line_error(&output, 125, &format!("no running agent {name}: no control socket at"));
+        assert_one_line_error(&output, 125, "only `agt-jail exec --policy` creates one");
+    }
+}

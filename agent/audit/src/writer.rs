@@ -396,7 +396,9 @@ impl Ticker {
                 let due = log.since_checkpoint > 0 && log.last_checkpoint.elapsed() >= log.opts.checkpoint_interval;
                 if due {
                     if let Err(err) = log.flush() {
-                        eprintln!("agt-jail: warning: audit checkpoint: {err}");
+                        // Not eprintln!: a closed stderr must not end the checkpoint thread.
+                        let line = format!("agt-jail: warning: audit checkpoint: {err}\n");
+                        let _ = io::stderr().lock().write_all(line.as_bytes());
                     }
                 }
             }

@@ -60,7 +60,8 @@ pub struct ExecArgs {
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
 
-    /// Do not print denials on stderr.
+    /// Do not print denials, the policy's load warnings (those `policy lint` prints) or the
+    /// agent's name on stderr; errors and warnings about enforcement still print.
     #[arg(long, short)]
     pub quiet: bool,
 

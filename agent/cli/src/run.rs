@@ -68,22 +68,22 @@ pub fn exit_status(result: Result<u8, Failure>) -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(Failure::Spawn(err)) => {
-            eprintln!("agt-jail: {err}");
+            agt_jail_jail::stderr_line!("agt-jail: {err}");
             ExitCode::from(err.shell_status().unwrap_or(EXIT_INTERNAL))
         }
         Err(Failure::Launch(err)) => {
-            eprintln!("agt-jail: {err}");
+            agt_jail_jail::stderr_line!("agt-jail: {err}");
             ExitCode::from(err.shell_status().unwrap_or(EXIT_INTERNAL))
         }
         Err(Failure::PolicyDenied { program }) => {
-            eprintln!(
+            agt_jail_jail::stderr_line!(
                 "agt-jail: {program}: denied by policy: the policy refused to run the command \
                  (its rule or default is in the denial line above, or in --events)"
             );
             ExitCode::from(EXIT_POLICY_DENIED)
         }
         Err(Failure::Internal(err)) => {
-            eprintln!("agt-jail: {err:#}");
+            agt_jail_jail::stderr_line!("agt-jail: {err:#}");
             ExitCode::from(EXIT_INTERNAL)
         }
     }
@@ -398,7 +398,7 @@ pub fn execute<G: Governor>(
     let enforcement =
         if profile.confine { Some(launch::check_enforcement(&profile).map_err(Failure::Launch)?) } else { None };
     for gap in enforcement.iter().flat_map(|e| &e.unenforced) {
-        eprintln!("agt-jail: warning: {gap}");
+        agt_jail_jail::stderr_line!("agt-jail: warning: {gap}");
     }
 
     // Root: the agent's cgroup (with limits) and what governs it, before it exists.
@@ -431,7 +431,7 @@ pub fn execute<G: Governor>(
         agent_cgroup = Some(cgroup);
         stale_sweep = Some((parent, layout));
     } else {
-        eprintln!(
+        agt_jail_jail::stderr_line!(
             "agt-jail: warning: not root: no cgroup and no BPF programs; memory, pids and cpu limits are not enforced"
         );
     }
@@ -544,7 +544,9 @@ pub fn execute<G: Governor>(
     if let Some(cgroup) = agent_cgroup {
         let ooms = cgroup.oom_kills();
         if ooms > 0 {
-            eprintln!("agt-jail: the agent hit its memory limit: the OOM killer ended {ooms} process(es)");
+            agt_jail_jail::stderr_line!(
+                "agt-jail: the agent hit its memory limit: the OOM killer ended {ooms} process(es)"
+            );
         }
         cleanup = cgroup.remove().context("cannot remove the agent's cgroup");
     }

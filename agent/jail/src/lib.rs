@@ -19,6 +19,20 @@ pub use launch::{JailConfig, JailProcess, LaunchError};
 pub use profile::{NetMode, Profile, ProfileError, WorkspaceMode};
 pub use spawn::{notify_execs, spawn_in_cgroup, spawn_in_cgroup_notified, SpawnError};
 
+/// `eprintln!` that cannot panic: one line on stderr, a failed write ignored. A supervising
+/// `agt-jail exec` must keep enforcing and clean up when its stderr is a pipe whose reader
+/// went away (`eprintln!` panics on EPIPE); everything the run prints goes through this.
+#[macro_export]
+macro_rules! stderr_line {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        // One write per line: the command shares the descriptor, and a line written in
+        // pieces gets its output spliced into the middle.
+        let line = ::std::format!("{}\n", ::std::format_args!($($arg)*));
+        let _ = ::std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+
 /// Facts about the running kernel, for `agt-jail doctor` and start-up checks.
 pub mod host {
     use crate::sys;

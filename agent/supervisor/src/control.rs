@@ -5,13 +5,14 @@
 //! directory, which every confined ring hides, and only root or the user running
 //! agt-jail may talk to it (checked with SO_PEERCRED, not only with file modes).
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
+use agt_jail_policy::quoted;
 use serde_json::{json, Value};
 
 use crate::{
@@ -41,13 +42,16 @@ const MAX_REQUEST: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("agent name {0:?} is not valid: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'")]
+    #[error("agent name {} is not valid: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'", quoted(.0))]
     BadName(String),
     #[error("cannot create {path}: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error("agent {name} is already running (its control socket {path} answers)")]
     InUse { name: String, path: PathBuf },
-    #[error("no running agent {name} (no control socket at {path}): {source}")]
+    #[error(
+        "no running agent {name}: no control socket at {path} ({source}); only `agt-jail exec --policy` creates \
+         one (an agent run without --policy cannot be controlled)"
+    )]
     NotRunning { name: String, path: PathBuf, source: io::Error },
     #[error("control socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -128,7 +132,7 @@ impl Drop for ControlServer {
 pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line: &str) -> Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     let id = |w: Option<&&str>| -> Result<u64, String> {
-        w.and_then(|s| s.parse().ok()).ok_or_else(|| format!("expected a request number in {line:?}"))
+        w.and_then(|s| s.parse().ok()).ok_or_else(|| format!("expected a request number in {}", quoted(line)))
     };
     let result = match words.as_slice() {
         ["approve", rest @ ..] => id(rest.first()).and_then(|id| evaluator.approve(id)),
@@ -145,7 +149,7 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
         }
         ["demote", ring] => match ring.parse::<u8>() {
             Ok(r) => evaluator.demote(r, "demoted by the operator"),
-            Err(_) => Err(format!("expected a ring number 0-3, found {ring:?}")),
+            Err(_) => Err(format!("expected a ring number 0-3, found {}", quoted(ring))),
         },
         ["status"] => {
             let agent = evaluator.agent();
@@ -168,7 +172,10 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
             Some(id) => return json!({"ok": true, "did": evaluator.agent().did, "jwks": id.jwks}),
             None => Err("the agent has no identity key".to_string()),
         },
-        _ => Err(format!("unknown request {line:?}; expected approve ID, deny ID, kill, demote RING, status or key")),
+        _ => Err(format!(
+            "unknown request {}; expected approve ID, deny ID, kill, demote RING, status or key",
+            quoted(line)
+        )),
     };
     match result {
         Ok(()) => json!({"ok": true}),
@@ -180,14 +187,14 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
 pub fn request(dir: &Path, name: &str, line: &str) -> Result<Value, ControlError> {
     check_name(name)?;
     let path = socket_path(dir, name);
-    let mut stream = UnixStream::connect(&path).map_err(|source| ControlError::NotRunning {
+    let stream = UnixStream::connect(&path).map_err(|source| ControlError::NotRunning {
         name: name.to_string(),
         path: path.clone(),
         source,
     })?;
     let io = |source| ControlError::Io { path: path.clone(), source };
     stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    stream.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    sys::send_all(&stream, format!("{line}\n").as_bytes()).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
     let value: Value = serde_json::from_str(answer.trim())
@@ -213,5 +220,13 @@ mod tests {
         for bad in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_bad_name_is_shown_as_typed_not_debug_quoted() {
+        let err = check_name("a\\b c").unwrap_err().to_string();
+        assert!(err.starts_with("agent name \"a\\b c\" is not valid"), "{err}");
+        let err = check_name("x\ny").unwrap_err().to_string();
+        assert!(err.starts_with("agent name \"x\\ny\" is not valid"), "{err}");
     }
 }

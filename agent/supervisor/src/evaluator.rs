@@ -525,7 +525,7 @@ impl Evaluator {
                     if let Some((tid, identity)) = exec_identity(&request) {
                         if let Err(err) = self.actuator.approve_exec(tid, identity) {
                             // Tier A without the approval: the kernel would refuse it anyway.
-                            eprintln!("agt-jail: cannot pass the exec approval to the kernel: {err}");
+                            agt_jail_jail::stderr_line!("agt-jail: cannot pass the exec approval to the kernel: {err}");
                         }
                     }
                     if let RequestKind::File { identity: Some(identity), path, .. } = &request.kind {
@@ -631,7 +631,7 @@ impl Evaluator {
         if allowed {
             if let Some((tid, identity)) = p.exec_approval {
                 if let Err(err) = self.actuator.approve_exec(tid, identity) {
-                    eprintln!("agt-jail: cannot pass the exec approval to the kernel: {err}");
+                    agt_jail_jail::stderr_line!("agt-jail: cannot pass the exec approval to the kernel: {err}");
                 }
             }
         }
@@ -656,7 +656,7 @@ impl Evaluator {
         lock(&self.state).killed = true;
         let rule = decision.matched_rule.as_deref().unwrap_or("kill switch");
         if let Err(err) = self.actuator.kill_agent() {
-            eprintln!("agt-jail: cannot kill the agent ({rule}): {err}");
+            agt_jail_jail::stderr_line!("agt-jail: cannot kill the agent ({rule}): {err}");
         } else if self.show_denials {
             let _ = io::stderr().lock().write_all(format!("agt-jail: killed the agent ({rule})\n").as_bytes());
         }
@@ -787,7 +787,7 @@ impl Evaluator {
         if demotes {
             let why = format!("trust fell from {before} to {after} ({})", agent.tier);
             if let Err(err) = self.demote(ring_floor(after), &why) {
-                eprintln!("agt-jail: {err}");
+                agt_jail_jail::stderr_line!("agt-jail: {err}");
             }
         }
     }
@@ -881,7 +881,7 @@ impl Evaluator {
                 let kernel_allowed = kernel == KernelVerdict::Allow;
                 if kernel_allowed != decision.allowed && decision.action != Action::RequireApproval {
                     note = Some(DISAGREE);
-                    eprintln!(
+                    agt_jail_jail::stderr_line!(
                         "agt-jail: warning: the kernel {} a {} that the policy {}s ({})",
                         if kernel_allowed { "allowed" } else { "denied" },
                         what(),

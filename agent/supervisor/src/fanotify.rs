@@ -92,7 +92,7 @@ pub enum FanotifyError {
     Unavailable(#[source] io::Error),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("malformed mountinfo line in {path}: {line:?}")]
+    #[error("malformed mountinfo line in {path}: {}", agt_jail_policy::quoted(.line))]
     Mountinfo { path: PathBuf, line: String },
     #[error("cannot mark mount {mount_point} ({fstype}, mount id {mnt_id}) of the jail: {source}")]
     Mark { mount_point: String, fstype: String, mnt_id: u64, source: io::Error },
@@ -102,7 +102,7 @@ pub enum FanotifyError {
     NoMountIds,
     #[error("marks of the fanotify group do not match the jail's mounts: marked {marked:?}, wanted {wanted:?}")]
     MarksMismatch { marked: Vec<u64>, wanted: Vec<u64> },
-    #[error("fanotify marks remain after stop: {0:?}")]
+    #[error("fanotify marks remain after stop: {}", .0.join(", "))]
     MarksRemain(Vec<String>),
     #[error("no held open of file {dev}:{ino} (answered already, or not this thread's)")]
     NotPending { dev: u64, ino: u64 },
@@ -198,10 +198,10 @@ impl Shared {
         bytes[4..].copy_from_slice(&response.to_ne_bytes());
         match (&self.group).write(&bytes) {
             Ok(8) => {}
-            Ok(n) => eprintln!("agt-jail: fanotify: short response write ({n} of 8 bytes)"),
+            Ok(n) => agt_jail_jail::stderr_line!("agt-jail: fanotify: short response write ({n} of 8 bytes)"),
             // ENOENT: the opener is gone (killed while held); nothing left to answer.
             Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(err) => eprintln!("agt-jail: fanotify: cannot answer a held open: {err}"),
+            Err(err) => agt_jail_jail::stderr_line!("agt-jail: fanotify: cannot answer a held open: {err}"),
         }
         drop(fd);
     }
@@ -462,7 +462,7 @@ impl FileGuard {
         drop(wake); // the event loop sees the pipe close and returns
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                eprintln!("agt-jail: fanotify: the event thread panicked");
+                agt_jail_jail::stderr_line!("agt-jail: fanotify: the event thread panicked");
             }
         }
         // Events already under way when the marks went may still be queued: deny them
@@ -476,7 +476,7 @@ impl FileGuard {
                 }
                 Ok(_) => break,
                 Err(err) => {
-                    eprintln!("agt-jail: fanotify: poll while stopping: {err}");
+                    agt_jail_jail::stderr_line!("agt-jail: fanotify: poll while stopping: {err}");
                     break;
                 }
             }
@@ -494,7 +494,7 @@ impl FileGuard {
 impl Drop for FileGuard {
     fn drop(&mut self) {
         if let Err(err) = self.shutdown() {
-            eprintln!("agt-jail: fanotify: stopping the file guard: {err}");
+            agt_jail_jail::stderr_line!("agt-jail: fanotify: stopping the file guard: {err}");
         }
     }
 }
@@ -523,7 +523,7 @@ fn event_loop(shared: &Arc<Shared>, decider: &dyn Decider, wake: &io::PipeReader
             Ok(ready) => ready,
             Err(err) => {
                 // Without poll no event can be answered; stop() denies what is left.
-                eprintln!("agt-jail: fanotify: poll failed, the file guard stops answering: {err}");
+                agt_jail_jail::stderr_line!("agt-jail: fanotify: poll failed, the file guard stops answering: {err}");
                 return;
             }
         };
@@ -552,7 +552,7 @@ fn drain(shared: &Shared, handle: &mut dyn FnMut(u32, OwnedFd, u64)) -> bool {
             Err(err) => {
                 // E.g. EMFILE: the kernel could not install the event's fd and has
                 // denied that permission event itself.
-                eprintln!("agt-jail: fanotify: reading events: {err}");
+                agt_jail_jail::stderr_line!("agt-jail: fanotify: reading events: {err}");
                 return any;
             }
         };
@@ -560,17 +560,17 @@ fn drain(shared: &Shared, handle: &mut dyn FnMut(u32, OwnedFd, u64)) -> bool {
         let mut at = 0;
         while at + EVENT_HEADER_LEN <= n {
             let Some(event) = parse_event(&bytes[at..n]) else {
-                eprintln!("agt-jail: fanotify: malformed event at byte {at} of {n}");
+                agt_jail_jail::stderr_line!("agt-jail: fanotify: malformed event at byte {at} of {n}");
                 break;
             };
             at += event.len.max(EVENT_HEADER_LEN);
             if event.vers != libc::FANOTIFY_METADATA_VERSION {
-                eprintln!("agt-jail: fanotify: unexpected metadata version {}", event.vers);
+                agt_jail_jail::stderr_line!("agt-jail: fanotify: unexpected metadata version {}", event.vers);
             }
             if event.mask & libc::FAN_Q_OVERFLOW != 0 {
                 // Impossible with FAN_UNLIMITED_QUEUE; events were lost, and lost
                 // permission events are answered by nobody.
-                eprintln!("agt-jail: fanotify: EVENT QUEUE OVERFLOW: events were lost");
+                agt_jail_jail::stderr_line!("agt-jail: fanotify: EVENT QUEUE OVERFLOW: events were lost");
             }
             if event.fd < 0 {
                 continue;
@@ -642,7 +642,7 @@ fn handle_event(shared: &Arc<Shared>, decider: &dyn Decider, pid: u32, fd: Owned
     let (identity, path) = match file_facts(shared, &fd) {
         Ok(facts) => facts,
         Err(why) => {
-            eprintln!("agt-jail: fanotify: denying an open by pid {tgid} tid {tid}: {why}");
+            agt_jail_jail::stderr_line!("agt-jail: fanotify: denying an open by pid {tgid} tid {tid}: {why}");
             shared.respond(fd, Answer::Deny);
             return;
         }
@@ -662,7 +662,7 @@ fn handle_event(shared: &Arc<Shared>, decider: &dyn Decider, pid: u32, fd: Owned
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decider.decide(request, reply)));
     if outcome.is_err() {
         // The reply was dropped while unwinding: the open is denied.
-        eprintln!("agt-jail: fanotify: the decider panicked; the open was denied");
+        agt_jail_jail::stderr_line!("agt-jail: fanotify: the decider panicked; the open was denied");
     }
 }
 
@@ -690,8 +690,13 @@ fn file_facts(shared: &Shared, fd: &OwnedFd) -> Result<(FileIdentity, String), S
         Some(stripped) if nlink == 0 => stripped,
         _ => file_link,
     };
-    let path = map_to_jail(&mount.mount_point, root_link, file_link)
-        .ok_or_else(|| format!("{file_link:?} is not under the mount root {root_link:?}"))?;
+    let path = map_to_jail(&mount.mount_point, root_link, file_link).ok_or_else(|| {
+        format!(
+            "{} is not under the mount root {}",
+            agt_jail_policy::quoted(file_link),
+            agt_jail_policy::quoted(root_link)
+        )
+    })?;
     Ok((identity, path))
 }
 

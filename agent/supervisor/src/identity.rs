@@ -34,13 +34,14 @@ pub enum IdentityError {
     Encode(String),
     #[error("cannot sign the token: {0}")]
     Sign(jsonwebtoken::errors::Error),
-    #[error("token lifetime {0:?} is out of range: use 1 to 3600 seconds")]
+    #[error("token lifetime {} s is out of range: use 1 to 3600 seconds", .0.as_secs())]
     Ttl(Duration),
     #[error(
-        "trust domain {0:?} is not valid: use 1-255 of a-z 0-9 . - _ (a SPIFFE trust domain, lower case, no scheme or port)"
+        "trust domain {} is not valid: use 1-255 of a-z 0-9 . - _ (a SPIFFE trust domain, lower case, no scheme or port)",
+        agt_jail_policy::quoted(.0)
     )]
     TrustDomain(String),
-    #[error("audience {0:?} is not valid: use 1-255 printable characters without spaces")]
+    #[error("audience {} is not valid: use 1-255 printable characters without spaces", agt_jail_policy::quoted(.0))]
     Audience(String),
 }
 

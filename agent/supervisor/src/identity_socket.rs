@@ -5,7 +5,7 @@
 //! cgroup is the agent's cgroup or below it. One request line in (`token AUDIENCE`), one
 //! JSON line out. Every answer, given or refused, is a record.
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     sync::Arc,
@@ -133,7 +133,7 @@ fn answer(stream: &UnixStream, facts: &IdentityFacts, evaluator: &Evaluator) -> 
 fn issue(line: &str, facts: &IdentityFacts, evaluator: &Evaluator) -> Result<(String, String), String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let ["token", audience] = words.as_slice() else {
-        return Err(format!("unknown request {line:?}; expected: token AUDIENCE"));
+        return Err(format!("unknown request {}; expected: token AUDIENCE", agt_jail_policy::quoted(line)));
     };
     let agent = evaluator.agent();
     let claims = AgentClaims {
@@ -150,14 +150,15 @@ fn issue(line: &str, facts: &IdentityFacts, evaluator: &Evaluator) -> Result<(St
 
 /// Asks the identity socket at `path` for a token for `audience` (the agent side).
 pub fn request_token(path: &Path, audience: &str) -> Result<String, String> {
-    let mut stream =
+    let stream =
         UnixStream::connect(path).map_err(|e| format!("cannot reach the identity socket {}: {e}", path.display()))?;
     let io = |e: io::Error| format!("identity socket {}: {e}", path.display());
     stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    stream.write_all(format!("token {audience}\n").as_bytes()).map_err(io)?;
+    sys::send_all(&stream, format!("token {audience}\n").as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
-    let value: Value = serde_json::from_str(reply.trim()).map_err(|e| format!("bad answer {reply:?}: {e}"))?;
+    let value: Value = serde_json::from_str(reply.trim())
+        .map_err(|e| format!("identity socket {}: bad answer '{}': {e}", path.display(), reply.trim()))?;
     match value["token"].as_str() {
         Some(token) if value["ok"] == Value::Bool(true) => Ok(token.to_string()),
         _ => Err(value["error"].as_str().unwrap_or("refused").to_string()),
@@ -173,7 +174,7 @@ mod tests {
         identity::TokenClaims,
     };
     use agt_jail_policy::{context::AgentFacts, PolicySet};
-    use std::sync::Mutex;
+    use std::{io::Write, sync::Mutex};
 
     struct NoEffects;
     impl Actuator for NoEffects {
@@ -251,8 +252,8 @@ mod tests {
         assert_eq!(r[0]["pid"].as_u64(), Some(u64::from(std::process::id())));
         assert_eq!(r[0]["audience"], "tools.example");
         // A malformed request is refused, and recorded.
-        let err = request_token(socket.path(), "two words").unwrap_err();
-        assert!(err.contains("unknown request"), "{err}");
+        let err = request_token(socket.path(), "two w\\ords").unwrap_err();
+        assert!(err.contains("unknown request \"token two w\\ords\""), "shown as sent, not debug-quoted: {err}");
     }
 
     #[test]

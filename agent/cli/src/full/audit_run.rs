@@ -65,7 +65,7 @@ impl Drop for AuditRun {
     fn drop(&mut self) {
         if !self.closed {
             if let Err(err) = self.close() {
-                eprintln!("agt-jail: warning: {err}");
+                agt_jail_jail::stderr_line!("agt-jail: warning: {err}");
             }
         }
     }

@@ -66,6 +66,13 @@ impl<'a> Governed<'a> {
     /// The policy loads (and fails with its located error) before anything is created.
     fn new(args: &'a ExecArgs, profile: &Profile) -> Result<Self> {
         let policy = if args.policy.given() { Some(govern::load(&args.policy, profile.ring)?) } else { None };
+        // What `policy lint` warns of, said once before the run (a policy that names no
+        // agent denies everything; a bare literal condition never matches).
+        if let (Some(loaded), false) = (&policy, args.quiet) {
+            for warning in loaded.set.warnings() {
+                agt_jail_jail::stderr_line!("agt-jail: {}", govern::load_warning(warning));
+            }
+        }
         if policy.is_some() {
             decidable(&args.command)?;
         }
@@ -189,7 +196,7 @@ impl<'a> Governed<'a> {
             ));
         }
         if !args.quiet {
-            eprintln!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
+            agt_jail_jail::stderr_line!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
         }
         let domains = agt_jail_policy::plan::domains(&domain_set);
         if args.policy.dns_refresh > 0 && !domains.is_empty() && lock(&governance.actuator.on_demote).is_some() {
@@ -250,7 +257,7 @@ impl<'a> Governed<'a> {
             fixed_root: profile.confine,
         };
         let notifier = ExecNotifier::start_with_options(OwnedFd::from(ours), decider.clone(), options, |err| {
-            eprintln!("agt-jail: denied an exec that could not be decided: {err}");
+            agt_jail_jail::stderr_line!("agt-jail: denied an exec that could not be decided: {err}");
         })
         .context("cannot start the exec plane")?;
         self.exec_plane = Some((notifier, decider));
@@ -320,7 +327,7 @@ impl Governor for Governed<'_> {
         self.listener_socket = None;
         if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
             if let Some(sync) = self.exec_plane.as_ref().and_then(|(notifier, _)| notifier.sync_wake_up()) {
-                eprintln!(
+                agt_jail_jail::stderr_line!(
                     "agt-jail: debug: exec plane: {}",
                     if sync {
                         "synchronous seccomp wake-ups (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)"
@@ -339,7 +346,7 @@ impl Governor for Governed<'_> {
         }
         if let Some((notifier, decider)) = self.exec_plane.take() {
             if let Err(err) = notifier.stop() {
-                eprintln!("agt-jail: warning: the exec plane ended with an error: {err}");
+                agt_jail_jail::stderr_line!("agt-jail: warning: the exec plane ended with an error: {err}");
             }
             decider.stop();
         }
@@ -367,10 +374,12 @@ impl Governor for Governed<'_> {
             bail!("cannot write records (events file or audit log): {err}");
         }
         if drops > 0 {
-            eprintln!("agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full");
+            agt_jail_jail::stderr_line!(
+                "agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full"
+            );
         }
         if deny_drops > 0 {
-            eprintln!(
+            agt_jail_jail::stderr_line!(
                 "agt-jail: warning: the kernel dropped {deny_drops} deny record(s): the priority ring buffer and the deny \
                  summary map were both full"
             );
@@ -434,7 +443,7 @@ impl EventSink {
                     }
                 }
             },
-            Err(err) => eprintln!("agt-jail: warning: undecodable event: {err}"),
+            Err(err) => agt_jail_jail::stderr_line!("agt-jail: warning: undecodable event: {err}"),
         }
     }
 

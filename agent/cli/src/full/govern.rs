@@ -88,6 +88,11 @@ pub fn load(args: &PolicyArgs, ring: u8) -> Result<Loaded> {
     Ok(Loaded { set: Arc::new(set), agent, identity: Arc::new(identity), policy_hash, trust })
 }
 
+/// A warning found while loading a policy, located as `policy lint` prints it.
+pub fn load_warning(warning: &agt_jail_policy::LoadError) -> String {
+    format!("{}:{}:{}: warning: {}", warning.file, warning.line, warning.col, warning.message)
+}
+
 /// The trust rules: defaults, then the policy's `trust:` section (one policy may have
 /// one), then `--deny-penalty` and `--kill-below`.
 pub fn trust_rules(args: &PolicyArgs, set: &PolicySet) -> Result<TrustRules> {
@@ -479,7 +484,7 @@ pub fn compile_plan(
     let compiled = plan::compile(set, agent, &caps, &resolved, strict)
         .map_err(|e| anyhow!("the policy cannot be enforced on this host: {e}"))?;
     for warning in &compiled.warnings {
-        eprintln!("agt-jail: warning: {warning}");
+        agt_jail_jail::stderr_line!("agt-jail: warning: {warning}");
     }
     Ok((compiled, resolved))
 }
@@ -499,7 +504,7 @@ impl FileCache for FileGuardHandle {
 
     fn forget(&self) {
         if let Err(err) = self.forget_allowed() {
-            eprintln!("agt-jail: warning: cannot drop cached file answers: {err}");
+            agt_jail_jail::stderr_line!("agt-jail: warning: cannot drop cached file answers: {err}");
         }
     }
 }
@@ -593,7 +598,7 @@ impl ArmingDecider {
         let guard = lock(&self.file_guard).take();
         if let Some(guard) = guard {
             if let Err(err) = guard.stop() {
-                eprintln!("agt-jail: warning: stopping the file plane: {err}");
+                agt_jail_jail::stderr_line!("agt-jail: warning: stopping the file plane: {err}");
             }
         }
     }
@@ -603,7 +608,7 @@ impl Decider for ArmingDecider {
     fn decide(&self, request: Request, reply: Reply) {
         if let Err(err) = self.arm(request.pid) {
             // File rules cannot be enforced: nothing of the agent may run.
-            eprintln!("agt-jail: {err}; refusing to run the agent");
+            agt_jail_jail::stderr_line!("agt-jail: {err}; refusing to run the agent");
             reply.answer(Answer::Deny);
             return;
         }
@@ -679,7 +684,7 @@ pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm
         Some(kernel_plan) => {
             let mut lsm = FileLsm::load(programs).context("cannot load the file hooks")?;
             for (hook, why) in lsm.unavailable() {
-                eprintln!("agt-jail: warning: the kernel refused the {hook} hook ({why}); its rules stay on the fanotify plane");
+                agt_jail_jail::stderr_line!("agt-jail: warning: the kernel refused the {hook} hook ({why}); its rules stay on the fanotify plane");
             }
             lsm.attach(programs).context("cannot attach the file hooks")?;
             // The kernel matches one path component per name rule; a name spanning
@@ -689,9 +694,9 @@ pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm
                     && p.text.contains('/')
             });
             for p in names_with_slash {
-                eprintln!(
-                    "agt-jail: note: the path form {:?} spans components; the kernel's file hook leaves it to the fanotify plane",
-                    p.text
+                agt_jail_jail::stderr_line!(
+                    "agt-jail: note: the path form {} spans components; the kernel's file hook leaves it to the fanotify plane",
+                    agt_jail_policy::quoted(&p.text)
                 );
             }
             let rules: Vec<FileRule> = kernel_paths
@@ -800,10 +805,14 @@ pub fn follow_domains(
             if now != last {
                 match replan() {
                     Ok(()) => {
-                        eprintln!("agt-jail: policy domains resolve differently now; network tables re-installed");
+                        agt_jail_jail::stderr_line!(
+                            "agt-jail: policy domains resolve differently now; network tables re-installed"
+                        );
                         last = now;
                     }
-                    Err(err) => eprintln!("agt-jail: warning: cannot re-install the network tables: {err}"),
+                    Err(err) => {
+                        agt_jail_jail::stderr_line!("agt-jail: warning: cannot re-install the network tables: {err}")
+                    }
                 }
             }
         }

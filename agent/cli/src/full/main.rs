@@ -82,7 +82,22 @@ fn not_utf8(argv: &[std::ffi::OsString]) -> String {
     format!("argument {index} '{shown}'{after} is not UTF-8 text; flags and names take UTF-8")
 }
 
+/// Gives SIGPIPE back its default action (Rust ignores it, so a print to a closed pipe
+/// panics): `agt-jail policy explain | head -1` then ends as `cat` does, killed by SIGPIPE
+/// (status 141 in a shell) without a word. Not for `exec`: a supervising agt-jail must
+/// outlive its own closed stdout or stderr to keep enforcing and remove the agent's cgroup;
+/// it ignores SIGPIPE and never panics on a failed write (`stderr_line!`, records that
+/// report their write error), and the command it runs starts with the default action.
+fn sigpipe_ends_the_process(command: Option<&std::ffi::OsStr>) {
+    if command.is_some_and(|word| word == "exec") {
+        return;
+    }
+    // SAFETY: SIG_DFL for a valid signal, before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
+    sigpipe_ends_the_process(std::env::args_os().nth(1).as_deref());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {

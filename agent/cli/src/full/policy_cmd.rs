@@ -185,7 +185,7 @@ fn load_for(policies: &[PathBuf], rego_query: Option<&str>, toolkit_flags: &[&st
 
 fn print_warnings(warnings: &[agt_jail_policy::LoadError]) {
     for w in warnings {
-        eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
+        eprintln!("{}", crate::govern::load_warning(w));
     }
 }
 
