@@ -76,7 +76,7 @@ pub struct Options {
     accel: Accel,
     /// Limit for one VM run (boot + all tests), in seconds; past it the VM is killed and
     /// the run fails.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 1800)]
     timeout: u64,
     /// Limit for a KVM guest to reach init, in seconds; past it the guest is stopped and
     /// this and every later kernel boot under TCG instead (with `--accel auto`).
