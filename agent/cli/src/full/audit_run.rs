@@ -4,7 +4,6 @@
 //! held action, is the log's group commit.
 use std::{
     io::{self, Write},
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,7 +24,8 @@ pub struct AuditRun {
 impl AuditRun {
     /// Opens the log `args` names, if any: the key loads (or is created) and the file is
     /// started before anything of the run exists, so a bad flag fails the run at once.
-    pub fn open(args: &AuditArgs, did: &str, policies: &[PathBuf]) -> Result<Option<AuditRun>> {
+    /// `did` and `policy` name the agent and the policy in force (`policy_hash`) in every entry.
+    pub fn open(args: &AuditArgs, did: &str, policy: &str) -> Result<Option<AuditRun>> {
         let Some(path) = args.file.as_deref() else { return Ok(None) };
         let signing = key::load_or_create(&args.key).map_err(|e| anyhow!("{e}"))?;
         let opts = LogOptions {
@@ -42,7 +42,7 @@ impl AuditRun {
             log,
             ticker: Some(ticker),
             did: did.to_string(),
-            policy: policy_hash(policies)?,
+            policy: policy.to_string(),
             closed: false,
         }))
     }
@@ -69,11 +69,6 @@ impl Drop for AuditRun {
             }
         }
     }
-}
-
-/// The hash of the policy in force (one definition for tokens, `status` and the log).
-pub fn policy_hash(files: &[PathBuf]) -> Result<String> {
-    Ok(agt_jail_supervisor::identity::policy_hash(files)?)
 }
 
 /// The events file's writer and the audit log's, as one: both get every line.

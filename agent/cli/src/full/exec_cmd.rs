@@ -76,11 +76,11 @@ impl<'a> Governed<'a> {
         if policy.is_some() {
             decidable(&args.command)?;
         }
-        let did = match &policy {
-            Some(loaded) => loaded.agent.did.clone(),
-            None => govern::new_did()?,
+        let (did, policy_hash) = match &policy {
+            Some(loaded) => (loaded.agent.did.clone(), loaded.policy_hash.clone()),
+            None => (govern::new_did()?, agt_jail_supervisor::identity::policy_hash(&[])?),
         };
-        let audit = AuditRun::open(&args.audit, &did, &args.policy.policy)?;
+        let audit = AuditRun::open(&args.audit, &did, &policy_hash)?;
         Ok(Self {
             args,
             policy,
