@@ -26,10 +26,10 @@ pub struct CanonError {
 }
 
 /// Appends the canonical form of the JSON text `input` to `out`.
+///
+/// Bytes outside strings must be JSON's ASCII tokens; each string's UTF-8 is checked where
+/// it has non-ASCII bytes, so the whole input is checked without a separate pass.
 pub fn canonicalize(input: &[u8], out: &mut Vec<u8>) -> Result<(), CanonError> {
-    if std::str::from_utf8(input).is_err() {
-        return Err(CanonError { at: 0, what: "not UTF-8" });
-    }
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         let mut p = Parser { input, pos: 0, scratch: &mut scratch };
@@ -187,7 +187,7 @@ impl Parser<'_, '_> {
         self.pos += 1;
         let order_of = |a: &Member, b: &Member| {
             if a.simple && b.simple {
-                out[a.start + 1..a.key_end - 1].cmp(&out[b.start + 1..b.key_end - 1])
+                ascii_order(&out[a.start + 1..a.key_end - 1], &out[b.start + 1..b.key_end - 1])
             } else {
                 key_order(&out[a.start..a.key_end], &out[b.start..b.key_end])
             }
@@ -223,18 +223,29 @@ impl Parser<'_, '_> {
     /// Writes a string token; says whether it had no escapes.
     fn string(&mut self, out: &mut Vec<u8>) -> Result<bool, CanonError> {
         let start = self.pos;
-        let body = &self.input[start + 1..];
-        let stop = body.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20);
-        match stop.map(|n| (n, body[n])) {
-            Some((n, b'"')) => {
-                out.extend_from_slice(&self.input[start..start + n + 2]);
-                self.pos = start + n + 2;
-                Ok(true)
+        let mut i = start + 1;
+        let mut ascii = true;
+        loop {
+            let rest = self.input.get(i..).unwrap_or_default();
+            let Some(n) = special_at(rest) else { return Err(self.err("unterminated string")) };
+            i += n;
+            match self.input[i] {
+                b'"' => break,
+                b'\\' => return self.escaped_string(out).map(|()| false),
+                c if c < 0x20 => return Err(CanonError { at: i, what: "control character in a string" }),
+                _ => {
+                    ascii = false;
+                    i += 1;
+                }
             }
-            Some((n, c)) if c < 0x20 => Err(CanonError { at: start + 1 + n, what: "control character in a string" }),
-            Some(_) => self.escaped_string(out).map(|()| false),
-            None => Err(self.err("unterminated string")),
         }
+        let token = &self.input[start..=i];
+        if !ascii && std::str::from_utf8(token).is_err() {
+            return Err(CanonError { at: start, what: "not UTF-8" });
+        }
+        out.extend_from_slice(token);
+        self.pos = i + 1;
+        Ok(true)
     }
 
     fn escaped_string(&mut self, out: &mut Vec<u8>) -> Result<(), CanonError> {
@@ -294,6 +305,14 @@ impl Parser<'_, '_> {
         }
         self.pos = i;
         // ASCII digits and signs only, checked above.
+        if integral && int_digits < 16 {
+            // Fewer than 16 digits: within ±2^53, written as given (but `-0`).
+            match &bytes[start..i] {
+                b"-0" => out.push(b'0'),
+                token => out.extend_from_slice(token),
+            }
+            return Ok(());
+        }
         let token = std::str::from_utf8(&bytes[start..i]).map_err(|_| self.err("bad number"))?;
         if integral {
             let magnitude: Option<u128> = token.trim_start_matches('-').parse().ok();
@@ -321,9 +340,45 @@ impl Parser<'_, '_> {
     }
 }
 
+/// Where the first byte of `bytes` that ends a run of plain string text is: `"`, `\\`, a
+/// control character, or a non-ASCII byte (whose UTF-8 the caller checks). The record's
+/// strings are most of its bytes: they are scanned eight bytes at a time.
+fn special_at(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    // Bit 7 of each byte of `w` that is zero (exact: no carry crosses a byte).
+    let zero = |w: u64| !(((w & LOW7) + LOW7) | w) & HIGH;
+    let mut i = 0;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let control = !((w & LOW7) + ONES * 0x60) & HIGH;
+        let special = zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\'))) | control | (w & HIGH);
+        if special != 0 {
+            return Some(i + special.trailing_zeros() as usize / 8);
+        }
+        i += 8;
+    }
+    let tail = bytes.get(i..)?;
+    tail.iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f | 0x80..)).map(|n| i + n)
+}
+
 /// Where the run of ASCII digits starting at `i` ends.
 fn digits_end(bytes: &[u8], i: usize) -> usize {
     i + bytes.get(i..).map_or(0, |rest| rest.iter().take_while(|c| c.is_ascii_digit()).count())
+}
+
+/// The order of two ASCII keys: their bytes'. Keys are short and mostly differ early, where
+/// a byte loop beats a call to `memcmp`.
+fn ascii_order(a: &[u8], b: &[u8]) -> Ordering {
+    for (x, y) in a.iter().zip(b) {
+        if x != y {
+            return x.cmp(y);
+        }
+    }
+    a.len().cmp(&b.len())
 }
 
 /// RFC 8785 §3.2.3: keys sort by their UTF-16 code units. `a` and `b` are canonical
@@ -398,6 +453,22 @@ mod tests {
         assert!(canon(&"[".repeat(100)).is_err());
     }
 
+    #[test]
+    fn bytes_that_are_not_utf_8_are_refused_where_they_are() {
+        for (bad, at) in
+            [(&b"[\"ok\",\"a\xffb\"]"[..], 6), (b"[\"\xc3\"]", 1), (b"[1,\xe2\x82\xac]", 3), (b"{\"\xff\":1}", 1)]
+        {
+            let mut out = Vec::new();
+            assert_eq!(canonicalize(bad, &mut out).unwrap_err().at, at, "{bad:?}");
+        }
+        // Escapes, non-ASCII and plain text side by side, at every offset of the 8-byte scan.
+        for pad in 0..9 {
+            let x = "x".repeat(pad);
+            assert_eq!(canon(&format!("[\"{x}\\u00e9\\n\u{20ac}\"]")).unwrap(), format!("[\"{x}\u{e9}\\n\u{20ac}\"]"));
+            assert_eq!(canon(&format!("[\"{x}\u{e9}{x}\"]")).unwrap(), format!("[\"{x}\u{e9}{x}\"]"));
+        }
+    }
+
     fn value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
@@ -441,6 +512,12 @@ mod tests {
             let mut out = Vec::new();
             let _ = canonicalize(&bytes, &mut out);
             let _ = canon(&text);
+        }
+
+        #[test]
+        fn the_eight_byte_scan_finds_the_first_special_byte(bytes in prop::collection::vec(any::<u8>(), 0..40)) {
+            let want = bytes.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20 || *c >= 0x80);
+            prop_assert_eq!(special_at(&bytes), want);
         }
 
         #[test]
