@@ -1,7 +1,7 @@
 //! What the audit log costs: records per second appended to an events file alone, and
 //! through the chain with checkpoints (canonical JSON, SHA-256 chain and Merkle tree,
 //! an Ed25519 signature per checkpoint); and records per second `audit verify` checks.
-//! The record is a kernel connect record as the evaluator writes it.
+//! The record is a kernel connect record as the evaluator writes it (keys in canonical order).
 //!
 //! Each is measured twice: in wall-clock time, and in the bench thread's on-CPU time
 //! (`/proc/thread-self/schedstat`, which counts its system calls but not the time it
@@ -22,7 +22,7 @@ use agt_jail_audit::{
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-const RECORD: &str = r#"{"seq":1234,"time":1765111234.567891,"agent":"coder","pid":4359,"event":"connect","context":{"agent":{"did":"did:mesh:9c1f3e0a8b7d6c5e4f3a2b1c0d9e8f7a","id":"coder","ring":2,"session":"5f0e1d2c3b4a59687766554433221100","tier":"standard","trust":500},"event":"connect","net":{"addr":"10.1.2.3","domain":null,"family":"inet","port":443,"protocol":"tcp"},"proc":{"comm":"python3","exe":"/usr/bin/python3.11","pid":4359,"ppid":4340,"uid":1000}},"decision":{"action":"deny","allowed":false,"matched_rule":"coding-agent/block-egress","reason":"egress to unlisted hosts is denied","policy":"coding-agent"},"matched_rule":"coding-agent/block-egress","plane":"kernel","outcome":"deny","latency_us":3}"#;
+const RECORD: &str = r#"{"agent":"coder","context":{"agent":{"did":"did:mesh:9c1f3e0a8b7d6c5e4f3a2b1c0d9e8f7a","id":"coder","ring":2,"session":"5f0e1d2c3b4a59687766554433221100","tier":"standard","trust":500},"event":"connect","net":{"addr":"10.1.2.3","domain":null,"family":"inet","port":443,"protocol":"tcp"},"proc":{"comm":"python3","exe":"/usr/bin/python3.11","pid":4359,"ppid":4340,"uid":1000}},"decision":{"action":"deny","allowed":false,"matched_rule":"coding-agent/block-egress","policy":"coding-agent","reason":"egress to unlisted hosts is denied"},"event":"connect","latency_us":3,"matched_rule":"coding-agent/block-egress","outcome":"deny","pid":4359,"plane":"kernel","seq":1234,"time":1765111234.567891}"#;
 
 const DID: &str = "did:mesh:9c1f3e0a8b7d6c5e4f3a2b1c0d9e8f7a";
 const POLICY: &str = "sha256:5b41362bc82b7f3d56edc5a306db22105707d01ff4819e26faef9724a2d406c9";

@@ -72,29 +72,38 @@ pub struct EvaluatorConfig {
 /// One line of the events file: what happened, what was decided, by which plane.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
-    pub seq: u64,
-    /// Seconds since the Unix epoch.
-    pub time: f64,
+    // The fields are declared in the order of their names: a record's line is then in the
+    // key order of canonical JSON (RFC 8785), which the audit log writes
+    // (`agt_jail_audit::canon` checks such a line instead of sorting it).
     pub agent: &'a str,
-    pub pid: u32,
-    pub event: &'a str,
-    pub context: &'a Value,
-    pub decision: &'a Decision,
-    pub matched_rule: Option<&'a str>,
-    /// The mechanism that enforced the decision.
-    pub plane: &'a str,
-    /// What was done: allow, deny, kill, held (waiting for approval), approved, timeout.
-    pub outcome: &'a str,
-    /// Microseconds from the request reaching the evaluator to the answer.
-    pub latency_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<&'a str>,
+    pub context: &'a Value,
     /// How many calls the record stands for, when more than one: a kernel deny summary
     /// (denies counted in the kernel when its priority ring was full).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    #[serde(serialize_with = "canonical_decision")]
+    pub decision: &'a Decision,
+    pub event: &'a str,
+    /// Microseconds from the request reaching the evaluator to the answer.
+    pub latency_us: u64,
+    pub matched_rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'a str>,
+    /// What was done: allow, deny, kill, held (waiting for approval), approved, timeout.
+    pub outcome: &'a str,
+    pub pid: u32,
+    /// The mechanism that enforced the decision.
+    pub plane: &'a str,
+    pub seq: u64,
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+}
+
+/// A decision with its keys in canonical order (a JSON tree's objects are sorted maps).
+fn canonical_decision<S: serde::Serializer>(decision: &&Decision, s: S) -> Result<S::Ok, S::Error> {
+    serde_json::to_value(decision).map_err(serde::ser::Error::custom)?.serialize(s)
 }
 
 /// Where records go. Writes are whole lines; a write failure is remembered and reported
@@ -146,32 +155,36 @@ impl RecordSink {
         }
     }
 
-    /// Buffers a kernel record from its parts: `body` writes the serialised record from
-    /// `agent` to `outcome` (no braces) into the line, `latency_us` is read after it, `tail`
-    /// is what follows `latency_us` (`,"note":...`). The line is the one [`Record`]
-    /// serialises to; the parts are written straight into the buffer.
-    fn write_parts(
-        &mut self,
-        body: impl FnOnce(&mut Vec<u8>),
-        latency_us: impl FnOnce() -> u64,
-        tail: &[u8],
-        count: Option<u64>,
-    ) {
+    /// Buffers a kernel network record, written straight into the buffer: the line
+    /// [`Record`] serialises to, keys in the same (canonical) order.
+    fn write_kernel(&mut self, r: &KernelRecord<'_>) {
         use std::io::Write as _;
         self.seq += 1;
         if self.out.is_none() {
             return;
         }
+        // Writing strings and numbers into a Vec does not fail.
         let line = &mut self.pending;
-        let _ = write!(line, "{{\"seq\":{},\"time\":", self.seq);
-        let _ = serde_json::to_writer(&mut *line, &now_secs());
-        line.push(b',');
-        body(line);
-        let _ = write!(line, ",\"latency_us\":{}", latency_us());
-        line.extend_from_slice(tail);
-        if let Some(count) = count {
+        line.extend_from_slice(b"{\"agent\":");
+        let _ = serde_json::to_writer(&mut *line, r.ctx.agent().id.as_str());
+        line.extend_from_slice(b",\"context\":");
+        r.ctx.write_json(line);
+        if let Some(count) = r.count {
             let _ = write!(line, ",\"count\":{count}");
         }
+        line.extend_from_slice(b",\"decision\":");
+        line.extend_from_slice(r.decision_json);
+        let _ =
+            write!(line, ",\"event\":\"{}\",\"latency_us\":{},\"matched_rule\":", r.ctx.event().as_str(), r.latency_us);
+        let _ = serde_json::to_writer(&mut *line, &r.matched_rule);
+        if let Some(note) = r.note {
+            line.extend_from_slice(b",\"note\":");
+            let _ = serde_json::to_writer(&mut *line, note);
+        }
+        line.extend_from_slice(b",\"outcome\":");
+        let _ = serde_json::to_writer(&mut *line, r.outcome);
+        let _ = write!(line, ",\"pid\":{},\"plane\":\"kernel\",\"seq\":{},\"time\":", r.pid, self.seq);
+        let _ = serde_json::to_writer(&mut *line, &now_secs());
         line.extend_from_slice(b"}\n");
         if self.pending.len() > SINK_BUFFER_MAX {
             self.flush();
@@ -823,19 +836,16 @@ impl Evaluator {
         let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
         let (decision, outcome, note) = self.decide_kernel(net.ctx.value(), &what, obs.kernel);
         let decision_json = decision_json(&mut net.decision, &decision);
-        net.tail.clear();
-        if let Some(note) = note {
-            net.tail.extend_from_slice(b",\"note\":");
-            // Serialising a string into a Vec does not fail.
-            let _ = serde_json::to_writer(&mut net.tail, note);
-        }
-        let matched_rule = decision.matched_rule.as_deref();
-        lock(&self.sink).write_parts(
-            |line| write_net_body(line, obs.pid, &net.ctx, decision_json, matched_rule, outcome),
-            || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            &net.tail,
-            (obs.count != 1).then_some(obs.count),
-        );
+        lock(&self.sink).write_kernel(&KernelRecord {
+            ctx: &net.ctx,
+            count: (obs.count != 1).then_some(obs.count),
+            decision_json,
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            matched_rule: decision.matched_rule.as_deref(),
+            note,
+            outcome,
+            pid: obs.pid,
+        });
         drop(guard);
         self.after_kernel_verdict(obs.kernel, obs.pid, &decision, &what, obs.count);
     }
@@ -962,7 +972,7 @@ impl Evaluator {
             approval,
             note,
             // Only kernel deny summaries stand for more than one call; they are written
-            // from their parts (`write_parts`).
+            // from their parts (`write_kernel`).
             count: None,
         });
         // Held actions are few and matter one by one; kernel observations come in bursts
@@ -983,43 +993,32 @@ struct NetPath {
     ctx: NetContextBuf,
     /// The last decision and its JSON: a stream of events is mostly decided by a few rules.
     decision: Option<(Decision, Vec<u8>)>,
-    /// What follows `latency_us` in the record.
-    tail: Vec<u8>,
+}
+
+/// A kernel network record's parts, for [`RecordSink::write_kernel`].
+struct KernelRecord<'a> {
+    /// The event's context (agent, process, destination).
+    ctx: &'a NetContextBuf,
+    count: Option<u64>,
+    /// The decision's JSON, keys in canonical order ([`decision_json`]).
+    decision_json: &'a [u8],
+    latency_us: u64,
+    matched_rule: Option<&'a str>,
+    note: Option<&'a str>,
+    outcome: &'a str,
+    pid: u32,
 }
 
 /// The JSON of `decision`, serialised again only when it differs from the `last` one.
 fn decision_json<'a>(last: &'a mut Option<(Decision, Vec<u8>)>, decision: &Decision) -> &'a [u8] {
     let stale = !matches!(last, Some((seen, _)) if seen == decision);
     if stale {
-        // Serialising plain strings and numbers into a Vec does not fail.
-        let json = serde_json::to_vec(decision).unwrap_or_default();
+        // Serialising plain strings and numbers into a Vec does not fail. Through a JSON
+        // tree, whose objects are sorted maps: the keys come out in canonical order.
+        let json = serde_json::to_value(decision).and_then(|v| serde_json::to_vec(&v)).unwrap_or_default();
         *last = Some((decision.clone(), json));
     }
     last.as_ref().map_or(&[], |(_, json)| json.as_slice())
-}
-
-/// Appends the fields of a kernel network record from `agent` to `outcome`, the bytes
-/// [`Record`] serialises them to (no braces: the sink adds the sequence number and times).
-fn write_net_body(
-    out: &mut Vec<u8>,
-    pid: u32,
-    ctx: &NetContextBuf,
-    decision_json: &[u8],
-    matched_rule: Option<&str>,
-    outcome: &str,
-) {
-    use std::io::Write as _;
-    // Writing strings and numbers into a Vec does not fail.
-    out.extend_from_slice(b"\"agent\":");
-    let _ = serde_json::to_writer(&mut *out, &ctx.agent().id);
-    let _ = write!(out, ",\"pid\":{pid},\"event\":\"{}\",\"context\":", ctx.event().as_str());
-    ctx.write_json(out);
-    out.extend_from_slice(b",\"decision\":");
-    out.extend_from_slice(decision_json);
-    out.extend_from_slice(b",\"matched_rule\":");
-    let _ = serde_json::to_writer(&mut *out, &matched_rule);
-    out.extend_from_slice(b",\"plane\":\"kernel\",\"outcome\":");
-    let _ = serde_json::to_writer(&mut *out, outcome);
 }
 
 /// What a record is about (the fields [`Record`] borrows).
@@ -1475,6 +1474,28 @@ rules:
             kernel,
             caller: Some(KernelCaller { ppid: 3, uid: 1000, comm: "curl", exe: NO_EXE }),
             count,
+        }
+    }
+
+    #[test]
+    fn records_are_written_as_canonical_json() {
+        // The audit log takes these lines as they are when they are canonical already
+        // (sorting an object costs it more than the rest of the record).
+        let (ev, _, lines) = evaluator(Duration::from_secs(1));
+        ev.observe_net(&connect(KernelVerdict::Floor, 1));
+        ev.observe_net(&connect(KernelVerdict::Deny, 40));
+        ev.observe_file(7, FileEvent::Write, "/etc/passwd", "write", KernelVerdict::Deny);
+        ev.flush();
+        let text = String::from_utf8(lock(&lines.0).clone()).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        for line in text.lines() {
+            // `time` is last; a whole number of seconds would be written as `N.0`.
+            let (body, time) = line.rsplit_once(",\"time\":").unwrap();
+            assert!(time.trim_end_matches('}').parse::<f64>().is_ok(), "{line}");
+            let record = format!("{body}}}");
+            let mut canonical = Vec::new();
+            agt_jail_audit::canon::canonicalize(record.as_bytes(), &mut canonical).unwrap();
+            assert_eq!(String::from_utf8(canonical).unwrap(), record);
         }
     }
 
