@@ -435,7 +435,7 @@ impl Profile {
             rw: Vec::new(),
             ro: Vec::new(),
             hide: Vec::new(),
-            exec_system: true,
+            exec_system: ring != 3,
             exec_workspace: confine && ring != 3,
             exec_allow: Vec::new(),
             landlock_required: confine,
@@ -575,8 +575,8 @@ impl Profile {
         if let Some(node) = get("exec") {
             for (key, _, value) in cx.map(node, "exec", &["system", "workspace", "allow"])? {
                 match key.as_str() {
-                    "system" => p.exec_system = cx.bool(value, "exec.system")?,
-                    "workspace" => p.exec_workspace = exec_workspace(&cx, ring, confine, value)?,
+                    "system" => p.exec_system = exec_switch(&cx, ring, confine, "exec.system", value)?,
+                    "workspace" => p.exec_workspace = exec_switch(&cx, ring, confine, "exec.workspace", value)?,
                     _ => p.exec_allow = cx.paths(value, "exec.allow")?,
                 }
             }
@@ -651,17 +651,18 @@ impl Profile {
     }
 }
 
-/// `exec.workspace`: rings 1-2 may turn it off; ring 3 runs only its entry command (and
-/// `exec.allow`), and an unconfined ring 0 confines no exec at all, so neither takes it.
-fn exec_workspace(cx: &Ctx<'_>, ring: u8, confine: bool, value: &Node) -> Result<bool, ProfileError> {
-    let on = cx.bool(value, "exec.workspace")?;
+/// `exec.system` / `exec.workspace`: rings 1-2 may turn them off; ring 3 runs only its
+/// entry command (and `exec.allow`), and an unconfined ring 0 confines no exec at all, so
+/// neither takes them (a switch that changes nothing would be ignored silently).
+fn exec_switch(cx: &Ctx<'_>, ring: u8, confine: bool, what: &str, value: &Node) -> Result<bool, ProfileError> {
+    let on = cx.bool(value, what)?;
     if !confine {
-        return Err(cx.err(value.pos, "exec.workspace is for rings 1-2; ring 0 (confine: false) confines no exec"));
+        return Err(cx.err(value.pos, format!("{what} is for rings 1-2; ring 0 (confine: false) confines no exec")));
     }
     if ring == 3 && on {
         return Err(cx.err(
             value.pos,
-            "ring 3 runs only its entry command (and exec.allow): exec.workspace must be false there",
+            format!("ring 3 runs only its entry command (and exec.allow): {what} must be false there"),
         ));
     }
     Ok(on)
@@ -816,6 +817,10 @@ mod tests {
         let off = Profile::parse("ring: 2\nexec:\n  workspace: false\n", "p.yaml").unwrap();
         assert!(!off.exec_workspace && off.exec_system);
         assert!(!Profile::parse("ring: 3\nexec: {workspace: false}\n", "p.yaml").unwrap().exec_workspace);
+        let bare3 = Profile::parse("ring: 3\n", "p.yaml").unwrap();
+        assert!(!bare3.exec_system && !bare3.exec_workspace, "ring 3 runs only its entry command by default");
+        assert!(err("ring: 3\nexec: {system: true}\n").contains(":2:16: ring 3 runs only its entry command"));
+        assert!(err("ring: 0\nexec: {system: true}\n").contains(":2:16: exec.system is for rings 1-2"));
         assert_eq!(
             err("ring: 3\nexec:\n  workspace: true\n"),
             "p.yaml:3:14: ring 3 runs only its entry command (and exec.allow): exec.workspace must be false there"
