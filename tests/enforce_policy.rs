@@ -87,7 +87,8 @@ impl Workspace {
             .collect()
     }
 
-    /// `agt-jail exec --ring 2 --policy P --events E` with the workspace and its tools.
+    /// `agt-jail exec --ring 2 --policy P --events E` with the workspace, whose tools ring 2
+    /// runs (they are the agent's workspace files, not system binaries).
     fn exec(&self, policy: &Path, agent: &str, extra: &[&str], script: &str) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(["exec", "--ring", "2", "--agent", agent, "--policy"])
@@ -96,8 +97,6 @@ impl Workspace {
             .arg(self.events())
             .arg("--workspace")
             .arg(self.path())
-            .arg("--allow-exec")
-            .arg(self.path().join("bin"))
             .args(extra)
             .args(["--", "/bin/sh", "-c", script]);
         cmd
@@ -168,6 +167,50 @@ fn a_denied_exec_fails_with_eperm_before_it_runs() {
     assert_eq!(denied[0]["plane"], "seccomp_notify");
     assert_eq!(denied[0]["context"]["exec"]["argv"], serde_json::json!([ws.tool("rm"), "-rf", "/"]));
     assert!(stderr.contains("agt-jail: denied exec of"), "{stderr}");
+    assert_same_as_policy_eval(&guard_policy(), &records);
+}
+
+/// A tool the agent writes into its workspace and runs is still decided by the exec
+/// plane: the deny rule stops it before it runs, the allowed call runs, and both records
+/// name the path as the agent sees it.
+#[test]
+fn a_tool_the_agent_built_in_its_workspace_is_still_under_the_exec_rules() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    let ws = Workspace::new();
+    let built = ws.path().join("build/rm");
+    let script = format!(
+        "mkdir -p build && printf '#!/bin/sh\\necho \"$@\" >> {ran}\\n' > build/rm && chmod +x build/rm; \
+         ./build/rm -rf /; echo \"rm: $?\"; ./build/rm -f one-file; echo \"rm-f: $?\"",
+        ran = ws.path().join("built.ran").display()
+    );
+    let out = ws.exec(&guard_policy(), "built-rm", &[], &script).current_dir(ws.path()).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("rm: 126") && stdout.contains("rm-f: 0"), "{stdout} {stderr}");
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("built.ran")).unwrap(),
+        "-f one-file\n",
+        "only the allowed call ran"
+    );
+    let records = ws.records();
+    let denied = decisions(&records, "no-recursive-rm");
+    assert_eq!(denied.len(), 1, "{records:?}");
+    assert_eq!(denied[0]["outcome"], "deny");
+    assert_eq!(denied[0]["plane"], "seccomp_notify");
+    let exec = &denied[0]["context"]["exec"];
+    assert_eq!(exec["path"], built.display().to_string(), "the path as the agent sees it: {exec}");
+    assert_eq!(exec["argv"], serde_json::json!(["./build/rm", "-rf", "/"]));
+    assert_eq!(exec["interpreter"], "/bin/sh");
+    let allowed: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["event"] == "exec"
+                && r["outcome"] == "allow"
+                && r["context"]["exec"]["path"] == built.display().to_string()
+        })
+        .collect();
+    assert_eq!(allowed.len(), 1, "{records:?}");
+    assert_eq!(allowed[0]["context"]["exec"]["argv"], serde_json::json!(["./build/rm", "-f", "one-file"]));
     assert_same_as_policy_eval(&guard_policy(), &records);
 }
 

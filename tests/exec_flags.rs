@@ -246,8 +246,13 @@ fn demote_takes_only_rings_a_demotion_can_reach() {
     let demote = help("demote");
     assert!(demote.contains("1, 2 or 3, and higher than the agent's ring"), "{demote}");
     let help = help("exec");
-    for needle in ["Flags that need rings 1-3", "Default: the ring's (0 host, 1-2 allowlist, 3 none)", "Needs --policy"]
-    {
+    for needle in [
+        "Flags that need rings 1-3",
+        "Default: the ring's (0 host, 1-2 allowlist, 3 none)",
+        "Needs --policy",
+        "Rings 1-2 execute system binaries and what the agent builds",
+        "its files may also be executed, as the workspace's are",
+    ] {
         assert!(help.contains(needle), "exec --help lacks {needle:?}");
     }
 }

@@ -1,4 +1,4 @@
-//! The escape battery: tests/probes/escape.py runs inside rings 2 and 3 and tries 52
+//! The escape battery: tests/probes/escape.py runs inside rings 2 and 3 and tries 53
 //! ways out, each beside a positive control. Every attempt must fail with the errno (or
 //! outcome) listed here AND its control must succeed, so a jail that blocks everything
 //! (or nothing) fails this test.
@@ -61,11 +61,13 @@ impl Fixture {
         let suid = workspace.join("suid-python");
         fs::copy(fs::canonicalize(PYTHON).unwrap(), &suid).unwrap();
         fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
-        // A binary outside every exec allow-list.
+        // A binary outside ring 3's exec allow-list (ring 2 runs what is in its workspace).
         fs::copy("/usr/bin/true", workspace.join("true-copy")).unwrap();
-        // A user's home with a key (hidden) beside an ordinary file (visible).
+        // A user's home with a key (hidden) beside an ordinary file (visible), shown
+        // read-only: its copy of `true` is outside every ring's exec allow-list.
         let home = PathBuf::from(format!("/home/agt-jail-escape-{id}"));
         fs::create_dir_all(home.join(".ssh")).unwrap();
+        fs::copy("/usr/bin/true", home.join("true-copy")).unwrap();
         fs::write(home.join(".ssh/id_ed25519"), "PRIVATE KEY").unwrap();
         fs::write(home.join("notes.txt"), "visible").unwrap();
         let sleeper = Command::new("sleep").arg("300").spawn().unwrap();
@@ -111,7 +113,7 @@ impl Fixture {
             "visible_file": self.home.join("notes.txt"),
             "abstract": self.abstract_name,
             "setuid_copy": self.workspace.join("suid-python"),
-            "foreign_exe": self.workspace.join("true-copy"),
+            "foreign_exe": if ring == 3 { self.workspace.join("true-copy") } else { self.home.join("true-copy") },
             "allowed_exe": "/usr/bin/true",
         });
         let path = self.workspace.join(format!("ring{ring}.json"));
@@ -187,6 +189,8 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
         ("mknod_device", &["EPERM"]),
         ("pivot_root", &["EPERM"]),
         ("exec_unlisted", &["EACCES"]),
+        // Write-then-exec outside the workspace: the private /tmp is writable, never executable.
+        ("exec_written_tmp", &["EACCES"]),
         ("fork_bomb", &["EAGAIN"]),
         ("memory_bomb", &["oom-killed"]),
     ]

@@ -5,7 +5,8 @@ Usage: escape.py CONFIG_JSON [NAME...]
 
 CONFIG_JSON (written by tests/jail_escape.rs) names the host facts an attempt needs:
 workspace, host_pid, host_port, allowed (host:port reachable by policy), secret_file,
-visible_file, abstract (host abstract socket name), setuid_copy, foreign_exe.
+visible_file, abstract (host abstract socket name), setuid_copy, foreign_exe (a binary
+outside the ring's exec allow-list), allowed_exe.
 
 Prints one JSON object per attempt:
   {"name": ..., "blocked": bool, "how": "EPERM" | "ok" | label, "control": "ok" | error}
@@ -257,6 +258,18 @@ def exec_and_wait(path, args):
         raise RuntimeError("exit %d" % code)
 
 
+def exec_written_tmp():
+    # Write-then-exec outside the workspace: a copy of an allowed binary in the private /tmp.
+    path = "/tmp/agt-written-%d" % os.getpid()
+    try:
+        with open(CFG["allowed_exe"], "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+        os.chmod(path, 0o755)
+    except OSError as e:  # the write must work for the exec to be the thing refused
+        raise RuntimeError("cannot write %s: %s" % (path, e))
+    exec_and_wait(path, [])
+
+
 def setuid_attempt():
     # A setuid-root copy of python: run, it reports its effective capabilities.
     r, w = os.pipe()
@@ -454,6 +467,7 @@ ATTEMPTS = {
                      lambda: os.mkfifo("/tmp/agt-fifo-%d" % os.getpid())),
     "pivot_root": (lambda: sc("pivot_root", ctypes.c_char_p(b"/tmp"), ctypes.c_char_p(b"/tmp")), lambda: os.chdir("/tmp")),
     "exec_unlisted": (lambda: exec_and_wait(CFG["foreign_exe"], []), lambda: exec_and_wait(CFG["allowed_exe"], [])),
+    "exec_written_tmp": (exec_written_tmp, lambda: exec_and_wait(CFG["allowed_exe"], [])),
     "fork_bomb": (fork_bomb, fork_ok),
     "memory_bomb": (memory_bomb, memory_ok),
 }

@@ -24,6 +24,9 @@ Rings (profiles/ring0..3.yaml, built in; --profile FILE loads another):
   1  privileged: system ro, workspace rw, broad TCP egress (ports 80/443/22/9418)
   2  standard: system ro, workspace rw, secrets hidden, TCP egress only to --allow-connect
   3  sandbox: no network, scratch /workspace, only the entry command may be executed
+Rings 1-2 execute system binaries and what the agent builds (files in the workspace and in the
+paths given with --rw; never in the private /tmp). A profile's exec.workspace: false turns that
+off. Under --policy every exec still passes the policy's exec rules, budgets and approvals.
 Rings 1-3 run in new pid, mount, ipc, uts and cgroup namespaces (plus net with --net none),
 without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
 TERM, LANG and what --env adds.
@@ -74,10 +77,12 @@ pub struct ExecArgs {
     pub profile: Option<PathBuf>,
 
     /// Workspace directory, mounted at the same path (rw in rings 1-2, ro beside the scratch /workspace in ring 3). Default: the current directory (rings 1-2).
+    /// Its files may be executed in rings 1-2 (not in ring 3), unless the profile sets exec.workspace: false.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
 
-    /// Extra path visible and writable inside. Repeatable.
+    /// Extra path visible and writable inside; its files may also be executed, as the
+    /// workspace's are (rings 1-2, unless the profile sets exec.workspace: false). Repeatable.
     #[arg(long = "rw", value_name = "PATH")]
     pub rw: Vec<PathBuf>,
 

@@ -339,6 +339,20 @@ pub fn check_extra_path(profile: &Profile, path: &Path, writable: bool) -> Resul
     Ok(())
 }
 
+/// Where what the agent builds may run (`exec.workspace`, rings 1-2): the workspace as the
+/// agent sees it (in scratch mode the scratch /workspace and the directory shown beside
+/// it) and the writable extra paths. Never the private /tmp or /dev/shm: writing a
+/// binary anywhere else and running it stays refused.
+pub fn workspace_exec_paths(profile: &Profile, workspace: Option<&Path>) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = Vec::new();
+    if profile.workspace == WorkspaceMode::Scratch {
+        paths.push(mounts::SCRATCH.into());
+    }
+    paths.extend(workspace.map(Path::to_path_buf));
+    paths.extend(profile.rw.iter().cloned());
+    paths
+}
+
 /// Reports what Landlock can enforce here for `profile`, or why the ring cannot run.
 pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> {
     let abi = sys::landlock_abi().unwrap_or(0);
@@ -465,6 +479,9 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         let mut execute: Vec<PathBuf> = Vec::new();
         if p.exec_system {
             execute.extend(system_dirs.iter().cloned());
+        }
+        if p.exec_workspace {
+            execute.extend(workspace_exec_paths(p, cfg.workspace.as_deref()));
         }
         execute.extend(exec_paths.iter().cloned());
         let connect_ports = match p.net {
@@ -1154,6 +1171,59 @@ mod tests {
         let l = plan.landlock.unwrap();
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/usr" && a & landlock::fs::EXECUTE != 0));
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/tmp" && a & landlock::fs::WRITE_FILE != 0));
+    }
+
+    /// The paths a plan lets the agent execute.
+    fn executable(plan: &Plan) -> Vec<String> {
+        let l = plan.landlock.as_ref().unwrap();
+        l.paths
+            .iter()
+            .filter(|(_, a)| a & landlock::fs::EXECUTE != 0)
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn rings_1_and_2_execute_the_workspace_and_rw_paths_but_not_tmp() {
+        let ws = tempfile::tempdir().unwrap();
+        let extra = tempfile::tempdir().unwrap();
+        let (ws_path, extra_path) = (ws.path().display().to_string(), extra.path().display().to_string());
+        for ring in [1, 2] {
+            let mut cfg = config(ring);
+            cfg.workspace = Some(ws.path().to_path_buf());
+            cfg.profile.rw.push(extra.path().to_path_buf());
+            let abi7 = Enforcement { landlock_abi: 7, unenforced: vec![] };
+            let execs = executable(&build_plan(&cfg, &abi7).unwrap());
+            assert!(execs.contains(&ws_path) && execs.contains(&extra_path), "ring {ring}: {execs:?}");
+            assert!(execs.contains(&"/usr".to_string()), "ring {ring}: {execs:?}");
+            for private in ["/tmp", "/dev/shm"] {
+                assert!(!execs.contains(&private.to_string()), "ring {ring}: {execs:?}");
+            }
+            // A profile with exec.workspace: false keeps exec to the system paths.
+            cfg.profile.exec_workspace = false;
+            let execs = executable(&build_plan(&cfg, &abi7).unwrap());
+            assert!(!execs.contains(&ws_path) && !execs.contains(&extra_path), "ring {ring}: {execs:?}");
+            assert!(execs.contains(&"/usr".to_string()), "ring {ring}: {execs:?}");
+        }
+        // Ring 3: the workspace shown beside the scratch one stays non-executable.
+        let mut cfg = config(3);
+        cfg.workspace = Some(ws.path().to_path_buf());
+        let execs = executable(&build_plan(&cfg, &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap());
+        assert!(!execs.contains(&ws_path) && !execs.contains(&mounts::SCRATCH.to_string()), "{execs:?}");
+    }
+
+    #[test]
+    fn workspace_exec_paths_follow_the_workspace_mode() {
+        let mut ring2 = Profile::builtin(2).unwrap();
+        ring2.rw.push("/srv/cache".into());
+        let ws = Path::new("/home/u/proj");
+        assert_eq!(workspace_exec_paths(&ring2, Some(ws)), [ws.to_path_buf(), "/srv/cache".into()]);
+        assert_eq!(workspace_exec_paths(&ring2, None), [PathBuf::from("/srv/cache")]);
+        ring2.workspace = WorkspaceMode::Scratch;
+        assert_eq!(
+            workspace_exec_paths(&ring2, Some(ws)),
+            [PathBuf::from(mounts::SCRATCH), ws.to_path_buf(), "/srv/cache".into()]
+        );
     }
 
     #[test]

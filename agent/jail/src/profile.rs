@@ -183,6 +183,10 @@ pub struct Profile {
     pub hide: Vec<String>,
     /// Exec of anything under the system paths.
     pub exec_system: bool,
+    /// Exec of what the agent builds: anything in the workspace and the writable extra
+    /// paths (`filesystem.rw`, `--rw`). Rings 1-2 only (default on there); every exec
+    /// still passes the policy's exec plane.
+    pub exec_workspace: bool,
     /// Extra executables (files or directories).
     pub exec_allow: Vec<String>,
     pub landlock_required: bool,
@@ -431,7 +435,8 @@ impl Profile {
             rw: Vec::new(),
             ro: Vec::new(),
             hide: Vec::new(),
-            exec_system: true,
+            exec_system: ring != 3,
+            exec_workspace: confine && ring != 3,
             exec_allow: Vec::new(),
             landlock_required: confine,
             scope_ipc: confine,
@@ -568,9 +573,10 @@ impl Profile {
         }
 
         if let Some(node) = get("exec") {
-            for (key, _, value) in cx.map(node, "exec", &["system", "allow"])? {
+            for (key, _, value) in cx.map(node, "exec", &["system", "workspace", "allow"])? {
                 match key.as_str() {
-                    "system" => p.exec_system = cx.bool(value, "exec.system")?,
+                    "system" => p.exec_system = exec_switch(&cx, ring, confine, "exec.system", value)?,
+                    "workspace" => p.exec_workspace = exec_switch(&cx, ring, confine, "exec.workspace", value)?,
                     _ => p.exec_allow = cx.paths(value, "exec.allow")?,
                 }
             }
@@ -643,6 +649,23 @@ impl Profile {
         }
         Ok(p)
     }
+}
+
+/// `exec.system` / `exec.workspace`: rings 1-2 may turn them off; ring 3 runs only its
+/// entry command (and `exec.allow`), and an unconfined ring 0 confines no exec at all, so
+/// neither takes them (a switch that changes nothing would be ignored silently).
+fn exec_switch(cx: &Ctx<'_>, ring: u8, confine: bool, what: &str, value: &Node) -> Result<bool, ProfileError> {
+    let on = cx.bool(value, what)?;
+    if !confine {
+        return Err(cx.err(value.pos, format!("{what} is for rings 1-2; ring 0 (confine: false) confines no exec")));
+    }
+    if ring == 3 && on {
+        return Err(cx.err(
+            value.pos,
+            format!("ring 3 runs only its entry command (and exec.allow): {what} must be false there"),
+        ));
+    }
+    Ok(on)
 }
 
 /// Expands a hide pattern (`~/` = `home`, `*` matches one path component) against the
@@ -783,6 +806,37 @@ mod tests {
         assert!(err("ring: 3\nfilesystem: {workspace: rw}\n").contains("ring 3 has nothing writable"));
         assert_eq!(Profile::parse("ring: 3\n", "p.yaml").unwrap().workspace, WorkspaceMode::Scratch);
         assert_eq!(Profile::parse("ring: 2\nnetwork: {mode: none}\n", "p.yaml").unwrap().net, NetMode::None);
+    }
+
+    #[test]
+    fn workspace_exec_is_on_in_rings_1_and_2_can_be_turned_off_and_never_reaches_ring_3() {
+        let ring = |r| Profile::builtin(r).unwrap().exec_workspace;
+        assert!(ring(1) && ring(2) && !ring(3) && !ring(0));
+        assert!(Profile::parse("ring: 2\n", "p.yaml").unwrap().exec_workspace);
+        assert!(Profile::parse("ring: 1\nexec: {system: true}\n", "p.yaml").unwrap().exec_workspace);
+        let off = Profile::parse("ring: 2\nexec:\n  workspace: false\n", "p.yaml").unwrap();
+        assert!(!off.exec_workspace && off.exec_system);
+        assert!(!Profile::parse("ring: 3\nexec: {workspace: false}\n", "p.yaml").unwrap().exec_workspace);
+        let bare3 = Profile::parse("ring: 3\n", "p.yaml").unwrap();
+        assert!(!bare3.exec_system && !bare3.exec_workspace, "ring 3 runs only its entry command by default");
+        assert!(err("ring: 3\nexec: {system: true}\n").contains(":2:16: ring 3 runs only its entry command"));
+        assert!(err("ring: 0\nexec: {system: true}\n").contains(":2:16: exec.system is for rings 1-2"));
+        assert_eq!(
+            err("ring: 3\nexec:\n  workspace: true\n"),
+            "p.yaml:3:14: ring 3 runs only its entry command (and exec.allow): exec.workspace must be false there"
+        );
+        assert_eq!(
+            err("ring: 0\nexec: {workspace: false}\n"),
+            "p.yaml:2:19: exec.workspace is for rings 1-2; ring 0 (confine: false) confines no exec"
+        );
+        assert_eq!(
+            err("ring: 2\nexec: {workspace: yes}\n"),
+            "p.yaml:2:19: exec.workspace must be true or false, found a string"
+        );
+        assert_eq!(
+            err("ring: 2\nexec: {workspaces: true}\n"),
+            "p.yaml:2:8: unknown key 'workspaces' in exec (expected one of: system, workspace, allow)"
+        );
     }
 
     #[test]

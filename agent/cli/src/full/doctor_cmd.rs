@@ -127,7 +127,12 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
     if abi == 0 {
         off.push("Landlock: not enforced, ring refuses to start".into());
     } else {
-        let exec = if profile.exec_system { "system paths" } else { "the entry command only" };
+        let exec = match (profile.exec_system, profile.exec_workspace) {
+            (true, true) => "system paths, the workspace and --rw paths",
+            (true, false) => "system paths",
+            (false, true) => "the workspace and --rw paths",
+            (false, false) => "the entry command only",
+        };
         on.push(format!("Landlock ABI {abi}: writes only to the workspace and /tmp, exec of {exec}"));
         match profile.net {
             NetMode::Allowlist if abi >= 4 => on.push(
