@@ -4,9 +4,14 @@
 //! the destination stays open until the last of them expires. The clock is passed in.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    fmt,
+    fmt, io,
     net::IpAddr,
-    time::Instant,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
 };
 
 use crate::{AllowSink, SinkError};
@@ -165,11 +170,38 @@ impl<M: AllowMap + Send> AllowSink for ExpiringAllows<M> {
     }
 }
 
+/// Calls [`ExpiringAllows::expire`] every `period` until `stop` is set, handing each
+/// result (destinations removed, or the error) to `report`.
+pub fn spawn_expiry<M: AllowMap + Send + 'static>(
+    allows: Arc<Mutex<ExpiringAllows<M>>>,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+    mut report: impl FnMut(Result<Vec<Dest>, SinkError>) + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new().name("dns-expiry".into()).spawn(move || {
+        let mut next = Instant::now() + period;
+        while !stop.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(50).min(period));
+            let now = Instant::now();
+            if now < next {
+                continue;
+            }
+            next = now + period;
+            let result = match allows.lock() {
+                Ok(mut allows) => allows.expire(now),
+                Err(_) => Err(SinkError("the allow map's lock is poisoned".into())),
+            };
+            if !matches!(&result, Ok(removed) if removed.is_empty()) {
+                report(result);
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::time::Duration;
 
     fn at(base: Instant, secs: u64) -> Instant {
         base + Duration::from_secs(secs)
@@ -302,5 +334,25 @@ mod tests {
         allows.allow(addr, 443, at(t, 50), "a").unwrap();
         assert!(allows.expire(at(t, 11)).unwrap().is_empty());
         assert!(allows.map().entries.contains(&(addr, 443)));
+    }
+
+    #[test]
+    fn the_timer_removes_what_lapsed_and_reports_it() {
+        let addr: IpAddr = "192.0.2.1".parse().unwrap();
+        let allows = Arc::new(Mutex::new(ExpiringAllows::new(FakeMap::default(), [])));
+        allows.lock().unwrap().allow(addr, 443, Instant::now(), "a").unwrap();
+        allows.lock().unwrap().allow(addr, 80, Instant::now() + Duration::from_secs(600), "a").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let timer = spawn_expiry(Arc::clone(&allows), Duration::from_millis(10), Arc::clone(&stop), move |result| {
+            tx.send(result).unwrap();
+        })
+        .unwrap();
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(first, Ok(vec![(addr, 443)]));
+        stop.store(true, Ordering::SeqCst);
+        timer.join().unwrap();
+        assert!(rx.try_recv().is_err(), "nothing else lapsed, nothing else reported");
+        assert_eq!(allows.lock().unwrap().map().entries.iter().collect::<Vec<_>>(), vec![&(addr, 80)]);
     }
 }

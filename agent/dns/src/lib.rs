@@ -14,12 +14,14 @@ mod limit;
 mod pattern;
 mod proxy;
 mod resolv;
+mod tcp;
+mod upstream;
 
 pub use answer::{vet, TtlPolicy, VetError, Vetted};
-pub use expiry::{AllowMap, Dest, ExpiringAllows, ExpiryTable};
+pub use expiry::{spawn_expiry, AllowMap, Dest, ExpiringAllows, ExpiryTable};
 pub use limit::TokenBucket;
 pub use pattern::{normalize, AllowSet, NamePattern, PatternError};
-pub use proxy::{spawn_expiry, DnsProxy, Limits, Observation, Observer, Outcome, ProxyConfig};
+pub use proxy::{DnsProxy, Limits, Observation, Observer, Outcome, ProxyConfig};
 pub use resolv::{first_nameserver, ResolvError};
 
 /// Why an [`AllowSink`] could not allow a destination; the query it served gets SERVFAIL.

@@ -202,10 +202,16 @@ fn table() -> Table {
         ],
     );
     table.insert(("big.example.com.".into(), RecordType::A), vec![a("big.example.com.", "192.0.2.30", 60)]);
+    let many = (0..40).map(|i| a("many.example.com.", &format!("192.0.2.{}", 100 + i), 60)).collect();
+    table.insert(("many.example.com.".into(), RecordType::A), many);
     table
 }
 
 fn start(limits: Limits) -> Setup {
+    start_with(limits, Duration::from_millis(300))
+}
+
+fn start_with(limits: Limits, timeout: Duration) -> Setup {
     let upstream = FakeUpstream::start(table(), &["slow.example.com."], &["big.example.com."]);
     let mut allow = AllowSet::new();
     for entry in [
@@ -217,19 +223,20 @@ fn start(limits: Limits) -> Setup {
     ] {
         allow.add_entry(entry).unwrap();
     }
-    for entry in ["long.example.com:443", "big.example.com:443"] {
+    for entry in ["long.example.com:443", "big.example.com:443", "many.example.com:443"] {
         allow.add_entry(entry).unwrap();
     }
     let mut config = ProxyConfig::new(upstream.addr, allow, "agent-7");
-    config.timeout = Duration::from_millis(300);
+    config.timeout = timeout;
     config.ttl =
         TtlPolicy { min: Duration::from_secs(5), max: Duration::from_secs(3600), grace: Duration::from_secs(30) };
     config.limits = limits;
     let sink = RecordingSink::default();
     let seen = Arc::new(Observations::default());
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let observer: Arc<dyn Observer> = seen.clone();
-    let proxy = DnsProxy::start(socket, config, Arc::new(Mutex::new(sink.clone())), observer).unwrap();
+    let proxy = DnsProxy::start(socket, Some(listener), config, Arc::new(Mutex::new(sink.clone())), observer).unwrap();
     Setup { proxy, upstream, sink, seen }
 }
 
@@ -240,16 +247,38 @@ fn client() -> UdpSocket {
 }
 
 fn ask_with(client: &UdpSocket, proxy: SocketAddr, qname: &str, qtype: RecordType) -> Message {
-    let mut query = Message::new(4242, MessageType::Query, OpCode::Query);
-    query.metadata.recursion_desired = true;
-    query.add_query(Query::query(name(qname), qtype));
-    client.send_to(&query.to_vec().unwrap(), proxy).unwrap();
+    client.send_to(&query(qname, qtype), proxy).unwrap();
     let mut buf = [0u8; 4096];
     let (len, from) = client.recv_from(&mut buf).unwrap();
     assert_eq!(from, proxy);
     let response = Message::from_vec(&buf[..len]).unwrap();
     assert_eq!(response.metadata.id, 4242);
     response
+}
+
+fn query(qname: &str, qtype: RecordType) -> Vec<u8> {
+    let mut query = Message::new(4242, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(name(qname), qtype));
+    query.to_vec().unwrap()
+}
+
+/// One connection, several queries in turn.
+fn ask_tcp(setup: &Setup, questions: &[(&str, RecordType)]) -> Vec<Message> {
+    let mut stream = std::net::TcpStream::connect(setup.proxy.tcp_addr().unwrap()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answers = Vec::new();
+    for (qname, qtype) in questions {
+        let bytes = query(qname, *qtype);
+        stream.write_all(&(bytes.len() as u16).to_be_bytes()).unwrap();
+        stream.write_all(&bytes).unwrap();
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).unwrap();
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(head))];
+        stream.read_exact(&mut body).unwrap();
+        answers.push(Message::from_vec(&body).unwrap());
+    }
+    answers
 }
 
 fn ask(setup: &Setup, qname: &str, qtype: RecordType) -> Message {
@@ -396,10 +425,14 @@ fn over_the_rate_the_proxy_answers_servfail_and_allows_nothing() {
 fn queries_beyond_the_queue_answer_servfail() {
     // One worker, no queue: while the worker waits on the silent upstream, the next
     // allowed query has nowhere to go.
-    let setup = start(Limits { workers: 1, queued: 0, ..Limits::default() });
+    let setup = start_with(Limits { workers: 1, queued: 0, ..Limits::default() }, Duration::from_secs(3));
     let proxy = setup.proxy.local_addr();
     let slow = thread::spawn(move || ask_with(&client(), proxy, "slow.example.com", RecordType::A));
-    thread::sleep(Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while setup.upstream.queries.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the slow query never reached the upstream");
+        thread::sleep(Duration::from_millis(5));
+    }
     let response = ask(&setup, "api.example.com", RecordType::A);
     assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
     let Outcome::Failed { reason, .. } = setup.seen.last("api.example.com").outcome else { panic!("not failed") };
@@ -423,4 +456,18 @@ fn https_records_are_answered_empty_and_garbage_gets_formerr() {
     let response = Message::from_vec(&buf[..len]).unwrap();
     assert_eq!((response.metadata.id, response.metadata.response_code), (0x1234, ResponseCode::FormErr));
     assert_eq!(ask(&setup, "api.example.com", RecordType::ANY).metadata.response_code, ResponseCode::NotImp);
+}
+
+#[test]
+fn an_answer_too_long_for_udp_comes_truncated_and_empty_and_whole_over_tcp() {
+    let setup = start(Limits::default());
+    // No EDNS in the query: 512 bytes is all the agent takes over UDP.
+    let udp = ask(&setup, "many.example.com", RecordType::A);
+    assert!(udp.metadata.truncation);
+    assert!(udp.answers.is_empty());
+    assert!(allowed(&setup).is_empty(), "nothing was told, nothing is opened");
+    let answers = ask_tcp(&setup, &[("many.example.com", RecordType::A), ("other.example.com", RecordType::A)]);
+    assert_eq!(addrs(&answers[0]).len(), 40);
+    assert_eq!(allowed(&setup).len(), 40);
+    assert_eq!(answers[1].metadata.response_code, ResponseCode::Refused, "the same rules over TCP");
 }
