@@ -170,9 +170,11 @@ impl DnsProxy {
         let limits = config.limits;
         let bucket = Mutex::new(TokenBucket::new(limits.per_second, limits.burst, Instant::now()));
         let shared = Arc::new(Shared { config, socket: udp, sink, observer, bucket });
+        let mut proxy = Self { stop, threads: Vec::new(), local, tcp: tcp_addr };
+        // Declared after `proxy`, so dropped before it when a spawn fails: the workers'
+        // queue then closes and dropping `proxy` can join them.
         let (tx, rx) = mpsc::sync_channel::<(Job, SocketAddr)>(limits.queued);
         let rx = Arc::new(Mutex::new(rx));
-        let mut proxy = Self { stop, threads: Vec::new(), local, tcp: tcp_addr };
         for index in 0..limits.workers.max(1) {
             let (shared, rx) = (Arc::clone(&shared), Arc::clone(&rx));
             proxy.spawn(format!("dns-worker-{index}"), move || work(&shared, &rx))?;

@@ -471,3 +471,32 @@ fn an_answer_too_long_for_udp_comes_truncated_and_empty_and_whole_over_tcp() {
     assert_eq!(allowed(&setup).len(), 40);
     assert_eq!(answers[1].metadata.response_code, ResponseCode::Refused, "the same rules over TCP");
 }
+
+/// Round-trip time of an allowed A query through the proxy (upstream, vetting, two sink
+/// writes) beside the same query sent to the fake upstream directly. Prints, asserts
+/// nothing about time: `cargo test --release -p agt-jail-dns --test proxy -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn measure_round_trips() {
+    let setup = start(Limits { per_second: 1_000_000, burst: 1_000_000, ..Limits::default() });
+    let client = client();
+    let rounds = 5_000;
+    let time = |target: SocketAddr| {
+        let mut samples: Vec<Duration> = (0..rounds)
+            .map(|_| {
+                let started = Instant::now();
+                let response = ask_with(&client, target, "api.example.com", RecordType::A);
+                assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+                started.elapsed()
+            })
+            .collect();
+        samples.sort();
+        (samples[rounds / 2], samples[rounds * 99 / 100])
+    };
+    let (direct, direct_p99) = time(setup.upstream.addr);
+    let (proxied, proxied_p99) = time(setup.proxy.local_addr());
+    println!(
+        "{rounds} A queries: upstream directly median {direct:?} p99 {direct_p99:?}; \
+         through the proxy median {proxied:?} p99 {proxied_p99:?}"
+    );
+}

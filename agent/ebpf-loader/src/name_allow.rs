@@ -16,6 +16,8 @@ pub struct KernelAllowMap {
 }
 
 /// The allow sink the CLI hands the DNS proxy: kernel writes plus per-name expiry.
+/// Its calls lock the shared [`AgentPrograms`] while they hold the `NameAllows` lock,
+/// so nothing may lock a `NameAllows` while holding the programs' lock.
 pub type NameAllows = ExpiringAllows<KernelAllowMap>;
 
 impl KernelAllowMap {
