@@ -7,6 +7,7 @@
 mod btf;
 mod events;
 pub mod lsm;
+mod name_allow;
 mod net;
 mod programs;
 mod sys;
@@ -16,6 +17,7 @@ pub use events::{
     comm_string, decode, exe_key, Caller, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit,
     VerdictName,
 };
+pub use name_allow::{name_allows, KernelAllowMap, NameAllows};
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
 pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
 

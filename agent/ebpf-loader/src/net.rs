@@ -481,13 +481,16 @@ impl AgentPrograms {
         Ok(())
     }
 
-    fn trie<K: aya::Pod>(&mut self, name: &'static str) -> Result<LpmTrie<&mut MapData, K, u32>, LoaderError> {
+    pub(crate) fn trie<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<LpmTrie<&mut MapData, K, u32>, LoaderError> {
         let map = self.ebpf_mut().map_mut(name).ok_or(LoaderError::Missing { what: "map", name })?;
         LpmTrie::try_from(map).map_err(map_error(name))
     }
 }
 
-fn remove_ok(result: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), LoaderError> {
+pub(crate) fn remove_ok(result: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), LoaderError> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(err) => Err(map_error(map)(err)),

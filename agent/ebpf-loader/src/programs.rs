@@ -10,10 +10,7 @@ use agt_jail_common::{
     CONNECT_ALLOW_FIXED_BITS, RULE_ALLOW, RULE_DENY,
 };
 use aya::{
-    maps::{
-        lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
-    },
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr},
     Btf, Ebpf, EbpfLoader,
 };
@@ -95,6 +92,11 @@ pub struct AllowRule {
 }
 
 impl AllowRule {
+    /// One address (`/32` or `/128`) on one port (0: every port).
+    pub fn host(addr: IpAddr, port: u16) -> Self {
+        Self { addr, prefix: if addr.is_ipv4() { 32 } else { 128 }, port }
+    }
+
     /// The trie entries that enforce this rule: an IPv4 network is also allowed in its
     /// IPv4-mapped IPv6 form (`::ffff:a.b.c.d/96+N`), which dual-stack sockets use.
     /// Host bits past the prefix are cleared, as the trie compares only the prefix.
@@ -261,14 +263,23 @@ impl AgentPrograms {
 
     /// Allows agent `agent_id` to connect to `rule` in allow-list mode.
     pub fn allow_connect(&mut self, agent_id: u64, rule: AllowRule) -> Result<(), LoaderError> {
-        let map =
-            self.bpf.map_mut("CONNECT_ALLOW").ok_or(LoaderError::Missing { what: "map", name: "CONNECT_ALLOW" })?;
-        let mut allow: LpmTrie<&mut MapData, ConnectAllowData, u32> = LpmTrie::try_from(map)
-            .map_err(|err| LoaderError::Map { map: "CONNECT_ALLOW", message: err.to_string() })?;
+        let mut allow = self.trie::<ConnectAllowData>("CONNECT_ALLOW")?;
         for key in rule.keys(agent_id) {
             allow
                 .insert(&key, RULE_ALLOW, 0)
                 .map_err(|err| LoaderError::Map { map: "CONNECT_ALLOW", message: err.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Takes back what [`AgentPrograms::allow_connect`] allowed with the same `rule`:
+    /// removes exactly its trie entries (both forms of an IPv4 rule). Another rule that
+    /// covers the same destination (a wider network, port 0) stays, as does a connection
+    /// already made. Removing an entry that is not there is not an error.
+    pub fn revoke_connect(&mut self, agent_id: u64, rule: AllowRule) -> Result<(), LoaderError> {
+        let mut allow = self.trie::<ConnectAllowData>("CONNECT_ALLOW")?;
+        for key in rule.keys(agent_id) {
+            crate::net::remove_ok(allow.remove(&key), "CONNECT_ALLOW")?;
         }
         Ok(())
     }
