@@ -5,8 +5,8 @@
 //! skipped. Inside the test VM (`AGT_JAIL_IN_VM=1`) every requirement the VM provides
 //! on all its kernels must hold (see [`Need::vm_provides`]): a missing one there is a
 //! failure, never a skip, so the VM proves what the host cannot. A requirement that
-//! depends on the kernel version (Landlock ABI 6 on the 6.1 guest) is a counted skip
-//! with its reason, reported per kernel by `cargo xtask vm-test`.
+//! depends on the kernel version (whether a confined ring can start: Landlock and its ABI on the
+//! 6.1 guest) is a counted skip with its reason, reported per kernel by `cargo xtask vm-test`.
 use std::{
     fs::OpenOptions,
     io::Write,
@@ -25,7 +25,10 @@ pub enum Need {
     BpfLsm,
     /// Kernel BTF at /sys/kernel/btf/vmlinux (tp_btf programs and struct offsets).
     Btf,
-    /// Landlock ABI 6 or later is enforced (filesystem, TCP and IPC scopes).
+    /// The kernel can run the confined rings (1-3) with their built-in profiles: what
+    /// `agt-jail exec` itself checks before it starts one (`launch::check_enforcement`;
+    /// on a kernel without Landlock, or with an ABI too old for a ring's network mode,
+    /// the ring refuses to start, and so the test cannot run).
     Landlock,
     /// Unprivileged users may create user namespaces.
     UserNamespaces,
@@ -47,14 +50,7 @@ impl Need {
             Need::Btf => (!Path::new("/sys/kernel/btf/vmlinux").exists())
                 .then(|| "kernel has no BTF at /sys/kernel/btf/vmlinux".to_string()),
             Need::BpfLsm => bpf_lsm_missing(),
-            Need::Landlock => {
-                // SAFETY: with a null attribute, size 0 and LANDLOCK_CREATE_RULESET_VERSION
-                // the call only returns the ABI version.
-                let abi = unsafe {
-                    libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<libc::c_void>(), 0usize, 1u32)
-                };
-                (abi < 6).then(|| format!("Landlock ABI 6 is needed (this kernel: {})", abi.max(0)))
-            }
+            Need::Landlock => confined_rings_missing(),
             Need::UserNamespaces => {
                 let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
                 let clone = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").unwrap_or("1".into());
@@ -76,6 +72,17 @@ impl Need {
             Need::Landlock => false,
         }
     }
+}
+
+/// Why a confined ring cannot start on this kernel, if one cannot.
+fn confined_rings_missing() -> Option<String> {
+    (1..=3u8).find_map(|ring| {
+        let profile = match agt_jail_jail::Profile::builtin(ring) {
+            Ok(profile) => profile,
+            Err(e) => return Some(format!("ring {ring}'s built-in profile does not load: {e}")),
+        };
+        agt_jail_jail::launch::check_enforcement(&profile).err().map(|e| e.to_string())
+    })
 }
 
 fn bpf_lsm_missing() -> Option<String> {
