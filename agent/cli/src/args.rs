@@ -29,7 +29,8 @@ paths given with --rw; never in the private /tmp). A profile's exec.workspace: f
 off. Under --policy every exec still passes the policy's exec rules, budgets and approvals.
 Rings 1-3 run in new pid, mount, ipc, uts and cgroup namespaces (plus net with --net none),
 without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
-TERM, LANG and what --env adds.
+TERM, LANG and what --env adds. A CMD without a slash is looked up in the PATH it runs with
+(the jail's, or --env PATH=), as a shell inside would.
 Flags that need rings 1-3: --workspace, --rw, --ro, --allow-exec, --allow-connect, --tty,
 --net none|allowlist. Flags can only narrow a ring: --net none|allowlist in rings 1-2 (and
 host with --policy, whose network rules then decide every connect), --net none in ring 3,

@@ -155,8 +155,8 @@ impl Prepared {
         let Some(program) = args.command.first() else {
             return Err(anyhow::anyhow!("no command given; usage: agt-jail exec [OPTIONS] -- CMD [ARGS]...").into());
         };
-        let program = resolve_program(program).map_err(Failure::Spawn)?;
         let profile = resolve_profile(args)?;
+        let program = resolve_program(program, &command_path(args, &profile)).map_err(Failure::Spawn)?;
         Ok(Self { program, profile })
     }
 
@@ -178,9 +178,25 @@ pub fn needs_bpf(args: &ExecArgs, profile: &Profile) -> bool {
         || args.policy.given()
 }
 
-/// Finds the program the way execvp(3) would, so "not found" and "not executable"
-/// are reported before anything is set up.
-pub fn resolve_program(program: &OsStr) -> std::result::Result<PathBuf, SpawnError> {
+/// The search path a confined command gets unless `--env PATH=` gives another.
+const JAIL_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The PATH the command is looked up in: the one it runs with. A confined command gets
+/// the jail's (or `--env PATH`), so `agt-jail exec --ring 2 -- python3` runs the python3
+/// that `sh -c python3` inside would, not one found through a host PATH entry the jail
+/// hides (a pyenv shim under /root: 127). Ring 0 keeps agt-jail's own environment.
+fn command_path(args: &ExecArgs, profile: &Profile) -> OsString {
+    let given = args.env.iter().rev().find(|(key, _)| key == "PATH").map(|(_, value)| value.clone());
+    match given {
+        Some(path) => path,
+        None if profile.confine => JAIL_PATH.into(),
+        None => std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+    }
+}
+
+/// Finds the program the way execvp(3) would with `path` as PATH, so "not found" and
+/// "not executable" are reported before anything is set up.
+pub fn resolve_program(program: &OsStr, path: &OsStr) -> std::result::Result<PathBuf, SpawnError> {
     // An empty name is no command (a PATH search would find its directories instead).
     if program.is_empty() {
         return Err(SpawnError::NotFound { program: "''".into() });
@@ -188,8 +204,7 @@ pub fn resolve_program(program: &OsStr) -> std::result::Result<PathBuf, SpawnErr
     let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
         vec![PathBuf::from(program)]
     } else {
-        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-        std::env::split_paths(&path).map(|dir| dir.join(program)).collect()
+        std::env::split_paths(path).map(|dir| dir.join(program)).collect()
     };
     let mut found_unexecutable = false;
     for candidate in candidates {
@@ -295,10 +310,7 @@ fn narrow_network(args: &ExecArgs, profile: &mut Profile) -> Result<()> {
 /// The scrubbed environment of a jailed command (values as bytes: a non-UTF-8 `LANG`
 /// or workspace path is passed on whole, not dropped or mangled).
 fn jail_env(args: &ExecArgs, home: &OsStr) -> Vec<(OsString, OsString)> {
-    let mut env: Vec<(OsString, OsString)> = vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        ("HOME".into(), home.to_owned()),
-    ];
+    let mut env: Vec<(OsString, OsString)> = vec![("PATH".into(), JAIL_PATH.into()), ("HOME".into(), home.to_owned())];
     for key in ["TERM", "LANG"] {
         if let Some(value) = std::env::var_os(key) {
             env.push((key.into(), value));
@@ -737,18 +749,43 @@ mod tests {
         assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGTERM)), 143);
     }
 
+    fn exec_args(argv: &[&str]) -> ExecArgs {
+        #[derive(clap::Parser)]
+        struct Exec {
+            #[command(flatten)]
+            args: ExecArgs,
+        }
+        <Exec as clap::Parser>::try_parse_from(std::iter::once("exec").chain(argv.iter().copied())).unwrap().args
+    }
+
+    #[test]
+    fn a_confined_command_is_looked_up_in_the_path_it_runs_with() {
+        let path = |argv: &[&str]| {
+            let args = exec_args(argv);
+            command_path(&args, &resolve_profile(&args).unwrap())
+        };
+        assert_eq!(path(&["--ring", "2", "--", "python3"]), JAIL_PATH);
+        assert_eq!(path(&["--ring", "3", "--env", "PATH=/a", "--env", "PATH=/opt/bin", "--", "x"]), "/opt/bin");
+        assert_eq!(path(&["--", "python3"]), std::env::var_os("PATH").unwrap());
+        assert_eq!(path(&["--env", "PATH=/opt/bin", "--", "python3"]), "/opt/bin");
+    }
+
     #[test]
     fn resolves_programs_like_a_shell() {
-        assert!(resolve_program(OsStr::new("sh")).is_ok());
-        assert!(matches!(resolve_program(OsStr::new("")), Err(SpawnError::NotFound { .. })));
-        assert!(matches!(resolve_program(OsStr::new("/nonexistent/agt-jail-nope")), Err(SpawnError::NotFound { .. })));
+        let path = OsStr::new(JAIL_PATH);
+        assert!(resolve_program(OsStr::new("sh"), path).is_ok());
+        assert!(matches!(resolve_program(OsStr::new(""), path), Err(SpawnError::NotFound { .. })));
         assert!(matches!(
-            resolve_program(OsStr::new("agt-jail-no-such-command-xyz")),
+            resolve_program(OsStr::new("/nonexistent/agt-jail-nope"), path),
+            Err(SpawnError::NotFound { .. })
+        ));
+        assert!(matches!(
+            resolve_program(OsStr::new("agt-jail-no-such-command-xyz"), path),
             Err(SpawnError::NotFound { .. })
         ));
         let plain = std::env::temp_dir().join(format!("agt-jail-plain-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
-        let result = resolve_program(plain.as_os_str());
+        let result = resolve_program(plain.as_os_str(), path);
         let _ = std::fs::remove_file(&plain);
         assert!(matches!(result, Err(SpawnError::NotExecutable { .. })));
     }

@@ -133,6 +133,23 @@ pub fn unmet(test: &str, reason: &str) {
     if in_vm() {
         panic!("{test}: required in the test VM but missing: {reason}");
     }
+    log_skip(test, reason);
+}
+
+/// Records that `test` cannot run because this machine lacks a program it drives (a
+/// compiler, `make`, `tmux`, a Rust toolchain): not a kernel matter, so unlike [`unmet`]
+/// the test VM, whose minimal userspace has none of them, skips too, with a counted
+/// `VM-SKIP` line and the reason. The caller returns right after.
+pub fn program_missing(test: &str, reason: &str) {
+    if in_vm() {
+        eprintln!("VM-SKIP {test}: {reason}");
+        return;
+    }
+    log_skip(test, reason);
+}
+
+/// Prints `SKIP test: reason` and appends the reason to `$AGT_JAIL_SKIP_LOG`.
+fn log_skip(test: &str, reason: &str) {
     eprintln!("SKIP {test}: {reason}");
     if let Ok(log) = std::env::var("AGT_JAIL_SKIP_LOG") {
         if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(log) {
