@@ -467,13 +467,14 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             execute.extend(system_dirs.iter().cloned());
         }
         execute.extend(exec_paths.iter().cloned());
+        // In a namespace of its own the agent's loopback is its own: TCP port rules
+        // there would only break servers and clients talking inside the jail.
         let connect_ports = match p.net {
-            NetMode::Host => None,
-            NetMode::None => Some(Vec::new()),
-            NetMode::Allowlist => Some(p.allow_connect.iter().map(|d| d.port).collect()),
+            NetMode::Allowlist if !p.net.own_namespace() => Some(p.allow_connect.iter().map(|d| d.port).collect()),
+            _ => None,
         };
         let bind_ports = match p.net {
-            NetMode::Allowlist => Some(p.allow_bind.clone()),
+            NetMode::Allowlist if !p.net.own_namespace() => Some(p.allow_bind.clone()),
             _ => None,
         };
         let req = LandlockRequest {
@@ -535,7 +536,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         (p.pid_ns, libc::CLONE_NEWPID),
         (p.ipc_ns, libc::CLONE_NEWIPC),
         (p.uts_ns, libc::CLONE_NEWUTS),
-        (p.net == NetMode::None, libc::CLONE_NEWNET),
+        (p.net.own_namespace(), libc::CLONE_NEWNET),
         (cfg.rootless, libc::CLONE_NEWUSER),
     ] {
         if on {
@@ -569,7 +570,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         ops,
         op_names,
         memfd_noexec: p.pid_ns,
-        net_ns: p.net == NetMode::None,
+        net_ns: p.net.own_namespace(),
         uts_ns: p.uts_ns,
         cwd: path_c(&cwd)?,
         landlock,
@@ -1143,7 +1144,7 @@ mod tests {
         assert!(execs.contains(&"/bin/true".to_string()), "{execs:?}");
         assert!(!execs.contains(&"/usr".to_string()), "{execs:?}");
         assert_ne!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
-        assert_eq!(l.plan.handled_net, landlock::net::CONNECT_TCP);
+        assert_eq!(l.plan.handled_net, 0, "its own loopback is not narrowed to ports");
         assert!(plan.seccomp.is_some());
     }
 

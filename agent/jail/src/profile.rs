@@ -67,6 +67,13 @@ impl NetMode {
         }
     }
 
+    /// Whether the jail gets a network namespace of its own. There the namespace is the
+    /// boundary (its loopback is the agent's own, nothing else is reachable but what
+    /// is routed into it), so Landlock's TCP port rules are not used.
+    pub fn own_namespace(self) -> bool {
+        self == NetMode::None
+    }
+
     /// The modes a ring may have: never a network wider than the ring stands for
     /// (0 host; 1-2 allow-listed egress, or none; 3 none at all).
     pub fn allowed_in(ring: u8) -> &'static [NetMode] {
