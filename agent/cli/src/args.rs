@@ -24,8 +24,8 @@ Rings (profiles/ring0..3.yaml, built in; --profile FILE loads another):
   1  privileged: system ro, workspace rw, broad TCP egress (ports 80/443/22/9418)
   2  standard: system ro, workspace rw, secrets hidden, TCP egress only to --allow-connect
   3  sandbox: no network, scratch /workspace, only the entry command may be executed
-Rings 1-3 run in new pid, mount, ipc, uts and cgroup namespaces (plus net with --net none),
-without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
+Rings 1-3 run in new pid, mount, ipc, uts, cgroup and net namespaces (loopback inside;
+allowlist egress leaves through a per-agent veth and the host's NAT), without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
 TERM, LANG and what --env adds.
 Flags that need rings 1-3: --workspace, --rw, --ro, --allow-exec, --allow-connect, --tty,
 --net none|allowlist. Flags can only narrow a ring: --net none|allowlist in rings 1-2 (and
@@ -93,7 +93,8 @@ pub struct ExecArgs {
     #[arg(long = "allow-connect", value_name = "DEST", value_parser = Dest::parse)]
     pub allow_connect: Vec<Dest>,
 
-    /// Network: none (own namespace, loopback only), allowlist (TCP egress to --allow-connect only) or host.
+    /// Network: none (own namespace, loopback only), allowlist (own namespace with loopback and a veth
+    /// routed out through the host's NAT; TCP egress to --allow-connect only) or host.
     /// Default: the ring's (0 host, 1-2 allowlist, 3 none); it can only be narrowed (rings
     /// 1-2 take host with --policy: the policy's network rules decide every connect).
     #[arg(long, value_name = "MODE", value_parser = ["none", "allowlist", "host"])]

@@ -64,6 +64,8 @@ pub enum LaunchError {
     NotExecutable { program: String },
     #[error("cannot run {program}: {source}")]
     TooLarge { program: String, source: ExecSizeError },
+    #[error("cannot give the agent its own network with egress: {0}")]
+    Egress(#[from] crate::egress::EgressError),
 }
 
 impl LaunchError {
@@ -110,6 +112,9 @@ pub struct JailConfig {
     /// (`agt_jail_supervisor::exec_notify::ExecNotifier`) must be running before
     /// [`launch`] is called. The caller closes its copy after `launch` returns.
     pub exec_notify: Option<std::os::fd::RawFd>,
+    /// The routed path out of the jail's own network namespace (allowlist mode): the
+    /// peer is moved in and configured after the clone, before the agent exists.
+    pub egress: Option<crate::egress::EgressPlan>,
 }
 
 /// What the jail will enforce on this host (for `exec` warnings and `doctor`).
@@ -350,12 +355,6 @@ pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> 
                 reason: "this kernel does not enforce Landlock (not built in or not in the active LSM list)".into(),
             });
         }
-        if profile.net == NetMode::Allowlist && abi < 4 {
-            return Err(LaunchError::Landlock {
-                ring: profile.ring,
-                reason: format!("network.mode allowlist needs Landlock ABI 4 for TCP rules (this kernel has ABI {abi}); use --net none"),
-            });
-        }
         if profile.scope_ipc && abi < 6 {
             unenforced.push(format!("Landlock ABI {abi} cannot scope signals and abstract unix sockets (needs 6)"));
         }
@@ -467,16 +466,12 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             execute.extend(system_dirs.iter().cloned());
         }
         execute.extend(exec_paths.iter().cloned());
-        // In a namespace of its own the agent's loopback is its own: TCP port rules
-        // there would only break servers and clients talking inside the jail.
-        let connect_ports = match p.net {
-            NetMode::Allowlist if !p.net.own_namespace() => Some(p.allow_connect.iter().map(|d| d.port).collect()),
-            _ => None,
-        };
-        let bind_ports = match p.net {
-            NetMode::Allowlist if !p.net.own_namespace() => Some(p.allow_bind.clone()),
-            _ => None,
-        };
+        // No TCP port rules: a confined jail's network is a namespace of its own, whose
+        // loopback is the agent's (port rules would only break servers and clients
+        // talking inside the jail) and whose every way out is decided by the cgroup BPF
+        // programs (address and port); the host network (ring 0, or --net host under a
+        // policy) is the policy's to decide.
+        let (connect_ports, bind_ports) = (None, None);
         let req = LandlockRequest {
             read: vec!["/".into()],
             write: write_paths,
@@ -668,6 +663,13 @@ pub fn launch_with_cgroups(
         Err(e) => return Err(LaunchError::Clone(e)),
     };
     drop((report_w, go_r, status_w, inherited));
+    if let Some(egress) = &cfg.egress {
+        if let Err(err) = crate::egress::enter(egress, pid as u32) {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::waitpid(pid, false);
+            return Err(err.into());
+        }
+    }
     // The v1 hierarchies (hybrid hosts): the parent creates the agent's v1 cgroups,
     // writes their limits and moves the init in while it builds its root (the two
     // overlap); the init forks the agent, which inherits them, only after the go byte.
@@ -1128,6 +1130,7 @@ mod tests {
             tty: None,
             tty_path: None,
             exec_notify: None,
+            egress: None,
         }
     }
 
@@ -1149,9 +1152,10 @@ mod tests {
     }
 
     #[test]
-    fn ring2_plan_execs_system_and_shares_the_network() {
+    fn ring2_plan_execs_system_in_a_network_namespace_of_its_own() {
         let plan = build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap();
-        assert_eq!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
+        assert_ne!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
+        assert!(plan.net_ns, "lo comes up in the jail's init");
         let l = plan.landlock.unwrap();
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/usr" && a & landlock::fs::EXECUTE != 0));
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/tmp" && a & landlock::fs::WRITE_FILE != 0));
