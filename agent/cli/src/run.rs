@@ -488,7 +488,7 @@ pub fn execute<G: Governor>(
                 .as_ref()
                 .and_then(|p| std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).ok()),
             exec_notify,
-            egress: egress.as_ref().map(|e| e.plan().clone()),
+            egress: egress.as_ref().map(Egress::plan),
         };
         if let Some(pty) = &pty {
             pty.copy_size_from_stdin();

@@ -2,17 +2,19 @@
 //! agent, a /30 from [`RANGE`], a default route inside, and a masquerade rule on the host
 //! (docs/adr/0009). The cgroup connect/sendmsg programs still decide every destination.
 //!
-//! Names carry the slot, so state a killed agt-jail left behind never blocks the next
-//! run: a slot whose /30 is routed is taken (its veth still exists, or the host uses the
-//! range), the veth name is the reservation (creating it fails with EEXIST when another
-//! run won the race), and the NAT table of a slot is replaced, not added to. When the jail's
-//! namespace goes, the kernel deletes the pair with it; the guard deletes both ends and the
-//! table when the run ends, error paths included.
+//! The agent's namespace is made here, before the jail exists, with its end of the pair
+//! created right in it and configured; the jail's init joins it. Names carry the slot,
+//! so state a killed agt-jail left behind never blocks the next run: a slot whose /30 is
+//! routed is taken (its veth still exists, or the host uses the range), the veth name is
+//! the reservation (creating it fails with EEXIST when another run won the race), and the
+//! NAT table of a slot is replaced, not added to. When the agent's namespace goes, the
+//! kernel deletes the pair with it; the guard deletes the table and lets go of the
+//! namespace when the run ends, error paths included.
 use std::{
     ffi::CString,
     io,
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
     path::Path,
 };
 
@@ -58,9 +60,6 @@ impl Slot {
     }
     pub fn host_name(self) -> String {
         format!("{HOST_PREFIX}{}", self.index)
-    }
-    pub fn peer_name(self) -> String {
-        format!("{HOST_PREFIX}{}p", self.index)
     }
     pub fn table_name(self) -> String {
         table_name(self.index)
@@ -151,7 +150,7 @@ fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_IFALIAS: u16 = 20;
-const IFLA_NET_NS_PID: u16 = 19;
+const IFLA_NET_NS_FD: u16 = 28;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
@@ -159,20 +158,15 @@ const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const RTA_GATEWAY: u16 = 5;
 
-/// RTM_NEWLINK: the veth pair `host` / `peer`, both in the caller's namespace; fails with
-/// EEXIST when `host` exists (the name is the slot's reservation).
-pub fn new_veth(host: &str, peer: &str) -> Message {
+/// RTM_NEWLINK: the veth pair `host` (in the caller's namespace) / `peer` (created right
+/// in the namespace `peer_netns` refers to: no move, which would wait for an RCU grace
+/// period); fails with EEXIST when `host` exists (the name is the slot's reservation).
+pub fn new_veth(host: &str, peer: &str, peer_netns: RawFd) -> Message {
     let mut msg = Message::new(libc::RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, &ifinfomsg(0, 0, 0));
     msg.attr_str(IFLA_IFNAME, host).begin(IFLA_LINKINFO).attr_str(IFLA_INFO_KIND, "veth");
     msg.begin(IFLA_INFO_DATA).begin(VETH_INFO_PEER).raw(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, peer);
+    msg.attr_u32(IFLA_NET_NS_FD, peer_netns as u32);
     msg.end().end().end();
-    msg
-}
-
-/// RTM_NEWLINK: move interface `index` into the network namespace of `pid`, renamed `name`.
-pub fn move_link(index: u32, pid: u32, name: &str) -> Message {
-    let mut msg = Message::new(libc::RTM_NEWLINK, NLM_F_ACK, &ifinfomsg(index, 0, 0));
-    msg.attr_u32(IFLA_NET_NS_PID, pid).attr_str(IFLA_IFNAME, name);
     msg
 }
 
@@ -231,6 +225,7 @@ pub mod nft {
     const DELTABLE: u16 = 2;
     const NEWCHAIN: u16 = 3;
     const NEWRULE: u16 = 6;
+    const DELRULE: u16 = 8;
     const NFPROTO_IPV4: u8 = 2;
     const NF_INET_POST_ROUTING: u32 = 4;
     const NF_IP_PRI_NAT_SRC: u32 = 100;
@@ -260,8 +255,10 @@ pub mod nft {
     }
 
     /// `table ip NAME { chain postrouting { type nat hook postrouting priority srcnat;
-    /// ip saddr NET/30 masquerade } }`, replacing a table of that name a dead run left
-    /// (add, delete, add: the first add makes the delete succeed when there was none).
+    /// ip saddr NET/30 masquerade } }`, replacing the rules of a table of that name a dead
+    /// run left (add table, add chain, flush chain, add rule). Not "add, delete, add" of
+    /// the table: a batch that destroys a hooked chain makes the socket's close wait for
+    /// an RCU grace period (~10 ms), and a flush of an empty chain destroys nothing.
     pub fn masquerade(name: &str, network: Ipv4Addr, prefix: u8) -> Vec<Message> {
         let mut chain = msg(NEWCHAIN, NLM_F_ACK | NLM_F_CREATE);
         chain.attr_str(1, name).attr_str(3, CHAIN); // NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME
@@ -287,13 +284,9 @@ pub mod nft {
         rule.begin(1).attr_str(1, "masq").end();
         rule.end();
 
-        batch(vec![
-            table(NEWTABLE, NLM_F_ACK | NLM_F_CREATE, name),
-            table(DELTABLE, NLM_F_ACK, name),
-            table(NEWTABLE, NLM_F_ACK | NLM_F_CREATE, name),
-            chain,
-            rule,
-        ])
+        let mut flush = msg(DELRULE, NLM_F_ACK);
+        flush.attr_str(1, name).attr_str(2, CHAIN);
+        batch(vec![table(NEWTABLE, NLM_F_ACK | NLM_F_CREATE, name), chain, flush, rule])
     }
 
     /// Deletes table `name` with everything in it.
@@ -302,25 +295,56 @@ pub mod nft {
     }
 }
 
-/// What the jail needs to finish the path once its namespace exists.
-#[derive(Clone, Debug)]
+/// What the jail needs: the namespace to join, with its end of the pair already in it.
+#[derive(Clone, Copy, Debug)]
 pub struct EgressPlan {
     pub slot: Slot,
-    /// The peer's index in the host namespace (moved into the agent's).
-    pub peer_index: u32,
+    /// The agent's network namespace (owned by [`Egress`]); the jail's init joins it
+    /// with setns(2) instead of making a new one.
+    pub netns: RawFd,
 }
 
 /// One agent's routed path: held for the agent's life, torn down on drop.
 #[derive(Debug)]
 pub struct Egress {
-    plan: EgressPlan,
+    slot: Slot,
+    /// The agent's namespace: it holds the agent's end of the pair, so closing it (and the
+    /// jail's end) makes the kernel delete the pair.
+    netns: OwnedFd,
     nat: bool,
 }
 
+/// Runs `work` on a thread of its own that entered `netns` (or a new namespace when
+/// None): only that thread changes namespace, and its sockets stay there when it ends.
+fn in_namespace<T: Send>(
+    netns: Option<BorrowedFd<'_>>,
+    work: impl FnOnce() -> Result<T, EgressError> + Send,
+) -> Result<T, EgressError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                match netns {
+                    Some(fd) => sys::setns_net(fd).map_err(netlink_err("enter the agent's network namespace"))?,
+                    None => sys::unshare(libc::CLONE_NEWNET).map_err(netlink_err("create a network namespace"))?,
+                }
+                work()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(netlink_err("set up the agent's network namespace")(io::ErrorKind::Other.into())))
+    })
+}
+
+fn index_of(name: &str) -> io::Result<u32> {
+    let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    sys::if_index(&c)
+}
+
 impl Egress {
-    /// Creates the pair, the host end's address, forwarding (when `forward`: `doctor`
-    /// probes without changing the host's switch) and the NAT rule. `proc_root` is /proc
-    /// (the host's routes, the forwarding switch), `sys_net` /sys/class/net (the sweep).
+    /// Creates the agent's namespace and the pair (its end inside, named eth0, with its
+    /// address and default route; the host end with the gateway address), forwarding
+    /// (when `forward`: `doctor` probes without changing the host's switch) and the NAT
+    /// rule. `proc_root` is /proc (the host's routes, the forwarding switch), `sys_net`
+    /// /sys/class/net (the sweep).
     pub fn create(proc_root: &Path, sys_net: &Path, forward: bool) -> Result<Self, EgressError> {
         let mut route = Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
         for (name, slot) in stale_links(sys_net, proc_root) {
@@ -334,9 +358,14 @@ impl Egress {
             .map_err(|source| EgressError::Routes { path: routes_path.display().to_string(), source })?;
         let routes = parse_routes(&routes);
         let addresses = sys::interface_addresses().map_err(netlink_err("list the host's addresses"))?;
+        let netns: OwnedFd = in_namespace(None, || {
+            std::fs::File::open("/proc/thread-self/ns/net")
+                .map(OwnedFd::from)
+                .map_err(netlink_err("open the new network namespace"))
+        })?;
         let mut reserved = None;
         for slot in free_slots(RANGE, &routes, &addresses) {
-            match route.transact(&[new_veth(&slot.host_name(), &slot.peer_name())]) {
+            match route.transact(&[new_veth(&slot.host_name(), INSIDE_NAME, netns.as_raw_fd())]) {
                 Ok(()) => {
                     reserved = Some(slot);
                     break;
@@ -346,17 +375,19 @@ impl Egress {
             }
         }
         let slot = reserved.ok_or(EgressError::NoSlot(RANGE.0, RANGE.1))?;
-        // From here the guard deletes what exists when a later step fails.
-        let mut egress = Self { plan: EgressPlan { slot, peer_index: 0 }, nat: false };
-        let index = |name: &str| {
-            let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            sys::if_index(&c)
-        };
-        let host = index(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
-        egress.plan.peer_index = index(&slot.peer_name()).map_err(netlink_err(format!("find {}", slot.peer_name())))?;
+        // From here the guard undoes what exists when a later step fails.
+        let mut egress = Self { slot, netns, nat: false };
+        let host = index_of(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
         route
             .transact(&[link_up(host, Some(&owner_alias(std::process::id()))), new_addr(host, slot.gateway(), 30)])
             .map_err(|(_, e)| netlink_err(format!("configure {}", slot.host_name()))(e))?;
+        in_namespace(Some(egress.netns.as_fd()), || {
+            let inside = index_of(INSIDE_NAME).map_err(netlink_err("find eth0 in the agent's namespace"))?;
+            let mut socket = Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
+            socket
+                .transact(&[new_addr(inside, slot.agent(), 30), link_up(inside, None), default_route(slot.gateway())])
+                .map_err(|(_, e)| netlink_err("configure eth0 in the agent's namespace")(e))
+        })?;
         if forward {
             std::fs::write(proc_root.join("sys/net/ipv4/ip_forward"), "1")
                 .map_err(netlink_err("turn on IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)"))?;
@@ -368,56 +399,24 @@ impl Egress {
         Ok(egress)
     }
 
-    pub fn plan(&self) -> &EgressPlan {
-        &self.plan
+    pub fn plan(&self) -> EgressPlan {
+        EgressPlan { slot: self.slot, netns: self.netns.as_raw_fd() }
     }
 
     /// The host end's address: the agent's gateway.
     pub fn gateway(&self) -> Ipv4Addr {
-        self.plan.slot.gateway()
+        self.slot.gateway()
     }
 }
 
-/// Moves the peer into the network namespace of `pid` (the jail's init) and gives it its
-/// address, link and default route there. Runs in the parent, before the agent exists.
-pub fn enter(plan: &EgressPlan, pid: u32) -> Result<(), EgressError> {
-    let mut route = Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
-    route
-        .transact(&[move_link(plan.peer_index, pid, INSIDE_NAME)])
-        .map_err(|(_, e)| netlink_err("move the veth peer into the agent's network namespace")(e))?;
-    let netns: OwnedFd = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(netlink_err("open the agent's network namespace"))?
-        .into();
-    let slot = plan.slot;
-    // Only this thread enters the namespace; its sockets stay there when it ends.
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                sys::setns_net(netns.as_fd()).map_err(netlink_err("enter the agent's network namespace"))?;
-                let name =
-                    CString::new(INSIDE_NAME).map_err(|_| netlink_err("name eth0")(io::ErrorKind::Other.into()))?;
-                let index = sys::if_index(&name).map_err(netlink_err("find eth0 in the agent's namespace"))?;
-                let mut inside =
-                    Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
-                inside
-                    .transact(&[new_addr(index, slot.agent(), 30), link_up(index, None), default_route(slot.gateway())])
-                    .map_err(|(_, e)| netlink_err("configure eth0 in the agent's namespace")(e))
-            })
-            .join()
-            .unwrap_or_else(|_| Err(netlink_err("configure the agent's namespace")(io::ErrorKind::Other.into())))
-    })
-}
-
 impl Drop for Egress {
+    /// The NAT table goes now; the pair goes with the agent's namespace, which the kernel
+    /// tears down once this guard's descriptor and the jail are gone (deleting the link
+    /// here would wait for the same teardown, ~25 ms, on every run's exit).
     fn drop(&mut self) {
-        let slot = self.plan.slot;
-        // ENODEV: the jail's namespace is gone and took the pair with it.
-        if let Ok(mut route) = Socket::open(libc::NETLINK_ROUTE) {
-            let _ = route.transact(&[del_link(&slot.host_name())]);
-        }
         if self.nat {
             if let Ok(mut nf) = Socket::open(libc::NETLINK_NETFILTER) {
-                let _ = nf.transact(&nft::delete(&slot.table_name()));
+                let _ = nf.transact(&nft::delete(&self.slot.table_name()));
             }
         }
     }
@@ -454,17 +453,16 @@ mod tests {
         assert_eq!(free_slots(RANGE, &[], &[]).count(), 16384);
         // A host route over the whole range leaves nothing.
         assert_eq!(free_slots(RANGE, &[(Ipv4Addr::new(10, 0, 0, 0), 8)], &[]).count(), 0);
-        assert_eq!(
-            (slots[0].host_name(), slots[0].peer_name(), slots[0].table_name()),
-            ("agtj2".into(), "agtj2p".into(), "agt-jail-2".into())
-        );
+        assert_eq!((slots[0].host_name(), slots[0].table_name()), ("agtj2".into(), "agt-jail-2".into()));
     }
 
     #[test]
     fn the_veth_request_names_both_ends_and_the_kind() {
-        let bytes = new_veth("agtj3", "agtj3p").bytes(1);
+        let bytes = new_veth("agtj3", "eth0", 7).bytes(1);
         let text = String::from_utf8_lossy(&bytes);
-        assert!(text.contains("agtj3\0") && text.contains("agtj3p\0") && text.contains("veth\0"));
+        assert!(text.contains("agtj3\0") && text.contains("eth0\0") && text.contains("veth\0"));
+        // IFLA_NET_NS_FD (28) = 7 inside the peer's part.
+        assert!(bytes.windows(8).any(|w| w == [8, 0, 28, 0, 7, 0, 0, 0]));
         let up = link_up(9, Some(&owner_alias(4242))).bytes(1);
         assert!(String::from_utf8_lossy(&up).contains("agt-jail owner 4242"), "the owner is named for the sweep");
         assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), libc::RTM_NEWLINK);
@@ -493,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn the_nat_batch_replaces_the_table_and_masquerades_the_slot() {
+    fn the_nat_batch_replaces_the_rules_and_masquerades_the_slot() {
         let batch = nft::masquerade("agt-jail-2", Ipv4Addr::new(10, 213, 0, 8), 30);
         let kinds: Vec<u16> = batch
             .iter()
@@ -502,8 +500,8 @@ mod tests {
                 u16::from_ne_bytes([b[4], b[5]])
             })
             .collect();
-        assert_eq!(kinds, vec![0x10, 0xa00, 0xa02, 0xa00, 0xa03, 0xa06, 0x11]);
-        let rule = batch[5].bytes(0);
+        assert_eq!(kinds, vec![0x10, 0xa00, 0xa03, 0xa08, 0xa06, 0x11]);
+        let rule = batch[4].bytes(0);
         let text = String::from_utf8_lossy(&rule);
         for needle in ["payload\0", "bitwise\0", "cmp\0", "masq\0", "postrouting\0"] {
             assert!(text.contains(needle), "{needle}");

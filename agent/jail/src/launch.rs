@@ -113,7 +113,7 @@ pub struct JailConfig {
     /// [`launch`] is called. The caller closes its copy after `launch` returns.
     pub exec_notify: Option<std::os::fd::RawFd>,
     /// The routed path out of the jail's own network namespace (allowlist mode): the
-    /// peer is moved in and configured after the clone, before the agent exists.
+    /// namespace, made and configured by [`crate::egress::Egress`], which the init joins.
     pub egress: Option<crate::egress::EgressPlan>,
 }
 
@@ -198,6 +198,8 @@ struct Plan {
     op_names: Vec<String>,
     memfd_noexec: bool,
     net_ns: bool,
+    /// A network namespace made beforehand (allowlist egress) to join instead of a new one.
+    net_join: Option<libc::c_int>,
     uts_ns: bool,
     cwd: CString,
     landlock: Option<LandlockChild>,
@@ -531,7 +533,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         (p.pid_ns, libc::CLONE_NEWPID),
         (p.ipc_ns, libc::CLONE_NEWIPC),
         (p.uts_ns, libc::CLONE_NEWUTS),
-        (p.net.own_namespace(), libc::CLONE_NEWNET),
+        (p.net.own_namespace() && cfg.egress.is_none(), libc::CLONE_NEWNET),
         (cfg.rootless, libc::CLONE_NEWUSER),
     ] {
         if on {
@@ -566,6 +568,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         op_names,
         memfd_noexec: p.pid_ns,
         net_ns: p.net.own_namespace(),
+        net_join: cfg.egress.map(|e| e.netns),
         uts_ns: p.uts_ns,
         cwd: path_c(&cwd)?,
         landlock,
@@ -663,13 +666,6 @@ pub fn launch_with_cgroups(
         Err(e) => return Err(LaunchError::Clone(e)),
     };
     drop((report_w, go_r, status_w, inherited));
-    if let Some(egress) = &cfg.egress {
-        if let Err(err) = crate::egress::enter(egress, pid as u32) {
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let _ = sys::waitpid(pid, false);
-            return Err(err.into());
-        }
-    }
     // The v1 hierarchies (hybrid hosts): the parent creates the agent's v1 cgroups,
     // writes their limits and moves the init in while it builds its root (the two
     // overlap); the init forks the agent, which inherits them, only after the go byte.
@@ -812,6 +808,10 @@ fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int) -> ! {
     step!(report, Stage::Session, 0, sys::install_forwarding_handlers(&FORWARDED));
     // Die with agt-jail: if the supervisor is killed, the jail goes too.
     step!(report, Stage::Session, 1, sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0));
+    // Allowlist egress: the namespace agt-jail made, with the agent's end of the veth in it.
+    if let Some(netns) = plan.net_join {
+        step!(report, Stage::Loopback, 1, sys::setns_net_raw(netns));
+    }
     if plan.rootless {
         step!(report, Stage::UserMap, 0, sys::write_file(C_SETGROUPS, b"deny"));
         step!(report, Stage::UserMap, 1, sys::write_file(C_UID_MAP, &plan.uid_map));

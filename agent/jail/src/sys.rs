@@ -689,8 +689,13 @@ pub fn netlink_socket(protocol: libc::c_int) -> io::Result<std::os::fd::OwnedFd>
 /// changes namespace; sockets it creates afterwards belong to that namespace.
 pub fn setns_net(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: setns(2) with a borrowed descriptor and a namespace type; no memory is passed.
-    check(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }).map(|_| ())
+    setns_net_raw(fd.as_raw_fd())
+}
+
+/// [`setns_net`] on a raw descriptor the caller keeps open. Child-safe.
+pub fn setns_net_raw(fd: libc::c_int) -> io::Result<()> {
+    // SAFETY: setns(2) with integer arguments; no memory is passed.
+    check(unsafe { libc::setns(fd, libc::CLONE_NEWNET) }).map(|_| ())
 }
 
 /// The index of network interface `name` in the calling thread's network namespace.
