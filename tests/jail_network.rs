@@ -212,14 +212,12 @@ fn wait_until(mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
-#[test]
-fn nothing_is_left_after_the_agent_ends_even_after_kill_9() {
-    require!(Need::Root);
-    let _serial = serial();
-    // A clean run removes its pair and its NAT table.
-    let mut clean =
-        Command::new(BIN).args(["exec", "--quiet", "--ring", "2", "--", "/bin/sleep", "1"]).spawn().unwrap();
-    let owner = clean.id();
+/// A ring-2 agent sleeping `seconds`, its owner (the agt-jail pid) and its slot, once its
+/// veth exists.
+fn sleeping_agent(seconds: &str) -> (std::process::Child, u32, String) {
+    let agent =
+        Command::new(BIN).args(["exec", "--quiet", "--ring", "2", "--", "/bin/sleep", seconds]).spawn().unwrap();
+    let owner = agent.id();
     let mut slot = None;
     assert!(
         wait_until(|| {
@@ -228,7 +226,15 @@ fn nothing_is_left_after_the_agent_ends_even_after_kill_9() {
         }),
         "the agent's veth appears while it runs"
     );
-    let slot = slot.unwrap();
+    (agent, owner, slot.unwrap())
+}
+
+#[test]
+fn nothing_is_left_after_the_agent_ends_even_after_kill_9() {
+    require!(Need::Root);
+    let _serial = serial();
+    // A clean run removes its pair and its NAT table.
+    let (mut clean, owner, slot) = sleeping_agent("1");
     assert_ne!(nat_table_exists(&slot), Some(false), "its NAT table exists while it runs");
     assert!(clean.wait().unwrap().success());
     // The pair goes with the agent's namespace, which the kernel tears down in the background.
@@ -237,18 +243,7 @@ fn nothing_is_left_after_the_agent_ends_even_after_kill_9() {
 
     // kill -9 of agt-jail: its jail goes (and takes the pair with it), or the next run
     // sweeps a pair whose owner is gone; the next run works and reuses the slot.
-    let mut killed =
-        Command::new(BIN).args(["exec", "--quiet", "--ring", "2", "--", "/bin/sleep", "30"]).spawn().unwrap();
-    let owner = killed.id();
-    let mut slot = None;
-    assert!(
-        wait_until(|| {
-            slot = slot_owned_by(owner);
-            slot.is_some()
-        }),
-        "the agent's veth appears while it runs"
-    );
-    let slot = slot.unwrap();
+    let (mut killed, owner, slot) = sleeping_agent("30");
     killed.kill().unwrap();
     killed.wait().unwrap();
     let output = jailed(&["--ring", "2"], LOOPBACK_PROBE);
