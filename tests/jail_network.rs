@@ -64,21 +64,21 @@ fn assert_loopback_works(args: &[&str]) {
 
 #[test]
 fn ring3_loopback_server_and_client_inside_the_jail() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     assert_loopback_works(&["--ring", "3"]);
 }
 
 #[test]
 fn net_none_in_ring2_has_a_working_loopback() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     assert_loopback_works(&["--ring", "2", "--net", "none"]);
 }
 
 #[test]
 fn ring2_loopback_server_and_client_inside_the_jail() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     assert_loopback_works(&["--ring", "2"]);
 }
@@ -112,7 +112,7 @@ fn lines(output: &Output) -> Vec<String> {
 
 #[test]
 fn ring2_reaches_no_host_service_through_its_namespace() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     let loopback = TcpListener::bind("127.0.0.1:0").unwrap();
     let any = TcpListener::bind("0.0.0.0:0").unwrap();
@@ -147,7 +147,7 @@ fn ring2_reaches_no_host_service_through_its_namespace() {
 
 #[test]
 fn ring2_cannot_reach_a_host_abstract_socket_without_landlock_scopes() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     let name = format!("agt-jail-netns-test-{}", std::process::id());
     let _listener = UnixListener::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
@@ -168,7 +168,7 @@ fn ring2_cannot_reach_a_host_abstract_socket_without_landlock_scopes() {
 
 #[test]
 fn ring2_reaches_an_allow_listed_remote_host_through_nat_and_nothing_else() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     let remote = RemoteHost::start("net");
     let port = remote.port;
@@ -231,7 +231,7 @@ fn sleeping_agent(seconds: &str) -> (std::process::Child, u32, String) {
 
 #[test]
 fn nothing_is_left_after_the_agent_ends_even_after_kill_9() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     // A clean run removes its pair and its NAT table.
     let (mut clean, owner, slot) = sleeping_agent("1");
@@ -260,7 +260,7 @@ fn nothing_is_left_after_the_agent_ends_even_after_kill_9() {
 
 #[test]
 fn a_host_that_cannot_route_the_agent_out_refuses_the_run() {
-    require!(Need::Root);
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
     let _serial = serial();
     // A host route over the whole range leaves no /30 for the agent: exec refuses (125,
     // one line) instead of falling back to the host's network.
