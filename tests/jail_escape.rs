@@ -21,7 +21,7 @@ use std::{
     thread,
 };
 
-use agt_jail_test_support::{require, Need};
+use agt_jail_test_support::{require, Need, RemoteHost};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
@@ -36,6 +36,8 @@ struct Fixture {
     loopback_port: u16,
     allowed_port: u16,
     abstract_name: String,
+    /// Ring 2's allow-listed destination: a host beyond the agent's veth and the host's NAT.
+    remote: Option<RemoteHost>,
 }
 
 fn listen(host: &str) -> u16 {
@@ -50,8 +52,8 @@ fn listen(host: &str) -> u16 {
 }
 
 impl Fixture {
-    fn new(tag: &str) -> Self {
-        let id = format!("{}-{tag}", std::process::id());
+    fn new(ring: u8) -> Self {
+        let id = format!("{}-r{ring}", std::process::id());
         let workspace = PathBuf::from(format!("/tmp/agt-jail-escape-{id}"));
         let _ = fs::remove_dir_all(&workspace);
         fs::create_dir_all(&workspace).unwrap();
@@ -97,18 +99,30 @@ impl Fixture {
                 port
             },
             abstract_name,
+            remote: (ring == 2).then(|| RemoteHost::start("esc")),
         }
+    }
+
+    /// Ring 2's allowed destination (`host:port`), the unlisted address that listens on
+    /// the same port, and that port.
+    fn allowed(&self) -> Option<(String, &'static str, u16)> {
+        let remote = self.remote.as_ref()?;
+        Some((format!("{}:{}", RemoteHost::LISTED, remote.port), RemoteHost::UNLISTED, remote.port))
     }
 
     fn config(&mut self, ring: u8) -> PathBuf {
         let inside = if ring == 3 { "/workspace".to_string() } else { self.workspace.display().to_string() };
-        let allowed = if ring == 2 { Value::from(format!("127.0.0.2:{}", self.allowed_port)) } else { Value::Null };
+        let (allowed, unlisted, allowed_port) = match self.allowed() {
+            Some((allowed, unlisted, port)) if ring == 2 => (Value::from(allowed), unlisted, port),
+            _ => (Value::Null, "127.0.0.3", self.allowed_port),
+        };
         let config = serde_json::json!({
             "workspace_inside": inside,
             "host_pid": self.sleeper.id(),
             "host_port": self.loopback_port,
             "allowed": allowed,
-            "allowed_port": self.allowed_port,
+            "allowed_port": allowed_port,
+            "unlisted_host": unlisted,
             "secret_file": self.home.join(".ssh/id_ed25519"),
             "visible_file": self.home.join("notes.txt"),
             "abstract": self.abstract_name,
@@ -155,12 +169,15 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
         ("kill_host_process", &["ESRCH"]),
         ("kill_jail_init", &["EPERM"]),
         ("read_init_environ", &["EACCES"]),
-        ("connect_host_loopback", if r2 { &["EACCES", "EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
-        // Ring 2 allows this port (for 127.0.0.2): only the BPF address rule stops it.
-        ("connect_loopback_allowed_port", if r2 { &["EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
-        ("connect_unlisted_address_allowed_port", if r2 { &["EPERM"] } else { &["EACCES", "ECONNREFUSED"] }),
-        ("connect_metadata", &["EACCES", "EPERM", "ENETUNREACH"]),
-        ("connect_unlisted", &["EACCES", "ENETUNREACH"]),
+        // Both rings have a network namespace of their own: 127.0.0.1 is the agent's
+        // loopback, where nothing listens; the host's is out of reach by construction.
+        ("connect_host_loopback", &["ECONNREFUSED"]),
+        ("connect_loopback_allowed_port", &["ECONNREFUSED"]),
+        // Ring 2 allows this port (for the remote host's listed address): only the BPF
+        // address rule stops the unlisted address beside it.
+        ("connect_unlisted_address_allowed_port", if r2 { &["EPERM"] } else { &["ECONNREFUSED"] }),
+        ("connect_metadata", if r2 { &["EPERM"] } else { &["ENETUNREACH"] }),
+        ("connect_unlisted", if r2 { &["EPERM"] } else { &["ENETUNREACH"] }),
         // Ring 2: datagram sockets refused (seccomp); ring 3: no route out of its net ns.
         ("udp_egress", if r2 { &["EPERM"] } else { &["ENETUNREACH"] }),
         ("raw_socket", &["EPERM"]),
@@ -180,7 +197,8 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
         ("leave_cgroup_unified", &["ENOENT"]),
         ("open_by_handle_at", &["EPERM"]),
         ("name_to_handle_at", &["EPERM"]),
-        ("host_abstract_socket", if r2 { &["EPERM"] } else { &["EPERM", "ECONNREFUSED"] }),
+        // Abstract sockets are per network namespace: the host's name does not exist there.
+        ("host_abstract_socket", &["ECONNREFUSED"]),
         ("setns_host", &["EACCES", "EPERM"]),
         ("personality", &["EPERM"]),
         ("kernel_module", &["EPERM"]),
@@ -197,7 +215,7 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
 }
 
 fn battery(ring: u8) {
-    let mut fx = Fixture::new(&format!("r{ring}"));
+    let mut fx = Fixture::new(ring);
     let config = fx.config(ring);
     let mut cmd = Command::new(BIN);
     cmd.args(["exec", "--ring", &ring.to_string(), "--workspace"])
@@ -208,8 +226,8 @@ fn battery(ring: u8) {
         .arg(fx.workspace.join("suid-python"))
         .args(["--memory", "256M", "--pids", "64"])
         .env("AGT_JAIL_TEST_SECRET", SECRET_ENV);
-    if ring == 2 {
-        cmd.args(["--allow-connect", &format!("127.0.0.2:{}", fx.allowed_port)]);
+    if let Some((allowed, _, _)) = fx.allowed() {
+        cmd.args(["--allow-connect", &allowed]);
     } else {
         cmd.args(["--allow-exec", "/usr/bin/true"]);
     }

@@ -4,7 +4,8 @@
 Usage: escape.py CONFIG_JSON [NAME...]
 
 CONFIG_JSON (written by tests/jail_escape.rs) names the host facts an attempt needs:
-workspace, host_pid, host_port, allowed (host:port reachable by policy), secret_file,
+workspace, host_pid, host_port, allowed (host:port reachable by policy), allowed_port,
+unlisted_host (an address listening on allowed_port but not allow-listed), secret_file,
 visible_file, abstract (host abstract socket name), setuid_copy, foreign_exe (a binary
 outside the ring's exec allow-list), allowed_exe.
 
@@ -433,7 +434,7 @@ ATTEMPTS = {
     "read_init_environ": (lambda: read("/proc/1/environ"), lambda: read("/proc/self/environ")),
     "connect_host_loopback": (lambda: connect("127.0.0.1", CFG["host_port"]), lambda: CFG["allowed_connect"]()),
     "connect_loopback_allowed_port": (lambda: connect("127.0.0.1", CFG["allowed_port"]), lambda: CFG["allowed_connect"]()),
-    "connect_unlisted_address_allowed_port": (lambda: connect("127.0.0.3", CFG["allowed_port"]),
+    "connect_unlisted_address_allowed_port": (lambda: connect(CFG.get("unlisted_host", "127.0.0.3"), CFG["allowed_port"]),
                                               lambda: CFG["allowed_connect"]()),
     "connect_metadata": (lambda: connect("169.254.169.254", 80), lambda: CFG["allowed_connect"]()),
     "connect_unlisted": (lambda: connect("192.0.2.1", 443), lambda: CFG["allowed_connect"]()),

@@ -466,8 +466,9 @@ fn run_pipeline(setup: &Setup, opts: &Options) -> Result<Pipeline> {
         "--to".into(),
         "127.0.0.1".into(),
         "--to".into(),
-        // Not on the allow-list: the kernel denies it (EPERM) in the cgroup program.
-        "127.0.0.2".into(),
+        // Not on the allow-list: the kernel denies it (EPERM) in the cgroup program. (Not a
+        // loopback address: the agent's own loopback is always allowed in its namespace.)
+        "198.51.100.1".into(),
         "--threads".into(),
         opts.pipeline_threads.to_string(),
     ];
@@ -572,7 +573,7 @@ fn pipeline_section(p: &Pipeline, machine: &str) -> String {
         "## Event pipeline\n\n\
          Measured by `cargo xtask bench-enforce` (its pipeline run; `--pipeline-only` runs just this): a \
          governed ring-2 agent runs a connect loop on {threads} threads, alternating between an allowed \
-         loopback destination (refused, no listener) and 127.0.0.2, which is not on the allow-list and is \
+         loopback destination (refused, no listener) and 198.51.100.1, which is not on the allow-list and is \
          denied with EPERM in the cgroup connect program. `--deny-penalty 0` keeps the agent in ring 2 \
          (with the default penalty, a few dozen denials demote it to ring 3, where every connect is \
          denied). Every connect is one kernel event; the events file is then checked against what the \

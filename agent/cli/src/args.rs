@@ -27,10 +27,11 @@ Rings (profiles/ring0..3.yaml, built in; --profile FILE loads another):
 Rings 1-2 execute system binaries and what the agent builds (files in the workspace and in the
 paths given with --rw; never in the private /tmp). A profile's exec.workspace: false turns that
 off. Under --policy every exec still passes the policy's exec rules, budgets and approvals.
-Rings 1-3 run in new pid, mount, ipc, uts and cgroup namespaces (plus net with --net none),
-without capabilities, under Landlock and seccomp; the environment is scrubbed to PATH, HOME,
-TERM, LANG and what --env adds. A CMD without a slash is looked up in the PATH it runs with
-(the jail's, or --env PATH=), as a shell inside would.
+Rings 1-3 run in new pid, mount, ipc, uts, cgroup and net namespaces (loopback inside;
+allowlist egress leaves through a per-agent veth and the host's NAT), without capabilities,
+under Landlock and seccomp; the environment is scrubbed to PATH, HOME, TERM, LANG and what
+--env adds. A CMD without a slash is looked up in the PATH it runs with (the jail's, or
+--env PATH=), as a shell inside would.
 Flags that need rings 1-3: --workspace, --rw, --ro, --allow-exec, --allow-connect, --tty,
 --net none|allowlist. Flags can only narrow a ring: --net none|allowlist in rings 1-2 (and
 host with --policy, whose network rules then decide every connect), --net none in ring 3,
@@ -99,7 +100,8 @@ pub struct ExecArgs {
     #[arg(long = "allow-connect", value_name = "DEST", value_parser = Dest::parse)]
     pub allow_connect: Vec<Dest>,
 
-    /// Network: none (own namespace, loopback only), allowlist (TCP egress to --allow-connect only) or host.
+    /// Network: none (own namespace, loopback only), allowlist (own namespace with loopback and a veth
+    /// routed out through the host's NAT; TCP egress to --allow-connect only) or host.
     /// Default: the ring's (0 host, 1-2 allowlist, 3 none); it can only be narrowed (rings
     /// 1-2 take host with --policy: the policy's network rules decide every connect).
     #[arg(long, value_name = "MODE", value_parser = ["none", "allowlist", "host"])]

@@ -29,7 +29,9 @@ use std::{
 
 use agt_jail_jail::profile;
 use agt_jail_jail::{
-    cgroup, host, launch, mounts,
+    cgroup,
+    egress::Egress,
+    host, launch, mounts,
     pty::{copy_window_size, Pty, RawMode},
     spawn_in_cgroup_notified, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode,
     Profile, SpawnError, WorkspaceMode,
@@ -94,7 +96,15 @@ pub fn exit_status(result: Result<u8, Failure>) -> ExitCode {
 pub trait Governor {
     /// Loads and attaches what governs the agent, once its cgroup exists with its
     /// limits and before the command starts.
-    fn attach(&mut self, cgroup: &AgentCgroup, profile: &Profile, program: &Path) -> Result<()>;
+    /// `egress` is the agent's routed path out of its own network namespace (allowlist
+    /// mode), whose host end the agent must not reach unless listed.
+    fn attach(
+        &mut self,
+        cgroup: &AgentCgroup,
+        profile: &Profile,
+        program: &Path,
+        egress: Option<&Egress>,
+    ) -> Result<()>;
     /// The agent's end of the exec listener socket (the seccomp user-notification plane).
     fn exec_listener(&self) -> Option<RawFd>;
     /// What the agent's view gets besides its profile (known once attached).
@@ -117,7 +127,7 @@ pub trait Governor {
 pub struct Ungoverned;
 
 impl Governor for Ungoverned {
-    fn attach(&mut self, _: &AgentCgroup, _: &Profile, _: &Path) -> Result<()> {
+    fn attach(&mut self, _: &AgentCgroup, _: &Profile, _: &Path, _: Option<&Egress>) -> Result<()> {
         Ok(())
     }
 
@@ -417,6 +427,16 @@ pub fn execute<G: Governor>(
     let mut agent_cgroup = None;
     let mut cgroup_v1 = Vec::new();
     let mut stale_sweep = None;
+    // Allowlist mode: the agent's own network namespace gets a routed path out. A host
+    // that cannot give one refuses the run; the host network is never the fallback.
+    let egress = if root && profile.confine && profile.net == NetMode::Allowlist {
+        Some(
+            Egress::create(Path::new("/proc"), Path::new("/sys/class/net"), true)
+                .map_err(|e| Failure::Launch(e.into()))?,
+        )
+    } else {
+        None
+    };
     if root {
         let layout = CgroupLayout::detect(Path::new("/proc/self/mountinfo")).context("cannot find cgroup v2")?;
         let limited =
@@ -439,7 +459,7 @@ pub fn execute<G: Governor>(
         } else {
             cgroup.apply_limits(&layout, &limits).context("cannot set the agent's limits")?;
         }
-        governor.attach(&cgroup, &profile, &program_path)?;
+        governor.attach(&cgroup, &profile, &program_path, egress.as_ref())?;
         agent_cgroup = Some(cgroup);
         stale_sweep = Some((parent, layout));
     } else {
@@ -480,6 +500,7 @@ pub fn execute<G: Governor>(
                 .as_ref()
                 .and_then(|p| std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).ok()),
             exec_notify,
+            egress: egress.as_ref().map(Egress::plan),
         };
         if let Some(pty) = &pty {
             pty.copy_size_from_stdin();

@@ -64,6 +64,8 @@ pub enum LaunchError {
     NotExecutable { program: String },
     #[error("cannot run {program}: {source}")]
     TooLarge { program: String, source: ExecSizeError },
+    #[error("cannot give the agent its own network with egress: {0}")]
+    Egress(#[from] crate::egress::EgressError),
 }
 
 impl LaunchError {
@@ -110,6 +112,9 @@ pub struct JailConfig {
     /// (`agt_jail_supervisor::exec_notify::ExecNotifier`) must be running before
     /// [`launch`] is called. The caller closes its copy after `launch` returns.
     pub exec_notify: Option<std::os::fd::RawFd>,
+    /// The routed path out of the jail's own network namespace (allowlist mode): the
+    /// namespace, made and configured by [`crate::egress::Egress`], which the init joins.
+    pub egress: Option<crate::egress::EgressPlan>,
 }
 
 /// What the jail will enforce on this host (for `exec` warnings and `doctor`).
@@ -193,6 +198,8 @@ struct Plan {
     op_names: Vec<String>,
     memfd_noexec: bool,
     net_ns: bool,
+    /// A network namespace made beforehand (allowlist egress) to join instead of a new one.
+    net_join: Option<libc::c_int>,
     uts_ns: bool,
     cwd: CString,
     landlock: Option<LandlockChild>,
@@ -364,12 +371,6 @@ pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> 
                 reason: "this kernel does not enforce Landlock (not built in or not in the active LSM list)".into(),
             });
         }
-        if profile.net == NetMode::Allowlist && abi < 4 {
-            return Err(LaunchError::Landlock {
-                ring: profile.ring,
-                reason: format!("network.mode allowlist needs Landlock ABI 4 for TCP rules (this kernel has ABI {abi}); use --net none"),
-            });
-        }
         if profile.scope_ipc && abi < 6 {
             unenforced.push(format!("Landlock ABI {abi} cannot scope signals and abstract unix sockets (needs 6)"));
         }
@@ -484,15 +485,12 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             execute.extend(workspace_exec_paths(p, cfg.workspace.as_deref()));
         }
         execute.extend(exec_paths.iter().cloned());
-        let connect_ports = match p.net {
-            NetMode::Host => None,
-            NetMode::None => Some(Vec::new()),
-            NetMode::Allowlist => Some(p.allow_connect.iter().map(|d| d.port).collect()),
-        };
-        let bind_ports = match p.net {
-            NetMode::Allowlist => Some(p.allow_bind.clone()),
-            _ => None,
-        };
+        // No TCP port rules: a confined jail's network is a namespace of its own, whose
+        // loopback is the agent's (port rules would only break servers and clients
+        // talking inside the jail) and whose every way out is decided by the cgroup BPF
+        // programs (address and port); the host network (ring 0, or --net host under a
+        // policy) is the policy's to decide.
+        let (connect_ports, bind_ports) = (None, None);
         let req = LandlockRequest {
             read: vec!["/".into()],
             write: write_paths,
@@ -552,7 +550,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         (p.pid_ns, libc::CLONE_NEWPID),
         (p.ipc_ns, libc::CLONE_NEWIPC),
         (p.uts_ns, libc::CLONE_NEWUTS),
-        (p.net == NetMode::None, libc::CLONE_NEWNET),
+        (p.net.own_namespace() && cfg.egress.is_none(), libc::CLONE_NEWNET),
         (cfg.rootless, libc::CLONE_NEWUSER),
     ] {
         if on {
@@ -586,7 +584,8 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         ops,
         op_names,
         memfd_noexec: p.pid_ns,
-        net_ns: p.net == NetMode::None,
+        net_ns: p.net.own_namespace(),
+        net_join: cfg.egress.map(|e| e.netns),
         uts_ns: p.uts_ns,
         cwd: path_c(&cwd)?,
         landlock,
@@ -826,6 +825,10 @@ fn child_init(plan: &Plan, report: libc::c_int, go: libc::c_int) -> ! {
     step!(report, Stage::Session, 0, sys::install_forwarding_handlers(&FORWARDED));
     // Die with agt-jail: if the supervisor is killed, the jail goes too.
     step!(report, Stage::Session, 1, sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0));
+    // Allowlist egress: the namespace agt-jail made, with the agent's end of the veth in it.
+    if let Some(netns) = plan.net_join {
+        step!(report, Stage::Loopback, 1, sys::setns_net_raw(netns));
+    }
     if plan.rootless {
         step!(report, Stage::UserMap, 0, sys::write_file(C_SETGROUPS, b"deny"));
         step!(report, Stage::UserMap, 1, sys::write_file(C_UID_MAP, &plan.uid_map));
@@ -1144,6 +1147,7 @@ mod tests {
             tty: None,
             tty_path: None,
             exec_notify: None,
+            egress: None,
         }
     }
 
@@ -1160,14 +1164,15 @@ mod tests {
         assert!(execs.contains(&"/bin/true".to_string()), "{execs:?}");
         assert!(!execs.contains(&"/usr".to_string()), "{execs:?}");
         assert_ne!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
-        assert_eq!(l.plan.handled_net, landlock::net::CONNECT_TCP);
+        assert_eq!(l.plan.handled_net, 0, "its own loopback is not narrowed to ports");
         assert!(plan.seccomp.is_some());
     }
 
     #[test]
-    fn ring2_plan_execs_system_and_shares_the_network() {
+    fn ring2_plan_execs_system_in_a_network_namespace_of_its_own() {
         let plan = build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap();
-        assert_eq!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
+        assert_ne!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
+        assert!(plan.net_ns, "lo comes up in the jail's init");
         let l = plan.landlock.unwrap();
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/usr" && a & landlock::fs::EXECUTE != 0));
         assert!(l.paths.iter().any(|(p, a)| p.as_bytes() == b"/tmp" && a & landlock::fs::WRITE_FILE != 0));

@@ -3,10 +3,12 @@
 //! and auditable. All raw syscalls go through [`sys`] (private).
 
 pub mod cgroup;
+pub mod egress;
 pub mod exec_size;
 pub mod landlock;
 pub mod launch;
 pub mod mounts;
+mod netlink;
 pub mod profile;
 pub mod pty;
 pub mod seccomp;
@@ -45,6 +47,11 @@ pub mod host {
     /// Whether seccomp filters can be installed.
     pub fn seccomp_available() -> bool {
         sys::seccomp_available()
+    }
+
+    /// Every address on an interface of this process's network namespace.
+    pub fn interface_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+        sys::interface_addresses()
     }
 
     /// `uname -r`.

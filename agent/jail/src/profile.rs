@@ -41,8 +41,9 @@ impl std::error::Error for ProfileError {}
 pub enum NetMode {
     /// Own network namespace with only loopback.
     None,
-    /// Host network; TCP connect only to the listed ports (Landlock) and never to
-    /// host loopback or the metadata address (BPF).
+    /// Own network namespace with loopback and a routed path out (veth + NAT on the
+    /// host); every connect and datagram is decided by the cgroup BPF programs: only
+    /// allow-listed destinations, never the host's own addresses or the metadata service.
     Allowlist,
     /// Host network, unrestricted.
     Host,
@@ -65,6 +66,13 @@ impl NetMode {
             NetMode::Allowlist => "allowlist",
             NetMode::Host => "host",
         }
+    }
+
+    /// Whether the jail gets a network namespace of its own. There the namespace is the
+    /// boundary (its loopback is the agent's own, nothing else is reachable but what
+    /// is routed into it), so Landlock's TCP port rules are not used.
+    pub fn own_namespace(self) -> bool {
+        self != NetMode::Host
     }
 
     /// The modes a ring may have: never a network wider than the ring stands for
@@ -168,7 +176,6 @@ pub struct Profile {
     pub cgroup_ns: bool,
     pub net: NetMode,
     pub allow_connect: Vec<Dest>,
-    pub allow_bind: Vec<u16>,
     /// In allowlist mode: whether IPv4/IPv6 datagram sockets (UDP, so DNS) are allowed.
     /// They bypass the TCP-only allow-list, so the default is no.
     pub allow_udp: bool,
@@ -428,7 +435,6 @@ impl Profile {
             cgroup_ns: confine,
             net: if confine { NetMode::None } else { NetMode::Host },
             allow_connect: Vec::new(),
-            allow_bind: Vec::new(),
             allow_udp: false,
             system: Vec::new(),
             workspace: if ring == 3 { WorkspaceMode::Scratch } else { WorkspaceMode::Rw },
@@ -494,13 +500,14 @@ impl Profile {
                             p.allow_connect.push(Dest::parse(&d).map_err(|m| cx.err(pos, m))?);
                         }
                     }
+                    // Refused, not ignored: the port rules it held were Landlock's, and a
+                    // confined agent now binds in a network namespace of its own.
                     _ => {
-                        for (port, pos) in cx.strings(value, "network.allow_bind")? {
-                            match port.parse::<u16>() {
-                                Ok(n) if n > 0 => p.allow_bind.push(n),
-                                _ => return Err(cx.err(pos, format!("allow_bind '{port}' is not a TCP port"))),
-                            }
-                        }
+                        return Err(cx.err(
+                            value.pos,
+                            "network.allow_bind is no longer a setting: a confined agent binds any port in its own \
+                             network namespace (docs/adr/0009-agent-network-veth-nat.md)",
+                        ))
                     }
                 }
             }
@@ -761,6 +768,13 @@ mod tests {
         assert!(err("ring: 2\nnetwork: {mode: allowlist}\nnamespaces: [pid, mount, net]\n").contains("net namespace"));
         assert!(err("ring: [\n").starts_with("p.yaml:"));
         assert!(err("").contains("must be a mapping"));
+    }
+
+    #[test]
+    fn allow_bind_is_refused_with_its_location_not_ignored() {
+        let err = Profile::parse("ring: 2\nnetwork:\n  mode: allowlist\n  allow_bind: [8080]\n", "p.yaml").unwrap_err();
+        assert_eq!(err.pos.line, 4, "{err}");
+        assert!(err.message.contains("network.allow_bind is no longer a setting"), "{err}");
     }
 
     #[test]

@@ -675,3 +675,64 @@ pub fn gettid() -> libc::pid_t {
     // SAFETY: no arguments, cannot fail.
     unsafe { libc::gettid() }
 }
+
+/// A netlink socket of `protocol` (NETLINK_ROUTE, NETLINK_NETFILTER), close-on-exec, in
+/// the calling thread's network namespace. Written to with `write(2)`, it talks to the
+/// kernel (the default destination of an unconnected netlink socket).
+pub fn netlink_socket(protocol: libc::c_int) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: socket(2) with integer arguments; the new descriptor is handed to `owned`.
+    let fd = check(unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) })?;
+    Ok(owned(fd))
+}
+
+/// Moves the calling thread into the network namespace `fd` refers to. Only this thread
+/// changes namespace; sockets it creates afterwards belong to that namespace.
+pub fn setns_net(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    setns_net_raw(fd.as_raw_fd())
+}
+
+/// [`setns_net`] on a raw descriptor the caller keeps open. Child-safe.
+pub fn setns_net_raw(fd: libc::c_int) -> io::Result<()> {
+    // SAFETY: setns(2) with integer arguments; no memory is passed.
+    check(unsafe { libc::setns(fd, libc::CLONE_NEWNET) }).map(|_| ())
+}
+
+/// The index of network interface `name` in the calling thread's network namespace.
+pub fn if_index(name: &CStr) -> io::Result<u32> {
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        index => Ok(index),
+    }
+}
+
+/// Every address configured on an interface of the calling thread's network namespace.
+pub fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut head: *mut libc::ifaddrs = ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `head`, freed below with freeifaddrs.
+    check(unsafe { libc::getifaddrs(&mut head) })?;
+    let mut found = Vec::new();
+    let mut entry = head;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs returned, not yet freed.
+        let node = unsafe { &*entry };
+        if !node.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family says which struct it is.
+            let family = libc::c_int::from(unsafe { (*node.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: the family is AF_INET, so the storage is a sockaddr_in.
+                let sin = unsafe { &*node.ifa_addr.cast::<libc::sockaddr_in>() };
+                found.push(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: the family is AF_INET6, so the storage is a sockaddr_in6.
+                let sin6 = unsafe { &*node.ifa_addr.cast::<libc::sockaddr_in6>() };
+                found.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+            }
+        }
+        entry = node.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; no node is used afterwards.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
+}

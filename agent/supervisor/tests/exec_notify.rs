@@ -517,6 +517,7 @@ fn the_jail_ring3_path_asks_before_the_entry_command_runs() {
             tty: None,
             tty_path: None,
             exec_notify: rig.child_end.as_ref().map(|s| s.as_raw_fd()),
+            egress: None,
         };
         let started = launch::launch(&cfg, &enforcement);
         rig.child_end = None;

@@ -196,3 +196,68 @@ pub fn which(name: &str) -> PathBuf {
         .find(|path| path.exists())
         .unwrap_or_else(|| panic!("no {name} in /usr/bin, /bin, /usr/sbin, /sbin"))
 }
+
+/// A host in a network namespace of its own behind a veth, as a remote server is to an
+/// agent: the agent's traffic reaches it only through the host's forwarding and NAT (it
+/// has no route back to the agents' range). It has two addresses, [`RemoteHost::LISTED`]
+/// and [`RemoteHost::UNLISTED`], and one TCP server on both that greets and closes.
+/// Removed on drop. Built with `ip` (iproute2), which only the tests use.
+pub struct RemoteHost {
+    name: String,
+    server: std::process::Child,
+    pub port: u16,
+}
+
+impl RemoteHost {
+    /// The host's end of the link (a host address, never reachable from an agent).
+    pub const GATEWAY: &'static str = "203.0.113.1";
+    pub const LISTED: &'static str = "203.0.113.2";
+    pub const UNLISTED: &'static str = "203.0.113.3";
+
+    /// `tag` keeps concurrent fixtures of different tests apart (at most 5 characters).
+    pub fn start(tag: &str) -> Self {
+        use std::{
+            io::BufRead,
+            process::{Command, Stdio},
+        };
+        let name = format!("agtt{tag}{}", std::process::id() % 100_000);
+        let ip_cmd = which("ip");
+        let ip = |args: &[&str]| {
+            let status = Command::new(&ip_cmd).args(args).status().unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let host_end = format!("{name}h");
+        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name]);
+        ip(&["addr", "add", &format!("{}/29", Self::GATEWAY), "dev", &host_end]);
+        ip(&["link", "set", &host_end, "up"]);
+        for addr in [Self::LISTED, Self::UNLISTED] {
+            ip(&["-n", &name, "addr", "add", &format!("{addr}/29"), "dev", "eth0"]);
+        }
+        ip(&["-n", &name, "link", "set", "eth0", "up"]);
+        let script = "import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 0))\ns.listen(64)\n\
+                      print(s.getsockname()[1], flush=True)\nwhile True:\n    c, a = s.accept()\n    \
+                      c.sendall(b'hello')\n    c.close()\n";
+        let mut server = Command::new(&ip_cmd)
+            .args(["netns", "exec", &name])
+            .arg(which("python3"))
+            .args(["-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the remote server: {e}"));
+        let mut line = String::new();
+        if let Some(out) = server.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("the remote server gave no port: {line:?}"));
+        Self { name, server, port }
+    }
+}
+
+impl Drop for RemoteHost {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new(which("ip")).args(["netns", "del", &self.name]).status();
+    }
+}

@@ -1,10 +1,14 @@
 //! `agt-jail doctor`: what this host's kernel offers and what each ring will and will
 //! not enforce here. Every check is read-only, except that as root it tries to load the
-//! BPF programs (and the BPF LSM program) to learn whether the kernel accepts them.
+//! BPF programs (and the BPF LSM program) to learn whether the kernel accepts them, and
+//! builds (then removes) one agent's veth pair and NAT table to learn whether rings 1-2
+//! can have their routed path out.
 use std::{path::Path, process::ExitCode};
 
 use agt_jail_ebpf_loader::{lsm::ExecLsm, AgentPrograms};
-use agt_jail_jail::{cgroup::Placement, host, seccomp, CgroupLayout, NetMode, Profile, WorkspaceMode};
+use agt_jail_jail::{
+    cgroup::Placement, egress, egress::Egress, host, seccomp, CgroupLayout, NetMode, Profile, WorkspaceMode,
+};
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -24,6 +28,10 @@ struct Facts {
     btf: bool,
     bpf_programs: Result<(), String>,
     bpf_lsm: Result<(), String>,
+    /// Whether an agent's veth pair and NAT rule can be made here (rings 1-2).
+    egress: Result<(), String>,
+    /// /proc/sys/net/ipv4/ip_forward as found.
+    forwarding: Option<bool>,
     root: bool,
 }
 
@@ -55,7 +63,14 @@ fn gather() -> Facts {
     } else {
         (Err("not checked (needs root)".into()), Err("not checked (needs root)".into()))
     };
+    let egress = if root {
+        Egress::create(Path::new("/proc"), Path::new("/sys/class/net"), false).map(drop).map_err(|e| e.to_string())
+    } else {
+        Err("not checked (needs root)".into())
+    };
     Facts {
+        egress,
+        forwarding: std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok().map(|v| v.trim() == "1"),
         kernel: host::kernel_release(),
         landlock_abi: host::landlock_abi(),
         seccomp: host::seccomp_available(),
@@ -112,8 +127,18 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
         return (on, off);
     }
     on.push("pid, mount, ipc, uts, cgroup namespaces; pivot_root view; private /tmp, /proc, /dev".into());
-    if profile.net == NetMode::None {
-        on.push("own network namespace with loopback only".into());
+    match profile.net {
+        NetMode::None => on.push("own network namespace with loopback only; host abstract unix sockets out of reach".into()),
+        NetMode::Allowlist => match &facts.egress {
+            Ok(()) => on.push(format!(
+                "own network namespace: loopback, a veth with a /30 of {}/{} routed out through an nf_tables masquerade; \
+                 host abstract unix sockets and host loopback out of reach",
+                egress::RANGE.0,
+                egress::RANGE.1
+            )),
+            Err(e) => off.push(format!("own network namespace with egress: {e}: ring refuses to start")),
+        },
+        NetMode::Host => {}
     }
     on.push("no capabilities (bounding, ambient, effective), securebits locked, no_new_privs".into());
     if facts.seccomp {
@@ -134,21 +159,27 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
             (false, false) => "the entry command only",
         };
         on.push(format!("Landlock ABI {abi}: writes only to the workspace and /tmp, exec of {exec}"));
-        match profile.net {
-            NetMode::Allowlist if abi >= 4 => on.push(
-                "TCP connect only to allow-listed ports (Landlock) and addresses (BPF allow-list), never to host loopback or metadata".into(),
-            ),
-            NetMode::Allowlist => off.push("TCP allow-list needs Landlock ABI 4: ring refuses to start".into()),
-            NetMode::None if abi >= 4 => on.push("no TCP connect at all (Landlock)".into()),
-            _ => {}
-        }
         if abi >= 6 {
             on.push("signals and abstract unix sockets scoped to the jail (Landlock ABI 6)".into());
         } else {
-            off.push(format!("signal/abstract-socket scoping needs Landlock ABI 6 (have {abi})"));
+            off.push(format!(
+                "signal scoping needs Landlock ABI 6 (have {abi}); the host's abstract unix sockets are out of reach anyway (own network namespace)"
+            ));
         }
     }
     if profile.net == NetMode::Allowlist {
+        on.push(
+            "TCP connect only to allow-listed addresses and ports (BPF allow-list, any Landlock ABI), never to the host's own \
+             addresses (the veth gateway included) or metadata"
+                .into(),
+        );
+        if facts.forwarding == Some(false) {
+            off.push(
+                "IPv4 forwarding is off: agt-jail turns it on (net.ipv4.ip_forward=1) at the first allowlist run"
+                    .into(),
+            );
+        }
+        off.push("egress is IPv4 only: the agent's namespace has no IPv6 route out".into());
         off.push("allow-list entries are addresses and CIDRs; host names are not resolved".into());
         if profile.allow_udp {
             off.push("UDP egress is not filtered (network.allow_udp: true)".into());
@@ -191,6 +222,8 @@ pub fn run(args: DoctorArgs) -> ExitCode {
             "btf": facts.btf,
             "bpf_programs": facts.bpf_programs.clone().err().unwrap_or_else(|| "load".into()),
             "bpf_lsm": facts.bpf_lsm.clone().err().unwrap_or_else(|| "loads".into()),
+            "egress": facts.egress.clone().err().unwrap_or_else(|| "veth + nf_tables masquerade".into()),
+            "ip_forward": facts.forwarding,
             "rings": rings,
         });
         println!("{json}");
@@ -239,6 +272,13 @@ pub fn run(args: DoctorArgs) -> ExitCode {
         match &facts.bpf_lsm {
             Ok(()) => "loads (Tier A)".to_string(),
             Err(e) => format!("refused or absent: Tier B ({e})"),
+        }
+    );
+    println!(
+        "agent egress      {}",
+        match &facts.egress {
+            Ok(()) => format!("veth + nf_tables masquerade, /30s from {}/{}", egress::RANGE.0, egress::RANGE.1),
+            Err(e) => e.clone(),
         }
     );
     for ring in 0..4 {

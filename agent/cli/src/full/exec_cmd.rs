@@ -24,7 +24,7 @@ use agt_jail_cli::{
     run::{self, Governor, Prepared},
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader, TaskFactsMap};
-use agt_jail_jail::{cgroup::CgroupLayout, AgentCgroup, NetMode, Profile};
+use agt_jail_jail::{cgroup::CgroupLayout, egress::Egress, profile::Dest, AgentCgroup, NetMode, Profile};
 use agt_jail_policy::plan::Plan;
 use agt_jail_supervisor::{
     evaluator::Evaluator,
@@ -100,12 +100,19 @@ impl<'a> Governed<'a> {
 
     /// The BPF programs for the agent's cgroup, with the policy's tables, connect rules
     /// and allow-list installed, attached before the agent exists.
-    fn load_programs(&mut self, cgroup: &AgentCgroup, profile: &Profile) -> Result<Option<Plan>> {
+    fn load_programs(
+        &mut self,
+        cgroup: &AgentCgroup,
+        profile: &Profile,
+        egress: Option<&Egress>,
+    ) -> Result<Option<Plan>> {
         let args = self.args;
         let mut rules: Vec<ConnectRule> =
             args.deny_connect.iter().map(|dest| ConnectRule::new(dest.addr, dest.port)).collect();
         if profile.confine && profile.net == NetMode::Allowlist {
-            rules.extend(allowlist_denies(profile));
+            let gateway = egress.map(|e| IpAddr::V4(e.gateway()));
+            let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
+            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied()));
         }
         // Loading the BPF object costs ~90 ms per run: only for the runs that need it.
         let allowlist = profile.confine && profile.net == NetMode::Allowlist;
@@ -137,9 +144,9 @@ impl<'a> Governed<'a> {
             programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
         }
         if allowlist {
-            // Landlock narrows TCP connects to the listed ports; this narrows them to
-            // the listed addresses (CIDR + port), decided in the kernel per connect.
-            for dest in &profile.allow_connect {
+            // The allow-list (CIDR + port), decided in the kernel per connect. Loopback
+            // in the agent's own namespace is its own: always allowed.
+            for dest in own_loopback().iter().chain(&profile.allow_connect) {
                 let rule = AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port };
                 programs.allow_connect(agent_id, rule).context("cannot install an allow-list entry")?;
             }
@@ -297,8 +304,14 @@ impl TaskSource for KernelTasks {
 }
 
 impl Governor for Governed<'_> {
-    fn attach(&mut self, cgroup: &AgentCgroup, profile: &Profile, program: &Path) -> Result<()> {
-        let plan = self.load_programs(cgroup, profile)?;
+    fn attach(
+        &mut self,
+        cgroup: &AgentCgroup,
+        profile: &Profile,
+        program: &Path,
+        egress: Option<&Egress>,
+    ) -> Result<()> {
+        let plan = self.load_programs(cgroup, profile, egress)?;
         self.start_governance(cgroup, profile, program, plan)?;
         self.start_pump()?;
         self.start_exec_plane(profile)
@@ -388,19 +401,33 @@ impl Governor for Governed<'_> {
     }
 }
 
-/// Destinations an allowlist-mode agent never reaches unless explicitly listed: host
-/// loopback (services of the host) and the cloud metadata service.
-fn allowlist_denies(profile: &Profile) -> Vec<ConnectRule> {
+/// Loopback of the agent's own network namespace (allowlist mode): its servers, not the host's.
+fn own_loopback() -> [Dest; 3] {
+    let dest = |addr: IpAddr, prefix| Dest { addr, prefix, port: 0 };
+    [
+        dest(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)), 8),
+        dest(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128),
+        dest(IpAddr::V6(std::net::Ipv4Addr::new(127, 0, 0, 0).to_ipv6_mapped()), 104),
+    ]
+}
+
+/// Destinations an allowlist-mode agent never reaches unless explicitly listed (even
+/// inside a listed range): the host's own addresses (`host`: the veth gateway and every
+/// other address of the host, whose services the gateway would route to), the
+/// unspecified addresses and the cloud metadata service.
+fn allowlist_denies(profile: &Profile, host: impl Iterator<Item = IpAddr>) -> Vec<ConnectRule> {
     let listed = |addr: IpAddr| {
         let host_prefix = if addr.is_ipv4() { 32 } else { 128 };
         profile.allow_connect.iter().any(|d| d.addr == addr && d.prefix == host_prefix)
     };
-    ["127.0.0.1", "::1", "169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::"]
-        .iter()
-        .filter_map(|a| a.parse::<IpAddr>().ok())
-        .filter(|a| !listed(*a))
-        .map(|a| ConnectRule::new(a, 0))
-        .collect()
+    let fixed = ["169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::"].iter().filter_map(|a| a.parse::<IpAddr>().ok());
+    let mut denied: Vec<IpAddr> = Vec::new();
+    for addr in fixed.chain(host.filter(|a| !a.is_loopback())) {
+        if !listed(addr) && !denied.contains(&addr) {
+            denied.push(addr);
+        }
+    }
+    denied.into_iter().map(|a| ConnectRule::new(a, 0)).collect()
 }
 
 /// Where events go: a JSON-lines file (or stdout) and the audit log, and, for denials, a
@@ -597,15 +624,25 @@ mod tests {
     }
 
     #[test]
-    fn allowlist_denies_loopback_and_metadata_unless_listed() {
+    fn allowlist_denies_the_host_gateway_and_metadata_unless_listed() {
         let mut profile = Profile::builtin(2).unwrap();
-        let denied: Vec<IpAddr> = allowlist_denies(&profile).iter().map(|r| r.addr).collect();
-        for addr in ["127.0.0.1", "::1", "169.254.169.254", "0.0.0.0"] {
-            assert!(denied.contains(&addr.parse().unwrap()), "{addr}");
+        let host: Vec<IpAddr> =
+            ["10.213.0.1", "192.0.2.2", "127.0.0.1", "::1", "192.0.2.2"].iter().map(|a| a.parse().unwrap()).collect();
+        let denied = |profile: &Profile| -> Vec<IpAddr> {
+            allowlist_denies(profile, host.iter().copied()).iter().map(|r| r.addr).collect()
+        };
+        let all = denied(&profile);
+        for addr in ["10.213.0.1", "192.0.2.2", "169.254.169.254", "0.0.0.0", "::"] {
+            assert!(all.contains(&addr.parse().unwrap()), "{addr}");
         }
-        profile.allow_connect.push(Dest::parse("127.0.0.1:8080").unwrap());
-        let denied: Vec<IpAddr> = allowlist_denies(&profile).iter().map(|r| r.addr).collect();
-        assert!(!denied.contains(&"127.0.0.1".parse().unwrap()));
-        assert!(denied.contains(&"169.254.169.254".parse().unwrap()));
+        // The agent's loopback is its own (allowed below), and each address is one rule.
+        assert!(!all.iter().any(IpAddr::is_loopback), "{all:?}");
+        assert_eq!(all.len(), 6, "{all:?}");
+        profile.allow_connect.push(Dest::parse("192.0.2.2:8080").unwrap());
+        let listed = denied(&profile);
+        assert!(!listed.contains(&"192.0.2.2".parse().unwrap()));
+        assert!(listed.contains(&"10.213.0.1".parse().unwrap()));
+        let own: Vec<(IpAddr, u8)> = own_loopback().iter().map(|d| (d.addr, d.prefix)).collect();
+        assert!(own.contains(&("127.0.0.0".parse().unwrap(), 8)) && own.contains(&("::1".parse().unwrap(), 128)));
     }
 }

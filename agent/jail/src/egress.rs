@@ -1,0 +1,522 @@
+//! The routed path out of an allowlist agent's own network namespace: a veth pair per
+//! agent, a /30 from [`RANGE`], a default route inside, and a masquerade rule on the host
+//! (docs/adr/0009). The cgroup connect/sendmsg programs still decide every destination.
+//!
+//! The agent's namespace is made here, before the jail exists, with its end of the pair
+//! created right in it and configured; the jail's init joins it. Names carry the slot,
+//! so state a killed agt-jail left behind never blocks the next run: a slot whose /30 is
+//! routed is taken (its veth still exists, or the host uses the range), the veth name is
+//! the reservation (creating it fails with EEXIST when another run won the race), and the
+//! NAT table of a slot is replaced, not added to. When the agent's namespace goes, the
+//! kernel deletes the pair with it; the guard deletes the table and lets go of the
+//! namespace when the run ends, error paths included.
+use std::{
+    ffi::CString,
+    io,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
+    path::Path,
+};
+
+use crate::{
+    netlink::{Message, Socket, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL},
+    sys,
+};
+
+/// The private range the agents' /30s come from (documented default).
+pub const RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 213, 0, 0), 16);
+/// The interface name inside the agent's namespace.
+pub const INSIDE_NAME: &str = "eth0";
+const HOST_PREFIX: &str = "agtj";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("no free /30 in {0}/{1}: every slot is in use or the host routes overlap the range")]
+    NoSlot(Ipv4Addr, u8),
+    #[error("cannot read the host's routes ({path}): {source}")]
+    Routes { path: String, source: io::Error },
+    #[error("cannot {step}: {source}")]
+    Netlink { step: String, source: io::Error },
+}
+
+fn netlink_err(step: impl Into<String>) -> impl FnOnce(io::Error) -> EgressError {
+    let step = step.into();
+    move |source| EgressError::Netlink { step, source }
+}
+
+/// One agent's /30: network, host end (the gateway), agent end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub index: u32,
+    pub network: Ipv4Addr,
+}
+
+impl Slot {
+    pub fn gateway(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+    pub fn agent(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 2)
+    }
+    pub fn host_name(self) -> String {
+        format!("{HOST_PREFIX}{}", self.index)
+    }
+    pub fn table_name(self) -> String {
+        table_name(self.index)
+    }
+}
+
+fn table_name(slot: u32) -> String {
+    format!("agt-jail-{slot}")
+}
+
+/// IPv4 routes of `/proc/net/route` as (network, prefix length); default routes left out
+/// (they overlap everything and say nothing about the range).
+pub fn parse_routes(text: &str) -> Vec<(Ipv4Addr, u8)> {
+    let hex = |field: &str| u32::from_str_radix(field, 16).ok().map(|v| Ipv4Addr::from(v.to_ne_bytes()));
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (dest, mask) = (hex(fields.get(1)?)?, hex(fields.get(7)?)?);
+            let prefix = u32::from(mask).leading_ones() as u8;
+            (prefix > 0).then_some((dest, prefix))
+        })
+        .collect()
+}
+
+const ALIAS_PREFIX: &str = "agt-jail owner ";
+
+fn owner_alias(owner: u32) -> String {
+    format!("{ALIAS_PREFIX}{owner}")
+}
+
+/// The slot of a host-end name (`agtj12` → 12); peers and other names are not slots.
+pub fn slot_of(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix(HOST_PREFIX)?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
+/// The owner a host end's alias names (`/sys/class/net/NAME/ifalias`).
+pub fn owner_of(alias: &str) -> Option<u32> {
+    alias.trim().strip_prefix(ALIAS_PREFIX)?.parse().ok()
+}
+
+/// Host ends whose owner (the agt-jail that made them) is gone: `(name, slot)`. A run
+/// killed before its jail took the peer leaves a pair no namespace teardown removes.
+pub fn stale_links(sys_net: &Path, proc_root: &Path) -> Vec<(String, u32)> {
+    let Ok(entries) = std::fs::read_dir(sys_net) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let slot = slot_of(&name)?;
+            let owner = owner_of(&std::fs::read_to_string(entry.path().join("ifalias")).ok()?)?;
+            (!proc_root.join(owner.to_string()).exists()).then_some((name, slot))
+        })
+        .collect()
+}
+
+fn overlaps(a: (Ipv4Addr, u8), b: (Ipv4Addr, u8)) -> bool {
+    let shorter = a.1.min(b.1);
+    let mask = if shorter == 0 { 0 } else { u32::MAX << (32 - u32::from(shorter)) };
+    u32::from(a.0) & mask == u32::from(b.0) & mask
+}
+
+/// The free slots of `range` (in order), given the routes and addresses the host has.
+pub fn free_slots<'a>(
+    range: (Ipv4Addr, u8),
+    routes: &'a [(Ipv4Addr, u8)],
+    addresses: &'a [IpAddr],
+) -> impl Iterator<Item = Slot> + 'a {
+    let count = 1u32 << (30 - u32::from(range.1.min(30)));
+    let base = u32::from(range.0) & (u32::MAX.checked_shl(32 - u32::from(range.1)).unwrap_or(0));
+    (0..count).map(move |index| Slot { index, network: Ipv4Addr::from(base + index * 4) }).filter(move |slot| {
+        let net = (slot.network, 30);
+        !routes.iter().any(|r| overlaps(*r, net))
+            && !addresses.iter().any(|a| matches!(a, IpAddr::V4(v4) if overlaps((*v4, 32), net)))
+    })
+}
+
+fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[0] = libc::AF_UNSPEC as u8;
+    m[4..8].copy_from_slice(&index.to_ne_bytes());
+    m[8..12].copy_from_slice(&flags.to_ne_bytes());
+    m[12..16].copy_from_slice(&change.to_ne_bytes());
+    m
+}
+
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_IFALIAS: u16 = 20;
+const IFLA_NET_NS_FD: u16 = 28;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const RTA_GATEWAY: u16 = 5;
+
+/// RTM_NEWLINK: the veth pair `host` (in the caller's namespace) / `peer` (created right
+/// in the namespace `peer_netns` refers to: no move, which would wait for an RCU grace
+/// period); fails with EEXIST when `host` exists (the name is the slot's reservation).
+pub fn new_veth(host: &str, peer: &str, peer_netns: RawFd) -> Message {
+    let mut msg = Message::new(libc::RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, &ifinfomsg(0, 0, 0));
+    msg.attr_str(IFLA_IFNAME, host).begin(IFLA_LINKINFO).attr_str(IFLA_INFO_KIND, "veth");
+    msg.begin(IFLA_INFO_DATA).begin(VETH_INFO_PEER).raw(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, peer);
+    msg.attr_u32(IFLA_NET_NS_FD, peer_netns as u32);
+    msg.end().end().end();
+    msg
+}
+
+/// RTM_NEWLINK: interface `index` up, with `alias` (the host end names its owner; a new
+/// link takes an alias only this way).
+pub fn link_up(index: u32, alias: Option<&str>) -> Message {
+    let up = libc::IFF_UP as u32;
+    let mut msg = Message::new(libc::RTM_NEWLINK, NLM_F_ACK, &ifinfomsg(index, up, up));
+    if let Some(alias) = alias {
+        msg.attr(IFLA_IFALIAS, alias.as_bytes());
+    }
+    msg
+}
+
+/// RTM_DELLINK of interface `name` (a veth takes its peer with it).
+pub fn del_link(name: &str) -> Message {
+    let mut msg = Message::new(libc::RTM_DELLINK, NLM_F_ACK, &ifinfomsg(0, 0, 0));
+    msg.attr_str(IFLA_IFNAME, name);
+    msg
+}
+
+/// RTM_NEWADDR: `addr/prefix` on interface `index`.
+pub fn new_addr(index: u32, addr: Ipv4Addr, prefix: u8) -> Message {
+    let mut header = [0u8; 8];
+    header[0] = libc::AF_INET as u8;
+    header[1] = prefix;
+    header[4..8].copy_from_slice(&index.to_ne_bytes());
+    let mut msg = Message::new(libc::RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, &header);
+    msg.attr(IFA_LOCAL, &addr.octets()).attr(IFA_ADDRESS, &addr.octets());
+    msg
+}
+
+/// RTM_NEWROUTE: the default route via `gateway` (the kernel finds the interface from the
+/// gateway's connected route).
+pub fn default_route(gateway: Ipv4Addr) -> Message {
+    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    let mut header = [0u8; 12];
+    header[0] = libc::AF_INET as u8;
+    header[4] = libc::RT_TABLE_MAIN;
+    header[5] = libc::RTPROT_BOOT;
+    header[6] = libc::RT_SCOPE_UNIVERSE;
+    header[7] = libc::RTN_UNICAST;
+    let mut msg = Message::new(libc::RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, &header);
+    msg.attr(RTA_GATEWAY, &gateway.octets());
+    msg
+}
+
+/// nf_tables messages for the masquerade rule.
+pub mod nft {
+    use super::*;
+
+    const SUBSYS: u16 = 10; // NFNL_SUBSYS_NFTABLES
+    const BATCH_BEGIN: u16 = 0x10;
+    const BATCH_END: u16 = 0x11;
+    const NEWTABLE: u16 = 0;
+    const DELTABLE: u16 = 2;
+    const NEWCHAIN: u16 = 3;
+    const NEWRULE: u16 = 6;
+    const DELRULE: u16 = 8;
+    const NFPROTO_IPV4: u8 = 2;
+    const NF_INET_POST_ROUTING: u32 = 4;
+    const NF_IP_PRI_NAT_SRC: u32 = 100;
+    const CHAIN: &str = "postrouting";
+
+    fn nfgenmsg(family: u8, res_id: u16) -> [u8; 4] {
+        let id = res_id.to_be_bytes();
+        [family, 0, id[0], id[1]]
+    }
+
+    fn msg(kind: u16, flags: u16) -> Message {
+        Message::new((SUBSYS << 8) | kind, flags, &nfgenmsg(NFPROTO_IPV4, 0))
+    }
+
+    /// A batch: nf_tables applies it whole or not at all.
+    fn batch(body: Vec<Message>) -> Vec<Message> {
+        let mut all = vec![Message::new(BATCH_BEGIN, 0, &nfgenmsg(libc::AF_UNSPEC as u8, SUBSYS))];
+        all.extend(body);
+        all.push(Message::new(BATCH_END, 0, &nfgenmsg(libc::AF_UNSPEC as u8, SUBSYS)));
+        all
+    }
+
+    fn table(kind: u16, flags: u16, name: &str) -> Message {
+        let mut m = msg(kind, flags);
+        m.attr_str(1, name); // NFTA_TABLE_NAME
+        m
+    }
+
+    /// `table ip NAME { chain postrouting { type nat hook postrouting priority srcnat;
+    /// ip saddr NET/30 masquerade } }`, replacing the rules of a table of that name a dead
+    /// run left (add table, add chain, flush chain, add rule). Not "add, delete, add" of
+    /// the table: a batch that destroys a hooked chain makes the socket's close wait for
+    /// an RCU grace period (~10 ms), and a flush of an empty chain destroys nothing.
+    pub fn masquerade(name: &str, network: Ipv4Addr, prefix: u8) -> Vec<Message> {
+        let mut chain = msg(NEWCHAIN, NLM_F_ACK | NLM_F_CREATE);
+        chain.attr_str(1, name).attr_str(3, CHAIN); // NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME
+        chain.begin(4).attr_be32(1, NF_INET_POST_ROUTING).attr_be32(2, NF_IP_PRI_NAT_SRC).end(); // NFTA_CHAIN_HOOK
+        chain.attr_str(7, "nat"); // NFTA_CHAIN_TYPE
+
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+        let mut rule = msg(NEWRULE, NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND);
+        rule.attr_str(1, name).attr_str(2, CHAIN); // NFTA_RULE_TABLE, NFTA_RULE_CHAIN
+        rule.begin(4); // NFTA_RULE_EXPRESSIONS
+                       // payload: reg1 = network header bytes 12..16 (the source address).
+        rule.begin(1).attr_str(1, "payload").begin(2);
+        rule.attr_be32(1, 1).attr_be32(2, 1).attr_be32(3, 12).attr_be32(4, 4).end().end();
+        // bitwise: reg1 &= mask.
+        rule.begin(1).attr_str(1, "bitwise").begin(2);
+        rule.attr_be32(1, 1).attr_be32(2, 1).attr_be32(3, 4);
+        rule.begin(4).attr(1, &mask.to_be_bytes()).end().begin(5).attr(1, &[0; 4]).end();
+        rule.end().end();
+        // cmp: reg1 == network.
+        rule.begin(1).attr_str(1, "cmp").begin(2);
+        rule.attr_be32(1, 1).attr_be32(2, 0).begin(3).attr(1, &network.octets()).end();
+        rule.end().end();
+        rule.begin(1).attr_str(1, "masq").end();
+        rule.end();
+
+        let mut flush = msg(DELRULE, NLM_F_ACK);
+        flush.attr_str(1, name).attr_str(2, CHAIN);
+        batch(vec![table(NEWTABLE, NLM_F_ACK | NLM_F_CREATE, name), chain, flush, rule])
+    }
+
+    /// Deletes table `name` with everything in it.
+    pub fn delete(name: &str) -> Vec<Message> {
+        batch(vec![table(DELTABLE, NLM_F_ACK, name)])
+    }
+}
+
+/// What the jail needs: the namespace to join, with its end of the pair already in it.
+#[derive(Clone, Copy, Debug)]
+pub struct EgressPlan {
+    pub slot: Slot,
+    /// The agent's network namespace (owned by [`Egress`]); the jail's init joins it
+    /// with setns(2) instead of making a new one.
+    pub netns: RawFd,
+}
+
+/// One agent's routed path: held for the agent's life, torn down on drop.
+#[derive(Debug)]
+pub struct Egress {
+    slot: Slot,
+    /// The agent's namespace: it holds the agent's end of the pair, so closing it (and the
+    /// jail's end) makes the kernel delete the pair.
+    netns: OwnedFd,
+    nat: bool,
+}
+
+/// Runs `work` on a thread of its own that entered `netns` (or a new namespace when
+/// None): only that thread changes namespace, and its sockets stay there when it ends.
+fn in_namespace<T: Send>(
+    netns: Option<BorrowedFd<'_>>,
+    work: impl FnOnce() -> Result<T, EgressError> + Send,
+) -> Result<T, EgressError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                match netns {
+                    Some(fd) => sys::setns_net(fd).map_err(netlink_err("enter the agent's network namespace"))?,
+                    None => sys::unshare(libc::CLONE_NEWNET).map_err(netlink_err("create a network namespace"))?,
+                }
+                work()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(netlink_err("set up the agent's network namespace")(io::ErrorKind::Other.into())))
+    })
+}
+
+fn index_of(name: &str) -> io::Result<u32> {
+    let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    sys::if_index(&c)
+}
+
+impl Egress {
+    /// Creates the agent's namespace and the pair (its end inside, named eth0, with its
+    /// address and default route; the host end with the gateway address), forwarding
+    /// (when `forward`: `doctor` probes without changing the host's switch) and the NAT
+    /// rule. `proc_root` is /proc (the host's routes, the forwarding switch), `sys_net`
+    /// /sys/class/net (the sweep).
+    pub fn create(proc_root: &Path, sys_net: &Path, forward: bool) -> Result<Self, EgressError> {
+        let mut route = Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
+        for (name, slot) in stale_links(sys_net, proc_root) {
+            let _ = route.transact(&[del_link(&name)]);
+            if let Ok(mut nf) = Socket::open(libc::NETLINK_NETFILTER) {
+                let _ = nf.transact(&nft::delete(&table_name(slot)));
+            }
+        }
+        let routes_path = proc_root.join("net/route");
+        let routes = std::fs::read_to_string(&routes_path)
+            .map_err(|source| EgressError::Routes { path: routes_path.display().to_string(), source })?;
+        let routes = parse_routes(&routes);
+        let addresses = sys::interface_addresses().map_err(netlink_err("list the host's addresses"))?;
+        let netns: OwnedFd = in_namespace(None, || {
+            std::fs::File::open("/proc/thread-self/ns/net")
+                .map(OwnedFd::from)
+                .map_err(netlink_err("open the new network namespace"))
+        })?;
+        let mut reserved = None;
+        for slot in free_slots(RANGE, &routes, &addresses) {
+            match route.transact(&[new_veth(&slot.host_name(), INSIDE_NAME, netns.as_raw_fd())]) {
+                Ok(()) => {
+                    reserved = Some(slot);
+                    break;
+                }
+                Err((_, e)) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err((_, e)) => return Err(netlink_err("create a veth pair (is veth available?)")(e)),
+            }
+        }
+        let slot = reserved.ok_or(EgressError::NoSlot(RANGE.0, RANGE.1))?;
+        // From here the guard undoes what exists when a later step fails.
+        let mut egress = Self { slot, netns, nat: false };
+        let host = index_of(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
+        route
+            .transact(&[link_up(host, Some(&owner_alias(std::process::id()))), new_addr(host, slot.gateway(), 30)])
+            .map_err(|(_, e)| netlink_err(format!("configure {}", slot.host_name()))(e))?;
+        in_namespace(Some(egress.netns.as_fd()), || {
+            let inside = index_of(INSIDE_NAME).map_err(netlink_err("find eth0 in the agent's namespace"))?;
+            let mut socket = Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
+            socket
+                .transact(&[new_addr(inside, slot.agent(), 30), link_up(inside, None), default_route(slot.gateway())])
+                .map_err(|(_, e)| netlink_err("configure eth0 in the agent's namespace")(e))
+        })?;
+        if forward {
+            std::fs::write(proc_root.join("sys/net/ipv4/ip_forward"), "1")
+                .map_err(netlink_err("turn on IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)"))?;
+        }
+        let mut nf = Socket::open(libc::NETLINK_NETFILTER).map_err(netlink_err("open a netfilter netlink socket"))?;
+        egress.nat = true;
+        nf.transact(&nft::masquerade(&slot.table_name(), slot.network, 30))
+            .map_err(|(_, e)| netlink_err("add the nf_tables masquerade rule (is nf_tables NAT available?)")(e))?;
+        Ok(egress)
+    }
+
+    pub fn plan(&self) -> EgressPlan {
+        EgressPlan { slot: self.slot, netns: self.netns.as_raw_fd() }
+    }
+
+    /// The host end's address: the agent's gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.slot.gateway()
+    }
+}
+
+impl Drop for Egress {
+    /// The NAT table goes now; the pair goes with the agent's namespace, which the kernel
+    /// tears down once this guard's descriptor and the jail are gone (deleting the link
+    /// here would wait for the same teardown, ~25 ms, on every run's exit).
+    fn drop(&mut self) {
+        if self.nat {
+            if let Ok(mut nf) = Socket::open(libc::NETLINK_NETFILTER) {
+                let _ = nf.transact(&nft::delete(&self.slot.table_name()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const ROUTES: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+        eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+        agtj0\t0000D50A\t00000000\t0001\t0\t0\t0\tFCFFFFFF\t0\t0\t0\n";
+
+    #[test]
+    fn routes_are_read_without_the_default_route() {
+        let routes = parse_routes(ROUTES);
+        assert_eq!(routes, vec![(Ipv4Addr::new(192, 0, 2, 0), 24), (Ipv4Addr::new(10, 213, 0, 0), 30)]);
+        assert!(parse_routes("header\ngarbage line\n\n").is_empty());
+    }
+
+    #[test]
+    fn slots_skip_routed_and_addressed_subnets() {
+        let routes = parse_routes(ROUTES);
+        let addresses = [IpAddr::V4(Ipv4Addr::new(10, 213, 0, 5))];
+        let slots: Vec<Slot> = free_slots(RANGE, &routes, &addresses).take(2).collect();
+        assert_eq!(slots[0], Slot { index: 2, network: Ipv4Addr::new(10, 213, 0, 8) });
+        assert_eq!(
+            (slots[0].gateway(), slots[0].agent()),
+            (Ipv4Addr::new(10, 213, 0, 9), Ipv4Addr::new(10, 213, 0, 10))
+        );
+        assert_eq!(slots[1].index, 3);
+        assert_eq!(free_slots(RANGE, &[], &[]).count(), 16384);
+        // A host route over the whole range leaves nothing.
+        assert_eq!(free_slots(RANGE, &[(Ipv4Addr::new(10, 0, 0, 0), 8)], &[]).count(), 0);
+        assert_eq!((slots[0].host_name(), slots[0].table_name()), ("agtj2".into(), "agt-jail-2".into()));
+    }
+
+    #[test]
+    fn the_veth_request_names_both_ends_and_the_kind() {
+        let bytes = new_veth("agtj3", "eth0", 7).bytes(1);
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("agtj3\0") && text.contains("eth0\0") && text.contains("veth\0"));
+        // IFLA_NET_NS_FD (28) = 7 inside the peer's part.
+        assert!(bytes.windows(8).any(|w| w == [8, 0, 28, 0, 7, 0, 0, 0]));
+        let up = link_up(9, Some(&owner_alias(4242))).bytes(1);
+        assert!(String::from_utf8_lossy(&up).contains("agt-jail owner 4242"), "the owner is named for the sweep");
+        assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), libc::RTM_NEWLINK);
+        let flags = u16::from_ne_bytes([bytes[6], bytes[7]]);
+        assert_ne!(flags & NLM_F_EXCL, 0, "the name is the reservation: an existing one must fail");
+    }
+
+    #[test]
+    fn links_of_dead_owners_are_stale_and_only_those() {
+        let root = tempfile::tempdir().unwrap();
+        let (net, proc_root) = (root.path().join("net"), root.path().join("proc"));
+        for (name, alias) in
+            [("agtj0", "agt-jail owner 10\n"), ("agtj1", "agt-jail owner 11\n"), ("agtj1p", ""), ("eth0", "")]
+        {
+            std::fs::create_dir_all(net.join(name)).unwrap();
+            std::fs::write(net.join(name).join("ifalias"), alias).unwrap();
+        }
+        std::fs::create_dir_all(proc_root.join("11")).unwrap();
+        assert_eq!(stale_links(&net, &proc_root), vec![("agtj0".to_string(), 0)]);
+        assert_eq!(
+            (slot_of("agtj12"), slot_of("agtj12p"), slot_of("agtj"), slot_of("eth0")),
+            (Some(12), None, None, None)
+        );
+        assert_eq!((owner_of("agt-jail owner 7\n"), owner_of("something else")), (Some(7), None));
+        assert!(stale_links(&root.path().join("missing"), &proc_root).is_empty());
+    }
+
+    #[test]
+    fn the_nat_batch_replaces_the_rules_and_masquerades_the_slot() {
+        let batch = nft::masquerade("agt-jail-2", Ipv4Addr::new(10, 213, 0, 8), 30);
+        let kinds: Vec<u16> = batch
+            .iter()
+            .map(|m| {
+                let b = m.bytes(0);
+                u16::from_ne_bytes([b[4], b[5]])
+            })
+            .collect();
+        assert_eq!(kinds, vec![0x10, 0xa00, 0xa03, 0xa08, 0xa06, 0x11]);
+        let rule = batch[4].bytes(0);
+        let text = String::from_utf8_lossy(&rule);
+        for needle in ["payload\0", "bitwise\0", "cmp\0", "masq\0", "postrouting\0"] {
+            assert!(text.contains(needle), "{needle}");
+        }
+        assert!(rule.windows(4).any(|w| w == [10, 213, 0, 8]) && rule.windows(4).any(|w| w == [255, 255, 255, 252]));
+        assert_eq!(nft::delete("agt-jail-2").len(), 3);
+    }
+
+    #[test]
+    fn the_agent_side_has_an_address_and_a_default_route() {
+        let addr = new_addr(2, Ipv4Addr::new(10, 213, 0, 10), 30).bytes(0);
+        assert_eq!(addr[17], 30, "prefix length in ifaddrmsg");
+        assert!(addr.windows(4).any(|w| w == [10, 213, 0, 10]));
+        let route = default_route(Ipv4Addr::new(10, 213, 0, 9)).bytes(0);
+        assert_eq!(route[17], 0, "dst_len 0: the default route");
+        assert!(route.windows(4).any(|w| w == [10, 213, 0, 9]));
+    }
+}
