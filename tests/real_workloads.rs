@@ -504,6 +504,49 @@ fn python_multiprocessing_pool_and_manager() {
 }
 
 /// 1 GiB (16,384 blocks of 64 KiB, each block its index repeated) written by Python.
+/// A web server in a process of its own on loopback, as dev servers, language servers
+/// and test runners talk to their own workers over TCP.
+const HTTP_SERVER: &str = "import functools, http.server
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory='site')
+handler.log_message = lambda *args: None
+httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+print(httpd.server_address[1], flush=True)
+httpd.serve_forever()
+";
+
+/// Its client: starts the server, fetches two pages and a missing one, stops it.
+const HTTP_CLIENT: &str = "import subprocess, sys, urllib.error, urllib.request
+server = subprocess.Popen([sys.executable, 'server.py'], stdout=subprocess.PIPE, text=True)
+port = int(server.stdout.readline())
+for name in ['index.html', 'data.txt', 'missing']:
+    try:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/{name}', timeout=10) as r:
+            print(name, r.status, r.read().decode().strip())
+    except urllib.error.HTTPError as e:
+        print(name, e.code)
+server.kill()
+server.wait()
+";
+
+#[test]
+fn a_loopback_web_server_and_its_client() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    if !programs(&["python3"]) {
+        return;
+    }
+    let fx = Fixture::new("http");
+    let prepare = |fx: &Fixture| {
+        fx.write("server.py", HTTP_SERVER);
+        fx.write("client.py", HTTP_CLIENT);
+        fx.write("site/index.html", "<p>jail</p>\n");
+        fx.write("site/data.txt", "42\n");
+    };
+    let case = Case::new("loopback http", &prepare, &["python3", "client.py"]);
+    let output = case.run_both(&fx);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_prints(case.name, &output, &["index.html 200 <p>jail</p>", "data.txt 200 42", "missing 404"]);
+}
+
 const GIB_WRITER: &str = "import sys
 out = sys.stdout.buffer
 for i in range(16384):
