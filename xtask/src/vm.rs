@@ -115,7 +115,8 @@ pub struct Options {
     /// Ask apt for the newest kernel packages even when kernels are cached.
     #[arg(long)]
     refresh: bool,
-    /// Also run the unit-test binaries (default: the integration tests, `[[test]]` targets).
+    /// Also run the unit-test binaries (default: the integration tests, `[[test]]` targets);
+    /// vm-tests/matrix places them under its `*` line.
     #[arg(long)]
     unit: bool,
     /// Run every built test on every kernel booted, not the selection of vm-tests/matrix.
