@@ -29,7 +29,8 @@
 //!    under TCG on the build machines, so the newest kernel runs every test that touches
 //!    the kernel and the older ones the jail suites that must hold everywhere. The
 //!    selection, each kernel's time by test target and every skip with its reason are in
-//!    the summary; a command-line filter narrows the selection, `--no-matrix` drops it.
+//!    the summary; a command-line filter narrows the selection (a kernel left with no
+//!    matching test is not booted), `--no-matrix` drops it.
 //! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries,
 //!    `agt-jail` and `agt-jail-full` at their host paths (tests find the binary through the
 //!    compile-time `CARGO_BIN_EXE_agt-jail`, and it finds `agt-jail-full` beside it), their shared libraries (ldd), the repository's
@@ -294,6 +295,33 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
     for selection in &selections {
         println!("vm-test: {}", selection.describe(built.tests.len()));
     }
+    // A filter may name tests that only some kernels run (`-- enforce_policy` with the
+    // default `--kernel all`): those kernels are not booted rather than failed for running
+    // nothing. Which tests match is known on the host from the binaries' own lists.
+    let (kernels, selections) = if opts.filter.is_empty() {
+        (kernels, selections)
+    } else {
+        let listed = list_tests(&built)?;
+        let mut kept = (Vec::new(), Vec::new());
+        for (kernel, selection) in kernels.into_iter().zip(selections) {
+            let matching = selection.matching(&built, &listed, &opts.filter);
+            if matching == 0 {
+                println!("vm-test: {}: none of its tests matches the filter; not booted", selection.series);
+            } else {
+                println!("vm-test: {}: {matching} of its tests match the filter", selection.series);
+                kept.0.push(kernel);
+                kept.1.push(selection);
+            }
+        }
+        if kept.0.is_empty() {
+            bail!(
+                "no test of the kernels chosen matches the filter {:?} (in their selection from {}; --no-matrix runs every test)",
+                opts.filter,
+                vm_matrix::PATH
+            );
+        }
+        kept
+    };
 
     // Per-run names: several people may run the VM suite from one checkout at once.
     let initrd = vm_dir.join(format!("initramfs-{}.cpio", std::process::id()));
@@ -817,6 +845,19 @@ impl KernelTests {
         )
     }
 
+    /// How many of this kernel's tests a command-line filter selects (`TARGET::NAME`
+    /// contains one of its strings, as the guest's init decides). `listed` holds each
+    /// binary's test names.
+    fn matching(&self, built: &Built, listed: &[Vec<String>], filter: &[String]) -> usize {
+        self.parts
+            .iter()
+            .flat_map(|(index, part)| {
+                listed[*index].iter().map(move |name| (part, format!("{}::{name}", built.tests[*index].target)))
+            })
+            .filter(|(part, full)| part.selects(full) && filter.iter().any(|f| full.contains(f.as_str())))
+            .count()
+    }
+
     /// Lines `TARGET PART PATH` for the guest's init: PART is `all` or the comma-separated
     /// `TARGET::NAME` prefixes (test names hold no commas; the path may hold spaces).
     fn init_list(&self, built: &Built) -> String {
@@ -832,6 +873,29 @@ impl KernelTests {
             })
             .collect()
     }
+}
+
+/// The test names of every built binary (`--list --format terse`, run on the host).
+fn list_tests(built: &Built) -> Result<Vec<Vec<String>>> {
+    built
+        .tests
+        .iter()
+        .map(|test| {
+            let out = Command::new(&test.path)
+                .args(["--list", "--format", "terse"])
+                .stderr(Stdio::null())
+                .output()
+                .with_context(|| format!("cannot run {} --list", test.path.display()))?;
+            if !out.status.success() {
+                bail!("{} --list failed with {}", test.path.display(), out.status);
+            }
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.strip_suffix(": test"))
+                .map(str::to_owned)
+                .collect())
+        })
+        .collect()
 }
 
 /// Each kernel's tests, from vm-tests/matrix (or all of them with `no_matrix`).
@@ -1619,6 +1683,15 @@ mod tests {
             "jail_escape all /t/jail escape-1\nexec_flags exec_flags::a,exec_flags::b /t/exec_flags-2\n"
         );
         assert_eq!(tests.describe(21), "6.1: 2 of 21 test binaries (1 of them in part) from vm-tests/matrix");
+        let listed = vec![
+            vec!["ring2_escape_battery".to_string(), "ring3_escape_battery".to_string()],
+            vec!["a_1".to_string(), "b".to_string(), "c".to_string()],
+        ];
+        let filter = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert_eq!(tests.matching(&built, &listed, &filter(&["ring2"])), 1);
+        assert_eq!(tests.matching(&built, &listed, &filter(&["exec_flags"])), 2);
+        assert_eq!(tests.matching(&built, &listed, &filter(&["exec_flags::c", "escape"])), 2);
+        assert_eq!(tests.matching(&built, &listed, &filter(&["nothing"])), 0);
     }
 
     #[test]

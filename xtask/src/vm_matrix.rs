@@ -53,6 +53,16 @@ pub enum Part {
     Tests(Vec<String>),
 }
 
+impl Part {
+    /// Whether the test `TARGET::NAME` is in this part.
+    pub fn selects(&self, full: &str) -> bool {
+        match self {
+            Part::Whole => true,
+            Part::Tests(prefixes) => prefixes.iter().any(|prefix| full.starts_with(prefix.as_str())),
+        }
+    }
+}
+
 impl Matrix {
     /// Parses the matrix; `series` are the kernels a line may name.
     pub fn parse(text: &str, series: &[&str]) -> Result<Self> {
@@ -170,7 +180,10 @@ mod tests {
         assert_eq!(m.part("6.1", "net_plane").unwrap(), None);
         assert_eq!(m.part("6.12", "policy").unwrap(), None);
         assert_eq!(m.part("6.12", "flags").unwrap(), Some(Part::Whole));
-        assert_eq!(m.part("6.1", "flags").unwrap(), Some(Part::Tests(vec!["flags::ring_0_limits".to_string()])));
+        let part = m.part("6.1", "flags").unwrap().unwrap();
+        assert_eq!(part, Part::Tests(vec!["flags::ring_0_limits".to_string()]));
+        assert!(part.selects("flags::ring_0_limits_hold") && !part.selects("flags::other"));
+        assert!(Part::Whole.selects("flags::other"));
         assert!(m.check_targets(&["jail_escape", "policy", "flags", "net_plane"]).is_ok());
         let stale = format!("{:#}", m.check_targets(&["jail_escape", "flags"]).unwrap_err());
         assert!(stale.contains(":4:") && stale.contains("`policy`"), "{stale}");
