@@ -59,7 +59,16 @@ export AGT_JAIL_HOST_KERNEL="$(cat "$CONF/host-kernel" 2>/dev/null)"
 TEST_TIMEOUT=$(cat "$CONF/test-timeout" 2>/dev/null || echo 300)
 cd "$(cat "$CONF/cwd" 2>/dev/null || echo /)" 2>/dev/null || cd /
 
-echo "AGT-VM-INIT kernel=$(uname -r) host=$AGT_JAIL_HOST_KERNEL lsm=$(cat /sys/kernel/security/lsm 2>/dev/null)"
+# This kernel's tests (vm-tests/matrix): the runner names the series on the command line
+# and writes one list per series. A line is `TARGET PART PATH`: PART is `all` or the
+# comma-separated TARGET::NAME prefixes of the tests selected in that binary.
+series=$(sed -n 's/.*agt_vm_series=\([^ ]*\).*/\1/p' /proc/cmdline 2>/dev/null)
+TESTS="$CONF/tests"
+if [ -n "$series" ] && [ -e "$CONF/tests-$series" ]; then
+    TESTS="$CONF/tests-$series"
+fi
+
+echo "AGT-VM-INIT kernel=$(uname -r) host=$AGT_JAIL_HOST_KERNEL lsm=$(cat /sys/kernel/security/lsm 2>/dev/null) tests=${TESTS##*/}"
 
 # True when TARGET::NAME contains any line of the filter file (or the file is empty).
 selected() {
@@ -71,10 +80,23 @@ selected() {
     return 1
 }
 
+# True when TARGET::NAME starts with one of the comma-separated prefixes in $2 (or $2 is
+# `all`: the whole binary is selected).
+in_part() {
+    [ "$2" = all ] && return 0
+    rest="$2,"
+    while [ -n "$rest" ]; do
+        prefix=${rest%%,*}
+        rest=${rest#*,}
+        case "$1" in "$prefix"*) return 0 ;; esac
+    done
+    return 1
+}
+
 pass=0
 fail=0
 skip=0
-while read -r target bin; do
+while read -r target part bin; do
     [ -z "$bin" ] && continue
     if ! "$bin" --list --format terse > /tmp/agt-vm-list 2>/tmp/agt-vm-list.err; then
         echo "AGT-VM-RESULT test=$target::--list status=fail reason=cannot-list"
@@ -86,6 +108,7 @@ while read -r target bin; do
     while IFS= read -r line; do
         case "$line" in *": test") name=${line%: test} ;; *) continue ;; esac
         full="$target::$name"
+        in_part "$full" "$part" || continue
         selected "$full" || continue
         if grep -qxF "$line" /tmp/agt-vm-ignored; then
             echo "AGT-VM-RESULT test=$full status=skip reason=ignored"
@@ -116,7 +139,7 @@ while read -r target bin; do
             fail=$((fail + 1))
         fi
     done < /tmp/agt-vm-list
-done < "$CONF/tests"
+done < "$TESTS"
 
 echo "AGT-VM-VERDICT pass=$pass fail=$fail skip=$skip"
 if [ "$$" = 1 ]; then

@@ -11,6 +11,7 @@ mod demo_agt;
 mod test;
 mod util;
 mod vm;
+mod vm_matrix;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "agt-jail developer tasks")]
@@ -28,7 +29,7 @@ enum Task {
     /// Show the main job (needs root): `demo agt` runs an AGT-governed agent, honest and compromised,
     /// with and without agt-jail; `demo` alone runs a jailed command whose denied connect is reported.
     Demo(demo::Options),
-    /// Boot Debian kernels (6.1, 6.12) in QEMU and run the test suite inside (Tier A).
+    /// Boot Debian kernels (5.10, 6.1, 6.12) in QEMU and run in each the tests vm-tests/matrix gives it (Tier A).
     VmTest(vm::Options),
     /// Measure jail start-up side by side with bubblewrap (needs root); --write updates docs/benchmarks.md.
     Bench(bench::Options),

@@ -15,7 +15,8 @@ use crate::util::{repo_root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Leave out the VM suite (Debian 6.1 and 6.12 under QEMU, Tier A).
+    /// Leave out the VM suite (Debian 5.10, 6.1 and 6.12 under QEMU, Tier A; each kernel
+    /// runs its tests from vm-tests/matrix).
     #[arg(long)]
     no_vm: bool,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -89,7 +90,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let host_skips = skipped.len() as u64;
 
     if !opts.no_vm {
-        println!("\n==> the suite again inside the test VM: Debian 6.1 and 6.12 with BPF LSM (Tier A)");
+        println!(
+            "\n==> the suite again inside the test VM: Debian 5.10, 6.1 and 6.12 with BPF LSM (Tier A), tests per kernel from vm-tests/matrix"
+        );
         match crate::vm::run_suite(&crate::vm::default_options()) {
             Ok(vm) => {
                 tally.vm_passed += vm.passed;

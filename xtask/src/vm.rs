@@ -1,29 +1,49 @@
 //! `cargo xtask vm-test`: boots Debian kernels in QEMU and runs the test suite inside.
 //!
 //! Some enforcement (BPF LSM, "Tier A") only exists on kernels the build machine may not
-//! offer, so the suite also runs in a VM on each kernel of a small matrix:
+//! offer, and the jail must hold on the kernels people run, so the suite also runs in a VM
+//! on each kernel of a small matrix: 5.10 (Debian 11), 6.1 (Debian 12) and 6.12 (Debian 12
+//! security/backports).
 //!
 //! 1. host packages: qemu-system-x86 and busybox-static are installed with apt when
 //!    missing (as root); nothing else is needed on the host.
-//! 2. kernels: the newest `linux-image-6.1.0-N-amd64-unsigned` (bookworm) and
+//! 2. kernels: the newest `linux-image-6.1.0-N-amd64-unsigned` (bookworm),
 //!    `linux-image-6.12.N+deb12-amd64-unsigned` (bookworm-security; on machines whose
 //!    archive lacks it, bookworm-backports is added once as
-//!    /etc/apt/sources.list.d/agt-jail-vm-backports.list) are fetched with
+//!    /etc/apt/sources.list.d/agt-jail-vm-backports.list) and
+//!    `linux-image-5.10.0-N-amd64-unsigned` (bullseye, bullseye-security) are fetched with
 //!    `apt-get download` and unpacked with `dpkg-deb -x` — never installed — and cached
 //!    under target/vm/kernels/PACKAGE_VERSION/. A cached kernel is used without asking
-//!    apt again unless `--refresh` is given.
+//!    apt again unless `--refresh` is given. Bullseye is an older release than the host's,
+//!    so it is not added to the host's sources (that would offer its packages to every
+//!    `apt-get install` on the machine): the runner keeps an apt of its own for it under
+//!    target/vm/apt/bullseye (sources.list, lists, cache; `apt-get -o Dir::...`), written
+//!    from the mirrors that serve the host's own release in /etc/apt (so a local mirror is
+//!    used), and updated once per run that needs it. apt still checks the archive's
+//!    signatures with Debian's keyring (which holds the older releases' keys); no root is
+//!    needed for it. Fetching a .deb straight from the pool was the alternative: it would
+//!    need the Packages index parsed and its signature checked by hand.
 //! 3. tests: `cargo test --no-run` builds the integration test binaries (with
 //!    `--unit` the unit tests too); their paths come from cargo's JSON messages.
+//!    vm-tests/matrix (vm_matrix.rs) says which of them each kernel runs: every guest runs
+//!    under TCG on the build machines, so the newest kernel runs every test that touches
+//!    the kernel and the older ones the jail suites that must hold everywhere. The
+//!    selection, each kernel's time by test target and every skip with its reason are in
+//!    the summary; a command-line filter narrows the selection (a kernel left with no
+//!    matching test is not booted), `--no-matrix` drops it.
 //! 4. initramfs: a static busybox, vm-tests/init.sh as /init, the test binaries,
 //!    `agt-jail` and `agt-jail-full` at their host paths (tests find the binary through the
 //!    compile-time `CARGO_BIN_EXE_agt-jail`, and it finds `agt-jail-full` beside it), their shared libraries (ldd), the repository's
 //!    policies/, profiles/, tests/probes/ and tests/policies/, the host programs listed in
 //!    vm-tests/guest-tools (bash for /dev/tcp, python3 for the escape probes) and the
-//!    directories in vm-tests/guest-trees (Python's standard library), and the host's
-//!    `uname -r`. Debug info is stripped to keep
-//!    it small. No kernel modules are needed: serial console, initramfs root, results
-//!    over the console.
-//! 5. QEMU: TCG (KVM only when a probe shows it runs guests), `lsm=...,bpf`, pure
+//!    directories in vm-tests/guest-trees (Python's standard library), one test list per
+//!    kernel (etc/agt-vm/tests-SERIES) and the host's `uname -r`. Debug info is stripped to
+//!    keep it small. No kernel modules are needed: serial console, initramfs root, results
+//!    over the console. The host's glibc travels with the binaries, so the bookworm-built
+//!    tests run on the bullseye kernel as on the others.
+//! 5. QEMU: TCG (KVM only when a probe shows it runs guests), `lsm=...,bpf` (a name the
+//!    kernel lacks is left out by the kernel: 5.10 predates Landlock and runs
+//!    lockdown,capability,bpf), `agt_vm_series=SERIES` for the init to pick its list, pure
 //!    cgroup v2. The init prints `AGT-VM-RESULT` lines and an `AGT-VM-VERDICT`; this
 //!    runner fails on any failed test, a missing verdict, a kernel panic or a timeout,
 //!    and then prints the tail of the guest console (the whole console is kept in
@@ -41,7 +61,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{is_root, output, repo_root};
+use crate::{
+    util::{is_root, output, repo_root},
+    vm_matrix::{self, Matrix, Part},
+};
 
 /// The kernel command line's LSM order: BPF LSM active next to Landlock.
 const LSM: &str = "lockdown,capability,landlock,bpf";
@@ -50,6 +73,8 @@ const CONSOLE_TAIL: usize = 80;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KernelChoice {
+    #[value(name = "5.10")]
+    V5_10,
     #[value(name = "6.1")]
     V6_1,
     #[value(name = "6.12")]
@@ -91,13 +116,18 @@ pub struct Options {
     /// Ask apt for the newest kernel packages even when kernels are cached.
     #[arg(long)]
     refresh: bool,
-    /// Also run the unit-test binaries (default: the integration tests, `[[test]]` targets).
+    /// Also run the unit-test binaries (default: the integration tests, `[[test]]` targets);
+    /// vm-tests/matrix places them under its `*` line.
     #[arg(long)]
     unit: bool,
+    /// Run every built test on every kernel booted, not the selection of vm-tests/matrix.
+    #[arg(long)]
+    no_matrix: bool,
     /// Print the whole guest console, not only the result lines.
     #[arg(long, short)]
     verbose: bool,
-    /// Run only tests whose `TARGET::NAME` contains one of these strings.
+    /// Run only tests whose `TARGET::NAME` contains one of these strings (within each
+    /// kernel's selection from vm-tests/matrix unless --no-matrix).
     #[arg(last = true)]
     filter: Vec<String>,
 }
@@ -110,14 +140,43 @@ struct Series {
     search: &'static str,
     /// Name prefix before the number that orders packages of the series.
     prefix: &'static str,
+    /// What may follow that number (flavour and build), e.g. `-amd64-unsigned`.
+    suffixes: &'static [&'static str],
+    archive: Archive,
 }
 
-const SERIES: [Series; 2] = [
-    Series { name: "6.1", search: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$", prefix: "linux-image-6.1.0-" },
+/// Which apt answers for a series' packages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Archive {
+    /// The machine's own apt (bookworm, bookworm-security; bookworm-backports added
+    /// when the archive has no 6.12).
+    Host,
+    /// A private apt under target/vm/apt/SUITE with SUITE and SUITE-security from the
+    /// machine's own Debian mirror: an older release is never made a source of the host.
+    Suite(&'static str),
+}
+
+const SERIES: [Series; 3] = [
+    Series {
+        name: "5.10",
+        search: r"^linux-image-5\.10\.0-[0-9]+-amd64-unsigned$",
+        prefix: "linux-image-5.10.0-",
+        suffixes: &["-amd64-unsigned"],
+        archive: Archive::Suite("bullseye"),
+    },
+    Series {
+        name: "6.1",
+        search: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+        prefix: "linux-image-6.1.0-",
+        suffixes: &["-amd64-unsigned"],
+        archive: Archive::Host,
+    },
     Series {
         name: "6.12",
         search: r"^linux-image-6\.12\.[0-9]+\+(deb12|bpo)-amd64-unsigned$",
         prefix: "linux-image-6.12.",
+        suffixes: &["+deb12-amd64-unsigned", "+bpo-amd64-unsigned"],
+        archive: Archive::Host,
     },
 ];
 
@@ -125,16 +184,9 @@ impl Series {
     /// The number that orders this series' packages (ABI or patch level), if `package` is one.
     fn rank(&self, package: &str) -> Option<u64> {
         let rest = package.strip_prefix(self.prefix)?;
-        if !package.ends_with("-amd64-unsigned") {
-            return None;
-        }
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         let after = &rest[digits.len()..];
-        let shaped = match self.name {
-            "6.1" => after == "-amd64-unsigned",
-            _ => after == "+deb12-amd64-unsigned" || after == "+bpo-amd64-unsigned",
-        };
-        shaped.then(|| digits.parse().ok()).flatten()
+        self.suffixes.contains(&after).then(|| digits.parse().ok()).flatten()
     }
 }
 
@@ -170,6 +222,11 @@ struct Outcome {
     /// (test, reason) of every skip, shown in the summary.
     skipped_tests: Vec<(String, String)>,
     boot_secs: Option<f64>,
+    /// Seconds spent per test target (from each `AGT-VM-RUN` line to its result), to
+    /// show what each part of vm-tests/matrix costs.
+    target_secs: BTreeMap<String, f64>,
+    /// The test started last and when its `AGT-VM-RUN` line came.
+    running: Option<(String, Instant)>,
     /// The guest was stopped because it had not reached init by the KVM init bound.
     init_timed_out: bool,
     total_secs: f64,
@@ -218,6 +275,7 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
         .copied()
         .filter(|s| match opts.kernel {
             KernelChoice::All => true,
+            KernelChoice::V5_10 => s.name == "5.10",
             KernelChoice::V6_1 => s.name == "6.1",
             KernelChoice::V6_12 => s.name == "6.12",
         })
@@ -233,12 +291,43 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
     let build_started = Instant::now();
     let built = build_tests(&root, opts.unit)?;
     println!("vm-test: {} test binaries built in {:.1}s", built.tests.len(), build_started.elapsed().as_secs_f64());
+    let selections = select_tests(&root, &built, &kernels, opts.no_matrix)?;
+    for selection in &selections {
+        println!("vm-test: {}", selection.describe(built.tests.len()));
+    }
+    // A filter may name tests that only some kernels run (`-- enforce_policy` with the
+    // default `--kernel all`): those kernels are not booted rather than failed for running
+    // nothing. Which tests match is known on the host from the binaries' own lists.
+    let (kernels, selections) = if opts.filter.is_empty() {
+        (kernels, selections)
+    } else {
+        let listed = list_tests(&built)?;
+        let mut kept = (Vec::new(), Vec::new());
+        for (kernel, selection) in kernels.into_iter().zip(selections) {
+            let matching = selection.matching(&built, &listed, &opts.filter);
+            if matching == 0 {
+                println!("vm-test: {}: none of its tests matches the filter; not booted", selection.series);
+            } else {
+                println!("vm-test: {}: {matching} of its tests match the filter", selection.series);
+                kept.0.push(kernel);
+                kept.1.push(selection);
+            }
+        }
+        if kept.0.is_empty() {
+            bail!(
+                "no test of the kernels chosen matches the filter {:?} (in their selection from {}; --no-matrix runs every test)",
+                opts.filter,
+                vm_matrix::PATH
+            );
+        }
+        kept
+    };
 
     // Per-run names: several people may run the VM suite from one checkout at once.
     let initrd = vm_dir.join(format!("initramfs-{}.cpio", std::process::id()));
     let _remove_initrd = RemoveOnDrop(initrd.clone());
     let image_started = Instant::now();
-    let size = build_initramfs(&root, &vm_dir, &built, opts, &initrd)?;
+    let size = build_initramfs(&root, &vm_dir, &built, &selections, opts, &initrd)?;
     println!(
         "vm-test: initramfs {} ({:.1} MiB) in {:.1}s",
         initrd.display(),
@@ -252,7 +341,7 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
 
     let mut outcomes = Vec::new();
-    for kernel in &kernels {
+    for (kernel, selection) in kernels.iter().zip(&selections) {
         println!("vm-test: booting {} ({})", kernel.release, kernel.package);
         let log = logs.join(format!("{}.log", kernel.series));
         let mut outcome = boot(kernel, &initrd, accel, opts, &log)?;
@@ -276,13 +365,13 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
             let _ = fs::rename(&log, log.with_extension("log.first"));
             outcome = boot(kernel, &initrd, accel, opts, &log)?;
         }
-        outcomes.push((kernel, outcome, log));
+        outcomes.push((kernel, selection, outcome, log));
     }
 
     println!();
     println!("vm-test summary (kernels ready in {:.1}s):", prepared.as_secs_f64());
     let mut totals = VmTotals::default();
-    for (kernel, outcome, log) in &outcomes {
+    for (kernel, selection, outcome, log) in &outcomes {
         let boot = outcome.boot_secs.map_or_else(|| "no init".to_string(), |secs| format!("init after {secs:.1}s"));
         let ok = outcome.problem.is_none() && outcome.verdict && outcome.fail == 0;
         println!(
@@ -296,6 +385,8 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
             outcome.total_secs,
             log.display()
         );
+        println!("        {}", selection.describe(built.tests.len()));
+        println!("        time by target: {}", time_by_target(&outcome.target_secs));
         if let Some(problem) = &outcome.problem {
             println!("        {problem}");
         }
@@ -339,6 +430,8 @@ impl Drop for RemoveOnDrop {
 #[derive(Default)]
 struct Apt {
     updated: bool,
+    /// Private archives (`Archive::Suite`) already updated in this run.
+    updated_suites: Vec<&'static str>,
 }
 
 impl Apt {
@@ -411,29 +504,35 @@ fn resolve_kernel(vm_dir: &Path, series: &Series, refresh: bool, apt: &mut Apt) 
     if !Apt::available() {
         bail!("no cached {} kernel under {} and no apt-get to fetch one", series.name, cache.display());
     }
-    apt.update()?;
-    let mut package = newest_in_archive(series)?;
+    let options = match series.archive {
+        Archive::Host => {
+            apt.update()?;
+            Vec::new()
+        }
+        Archive::Suite(suite) => private_apt(vm_dir, suite, apt)?,
+    };
+    let mut package = newest_in_archive(series, &options)?;
     if package.is_none() && series.name == "6.12" {
         add_backports_source()?;
         apt.updated = false;
         apt.update()?;
-        package = newest_in_archive(series)?;
+        package = newest_in_archive(series, &options)?;
     }
     let package =
         package.with_context(|| format!("apt knows no package matching {} (after apt-get update)", series.search))?;
-    let version = output(Command::new("apt-cache").args(["show", "--no-all-versions", &package]))
+    let version = output(Command::new("apt-cache").args(&options).args(["show", "--no-all-versions", &package]))
         .and_then(|text| text.lines().find_map(|line| line.strip_prefix("Version: ").map(|v| v.trim().to_string())))
         .with_context(|| format!("apt-cache show {package} gave no version"))?;
     let dir = cache.join(format!("{package}_{version}"));
     if let Some(kernel) = cached_kernel(&dir, series) {
         return Ok(kernel);
     }
-    download_kernel(&cache, &dir, &package)?;
+    download_kernel(&cache, &dir, &package, &options)?;
     cached_kernel(&dir, series).with_context(|| format!("{} holds no vmlinuz after unpacking", dir.display()))
 }
 
-fn newest_in_archive(series: &Series) -> Result<Option<String>> {
-    let found = output(Command::new("apt-cache").args(["search", "--names-only", series.search]))
+fn newest_in_archive(series: &Series, apt_options: &[String]) -> Result<Option<String>> {
+    let found = output(Command::new("apt-cache").args(apt_options).args(["search", "--names-only", series.search]))
         .context("apt-cache search failed")?;
     Ok(found
         .lines()
@@ -474,7 +573,7 @@ fn cached_kernel(dir: &Path, series: &Series) -> Option<Kernel> {
 
 /// `apt-get download` + `dpkg-deb -x` into a scratch directory; keeps vmlinuz, config
 /// and the release name, then drops the rest (modules are not needed).
-fn download_kernel(cache: &Path, dir: &Path, package: &str) -> Result<()> {
+fn download_kernel(cache: &Path, dir: &Path, package: &str, apt_options: &[String]) -> Result<()> {
     let scratch = cache.join(format!(".partial-{package}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
@@ -482,7 +581,7 @@ fn download_kernel(cache: &Path, dir: &Path, package: &str) -> Result<()> {
     // directory lets it (otherwise it warns and downloads as root).
     let _ = fs::set_permissions(&scratch, fs::Permissions::from_mode(0o777));
     println!("vm-test: apt-get download {package}");
-    run_cmd(Command::new("apt-get").args(["download", "-qq", package]).current_dir(&scratch))?;
+    run_cmd(Command::new("apt-get").args(apt_options).args(["download", "-qq", package]).current_dir(&scratch))?;
     let deb = fs::read_dir(&scratch)?
         .filter_map(|entry| entry.ok())
         .map(|entry| entry.path())
@@ -539,6 +638,72 @@ fn add_backports_source() -> Result<()> {
         format!("# Added by `cargo xtask vm-test` for the 6.12 test kernel.\ndeb {mirror} bookworm-backports main\n"),
     )
     .with_context(|| format!("cannot write {BACKPORTS_LIST}"))
+}
+
+/// An apt of our own for an older Debian release (bullseye for 5.10): its sources,
+/// package lists and cache live under target/vm/apt/SUITE, so the host's apt never sees
+/// that release (adding it to /etc/apt would offer its packages to every `apt-get
+/// install` on the machine), while apt still checks the archive's signatures with the
+/// keys the host trusts. Returns the `-o` options that point apt-get/apt-cache at it;
+/// updated once per run.
+fn private_apt(vm_dir: &Path, suite: &'static str, apt: &mut Apt) -> Result<Vec<String>> {
+    let dir = vm_dir.join("apt").join(suite);
+    let options = private_apt_options(&dir);
+    if apt.updated_suites.contains(&suite) {
+        return Ok(options);
+    }
+    let sources = apt_sources(Path::new("/etc/apt"));
+    let codename = host_codename().context("cannot tell this machine's Debian release from /etc/os-release")?;
+    let mirror = debian_mirror(&sources, &codename).with_context(|| {
+        format!("no apt source under /etc/apt serves Debian {codename}, so there is no mirror to take {suite} from")
+    })?;
+    let security = debian_mirror(&sources, &format!("{codename}-security"));
+    let list = private_sources_list(suite, &mirror, security.as_deref());
+    for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+    }
+    // Rewritten every time: the machine's mirror may have changed since the last run.
+    fs::write(dir.join("sources.list"), list)
+        .with_context(|| format!("cannot write {}/sources.list", dir.display()))?;
+    println!(
+        "vm-test: apt-get update of {suite} from {mirror}{} (private to {})",
+        security.as_deref().map(|s| format!(" and {s}")).unwrap_or_default(),
+        dir.display()
+    );
+    run_cmd(Command::new("apt-get").args(&options).args(["update", "-qq"]))?;
+    apt.updated_suites.push(suite);
+    Ok(options)
+}
+
+fn private_apt_options(dir: &Path) -> Vec<String> {
+    [
+        ("Dir::Etc::SourceList", dir.join("sources.list")),
+        ("Dir::Etc::SourceParts", dir.join("sources.list.d")),
+        ("Dir::State::Lists", dir.join("lists")),
+        ("Dir::Cache", dir.join("cache")),
+    ]
+    .into_iter()
+    .flat_map(|(key, path)| ["-o".to_string(), format!("{key}={}", path.display())])
+    .collect()
+}
+
+/// One-line sources for `suite` (and `suite-security` where the machine has a security mirror).
+fn private_sources_list(suite: &str, mirror: &str, security: Option<&str>) -> String {
+    // Debian's keyring holds the keys of the older releases too.
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    let signed = if Path::new(keyring).is_file() { format!("[signed-by={keyring}] ") } else { String::new() };
+    let mut list =
+        format!("# Written by `cargo xtask vm-test` for its {suite} test kernel.\ndeb {signed}{mirror} {suite} main\n");
+    if let Some(security) = security {
+        list.push_str(&format!("deb {signed}{security} {suite}-security main\n"));
+    }
+    list
+}
+
+/// `VERSION_CODENAME` from /etc/os-release.
+fn host_codename() -> Option<String> {
+    let release = fs::read_to_string("/etc/os-release").ok()?;
+    release.lines().find_map(|line| line.strip_prefix("VERSION_CODENAME=")).map(|c| c.trim_matches('"').to_string())
 }
 
 /// The text of every apt source file: `sources.list` and `sources.list.d/*.list|*.sources`.
@@ -658,10 +823,121 @@ fn package_name(id: &str) -> String {
     id.split_whitespace().next().unwrap_or(id).to_string()
 }
 
+/// The tests one kernel runs: per test binary (index into `Built::tests`), all of it or
+/// the listed `TARGET::NAME` prefixes.
+struct KernelTests {
+    series: &'static str,
+    parts: Vec<(usize, Part)>,
+    /// From vm-tests/matrix (false with --no-matrix).
+    from_matrix: bool,
+}
+
+impl KernelTests {
+    /// "6.1: 9 of 21 test binaries (1 of them in part) from vm-tests/matrix".
+    fn describe(&self, built: usize) -> String {
+        let partial = self.parts.iter().filter(|(_, part)| *part != Part::Whole).count();
+        format!(
+            "{}: {} of {built} test binaries{}{}",
+            self.series,
+            self.parts.len(),
+            if partial > 0 { format!(" ({partial} of them in part)") } else { String::new() },
+            if self.from_matrix { format!(" from {}", vm_matrix::PATH) } else { " (--no-matrix)".to_string() }
+        )
+    }
+
+    /// How many of this kernel's tests a command-line filter selects (`TARGET::NAME`
+    /// contains one of its strings, as the guest's init decides). `listed` holds each
+    /// binary's test names.
+    fn matching(&self, built: &Built, listed: &[Vec<String>], filter: &[String]) -> usize {
+        self.parts
+            .iter()
+            .flat_map(|(index, part)| {
+                listed[*index].iter().map(move |name| (part, format!("{}::{name}", built.tests[*index].target)))
+            })
+            .filter(|(part, full)| part.selects(full) && filter.iter().any(|f| full.contains(f.as_str())))
+            .count()
+    }
+
+    /// Lines `TARGET PART PATH` for the guest's init: PART is `all` or the comma-separated
+    /// `TARGET::NAME` prefixes (test names hold no commas; the path may hold spaces).
+    fn init_list(&self, built: &Built) -> String {
+        self.parts
+            .iter()
+            .map(|(index, part)| {
+                let test = &built.tests[*index];
+                let part = match part {
+                    Part::Whole => "all".to_string(),
+                    Part::Tests(prefixes) => prefixes.join(","),
+                };
+                format!("{} {part} {}\n", test.target, test.path.display())
+            })
+            .collect()
+    }
+}
+
+/// The test names of every built binary (`--list --format terse`, run on the host).
+fn list_tests(built: &Built) -> Result<Vec<Vec<String>>> {
+    built
+        .tests
+        .iter()
+        .map(|test| {
+            let out = Command::new(&test.path)
+                .args(["--list", "--format", "terse"])
+                .stderr(Stdio::null())
+                .output()
+                .with_context(|| format!("cannot run {} --list", test.path.display()))?;
+            if !out.status.success() {
+                bail!("{} --list failed with {}", test.path.display(), out.status);
+            }
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.strip_suffix(": test"))
+                .map(str::to_owned)
+                .collect())
+        })
+        .collect()
+}
+
+/// Each kernel's tests, from vm-tests/matrix (or all of them with `no_matrix`).
+fn select_tests(root: &Path, built: &Built, kernels: &[Kernel], no_matrix: bool) -> Result<Vec<KernelTests>> {
+    if no_matrix {
+        let parts = || (0..built.tests.len()).map(|index| (index, Part::Whole)).collect();
+        return Ok(kernels
+            .iter()
+            .map(|k| KernelTests { series: k.series, parts: parts(), from_matrix: false })
+            .collect());
+    }
+    let path = root.join(vm_matrix::PATH);
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let names: Vec<&str> = SERIES.iter().map(|s| s.name).collect();
+    let matrix = Matrix::parse(&text, &names)?;
+    let targets: Vec<&str> = built.tests.iter().map(|t| t.target.as_str()).collect();
+    matrix.check_targets(&targets)?;
+    kernels
+        .iter()
+        .map(|kernel| {
+            let mut parts = Vec::new();
+            for (index, target) in targets.iter().enumerate() {
+                if let Some(part) = matrix.part(kernel.series, target)? {
+                    parts.push((index, part));
+                }
+            }
+            Ok(KernelTests { series: kernel.series, parts, from_matrix: true })
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 // Initramfs
 
-fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, out: &Path) -> Result<u64> {
+fn build_initramfs(
+    root: &Path,
+    vm_dir: &Path,
+    built: &Built,
+    selections: &[KernelTests],
+    opts: &Options,
+    out: &Path,
+) -> Result<u64> {
     let mut archive = Cpio::default();
     for dir in ["usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "proc", "sys", "dev", "tmp", "run", "root", "etc/agt-vm"]
     {
@@ -727,8 +1003,12 @@ fn build_initramfs(root: &Path, vm_dir: &Path, built: &Built, opts: &Options, ou
 
     let host_kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     archive.file("etc/agt-vm/host-kernel", 0o644, host_kernel.trim().as_bytes().to_vec());
-    let list: String = built.tests.iter().map(|t| format!("{} {}\n", t.target, t.path.display())).collect();
+    let list: String = built.tests.iter().map(|t| format!("{} all {}\n", t.target, t.path.display())).collect();
     archive.file("etc/agt-vm/tests", 0o644, list.into_bytes());
+    // The guest's init picks its kernel's list by the `agt_vm_series=` boot parameter.
+    for selection in selections {
+        archive.file(&format!("etc/agt-vm/tests-{}", selection.series), 0o644, selection.init_list(built).into_bytes());
+    }
     archive.file(
         "etc/agt-vm/filter",
         0o644,
@@ -1078,7 +1358,7 @@ fn boot(kernel: &Kernel, initrd: &Path, accel: Accelerator, opts: &Options, log:
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", &format!("console=ttyS0 panic=-1 quiet lsm={LSM}")])
+        .args(["-append", &format!("console=ttyS0 panic=-1 quiet lsm={LSM} agt_vm_series={}", kernel.series)])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1200,12 +1480,18 @@ fn observe(line: &str, started: Instant, outcome: &mut Outcome, verbose: bool) {
         if !verbose {
             println!("  {} (after {:.1}s)", &line[at..], started.elapsed().as_secs_f64());
         }
+    } else if let Some(at) = line.find("AGT-VM-RUN ") {
+        outcome.running = field(&line[at..], "test").map(|test| (test.to_string(), Instant::now()));
     } else if let Some(at) = line.find("AGT-VM-RESULT ") {
         let result = &line[at..];
         if !verbose {
             println!("  {result}");
         }
         let test = field(result, "test").unwrap_or("?").to_string();
+        if let Some((running, since)) = outcome.running.take_if(|(running, _)| *running == test) {
+            let target = running.split("::").next().unwrap_or_default().to_string();
+            *outcome.target_secs.entry(target).or_default() += since.elapsed().as_secs_f64();
+        }
         match field(result, "status") {
             Some("pass") => outcome.pass += 1,
             Some("skip") => {
@@ -1233,6 +1519,18 @@ fn observe(line: &str, started: Instant, outcome: &mut Outcome, verbose: bool) {
     }
 }
 
+/// "jail_lifecycle 312s, jail_escape 95s, ..." (slowest first).
+fn time_by_target(secs: &BTreeMap<String, f64>) -> String {
+    let mut by_time: Vec<(&String, &f64)> = secs.iter().collect();
+    by_time.sort_by(|a, b| b.1.total_cmp(a.1));
+    let shown: Vec<String> = by_time.iter().map(|(target, secs)| format!("{target} {secs:.0}s")).collect();
+    if shown.is_empty() {
+        "-".to_string()
+    } else {
+        shown.join(", ")
+    }
+}
+
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|part| part.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
 }
@@ -1252,7 +1550,14 @@ mod tests {
 
     #[test]
     fn series_rank_accepts_only_the_series() {
-        let [v61, v612] = SERIES;
+        let [v510, v61, v612] = SERIES;
+        assert_eq!(v510.rank("linux-image-5.10.0-46-amd64-unsigned"), Some(46));
+        assert_eq!(v510.rank("linux-image-5.10.0-46-cloud-amd64-unsigned"), None);
+        assert_eq!(v510.rank("linux-image-5.10.0-46-rt-amd64-unsigned"), None);
+        assert_eq!(v510.rank("linux-image-5.10.0-46-amd64"), None);
+        assert_eq!(v510.rank("linux-image-5.10.0-46-amd64-unsigned-dbg"), None);
+        assert_eq!(v510.rank("linux-image-6.1.0-56-amd64-unsigned"), None);
+        assert_eq!(v61.rank("linux-image-5.10.0-46-amd64-unsigned"), None);
         assert_eq!(v61.rank("linux-image-6.1.0-56-amd64-unsigned"), Some(56));
         assert_eq!(v61.rank("linux-image-6.1.0-56-cloud-amd64-unsigned"), None);
         assert_eq!(v61.rank("linux-image-6.1.0-56-amd64"), None);
@@ -1298,6 +1603,24 @@ mod tests {
     }
 
     #[test]
+    fn an_older_release_gets_its_own_sources_from_the_machines_mirrors() {
+        let list = private_sources_list("bullseye", "http://mirror.local/debian", Some("http://mirror.local/sec"));
+        let lines: Vec<&str> = list.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("deb ") && lines[0].ends_with("http://mirror.local/debian bullseye main"));
+        assert!(lines[1].ends_with("http://mirror.local/sec bullseye-security main"));
+        let list = private_sources_list("bullseye", "http://mirror.local/debian", None);
+        assert_eq!(list.lines().filter(|l| l.starts_with("deb ")).count(), 1);
+        // apt-get and apt-cache look only at the private directory's sources, lists and cache.
+        let options = private_apt_options(Path::new("/v/apt/bullseye"));
+        assert!(options.contains(&"Dir::Etc::SourceList=/v/apt/bullseye/sources.list".to_string()));
+        assert!(options.contains(&"Dir::Etc::SourceParts=/v/apt/bullseye/sources.list.d".to_string()));
+        assert!(options.contains(&"Dir::State::Lists=/v/apt/bullseye/lists".to_string()));
+        assert!(options.contains(&"Dir::Cache=/v/apt/bullseye/cache".to_string()));
+        assert_eq!(options.iter().filter(|o| *o == "-o").count(), 4);
+    }
+
+    #[test]
     fn result_lines_are_counted() {
         let mut outcome = Outcome::default();
         let start = Instant::now();
@@ -1316,6 +1639,59 @@ mod tests {
         assert_eq!(outcome.failed_tests, vec!["a::c".to_string()]);
         assert_eq!(outcome.skipped_tests[0], ("a::d".to_string(), "ignored".to_string()));
         assert_eq!(outcome.skipped_tests[1].1, "Landlock ABI 6 is needed (this kernel: 2)");
+    }
+
+    #[test]
+    fn time_is_added_up_per_target_from_run_to_result() {
+        let mut outcome = Outcome::default();
+        let start = Instant::now();
+        observe("AGT-VM-RUN test=a::b", start, &mut outcome, false);
+        observe("AGT-VM-RESULT test=a::b status=pass", start, &mut outcome, false);
+        observe("AGT-VM-RUN test=a::c", start, &mut outcome, false);
+        observe("AGT-VM-RESULT test=a::c status=fail reason=exit-101", start, &mut outcome, false);
+        // A result without its run line (an ignored test) adds no time.
+        observe("AGT-VM-RESULT test=z::d status=skip reason=ignored", start, &mut outcome, false);
+        assert_eq!(outcome.target_secs.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert!(outcome.running.is_none());
+        let shown = time_by_target(&BTreeMap::from([("a".to_string(), 3.0), ("b".to_string(), 40.2)]));
+        assert_eq!(shown, "b 40s, a 3s");
+        assert_eq!(time_by_target(&BTreeMap::new()), "-");
+    }
+
+    #[test]
+    fn the_checked_in_matrix_places_every_kernel_and_the_init_list_says_what_runs() {
+        let names: Vec<&str> = SERIES.iter().map(|s| s.name).collect();
+        let matrix = Matrix::parse(include_str!("../../vm-tests/matrix"), &names).unwrap();
+        for series in &names {
+            assert_eq!(matrix.part(series, "jail_escape").unwrap(), Some(Part::Whole), "{series}");
+            assert_eq!(matrix.part(series, "jail_lifecycle").unwrap(), Some(Part::Whole), "{series}");
+        }
+        let built = Built {
+            tests: vec![
+                TestBinary { target: "jail_escape".into(), path: "/t/jail escape-1".into() },
+                TestBinary { target: "exec_flags".into(), path: "/t/exec_flags-2".into() },
+            ],
+            executables: Vec::new(),
+        };
+        let tests = KernelTests {
+            series: "6.1",
+            parts: vec![(0, Part::Whole), (1, Part::Tests(vec!["exec_flags::a".into(), "exec_flags::b".into()]))],
+            from_matrix: true,
+        };
+        assert_eq!(
+            tests.init_list(&built),
+            "jail_escape all /t/jail escape-1\nexec_flags exec_flags::a,exec_flags::b /t/exec_flags-2\n"
+        );
+        assert_eq!(tests.describe(21), "6.1: 2 of 21 test binaries (1 of them in part) from vm-tests/matrix");
+        let listed = vec![
+            vec!["ring2_escape_battery".to_string(), "ring3_escape_battery".to_string()],
+            vec!["a_1".to_string(), "b".to_string(), "c".to_string()],
+        ];
+        let filter = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert_eq!(tests.matching(&built, &listed, &filter(&["ring2"])), 1);
+        assert_eq!(tests.matching(&built, &listed, &filter(&["exec_flags"])), 2);
+        assert_eq!(tests.matching(&built, &listed, &filter(&["exec_flags::c", "escape"])), 2);
+        assert_eq!(tests.matching(&built, &listed, &filter(&["nothing"])), 0);
     }
 
     #[test]
