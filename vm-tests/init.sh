@@ -46,6 +46,12 @@ if [ "$$" = 1 ]; then
     for controller in $(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null); do
         echo "+$controller" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
     done
+    # What Debian builds as modules and the jail needs (an allowlist ring's veth and NAT),
+    # dependencies first (xtask/src/vm.rs, GUEST_MODULES).
+    modules=/usr/lib/agt-modules/$(uname -r)
+    for module in $(cat "$modules/order" 2>/dev/null); do
+        insmod "$modules/$module" || echo "agt-vm: cannot load $module"
+    done
     ip link set lo up 2>/dev/null
     hostname agt-vm
     # Names a policy may use for loopback (the initramfs has no /etc/hosts of its own).

@@ -199,6 +199,9 @@ struct Kernel {
     vmlinuz: PathBuf,
     /// `uname -r` of the guest (from the vmlinuz file name).
     release: String,
+    /// The modules the guest loads at boot ([`GUEST_MODULES`] and what they depend on),
+    /// uncompressed, with `order` listing them dependencies first.
+    modules: PathBuf,
 }
 
 struct TestBinary {
@@ -327,7 +330,7 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
     let initrd = vm_dir.join(format!("initramfs-{}.cpio", std::process::id()));
     let _remove_initrd = RemoveOnDrop(initrd.clone());
     let image_started = Instant::now();
-    let size = build_initramfs(&root, &vm_dir, &built, &selections, opts, &initrd)?;
+    let size = build_initramfs(&root, &vm_dir, &built, &selections, &kernels, opts, &initrd)?;
     println!(
         "vm-test: initramfs {} ({:.1} MiB) in {:.1}s",
         initrd.display(),
@@ -476,6 +479,10 @@ fn ensure_host_packages(apt: &mut Apt) -> Result<()> {
     if !package_installed("busybox-static") {
         missing.push("busybox-static");
     }
+    // modinfo reads the dependencies of the modules the guest loads (stage_modules).
+    if output(Command::new("sh").args(["-c", "command -v modinfo"])).is_none() {
+        missing.push("kmod");
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -562,17 +569,128 @@ fn cached_kernel(dir: &Path, series: &Series) -> Option<Kernel> {
     let (package, version) = name.split_once('_')?;
     let vmlinuz = dir.join("vmlinuz");
     let release = fs::read_to_string(dir.join("release")).ok()?.trim().to_string();
-    vmlinuz.is_file().then(|| Kernel {
+    let modules = dir.join("modules");
+    // A kernel cached before its modules were kept is fetched again.
+    (vmlinuz.is_file() && modules.join("order").is_file()).then(|| Kernel {
         series: series.name,
         package: package.to_string(),
         version: version.to_string(),
         vmlinuz,
         release,
+        modules,
     })
 }
 
-/// `apt-get download` + `dpkg-deb -x` into a scratch directory; keeps vmlinuz, config
-/// and the release name, then drops the rest (modules are not needed).
+/// `apt-get download` + `dpkg-deb -x` into a scratch directory; keeps vmlinuz, config,
+/// the release name and the modules the guest loads ([`stage_modules`]), then drops the rest.
+/// Modules the guest loads at boot, for what Debian builds as modules and the jail uses:
+/// the veth pair and the nf_tables masquerade of an allowlist ring's egress
+/// (agent/jail/src/egress.rs). Their dependencies come along ([`stage_modules`]).
+const GUEST_MODULES: [&str; 6] = ["veth", "nf_tables", "nf_nat", "nf_conntrack", "nft_chain_nat", "nft_masq"];
+
+/// Copies [`GUEST_MODULES`] and every module they depend on (`modinfo -F depends`) from a
+/// kernel package's `lib/modules/RELEASE` into `out`, uncompressed (busybox's insmod
+/// takes plain ELF), and writes `out/order`: the file names, each after its dependencies.
+/// A module the kernel has built in is not in the package and is not needed.
+fn stage_modules(tree: &Path, out: &Path) -> Result<()> {
+    let mut files = BTreeMap::new();
+    index_modules(tree, &mut files)?;
+    fs::create_dir_all(out)?;
+    let mut order = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for name in GUEST_MODULES {
+        add_module(name, &files, out, &mut seen, &mut order)?;
+    }
+    fs::write(out.join("order"), order.iter().map(|n| format!("{n}\n")).collect::<String>())?;
+    Ok(())
+}
+
+/// Module name (dashes as underscores) → its file, for every module under `dir`.
+fn index_modules(dir: &Path, files: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            index_modules(&path, files)?;
+        } else if let Some(name) = module_name(&path) {
+            files.insert(name, path);
+        }
+    }
+    Ok(())
+}
+
+/// `nf_tables` for `.../nf_tables.ko`, `.ko.xz` or `.ko.zst`.
+fn module_name(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    let stem = [".ko", ".ko.xz", ".ko.zst"].iter().find_map(|ext| file.strip_suffix(ext))?;
+    Some(stem.replace('-', "_"))
+}
+
+fn add_module(
+    name: &str,
+    files: &BTreeMap<String, PathBuf>,
+    out: &Path,
+    seen: &mut std::collections::BTreeSet<String>,
+    order: &mut Vec<String>,
+) -> Result<()> {
+    if !seen.insert(name.to_string()) {
+        return Ok(());
+    }
+    // Not a module of this kernel: built in (the config says `=y`), nothing to load.
+    let Some(file) = files.get(name) else { return Ok(()) };
+    for dep in module_field(file, "depends")?.split(',').filter(|d| !d.is_empty()) {
+        add_module(&dep.replace('-', "_"), files, out, seen, order)?;
+    }
+    // Soft dependencies load first too: libcrc32c's `pre: crc32c` is the algorithm its init
+    // asks the crypto API for (its init fails with ENOENT without it). A soft dependency
+    // may name an algorithm rather than a module: crc32c is crc32c_generic's.
+    for dep in softdep_pre(&module_field(file, "softdep")?) {
+        let dep = dep.replace('-', "_");
+        let generic = format!("{dep}_generic");
+        let name = if files.contains_key(&dep) { dep } else { generic };
+        add_module(&name, files, out, seen, order)?;
+    }
+    let plain = format!("{name}.ko");
+    let file_name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let bytes = if file_name.ends_with(".xz") {
+        Command::new("xz").args(["-dc"]).arg(file).output().context("cannot run xz")?.stdout
+    } else if file_name.ends_with(".zst") {
+        Command::new("zstd").args(["-dcq"]).arg(file).output().context("cannot run zstd")?.stdout
+    } else {
+        read(file)?
+    };
+    if !bytes.starts_with(b"\x7fELF") {
+        bail!("{}: not a module after decompression", file.display());
+    }
+    fs::write(out.join(&plain), bytes)?;
+    order.push(plain);
+    Ok(())
+}
+
+/// One `modinfo -F FIELD` of a module file (values on separate lines joined by spaces).
+fn module_field(file: &Path, field: &str) -> Result<String> {
+    let out =
+        Command::new("modinfo").args(["-F", field]).arg(file).output().context("cannot run modinfo (install kmod)")?;
+    if !out.status.success() {
+        bail!("modinfo {}: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// The `pre:` names of a `softdep` value (`pre: a b post: c`).
+fn softdep_pre(softdep: &str) -> Vec<String> {
+    let mut pre = Vec::new();
+    let mut in_pre = false;
+    for word in softdep.split_whitespace() {
+        match word {
+            "pre:" => in_pre = true,
+            "post:" => in_pre = false,
+            name if in_pre => pre.push(name.to_string()),
+            _ => {}
+        }
+    }
+    pre
+}
+
 fn download_kernel(cache: &Path, dir: &Path, package: &str, apt_options: &[String]) -> Result<()> {
     let scratch = cache.join(format!(".partial-{package}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
@@ -609,10 +727,12 @@ fn download_kernel(cache: &Path, dir: &Path, package: &str, apt_options: &[Strin
     if config.exists() {
         fs::rename(&config, staged.join("config"))?;
     }
+    stage_modules(&unpacked.join("lib/modules").join(&release), &staged.join("modules"))?;
     fs::write(staged.join("release"), format!("{release}\n"))?;
     fs::write(staged.join("package"), format!("{package}\n"))?;
-    // A concurrent run may have cached the same kernel meanwhile; then keep its copy.
-    if !dir.join("vmlinuz").is_file() {
+    // A concurrent run may have cached the same kernel meanwhile; then keep its copy
+    // (a copy from before modules were kept is replaced).
+    if !(dir.join("vmlinuz").is_file() && dir.join("modules/order").is_file()) {
         let _ = fs::remove_dir_all(dir);
         fs::rename(&staged, dir).with_context(|| format!("cannot move the kernel to {}", dir.display()))?;
     }
@@ -935,10 +1055,20 @@ fn build_initramfs(
     vm_dir: &Path,
     built: &Built,
     selections: &[KernelTests],
+    kernels: &[Kernel],
     opts: &Options,
     out: &Path,
 ) -> Result<u64> {
     let mut archive = Cpio::default();
+    // Each kernel's modules, which init.sh loads for the kernel it runs on.
+    for kernel in kernels {
+        let dir = format!("usr/lib/agt-modules/{}", kernel.release);
+        archive.dir(&dir);
+        let order = fs::read_to_string(kernel.modules.join("order"))?;
+        for name in order.lines().chain(["order"]) {
+            archive.file(&format!("{dir}/{name}"), 0o644, read(&kernel.modules.join(name))?);
+        }
+    }
     for dir in ["usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "proc", "sys", "dev", "tmp", "run", "root", "etc/agt-vm"]
     {
         archive.dir(dir);
@@ -1565,6 +1695,15 @@ mod tests {
         assert_eq!(v612.rank("linux-image-6.12.9+bpo-amd64-unsigned"), Some(9));
         assert_eq!(v612.rank("linux-image-6.12.117+deb12-rt-amd64-unsigned"), None);
         assert_eq!(v612.rank("linux-image-6.1.0-56-amd64-unsigned"), None);
+    }
+
+    #[test]
+    fn soft_dependencies_loaded_first_are_the_pre_ones() {
+        assert_eq!(softdep_pre("pre: crc32c"), ["crc32c"]);
+        assert_eq!(softdep_pre("pre: a b post: c pre: d"), ["a", "b", "d"]);
+        assert!(softdep_pre("").is_empty() && softdep_pre("post: x").is_empty());
+        assert_eq!(module_name(Path::new("/m/nft-masq.ko.xz")).as_deref(), Some("nft_masq"));
+        assert_eq!(module_name(Path::new("/m/modules.order")), None);
     }
 
     #[test]

@@ -191,8 +191,13 @@ impl AgentPrograms {
             .map_err(|err| LoaderError::Load(err.to_string()))?;
 
         // Loopback passes the deny-all layer only in a network namespace other than ours.
-        let cookie = crate::sys::own_netns_cookie()
-            .map_err(|err| LoaderError::Load(format!("cannot read this process's netns cookie: {err}")))?;
+        // Kernels before 5.14 cannot say which namespace is ours (no SO_NETNS_COOKIE): the
+        // cookie stays 0, and the layer then denies loopback in every namespace (closed).
+        let cookie = match crate::sys::own_netns_cookie() {
+            Ok(cookie) => cookie,
+            Err(err) if err.raw_os_error() == Some(libc::ENOPROTOOPT) => 0,
+            Err(err) => return Err(LoaderError::Load(format!("cannot read this process's netns cookie: {err}"))),
+        };
         {
             let map = bpf.map_mut("HOST_NETNS").ok_or(LoaderError::Missing { what: "map", name: "HOST_NETNS" })?;
             let mut host: Array<&mut MapData, u64> =
