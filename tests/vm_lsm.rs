@@ -130,8 +130,21 @@ fn vm_lsm_file_rules() {
     let mut programs = AgentPrograms::load().unwrap();
     let mut events = programs.take_events().unwrap();
     programs.register_agent(cgroup_id(&cgroup), AGENT).unwrap();
-    let Some(mut lsm) = load_or_unmet("vm_lsm_file_rules", FileLsm::load(&mut programs)) else {
-        return;
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut lsm = match FileLsm::load(&mut programs) {
+        // The file_open program resolves paths with bpf_d_path, which 5.10 does not allow
+        // there (6.1 does): file rules in the kernel are impossible on it.
+        Err(err) if kernel_before(&release, 6, 1) && err.to_string().contains("bpf_d_path") => {
+            eprintln!(
+                "VM-SKIP vm_lsm_file_rules: file rules need bpf_d_path in lsm/file_open, which this kernel refuses: {err} (kernel {})",
+                release.trim()
+            );
+            return;
+        }
+        result => match load_or_unmet("vm_lsm_file_rules", result) {
+            Some(lsm) => lsm,
+            None => return,
+        },
     };
     let home = scratch.dir.join("home");
     for (path, text) in [
@@ -205,7 +218,6 @@ fn vm_lsm_file_rules() {
     };
     let refused = lsm.unavailable().iter().find(|(hook, _)| *hook == "path_unlink").cloned();
     if let Some((hook, reason)) = refused {
-        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         // bpf_d_path in the path_* hooks arrived in 6.8; before that the kernel must refuse them.
         assert!(kernel_before(&release, 6, 8), "{hook} refused on {release}: {reason}");
         lsm.detach(&mut programs).unwrap();

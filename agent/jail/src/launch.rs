@@ -372,7 +372,14 @@ pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> 
             });
         }
         if profile.scope_ipc && abi < 6 {
-            unenforced.push(format!("Landlock ABI {abi} cannot scope signals and abstract unix sockets (needs 6)"));
+            // The jail's own pid namespace keeps the host's processes out of reach and its
+            // own network namespace the host's abstract sockets; what ABI 6 adds is the
+            // line between the agent and the jail's init inside them.
+            unenforced.push(if profile.net.own_namespace() {
+                format!("Landlock ABI {abi} cannot scope signals (needs 6): the agent can signal the jail's init, which drops SIGKILL and forwards the rest to the agent")
+            } else {
+                format!("Landlock ABI {abi} cannot scope signals and abstract unix sockets (needs 6)")
+            });
         }
         if profile.seccomp.is_some() && !sys::seccomp_available() {
             return Err(LaunchError::Config("this kernel has no seccomp filter support; rings 1-3 need it".into()));
