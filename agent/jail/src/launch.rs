@@ -122,6 +122,11 @@ pub struct JailConfig {
 pub struct Enforcement {
     pub landlock_abi: u32,
     pub unenforced: Vec<String>,
+    /// The kernel can make a pid namespace's memfds non-executable (`vm.memfd_noexec`,
+    /// Linux 6.3). Landlock does not see memfds (they live on an internal mount), so
+    /// where this is missing seccomp refuses `memfd_create` in the confined rings:
+    /// otherwise `/proc/self/fd/N` of a memfd would run code outside the exec allow-list.
+    pub memfd_noexec: bool,
 }
 
 /// A started jail: its init process, as seen from the host.
@@ -385,7 +390,8 @@ pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> 
             return Err(LaunchError::Config("this kernel has no seccomp filter support; rings 1-3 need it".into()));
         }
     }
-    Ok(Enforcement { landlock_abi: abi, unenforced })
+    let memfd_noexec = Path::new("/proc/sys/vm/memfd_noexec").exists();
+    Ok(Enforcement { landlock_abi: abi, unenforced, memfd_noexec })
 }
 
 fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, LaunchError> {
@@ -519,6 +525,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
                 .ok_or_else(|| LaunchError::Config("seccomp filters are built for x86_64 and aarch64 only".into()))?;
             let mut policy = policy.clone();
             policy.deny_inet_dgram |= p.net == NetMode::Allowlist && !p.allow_udp;
+            policy.deny_memfd |= p.confine && !enforcement.memfd_noexec;
             Some(policy.build(arch)?)
         }
         None => None,
@@ -1126,6 +1133,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_memfd_noexec_the_confined_rings_refuse_memfd_create() {
+        let has = |plan: &Plan| plan.seccomp.as_ref().map(Vec::len);
+        let with = build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true });
+        let without = build_plan(&config(2), &Enforcement { landlock_abi: 2, unenforced: vec![], memfd_noexec: false });
+        let (with, without) = (with.unwrap(), without.unwrap());
+        // One more rule: memfd_create → EPERM (its effect is tested in the seccomp module).
+        assert!(has(&without) > has(&with), "{:?} vs {:?}", has(&without), has(&with));
+    }
+
+    #[test]
     fn finds_the_dynamic_loader_and_script_interpreters() {
         let sh = interpreters(Path::new("/bin/sh"));
         assert!(sh.iter().any(|p| p.to_string_lossy().contains("ld-")), "{sh:?}");
@@ -1160,7 +1177,8 @@ mod tests {
 
     #[test]
     fn ring3_plan_allows_exec_of_the_entry_only() {
-        let plan = build_plan(&config(3), &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap();
+        let plan =
+            build_plan(&config(3), &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap();
         let l = plan.landlock.unwrap();
         let execs: Vec<_> = l
             .paths
@@ -1177,7 +1195,8 @@ mod tests {
 
     #[test]
     fn ring2_plan_execs_system_in_a_network_namespace_of_its_own() {
-        let plan = build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap();
+        let plan =
+            build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap();
         assert_ne!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
         assert!(plan.net_ns, "lo comes up in the jail's init");
         let l = plan.landlock.unwrap();
@@ -1204,7 +1223,7 @@ mod tests {
             let mut cfg = config(ring);
             cfg.workspace = Some(ws.path().to_path_buf());
             cfg.profile.rw.push(extra.path().to_path_buf());
-            let abi7 = Enforcement { landlock_abi: 7, unenforced: vec![] };
+            let abi7 = Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true };
             let execs = executable(&build_plan(&cfg, &abi7).unwrap());
             assert!(execs.contains(&ws_path) && execs.contains(&extra_path), "ring {ring}: {execs:?}");
             assert!(execs.contains(&"/usr".to_string()), "ring {ring}: {execs:?}");
@@ -1220,7 +1239,9 @@ mod tests {
         // Ring 3: the workspace shown beside the scratch one stays non-executable.
         let mut cfg = config(3);
         cfg.workspace = Some(ws.path().to_path_buf());
-        let execs = executable(&build_plan(&cfg, &Enforcement { landlock_abi: 7, unenforced: vec![] }).unwrap());
+        let execs = executable(
+            &build_plan(&cfg, &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap(),
+        );
         assert!(!execs.contains(&ws_path) && !execs.contains(&mounts::SCRATCH.to_string()), "{execs:?}");
     }
 

@@ -72,6 +72,7 @@ const COMMON: &[(&str, u32)] = &[
 
 const X86_64: &[(&str, u32)] = &[
     ("socket", 41),
+    ("memfd_create", 319),
     ("clone", 56),
     ("execve", 59),
     ("ptrace", 101),
@@ -146,6 +147,7 @@ const AARCH64: &[(&str, u32)] = &[
     ("reboot", 142),
     ("settimeofday", 170),
     ("socket", 198),
+    ("memfd_create", 279),
     ("add_key", 217),
     ("request_key", 218),
     ("keyctl", 219),
@@ -312,6 +314,9 @@ pub struct SeccompPolicy {
     /// Refuse IPv4/IPv6 datagram sockets (UDP, ICMP ping): allowlist egress is enforced
     /// for TCP only (Landlock, BPF connect), so UDP would be an unfiltered way out.
     pub deny_inet_dgram: bool,
+    /// Refuse `memfd_create` (EPERM): set where the kernel cannot make memfds
+    /// non-executable (before Linux 6.3), which Landlock's exec rules do not cover.
+    pub deny_memfd: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -381,6 +386,9 @@ impl SeccompPolicy {
             action: Action::Errno(libc::EPERM as u16),
             when: Some(ArgCheck::NotIn { arg: 0, values: PERSONALITY_OK.to_vec() }),
         });
+        if self.deny_memfd && !rules.iter().any(|r| r.syscall == "memfd_create") {
+            rules.push(Rule::deny("memfd_create", libc::EPERM));
+        }
         if self.deny_inet_dgram {
             rules.push(Rule {
                 syscall: "socket".into(),
@@ -643,6 +651,17 @@ mod tests {
         assert_eq!(bad.build(a).unwrap_err(), SeccompError::Never("bpf".into()));
         let unknown = SeccompPolicy { deny: vec!["frobnicate".into()], ..Default::default() };
         assert!(matches!(unknown.build(a), Err(SeccompError::Unknown(_))));
+    }
+
+    #[test]
+    fn memfd_create_can_be_refused_on_both_architectures() {
+        for a in [Arch::X86_64, Arch::Aarch64] {
+            let memfd = a.syscall("memfd_create").unwrap();
+            let refused = SeccompPolicy { deny_memfd: true, ..Default::default() }.build(a).unwrap();
+            assert_eq!(simulate(&refused, a.audit_arch(), memfd, [0; 6]), Some(EPERM));
+            let allowed = SeccompPolicy::default().build(a).unwrap();
+            assert_eq!(simulate(&allowed, a.audit_arch(), memfd, [0; 6]), Some(libc::SECCOMP_RET_ALLOW));
+        }
     }
 
     #[test]
