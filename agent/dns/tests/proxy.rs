@@ -427,8 +427,17 @@ fn queries_beyond_the_queue_answer_servfail() {
     // allowed query has nowhere to go.
     let setup = start_with(Limits { workers: 1, queued: 0, ..Limits::default() }, Duration::from_secs(3));
     let proxy = setup.proxy.local_addr();
-    let slow = thread::spawn(move || ask_with(&client(), proxy, "slow.example.com", RecordType::A));
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // With no queue a query is handed over only while the worker waits for one: on a busy
+    // machine the worker may not wait yet, and the slow query itself is refused (at once,
+    // without reaching the upstream). It is asked again until one reaches the upstream.
+    let reached = Arc::clone(&setup.upstream.queries);
+    let slow = thread::spawn(move || loop {
+        let response = ask_with(&client(), proxy, "slow.example.com", RecordType::A);
+        if reached.load(Ordering::SeqCst) > 0 {
+            return response;
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
     while setup.upstream.queries.load(Ordering::SeqCst) == 0 {
         assert!(Instant::now() < deadline, "the slow query never reached the upstream");
         thread::sleep(Duration::from_millis(5));
