@@ -356,7 +356,7 @@ fn net_plan_denies_before_effect_and_process_events_arrive() {
     let (results, _) = probe(cgroup.path(), &[Op::Connect(local, allowed.port)], false, "exit 0");
     assert_eq!(results, vec![eperm], "deny-all refuses loopback of the host's netns");
     let (results, _) = probe(cgroup.path(), &[Op::BindUdp(local, 0), Op::Connect(local, allowed.port)], true, "exit 0");
-    if own_netns_cookie_readable() {
+    if agt_jail_ebpf_loader::netns_cookie_readable() {
         assert_ne!(results[1], eperm, "loopback inside the agent's own netns is not refused by the plane");
     } else {
         // Before 5.14 the loader cannot tell its own namespace from the agent's: closed.
@@ -535,20 +535,4 @@ fn the_kernel_keeps_each_agent_threads_name_and_executable() {
     assert!(facts.get(shell).is_none() && facts.get(subshell).is_none(), "entries are removed at exit");
     drop(programs);
     cgroup.remove().unwrap();
-}
-
-/// Whether this kernel reports a socket's netns cookie (`SO_NETNS_COOKIE`, Linux 5.14).
-fn own_netns_cookie_readable() -> bool {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed; `fd` is ours.
-    let rc =
-        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
-    // SAFETY: `fd` was opened above and is closed once.
-    unsafe { libc::close(fd) };
-    rc == 0
 }

@@ -21,5 +21,12 @@ pub use name_allow::{name_allows, KernelAllowMap, NameAllows};
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
 pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
 
+/// Whether the loader can tell its own network namespace from an agent's
+/// (`SO_NETNS_COOKIE`, Linux 5.14); without it the deny-all layer refuses loopback in
+/// every namespace.
+pub fn netns_cookie_readable() -> bool {
+    sys::own_netns_cookie().is_ok()
+}
+
 /// The eBPF object, embedded at build time. Aligned because aya parses it in place.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/agt-jail.bpf.o");
