@@ -485,7 +485,7 @@ fn an_answer_too_long_for_udp_comes_truncated_and_empty_and_whole_over_tcp() {
 /// writes) beside the same query sent to the fake upstream directly. Prints, asserts
 /// nothing about time: `cargo test --release -p agt-jail-dns --test proxy -- --ignored --nocapture`.
 #[test]
-#[ignore = "a measurement, run by hand"]
+#[ignore = "measurement: cargo test --release -p agt-jail-dns --test proxy -- --ignored --nocapture"]
 fn measure_round_trips() {
     let setup = start(Limits { per_second: 1_000_000, burst: 1_000_000, ..Limits::default() });
     let client = client();
