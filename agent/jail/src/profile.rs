@@ -584,6 +584,11 @@ impl Profile {
                 match key.as_str() {
                     "system" => p.exec_system = exec_switch(&cx, ring, confine, "exec.system", value)?,
                     "workspace" => p.exec_workspace = exec_switch(&cx, ring, confine, "exec.workspace", value)?,
+                    _ if !confine => {
+                        return Err(
+                            cx.err(value.pos, "exec.allow is for rings 1-3; ring 0 (confine: false) confines no exec")
+                        )
+                    }
                     _ => p.exec_allow = cx.paths(value, "exec.allow")?,
                 }
             }
@@ -835,6 +840,10 @@ mod tests {
         assert!(!bare3.exec_system && !bare3.exec_workspace, "ring 3 runs only its entry command by default");
         assert!(err("ring: 3\nexec: {system: true}\n").contains(":2:16: ring 3 runs only its entry command"));
         assert!(err("ring: 0\nexec: {system: true}\n").contains(":2:16: exec.system is for rings 1-2"));
+        assert_eq!(
+            err("ring: 0\nexec: {allow: [/usr/bin/env]}\n"),
+            "p.yaml:2:15: exec.allow is for rings 1-3; ring 0 (confine: false) confines no exec"
+        );
         assert_eq!(
             err("ring: 3\nexec:\n  workspace: true\n"),
             "p.yaml:3:14: ring 3 runs only its entry command (and exec.allow): exec.workspace must be false there"
