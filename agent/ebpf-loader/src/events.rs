@@ -16,7 +16,9 @@ use agt_jail_common::{
     NET_EVENT_RATE_LIMITED, NET_LAYER_ALLOW_LIST, NET_LAYER_DENY_ALL, NET_LAYER_DENY_LIST, NET_LAYER_NONE,
     NET_LAYER_PLAN, NET_LAYER_UNKNOWN_AGENT, NET_RULE_DEFAULT,
 };
-use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{MapData, PerCpuHashMap};
+
+use crate::ring::Ring;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -561,35 +563,123 @@ fn net_detail(event: &NetEvent, count: u64) -> Result<NetDetail, DecodeError> {
 
 /// Blocking reader over the kernel's event rings (the priority ring first: deny, kill and
 /// process records) and its deny summary.
+///
+/// What it reads is handed back to the kernel only by [`EventReader::commit`]: a caller
+/// writes the records it was handed (the audit log's write(2)), then commits. Until then
+/// the rings keep them, and a reader of the same (pinned) rings in another process starts
+/// with them.
 pub struct EventReader {
-    events: RingBuf<MapData>,
-    priority: RingBuf<MapData>,
+    events: Ring,
+    priority: Ring,
     summary: PerCpuHashMap<MapData, NetEvent, u64>,
-    /// Per summary key (its bytes): the count already handed out.
+    /// The summary map again (a second descriptor), for pinning.
+    summary_map: MapData,
+    /// Per summary key (its bytes): the count handed out and committed.
     reported: HashMap<Vec<u8>, u64>,
+    /// Per summary key: the count handed out since the last commit.
+    handed: HashMap<Vec<u8>, u64>,
+}
+
+/// The names under which [`EventReader::pin`] pins the run's maps in its directory.
+pub mod pins {
+    /// The event ring (allowed observations).
+    pub const EVENTS: &str = "events";
+    /// The priority ring (deny, kill and process records).
+    pub const PRIORITY: &str = "priority_events";
+    /// The deny summary (per-CPU counts of denies that fit no ring).
+    pub const DENY_SUMMARY: &str = "deny_summary";
+    /// The per-CPU count of events the event ring could not take.
+    pub const EVENT_DROPS: &str = "event_drops";
+    /// The per-CPU count of denies that fit neither the priority ring nor the summary.
+    pub const DENY_DROPS: &str = "deny_drops";
 }
 
 impl EventReader {
-    pub(crate) fn new(
-        events: RingBuf<MapData>,
-        priority: RingBuf<MapData>,
-        summary: PerCpuHashMap<MapData, NetEvent, u64>,
-    ) -> Self {
-        Self { events, priority, summary, reported: HashMap::new() }
+    pub(crate) fn new(events: MapData, priority: MapData, summary: MapData) -> Result<Self, crate::LoaderError> {
+        use std::os::fd::AsFd;
+        let error =
+            |map: &'static str| move |err: std::io::Error| crate::LoaderError::Map { map, message: err.to_string() };
+        let summary_fd = summary.fd().as_fd().try_clone_to_owned().map_err(error(pins::DENY_SUMMARY))?;
+        let summary_map = MapData::from_fd(summary_fd)
+            .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY, message: err.to_string() })?;
+        let summary = PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(summary))
+            .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY, message: err.to_string() })?;
+        Ok(Self {
+            events: Ring::new(events).map_err(error(pins::EVENTS))?,
+            priority: Ring::new(priority).map_err(error(pins::PRIORITY))?,
+            summary,
+            summary_map,
+            reported: HashMap::new(),
+            handed: HashMap::new(),
+        })
+    }
+
+    /// Opens the rings and the deny summary a run pinned in `dir` (see [`pins`]), reading
+    /// from where its last commit left off. `reported` is the count already written per
+    /// summary entry (all zero: every count in the summary is handed out again).
+    pub fn open_pinned(dir: &std::path::Path) -> Result<Self, crate::LoaderError> {
+        let open = |name: &'static str| {
+            MapData::from_pin(dir.join(name))
+                .map_err(|err| crate::LoaderError::Map { map: name, message: format!("{}: {err}", dir.display()) })
+        };
+        Self::new(open(pins::EVENTS)?, open(pins::PRIORITY)?, open(pins::DENY_SUMMARY)?)
+    }
+
+    /// Pins the rings and the deny summary in `dir` (which must exist, on bpffs).
+    pub fn pin(&self, dir: &std::path::Path) -> Result<(), crate::LoaderError> {
+        let pin = |map: &MapData, name: &'static str| {
+            map.pin(dir.join(name)).map_err(|err| crate::LoaderError::Map {
+                map: name,
+                message: format!("cannot pin at {}: {err}", dir.join(name).display()),
+            })
+        };
+        pin(self.events.map(), pins::EVENTS)?;
+        pin(self.priority.map(), pins::PRIORITY)?;
+        pin(&self.summary_map, pins::DENY_SUMMARY)
     }
 
     /// Hands every record already queued to `sink`, without waiting: the priority ring, the
     /// event ring, then the denies the kernel counted since the last look (one event per
     /// summary key with the increment as its count). Returns how many events were handed out.
+    /// Nothing is given back to the kernel before [`EventReader::commit`].
     pub fn drain(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
         let mut count = 0;
         for ring in [&mut self.priority, &mut self.events] {
-            while let Some(item) = ring.next() {
-                sink(decode(&item));
+            while ring.next_with(|bytes| sink(decode(bytes))).is_some() {
                 count += 1;
             }
         }
         count + self.drain_summary(sink)
+    }
+
+    /// The records handed out are written: their space goes back to the kernel, and the
+    /// summary's counts handed out are no longer handed out again.
+    pub fn commit(&mut self) {
+        self.priority.commit();
+        self.events.commit();
+        for (key, count) in self.handed.drain() {
+            self.reported.insert(key, count);
+        }
+    }
+
+    /// Every count of the deny summary (summed over CPUs), as events whose `count` is the
+    /// kernel's total for the entry.
+    pub fn summary_totals(&self) -> Vec<Result<Event, DecodeError>> {
+        let mut out = Vec::new();
+        for entry in self.summary.iter() {
+            let Ok((key, per_cpu)) = entry else { continue };
+            let total: u64 = per_cpu.iter().sum();
+            out.push(decode_summary(&key, total));
+        }
+        out
+    }
+
+    /// Takes the summary's counts as already written, as they are now (a reader of pinned
+    /// maps whose earlier reader wrote them).
+    pub fn set_reported(&mut self, reported: impl IntoIterator<Item = (NetEvent, u64)>) {
+        for (key, count) in reported {
+            self.reported.insert(bytes_of(&key).to_vec(), count);
+        }
     }
 
     fn drain_summary(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
@@ -597,10 +687,11 @@ impl EventReader {
         for entry in self.summary.iter() {
             let Ok((key, per_cpu)) = entry else { continue };
             let total: u64 = per_cpu.iter().sum();
-            let seen = self.reported.entry(bytes_of(&key).to_vec()).or_insert(0);
-            if total > *seen {
-                sink(decode_summary(&key, total - *seen));
-                *seen = total;
+            let bytes = bytes_of(&key).to_vec();
+            let seen = self.handed.get(&bytes).or_else(|| self.reported.get(&bytes)).copied().unwrap_or(0);
+            if total > seen {
+                sink(decode_summary(&key, total - seen));
+                self.handed.insert(bytes, total);
                 count += 1;
             }
         }
