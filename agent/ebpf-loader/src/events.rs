@@ -564,10 +564,11 @@ fn net_detail(event: &NetEvent, count: u64) -> Result<NetDetail, DecodeError> {
 /// Blocking reader over the kernel's event rings (the priority ring first: deny, kill and
 /// process records) and its deny summary.
 ///
-/// What it reads is handed back to the kernel only by [`EventReader::commit`]: a caller
-/// writes the records it was handed (the audit log's write(2)), then commits. Until then
-/// the rings keep them, and a reader of the same (pinned) rings in another process starts
-/// with them.
+/// What it reads is handed back to the kernel when [`EventReader::drain`] (or a poll)
+/// returns, after the sink saw every record; or, after [`EventReader::commit_manually`],
+/// only by [`EventReader::commit`]: a caller writes the records it was handed (the audit
+/// log's write(2)), then commits. Until then the rings keep them, and a reader of the
+/// same (pinned) rings in another process starts with them.
 pub struct EventReader {
     events: Ring,
     priority: Ring,
@@ -578,6 +579,8 @@ pub struct EventReader {
     reported: HashMap<Vec<u8>, u64>,
     /// Per summary key: the count handed out since the last commit.
     handed: HashMap<Vec<u8>, u64>,
+    /// Commits only on [`EventReader::commit`].
+    manual: bool,
 }
 
 /// The names under which [`EventReader::pin`] pins the run's maps in its directory.
@@ -611,6 +614,7 @@ impl EventReader {
             summary_map,
             reported: HashMap::new(),
             handed: HashMap::new(),
+            manual: false,
         })
     }
 
@@ -641,7 +645,8 @@ impl EventReader {
     /// Hands every record already queued to `sink`, without waiting: the priority ring, the
     /// event ring, then the denies the kernel counted since the last look (one event per
     /// summary key with the increment as its count). Returns how many events were handed out.
-    /// Nothing is given back to the kernel before [`EventReader::commit`].
+    /// With [`EventReader::commit_manually`], nothing is given back to the kernel before
+    /// [`EventReader::commit`].
     pub fn drain(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
         let mut count = 0;
         for ring in [&mut self.priority, &mut self.events] {
@@ -649,7 +654,16 @@ impl EventReader {
                 count += 1;
             }
         }
-        count + self.drain_summary(sink)
+        count += self.drain_summary(sink);
+        if !self.manual {
+            self.commit();
+        }
+        count
+    }
+
+    /// From now on what is read goes back to the kernel only on [`EventReader::commit`].
+    pub fn commit_manually(&mut self) {
+        self.manual = true;
     }
 
     /// The records handed out are written: their space goes back to the kernel, and the

@@ -140,11 +140,6 @@ impl Ring {
             self.committed = self.read;
         }
     }
-
-    /// Records read but not committed.
-    pub fn uncommitted(&self) -> bool {
-        self.read != self.committed
-    }
 }
 
 impl AsRawFd for Ring {

@@ -241,13 +241,20 @@ fn recover(ids: &[String], list: bool, key: Option<&Path>) -> Result<(), Failed>
     if list {
         for run in &all {
             let state = if run.writer_alive() { "running" } else { "orphaned" };
-            println!("{} {state} {} (agent {}, pid {})", run.id, run.audit.display(), run.agent.as_deref().unwrap_or("-"), run.pid);
+            println!(
+                "{} {state} {} (agent {}, pid {})",
+                run.id,
+                run.audit.display(),
+                run.agent.as_deref().unwrap_or("-"),
+                run.pid
+            );
         }
         return Ok(());
     }
     let mut chosen = Vec::new();
     for id in ids {
-        let run = all.iter().find(|r| &r.id == id).ok_or_else(|| usage(format!("no pinned run {id:?} (see --list)")))?;
+        let run =
+            all.iter().find(|r| &r.id == id).ok_or_else(|| usage(format!("no pinned run {id:?} (see --list)")))?;
         if run.writer_alive() {
             return Err(usage(format!("run {id} is not orphaned: agt-jail (pid {}) still runs it", run.pid)));
         }

@@ -97,6 +97,8 @@ pub fn recover(run: &RunMeta, key_override: Option<&std::path::Path>) -> Result<
     let dir = run.pin_dir();
     let mut reader =
         EventReader::open_pinned(&dir).with_context(|| format!("run {}: cannot open its pinned rings", run.id))?;
+    // The rings give nothing back before the log holds it (a failed recovery can be retried).
+    reader.commit_manually();
     let mut log = match Resumed::open(&run.audit, signing, |e| {
         if e.kind == Kind::Record && !run.governed {
             on_record.see(e.line);
@@ -190,6 +192,7 @@ pub fn recover(run: &RunMeta, key_override: Option<&std::path::Path>) -> Result<
         log.append(&did, &policy, line).map_err(|e| anyhow!("run {}: {e}", run.id))?;
     }
     log.close(now_ms()).map_err(|e| anyhow!("run {}: cannot close the log: {e}", run.id))?;
+    reader.commit();
     pinned_run::unpin(run)?;
     Ok(out)
 }
@@ -201,5 +204,45 @@ fn event_is_summary(event: &Event) -> bool {
             *pid == 0 && *ktime_ns == 0 && net.count >= 1
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn entry(record: Value) -> Vec<u8> {
+        json!({"did": "did:mesh:00", "kind": "record", "policy": "none", "prev": "00", "record": record, "seq": 1})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn ring_records_are_known_by_thread_and_kernel_time_and_summaries_by_the_rest() {
+        let deny = json!({"kind": "connect", "pid": 7, "tgid": 7, "ktime_ns": 99, "verdict": "deny", "port": 9});
+        let summary = json!({"kind": "connect", "pid": 0, "tgid": 7, "ktime_ns": 0, "verdict": "deny", "port": 9});
+        let mut seen = OnRecord::default();
+        seen.see(&entry(deny.clone()));
+        let mut five = summary.clone();
+        five["count"] = json!(5);
+        seen.see(&entry(five));
+        seen.see(&entry(summary.clone()));
+        seen.see(b"not json");
+        assert!(seen.ring.contains(&ring_key(&deny).unwrap()));
+        // The same record read again from the ring (recovered) is the same key.
+        let mut again = deny.clone();
+        again["recovered"] = json!(true);
+        assert_eq!(ring_key(&again), ring_key(&deny));
+        let mut later = deny;
+        later["ktime_ns"] = json!(100);
+        assert!(!seen.ring.contains(&ring_key(&later).unwrap()));
+        // Summary records: no ring key; their counts add up per entry (count 1 is left out).
+        assert_eq!(ring_key(&summary), None);
+        let (key, count) = summary_key(&summary).unwrap();
+        assert_eq!((seen.summary.get(&key).copied(), count), (Some(6), 1));
+        let mut other_port = summary;
+        other_port["port"] = json!(10);
+        assert_ne!(summary_key(&other_port).unwrap().0, key);
     }
 }

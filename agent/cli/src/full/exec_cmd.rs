@@ -655,6 +655,7 @@ fn pump_events(
     mut drops: DropWatch,
     stop: &AtomicBool,
 ) -> Result<()> {
+    reader.commit_manually();
     while !stop.load(Ordering::SeqCst) {
         reader
             .poll_denies(OBSERVATION_PERIOD, &mut |decoded| sink.handle(decoded, evaluator))

@@ -86,7 +86,10 @@ fn ensure_bpffs() -> Result<()> {
     // SAFETY: mount(2) with valid NUL-terminated strings and no data; the result is checked.
     let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        bail!("cannot mount bpffs at /sys/fs/bpf (audited runs pin their kernel records there): {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot mount bpffs at /sys/fs/bpf (audited runs pin their kernel records there): {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -123,7 +126,9 @@ impl PinnedRun {
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&run.meta).context("cannot describe the run")?;
         let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        file.write_all(&text).and_then(|()| file.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.write_all(&text)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(run)
     }
