@@ -96,7 +96,10 @@ fn on_record(log: &Path) -> OnRecord {
     for line in std::fs::read_to_string(log).unwrap().lines() {
         let Ok(entry) = serde_json::from_str::<Value>(line) else { continue };
         let record = &entry["record"];
-        if record["kind"] == "connect" && record["verdict"] == "deny" {
+        // The kernel's record (no policy, or recovered), or the evaluator's (under a policy).
+        let kernel_deny = record["kind"] == "connect" && record["verdict"] == "deny";
+        let evaluator_deny = record["event"] == "connect" && record["outcome"] == "deny";
+        if kernel_deny || evaluator_deny {
             let count = record["count"].as_u64().unwrap_or(1);
             out.denies += count;
             if record["pid"] == 0 {
@@ -131,9 +134,13 @@ fn verify(log: &Path, public: &str) -> (Option<i32>, String, String) {
     (output.status.code(), stdout, stderr)
 }
 
+/// Ring records the event thread reads per batch (`BATCH_RECORDS` in exec_cmd.rs).
+const BATCH_RECORDS: u64 = 512;
+
 /// One round: the flood, kill -9 of agt-jail in the middle of it, what is on disk, the
-/// recovery, what is on disk then.
-fn kill_9_in_a_flood_then_recover(round: u64) {
+/// recovery, what is on disk then. `policy`: the denies are a policy's, recorded by the
+/// evaluator.
+fn kill_9_in_a_flood_then_recover(round: u64, policy: bool) {
     let dir = tempfile::Builder::new().prefix("agt-jail-audit-").tempdir_in("/tmp").unwrap();
     let (log, key, count) = (dir.path().join("audit.jsonl"), dir.path().join("audit.key"), dir.path().join("count"));
     let public = agt_jail().args(["audit", "key", "--audit-key"]).arg(&key).output().unwrap();
@@ -157,16 +164,25 @@ fn kill_9_in_a_flood_then_recover(round: u64) {
          \x20   s.close()\n",
         count = count.display().to_string()
     );
-    let mut child = agt_jail()
-        .args(["exec", "--quiet", "--audit"])
-        .arg(&log)
-        .arg("--audit-key")
-        .arg(&key)
-        .args(["--audit-checkpoint-every", "700", "--audit-checkpoint-secs", "3600"])
-        .args(["--deny-connect", &format!("127.0.0.1:{port}"), "--", "/usr/bin/python3", "-c", &script])
-        .stdin(Stdio::null())
-        .spawn()
+    let mut exec = agt_jail();
+    exec.args(["exec", "--quiet", "--audit"]).arg(&log).arg("--audit-key").arg(&key);
+    exec.args(["--audit-checkpoint-every", "700", "--audit-checkpoint-secs", "3600"]);
+    if policy {
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: governance.toolkit/v1\nname: no-discard\nagents: [\"*\"]\ndefault_action: allow\n\
+                 rules:\n  - name: no-port-{port}\n    condition: \"event == 'connect' and net.port == {port}\"\n\
+                 \x20   action: deny\n    priority: 100\n"
+            ),
+        )
         .unwrap();
+        exec.args(["--ring", "0", "--policy"]).arg(&file);
+    } else {
+        exec.args(["--deny-connect", &format!("127.0.0.1:{port}")]);
+    }
+    let mut child = exec.args(["--", "/usr/bin/python3", "-c", &script]).stdin(Stdio::null()).spawn().unwrap();
     let cgroup = AgentCgroup::of(child.id());
     // The kill lands at a different point of the flood each round.
     wait_for("a flood of denies", || counted(&count) >= 5000 + 3000 * round);
@@ -200,14 +216,27 @@ fn kill_9_in_a_flood_then_recover(round: u64) {
     assert_eq!(stderr, "", "a recovered log is closed");
     let after = on_record(&log);
     let recovery = after.recovery.as_ref().expect("the recovery's record");
-    // What the kernel counted in its deny summary is on disk, once.
-    assert_eq!(recovery["deny_summary_total"].as_u64(), Some(after.summary), "{recovery}");
     // Every deny the agent was refused is on disk (the last may have been refused and not
-    // yet counted by the agent when it was killed), and none twice.
+    // yet counted by the agent when it was killed).
     assert!(after.denies + after.dropped >= refused, "round {round}: {after:?} on record, {refused} refused");
-    assert!(after.denies + after.dropped <= refused + 1, "round {round}: {after:?} on record, only {refused} refused");
+    if policy {
+        // The evaluator's records do not carry the kernel's identity of a record: a batch
+        // written just before the kill and not yet given back is written again
+        // (docs/audit.md, "Nothing twice"). Never more than that one batch.
+        assert!(
+            after.denies + after.dropped <= refused + 1 + BATCH_RECORDS,
+            "round {round}: {after:?} on record, only {refused} refused"
+        );
+    } else {
+        // None twice, and what the kernel counted in its deny summary is on disk, once.
+        assert!(
+            after.denies + after.dropped <= refused + 1,
+            "round {round}: {after:?} on record, only {refused} refused"
+        );
+        assert_eq!(recovery["deny_summary_total"].as_u64(), Some(after.summary), "{recovery}");
+    }
     eprintln!(
-        "round {round}: {refused} refused; on disk at the kill {} (+{} dropped), recovered {} ({} already written); \
+        "round {round} (policy: {policy}): {refused} refused; on disk at the kill {} (+{} dropped), recovered {} ({} already written); \
          deny summary {}",
         before.denies, before.dropped, after.recovered, recovery["ring_records_already_written"], after.summary
     );
@@ -223,7 +252,20 @@ fn a_log_cut_by_kill_9_in_a_flood_of_denies_verifies_and_recovery_writes_every_d
         return;
     }
     for round in 0..5 {
-        kill_9_in_a_flood_then_recover(round);
+        kill_9_in_a_flood_then_recover(round, false);
+    }
+}
+
+#[test]
+fn under_a_policy_kill_9_in_a_flood_loses_no_deny_after_recovery() {
+    if !require(
+        "under_a_policy_kill_9_in_a_flood_loses_no_deny_after_recovery",
+        &[Need::Root, Need::CgroupV2, Need::Btf],
+    ) {
+        return;
+    }
+    for round in 0..3 {
+        kill_9_in_a_flood_then_recover(round, true);
     }
 }
 

@@ -575,12 +575,17 @@ pub struct EventReader {
     summary: PerCpuHashMap<MapData, NetEvent, u64>,
     /// The summary map again (a second descriptor), for pinning.
     summary_map: MapData,
+    /// Per summary key: the count written (as committed), kept in a map of its own so that
+    /// it can be pinned with the summary: a later reader of the pins takes it from there.
+    written: Option<aya::maps::HashMap<MapData, NetEvent, u64>>,
     /// Per summary key (its bytes): the count handed out and committed.
     reported: HashMap<Vec<u8>, u64>,
-    /// Per summary key: the count handed out since the last commit.
-    handed: HashMap<Vec<u8>, u64>,
+    /// Per summary key: the entry and the count handed out since the last commit.
+    handed: HashMap<Vec<u8>, (NetEvent, u64)>,
     /// Commits only on [`EventReader::commit`].
     manual: bool,
+    /// Ring records handed out per drain at most.
+    batch_max: usize,
 }
 
 /// The names under which [`EventReader::pin`] pins the run's maps in its directory.
@@ -595,10 +600,31 @@ pub mod pins {
     pub const EVENT_DROPS: &str = "event_drops";
     /// The per-CPU count of denies that fit neither the priority ring nor the summary.
     pub const DENY_DROPS: &str = "deny_drops";
+    /// Per deny summary entry, the count the reader wrote (and committed).
+    pub const DENY_SUMMARY_WRITTEN: &str = "deny_summary_written";
+}
+
+/// The pinned map of the summary counts written.
+fn open_written(dir: &std::path::Path) -> Result<aya::maps::HashMap<MapData, NetEvent, u64>, crate::LoaderError> {
+    let error = |message: String| crate::LoaderError::Map { map: pins::DENY_SUMMARY_WRITTEN, message };
+    let data = MapData::from_pin(dir.join(pins::DENY_SUMMARY_WRITTEN))
+        .map_err(|err| error(format!("{}: {err}", dir.display())))?;
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|err| error(err.to_string()))
 }
 
 impl EventReader {
     pub(crate) fn new(events: MapData, priority: MapData, summary: MapData) -> Result<Self, crate::LoaderError> {
+        let written = aya::maps::HashMap::create(agt_jail_common::MAX_DENY_SUMMARIES, 0)
+            .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY_WRITTEN, message: err.to_string() })?;
+        Self::with_written(events, priority, summary, Some(written))
+    }
+
+    fn with_written(
+        events: MapData,
+        priority: MapData,
+        summary: MapData,
+        written: Option<aya::maps::HashMap<MapData, NetEvent, u64>>,
+    ) -> Result<Self, crate::LoaderError> {
         use std::os::fd::AsFd;
         let error =
             |map: &'static str| move |err: std::io::Error| crate::LoaderError::Map { map, message: err.to_string() };
@@ -612,25 +638,38 @@ impl EventReader {
             priority: Ring::new(priority).map_err(error(pins::PRIORITY))?,
             summary,
             summary_map,
+            written,
             reported: HashMap::new(),
             handed: HashMap::new(),
             manual: false,
+            batch_max: usize::MAX,
         })
     }
 
     /// Opens the rings and the deny summary a run pinned in `dir` (see [`pins`]), reading
-    /// from where its last commit left off. `reported` is the count already written per
-    /// summary entry (all zero: every count in the summary is handed out again).
+    /// from where its last commit left off: the summary hands out only what its counts
+    /// grew beyond the counts committed as written.
     pub fn open_pinned(dir: &std::path::Path) -> Result<Self, crate::LoaderError> {
         let open = |name: &'static str| {
             MapData::from_pin(dir.join(name))
                 .map_err(|err| crate::LoaderError::Map { map: name, message: format!("{}: {err}", dir.display()) })
         };
-        Self::new(open(pins::EVENTS)?, open(pins::PRIORITY)?, open(pins::DENY_SUMMARY)?)
+        let written = open_written(dir)?;
+        let mut reported = HashMap::new();
+        for entry in written.iter() {
+            let (key, count) = entry
+                .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY_WRITTEN, message: err.to_string() })?;
+            reported.insert(bytes_of(&key).to_vec(), count);
+        }
+        let mut reader =
+            Self::with_written(open(pins::EVENTS)?, open(pins::PRIORITY)?, open(pins::DENY_SUMMARY)?, Some(written))?;
+        reader.reported = reported;
+        Ok(reader)
     }
 
-    /// Pins the rings and the deny summary in `dir` (which must exist, on bpffs).
-    pub fn pin(&self, dir: &std::path::Path) -> Result<(), crate::LoaderError> {
+    /// Pins the rings, the deny summary and the counts written of it in `dir` (which must
+    /// exist, on bpffs).
+    pub fn pin(&mut self, dir: &std::path::Path) -> Result<(), crate::LoaderError> {
         let pin = |map: &MapData, name: &'static str| {
             map.pin(dir.join(name)).map_err(|err| crate::LoaderError::Map {
                 map: name,
@@ -639,7 +678,15 @@ impl EventReader {
         };
         pin(self.events.map(), pins::EVENTS)?;
         pin(self.priority.map(), pins::PRIORITY)?;
-        pin(&self.summary_map, pins::DENY_SUMMARY)
+        pin(&self.summary_map, pins::DENY_SUMMARY)?;
+        let written =
+            self.written.take().ok_or(crate::LoaderError::Missing { what: "map", name: pins::DENY_SUMMARY_WRITTEN })?;
+        written.pin(dir.join(pins::DENY_SUMMARY_WRITTEN)).map_err(|err| crate::LoaderError::Map {
+            map: pins::DENY_SUMMARY_WRITTEN,
+            message: format!("cannot pin at {}: {err}", dir.display()),
+        })?;
+        self.written = Some(open_written(dir)?);
+        Ok(())
     }
 
     /// Hands every record already queued to `sink`, without waiting: the priority ring, the
@@ -647,18 +694,29 @@ impl EventReader {
     /// summary key with the increment as its count). Returns how many events were handed out.
     /// With [`EventReader::commit_manually`], nothing is given back to the kernel before
     /// [`EventReader::commit`].
+    /// After [`EventReader::set_batch_max`] a drain stops after that many ring records
+    /// (the summary is read when the rings are empty).
     pub fn drain(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
         let mut count = 0;
         for ring in [&mut self.priority, &mut self.events] {
-            while ring.next_with(|bytes| sink(decode(bytes))).is_some() {
+            while count < self.batch_max && ring.next_with(|bytes| sink(decode(bytes))).is_some() {
                 count += 1;
             }
         }
-        count += self.drain_summary(sink);
+        if count < self.batch_max {
+            count += self.drain_summary(sink);
+        }
         if !self.manual {
-            self.commit();
+            // Without the pinned map (not updated in this mode) nothing can fail.
+            let _ = self.commit();
         }
         count
+    }
+
+    /// At most `max` ring records per drain: a caller that writes each drain's records
+    /// before it commits keeps what it holds unwritten (and its writes) that small.
+    pub fn set_batch_max(&mut self, max: usize) {
+        self.batch_max = max.max(1);
     }
 
     /// From now on what is read goes back to the kernel only on [`EventReader::commit`].
@@ -666,14 +724,27 @@ impl EventReader {
         self.manual = true;
     }
 
-    /// The records handed out are written: their space goes back to the kernel, and the
-    /// summary's counts handed out are no longer handed out again.
-    pub fn commit(&mut self) {
+    /// The records handed out are written: the summary's counts handed out are kept as
+    /// written (in memory and, with [`EventReader::commit_manually`], in the map that is
+    /// pinned with the summary), then the rings' space goes back to the kernel. An error
+    /// (the map refused an update) gives nothing back.
+    pub fn commit(&mut self) -> Result<(), crate::LoaderError> {
+        if self.manual {
+            if let Some(written) = self.written.as_mut() {
+                for (key, count) in self.handed.values() {
+                    written.insert(key, count, 0).map_err(|err| crate::LoaderError::Map {
+                        map: pins::DENY_SUMMARY_WRITTEN,
+                        message: err.to_string(),
+                    })?;
+                }
+            }
+        }
+        for (bytes, (_, count)) in self.handed.drain() {
+            self.reported.insert(bytes, count);
+        }
         self.priority.commit();
         self.events.commit();
-        for (key, count) in self.handed.drain() {
-            self.reported.insert(key, count);
-        }
+        Ok(())
     }
 
     /// Every count of the deny summary (summed over CPUs), as events whose `count` is the
@@ -688,24 +759,17 @@ impl EventReader {
         out
     }
 
-    /// Takes the summary's counts as already written, as they are now (a reader of pinned
-    /// maps whose earlier reader wrote them).
-    pub fn set_reported(&mut self, reported: impl IntoIterator<Item = (NetEvent, u64)>) {
-        for (key, count) in reported {
-            self.reported.insert(bytes_of(&key).to_vec(), count);
-        }
-    }
-
     fn drain_summary(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
         let mut count = 0;
         for entry in self.summary.iter() {
             let Ok((key, per_cpu)) = entry else { continue };
             let total: u64 = per_cpu.iter().sum();
             let bytes = bytes_of(&key).to_vec();
-            let seen = self.handed.get(&bytes).or_else(|| self.reported.get(&bytes)).copied().unwrap_or(0);
+            let seen =
+                self.handed.get(&bytes).map(|(_, n)| n).or_else(|| self.reported.get(&bytes)).copied().unwrap_or(0);
             if total > seen {
                 sink(decode_summary(&key, total - seen));
-                self.handed.insert(bytes, total);
+                self.handed.insert(bytes, (key, total));
                 count += 1;
             }
         }

@@ -307,8 +307,8 @@ impl AgentPrograms {
     /// Pins the run's event rings, deny summary and drop counters in `dir` (an existing
     /// directory on bpffs; names in [`crate::pins`]), so that what the kernel queued or
     /// counted outlives this process. Must come before [`AgentPrograms::take_events`].
-    pub fn pin_events(&self, dir: &Path) -> Result<(), LoaderError> {
-        let reader = self.reader.as_ref().ok_or(LoaderError::Missing { what: "event reader", name: "EVENTS" })?;
+    pub fn pin_events(&mut self, dir: &Path) -> Result<(), LoaderError> {
+        let reader = self.reader.as_mut().ok_or(LoaderError::Missing { what: "event reader", name: "EVENTS" })?;
         reader.pin(dir)?;
         for (name, pin) in [("EVENT_DROPS", crate::pins::EVENT_DROPS), ("DENY_DROPS", crate::pins::DENY_DROPS)] {
             let map = self.bpf.map(name).ok_or(LoaderError::Missing { what: "map", name })?;

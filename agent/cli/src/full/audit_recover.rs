@@ -128,11 +128,21 @@ pub fn recover(run: &RunMeta, key_override: Option<&std::path::Path>) -> Result<
     let mut failure: Option<anyhow::Error> = None;
     // The rings: the priority ring, then the event ring, in the order the kernel queued.
     reader.drain(&mut |decoded| {
-        let value = match decoded {
-            // Summary increments are taken from the totals below.
-            Ok(event) if event_is_summary(&event) => return,
-            Ok(event) => event_value(&event),
-            Err(err) => Ok(json!({"event": "undecodable_kernel_record", "error": err.to_string(), "recovered": true})),
+        let (value, summary) = match decoded {
+            // Without a policy the log's summary records are the kernel's: their counts are
+            // taken off the totals below. Under a policy they are the evaluator's: what the
+            // summary counted beyond the counts committed as written is written now.
+            Ok(event) if event_is_summary(&event) => {
+                if !run.governed {
+                    return;
+                }
+                out.summary_denies += summary_count(&event);
+                (event_value(&event), true)
+            }
+            Ok(event) => (event_value(&event), false),
+            Err(err) => {
+                (Ok(json!({"event": "undecodable_kernel_record", "error": err.to_string(), "recovered": true})), false)
+            }
         };
         match value {
             Ok(value) => {
@@ -140,7 +150,9 @@ pub fn recover(run: &RunMeta, key_override: Option<&std::path::Path>) -> Result<
                     out.already_written += 1;
                     return;
                 }
-                out.records += 1;
+                if !summary {
+                    out.records += 1;
+                }
                 lines.push(value.to_string().into_bytes());
             }
             Err(err) => {
@@ -192,9 +204,17 @@ pub fn recover(run: &RunMeta, key_override: Option<&std::path::Path>) -> Result<
         log.append(&did, &policy, line).map_err(|e| anyhow!("run {}: {e}", run.id))?;
     }
     log.close(now_ms()).map_err(|e| anyhow!("run {}: cannot close the log: {e}", run.id))?;
-    reader.commit();
+    reader.commit().map_err(|e| anyhow!("run {}: {e}", run.id))?;
     pinned_run::unpin(run)?;
     Ok(out)
+}
+
+fn summary_count(event: &Event) -> u64 {
+    match event {
+        Event::Connect { count, .. } => *count,
+        Event::Sendmsg { net, .. } | Event::Bind { net, .. } => net.count,
+        _ => 0,
+    }
 }
 
 fn event_is_summary(event: &Event) -> bool {

@@ -163,7 +163,7 @@ impl<'a> Governed<'a> {
             programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
         }
         if let Some(audit) = self.audit.as_ref() {
-            self.pinned = Some(self.pin_run(&programs, audit, cgroup)?);
+            self.pinned = Some(self.pin_run(&mut programs, audit, cgroup)?);
         }
         programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
         self.task_facts = programs.take_task_facts().map(|map| Arc::new(KernelTasks(map)));
@@ -173,7 +173,7 @@ impl<'a> Governed<'a> {
 
     /// An audited run's rings and counters, pinned before the agent exists: what the
     /// kernel queued outlives a kill -9 of this process, for `agt-jail audit recover`.
-    fn pin_run(&self, programs: &AgentPrograms, audit: &AuditRun, cgroup: &AgentCgroup) -> Result<PinnedRun> {
+    fn pin_run(&self, programs: &mut AgentPrograms, audit: &AuditRun, cgroup: &AgentCgroup) -> Result<PinnedRun> {
         let args = self.args;
         let log = args.audit.file.as_deref().context("an audit run without a file")?;
         let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -609,6 +609,12 @@ fn describe_denial(event: &Event) -> String {
 /// kill records wake the reader at once.
 const OBSERVATION_PERIOD: Duration = Duration::from_millis(10);
 
+/// Ring records read per batch at most: a batch's records are written (one write) before
+/// the kernel gets their space back, and must fit the record sink's buffer, which writes
+/// early when it grows beyond 1 MiB (an evaluator record is well under 2 KiB). Records
+/// written before a kill -9 and not yet given back are read again by `audit recover`.
+const BATCH_RECORDS: usize = 512;
+
 /// The kernel's drop counters, recorded when they move so that a gap in the records is
 /// itself on record.
 struct DropWatch {
@@ -656,19 +662,38 @@ fn pump_events(
     stop: &AtomicBool,
 ) -> Result<()> {
     reader.commit_manually();
+    reader.set_batch_max(BATCH_RECORDS);
+    // Once a commit fails nothing more is given back (the pinned rings keep it).
+    let mut commit_failed = false;
+    let commit = |reader: &mut EventReader| match reader.commit() {
+        Ok(()) => false,
+        Err(err) => {
+            agt_jail_jail::stderr_line!("agt-jail: {err}");
+            true
+        }
+    };
     while !stop.load(Ordering::SeqCst) {
         reader
             .poll_denies(OBSERVATION_PERIOD, &mut |decoded| sink.handle(decoded, evaluator))
             .context("cannot poll the event ring buffer")?;
         drops.record(&mut sink, evaluator);
-        if sink.end_batch(evaluator) {
-            reader.commit();
+        if sink.end_batch(evaluator) && !commit_failed {
+            commit_failed = commit(&mut reader);
         }
     }
-    reader.drain(&mut |decoded| sink.handle(decoded, evaluator));
-    drops.record(&mut sink, evaluator);
-    if sink.end_batch(evaluator) {
-        reader.commit();
+    // What is left, a batch at a time.
+    loop {
+        let read = reader.drain(&mut |decoded| sink.handle(decoded, evaluator));
+        drops.record(&mut sink, evaluator);
+        if sink.end_batch(evaluator) && !commit_failed {
+            commit_failed = commit(&mut reader);
+        }
+        if read < BATCH_RECORDS {
+            break;
+        }
+    }
+    if commit_failed {
+        bail!("cannot keep the count of deny summary records written; the rest stays in the kernel's rings");
     }
     if let Some(err) = sink.error.take() {
         bail!(err);

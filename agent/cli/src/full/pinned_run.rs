@@ -115,7 +115,7 @@ pub struct PinnedRun {
 impl PinnedRun {
     /// Pins `programs`' rings, summary and counters for the run `meta` describes, then
     /// writes the description. Fails (and leaves nothing behind) when either cannot be done.
-    pub fn create(programs: &AgentPrograms, meta: RunMeta) -> Result<PinnedRun> {
+    pub fn create(programs: &mut AgentPrograms, meta: RunMeta) -> Result<PinnedRun> {
         ensure_bpffs()?;
         let dir = meta.pin_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -158,7 +158,14 @@ impl Drop for PinnedRun {
 /// Removes a run's pins and its description.
 pub fn unpin(meta: &RunMeta) -> Result<()> {
     let dir = meta.pin_dir();
-    for name in [pins::EVENTS, pins::PRIORITY, pins::DENY_SUMMARY, pins::EVENT_DROPS, pins::DENY_DROPS] {
+    for name in [
+        pins::EVENTS,
+        pins::PRIORITY,
+        pins::DENY_SUMMARY,
+        pins::DENY_SUMMARY_WRITTEN,
+        pins::EVENT_DROPS,
+        pins::DENY_DROPS,
+    ] {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
