@@ -594,7 +594,7 @@ fn records_read_but_not_committed_stay_for_a_reader_of_the_pinned_rings() {
     };
     denied(100);
     assert_eq!(denies_read(&mut reader, agent, port), 100);
-    reader.commit();
+    reader.commit().unwrap();
     denied(40);
     assert_eq!(denies_read(&mut reader, agent, port), 40);
     // Read, not committed: the reader goes away (as a killed process does).

@@ -1,6 +1,7 @@
 //! The kernel objects of an audited run, pinned so that they outlive agt-jail.
 //!
-//! `exec --audit` pins its event rings, deny summary and drop counters at
+//! `exec --audit` pins its event rings, deny summary (and the counts of it written) and
+//! drop counters at
 //! `/sys/fs/bpf/agt-jail/exec-<pid>-<cgroup id>/` and writes what the run is (its audit
 //! log, key, agent, DID, policy hash, cgroup) to `/run/agt-jail/runs/exec-<pid>-<cgroup id>.json`.
 //! A normal end drains the rings into the log, closes it and removes both. After kill -9
