@@ -96,8 +96,9 @@ pub enum AuditCommand {
     /// /run/agt-jail/runs/<that id>.json. When agt-jail is killed (kill -9, a crash) they
     /// stay. For each such run whose agt-jail is gone, this kills what is left of its agent,
     /// verifies the log with the key, cuts a partial last line (reported), appends the
-    /// records the rings still hold (each marked "recovered": true; records the dead
-    /// writer had already written are recognised and not written twice), the kernel's
+    /// records the rings still hold (each marked "recovered": true; without a policy, records
+    /// the dead writer had already written are recognised and not written twice; see
+    /// docs/audit.md), what the deny summary counted beyond what was written, the kernel's
     /// drop counters, a summary record ("event": "audit_recovered"), signs a closing
     /// checkpoint and unpins. `exec --audit` warns while such runs exist.
     #[command(after_help = RECOVER_HELP)]
@@ -105,7 +106,7 @@ pub enum AuditCommand {
         /// Only these runs (ids as --list prints them); default every orphaned run.
         #[arg(value_name = "RUN")]
         runs: Vec<String>,
-        /// List the orphaned runs and their logs; recover nothing.
+        /// List the pinned runs (running or orphaned) and their logs; recover nothing.
         #[arg(long)]
         list: bool,
         /// The signing key (default: the key the run was started with).
