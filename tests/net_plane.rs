@@ -536,3 +536,77 @@ fn the_kernel_keeps_each_agent_threads_name_and_executable() {
     drop(programs);
     cgroup.remove().unwrap();
 }
+
+/// A bpffs instance of the test's own (each mount is a new one), unmounted when dropped.
+struct Bpffs(tempfile::TempDir);
+
+impl Bpffs {
+    fn mount() -> Bpffs {
+        let dir = tempfile::tempdir().unwrap();
+        let target = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: mount(2) with valid NUL-terminated strings and no data.
+        let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+        assert_eq!(rc, 0, "mount bpffs: {}", std::io::Error::last_os_error());
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let target = CString::new(self.0.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: umount2(2) of the mount made above.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Deny records (with their counts) of `agent` to `port` that `reader` hands out now.
+fn denies_read(reader: &mut EventReader, agent: u64, port: u16) -> u64 {
+    let mut denies = 0;
+    reader.drain(&mut |event| {
+        if let Ok(Event::Connect { agent_id, port: p, verdict: VerdictName::Deny, count, .. }) = event {
+            if agent_id == agent && p == port {
+                denies += count;
+            }
+        }
+    });
+    denies
+}
+
+/// What a reader read but did not commit stays in the pinned rings: a reader of the pins
+/// in its place (another process, after a kill -9) reads it again, and nothing committed.
+#[test]
+fn records_read_but_not_committed_stay_for_a_reader_of_the_pinned_rings() {
+    require!(Need::Root, Need::Btf, Need::CgroupV2);
+    let agent = AGENT + 5;
+    let bpffs = Bpffs::mount();
+    let cgroup = test_cgroup(0x91e0);
+    let mut programs = AgentPrograms::load().unwrap();
+    programs.register_agent(cgroup.id(), agent).unwrap();
+    programs.attach_cgroup(cgroup.dir()).unwrap();
+    programs.install_net_plan(agent, &deny_every_tcp_connect()).unwrap();
+    programs.pin_events(bpffs.0.path()).unwrap();
+    let mut reader = programs.take_events().unwrap();
+    reader.commit_manually();
+    let port = 9;
+    let denied = |n: usize| {
+        let (results, _) = probe(cgroup.path(), &vec![Op::Connect(Ipv4Addr::LOCALHOST, port); n], false, "exit 0");
+        assert!(results.iter().all(|r| *r == libc::EPERM), "every connect denied");
+    };
+    denied(100);
+    assert_eq!(denies_read(&mut reader, agent, port), 100);
+    reader.commit().unwrap();
+    denied(40);
+    assert_eq!(denies_read(&mut reader, agent, port), 40);
+    // Read, not committed: the reader goes away (as a killed process does).
+    drop(reader);
+    let mut again = EventReader::open_pinned(bpffs.0.path()).unwrap();
+    assert_eq!(denies_read(&mut again, agent, port), 40, "what was not committed is read again, nothing else");
+    let mut third = EventReader::open_pinned(bpffs.0.path()).unwrap();
+    assert_eq!(denies_read(&mut third, agent, port), 0, "a reader that does not defer commits as it reads");
+    assert_eq!(
+        agt_jail_ebpf_loader::pinned_counter(bpffs.0.path(), agt_jail_ebpf_loader::pins::DENY_DROPS).unwrap(),
+        0
+    );
+    drop((again, third, programs));
+    cgroup.remove().unwrap();
+}

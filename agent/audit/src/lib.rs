@@ -15,6 +15,7 @@ pub mod entry;
 pub mod key;
 pub mod merkle;
 pub mod proof;
+pub mod resume;
 pub mod show;
 pub mod verify;
 pub mod writer;

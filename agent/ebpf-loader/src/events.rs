@@ -16,7 +16,9 @@ use agt_jail_common::{
     NET_EVENT_RATE_LIMITED, NET_LAYER_ALLOW_LIST, NET_LAYER_DENY_ALL, NET_LAYER_DENY_LIST, NET_LAYER_NONE,
     NET_LAYER_PLAN, NET_LAYER_UNKNOWN_AGENT, NET_RULE_DEFAULT,
 };
-use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{MapData, PerCpuHashMap};
+
+use crate::ring::Ring;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -561,35 +563,200 @@ fn net_detail(event: &NetEvent, count: u64) -> Result<NetDetail, DecodeError> {
 
 /// Blocking reader over the kernel's event rings (the priority ring first: deny, kill and
 /// process records) and its deny summary.
+///
+/// What it reads is handed back to the kernel when [`EventReader::drain`] (or a poll)
+/// returns, after the sink saw every record; or, after [`EventReader::commit_manually`],
+/// only by [`EventReader::commit`]: a caller writes the records it was handed (the audit
+/// log's write(2)), then commits. Until then the rings keep them, and a reader of the
+/// same (pinned) rings in another process starts with them.
 pub struct EventReader {
-    events: RingBuf<MapData>,
-    priority: RingBuf<MapData>,
+    events: Ring,
+    priority: Ring,
     summary: PerCpuHashMap<MapData, NetEvent, u64>,
-    /// Per summary key (its bytes): the count already handed out.
+    /// The summary map again (a second descriptor), for pinning.
+    summary_map: MapData,
+    /// Per summary key: the count written (as committed), kept in a map of its own so that
+    /// it can be pinned with the summary: a later reader of the pins takes it from there.
+    written: Option<aya::maps::HashMap<MapData, NetEvent, u64>>,
+    /// Per summary key (its bytes): the count handed out and committed.
     reported: HashMap<Vec<u8>, u64>,
+    /// Per summary key: the entry and the count handed out since the last commit.
+    handed: HashMap<Vec<u8>, (NetEvent, u64)>,
+    /// Commits only on [`EventReader::commit`].
+    manual: bool,
+    /// Ring records handed out per drain at most.
+    batch_max: usize,
+}
+
+/// The names under which [`EventReader::pin`] pins the run's maps in its directory.
+pub mod pins {
+    /// The event ring (allowed observations).
+    pub const EVENTS: &str = "events";
+    /// The priority ring (deny, kill and process records).
+    pub const PRIORITY: &str = "priority_events";
+    /// The deny summary (per-CPU counts of denies that fit no ring).
+    pub const DENY_SUMMARY: &str = "deny_summary";
+    /// The per-CPU count of events the event ring could not take.
+    pub const EVENT_DROPS: &str = "event_drops";
+    /// The per-CPU count of denies that fit neither the priority ring nor the summary.
+    pub const DENY_DROPS: &str = "deny_drops";
+    /// Per deny summary entry, the count the reader wrote (and committed).
+    pub const DENY_SUMMARY_WRITTEN: &str = "deny_summary_written";
+}
+
+/// The pinned map of the summary counts written.
+fn open_written(dir: &std::path::Path) -> Result<aya::maps::HashMap<MapData, NetEvent, u64>, crate::LoaderError> {
+    let error = |message: String| crate::LoaderError::Map { map: pins::DENY_SUMMARY_WRITTEN, message };
+    let data = MapData::from_pin(dir.join(pins::DENY_SUMMARY_WRITTEN))
+        .map_err(|err| error(format!("{}: {err}", dir.display())))?;
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|err| error(err.to_string()))
 }
 
 impl EventReader {
-    pub(crate) fn new(
-        events: RingBuf<MapData>,
-        priority: RingBuf<MapData>,
-        summary: PerCpuHashMap<MapData, NetEvent, u64>,
-    ) -> Self {
-        Self { events, priority, summary, reported: HashMap::new() }
+    pub(crate) fn new(events: MapData, priority: MapData, summary: MapData) -> Result<Self, crate::LoaderError> {
+        let written = aya::maps::HashMap::create(agt_jail_common::MAX_DENY_SUMMARIES, 0)
+            .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY_WRITTEN, message: err.to_string() })?;
+        Self::with_written(events, priority, summary, Some(written))
+    }
+
+    fn with_written(
+        events: MapData,
+        priority: MapData,
+        summary: MapData,
+        written: Option<aya::maps::HashMap<MapData, NetEvent, u64>>,
+    ) -> Result<Self, crate::LoaderError> {
+        use std::os::fd::AsFd;
+        let error =
+            |map: &'static str| move |err: std::io::Error| crate::LoaderError::Map { map, message: err.to_string() };
+        let summary_fd = summary.fd().as_fd().try_clone_to_owned().map_err(error(pins::DENY_SUMMARY))?;
+        let summary_map = MapData::from_fd(summary_fd)
+            .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY, message: err.to_string() })?;
+        let summary = PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(summary))
+            .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY, message: err.to_string() })?;
+        Ok(Self {
+            events: Ring::new(events).map_err(error(pins::EVENTS))?,
+            priority: Ring::new(priority).map_err(error(pins::PRIORITY))?,
+            summary,
+            summary_map,
+            written,
+            reported: HashMap::new(),
+            handed: HashMap::new(),
+            manual: false,
+            batch_max: usize::MAX,
+        })
+    }
+
+    /// Opens the rings and the deny summary a run pinned in `dir` (see [`pins`]), reading
+    /// from where its last commit left off: the summary hands out only what its counts
+    /// grew beyond the counts committed as written.
+    pub fn open_pinned(dir: &std::path::Path) -> Result<Self, crate::LoaderError> {
+        let open = |name: &'static str| {
+            MapData::from_pin(dir.join(name))
+                .map_err(|err| crate::LoaderError::Map { map: name, message: format!("{}: {err}", dir.display()) })
+        };
+        let written = open_written(dir)?;
+        let mut reported = HashMap::new();
+        for entry in written.iter() {
+            let (key, count) = entry
+                .map_err(|err| crate::LoaderError::Map { map: pins::DENY_SUMMARY_WRITTEN, message: err.to_string() })?;
+            reported.insert(bytes_of(&key).to_vec(), count);
+        }
+        let mut reader =
+            Self::with_written(open(pins::EVENTS)?, open(pins::PRIORITY)?, open(pins::DENY_SUMMARY)?, Some(written))?;
+        reader.reported = reported;
+        Ok(reader)
+    }
+
+    /// Pins the rings, the deny summary and the counts written of it in `dir` (which must
+    /// exist, on bpffs).
+    pub fn pin(&mut self, dir: &std::path::Path) -> Result<(), crate::LoaderError> {
+        let pin = |map: &MapData, name: &'static str| {
+            map.pin(dir.join(name)).map_err(|err| crate::LoaderError::Map {
+                map: name,
+                message: format!("cannot pin at {}: {err}", dir.join(name).display()),
+            })
+        };
+        pin(self.events.map(), pins::EVENTS)?;
+        pin(self.priority.map(), pins::PRIORITY)?;
+        pin(&self.summary_map, pins::DENY_SUMMARY)?;
+        let written =
+            self.written.take().ok_or(crate::LoaderError::Missing { what: "map", name: pins::DENY_SUMMARY_WRITTEN })?;
+        written.pin(dir.join(pins::DENY_SUMMARY_WRITTEN)).map_err(|err| crate::LoaderError::Map {
+            map: pins::DENY_SUMMARY_WRITTEN,
+            message: format!("cannot pin at {}: {err}", dir.display()),
+        })?;
+        self.written = Some(open_written(dir)?);
+        Ok(())
     }
 
     /// Hands every record already queued to `sink`, without waiting: the priority ring, the
     /// event ring, then the denies the kernel counted since the last look (one event per
     /// summary key with the increment as its count). Returns how many events were handed out.
+    /// With [`EventReader::commit_manually`], nothing is given back to the kernel before
+    /// [`EventReader::commit`].
+    /// After [`EventReader::set_batch_max`] a drain stops after that many ring records
+    /// (the summary is read when the rings are empty).
     pub fn drain(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
         let mut count = 0;
         for ring in [&mut self.priority, &mut self.events] {
-            while let Some(item) = ring.next() {
-                sink(decode(&item));
+            while count < self.batch_max && ring.next_with(|bytes| sink(decode(bytes))).is_some() {
                 count += 1;
             }
         }
-        count + self.drain_summary(sink)
+        if count < self.batch_max {
+            count += self.drain_summary(sink);
+        }
+        if !self.manual {
+            // Without the pinned map (not updated in this mode) nothing can fail.
+            let _ = self.commit();
+        }
+        count
+    }
+
+    /// At most `max` ring records per drain: a caller that writes each drain's records
+    /// before it commits keeps what it holds unwritten (and its writes) that small.
+    pub fn set_batch_max(&mut self, max: usize) {
+        self.batch_max = max.max(1);
+    }
+
+    /// From now on what is read goes back to the kernel only on [`EventReader::commit`].
+    pub fn commit_manually(&mut self) {
+        self.manual = true;
+    }
+
+    /// The records handed out are written: the summary's counts handed out are kept as
+    /// written (in memory and, with [`EventReader::commit_manually`], in the map that is
+    /// pinned with the summary), then the rings' space goes back to the kernel. An error
+    /// (the map refused an update) gives nothing back.
+    pub fn commit(&mut self) -> Result<(), crate::LoaderError> {
+        if self.manual {
+            if let Some(written) = self.written.as_mut() {
+                for (key, count) in self.handed.values() {
+                    written.insert(key, count, 0).map_err(|err| crate::LoaderError::Map {
+                        map: pins::DENY_SUMMARY_WRITTEN,
+                        message: err.to_string(),
+                    })?;
+                }
+            }
+        }
+        for (bytes, (_, count)) in self.handed.drain() {
+            self.reported.insert(bytes, count);
+        }
+        self.priority.commit();
+        self.events.commit();
+        Ok(())
+    }
+
+    /// Every count of the deny summary (summed over CPUs), as events whose `count` is the
+    /// kernel's total for the entry.
+    pub fn summary_totals(&self) -> Vec<Result<Event, DecodeError>> {
+        let mut out = Vec::new();
+        for entry in self.summary.iter() {
+            let Ok((key, per_cpu)) = entry else { continue };
+            let total: u64 = per_cpu.iter().sum();
+            out.push(decode_summary(&key, total));
+        }
+        out
     }
 
     fn drain_summary(&mut self, sink: &mut dyn FnMut(Result<Event, DecodeError>)) -> usize {
@@ -597,10 +764,12 @@ impl EventReader {
         for entry in self.summary.iter() {
             let Ok((key, per_cpu)) = entry else { continue };
             let total: u64 = per_cpu.iter().sum();
-            let seen = self.reported.entry(bytes_of(&key).to_vec()).or_insert(0);
-            if total > *seen {
-                sink(decode_summary(&key, total - *seen));
-                *seen = total;
+            let bytes = bytes_of(&key).to_vec();
+            let seen =
+                self.handed.get(&bytes).map(|(_, n)| n).or_else(|| self.reported.get(&bytes)).copied().unwrap_or(0);
+            if total > seen {
+                sink(decode_summary(&key, total - seen));
+                self.handed.insert(bytes, (key, total));
                 count += 1;
             }
         }

@@ -10,16 +10,18 @@ pub mod lsm;
 mod name_allow;
 mod net;
 mod programs;
+mod ring;
 mod sys;
 
 pub use btf::{KernelOffsets, OffsetError};
 pub use events::{
-    comm_string, decode, exe_key, Caller, DecodeError, Event, EventReader, NetDetail, NetFamily, NetLayer, NetPlanHit,
-    VerdictName,
+    comm_string, decode, decode_summary, exe_key, pins, Caller, DecodeError, Event, EventReader, NetDetail, NetFamily,
+    NetLayer, NetPlanHit, VerdictName,
 };
 pub use name_allow::{name_allows, KernelAllowMap, NameAllows};
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
-pub use programs::{AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
+pub use programs::{pinned_counter, AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
+pub use ring::Ring;
 
 /// Whether the loader can tell its own network namespace from an agent's
 /// (`SO_NETNS_COOKIE`, Linux 5.14); without it the deny-all layer refuses loopback in

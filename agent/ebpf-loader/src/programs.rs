@@ -10,7 +10,7 @@ use agt_jail_common::{
     CONNECT_ALLOW_FIXED_BITS, RULE_ALLOW, RULE_DENY,
 };
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr},
     Btf, Ebpf, EbpfLoader,
 };
@@ -217,10 +217,15 @@ impl AgentPrograms {
 
         let mut take = |name: &'static str| bpf.take_map(name).ok_or(LoaderError::Missing { what: "map", name });
         let (events, priority, summary) = (take("EVENTS")?, take("PRIORITY_EVENTS")?, take("DENY_SUMMARY")?);
-        let ring = |map: aya::maps::Map| RingBuf::try_from(map).map_err(|err| LoaderError::Load(err.to_string()));
-        let summary = PerCpuHashMap::try_from(summary)
-            .map_err(|err| LoaderError::Map { map: "DENY_SUMMARY", message: err.to_string() })?;
-        let reader = EventReader::new(ring(events)?, ring(priority)?, summary);
+        let data = |map: aya::maps::Map, name: &'static str| match map {
+            aya::maps::Map::RingBuf(data) | aya::maps::Map::PerCpuHashMap(data) => Ok(data),
+            _ => Err(LoaderError::Map { map: name, message: "not of the expected map type".into() }),
+        };
+        let reader = EventReader::new(
+            data(events, "EVENTS")?,
+            data(priority, "PRIORITY_EVENTS")?,
+            data(summary, "DENY_SUMMARY")?,
+        )?;
         let task_facts = HashMap::try_from(take("TASK_FACTS")?)
             .map_err(|err| LoaderError::Map { map: "TASK_FACTS", message: err.to_string() })?;
         Ok(Self { bpf, reader: Some(reader), task_facts: Some(TaskFactsMap { map: task_facts }) })
@@ -299,6 +304,26 @@ impl AgentPrograms {
         self.reader.take()
     }
 
+    /// Pins the run's event rings, deny summary and drop counters in `dir` (an existing
+    /// directory on bpffs; names in [`crate::pins`]), so that what the kernel queued or
+    /// counted outlives this process. Must come before [`AgentPrograms::take_events`].
+    pub fn pin_events(&mut self, dir: &Path) -> Result<(), LoaderError> {
+        let reader = self.reader.as_mut().ok_or(LoaderError::Missing { what: "event reader", name: "EVENTS" })?;
+        reader.pin(dir)?;
+        for (name, pin) in [("EVENT_DROPS", crate::pins::EVENT_DROPS), ("DENY_DROPS", crate::pins::DENY_DROPS)] {
+            let map = self.bpf.map(name).ok_or(LoaderError::Missing { what: "map", name })?;
+            let data = match map {
+                aya::maps::Map::PerCpuArray(data) => data,
+                _ => return Err(LoaderError::Map { map: name, message: "not a per-CPU array".into() }),
+            };
+            data.pin(dir.join(pin)).map_err(|err| LoaderError::Map {
+                map: name,
+                message: format!("cannot pin at {}: {err}", dir.join(pin).display()),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Allowed events the kernel side could not queue because the event ring buffer was full.
     pub fn dropped_events(&self) -> Result<u64, LoaderError> {
         self.counter("EVENT_DROPS")
@@ -330,6 +355,17 @@ impl AgentPrograms {
         let map = self.bpf.map_mut(name).ok_or(LoaderError::Missing { what: "map", name })?;
         HashMap::try_from(map).map_err(|err| LoaderError::Map { map: name, message: err.to_string() })
     }
+}
+
+/// A drop counter a run pinned in `dir` (`pin`: [`crate::pins::EVENT_DROPS`] or
+/// [`crate::pins::DENY_DROPS`]), summed over CPUs.
+pub fn pinned_counter(dir: &Path, pin: &'static str) -> Result<u64, LoaderError> {
+    let error = |message: String| LoaderError::Map { map: pin, message };
+    let data = MapData::from_pin(dir.join(pin)).map_err(|err| error(format!("{}: {err}", dir.display())))?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|err| error(err.to_string()))?;
+    let per_cpu = counters.get(&0, 0).map_err(|err| error(err.to_string()))?;
+    Ok(per_cpu.iter().sum())
 }
 
 fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>

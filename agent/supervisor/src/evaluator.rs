@@ -331,6 +331,11 @@ impl Evaluator {
         lock(&self.sink).take_error()
     }
 
+    /// Whether a write of the records failed (the error stays for [`Self::take_record_error`]).
+    pub fn record_error_pending(&self) -> bool {
+        lock(&self.sink).error.is_some()
+    }
+
     fn proc_facts(&self, pid: u32) -> ProcFacts {
         proc_facts(&self.proc_root, pid)
     }

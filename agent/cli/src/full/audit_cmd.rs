@@ -30,6 +30,11 @@ const EXIT_HELP: &str = "\
 Exit status: 0 the log or proof checks out (warnings, such as an unsigned tail, go to stderr);
 1 tampered: the first bad record is named by number, file and line; 2 bad usage or unreadable input.";
 
+const RECOVER_HELP: &str = "\
+Exit status: 0 every run asked for was recovered (or there was none); 1 a run could not be
+recovered (its log is tampered, closed while its rings still hold records, or cannot be
+written): its pins stay; 2 bad usage or a run that is not orphaned.";
+
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Check the chain and every checkpoint of a log (its files in order, rotated ones too).
@@ -83,6 +88,30 @@ pub enum AuditCommand {
     Show {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+    /// Write what killed `exec --audit` runs left in the kernel into their logs, and close them.
+    ///
+    /// An audited run pins its event rings, deny summary and drop counters under
+    /// /sys/fs/bpf/agt-jail/exec-<pid>-<cgroup id>/ and describes itself in
+    /// /run/agt-jail/runs/<that id>.json. When agt-jail is killed (kill -9, a crash) they
+    /// stay. For each such run whose agt-jail is gone, this kills what is left of its agent,
+    /// verifies the log with the key, cuts a partial last line (reported), appends the
+    /// records the rings still hold (each marked "recovered": true; without a policy, records
+    /// the dead writer had already written are recognised and not written twice; see
+    /// docs/audit.md), what the deny summary counted beyond what was written, the kernel's
+    /// drop counters, a summary record ("event": "audit_recovered"), signs a closing
+    /// checkpoint and unpins. `exec --audit` warns while such runs exist.
+    #[command(after_help = RECOVER_HELP)]
+    Recover {
+        /// Only these runs (ids as --list prints them); default every orphaned run.
+        #[arg(value_name = "RUN")]
+        runs: Vec<String>,
+        /// List the pinned runs (running or orphaned) and their logs; recover nothing.
+        #[arg(long)]
+        list: bool,
+        /// The signing key (default: the key the run was started with).
+        #[arg(long = "audit-key", value_name = "FILE")]
+        key: Option<PathBuf>,
     },
     /// Print the host key's public half (hex), creating the key on first use.
     Key {
@@ -198,12 +227,79 @@ fn dispatch(cmd: AuditCommand) -> Result<(), Failed> {
             }
             Ok(())
         }
+        AuditCommand::Recover { runs, list, key } => recover(&runs, list, key.as_deref()),
         AuditCommand::Key { key } => {
             let signing = key::load_or_create(&key).map_err(|e| usage(e.to_string()))?;
             println!("{}", to_hex(signing.verifying_key().as_bytes()));
             Ok(())
         }
     }
+}
+
+fn recover(ids: &[String], list: bool, key: Option<&Path>) -> Result<(), Failed> {
+    use crate::{audit_recover, pinned_run};
+    let all = pinned_run::runs().map_err(|e| usage(format!("{e:#}")))?;
+    if list {
+        for run in &all {
+            let state = if run.writer_alive() { "running" } else { "orphaned" };
+            println!(
+                "{} {state} {} (agent {}, pid {})",
+                run.id,
+                run.audit.display(),
+                run.agent.as_deref().unwrap_or("-"),
+                run.pid
+            );
+        }
+        return Ok(());
+    }
+    let mut chosen = Vec::new();
+    for id in ids {
+        let run =
+            all.iter().find(|r| &r.id == id).ok_or_else(|| usage(format!("no pinned run {id:?} (see --list)")))?;
+        if run.writer_alive() {
+            return Err(usage(format!("run {id} is not orphaned: agt-jail (pid {}) still runs it", run.pid)));
+        }
+        chosen.push(run.clone());
+    }
+    if ids.is_empty() {
+        chosen = all.into_iter().filter(|r| !r.writer_alive()).collect();
+    }
+    if chosen.is_empty() {
+        println!("no orphaned audited runs");
+        return Ok(());
+    }
+    let mut failed = 0;
+    for run in &chosen {
+        match audit_recover::recover(run, key) {
+            Ok(r) => {
+                println!(
+                    "{}: {} closed; {} record(s) recovered from the kernel's rings ({} already written), {} deny(ies) \
+                     from its deny summary",
+                    run.id,
+                    run.audit.display(),
+                    r.records,
+                    r.already_written,
+                    r.summary_denies
+                );
+                if r.torn_bytes > 0 {
+                    eprintln!(
+                        "agt-jail: warning: {}: a partial last line of {} bytes (written as agt-jail was killed) was cut \
+                         off; its text is in the audit_recovered record",
+                        run.audit.display(),
+                        r.torn_bytes
+                    );
+                }
+            }
+            Err(err) => {
+                eprintln!("agt-jail: {err:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Failed(TAMPERED, format!("{failed} run(s) not recovered; their pins stay")));
+    }
+    Ok(())
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<(), Failed> {

@@ -52,6 +52,27 @@ impl AuditRun {
         LineWriter::new(Arc::clone(&self.log), self.did.clone(), self.policy.clone())
     }
 
+    /// The DID every entry names.
+    pub fn did(&self) -> &str {
+        &self.did
+    }
+
+    /// The policy hash every entry names.
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    /// Leaves the log open (no closing checkpoint), for `agt-jail audit recover` to
+    /// continue: what the run's pinned rings still hold belongs in it.
+    pub fn abandon(&mut self) {
+        self.closed = true;
+        drop(self.ticker.take());
+        let mut log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(err) = log.flush() {
+            agt_jail_jail::stderr_line!("agt-jail: warning: cannot write the audit log: {err}");
+        }
+    }
+
     /// Writes the closing checkpoint.
     pub fn close(&mut self) -> Result<()> {
         self.closed = true;

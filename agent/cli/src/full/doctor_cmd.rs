@@ -200,6 +200,12 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
     (on, off)
 }
 
+/// Audited runs killed before closing their logs (`audit recover --list` names them), or
+/// why they cannot be listed.
+fn orphaned_runs() -> Result<Vec<crate::pinned_run::RunMeta>, String> {
+    crate::pinned_run::orphaned().map_err(|e| format!("cannot list: {e:#}"))
+}
+
 pub fn run(args: DoctorArgs) -> ExitCode {
     let facts = gather();
     if args.json {
@@ -225,6 +231,12 @@ pub fn run(args: DoctorArgs) -> ExitCode {
             "egress": facts.egress.clone().err().unwrap_or_else(|| "veth + nf_tables masquerade".into()),
             "ip_forward": facts.forwarding,
             "rings": rings,
+            "orphaned_audit_runs": match orphaned_runs() {
+                Ok(runs) => serde_json::json!(runs.iter().map(|r| serde_json::json!({
+                    "run": r.id, "audit": r.audit, "pid": r.pid,
+                })).collect::<Vec<_>>()),
+                Err(e) => serde_json::json!(e),
+            },
         });
         println!("{json}");
         return ExitCode::SUCCESS;
@@ -279,6 +291,13 @@ pub fn run(args: DoctorArgs) -> ExitCode {
         match &facts.egress {
             Ok(()) => format!("veth + nf_tables masquerade, /30s from {}/{}", egress::RANGE.0, egress::RANGE.1),
             Err(e) => e.clone(),
+        }
+    );
+    println!(
+        "audited runs      {}",
+        match orphaned_runs() {
+            Ok(runs) => crate::pinned_run::orphan_warning(&runs).unwrap_or_else(|| "none left unrecovered".into()),
+            Err(e) => e,
         }
     );
     for ring in 0..4 {

@@ -35,6 +35,7 @@ use anyhow::{bail, Context, Result};
 use crate::{
     audit_run::{self, AuditRun},
     govern::{self, lock},
+    pinned_run::{self, PinnedRun, RunMeta},
 };
 use agt_jail_audit::LineWriter;
 
@@ -60,6 +61,8 @@ struct Governed<'a> {
     exec_plane: Option<(exec_notify::Handle, Arc<govern::ArmingDecider>)>,
     listener_socket: Option<OwnedFd>,
     audit: Option<AuditRun>,
+    /// The rings and counters of an audited run, pinned until its log holds what they hold.
+    pinned: Option<PinnedRun>,
 }
 
 impl<'a> Governed<'a> {
@@ -81,6 +84,12 @@ impl<'a> Governed<'a> {
             None => (govern::new_did()?, agt_jail_supervisor::identity::policy_hash(&[])?),
         };
         let audit = AuditRun::open(&args.audit, &did, &policy_hash)?;
+        if audit.is_some() && !args.quiet {
+            // Runs killed before they could close their logs are recovered on request only.
+            if let Some(warning) = pinned_run::orphaned().ok().as_deref().and_then(pinned_run::orphan_warning) {
+                agt_jail_jail::stderr_line!("agt-jail: warning: {warning}");
+            }
+        }
         Ok(Self {
             args,
             policy,
@@ -95,6 +104,7 @@ impl<'a> Governed<'a> {
             exec_plane: None,
             listener_socket: None,
             audit,
+            pinned: None,
         })
     }
 
@@ -152,10 +162,37 @@ impl<'a> Governed<'a> {
             }
             programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
         }
+        if let Some(audit) = self.audit.as_ref() {
+            self.pinned = Some(self.pin_run(&mut programs, audit, cgroup)?);
+        }
         programs.attach_cgroup(cgroup.dir()).context("cannot govern the agent's cgroup")?;
         self.task_facts = programs.take_task_facts().map(|map| Arc::new(KernelTasks(map)));
         self.programs = Some(Arc::new(Mutex::new(programs)));
         Ok(plan)
+    }
+
+    /// An audited run's rings and counters, pinned before the agent exists: what the
+    /// kernel queued outlives a kill -9 of this process, for `agt-jail audit recover`.
+    fn pin_run(&self, programs: &mut AgentPrograms, audit: &AuditRun, cgroup: &AgentCgroup) -> Result<PinnedRun> {
+        let args = self.args;
+        let log = args.audit.file.as_deref().context("an audit run without a file")?;
+        let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let pid = std::process::id();
+        let meta = RunMeta {
+            id: format!("exec-{pid}-{}", cgroup.id()),
+            audit: absolute(log),
+            audit_key: absolute(&args.audit.key),
+            agent: self.policy.as_ref().map(|loaded| loaded.agent.id.clone()),
+            did: audit.did().to_string(),
+            policy: audit.policy().to_string(),
+            cgroup: cgroup.path().to_path_buf(),
+            cgroup_id: cgroup.id(),
+            pid,
+            pid_start: pinned_run::start_time(pid).context("cannot read this process's start time")?,
+            governed: self.policy.is_some(),
+            created_ms: agt_jail_audit::writer::now_ms(),
+        };
+        PinnedRun::create(programs, meta)
     }
 
     /// Under a policy: the evaluator (it writes the events file and the denial lines),
@@ -376,16 +413,20 @@ impl Governor for Governed<'_> {
         }
         drop(self.tier_a.take());
         self.pump_stop.store(true, Ordering::SeqCst);
-        if let Some(pump) = self.pump.take() {
-            pump.join().map_err(|_| anyhow::anyhow!("event thread panicked"))?.context("cannot write events")?;
+        // Until the log holds what the rings held and is closed, the pins stay (a failure
+        // here leaves them for `agt-jail audit recover`).
+        let mut pinned = self.pinned.take();
+        let result = self.write_out();
+        if result.is_err() {
+            if let Some(pinned) = pinned.as_mut() {
+                pinned.keep();
+                if let Some(audit) = self.audit.as_mut() {
+                    audit.abandon();
+                }
+            }
         }
-        if let Some(audit) = self.audit.as_mut() {
-            audit.close()?;
-        }
-        // The evaluator's records never wait on the file; a failed write is reported here.
-        if let Some(err) = self.governance.as_ref().and_then(|g| g.evaluator.take_record_error()) {
-            bail!("cannot write records (events file or audit log): {err}");
-        }
+        drop(pinned);
+        result?;
         if drops > 0 {
             agt_jail_jail::stderr_line!(
                 "agt-jail: warning: the kernel dropped {drops} event(s) because the ring buffer was full"
@@ -396,6 +437,23 @@ impl Governor for Governed<'_> {
                 "agt-jail: warning: the kernel dropped {deny_drops} deny record(s): the priority ring buffer and the deny \
                  summary map were both full"
             );
+        }
+        Ok(())
+    }
+}
+
+impl Governed<'_> {
+    /// The end of the pump and of the log: everything read is written, the log closed.
+    fn write_out(&mut self) -> Result<()> {
+        if let Some(pump) = self.pump.take() {
+            pump.join().map_err(|_| anyhow::anyhow!("event thread panicked"))?.context("cannot write events")?;
+        }
+        // The evaluator's records never wait on the file; a failed write is reported here.
+        if let Some(err) = self.governance.as_ref().and_then(|g| g.evaluator.take_record_error()) {
+            bail!("cannot write records (events file or audit log): {err}");
+        }
+        if let Some(audit) = self.audit.as_mut() {
+            audit.close()?;
         }
         Ok(())
     }
@@ -474,14 +532,19 @@ impl EventSink {
         }
     }
 
-    /// The end of a batch: its records reach the events file and the audit log.
-    fn end_batch(&mut self, evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>) {
+    /// The end of a batch: its records reach the events file and the audit log (write(2)).
+    /// Returns whether every record so far was written.
+    fn end_batch(&mut self, evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>) -> bool {
         match evaluator {
-            Some((evaluator, _)) => evaluator.flush(),
+            Some((evaluator, _)) => {
+                evaluator.flush();
+                !evaluator.record_error_pending()
+            }
             None => {
                 if let Err(err) = self.flush() {
                     self.error.get_or_insert(err);
                 }
+                self.error.is_none()
             }
         }
     }
@@ -546,6 +609,12 @@ fn describe_denial(event: &Event) -> String {
 /// kill records wake the reader at once.
 const OBSERVATION_PERIOD: Duration = Duration::from_millis(10);
 
+/// Ring records read per batch at most: a batch's records are written (one write) before
+/// the kernel gets their space back, and must fit the record sink's buffer, which writes
+/// early when it grows beyond 1 MiB (an evaluator record is well under 2 KiB). Records
+/// written before a kill -9 and not yet given back are read again by `audit recover`.
+const BATCH_RECORDS: usize = 512;
+
 /// The kernel's drop counters, recorded when they move so that a gap in the records is
 /// itself on record.
 struct DropWatch {
@@ -581,7 +650,10 @@ impl DropWatch {
 
 /// Moves events from the ring buffer to the sink until told to stop, then drains
 /// what is left, so nothing the command caused is lost. Each batch is flushed as it
-/// ends: a record read from the kernel is in the file before the next batch is read.
+/// ends: a record read from the kernel is in the file before the next batch is read,
+/// and only then does the kernel get its space back (`commit`): a kill -9 of this
+/// process leaves what was not written in the (pinned) rings. After a failed write
+/// nothing more is committed.
 fn pump_events(
     mut reader: EventReader,
     mut sink: EventSink,
@@ -589,16 +661,40 @@ fn pump_events(
     mut drops: DropWatch,
     stop: &AtomicBool,
 ) -> Result<()> {
+    reader.commit_manually();
+    reader.set_batch_max(BATCH_RECORDS);
+    // Once a commit fails nothing more is given back (the pinned rings keep it).
+    let mut commit_failed = false;
+    let commit = |reader: &mut EventReader| match reader.commit() {
+        Ok(()) => false,
+        Err(err) => {
+            agt_jail_jail::stderr_line!("agt-jail: {err}");
+            true
+        }
+    };
     while !stop.load(Ordering::SeqCst) {
         reader
             .poll_denies(OBSERVATION_PERIOD, &mut |decoded| sink.handle(decoded, evaluator))
             .context("cannot poll the event ring buffer")?;
         drops.record(&mut sink, evaluator);
-        sink.end_batch(evaluator);
+        if sink.end_batch(evaluator) && !commit_failed {
+            commit_failed = commit(&mut reader);
+        }
     }
-    reader.drain(&mut |decoded| sink.handle(decoded, evaluator));
-    drops.record(&mut sink, evaluator);
-    sink.end_batch(evaluator);
+    // What is left, a batch at a time.
+    loop {
+        let read = reader.drain(&mut |decoded| sink.handle(decoded, evaluator));
+        drops.record(&mut sink, evaluator);
+        if sink.end_batch(evaluator) && !commit_failed {
+            commit_failed = commit(&mut reader);
+        }
+        if read < BATCH_RECORDS {
+            break;
+        }
+    }
+    if commit_failed {
+        bail!("cannot keep the count of deny summary records written; the rest stays in the kernel's rings");
+    }
     if let Some(err) = sink.error.take() {
         bail!(err);
     }

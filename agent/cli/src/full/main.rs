@@ -6,12 +6,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod audit_cmd;
+mod audit_recover;
 mod audit_run;
 mod control_cmd;
 mod doctor_cmd;
 mod exec_cmd;
 mod govern;
 mod identity_cmd;
+mod pinned_run;
 mod policy_cmd;
 
 pub use agt_jail_cli::EXIT_INTERNAL;
