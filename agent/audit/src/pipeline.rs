@@ -42,7 +42,7 @@ const WAIT: Duration = Duration::from_micros(4);
 const MAX_BACKOFF: u32 = 1024;
 
 /// The non-empty lines of `bytes` (the last one may lack its newline).
-pub fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = bytes;
     std::iter::from_fn(move || loop {
         if rest.is_empty() {
@@ -61,16 +61,16 @@ pub fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The canonical records of a piece's lines, back to back.
 #[derive(Debug, Default)]
-pub struct Canonical {
-    pub bytes: Vec<u8>,
+pub(crate) struct Canonical {
+    pub(crate) bytes: Vec<u8>,
     /// For each non-empty line in order: where its canonical record ends in `bytes`, or why
     /// it is not JSON (the lines after a bad one are not made: the chain stops there).
-    pub ends: Vec<Result<usize, CanonError>>,
+    pub(crate) ends: Vec<Result<usize, CanonError>>,
 }
 
 impl Canonical {
     /// Makes the canonical records of `piece`'s lines, replacing what was held.
-    pub fn make(&mut self, piece: &[u8]) {
+    pub(crate) fn make(&mut self, piece: &[u8]) {
         self.bytes.clear();
         self.ends.clear();
         for line in lines(piece) {
@@ -86,7 +86,7 @@ impl Canonical {
 }
 
 /// A batch shared by the appending thread and the second thread.
-pub struct Batch {
+pub(crate) struct Batch {
     input: Vec<u8>,
     /// Where each piece ends in `input` (the next begins there).
     cuts: Vec<usize>,
@@ -98,7 +98,7 @@ pub struct Batch {
 
 impl Batch {
     /// A copy of `lines` cut into pieces at line ends.
-    pub fn new(lines: &[u8]) -> Batch {
+    pub(crate) fn new(lines: &[u8]) -> Batch {
         let mut cuts = Vec::with_capacity(lines.len() / PIECE_BYTES + 1);
         let mut at = 0;
         while at < lines.len() {
@@ -110,11 +110,11 @@ impl Batch {
         Batch { input: lines.to_vec(), cuts, next: AtomicUsize::new(0), made }
     }
 
-    pub fn pieces(&self) -> usize {
+    pub(crate) fn pieces(&self) -> usize {
         self.cuts.len()
     }
 
-    pub fn piece(&self, i: usize) -> &[u8] {
+    pub(crate) fn piece(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.cuts[i - 1] };
         &self.input[start..self.cuts[i]]
     }
@@ -128,7 +128,7 @@ impl Batch {
     /// Piece `i` as the second thread made it, or `None` when the appending thread is to
     /// make it itself (nobody had taken it, or it was not ready within [`WAIT`]).
     /// Pieces are asked for in order.
-    pub fn made(&self, i: usize) -> Option<&Canonical> {
+    pub(crate) fn made(&self, i: usize) -> Option<&Canonical> {
         if let Some(made) = self.made[i].get() {
             return Some(made);
         }
@@ -158,7 +158,7 @@ impl Batch {
 
 /// Whether a batch is shared with the second thread (started on the first large batch).
 #[derive(Default)]
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     helper: Option<Helper>,
     started: bool,
     /// Batches still to append alone, and how many the next fall-behind sets.
@@ -169,7 +169,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// `lines` as a batch handed to the second thread, or `None` when the batch is small,
     /// there is no second thread, or the back-off says to append alone.
-    pub fn share(&mut self, lines: &[u8]) -> Option<Arc<Batch>> {
+    pub(crate) fn share(&mut self, lines: &[u8]) -> Option<Arc<Batch>> {
         if lines.len() < PIPELINE_MIN_BYTES {
             return None;
         }
@@ -192,7 +192,7 @@ impl Pipeline {
 
     /// The appending thread is done with `batch`, of which the second thread made
     /// `by_helper` pieces.
-    pub fn done(&mut self, batch: &Batch, by_helper: usize) {
+    pub(crate) fn done(&mut self, batch: &Batch, by_helper: usize) {
         batch.finish();
         // The first piece is the appending thread's (the second one is waking up).
         if by_helper * 2 >= batch.pieces().saturating_sub(1) {
@@ -205,7 +205,7 @@ impl Pipeline {
 }
 
 /// The second thread: makes the pieces of the batches it is given until dropped.
-pub struct Helper {
+pub(crate) struct Helper {
     batches: Option<mpsc::Sender<Arc<Batch>>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -213,7 +213,7 @@ pub struct Helper {
 impl Helper {
     /// `None` with a single CPU (nothing to gain) or when no thread can be started (the
     /// caller then appends on its own, as it does small batches).
-    pub fn start() -> Option<Helper> {
+    pub(crate) fn start() -> Option<Helper> {
         if thread::available_parallelism().map_or(1, usize::from) < 2 {
             return None;
         }
@@ -235,7 +235,7 @@ impl Helper {
     }
 
     /// Hands `batch` to the second thread; false if it has gone.
-    pub fn give(&self, batch: &Arc<Batch>) -> bool {
+    pub(crate) fn give(&self, batch: &Arc<Batch>) -> bool {
         self.batches.as_ref().is_some_and(|b| b.send(Arc::clone(batch)).is_ok())
     }
 }
