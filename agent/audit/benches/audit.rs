@@ -1,7 +1,10 @@
 //! What the audit log costs: records per second appended to an events file alone, and
-//! through the chain with checkpoints (canonical JSON, SHA-256 chain and Merkle tree,
-//! an Ed25519 signature per checkpoint); and records per second `audit verify` checks.
+//! through the chain without and with checkpoints (canonical JSON, SHA-256 chain and Merkle
+//! tree, an Ed25519 signature per checkpoint); and records per second `audit verify` checks.
 //! The record is a kernel connect record as the evaluator writes it (keys in canonical order).
+//! The chained rows give the log batches of 64 lines through a `LineWriter`, a flush after
+//! each, as `exec --audit` does (a batch this large has its records' canonical form made on
+//! a second thread, `pipeline`); the "one thread" row appends the records one by one.
 //!
 //! Each is measured twice: in wall-clock time, and in the bench thread's on-CPU time
 //! (`/proc/thread-self/schedstat`, which counts its system calls but not the time it
@@ -12,12 +15,13 @@ use std::{
     fs::File,
     io::{BufWriter, Write},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use agt_jail_audit::{
     verify::walk_with,
-    writer::{AuditLog, LogOptions, SyncPolicy},
+    writer::{AuditLog, LineWriter, LogOptions, SyncPolicy},
     SigningKey,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -34,8 +38,23 @@ fn dir() -> PathBuf {
     std::env::temp_dir().join(format!("agt-jail-audit-bench-{}", std::process::id()))
 }
 
-fn options(sync: SyncPolicy) -> LogOptions {
-    LogOptions { checkpoint_every: 1000, checkpoint_interval: Duration::from_secs(10), sync, ..LogOptions::default() }
+/// How the records reach the log.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Batches of [`BATCH`] lines through a `LineWriter` (two threads for batches this large).
+    Batches,
+    /// `append_line` per record, a flush every [`BATCH`] (the calling thread alone).
+    OneByOne,
+}
+
+/// `every`: records between checkpoints (`None`: only the closing one).
+fn options(sync: SyncPolicy, every: Option<u64>) -> LogOptions {
+    LogOptions {
+        checkpoint_every: every.unwrap_or(1 << 40),
+        checkpoint_interval: Duration::from_secs(if every.is_some() { 10 } else { 1 << 30 }),
+        sync,
+        ..LogOptions::default()
+    }
 }
 
 /// Which time a measurement takes.
@@ -58,18 +77,35 @@ fn now(clock: Clock, wall: Instant) -> Duration {
 }
 
 /// `n` records through a fresh log; the time of the appends and flushes (and the close).
-fn chained(path: &Path, n: u64, sync: SyncPolicy, clock: Clock) -> Duration {
+fn chained(path: &Path, n: u64, sync: SyncPolicy, every: Option<u64>, mode: Mode, clock: Clock) -> Duration {
     let _ = std::fs::remove_file(path);
-    let mut log = AuditLog::create(path, SigningKey::from_bytes(&[1; 32]), options(sync)).unwrap();
+    let log = AuditLog::create(path, SigningKey::from_bytes(&[1; 32]), options(sync, every)).unwrap();
+    let log = Arc::new(Mutex::new(log));
+    let mut writer = LineWriter::new(Arc::clone(&log), DID.into(), POLICY.into());
+    let batch: Vec<u8> = (0..BATCH).flat_map(|_| RECORD.bytes().chain([b'\n'])).collect();
     let origin = Instant::now();
     let start = now(clock, origin);
-    for i in 0..n {
-        log.append_line(DID, POLICY, RECORD.as_bytes()).unwrap();
-        if i % BATCH == BATCH - 1 {
-            log.flush().unwrap();
+    match mode {
+        Mode::Batches => {
+            let mut left = n;
+            while left > 0 {
+                let records = left.min(BATCH);
+                writer.write_all(&batch[..records as usize * (RECORD.len() + 1)]).unwrap();
+                writer.flush().unwrap();
+                left -= records;
+            }
+        }
+        Mode::OneByOne => {
+            let mut log = log.lock().unwrap();
+            for i in 0..n {
+                log.append_line(DID, POLICY, RECORD.as_bytes()).unwrap();
+                if i % BATCH == BATCH - 1 {
+                    log.flush().unwrap();
+                }
+            }
         }
     }
-    log.close().unwrap();
+    log.lock().unwrap().close().unwrap();
     now(clock, origin) - start
 }
 
@@ -97,18 +133,20 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(group_name);
         group.throughput(Throughput::Elements(1));
         group.bench_function("events file only (no chain)", |b| b.iter_custom(|n| plain(&path, n, clock)));
-        group.bench_function("chained, checkpoint every 1000, sync none", |b| {
-            b.iter_custom(|n| chained(&path, n, SyncPolicy::None, clock))
-        });
-        group.bench_function("chained, checkpoint every 1000, sync batch", |b| {
-            b.iter_custom(|n| chained(&path, n, SyncPolicy::Batch, clock))
-        });
+        for (name, sync, every, mode) in [
+            ("chained, no checkpoint, sync none", SyncPolicy::None, None, Mode::Batches),
+            ("chained, checkpoint every 1000, sync none", SyncPolicy::None, Some(1000), Mode::Batches),
+            ("chained, checkpoint every 1000, sync batch", SyncPolicy::Batch, Some(1000), Mode::Batches),
+            ("chained, checkpoint every 1000, sync none, one thread", SyncPolicy::None, Some(1000), Mode::OneByOne),
+        ] {
+            group.bench_function(name, |b| b.iter_custom(|n| chained(&path, n, sync, every, mode, clock)));
+        }
         group.finish();
     }
 
     // A log of 200k records, verified whole per iteration.
     const RECORDS: u64 = 200_000;
-    chained(&path, RECORDS, SyncPolicy::None, Clock::Wall);
+    chained(&path, RECORDS, SyncPolicy::None, Some(1000), Mode::Batches, Clock::Wall);
     let files = vec![path.clone()];
     let key = SigningKey::from_bytes(&[1; 32]).verifying_key();
     let verify = |threads: usize, clock: Clock, iters: u64| {

@@ -204,13 +204,24 @@ pub fn write_record_after(
     prev: &Hash,
     record: &[u8],
 ) -> Result<(), CanonError> {
+    write_record_head(out, start, prev);
+    canonicalize(record, out)?;
+    write_record_tail(out, seq);
+    Ok(())
+}
+
+/// The bytes of a record entry before its record: `start` (from [`record_line_start`]),
+/// `prev` and the `record` key.
+pub fn write_record_head(out: &mut Vec<u8>, start: &[u8], prev: &Hash) {
     out.extend_from_slice(start);
     out.extend_from_slice(&hex32(prev));
     out.extend_from_slice(b"\",\"record\":");
-    canonicalize(record, out)?;
+}
+
+/// The bytes of a record entry after its (canonical) record: `seq` and the closing brace.
+pub fn write_record_tail(out: &mut Vec<u8>, seq: u64) {
     // Writing into a Vec does not fail.
     let _ = write!(out, ",\"seq\":{seq}}}");
-    Ok(())
 }
 
 /// A string as RFC 8785 writes it (serde_json escapes the same way; see `canon`).

@@ -14,6 +14,7 @@ pub mod canon;
 pub mod entry;
 pub mod key;
 pub mod merkle;
+pub mod pipeline;
 pub mod proof;
 pub mod resume;
 pub mod show;

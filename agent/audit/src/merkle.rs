@@ -3,7 +3,7 @@
 //!
 //! Leaves are the SHA-256 hashes of the entries' canonical bytes; a leaf's hash is
 //! `SHA-256(0x00 || leaf)`, an inner node's `SHA-256(0x01 || left || right)`.
-use sha2::{Digest, Sha256};
+use sha2::{block_api::compress256, Digest, Sha256};
 
 /// A SHA-256 value.
 pub type Hash = [u8; 32];
@@ -25,21 +25,43 @@ pub fn sha256(bytes: &[u8]) -> Hash {
     Sha256::digest(bytes).into()
 }
 
+/// SHA-256's initial hash value (FIPS 180-4 §5.3.3).
+const IV: [u32; 8] = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+
+/// SHA-256 of a message of fixed length, given as its padded blocks (FIPS 180-4 §5.1.1),
+/// compressed directly: the leaf and node hashes are one and two blocks, where the
+/// general hasher's buffering costs as much as the compression (one of each per record).
+fn digest_blocks(blocks: &[[u8; 64]]) -> Hash {
+    let mut state = IV;
+    compress256(&mut state, blocks);
+    let mut out = [0u8; 32];
+    for (chunk, word) in out.chunks_exact_mut(4).zip(state) {
+        chunk.copy_from_slice(&word.to_be_bytes());
+    }
+    out
+}
+
 /// The hash of a leaf: `SHA-256(0x00 || leaf)`.
 pub fn leaf_hash(leaf: &Hash) -> Hash {
-    let mut h = Sha256::new();
-    h.update([0u8]);
-    h.update(leaf);
-    h.finalize().into()
+    // 33 bytes: 0x00, the leaf, the 0x80 end mark, zeros, the length in bits.
+    let mut block = [0u8; 64];
+    block[1..33].copy_from_slice(leaf);
+    block[33] = 0x80;
+    block[56..].copy_from_slice(&(33u64 * 8).to_be_bytes());
+    digest_blocks(&[block])
 }
 
 /// The hash of an inner node: `SHA-256(0x01 || left || right)`.
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    let mut h = Sha256::new();
-    h.update([1u8]);
-    h.update(left);
-    h.update(right);
-    h.finalize().into()
+    // 65 bytes over two blocks: 0x01, left, right; then the end mark, zeros, the length.
+    let mut blocks = [[0u8; 64]; 2];
+    blocks[0][0] = 1;
+    blocks[0][1..33].copy_from_slice(left);
+    blocks[0][33..].copy_from_slice(&right[..31]);
+    blocks[1][0] = right[31];
+    blocks[1][1] = 0x80;
+    blocks[1][56..].copy_from_slice(&(65u64 * 8).to_be_bytes());
+    digest_blocks(&blocks)
 }
 
 /// The largest power of two smaller than `n` (`n` > 1).
@@ -253,6 +275,30 @@ mod tests {
         assert_eq!(hex::encode(root(&[])), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         let l = leaves(1);
         assert_eq!(root(&l), l[0]);
+    }
+
+    #[test]
+    fn leaf_and_node_hashes_are_sha256_of_their_prefixed_bytes() {
+        for seed in 0u64..50 {
+            let a = sha256(&seed.to_le_bytes());
+            let b = sha256(&(seed + 1000).to_be_bytes());
+            let mut leaf = vec![0u8];
+            leaf.extend_from_slice(&a);
+            assert_eq!(leaf_hash(&a), sha256(&leaf));
+            let mut node = vec![1u8];
+            node.extend_from_slice(&a);
+            node.extend_from_slice(&b);
+            assert_eq!(node_hash(&a, &b), sha256(&node));
+        }
+        // Known values (Python's hashlib): SHA-256 of 0x00 and 32 zero bytes, of 0x01 and 64.
+        assert_eq!(
+            hex::encode(leaf_hash(&[0; 32])),
+            "7f9c9e31ac8256ca2f258583df262dbc7d6f68f2a03043d5c99a4ae5a7396ce9"
+        );
+        assert_eq!(
+            hex::encode(node_hash(&[0; 32], &[0; 32])),
+            "ae0798d0ecaed2b778eddebf18f071a561c53658c05e76cedecc27cafbdbc577"
+        );
     }
 
     #[test]

@@ -13,9 +13,11 @@ use std::{
 use ed25519_dalek::SigningKey;
 
 use crate::{
+    canon::{canonicalize, CanonError},
     entry::{self, OpenFields, Reason, SignedHead, TreeHead, FORMAT},
     key::key_id,
     merkle::{leaf_hash, sha256, CompactTree, Hash},
+    pipeline::{self, Batch, Canonical, Pipeline},
     AuditError,
 };
 
@@ -104,8 +106,10 @@ pub struct AuditLog {
     file_bytes: u64,
     /// Entries not yet written to the file.
     pending: Vec<u8>,
-    /// The line being built.
-    scratch: Vec<u8>,
+    /// The second thread that makes large batches' canonical records.
+    pipeline: Pipeline,
+    /// The canonical records of a piece the appending thread makes itself.
+    own_piece: Canonical,
     /// The DID and policy of the last record, and the start of their entries' lines
     /// (a writer's records share them: escaped once, not per record).
     line_start: (String, String, Vec<u8>),
@@ -162,7 +166,8 @@ impl AuditLog {
             file_index: 0,
             file_bytes: 0,
             pending: Vec::new(),
-            scratch: Vec::new(),
+            pipeline: Pipeline::default(),
+            own_piece: Canonical::default(),
             line_start: (String::new(), String::new(), Vec::new()),
             seq: 0,
             prev: entry::GENESIS,
@@ -198,18 +203,103 @@ impl AuditLog {
     /// Appends one record (the events file's record, one JSON text) for the agent `did`
     /// under the policy whose hash is `policy`.
     pub fn append_line(&mut self, did: &str, policy: &str, record: &[u8]) -> Result<(), AuditError> {
+        self.use_line_start(did, policy);
+        self.push_record(|out| canonicalize(record, out))
+    }
+
+    /// Appends the records of `lines` (JSON texts, one a line; empty lines are skipped; the
+    /// last line may lack its newline), as [`AuditLog::append_line`] each in order. A large
+    /// batch has its canonical records made on a second core while this thread chains
+    /// them (`pipeline`); the entries are the same. On an error, the records before the
+    /// bad one are appended and the rest are not.
+    pub fn append_lines(&mut self, did: &str, policy: &str, lines: &[u8]) -> Result<(), AuditError> {
+        self.use_line_start(did, policy);
+        if let Some(batch) = self.pipeline.share(lines) {
+            let (result, by_helper) = self.append_batch(&batch);
+            self.pipeline.done(&batch, by_helper);
+            return result;
+        }
+        for line in pipeline::lines(lines) {
+            self.push_record(|out| canonicalize(line, out))?;
+        }
+        Ok(())
+    }
+
+    /// Chains the records of `batch`, its pieces made by the second thread or, when not
+    /// ready, by this one; and how many the second thread made.
+    fn append_batch(&mut self, batch: &Batch) -> (Result<(), AuditError>, usize) {
+        let mut own = std::mem::take(&mut self.own_piece);
+        let mut result = Ok(());
+        let mut by_helper = 0;
+        'pieces: for i in 0..batch.pieces() {
+            let made = match batch.made(i) {
+                Some(made) => {
+                    by_helper += 1;
+                    made
+                }
+                None => {
+                    own.make(batch.piece(i));
+                    &own
+                }
+            };
+            let mut start = 0;
+            for end in &made.ends {
+                let end = match end {
+                    Ok(end) => *end,
+                    Err(err) => {
+                        result = Err(self.not_json(err));
+                        break 'pieces;
+                    }
+                };
+                result = self.push_record(|out| {
+                    out.extend_from_slice(&made.bytes[start..end]);
+                    Ok(())
+                });
+                if result.is_err() {
+                    break 'pieces;
+                }
+                start = end;
+            }
+        }
+        self.own_piece = own;
+        (result, by_helper)
+    }
+
+    /// The start of the entries of `did`'s records under `policy`, escaped once.
+    fn use_line_start(&mut self, did: &str, policy: &str) {
         if self.line_start.2.is_empty() || self.line_start.0 != did || self.line_start.1 != policy {
             self.line_start = (did.to_string(), policy.to_string(), entry::record_line_start(did, policy));
         }
-        let mut line = std::mem::take(&mut self.scratch);
-        line.clear();
-        let written = entry::write_record_after(&mut line, &self.line_start.2, self.seq, &self.prev, record);
-        let result = match written {
-            Ok(()) => self.push_line_ref(&line),
-            Err(e) => Err(AuditError::Record { seq: self.seq, reason: format!("not JSON: {e}") }),
-        };
-        self.scratch = line;
-        result?;
+    }
+
+    fn not_json(&self, err: &CanonError) -> AuditError {
+        AuditError::Record { seq: self.seq, reason: format!("not JSON: {err}") }
+    }
+
+    /// Appends the next record entry (of the DID and policy [`AuditLog::use_line_start`]
+    /// set), its canonical record written by `record`, straight into the pending bytes.
+    fn push_record(&mut self, record: impl FnOnce(&mut Vec<u8>) -> Result<(), CanonError>) -> Result<(), AuditError> {
+        if self.closed {
+            return Err(AuditError::Closed(self.base.clone()));
+        }
+        let mark = self.pending.len();
+        entry::write_record_head(&mut self.pending, &self.line_start.2, &self.prev);
+        if let Err(err) = record(&mut self.pending) {
+            self.pending.truncate(mark);
+            return Err(self.not_json(&err));
+        }
+        entry::write_record_tail(&mut self.pending, self.seq);
+        let adding = (self.pending.len() - mark + 1) as u64;
+        if self.rotation_due(mark as u64, adding) {
+            // The entries before this one go to the full file; this one starts the next.
+            let line = self.pending.split_off(mark);
+            self.rotate()?;
+            self.pending.extend_from_slice(&line);
+        }
+        let start = self.pending.len() - (adding as usize - 1);
+        let hash = sha256(&self.pending[start..]);
+        self.pending.push(b'\n');
+        self.chained(hash);
         self.since_checkpoint += 1;
         if self.since_checkpoint >= self.opts.checkpoint_every {
             self.checkpoint(Reason::Count)?;
@@ -217,30 +307,38 @@ impl AuditLog {
         Ok(())
     }
 
-    fn push_line(&mut self, line: Vec<u8>) -> Result<(), AuditError> {
-        self.push_line_ref(&line)
-    }
-
-    fn push_line_ref(&mut self, line: &[u8]) -> Result<(), AuditError> {
-        if self.closed {
-            return Err(AuditError::Closed(self.base.clone()));
-        }
-        self.rotate_if_full(line.len() as u64 + 1)?;
-        let hash = sha256(line);
-        self.pending.extend_from_slice(line);
-        self.pending.push(b'\n');
+    /// The entry whose line hashes to `hash` is the last one.
+    fn chained(&mut self, hash: Hash) {
         self.prev = hash;
         self.tree.push(leaf_hash(&hash));
         self.seq += 1;
+    }
+
+    fn push_line(&mut self, line: Vec<u8>) -> Result<(), AuditError> {
+        if self.closed {
+            return Err(AuditError::Closed(self.base.clone()));
+        }
+        let adding = line.len() as u64 + 1;
+        if self.rotation_due(self.pending.len() as u64, adding) {
+            self.rotate()?;
+        }
+        let hash = sha256(&line);
+        self.pending.extend_from_slice(&line);
+        self.pending.push(b'\n');
+        self.chained(hash);
         Ok(())
     }
 
-    fn rotate_if_full(&mut self, adding: u64) -> Result<(), AuditError> {
-        let Some(max) = self.opts.rotate_bytes else { return Ok(()) };
-        let used = self.file_bytes + self.pending.len() as u64;
-        if used == 0 || used + adding <= max {
-            return Ok(());
-        }
+    /// Whether an entry of `adding` bytes, after `pending` bytes not yet written, would
+    /// grow the file beyond the rotation size (a file holds at least one entry).
+    fn rotation_due(&self, pending: u64, adding: u64) -> bool {
+        let Some(max) = self.opts.rotate_bytes else { return false };
+        let used = self.file_bytes + pending;
+        used != 0 && used + adding > max
+    }
+
+    /// Writes the pending entries to the current file, syncs it, and starts the next.
+    fn rotate(&mut self) -> Result<(), AuditError> {
         self.write_out()?;
         if self.opts.sync != SyncPolicy::None {
             self.file.sync_data().map_err(|e| AuditError::io(&self.path(), e))?;
@@ -351,22 +449,26 @@ impl LineWriter {
 }
 
 impl Write for LineWriter {
+    /// Appends the complete lines of `buf` (with a line begun by the previous call) as
+    /// one batch; keeps an incomplete last line for the next call.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut log = lock(&self.log);
         let mut rest = buf;
-        while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
-            let line: &[u8] = if self.partial.is_empty() {
-                &rest[..pos]
-            } else {
-                self.partial.extend_from_slice(&rest[..pos]);
-                &self.partial
-            };
-            if !line.is_empty() {
-                log.append_line(&self.did, &self.policy, line).map_err(io::Error::other)?;
-            }
+        let first_end = if self.partial.is_empty() { None } else { memchr::memchr(b'\n', rest) };
+        if let Some(pos) = first_end {
+            self.partial.extend_from_slice(&rest[..pos]);
+            let line = std::mem::take(&mut self.partial);
+            let appended = log.append_line(&self.did, &self.policy, &line);
+            self.partial = line;
             self.partial.clear();
+            appended.map_err(io::Error::other)?;
             rest = &rest[pos + 1..];
         }
+        if let Some(last) = memchr::memrchr(b'\n', rest) {
+            log.append_lines(&self.did, &self.policy, &rest[..last]).map_err(io::Error::other)?;
+            rest = &rest[last + 1..];
+        }
+        drop(log);
         if self.partial.len() + rest.len() > MAX_LINE {
             self.partial.clear();
             return Err(io::Error::other(format!("a record line longer than {MAX_LINE} bytes")));
