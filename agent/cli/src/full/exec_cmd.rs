@@ -31,10 +31,12 @@ use agt_jail_supervisor::{
     exec_notify::{self, ExecNotifier, KernelTask, NotifierOptions, TaskSource},
 };
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 use crate::{
     audit_run::{self, AuditRun},
     govern::{self, lock},
+    resolver::{self, Names, Resolver, ResolverSetup},
 };
 use agt_jail_audit::LineWriter;
 
@@ -60,6 +62,11 @@ struct Governed<'a> {
     exec_plane: Option<(exec_notify::Handle, Arc<govern::ArmingDecider>)>,
     listener_socket: Option<OwnedFd>,
     audit: Option<AuditRun>,
+    /// Where the event pump writes (without a policy; the evaluator writes otherwise):
+    /// shared with the resolver, whose records are written before its answers leave.
+    sink: Option<Arc<Mutex<EventSink>>>,
+    /// The agent's resolver (allowlist mode with egress).
+    resolver: Option<Resolver>,
 }
 
 impl<'a> Governed<'a> {
@@ -95,6 +102,8 @@ impl<'a> Governed<'a> {
             exec_plane: None,
             listener_socket: None,
             audit,
+            sink: None,
+            resolver: None,
         })
     }
 
@@ -105,6 +114,7 @@ impl<'a> Governed<'a> {
         cgroup: &AgentCgroup,
         profile: &Profile,
         egress: Option<&Egress>,
+        dns: bool,
     ) -> Result<Option<Plan>> {
         let args = self.args;
         let mut rules: Vec<ConnectRule> =
@@ -112,7 +122,8 @@ impl<'a> Governed<'a> {
         if profile.confine && profile.net == NetMode::Allowlist {
             let gateway = egress.map(|e| IpAddr::V4(e.gateway()));
             let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
-            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied()));
+            let served = if dns { gateway } else { None };
+            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied(), served));
         }
         // Loading the BPF object costs ~90 ms per run: only for the runs that need it.
         let allowlist = profile.confine && profile.net == NetMode::Allowlist;
@@ -149,6 +160,11 @@ impl<'a> Governed<'a> {
             for dest in own_loopback().iter().chain(&profile.allow_connect) {
                 let rule = AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port };
                 programs.allow_connect(agent_id, rule).context("cannot install an allow-list entry")?;
+            }
+            // The agent's resolver: UDP and TCP to gateway:53, its only way to DNS.
+            if let (true, Some(egress)) = (dns, egress) {
+                let rule = AllowRule::host(IpAddr::V4(egress.gateway()), resolver::DNS_PORT);
+                programs.allow_connect(agent_id, rule).context("cannot allow the agent's resolver")?;
             }
             programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
         }
@@ -239,15 +255,102 @@ impl<'a> Governed<'a> {
                 self.audit.as_ref().map(AuditRun::writer),
             )?,
         };
+        let sink = Arc::new(Mutex::new(sink));
+        self.sink = Some(Arc::clone(&sink));
         let reader = lock(programs).take_events().context("event reader already taken")?;
         let stop = Arc::clone(&self.pump_stop);
         let drops = DropWatch { programs: Arc::clone(programs), seen: (0, 0) };
         self.pump = Some(
             thread::Builder::new()
                 .name("events".into())
-                .spawn(move || pump_events(reader, sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), drops, &stop))
+                .spawn(move || pump_events(reader, &sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), drops, &stop))
                 .context("cannot start the event thread")?,
         );
+        Ok(())
+    }
+
+    /// Whether the agent gets agt-jail's resolver, and its upstream: in allowlist mode
+    /// with a routed path out. Without an upstream (no `--dns-upstream`, no nameserver in
+    /// the host's resolv.conf) a run that allows names is refused; one that allows none
+    /// keeps the agent without DNS.
+    fn dns_upstream(&self, profile: &Profile, egress: Option<&Egress>) -> Result<Option<SocketAddr>> {
+        let served = egress.is_some() && profile.confine && profile.net == NetMode::Allowlist;
+        if !served {
+            if self.args.dns_upstream.is_some() {
+                bail!(
+                    "--dns-upstream cannot be honoured: the agent's resolver is served in network mode allowlist \
+                     (rings 1-2, as root) only, and this run's mode is {}",
+                    profile.net.name()
+                );
+            }
+            return Ok(None);
+        }
+        match resolver::upstream(self.args.dns_upstream) {
+            Ok(upstream) => Ok(Some(upstream)),
+            Err(_) if profile.allow_names.is_empty() => Ok(None),
+            Err(err) => Err(err.context("the agent's resolver has no upstream for the names it allows")),
+        }
+    }
+
+    /// The agent's resolver on its gateway, recording into the events file (or through
+    /// the evaluator) and the audit log.
+    fn start_resolver(
+        &mut self,
+        cgroup: &AgentCgroup,
+        profile: &Profile,
+        egress: &Egress,
+        upstream: SocketAddr,
+    ) -> Result<()> {
+        let Some(programs) = self.programs.as_ref() else { return Ok(()) };
+        let record: resolver::RecordFn = match (self.governance.as_ref(), self.sink.as_ref()) {
+            (Some(governance), _) => {
+                let evaluator = Arc::clone(&governance.evaluator);
+                Arc::new(move |value| {
+                    evaluator.observe_raw(value);
+                    evaluator.flush();
+                })
+            }
+            (None, Some(sink)) => {
+                let sink = Arc::clone(sink);
+                Arc::new(move |value| {
+                    let mut sink = lock(&sink);
+                    let written = sink.record_value(value).and_then(|()| sink.flush());
+                    if let Err(err) = written {
+                        sink.error.get_or_insert(err);
+                    }
+                })
+            }
+            (None, None) => Arc::new(|_| {}),
+        };
+        let pinned: Vec<AllowRule> = profile
+            .allow_connect
+            .iter()
+            .map(|dest| AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port })
+            .collect();
+        let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
+        let mut never: Vec<IpAddr> =
+            allowlist_denies(profile, host.iter().copied(), None).iter().map(|r| r.addr).collect();
+        never.push(IpAddr::V4(egress.gateway()));
+        let started = Resolver::start(ResolverSetup {
+            programs: Arc::clone(programs),
+            agent_id: cgroup.id(),
+            agent: self
+                .governance
+                .as_ref()
+                .map(|g| g.evaluator.agent().id.clone())
+                .unwrap_or_else(|| cgroup.id().to_string()),
+            gateway: egress.gateway(),
+            upstream,
+            allow: resolver::allow_set(&profile.allow_names),
+            pinned: &pinned,
+            never,
+            record,
+            show_denials: !self.args.quiet,
+        })?;
+        if let Some(sink) = self.sink.as_ref() {
+            lock(sink).names = Some(Arc::clone(started.names()));
+        }
+        self.resolver = Some(started);
         Ok(())
     }
 
@@ -311,9 +414,13 @@ impl Governor for Governed<'_> {
         program: &Path,
         egress: Option<&Egress>,
     ) -> Result<()> {
-        let plan = self.load_programs(cgroup, profile, egress)?;
+        let upstream = self.dns_upstream(profile, egress)?;
+        let plan = self.load_programs(cgroup, profile, egress, upstream.is_some())?;
         self.start_governance(cgroup, profile, program, plan)?;
         self.start_pump()?;
+        if let (Some(upstream), Some(egress)) = (upstream, egress) {
+            self.start_resolver(cgroup, profile, egress, upstream)?;
+        }
         self.start_exec_plane(profile)
     }
 
@@ -323,11 +430,15 @@ impl Governor for Governed<'_> {
 
     /// The agent's identity socket: its directory shown read-only in the jail, its path announced.
     fn jail_additions(&self) -> run::JailAdditions {
-        let Some(governance) = self.governance.as_ref() else { return run::JailAdditions::default() };
+        let resolv_conf = self.resolver.as_ref().map(|r| r.resolv_conf().to_path_buf());
+        let Some(governance) = self.governance.as_ref() else {
+            return run::JailAdditions { resolv_conf, ..Default::default() };
+        };
         let socket = &governance.identity_socket;
         run::JailAdditions {
             ro: vec![socket.dir().to_path_buf()],
             env: vec![(agt_jail_supervisor::identity_socket::SOCKET_ENV.into(), socket.path().as_os_str().to_owned())],
+            resolv_conf,
         }
     }
 
@@ -353,6 +464,10 @@ impl Governor for Governed<'_> {
     }
 
     fn ended(&mut self) {
+        // The resolver's last records reach the sink before the pump drains it.
+        if let Some(mut resolver) = self.resolver.take() {
+            resolver.stop();
+        }
         self.dns_stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.dns_thread.take() {
             let _ = thread.join();
@@ -415,7 +530,17 @@ fn own_loopback() -> [Dest; 3] {
 /// inside a listed range): the host's own addresses (`host`: the veth gateway and every
 /// other address of the host, whose services the gateway would route to), the
 /// unspecified addresses and the cloud metadata service.
-fn allowlist_denies(profile: &Profile, host: impl Iterator<Item = IpAddr>) -> Vec<ConnectRule> {
+///
+/// `resolver`: the gateway when it serves the agent's resolver on port 53. A deny of
+/// every port would win over that one allowed port (the deny list is decided first), so
+/// the gateway is then denied on each port a listed network could open it to instead:
+/// allow-list entries always name a port, and names never open the gateway (the
+/// resolver's sink refuses it), so no other port of it can be allowed.
+fn allowlist_denies(
+    profile: &Profile,
+    host: impl Iterator<Item = IpAddr>,
+    resolver: Option<IpAddr>,
+) -> Vec<ConnectRule> {
     let listed = |addr: IpAddr| {
         let host_prefix = if addr.is_ipv4() { 32 } else { 128 };
         profile.allow_connect.iter().any(|d| d.addr == addr && d.prefix == host_prefix)
@@ -423,11 +548,38 @@ fn allowlist_denies(profile: &Profile, host: impl Iterator<Item = IpAddr>) -> Ve
     let fixed = ["169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::"].iter().filter_map(|a| a.parse::<IpAddr>().ok());
     let mut denied: Vec<IpAddr> = Vec::new();
     for addr in fixed.chain(host.filter(|a| !a.is_loopback())) {
-        if !listed(addr) && !denied.contains(&addr) {
+        if !listed(addr) && !denied.contains(&addr) && Some(addr) != resolver {
             denied.push(addr);
         }
     }
-    denied.into_iter().map(|a| ConnectRule::new(a, 0)).collect()
+    let mut rules: Vec<ConnectRule> = denied.into_iter().map(|a| ConnectRule::new(a, 0)).collect();
+    if let Some(gateway) = resolver.filter(|gw| !listed(*gw)) {
+        let mut ports: Vec<u16> = profile
+            .allow_connect
+            .iter()
+            .filter(|dest| covers(dest, gateway) && dest.port != resolver::DNS_PORT)
+            .map(|dest| dest.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        rules.extend(ports.into_iter().map(|port| ConnectRule::new(gateway, port)));
+    }
+    rules
+}
+
+/// Whether the allow-list entry `dest` contains `addr` (an IPv4 address also as its
+/// IPv4-mapped IPv6 form).
+fn covers(dest: &Dest, addr: IpAddr) -> bool {
+    let bits = |ip: IpAddr| -> (u128, u8) {
+        match ip {
+            IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), 96),
+            IpAddr::V6(v6) => (u128::from(v6), 0),
+        }
+    };
+    let ((net, offset), (host, _)) = (bits(dest.addr), bits(addr));
+    let prefix = u32::from(dest.prefix + offset);
+    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix.min(128)) };
+    net & mask == host & mask
 }
 
 /// Where events go: a JSON-lines file (or stdout) and the audit log, and, for denials, a
@@ -436,6 +588,8 @@ struct EventSink {
     out: Option<Box<dyn Write + Send>>,
     show_denials: bool,
     error: Option<io::Error>,
+    /// The resolver's names: records of network events to their addresses carry them.
+    names: Option<Names>,
 }
 
 impl EventSink {
@@ -452,7 +606,7 @@ impl EventSink {
                 Some(Box::new(BufWriter::new(file)))
             }
         };
-        Ok(Self { out: audit_run::tee(out, audit), show_denials, error: None })
+        Ok(Self { out: audit_run::tee(out, audit), show_denials, error: None, names: None })
     }
 
     /// Hands one decoded event to the evaluator, or records it here.
@@ -463,7 +617,10 @@ impl EventSink {
     ) {
         match decoded {
             Ok(event) => match evaluator {
-                Some((evaluator, plan)) => govern::observe(evaluator, plan, &event),
+                Some((evaluator, plan)) => {
+                    let names = self.names.as_ref();
+                    govern::observe(evaluator, plan, &event, &|addr| names.and_then(|n| resolver::names_of(n, addr)))
+                }
                 None => {
                     if let Err(err) = self.record(&event) {
                         self.error.get_or_insert(err);
@@ -493,7 +650,19 @@ impl EventSink {
             let line = format!("agt-jail: {}\n", describe_denial(event));
             let _ = io::stderr().lock().write_all(line.as_bytes());
         }
-        self.record_value(event)
+        let addr = match event {
+            Event::Connect { addr, .. } => Some(*addr),
+            Event::Sendmsg { net, .. } => Some(net.addr),
+            _ => None,
+        };
+        let name = addr.zip(self.names.as_ref()).and_then(|(addr, names)| resolver::names_of(names, addr));
+        match (name, serde_json::to_value(event)) {
+            (Some(name), Ok(Value::Object(mut map))) => {
+                map.insert("domain".into(), Value::String(name));
+                self.record_value(&Value::Object(map))
+            }
+            _ => self.record_value(event),
+        }
     }
 
     fn record_value(&mut self, value: &impl serde::Serialize) -> io::Result<()> {
@@ -584,19 +753,23 @@ impl DropWatch {
 /// ends: a record read from the kernel is in the file before the next batch is read.
 fn pump_events(
     mut reader: EventReader,
-    mut sink: EventSink,
+    sink: &Mutex<EventSink>,
     evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>,
     mut drops: DropWatch,
     stop: &AtomicBool,
 ) -> Result<()> {
+    // The sink is locked per event and per batch end, never while waiting for the kernel:
+    // the resolver writes its records there too, before each answer.
     while !stop.load(Ordering::SeqCst) {
         reader
-            .poll_denies(OBSERVATION_PERIOD, &mut |decoded| sink.handle(decoded, evaluator))
+            .poll_denies(OBSERVATION_PERIOD, &mut |decoded| lock(sink).handle(decoded, evaluator))
             .context("cannot poll the event ring buffer")?;
+        let mut sink = lock(sink);
         drops.record(&mut sink, evaluator);
         sink.end_batch(evaluator);
     }
-    reader.drain(&mut |decoded| sink.handle(decoded, evaluator));
+    reader.drain(&mut |decoded| lock(sink).handle(decoded, evaluator));
+    let mut sink = lock(sink);
     drops.record(&mut sink, evaluator);
     sink.end_batch(evaluator);
     if let Some(err) = sink.error.take() {
@@ -624,12 +797,30 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_serving_the_resolver_is_denied_on_every_port_a_network_could_open_but_53() {
+        let mut profile = Profile::builtin(2).unwrap();
+        for entry in ["0.0.0.0/0:443", "10.213.0.0/16:8080", "10.0.0.0/8:53", "192.0.2.0/24:22", "0.0.0.0/0:443"] {
+            profile.allow_connect.push(Dest::parse(entry).unwrap());
+        }
+        let gateway: IpAddr = "10.213.0.1".parse().unwrap();
+        let host = [gateway, "192.0.2.2".parse().unwrap()];
+        let rules = allowlist_denies(&profile, host.iter().copied(), Some(gateway));
+        let on_gateway: Vec<u16> = rules.iter().filter(|r| r.addr == gateway).map(|r| r.port).collect();
+        assert_eq!(on_gateway, vec![443, 8080], "no deny of every port, none of 53, none for 22 (not covered)");
+        assert!(rules.iter().any(|r| r.addr == "192.0.2.2".parse::<IpAddr>().unwrap() && r.port == 0));
+        // Without the resolver the gateway is denied on every port, as before.
+        let rules = allowlist_denies(&profile, host.iter().copied(), None);
+        let on_gateway: Vec<u16> = rules.iter().filter(|r| r.addr == gateway).map(|r| r.port).collect();
+        assert_eq!(on_gateway, vec![0]);
+    }
+
+    #[test]
     fn allowlist_denies_the_host_gateway_and_metadata_unless_listed() {
         let mut profile = Profile::builtin(2).unwrap();
         let host: Vec<IpAddr> =
             ["10.213.0.1", "192.0.2.2", "127.0.0.1", "::1", "192.0.2.2"].iter().map(|a| a.parse().unwrap()).collect();
         let denied = |profile: &Profile| -> Vec<IpAddr> {
-            allowlist_denies(profile, host.iter().copied()).iter().map(|r| r.addr).collect()
+            allowlist_denies(profile, host.iter().copied(), None).iter().map(|r| r.addr).collect()
         };
         let all = denied(&profile);
         for addr in ["10.213.0.1", "192.0.2.2", "169.254.169.254", "0.0.0.0", "::"] {
@@ -643,6 +834,9 @@ mod tests {
         assert!(!listed.contains(&"192.0.2.2".parse().unwrap()));
         assert!(listed.contains(&"10.213.0.1".parse().unwrap()));
         let own: Vec<(IpAddr, u8)> = own_loopback().iter().map(|d| (d.addr, d.prefix)).collect();
+        assert!(covers(&Dest::parse("0.0.0.0/0:443").unwrap(), "10.213.0.1".parse().unwrap()));
+        assert!(covers(&Dest::parse("[::ffff:10.213.0.0/112]:443").unwrap(), "10.213.0.1".parse().unwrap()));
+        assert!(!covers(&Dest::parse("10.213.1.0/24:443").unwrap(), "10.213.0.1".parse().unwrap()));
         assert!(own.contains(&("127.0.0.0".parse().unwrap(), 8)) && own.contains(&("::1".parse().unwrap(), 128)));
     }
 }

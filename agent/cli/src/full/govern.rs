@@ -324,7 +324,14 @@ impl Governance {
 
 /// Hands one kernel event to the evaluator: network events carry the kernel's verdict
 /// and are checked against the policy; the rest are recorded as observations.
-pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event) {
+/// `names`: the names the agent's resolver opened an address for (the proxy's answers
+/// give `net.domain` before the plan's host-side resolution does).
+pub fn observe(
+    evaluator: &Evaluator,
+    plan: &Mutex<Option<Plan>>,
+    event: &Event,
+    names: &dyn Fn(std::net::IpAddr) -> Option<String>,
+) {
     let (hook, tgid, net, verdict) = match event {
         Event::Connect { tgid, family, addr, port, protocol, verdict, layer, plan, caller, count, .. } => {
             let net = NetParts {
@@ -366,7 +373,7 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
             return;
         }
     };
-    let domain = domain_of(plan, net.addr);
+    let domain = names(net.addr).or_else(|| domain_of(plan, net.addr));
     evaluator.observe_net(&net_observation(hook, tgid, &net, verdict, domain.as_deref()));
 }
 

@@ -13,6 +13,7 @@ mod exec_cmd;
 mod govern;
 mod identity_cmd;
 mod policy_cmd;
+mod resolver;
 
 pub use agt_jail_cli::EXIT_INTERNAL;
 
