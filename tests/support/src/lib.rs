@@ -277,13 +277,19 @@ pub struct TestResolver {
 
 impl TestResolver {
     pub fn start(names: &[(&str, std::net::Ipv4Addr)]) -> Self {
+        Self::start_on("127.0.0.1:0", names)
+    }
+
+    /// The same on `bind` (e.g. `127.0.0.153:53`, where a resolv.conf can name it).
+    pub fn start_on(bind: &str, names: &[(&str, std::net::Ipv4Addr)]) -> Self {
         use std::sync::{atomic::Ordering, Arc};
 
         use hickory_proto::{
             op::{Message, OpCode, ResponseCode},
             rr::{rdata::A, RData, Record, RecordType},
         };
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the test resolver");
+        let socket =
+            std::net::UdpSocket::bind(bind).unwrap_or_else(|e| panic!("cannot bind the test resolver on {bind}: {e}"));
         socket.set_read_timeout(Some(std::time::Duration::from_millis(50))).expect("read timeout");
         let addr = socket.local_addr().expect("the test resolver's address");
         let table: Vec<(String, std::net::Ipv4Addr)> =
