@@ -142,6 +142,77 @@ fn an_allowed_name_is_reached_and_everything_else_is_denied_on_record() {
     assert_eq!(to_resolver["verdict"], "deny");
 }
 
+const NAMES_POLICY: &str = "apiVersion: governance.toolkit/v1
+name: names
+description: egress by name through the agent's resolver
+agents: ['*']
+default_action: allow
+rules:
+  - name: api-by-name
+    condition: \"event == 'connect' and net.domain == 'api.agt-test.example'\"
+    action: allow
+    priority: 500
+  - name: resolver
+    condition: \"event in ['connect', 'sendmsg'] and net.port == 53\"
+    action: allow
+    priority: 450
+  - name: no-other-egress
+    condition: \"event in ['connect', 'sendmsg'] and net.family in ['inet', 'inet6']\"
+    action: deny
+    priority: 400
+";
+
+/// Under a policy, the names its `net.domain` rules compare with are answered by the
+/// agent's resolver (no `--allow-connect` for them) and the plan learns their addresses
+/// from those answers, before the agent sees them: the host's own resolver does not know
+/// the test name, so only the resolver's answer can make the plan allow the connect.
+#[test]
+fn a_policy_domain_is_opened_by_the_agents_resolver_and_the_plan_learns_its_address() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let remote = RemoteHost::start("dnsp");
+    let upstream = TestResolver::start(&[(NAME, RemoteHost::LISTED.parse().unwrap())]);
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, events_file) = (dir.path().join("names.yaml"), dir.path().join("events.jsonl"));
+    std::fs::write(&policy, NAMES_POLICY).unwrap();
+    let script = format!(
+        "import errno, socket\n\
+         try:\n    socket.create_connection(('203.0.113.2', {port}), timeout=5)\n    print('direct ok')\n\
+         except OSError as e:\n    print('direct', errno.errorcode.get(e.errno))\n\
+         s = socket.create_connection(('{NAME}', {port}), timeout=5)\nprint('named', s.recv(5).decode())\n\
+         try:\n    socket.getaddrinfo('other.agt-test.example', {port})\n    print('other resolved')\n\
+         except socket.gaierror:\n    print('other not resolved')\n",
+        port = remote.port
+    );
+    let output = Command::new(BIN)
+        .args(["exec", "--ring", "2", "--agent", "named", "--policy"])
+        .arg(&policy)
+        .arg("--dns-upstream")
+        .arg(upstream.addr.to_string())
+        .arg("--events")
+        .arg(&events_file)
+        .args(["--allow-exec", PYTHON, "--", PYTHON, "-c", &script])
+        .output()
+        .unwrap();
+    let (out, err) = text(&output);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["direct EPERM", "named hello", "other not resolved"], "{out}\n{err}");
+    assert!(!err.contains("did not resolve"), "no host-side resolution warning: {err}");
+    let records = events(&events_file);
+    let answered = records
+        .iter()
+        .find(|r| r["event"] == "dns" && r["name"] == NAME && r["outcome"] == "answered")
+        .unwrap_or_else(|| panic!("{records:#?}"));
+    assert_eq!(answered["ports"], serde_json::json!([0]), "every port: the plan decides");
+    let allowed: Vec<&Value> = records.iter().filter(|r| r["matched_rule"] == "api-by-name").collect();
+    assert!(
+        allowed.iter().any(|r| r["context"]["net"]["domain"] == NAME && r["context"]["net"]["addr"] == "203.0.113.2"),
+        "{records:#?}"
+    );
+    assert!(records
+        .iter()
+        .any(|r| r["event"] == "dns" && r["name"] == "other.agt-test.example" && r["outcome"] == "refused"));
+}
+
 #[test]
 fn names_are_refused_where_no_resolver_of_agt_jails_serves_the_agent() {
     for (args, needle) in [

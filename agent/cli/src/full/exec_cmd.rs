@@ -25,7 +25,7 @@ use agt_jail_cli::{
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader, TaskFactsMap};
 use agt_jail_jail::{cgroup::CgroupLayout, egress::Egress, profile::Dest, AgentCgroup, NetMode, Profile};
-use agt_jail_policy::plan::Plan;
+use agt_jail_policy::plan::{Plan, Resolved};
 use agt_jail_supervisor::{
     evaluator::Evaluator,
     exec_notify::{self, ExecNotifier, KernelTask, NotifierOptions, TaskSource},
@@ -67,6 +67,9 @@ struct Governed<'a> {
     sink: Option<Arc<Mutex<EventSink>>>,
     /// The agent's resolver (allowlist mode with egress).
     resolver: Option<Resolver>,
+    /// Under a policy where the resolver is served: the policy's domains and the addresses
+    /// the resolver opened for them, which the plan's `net.domain` classes are made of.
+    learned: Option<(Vec<String>, Arc<Mutex<Resolved>>)>,
 }
 
 impl<'a> Governed<'a> {
@@ -104,6 +107,7 @@ impl<'a> Governed<'a> {
             audit,
             sink: None,
             resolver: None,
+            learned: None,
         })
     }
 
@@ -144,6 +148,7 @@ impl<'a> Governed<'a> {
                 profile.confine,
                 exec_lsm.is_some(),
                 args.policy.strict,
+                (&self.domain_resolver(), self.learned.is_some()),
             )?;
             govern::install_plan(&mut programs, agent_id, &compiled)?;
             if let Some(exec_lsm) = exec_lsm {
@@ -216,13 +221,20 @@ impl<'a> Governed<'a> {
                 Arc::clone(&governance.plan),
                 profile.confine,
                 self.tier_a.is_some(),
+                self.domain_resolver(),
             ));
         }
         if !args.quiet {
             agt_jail_jail::stderr_line!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
         }
         let domains = agt_jail_policy::plan::domains(&domain_set);
-        if args.policy.dns_refresh > 0 && !domains.is_empty() && lock(&governance.actuator.on_demote).is_some() {
+        // Where the agent's resolver is served, its answers feed the plan's domains instead.
+        let polled = self.learned.is_none();
+        if polled
+            && args.policy.dns_refresh > 0
+            && !domains.is_empty()
+            && lock(&governance.actuator.on_demote).is_some()
+        {
             let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
             self.dns_thread = Some(
                 govern::follow_domains(
@@ -267,6 +279,17 @@ impl<'a> Governed<'a> {
                 .context("cannot start the event thread")?,
         );
         Ok(())
+    }
+
+    /// Where the plan's domains get their addresses: the resolver's answers when it
+    /// feeds them, the host's resolver otherwise.
+    fn domain_resolver(&self) -> govern::DomainResolver {
+        let Some((_, learned)) = self.learned.as_ref() else { return govern::host_resolver() };
+        let learned = Arc::clone(learned);
+        Arc::new(move |domains: &[String]| {
+            let learned = lock(&learned);
+            domains.iter().map(|d| (d.clone(), learned.get(d).cloned().unwrap_or_default())).collect()
+        })
     }
 
     /// Whether the agent gets agt-jail's resolver, and its upstream: in allowlist mode
@@ -331,6 +354,19 @@ impl<'a> Governed<'a> {
         let mut never: Vec<IpAddr> =
             allowlist_denies(profile, host.iter().copied(), None).iter().map(|r| r.addr).collect();
         never.push(IpAddr::V4(egress.gateway()));
+        let feed = match (self.learned.as_ref(), self.governance.as_ref()) {
+            (Some((domains, learned)), Some(governance)) => {
+                let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
+                let replan: Arc<dyn Fn() -> io::Result<()> + Send + Sync> =
+                    Arc::new(move || match lock(&actuator.on_demote).as_mut() {
+                        Some(replan) => replan(&evaluator.agent()),
+                        None => Ok(()),
+                    });
+                Some(resolver::Feed::new(domains, Arc::clone(learned), replan))
+            }
+            _ => None,
+        };
+        let policy_domains = self.learned.as_ref().map(|(domains, _)| domains.clone()).unwrap_or_default();
         let started = Resolver::start(ResolverSetup {
             programs: Arc::clone(programs),
             agent_id: cgroup.id(),
@@ -341,11 +377,12 @@ impl<'a> Governed<'a> {
                 .unwrap_or_else(|| cgroup.id().to_string()),
             gateway: egress.gateway(),
             upstream,
-            allow: resolver::allow_set(&profile.allow_names),
+            allow: resolver::allow_set(&profile.allow_names, &policy_domains),
             pinned: &pinned,
             never,
             record,
             show_denials: !self.args.quiet,
+            feed,
         })?;
         if let Some(sink) = self.sink.as_ref() {
             lock(sink).names = Some(Arc::clone(started.names()));
@@ -415,6 +452,11 @@ impl Governor for Governed<'_> {
         egress: Option<&Egress>,
     ) -> Result<()> {
         let upstream = self.dns_upstream(profile, egress)?;
+        if let (Some(_), Some(loaded)) = (upstream, self.policy.as_ref()) {
+            let domains = agt_jail_policy::plan::domains(&loaded.set);
+            let learned = Arc::new(Mutex::new(resolver::initial(&domains)));
+            self.learned = Some((domains, learned));
+        }
         let plan = self.load_programs(cgroup, profile, egress, upstream.is_some())?;
         self.start_governance(cgroup, profile, program, plan)?;
         self.start_pump()?;

@@ -446,6 +446,16 @@ pub fn net_observation<'a>(
     }
 }
 
+/// How a policy's domains get their addresses: the host's resolver (ring 0, `--net host`),
+/// or, where agt-jail serves the agent's resolver, the addresses its answers opened (what
+/// the agent itself was told).
+pub type DomainResolver = Arc<dyn Fn(&[String]) -> Resolved + Send + Sync>;
+
+/// The host's resolver as a [`DomainResolver`].
+pub fn host_resolver() -> DomainResolver {
+    Arc::new(|domains| resolve_domains(domains).0)
+}
+
 /// Resolves every domain a policy names, with the system resolver. Names that do not
 /// resolve are returned apart (they match no address until they do).
 pub fn resolve_domains(domains: &[String]) -> (Resolved, Vec<String>) {
@@ -476,7 +486,8 @@ pub fn host_caps(ring: u8, confined: bool, bpf_lsm: bool) -> HostCaps {
 }
 
 /// Compiles the policy for this agent on this host and prints what cannot be enforced
-/// before effect (an error instead with `--strict`).
+/// before effect (an error instead with `--strict`). `fed`: the domains' addresses come
+/// from the agent's resolver, so none has one yet and none is warned about.
 pub fn compile_plan(
     set: &PolicySet,
     agent: &AgentFacts,
@@ -484,13 +495,18 @@ pub fn compile_plan(
     confined: bool,
     bpf_lsm: bool,
     strict: bool,
+    (resolve, fed): (&DomainResolver, bool),
 ) -> Result<(Plan, Resolved)> {
     let caps = host_caps(ring, confined, bpf_lsm);
-    // Names that do not resolve are reported by the compiler, one warning each.
-    let (resolved, _) = resolve_domains(&plan::domains(set));
+    // Names that do not resolve are reported by the compiler, one warning each; where the
+    // agent's resolver feeds them, none has an address before the agent asks for it.
+    let resolved = resolve(&plan::domains(set));
     let compiled = plan::compile(set, agent, &caps, &resolved, strict)
         .map_err(|e| anyhow!("the policy cannot be enforced on this host: {e}"))?;
     for warning in &compiled.warnings {
+        if fed && warning.starts_with("domain ") && warning.contains(" did not resolve;") {
+            continue;
+        }
         agt_jail_jail::stderr_line!("agt-jail: warning: {warning}");
     }
     Ok((compiled, resolved))
@@ -770,6 +786,7 @@ pub fn demoter(
     current: Arc<Mutex<Option<Plan>>>,
     confined: bool,
     bpf_lsm: bool,
+    resolve: DomainResolver,
 ) -> Tighten {
     Box::new(move |agent: &AgentFacts| {
         let mut programs = lock(&programs);
@@ -777,7 +794,7 @@ pub fn demoter(
             programs.deny_all_net(agent_id).map_err(io::Error::other)?;
         }
         let caps = host_caps(agent.ring, confined, bpf_lsm);
-        let (resolved, _) = resolve_domains(&plan::domains(&set));
+        let resolved = resolve(&plan::domains(&set));
         // Not strict: the agent is running; a plan that no longer compiles keeps the old tables.
         let compiled = plan::compile(&set, agent, &caps, &resolved, false).map_err(io::Error::other)?;
         install_plan(&mut programs, agent_id, &compiled).map_err(io::Error::other)?;

@@ -19,10 +19,11 @@ use std::{
 };
 
 use agt_jail_dns::{
-    first_nameserver, spawn_expiry, AllowMap, AllowSet, Dest, DnsProxy, ExpiringAllows, NamePattern, Observation,
-    Observer, Outcome, ProxyConfig, SinkError,
+    first_nameserver, normalize, spawn_expiry, AllowMap, AllowSet, AllowSink, Dest, DnsProxy, ExpiringAllows,
+    NamePattern, Observation, Observer, Outcome, ProxyConfig, SinkError,
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, KernelAllowMap, LoaderError};
+use agt_jail_policy::plan::Resolved;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
@@ -92,13 +93,122 @@ pub fn upstream(flag: Option<SocketAddr>) -> Result<SocketAddr> {
     first_nameserver(&text, path).map_err(|err| anyhow::anyhow!("{err} (give one with --dns-upstream ADDR)"))
 }
 
-/// The allow set of the profile's names.
-pub fn allow_set(names: &[(NamePattern, u16)]) -> AllowSet {
+/// The allow set of the profile's names, and of the policy's domains on every port (port
+/// 0: the policy's plan decides the port and everything else of each connect).
+pub fn allow_set(names: &[(NamePattern, u16)], policy_domains: &[String]) -> AllowSet {
     let mut set = AllowSet::new();
     for (pattern, port) in names {
         set.add(pattern.clone(), *port);
     }
+    for domain in policy_domains {
+        match NamePattern::parse(domain) {
+            Ok(NamePattern::Exact(name)) => set.add(NamePattern::Exact(name), 0),
+            // A policy compares net.domain with whole names; one that is no host name
+            // matches no answer.
+            _ => agt_jail_jail::stderr_line!(
+                "agt-jail: warning: the policy's domain '{domain}' is not a host name; the agent's resolver refuses it"
+            ),
+        }
+    }
     set
+}
+
+/// Under a policy: the addresses the resolver opens for the policy's domains become the
+/// plan's `net.domain` classes, re-installed before the answer leaves.
+pub struct Feed {
+    /// (normalised, as the policy writes it) for every domain the policy compares
+    /// `net.domain` with.
+    pub domains: Vec<(String, String)>,
+    /// What the plan's compiler reads (see `govern::DomainResolver`).
+    pub learned: Arc<Mutex<Resolved>>,
+    /// Re-installs the network plan from `learned`.
+    pub replan: Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>,
+}
+
+impl Feed {
+    /// `learned` starts with every domain and no address (see [`initial`]).
+    pub fn new(
+        domains: &[String],
+        learned: Arc<Mutex<Resolved>>,
+        replan: Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>,
+    ) -> Self {
+        Self { domains: domains.iter().map(|d| (normalize(d), d.clone())).collect(), learned, replan }
+    }
+
+    /// The policy's spelling of a query name, when the policy names it.
+    fn policy_name(&self, name: &str) -> Option<&str> {
+        self.domains.iter().find(|(normal, _)| normal == name).map(|(_, written)| written.as_str())
+    }
+
+    /// Records that `name` now opens `addr` and re-plans when that is new to the plan.
+    fn learn(&self, name: &str, addr: IpAddr) -> Result<(), SinkError> {
+        let Some(written) = self.policy_name(name) else { return Ok(()) };
+        let addr = addr.to_canonical();
+        let new = {
+            let mut learned = lock(&self.learned);
+            let addrs = learned.entry(written.to_string()).or_default();
+            let new = !addrs.contains(&addr);
+            if new {
+                addrs.push(addr);
+                addrs.sort();
+            }
+            new
+        };
+        if new {
+            if let Err(err) = (self.replan)() {
+                // Forgotten again, so that the next answer tries again.
+                lock(&self.learned).entry(written.to_string()).or_default().retain(|a| *a != addr);
+                return Err(SinkError(format!("cannot re-install the policy's network tables for {name}: {err}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// After an expiry: the policy's domains keep only the addresses still open.
+    fn forget_lapsed(&self, names: &Names) -> Result<(), SinkError> {
+        let now: Vec<(String, Vec<IpAddr>)> = {
+            let names = lock(names);
+            self.domains.iter().map(|(normal, written)| (written.clone(), names.addrs_of(normal))).collect()
+        };
+        let changed = {
+            let mut learned = lock(&self.learned);
+            let mut changed = false;
+            for (written, addrs) in now {
+                let entry = learned.entry(written).or_default();
+                if *entry != addrs {
+                    *entry = addrs;
+                    changed = true;
+                }
+            }
+            changed
+        };
+        if changed {
+            (self.replan)()
+                .map_err(|err| SinkError(format!("cannot re-install the policy's network tables: {err}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// What the plan knows of the policy's domains before the agent asked for any.
+pub fn initial(domains: &[String]) -> Resolved {
+    domains.iter().map(|d| (d.clone(), Vec::new())).collect()
+}
+
+/// The proxy's sink: the names' table (kernel allow-list writes), then the policy's plan.
+struct Sink {
+    names: Names,
+    feed: Option<Arc<Feed>>,
+}
+
+impl AllowSink for Sink {
+    fn allow(&mut self, addr: IpAddr, port: u16, expires: std::time::Instant, name: &str) -> Result<(), SinkError> {
+        lock(&self.names).allow(addr, port, expires, name)?;
+        match &self.feed {
+            Some(feed) => feed.learn(name, addr),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The running resolver of one agent.
@@ -124,6 +234,7 @@ pub struct ResolverSetup<'a> {
     pub record: RecordFn,
     /// Print refused names on stderr.
     pub show_denials: bool,
+    pub feed: Option<Feed>,
 }
 
 impl Resolver {
@@ -153,17 +264,22 @@ impl Resolver {
             resolv_conf,
         };
         let record = Arc::clone(&setup.record);
+        let feed = setup.feed.map(Arc::new);
+        let (expiry_feed, expiry_names) = (feed.clone(), Arc::clone(&names));
         resolver.expiry = Some(
             spawn_expiry(Arc::clone(&names), EXPIRY_PERIOD, Arc::clone(&resolver.stop), move |result| {
                 record(&expiry_record(result));
+                if let Some(Err(SinkError(reason))) = expiry_feed.as_ref().map(|f| f.forget_lapsed(&expiry_names)) {
+                    record(&json!({ "event": "dns", "time": now(), "outcome": "expiry_failed", "reason": reason }));
+                }
             })
             .context("cannot start the resolver's expiry timer")?,
         );
         let config = ProxyConfig::new(setup.upstream, setup.allow, setup.agent);
         let observer = Arc::new(Records { record: setup.record, show_denials: setup.show_denials });
-        resolver.proxy = Some(
-            DnsProxy::start(udp, Some(tcp), config, names, observer).context("cannot start the agent's resolver")?,
-        );
+        let sink = Arc::new(Mutex::new(Sink { names, feed }));
+        resolver.proxy =
+            Some(DnsProxy::start(udp, Some(tcp), config, sink, observer).context("cannot start the agent's resolver")?);
         Ok(resolver)
     }
 
