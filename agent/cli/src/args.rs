@@ -253,6 +253,8 @@ pub struct PolicyArgs {
 
     /// Seconds between DNS lookups of the policy's domains; when an answer changes the
     /// network tables are re-installed (0: resolve only at start; at most 86400). Needs --policy.
+    /// Ring 0 and --net host only: in network mode allowlist the agent's resolver feeds the
+    /// domains from its own answers (docs/dns-egress.md).
     #[arg(long, value_name = "SECS", default_value_t = 30, requires = "policy", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub dns_refresh: u64,
 }

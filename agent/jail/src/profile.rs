@@ -823,7 +823,7 @@ mod tests {
         assert!(err("ring: 2\nnetwork:\n  mode: none\n  allow_connect: ['*.example.com:443']\n")
             .contains("(*.example.com) need network.mode allowlist"));
         let named = Profile::parse(
-            "ring: 2\nnetwork:\n  allow_connect: ['API.example.com:443', '*.pypi.org:443', '10.0.0.0/8:80']\n",
+            "ring: 2\nnetwork:\n  mode: allowlist\n  allow_connect: ['API.example.com:443', '*.pypi.org:443', '10.0.0.0/8:80']\n",
             "p.yaml",
         )
         .unwrap();

@@ -367,6 +367,7 @@ impl<'a> Governed<'a> {
             _ => None,
         };
         let policy_domains = self.learned.as_ref().map(|(domains, _)| domains.clone()).unwrap_or_default();
+        let began = std::time::Instant::now();
         let started = Resolver::start(ResolverSetup {
             programs: Arc::clone(programs),
             agent_id: cgroup.id(),
@@ -384,6 +385,13 @@ impl<'a> Governed<'a> {
             show_denials: !self.args.quiet,
             feed,
         })?;
+        if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
+            agt_jail_jail::stderr_line!(
+                "agt-jail: debug: the agent's resolver on {}:53 started in {} µs",
+                egress.gateway(),
+                began.elapsed().as_micros()
+            );
+        }
         if let Some(sink) = self.sink.as_ref() {
             lock(sink).names = Some(Arc::clone(started.names()));
         }
