@@ -315,6 +315,7 @@ impl Drop for Resolver {
 fn write_resolv_conf(gateway: Ipv4Addr) -> Result<PathBuf> {
     let dir = Path::new("/run/agt-jail");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    sweep_stale(dir, Path::new("/proc"));
     let path = dir.join(format!("resolv-{}-{gateway}.conf", std::process::id()));
     // A file a dead run left under the same name is replaced (create_new would refuse it).
     let _ = std::fs::remove_file(&path);
@@ -327,6 +328,21 @@ fn write_resolv_conf(gateway: Ipv4Addr) -> Result<PathBuf> {
     file.write_all(format!("# agt-jail: the agent's resolver (docs/dns-egress.md)\nnameserver {gateway}\n").as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// Removes the resolv.conf files of runs that are gone (a killed agt-jail leaves its own).
+fn sweep_stale(dir: &Path, proc_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name.to_str().and_then(|n| n.strip_prefix("resolv-")).and_then(|n| n.split('-').next())
+        else {
+            continue;
+        };
+        if owner.parse::<u32>().is_ok() && !proc_root.join(owner).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn now() -> f64 {
@@ -420,6 +436,22 @@ mod tests {
         assert_eq!(answered["name"], "api.example.com");
         let expired = expiry_record(Ok(vec![("192.0.2.7".parse().unwrap(), 443)]));
         assert_eq!(expired["closed"], json!(["192.0.2.7:443"]));
+    }
+
+    #[test]
+    fn only_the_files_of_runs_that_are_gone_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        let (dir, proc_root) = (root.path().join("run"), root.path().join("proc"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(proc_root.join("11")).unwrap();
+        for name in ["resolv-10-10.213.0.1.conf", "resolv-11-10.213.0.5.conf", "other.conf"] {
+            std::fs::write(dir.join(name), "nameserver 10.213.0.1\n").unwrap();
+        }
+        sweep_stale(&dir, &proc_root);
+        let mut left: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["other.conf", "resolv-11-10.213.0.5.conf"]);
     }
 
     #[test]
