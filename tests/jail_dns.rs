@@ -22,7 +22,8 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// What the agent does, one line each: a connect to the test server's address before any
 /// lookup; the lookup of the allowed name and a connect by that name; a raw query for
 /// another name to the agent's resolver (its response code); a raw query to another
-/// resolver; an ICMP datagram socket; the agent's resolv.conf.
+/// resolver; an ICMP datagram socket; the allowed name over TCP to the agent's resolver;
+/// the agent's resolv.conf.
 fn probe(port: u16) -> String {
     format!(
         r##"
@@ -65,6 +66,14 @@ try:
     print("icmp ok")
 except OSError as e:
     print("icmp", err(e))
+t = socket.create_connection((gateway, 53), timeout=5)
+q = query("{NAME}")
+t.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", t.recv(2))[0]
+a = b""
+while len(a) < n:
+    a += t.recv(n - len(a))
+print("tcp rcode", a[3] & 0xf, "answers", struct.unpack(">H", a[6:8])[0])
 print("resolv.conf", " ".join(l.strip() for l in open("/etc/resolv.conf") if not l.startswith("#")))
 "##
     )
@@ -100,7 +109,7 @@ fn an_allowed_name_is_reached_and_everything_else_is_denied_on_record() {
     let (out, err) = text(&output);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
-        lines[..7],
+        lines[..8],
         [
             "direct EPERM",
             "lookup 203.0.113.2",
@@ -108,11 +117,12 @@ fn an_allowed_name_is_reached_and_everything_else_is_denied_on_record() {
             "other rcode 5",
             "other resolver EPERM",
             "icmp EPERM",
-            lines[6],
+            "tcp rcode 0 answers 1",
+            lines[7],
         ],
         "{out}\n{err}"
     );
-    assert!(lines[6].starts_with("resolv.conf nameserver 10.") && !lines[6].contains("127."), "{}", lines[6]);
+    assert!(lines[7].starts_with("resolv.conf nameserver 10.") && !lines[7].contains("127."), "{}", lines[7]);
     assert!(output.status.success(), "{out}\n{err}");
     assert!(err.contains("refused DNS query for other.agt-test.example"), "{err}");
     assert!(upstream.queries() >= 1, "the allowed name was asked upstream");
