@@ -103,6 +103,8 @@ fn an_allowed_name_is_reached_and_everything_else_is_denied_on_record() {
         .arg(upstream.addr.to_string())
         .arg("--events")
         .arg(&events_file)
+        .arg("--audit")
+        .arg(dir.path().join("run.audit"))
         .args(["--allow-exec", PYTHON, "--", PYTHON, "-c", &probe(remote.port)])
         .output()
         .unwrap();
@@ -150,6 +152,13 @@ fn an_allowed_name_is_reached_and_everything_else_is_denied_on_record() {
         .find(|r| r["kind"] == "sendmsg" && r["addr"] == "203.0.113.3" && r["port"] == 53)
         .unwrap_or_else(|| panic!("no record of the query to another resolver: {records:#?}"));
     assert_eq!(to_resolver["verdict"], "deny");
+    // The audit log holds the same records (its entries wrap them).
+    let audit = std::fs::read_to_string(dir.path().join("run.audit")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains(r#""event":"dns""#) && l.contains(r#""outcome":"refused""#)),
+        "no refused name in the audit log"
+    );
+    assert!(audit.lines().any(|l| l.contains(r#""outcome":"answered""#) && l.contains(NAME)));
 }
 
 const NAMES_POLICY: &str = "apiVersion: governance.toolkit/v1
