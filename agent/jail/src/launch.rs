@@ -428,6 +428,28 @@ fn resolv_conf_target(path: &Path) -> PathBuf {
     clean
 }
 
+/// Whether a generated resolv.conf can be shown to a jail of `profile`: the end of the
+/// host's `/etc/resolv.conf` links exists (a file to bind over, even inside a read-only
+/// system path), or it lies outside the profile's system paths (the view makes its
+/// directories on its own tmpfs). A host without the file, whose /etc is a system path,
+/// has nowhere to put one: the read-only bind of /etc cannot take a new entry.
+pub fn resolv_conf_placeable(profile: &Profile) -> Result<PathBuf, String> {
+    let target = resolv_conf_target(Path::new(RESOLV_CONF));
+    if target.exists() {
+        return Ok(target);
+    }
+    let system = profile.system.iter().map(|s| Path::new(s).canonicalize().unwrap_or_else(|_| PathBuf::from(s)));
+    match system.into_iter().find(|dir| is_under(&target, dir)) {
+        Some(dir) => Err(format!(
+            "{} does not exist on this host and {} is read-only in the jail, so the agent's resolver cannot be named \
+             there (create the file; an empty one will do)",
+            target.display(),
+            dir.display()
+        )),
+        None => Ok(target),
+    }
+}
+
 fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, LaunchError> {
     let p = &cfg.profile;
     let mut view = ViewSpec { devices: mounts::DEVICES.to_vec(), devpts: true, ..Default::default() };

@@ -308,6 +308,14 @@ impl<'a> Governed<'a> {
             }
             return Ok(None);
         }
+        // Without names nothing was promised: a host where the resolver has no upstream or
+        // cannot be named in the jail's /etc keeps the agent without DNS, as before.
+        if let Err(reason) = agt_jail_jail::launch::resolv_conf_placeable(profile) {
+            if profile.allow_names.is_empty() {
+                return Ok(None);
+            }
+            bail!("names in the allow-list cannot be honoured: {reason}");
+        }
         match resolver::upstream(self.args.dns_upstream) {
             Ok(upstream) => Ok(Some(upstream)),
             Err(_) if profile.allow_names.is_empty() => Ok(None),
