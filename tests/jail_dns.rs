@@ -89,7 +89,7 @@ fn text(output: &Output) -> (String, String) {
 
 #[test]
 fn an_allowed_name_is_reached_and_everything_else_is_denied_on_record() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let remote = RemoteHost::start("dns");
     let listed: Ipv4Addr = RemoteHost::LISTED.parse().unwrap();
@@ -110,6 +110,7 @@ fn an_allowed_name_is_reached_and_everything_else_is_denied_on_record() {
         .unwrap();
     let (out, err) = text(&output);
     let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}\n{err}");
     assert_eq!(
         lines[..8],
         [
@@ -187,7 +188,7 @@ rules:
 /// the test name, so only the resolver's answer can make the plan allow the connect.
 #[test]
 fn a_policy_domain_is_opened_by_the_agents_resolver_and_the_plan_learns_its_address() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let remote = RemoteHost::start("dnsp");
     let upstream = TestResolver::start(&[(NAME, RemoteHost::LISTED.parse().unwrap())]);
