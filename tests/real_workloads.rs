@@ -4,9 +4,7 @@
 //! exit status and output (beside checking that the output is what the workload should
 //! print, so two identical failures cannot pass).
 //!
-//! Ring 2 (the default for agents) is enough for every case here. The cases that need a
-//! network namespace with working loopback (an HTTP server and its client, a name-allowed
-//! connect) are not in this suite yet. A case whose program this machine lacks (the test
+//! Ring 2 (the default for agents) is enough for every case here. A case whose program this machine lacks (the test
 //! VM has no compiler, make, git, tmux, pip or Rust toolchain) is a counted skip with the
 //! reason (`program_missing`).
 #![allow(clippy::unwrap_used)]
@@ -20,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agt_jail_test_support::{current_test_name, program_missing, require, Need};
+use agt_jail_test_support::{current_test_name, program_missing, require, Need, RemoteHost, TestResolver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
 /// The search path the jail gives a command; the outside run gets the same.
@@ -545,6 +543,48 @@ fn a_loopback_web_server_and_its_client() {
     let output = case.run_both(&fx);
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     assert_prints(case.name, &output, &["index.html 200 <p>jail</p>", "data.txt 200 42", "missing 404"]);
+}
+
+const NAME_CLIENT: &str = "import socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+print('resolved', sorted({a[4][0] for a in socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)}))
+with socket.create_connection((name, port), timeout=10) as s:
+    s.sendall(b'GET / HTTP/1.1\\r\\nHost: ' + name.encode() + b'\\r\\n\\r\\n')
+    print('greeting', s.recv(5).decode())
+";
+
+/// A client that resolves a name and connects to it, as one reaching an API by its host
+/// name does. The name exists only in a test upstream resolver on the host's loopback
+/// (127.0.0.153:53); its address is a test server beyond a veth on the host (no outside
+/// traffic). Outside, the client's resolv.conf names that resolver (a mount namespace of
+/// its own); inside, the agent's resolver asks it (`--dns-upstream`) for the one name
+/// `--allow-connect` allows, and opens its address before the answer arrives.
+#[test]
+fn a_name_allowed_connect_reaches_its_server() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    if !programs(&["python3", "unshare", "mount"]) {
+        return;
+    }
+    const NAME: &str = "api.agt-workload.example";
+    let remote = RemoteHost::start("wlnam");
+    let _upstream = TestResolver::start_on("127.0.0.153:53", &[(NAME, RemoteHost::LISTED.parse().unwrap())]);
+    let fx = Fixture::new("names");
+    let resolv = fx.root.join("resolv.conf");
+    fs::write(&resolv, "nameserver 127.0.0.153\n").unwrap();
+    let prepare = |fx: &Fixture| fx.write("client.py", NAME_CLIENT);
+    let port = remote.port.to_string();
+    let mut case = Case::new("name-allowed connect", &prepare, &["python3", "client.py", NAME, &port]);
+    case.jail_flags = ["--allow-connect", &format!("{NAME}:{port}"), "--dns-upstream", "127.0.0.153:53"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    let mount = format!("mount --bind {} /etc/resolv.conf && exec python3 client.py {NAME} {port}", resolv.display());
+    let outside_case = Case::new("name-allowed connect", &prepare, &["unshare", "--mount", "sh", "-c", &mount]);
+    let outside = timed(case.name, "outside", &fx, &prepare, &mut outside_case.outside(&fx));
+    let inside = timed(case.name, "inside", &fx, &prepare, &mut case.inside(&fx));
+    assert_same(case.name, &outside, &inside);
+    assert_eq!(outside.status.code(), Some(0), "{outside:?}");
+    assert_prints(case.name, &outside, &["resolved ['203.0.113.2']", "greeting hello"]);
 }
 
 const GIB_WRITER: &str = "import sys

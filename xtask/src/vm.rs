@@ -1155,6 +1155,8 @@ fn build_initramfs(
     // Like Debian's: tests check that a jailed agent cannot read it.
     archive.file("etc/shadow", 0o640, b"root:*:20000:0:99999:7:::\nnobody:*:20000:0:99999:7:::\n".to_vec());
     archive.file("etc/hostname", 0o644, b"agt-vm\n".to_vec());
+    // Every Debian system has one; a jail binds the agent's resolver over it (docs/dns-egress.md).
+    archive.file("etc/resolv.conf", 0o644, b"# the guest has no network and no nameserver\n".to_vec());
 
     let bytes = archive.finish();
     fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;

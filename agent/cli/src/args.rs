@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use agt_jail_jail::profile::Dest;
+use agt_jail_jail::profile::AllowEntry;
 use clap::Args;
 
 /// A `--deny-connect` destination; port 0 means every port.
@@ -96,9 +96,18 @@ pub struct ExecArgs {
     #[arg(long = "allow-exec", value_name = "PATH")]
     pub allow_exec: Vec<PathBuf>,
 
-    /// Allow TCP connect to ADDR:PORT or CIDR:PORT (allowlist mode: address and port, in the kernel). Repeatable.
-    #[arg(long = "allow-connect", value_name = "DEST", value_parser = Dest::parse)]
-    pub allow_connect: Vec<Dest>,
+    /// Allow connects to DEST (allowlist mode; rings 1-2): ADDR:PORT or CIDR:PORT (address and
+    /// port, in the kernel), or NAME:PORT / *.SUFFIX:PORT: the agent's resolver (served by
+    /// agt-jail on its gateway) answers for such names and opens each answer's addresses for
+    /// PORT, for the answer's TTL, before the agent sees it; other names are refused
+    /// (docs/dns-egress.md). Repeatable.
+    #[arg(long = "allow-connect", value_name = "DEST", value_parser = AllowEntry::parse)]
+    pub allow_connect: Vec<AllowEntry>,
+
+    /// Where the agent's resolver sends the queries it allows (ADDR:PORT or ADDR for port
+    /// 53). Default: the first nameserver of the host's /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = parse_upstream)]
+    pub dns_upstream: Option<std::net::SocketAddr>,
 
     /// Network: none (own namespace, loopback only), allowlist (own namespace with loopback and a veth
     /// routed out through the host's NAT; TCP egress to --allow-connect only) or host.
@@ -144,6 +153,16 @@ pub struct ExecArgs {
 }
 
 /// Parses `ADDR:PORT`, `[V6]:PORT`, with `*` as "any port".
+/// `--dns-upstream`: `ADDR:PORT`, `[V6]:PORT` or a bare address (port 53).
+pub fn parse_upstream(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        return Ok(addr);
+    }
+    text.parse::<IpAddr>()
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .map_err(|_| format!("'{text}' is not ADDR, ADDR:PORT or [V6]:PORT"))
+}
+
 pub fn parse_connect_rule(text: &str) -> Result<ConnectDest, String> {
     let expected = "expected ADDR:PORT, e.g. 127.0.0.1:8080, [::1]:443 or 10.0.0.1:*";
     if let Some(any) = text.strip_suffix(":*") {
@@ -234,6 +253,8 @@ pub struct PolicyArgs {
 
     /// Seconds between DNS lookups of the policy's domains; when an answer changes the
     /// network tables are re-installed (0: resolve only at start; at most 86400). Needs --policy.
+    /// Ring 0 and --net host only: in network mode allowlist the agent's resolver feeds the
+    /// domains from its own answers (docs/dns-egress.md).
     #[arg(long, value_name = "SECS", default_value_t = 30, requires = "policy", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub dns_refresh: u64,
 }

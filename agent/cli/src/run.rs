@@ -27,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use agt_jail_jail::profile;
+use agt_jail_jail::profile::{self, AllowEntry};
 use agt_jail_jail::{
     cgroup,
     egress::Egress,
@@ -150,6 +150,9 @@ impl Governor for Ungoverned {
 pub struct JailAdditions {
     pub ro: Vec<PathBuf>,
     pub env: Vec<(OsString, OsString)>,
+    /// The agent's resolv.conf (its resolver is served by agt-jail), see
+    /// [`JailConfig::resolv_conf`].
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// The command and the profile of a run, resolved before anything is created.
@@ -307,12 +310,26 @@ fn narrow_network(args: &ExecArgs, profile: &mut Profile) -> Result<()> {
         }
         profile.net = mode;
     }
-    profile.allow_connect.extend(args.allow_connect.iter().cloned());
+    for entry in &args.allow_connect {
+        match entry {
+            AllowEntry::Addr(dest) => profile.allow_connect.push(dest.clone()),
+            AllowEntry::Name(name, port) => profile.allow_names.push((name.clone(), *port)),
+        }
+    }
     if !args.allow_connect.is_empty() && profile.net != NetMode::Allowlist {
         if NetMode::allowed_in(ring).contains(&NetMode::Allowlist) {
             bail!("--allow-connect needs network mode allowlist, but this run's is {}", profile.net.name());
         }
         bail!("--allow-connect cannot be honoured in ring {ring}: ring {ring} has no network");
+    }
+    // A profile's names under `--net host` (rings 1-2 with a policy): no resolver of
+    // agt-jail's is in the agent's path there, so nothing could open their addresses.
+    if let (Some((name, port)), false) = (profile.allow_names.first(), profile.net == NetMode::Allowlist) {
+        bail!(
+            "allow_connect {name}:{port} cannot be honoured with network mode {}: names are served by the agent's \
+             resolver, which only network mode allowlist has (use addresses, or the policy's net.domain rules)",
+            profile.net.name()
+        );
     }
     Ok(())
 }
@@ -501,6 +518,7 @@ pub fn execute<G: Governor>(
                 .and_then(|p| std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).ok()),
             exec_notify,
             egress: egress.as_ref().map(Egress::plan),
+            resolv_conf: additions.resolv_conf.clone(),
         };
         if let Some(pty) = &pty {
             pty.copy_size_from_stdin();

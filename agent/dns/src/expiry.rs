@@ -68,6 +68,16 @@ impl ExpiryTable {
         names
     }
 
+    /// The addresses `name` currently allows (any port), sorted: what a policy's
+    /// `net.domain` classes are fed from.
+    pub fn addrs_of(&self, name: &str) -> Vec<IpAddr> {
+        let mut addrs: Vec<IpAddr> =
+            self.entries.iter().filter(|(_, names)| names.contains_key(name)).map(|((addr, _), _)| *addr).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
     /// When the next name lapses.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.entries.values().flat_map(|names| names.values().copied()).min()
@@ -148,6 +158,11 @@ impl<M: AllowMap> ExpiringAllows<M> {
         self.table.names_of(addr)
     }
 
+    /// The addresses `name` currently allows.
+    pub fn addrs_of(&self, name: &str) -> Vec<IpAddr> {
+        self.table.addrs_of(name)
+    }
+
     /// When [`ExpiringAllows::expire`] next has something to do.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.table.next_expiry()
@@ -209,6 +224,23 @@ mod tests {
 
     fn dest(text: &str, port: u16) -> Dest {
         (text.parse().unwrap(), port)
+    }
+
+    #[test]
+    fn the_addresses_of_a_name_are_those_it_still_allows() {
+        let t = Instant::now();
+        let mut table = ExpiryTable::new();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        table.insert(dest("192.0.2.1", 443), "a.example.com", at(t, 10));
+        table.insert(dest("192.0.2.1", 80), "a.example.com", at(t, 10));
+        table.insert(dest("192.0.2.9", 443), "b.example.com", at(t, 30));
+        table.insert(dest("192.0.2.1", 443), "b.example.com", at(t, 30));
+        assert_eq!(table.addrs_of("a.example.com"), vec![ip("192.0.2.1")], "one address, whatever its ports");
+        assert_eq!(table.addrs_of("b.example.com"), vec![ip("192.0.2.1"), ip("192.0.2.9")]);
+        assert!(table.addrs_of("c.example.com").is_empty());
+        table.due(at(t, 10));
+        assert!(table.addrs_of("a.example.com").is_empty(), "lapsed");
+        assert_eq!(table.addrs_of("b.example.com").len(), 2);
     }
 
     #[test]

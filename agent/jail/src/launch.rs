@@ -115,6 +115,12 @@ pub struct JailConfig {
     /// The routed path out of the jail's own network namespace (allowlist mode): the
     /// namespace, made and configured by [`crate::egress::Egress`], which the init joins.
     pub egress: Option<crate::egress::EgressPlan>,
+    /// The agent's resolver (allowlist mode with egress, docs/dns-egress.md): a generated
+    /// resolv.conf on the host, shown read-only over `/etc/resolv.conf` (over its final
+    /// target when that is a symlink, e.g. into /run/systemd/resolve). With it, seccomp
+    /// lets UDP sockets through (not ICMP): the cgroup sendmsg programs decide where
+    /// their datagrams go, and the only UDP destination they allow is that resolver.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// What the jail will enforce on this host (for `exec` warnings and `doctor`).
@@ -394,6 +400,56 @@ pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> 
     Ok(Enforcement { landlock_abi: abi, unenforced, memfd_noexec })
 }
 
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// Where a file bound over `path` must go so that a lookup of `path` finds it: the end of
+/// its chain of symlinks (at most 8, relative targets taken from the link's directory),
+/// even when that end does not exist (a dangling link into /run/systemd/resolve).
+fn resolv_conf_target(path: &Path) -> PathBuf {
+    let mut current = path.to_path_buf();
+    for _ in 0..8 {
+        let Ok(target) = std::fs::read_link(&current) else { break };
+        current = match current.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    // `..` components are resolved lexically: the bind destination is a plain path.
+    let mut clean = PathBuf::from("/");
+    for component in current.components() {
+        match component {
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            std::path::Component::Normal(part) => clean.push(part),
+            _ => {}
+        }
+    }
+    clean
+}
+
+/// Whether a generated resolv.conf can be shown to a jail of `profile`: the end of the
+/// host's `/etc/resolv.conf` links exists (a file to bind over, even inside a read-only
+/// system path), or it lies outside the profile's system paths (the view makes its
+/// directories on its own tmpfs). A host without the file, whose /etc is a system path,
+/// has nowhere to put one: the read-only bind of /etc cannot take a new entry.
+pub fn resolv_conf_placeable(profile: &Profile) -> Result<PathBuf, String> {
+    let target = resolv_conf_target(Path::new(RESOLV_CONF));
+    if target.exists() {
+        return Ok(target);
+    }
+    let system = profile.system.iter().map(|s| Path::new(s).canonicalize().unwrap_or_else(|_| PathBuf::from(s)));
+    match system.into_iter().find(|dir| is_under(&target, dir)) {
+        Some(dir) => Err(format!(
+            "{} does not exist on this host and {} is read-only in the jail, so the agent's resolver cannot be named \
+             there (create the file; an empty one will do)",
+            target.display(),
+            dir.display()
+        )),
+        None => Ok(target),
+    }
+}
+
 fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, LaunchError> {
     let p = &cfg.profile;
     let mut view = ViewSpec { devices: mounts::DEVICES.to_vec(), devpts: true, ..Default::default() };
@@ -487,6 +543,9 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         }
     }
     let _ = bound;
+    if let Some(generated) = &cfg.resolv_conf {
+        view.files.push((generated.clone(), resolv_conf_target(Path::new(RESOLV_CONF))));
+    }
 
     // Landlock.
     let landlock = if enforcement.landlock_abi > 0 {
@@ -524,7 +583,12 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             let arch = Arch::native()
                 .ok_or_else(|| LaunchError::Config("seccomp filters are built for x86_64 and aarch64 only".into()))?;
             let mut policy = policy.clone();
-            policy.deny_inet_dgram |= p.net == NetMode::Allowlist && !p.allow_udp;
+            let dgram_filtered = p.net == NetMode::Allowlist && !p.allow_udp;
+            if cfg.resolv_conf.is_some() {
+                policy.deny_inet_dgram_not_udp |= dgram_filtered;
+            } else {
+                policy.deny_inet_dgram |= dgram_filtered;
+            }
             policy.deny_memfd |= p.confine && !enforcement.memfd_noexec;
             Some(policy.build(arch)?)
         }
@@ -1156,6 +1220,26 @@ mod tests {
         assert!(interpreters(&script).is_empty());
     }
 
+    #[test]
+    fn resolv_conf_is_bound_at_the_end_of_its_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        let run = dir.path().join("run/systemd/resolve");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        // Relative, via a second link, and the end need not exist.
+        std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", etc.join("resolv.conf")).unwrap();
+        std::os::unix::fs::symlink("missing.conf", run.join("stub-resolv.conf")).unwrap();
+        assert_eq!(resolv_conf_target(&etc.join("resolv.conf")), run.join("missing.conf"));
+        std::fs::write(etc.join("plain"), "nameserver 192.0.2.1\n").unwrap();
+        assert_eq!(resolv_conf_target(&etc.join("plain")), etc.join("plain"));
+        // A loop stops after 8 links instead of spinning.
+        std::os::unix::fs::symlink("b", etc.join("a")).unwrap();
+        std::os::unix::fs::symlink("a", etc.join("b")).unwrap();
+        let end = resolv_conf_target(&etc.join("a"));
+        assert!(end == etc.join("a") || end == etc.join("b"), "{end:?}");
+    }
+
     fn config(ring: u8) -> JailConfig {
         JailConfig {
             profile: Profile::builtin(ring).unwrap(),
@@ -1172,6 +1256,7 @@ mod tests {
             tty_path: None,
             exec_notify: None,
             egress: None,
+            resolv_conf: None,
         }
     }
 

@@ -101,6 +101,10 @@ pub struct ViewSpec {
     pub symlinks: Vec<(PathBuf, PathBuf)>,
     /// The agent's terminal (a host pty slave), shown as /dev/console so ttyname() finds it.
     pub console: Option<PathBuf>,
+    /// Host files shown read-only at another path inside, `(source, destination)`: the
+    /// generated resolv.conf. The destination must not be a symlink inside the view (the
+    /// launcher resolves `/etc/resolv.conf` to its final target first).
+    pub files: Vec<(PathBuf, PathBuf)>,
 }
 
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -162,6 +166,15 @@ impl ViewSpec {
                 mkdirs(&mut ops, parent);
             }
             ops.push(MountOp::Symlink { target: target.clone(), link: under(NEWROOT, link) });
+        }
+        for (src, dst) in &self.files {
+            if let Some(parent) = dst.parent() {
+                mkdirs(&mut ops, parent);
+            }
+            let dst = under(NEWROOT, dst);
+            ops.push(MountOp::Touch(dst.clone()));
+            ops.push(MountOp::Bind { src: under(OLDROOT, src), dst: dst.clone() });
+            ops.push(MountOp::RemountRo { dst });
         }
         if self.scratch {
             mkdirs(&mut ops, Path::new(SCRATCH));
@@ -234,6 +247,7 @@ mod tests {
             devpts: true,
             symlinks: vec![("/bin".into(), "usr/bin".into())],
             console: Some("/dev/pts/3".into()),
+            files: Vec::new(),
         }
     }
 
@@ -249,6 +263,23 @@ mod tests {
         assert_eq!(ops[usr + 1], MountOp::RemountRo { dst: "/newroot/usr".into() });
         assert!(!ops.contains(&MountOp::RemountRo { dst: "/newroot/home/u/work".into() }));
         assert!(pos(&MountOp::Mkdir("/newroot/home".into())) < pos(&MountOp::Mkdir("/newroot/home/u".into())));
+    }
+
+    #[test]
+    fn generated_files_are_bound_read_only_after_the_system_binds() {
+        let mut spec = spec();
+        spec.files.push(("/tmp/agt-jail-resolv-1".into(), "/run/systemd/resolve/stub-resolv.conf".into()));
+        let ops = spec.plan();
+        let dst = PathBuf::from("/newroot/run/systemd/resolve/stub-resolv.conf");
+        let bind = ops
+            .iter()
+            .position(|o| *o == MountOp::Bind { src: "/oldroot/tmp/agt-jail-resolv-1".into(), dst: dst.clone() })
+            .unwrap();
+        assert_eq!(ops[bind - 1], MountOp::Touch(dst.clone()));
+        assert_eq!(ops[bind + 1], MountOp::RemountRo { dst });
+        assert!(ops[..bind].contains(&MountOp::Mkdir("/newroot/run/systemd/resolve".into())));
+        let usr = ops.iter().position(|o| matches!(o, MountOp::Bind { src, .. } if src.starts_with("/oldroot/usr")));
+        assert!(usr.unwrap() < bind);
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use agt_jail_dns::NamePattern;
+
 use crate::{
     seccomp::{self, SeccompPolicy},
     yaml::{self, Kind, Node, Pos},
@@ -120,6 +122,39 @@ pub enum WorkspaceMode {
     Scratch,
 }
 
+/// One `allow_connect` entry: an address (or network) and port, or a host name (or
+/// `*.suffix`) and port that the agent's DNS proxy opens as it answers for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowEntry {
+    Addr(Dest),
+    Name(NamePattern, u16),
+}
+
+impl AllowEntry {
+    /// `ADDR:PORT`, `CIDR:PORT`, `[V6]:PORT`, `NAME:PORT` or `*.SUFFIX:PORT`. Text that is
+    /// no address and has a letter or `*` in its host part (and no `[`, `/` or `:`) is a name.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let addr_err = match Dest::parse(text) {
+            Ok(dest) => return Ok(Self::Addr(dest)),
+            Err(err) => err,
+        };
+        let Some((host, port)) = text.rsplit_once(':') else { return Err(addr_err) };
+        let name_like = host.bytes().any(|b| b.is_ascii_alphabetic() || b == b'*')
+            && !host.contains(['[', ']', '/', ':'])
+            && host.parse::<IpAddr>().is_err();
+        if !name_like {
+            return Err(addr_err);
+        }
+        let pattern = NamePattern::parse(host).map_err(|err| err.to_string())?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("'{text}': bad port (1-65535); expected NAME:PORT, e.g. api.example.com:443"))?;
+        Ok(Self::Name(pattern, port))
+    }
+}
+
 /// An egress destination: address (or network) and TCP port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dest {
@@ -176,6 +211,9 @@ pub struct Profile {
     pub cgroup_ns: bool,
     pub net: NetMode,
     pub allow_connect: Vec<Dest>,
+    /// Names (`NAME:PORT`, `*.SUFFIX:PORT`) in allowlist mode: the agent's DNS proxy opens
+    /// the addresses it answers for them, for their TTL (docs/dns-egress.md).
+    pub allow_names: Vec<(NamePattern, u16)>,
     /// In allowlist mode: whether IPv4/IPv6 datagram sockets (UDP, so DNS) are allowed.
     /// They bypass the TCP-only allow-list, so the default is no.
     pub allow_udp: bool,
@@ -435,6 +473,7 @@ impl Profile {
             cgroup_ns: confine,
             net: if confine { NetMode::None } else { NetMode::Host },
             allow_connect: Vec::new(),
+            allow_names: Vec::new(),
             allow_udp: false,
             system: Vec::new(),
             workspace: if ring == 3 { WorkspaceMode::Scratch } else { WorkspaceMode::Rw },
@@ -497,7 +536,10 @@ impl Profile {
                     "allow_udp" => p.allow_udp = cx.bool(value, "network.allow_udp")?,
                     "allow_connect" => {
                         for (d, pos) in cx.strings(value, "network.allow_connect")? {
-                            p.allow_connect.push(Dest::parse(&d).map_err(|m| cx.err(pos, m))?);
+                            match AllowEntry::parse(&d).map_err(|m| cx.err(pos, m))? {
+                                AllowEntry::Addr(dest) => p.allow_connect.push(dest),
+                                AllowEntry::Name(name, port) => p.allow_names.push((name, port)),
+                            }
                         }
                     }
                     // Refused, not ignored: the port rules it held were Landlock's, and a
@@ -516,6 +558,17 @@ impl Profile {
             return Err(cx.err(
                 get("network").map_or(root.pos, |n| n.pos),
                 "ring 0 (confine: false) only supports network.mode host",
+            ));
+        }
+        if !p.allow_names.is_empty() && p.net != NetMode::Allowlist {
+            return Err(cx.err(
+                get("network").map_or(root.pos, |n| n.pos),
+                format!(
+                    "network.allow_connect names ({}) need network.mode allowlist, where agt-jail serves the agent's \
+                     resolver; this profile's mode is {}",
+                    p.allow_names[0].0,
+                    p.net.name()
+                ),
             ));
         }
         if confine && !NetMode::allowed_in(ring).contains(&p.net) {
@@ -767,7 +820,21 @@ mod tests {
         assert!(err("ring: 2\nlimits:\n  memory: 12Q\n").starts_with("p.yaml:3:11: '12Q' is not a size"));
         assert!(err("ring: 2\nfilesystem:\n  rw: [relative]\n")
             .starts_with("p.yaml:3:8: filesystem.rw: 'relative' must be an absolute path"));
-        assert!(err("ring: 2\nnetwork:\n  allow_connect: ['example.com:443']\n").contains("is not an IP address"));
+        assert!(err("ring: 2\nnetwork:\n  allow_connect: ['10.0.0.300:443']\n").contains("is not an IP address"));
+        assert!(err("ring: 2\nnetwork:\n  allow_connect: ['exa mple.com:443']\n").starts_with("p.yaml:3:19: "));
+        assert!(err("ring: 2\nnetwork:\n  allow_connect: ['*:443']\n").contains("every name"));
+        assert!(err("ring: 0\nconfine: false\nnetwork:\n  allow_connect: ['api.example.com:443']\n")
+            .contains("need network.mode allowlist"));
+        assert!(err("ring: 2\nnetwork:\n  mode: none\n  allow_connect: ['*.example.com:443']\n")
+            .contains("(*.example.com) need network.mode allowlist"));
+        let named = Profile::parse(
+            "ring: 2\nnetwork:\n  mode: allowlist\n  allow_connect: ['API.example.com:443', '*.pypi.org:443', '10.0.0.0/8:80']\n",
+            "p.yaml",
+        )
+        .unwrap();
+        assert_eq!(named.allow_connect.len(), 1);
+        let names: Vec<String> = named.allow_names.iter().map(|(n, p)| format!("{n}:{p}")).collect();
+        assert_eq!(names, vec!["api.example.com:443", "*.pypi.org:443"]);
         assert!(err("ring: 1\nconfine: false\n").contains("only ring 0"));
         assert!(err("ring: 2\nnamespaces: [mount]\n").contains("pid and mount"));
         assert!(err("ring: 2\nnetwork: {mode: allowlist}\nnamespaces: [pid, mount, net]\n").contains("net namespace"));

@@ -210,6 +210,9 @@ pub enum ArgCheck {
     /// socket(2): matches an AF_INET/AF_INET6 domain (arg 0) with SOCK_DGRAM type (arg 1,
     /// flags masked off).
     InetDgram,
+    /// socket(2): like [`ArgCheck::InetDgram`], but a UDP socket (protocol 0 or
+    /// IPPROTO_UDP, arg 2) does not match: ICMP ping and other datagram protocols do.
+    InetDgramNotUdp,
 }
 
 /// One deny rule: `action` applies to `syscall` (when `when` matches, or always).
@@ -314,6 +317,11 @@ pub struct SeccompPolicy {
     /// Refuse IPv4/IPv6 datagram sockets (UDP, ICMP ping): allowlist egress is enforced
     /// for TCP only (Landlock, BPF connect), so UDP would be an unfiltered way out.
     pub deny_inet_dgram: bool,
+    /// Refuse IPv4/IPv6 datagram sockets other than UDP (ICMP ping, whose sends the cgroup
+    /// sendmsg programs never see). Set instead of `deny_inet_dgram` when the agent's
+    /// resolver is served (docs/dns-egress.md): UDP is then decided per datagram by the
+    /// cgroup sendmsg programs' allow-list, whose only UDP exception is that resolver.
+    pub deny_inet_dgram_not_udp: bool,
     /// Refuse `memfd_create` (EPERM): set where the kernel cannot make memfds
     /// non-executable (before Linux 6.3), which Landlock's exec rules do not cover.
     pub deny_memfd: bool,
@@ -394,6 +402,12 @@ impl SeccompPolicy {
                 syscall: "socket".into(),
                 action: Action::Errno(libc::EPERM as u16),
                 when: Some(ArgCheck::InetDgram),
+            });
+        } else if self.deny_inet_dgram_not_udp {
+            rules.push(Rule {
+                syscall: "socket".into(),
+                action: Action::Errno(libc::EPERM as u16),
+                when: Some(ArgCheck::InetDgramNotUdp),
             });
         }
         rules
@@ -485,6 +499,19 @@ fn arg_block(check: &ArgCheck, action: Action) -> Vec<libc::sock_filter> {
             load(OFF_ARGS + 8),
             stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0xf),
             jeq(libc::SOCK_DGRAM as u32, 0, 1),
+            ret(action.ret()),
+            ret(Action::Allow.ret()),
+        ],
+        ArgCheck::InetDgramNotUdp => vec![
+            load(OFF_ARGS),
+            jeq(libc::AF_INET as u32, 1, 0),
+            jeq(libc::AF_INET6 as u32, 0, 7),
+            load(OFF_ARGS + 8),
+            stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0xf),
+            jeq(libc::SOCK_DGRAM as u32, 0, 4),
+            load(OFF_ARGS + 16),
+            jeq(0, 2, 0),
+            jeq(libc::IPPROTO_UDP as u32, 1, 0),
             ret(action.ret()),
             ret(Action::Allow.ret()),
         ],
@@ -680,6 +707,26 @@ mod tests {
         let prog = SeccompPolicy::default().build(a).unwrap();
         let dgram = [libc::AF_INET as u64, libc::SOCK_DGRAM as u64, 0, 0, 0, 0];
         assert_eq!(simulate(&prog, a.audit_arch(), socket, dgram), Some(libc::SECCOMP_RET_ALLOW));
+    }
+
+    #[test]
+    fn only_udp_datagram_sockets_can_be_let_through() {
+        for a in [Arch::X86_64, Arch::Aarch64] {
+            let policy = SeccompPolicy { deny_inet_dgram_not_udp: true, ..Default::default() };
+            let prog = policy.build(a).unwrap();
+            let socket = a.syscall("socket").unwrap();
+            let run = |domain: i32, ty: i32, proto: i32| {
+                simulate(&prog, a.audit_arch(), socket, [domain as u64, ty as u64, proto as u64, 0, 0, 0])
+            };
+            let allow = Some(libc::SECCOMP_RET_ALLOW);
+            assert_eq!(run(libc::AF_INET, libc::SOCK_DGRAM, 0), allow);
+            assert_eq!(run(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::IPPROTO_UDP), allow);
+            assert_eq!(run(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP), Some(EPERM));
+            assert_eq!(run(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6), Some(EPERM));
+            assert_eq!(run(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE), Some(EPERM));
+            assert_eq!(run(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_ICMP), allow, "not a datagram socket");
+            assert_eq!(run(libc::AF_UNIX, libc::SOCK_DGRAM, 1), allow);
+        }
     }
 
     #[test]

@@ -518,6 +518,7 @@ fn the_jail_ring3_path_asks_before_the_entry_command_runs() {
             tty_path: None,
             exec_notify: rig.child_end.as_ref().map(|s| s.as_raw_fd()),
             egress: None,
+            resolv_conf: None,
         };
         let started = launch::launch(&cfg, &enforcement);
         rig.child_end = None;

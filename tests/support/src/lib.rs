@@ -263,3 +263,77 @@ impl Drop for RemoteHost {
         let _ = std::process::Command::new(which("ip")).args(["netns", "del", &self.name]).status();
     }
 }
+
+/// An upstream resolver for the agent's resolver to ask, on the host's loopback (UDP,
+/// a port of its own): answers A queries for its names with their address (TTL 60),
+/// AAAA queries for them with no records, and NXDOMAIN for everything else. Counts the
+/// queries it got. Stopped on drop.
+pub struct TestResolver {
+    pub addr: std::net::SocketAddr,
+    queries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestResolver {
+    pub fn start(names: &[(&str, std::net::Ipv4Addr)]) -> Self {
+        Self::start_on("127.0.0.1:0", names)
+    }
+
+    /// The same on `bind` (e.g. `127.0.0.153:53`, where a resolv.conf can name it).
+    pub fn start_on(bind: &str, names: &[(&str, std::net::Ipv4Addr)]) -> Self {
+        use std::sync::{atomic::Ordering, Arc};
+
+        use hickory_proto::{
+            op::{Message, OpCode, ResponseCode},
+            rr::{rdata::A, RData, Record, RecordType},
+        };
+        let socket =
+            std::net::UdpSocket::bind(bind).unwrap_or_else(|e| panic!("cannot bind the test resolver on {bind}: {e}"));
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(50))).expect("read timeout");
+        let addr = socket.local_addr().expect("the test resolver's address");
+        let table: Vec<(String, std::net::Ipv4Addr)> =
+            names.iter().map(|(name, ip)| (name.trim_end_matches('.').to_ascii_lowercase(), *ip)).collect();
+        let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, flag) = (Arc::clone(&queries), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((len, peer)) = socket.recv_from(&mut buf) else { continue };
+                let Ok(query) = Message::from_vec(&buf[..len]) else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut response = Message::response(query.metadata.id, OpCode::Query);
+                response.queries = query.queries.clone();
+                if let Some(q) = query.queries.first() {
+                    let asked = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+                    match table.iter().find(|(name, _)| *name == asked) {
+                        Some((_, ip)) if q.query_type() == RecordType::A => {
+                            response.answers = vec![Record::from_rdata(q.name().clone(), 60, RData::A(A(*ip)))];
+                        }
+                        Some(_) => {}
+                        None => response.metadata.response_code = ResponseCode::NXDomain,
+                    }
+                }
+                if let Ok(bytes) = response.to_vec() {
+                    let _ = socket.send_to(&bytes, peer);
+                }
+            }
+        });
+        Self { addr, queries, stop, thread: Some(thread) }
+    }
+
+    /// Queries received so far.
+    pub fn queries(&self) -> usize {
+        self.queries.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestResolver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

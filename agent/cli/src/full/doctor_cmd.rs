@@ -170,7 +170,7 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
     if profile.net == NetMode::Allowlist {
         on.push(
             "TCP connect only to allow-listed addresses and ports (BPF allow-list, any Landlock ABI), never to the host's own \
-             addresses (the veth gateway included) or metadata"
+             addresses (the veth gateway included, but for its port 53: the agent's resolver) or metadata"
                 .into(),
         );
         if facts.forwarding == Some(false) {
@@ -180,11 +180,28 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
             );
         }
         off.push("egress is IPv4 only: the agent's namespace has no IPv6 route out".into());
-        off.push("allow-list entries are addresses and CIDRs; host names are not resolved".into());
+        on.push(
+            "names (--allow-connect NAME:PORT, *.SUFFIX:PORT): agt-jail's resolver on the gateway (port 53, UDP and TCP) \
+             opens an allowed name's addresses for its TTL before the agent sees them, refuses other names and records both"
+                .into(),
+        );
+        match std::fs::read_to_string("/etc/resolv.conf")
+            .map_err(|e| e.to_string())
+            .and_then(|text| agt_jail_dns::first_nameserver(&text, "/etc/resolv.conf").map_err(|e| e.to_string()))
+        {
+            Ok(upstream) => on.push(format!(
+                "the agent's resolver asks {upstream} (the host's first nameserver; --dns-upstream overrides)"
+            )),
+            Err(e) => off.push(format!("the agent's resolver has no upstream ({e}): names need --dns-upstream ADDR")),
+        }
         if profile.allow_udp {
             off.push("UDP egress is not filtered (network.allow_udp: true)".into());
         } else {
-            on.push("no UDP/ICMP datagram sockets (seccomp), so no DNS".into());
+            on.push(
+                "UDP only to the agent's resolver and allow-listed addresses and ports (BPF sendmsg); ICMP and other \
+                 datagram sockets refused (seccomp)"
+                    .into(),
+            );
         }
     }
     if profile.workspace == WorkspaceMode::Scratch {

@@ -25,17 +25,19 @@ use agt_jail_cli::{
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader, TaskFactsMap};
 use agt_jail_jail::{cgroup::CgroupLayout, egress::Egress, profile::Dest, AgentCgroup, NetMode, Profile};
-use agt_jail_policy::plan::Plan;
+use agt_jail_policy::plan::{Plan, Resolved};
 use agt_jail_supervisor::{
     evaluator::Evaluator,
     exec_notify::{self, ExecNotifier, KernelTask, NotifierOptions, TaskSource},
 };
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 use crate::{
     audit_run::{self, AuditRun},
     govern::{self, lock},
     pinned_run::{self, PinnedRun, RunMeta},
+    resolver::{self, Names, Resolver, ResolverSetup},
 };
 use agt_jail_audit::LineWriter;
 
@@ -63,6 +65,14 @@ struct Governed<'a> {
     audit: Option<AuditRun>,
     /// The rings and counters of an audited run, pinned until its log holds what they hold.
     pinned: Option<PinnedRun>,
+    /// Where the event pump writes (without a policy; the evaluator writes otherwise):
+    /// shared with the resolver, whose records are written before its answers leave.
+    sink: Option<Arc<Mutex<EventSink>>>,
+    /// The agent's resolver (allowlist mode with egress).
+    resolver: Option<Resolver>,
+    /// Under a policy where the resolver is served: the policy's domains and the addresses
+    /// the resolver opened for them, which the plan's `net.domain` classes are made of.
+    learned: Option<(Vec<String>, Arc<Mutex<Resolved>>)>,
 }
 
 impl<'a> Governed<'a> {
@@ -105,6 +115,9 @@ impl<'a> Governed<'a> {
             listener_socket: None,
             audit,
             pinned: None,
+            sink: None,
+            resolver: None,
+            learned: None,
         })
     }
 
@@ -115,6 +128,7 @@ impl<'a> Governed<'a> {
         cgroup: &AgentCgroup,
         profile: &Profile,
         egress: Option<&Egress>,
+        dns: bool,
     ) -> Result<Option<Plan>> {
         let args = self.args;
         let mut rules: Vec<ConnectRule> =
@@ -122,7 +136,8 @@ impl<'a> Governed<'a> {
         if profile.confine && profile.net == NetMode::Allowlist {
             let gateway = egress.map(|e| IpAddr::V4(e.gateway()));
             let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
-            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied()));
+            let served = if dns { gateway } else { None };
+            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied(), served));
         }
         // Loading the BPF object costs ~90 ms per run: only for the runs that need it.
         let allowlist = profile.confine && profile.net == NetMode::Allowlist;
@@ -143,6 +158,7 @@ impl<'a> Governed<'a> {
                 profile.confine,
                 exec_lsm.is_some(),
                 args.policy.strict,
+                (&self.domain_resolver(), self.learned.is_some()),
             )?;
             govern::install_plan(&mut programs, agent_id, &compiled)?;
             if let Some(exec_lsm) = exec_lsm {
@@ -159,6 +175,11 @@ impl<'a> Governed<'a> {
             for dest in own_loopback().iter().chain(&profile.allow_connect) {
                 let rule = AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port };
                 programs.allow_connect(agent_id, rule).context("cannot install an allow-list entry")?;
+            }
+            // The agent's resolver: UDP and TCP to gateway:53, its only way to DNS.
+            if let (true, Some(egress)) = (dns, egress) {
+                let rule = AllowRule::host(IpAddr::V4(egress.gateway()), resolver::DNS_PORT);
+                programs.allow_connect(agent_id, rule).context("cannot allow the agent's resolver")?;
             }
             programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
         }
@@ -237,13 +258,20 @@ impl<'a> Governed<'a> {
                 Arc::clone(&governance.plan),
                 profile.confine,
                 self.tier_a.is_some(),
+                self.domain_resolver(),
             ));
         }
         if !args.quiet {
             agt_jail_jail::stderr_line!("agt-jail: agent {name} is under policy (agt-jail status --agent {name})");
         }
         let domains = agt_jail_policy::plan::domains(&domain_set);
-        if args.policy.dns_refresh > 0 && !domains.is_empty() && lock(&governance.actuator.on_demote).is_some() {
+        // Where the agent's resolver is served, its answers feed the plan's domains instead.
+        let polled = self.learned.is_none();
+        if polled
+            && args.policy.dns_refresh > 0
+            && !domains.is_empty()
+            && lock(&governance.actuator.on_demote).is_some()
+        {
             let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
             self.dns_thread = Some(
                 govern::follow_domains(
@@ -276,15 +304,143 @@ impl<'a> Governed<'a> {
                 self.audit.as_ref().map(AuditRun::writer),
             )?,
         };
+        let sink = Arc::new(Mutex::new(sink));
+        self.sink = Some(Arc::clone(&sink));
         let reader = lock(programs).take_events().context("event reader already taken")?;
         let stop = Arc::clone(&self.pump_stop);
         let drops = DropWatch { programs: Arc::clone(programs), seen: (0, 0) };
         self.pump = Some(
             thread::Builder::new()
                 .name("events".into())
-                .spawn(move || pump_events(reader, sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), drops, &stop))
+                .spawn(move || pump_events(reader, &sink, evaluator.as_ref().map(|(e, p)| (e, &**p)), drops, &stop))
                 .context("cannot start the event thread")?,
         );
+        Ok(())
+    }
+
+    /// Where the plan's domains get their addresses: the resolver's answers when it
+    /// feeds them, the host's resolver otherwise.
+    fn domain_resolver(&self) -> govern::DomainResolver {
+        let Some((_, learned)) = self.learned.as_ref() else { return govern::host_resolver() };
+        let learned = Arc::clone(learned);
+        Arc::new(move |domains: &[String]| {
+            let learned = lock(&learned);
+            domains.iter().map(|d| (d.clone(), learned.get(d).cloned().unwrap_or_default())).collect()
+        })
+    }
+
+    /// Whether the agent gets agt-jail's resolver, and its upstream: in allowlist mode
+    /// with a routed path out. Without an upstream (no `--dns-upstream`, no nameserver in
+    /// the host's resolv.conf) a run that allows names is refused; one that allows none
+    /// keeps the agent without DNS.
+    fn dns_upstream(&self, profile: &Profile, egress: Option<&Egress>) -> Result<Option<SocketAddr>> {
+        let served = egress.is_some() && profile.confine && profile.net == NetMode::Allowlist;
+        if !served {
+            if self.args.dns_upstream.is_some() {
+                bail!(
+                    "--dns-upstream cannot be honoured: the agent's resolver is served in network mode allowlist \
+                     (rings 1-2, as root) only, and this run's mode is {}",
+                    profile.net.name()
+                );
+            }
+            return Ok(None);
+        }
+        // Without names nothing was promised: a host where the resolver has no upstream or
+        // cannot be named in the jail's /etc keeps the agent without DNS, as before.
+        if let Err(reason) = agt_jail_jail::launch::resolv_conf_placeable(profile) {
+            if profile.allow_names.is_empty() {
+                return Ok(None);
+            }
+            bail!("names in the allow-list cannot be honoured: {reason}");
+        }
+        match resolver::upstream(self.args.dns_upstream) {
+            Ok(upstream) => Ok(Some(upstream)),
+            Err(_) if profile.allow_names.is_empty() => Ok(None),
+            Err(err) => Err(err.context("the agent's resolver has no upstream for the names it allows")),
+        }
+    }
+
+    /// The agent's resolver on its gateway, recording into the events file (or through
+    /// the evaluator) and the audit log.
+    fn start_resolver(
+        &mut self,
+        cgroup: &AgentCgroup,
+        profile: &Profile,
+        egress: &Egress,
+        upstream: SocketAddr,
+    ) -> Result<()> {
+        let Some(programs) = self.programs.as_ref() else { return Ok(()) };
+        let record: resolver::RecordFn = match (self.governance.as_ref(), self.sink.as_ref()) {
+            (Some(governance), _) => {
+                let evaluator = Arc::clone(&governance.evaluator);
+                Arc::new(move |value| {
+                    evaluator.observe_raw(value);
+                    evaluator.flush();
+                })
+            }
+            (None, Some(sink)) => {
+                let sink = Arc::clone(sink);
+                Arc::new(move |value| {
+                    let mut sink = lock(&sink);
+                    let written = sink.record_value(value).and_then(|()| sink.flush());
+                    if let Err(err) = written {
+                        sink.error.get_or_insert(err);
+                    }
+                })
+            }
+            (None, None) => Arc::new(|_| {}),
+        };
+        let pinned: Vec<AllowRule> = profile
+            .allow_connect
+            .iter()
+            .map(|dest| AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port })
+            .collect();
+        let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
+        let mut never: Vec<IpAddr> =
+            allowlist_denies(profile, host.iter().copied(), None).iter().map(|r| r.addr).collect();
+        never.push(IpAddr::V4(egress.gateway()));
+        let feed = match (self.learned.as_ref(), self.governance.as_ref()) {
+            (Some((domains, learned)), Some(governance)) => {
+                let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
+                let replan: Arc<dyn Fn() -> io::Result<()> + Send + Sync> =
+                    Arc::new(move || match lock(&actuator.on_demote).as_mut() {
+                        Some(replan) => replan(&evaluator.agent()),
+                        None => Ok(()),
+                    });
+                Some(resolver::Feed::new(domains, Arc::clone(learned), replan))
+            }
+            _ => None,
+        };
+        let policy_domains = self.learned.as_ref().map(|(domains, _)| domains.clone()).unwrap_or_default();
+        let began = std::time::Instant::now();
+        let started = Resolver::start(ResolverSetup {
+            programs: Arc::clone(programs),
+            agent_id: cgroup.id(),
+            agent: self
+                .governance
+                .as_ref()
+                .map(|g| g.evaluator.agent().id.clone())
+                .unwrap_or_else(|| cgroup.id().to_string()),
+            gateway: egress.gateway(),
+            upstream,
+            allow: resolver::allow_set(&profile.allow_names, &policy_domains),
+            pinned: &pinned,
+            never,
+            record,
+            show_denials: !self.args.quiet,
+            feed,
+        })?;
+        if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
+            agt_jail_jail::stderr_line!(
+                "agt-jail: debug: the agent's resolver on {}:53 started in {} µs",
+                egress.gateway(),
+                began.elapsed().as_micros()
+            );
+        }
+        if let Some(sink) = self.sink.as_ref() {
+            lock(sink).names = Some(Arc::clone(started.names()));
+        }
+        self.resolver = Some(started);
         Ok(())
     }
 
@@ -348,9 +504,18 @@ impl Governor for Governed<'_> {
         program: &Path,
         egress: Option<&Egress>,
     ) -> Result<()> {
-        let plan = self.load_programs(cgroup, profile, egress)?;
+        let upstream = self.dns_upstream(profile, egress)?;
+        if let (Some(_), Some(loaded)) = (upstream, self.policy.as_ref()) {
+            let domains = agt_jail_policy::plan::domains(&loaded.set);
+            let learned = Arc::new(Mutex::new(resolver::initial(&domains)));
+            self.learned = Some((domains, learned));
+        }
+        let plan = self.load_programs(cgroup, profile, egress, upstream.is_some())?;
         self.start_governance(cgroup, profile, program, plan)?;
         self.start_pump()?;
+        if let (Some(upstream), Some(egress)) = (upstream, egress) {
+            self.start_resolver(cgroup, profile, egress, upstream)?;
+        }
         self.start_exec_plane(profile)
     }
 
@@ -360,11 +525,15 @@ impl Governor for Governed<'_> {
 
     /// The agent's identity socket: its directory shown read-only in the jail, its path announced.
     fn jail_additions(&self) -> run::JailAdditions {
-        let Some(governance) = self.governance.as_ref() else { return run::JailAdditions::default() };
+        let resolv_conf = self.resolver.as_ref().map(|r| r.resolv_conf().to_path_buf());
+        let Some(governance) = self.governance.as_ref() else {
+            return run::JailAdditions { resolv_conf, ..Default::default() };
+        };
         let socket = &governance.identity_socket;
         run::JailAdditions {
             ro: vec![socket.dir().to_path_buf()],
             env: vec![(agt_jail_supervisor::identity_socket::SOCKET_ENV.into(), socket.path().as_os_str().to_owned())],
+            resolv_conf,
         }
     }
 
@@ -390,6 +559,10 @@ impl Governor for Governed<'_> {
     }
 
     fn ended(&mut self) {
+        // The resolver's last records reach the sink before the pump drains it.
+        if let Some(mut resolver) = self.resolver.take() {
+            resolver.stop();
+        }
         self.dns_stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.dns_thread.take() {
             let _ = thread.join();
@@ -473,7 +646,17 @@ fn own_loopback() -> [Dest; 3] {
 /// inside a listed range): the host's own addresses (`host`: the veth gateway and every
 /// other address of the host, whose services the gateway would route to), the
 /// unspecified addresses and the cloud metadata service.
-fn allowlist_denies(profile: &Profile, host: impl Iterator<Item = IpAddr>) -> Vec<ConnectRule> {
+///
+/// `resolver`: the gateway when it serves the agent's resolver on port 53. A deny of
+/// every port would win over that one allowed port (the deny list is decided first), so
+/// the gateway is then denied on each port a listed network could open it to instead:
+/// allow-list entries always name a port, and names never open the gateway (the
+/// resolver's sink refuses it), so no other port of it can be allowed.
+fn allowlist_denies(
+    profile: &Profile,
+    host: impl Iterator<Item = IpAddr>,
+    resolver: Option<IpAddr>,
+) -> Vec<ConnectRule> {
     let listed = |addr: IpAddr| {
         let host_prefix = if addr.is_ipv4() { 32 } else { 128 };
         profile.allow_connect.iter().any(|d| d.addr == addr && d.prefix == host_prefix)
@@ -481,11 +664,38 @@ fn allowlist_denies(profile: &Profile, host: impl Iterator<Item = IpAddr>) -> Ve
     let fixed = ["169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::"].iter().filter_map(|a| a.parse::<IpAddr>().ok());
     let mut denied: Vec<IpAddr> = Vec::new();
     for addr in fixed.chain(host.filter(|a| !a.is_loopback())) {
-        if !listed(addr) && !denied.contains(&addr) {
+        if !listed(addr) && !denied.contains(&addr) && Some(addr) != resolver {
             denied.push(addr);
         }
     }
-    denied.into_iter().map(|a| ConnectRule::new(a, 0)).collect()
+    let mut rules: Vec<ConnectRule> = denied.into_iter().map(|a| ConnectRule::new(a, 0)).collect();
+    if let Some(gateway) = resolver.filter(|gw| !listed(*gw)) {
+        let mut ports: Vec<u16> = profile
+            .allow_connect
+            .iter()
+            .filter(|dest| covers(dest, gateway) && dest.port != resolver::DNS_PORT)
+            .map(|dest| dest.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        rules.extend(ports.into_iter().map(|port| ConnectRule::new(gateway, port)));
+    }
+    rules
+}
+
+/// Whether the allow-list entry `dest` contains `addr` (an IPv4 address also as its
+/// IPv4-mapped IPv6 form).
+fn covers(dest: &Dest, addr: IpAddr) -> bool {
+    let bits = |ip: IpAddr| -> (u128, u8) {
+        match ip {
+            IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), 96),
+            IpAddr::V6(v6) => (u128::from(v6), 0),
+        }
+    };
+    let ((net, offset), (host, _)) = (bits(dest.addr), bits(addr));
+    let prefix = u32::from(dest.prefix + offset);
+    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix.min(128)) };
+    net & mask == host & mask
 }
 
 /// Where events go: a JSON-lines file (or stdout) and the audit log, and, for denials, a
@@ -494,6 +704,8 @@ struct EventSink {
     out: Option<Box<dyn Write + Send>>,
     show_denials: bool,
     error: Option<io::Error>,
+    /// The resolver's names: records of network events to their addresses carry them.
+    names: Option<Names>,
 }
 
 impl EventSink {
@@ -510,7 +722,7 @@ impl EventSink {
                 Some(Box::new(BufWriter::new(file)))
             }
         };
-        Ok(Self { out: audit_run::tee(out, audit), show_denials, error: None })
+        Ok(Self { out: audit_run::tee(out, audit), show_denials, error: None, names: None })
     }
 
     /// Hands one decoded event to the evaluator, or records it here.
@@ -521,7 +733,10 @@ impl EventSink {
     ) {
         match decoded {
             Ok(event) => match evaluator {
-                Some((evaluator, plan)) => govern::observe(evaluator, plan, &event),
+                Some((evaluator, plan)) => {
+                    let names = self.names.as_ref();
+                    govern::observe(evaluator, plan, &event, &|addr| names.and_then(|n| resolver::names_of(n, addr)))
+                }
                 None => {
                     if let Err(err) = self.record(&event) {
                         self.error.get_or_insert(err);
@@ -556,7 +771,19 @@ impl EventSink {
             let line = format!("agt-jail: {}\n", describe_denial(event));
             let _ = io::stderr().lock().write_all(line.as_bytes());
         }
-        self.record_value(event)
+        let addr = match event {
+            Event::Connect { addr, .. } => Some(*addr),
+            Event::Sendmsg { net, .. } => Some(net.addr),
+            _ => None,
+        };
+        let name = addr.zip(self.names.as_ref()).and_then(|(addr, names)| resolver::names_of(names, addr));
+        match (name, serde_json::to_value(event)) {
+            (Some(name), Ok(Value::Object(mut map))) => {
+                map.insert("domain".into(), Value::String(name));
+                self.record_value(&Value::Object(map))
+            }
+            _ => self.record_value(event),
+        }
     }
 
     fn record_value(&mut self, value: &impl serde::Serialize) -> io::Result<()> {
@@ -656,7 +883,7 @@ impl DropWatch {
 /// nothing more is committed.
 fn pump_events(
     mut reader: EventReader,
-    mut sink: EventSink,
+    sink: &Mutex<EventSink>,
     evaluator: Option<(&Arc<Evaluator>, &Mutex<Option<Plan>>)>,
     mut drops: DropWatch,
     stop: &AtomicBool,
@@ -672,10 +899,13 @@ fn pump_events(
             true
         }
     };
+    // The sink is locked per event and per batch end, never while waiting for the kernel:
+    // the resolver writes its records there too, before each answer.
     while !stop.load(Ordering::SeqCst) {
         reader
-            .poll_denies(OBSERVATION_PERIOD, &mut |decoded| sink.handle(decoded, evaluator))
+            .poll_denies(OBSERVATION_PERIOD, &mut |decoded| lock(sink).handle(decoded, evaluator))
             .context("cannot poll the event ring buffer")?;
+        let mut sink = lock(sink);
         drops.record(&mut sink, evaluator);
         if sink.end_batch(evaluator) && !commit_failed {
             commit_failed = commit(&mut reader);
@@ -683,7 +913,8 @@ fn pump_events(
     }
     // What is left, a batch at a time.
     loop {
-        let read = reader.drain(&mut |decoded| sink.handle(decoded, evaluator));
+        let read = reader.drain(&mut |decoded| lock(sink).handle(decoded, evaluator));
+        let mut sink = lock(sink);
         drops.record(&mut sink, evaluator);
         if sink.end_batch(evaluator) && !commit_failed {
             commit_failed = commit(&mut reader);
@@ -695,7 +926,7 @@ fn pump_events(
     if commit_failed {
         bail!("cannot keep the count of deny summary records written; the rest stays in the kernel's rings");
     }
-    if let Some(err) = sink.error.take() {
+    if let Some(err) = lock(sink).error.take() {
         bail!(err);
     }
     Ok(())
@@ -720,12 +951,30 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_serving_the_resolver_is_denied_on_every_port_a_network_could_open_but_53() {
+        let mut profile = Profile::builtin(2).unwrap();
+        for entry in ["0.0.0.0/0:443", "10.213.0.0/16:8080", "10.0.0.0/8:53", "192.0.2.0/24:22", "0.0.0.0/0:443"] {
+            profile.allow_connect.push(Dest::parse(entry).unwrap());
+        }
+        let gateway: IpAddr = "10.213.0.1".parse().unwrap();
+        let host = [gateway, "192.0.2.2".parse().unwrap()];
+        let rules = allowlist_denies(&profile, host.iter().copied(), Some(gateway));
+        let on_gateway: Vec<u16> = rules.iter().filter(|r| r.addr == gateway).map(|r| r.port).collect();
+        assert_eq!(on_gateway, vec![443, 8080], "no deny of every port, none of 53, none for 22 (not covered)");
+        assert!(rules.iter().any(|r| r.addr == "192.0.2.2".parse::<IpAddr>().unwrap() && r.port == 0));
+        // Without the resolver the gateway is denied on every port, as before.
+        let rules = allowlist_denies(&profile, host.iter().copied(), None);
+        let on_gateway: Vec<u16> = rules.iter().filter(|r| r.addr == gateway).map(|r| r.port).collect();
+        assert_eq!(on_gateway, vec![0]);
+    }
+
+    #[test]
     fn allowlist_denies_the_host_gateway_and_metadata_unless_listed() {
         let mut profile = Profile::builtin(2).unwrap();
         let host: Vec<IpAddr> =
             ["10.213.0.1", "192.0.2.2", "127.0.0.1", "::1", "192.0.2.2"].iter().map(|a| a.parse().unwrap()).collect();
         let denied = |profile: &Profile| -> Vec<IpAddr> {
-            allowlist_denies(profile, host.iter().copied()).iter().map(|r| r.addr).collect()
+            allowlist_denies(profile, host.iter().copied(), None).iter().map(|r| r.addr).collect()
         };
         let all = denied(&profile);
         for addr in ["10.213.0.1", "192.0.2.2", "169.254.169.254", "0.0.0.0", "::"] {
@@ -739,6 +988,9 @@ mod tests {
         assert!(!listed.contains(&"192.0.2.2".parse().unwrap()));
         assert!(listed.contains(&"10.213.0.1".parse().unwrap()));
         let own: Vec<(IpAddr, u8)> = own_loopback().iter().map(|d| (d.addr, d.prefix)).collect();
+        assert!(covers(&Dest::parse("0.0.0.0/0:443").unwrap(), "10.213.0.1".parse().unwrap()));
+        assert!(covers(&Dest::parse("[::ffff:10.213.0.0/112]:443").unwrap(), "10.213.0.1".parse().unwrap()));
+        assert!(!covers(&Dest::parse("10.213.1.0/24:443").unwrap(), "10.213.0.1".parse().unwrap()));
         assert!(own.contains(&("127.0.0.0".parse().unwrap(), 8)) && own.contains(&("::1".parse().unwrap(), 128)));
     }
 }

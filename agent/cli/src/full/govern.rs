@@ -324,7 +324,14 @@ impl Governance {
 
 /// Hands one kernel event to the evaluator: network events carry the kernel's verdict
 /// and are checked against the policy; the rest are recorded as observations.
-pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event) {
+/// `names`: the names the agent's resolver opened an address for (the proxy's answers
+/// give `net.domain` before the plan's host-side resolution does).
+pub fn observe(
+    evaluator: &Evaluator,
+    plan: &Mutex<Option<Plan>>,
+    event: &Event,
+    names: &dyn Fn(std::net::IpAddr) -> Option<String>,
+) {
     let (hook, tgid, net, verdict) = match event {
         Event::Connect { tgid, family, addr, port, protocol, verdict, layer, plan, caller, count, .. } => {
             let net = NetParts {
@@ -366,7 +373,7 @@ pub fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event)
             return;
         }
     };
-    let domain = domain_of(plan, net.addr);
+    let domain = names(net.addr).or_else(|| domain_of(plan, net.addr));
     evaluator.observe_net(&net_observation(hook, tgid, &net, verdict, domain.as_deref()));
 }
 
@@ -439,6 +446,16 @@ pub fn net_observation<'a>(
     }
 }
 
+/// How a policy's domains get their addresses: the host's resolver (ring 0, `--net host`),
+/// or, where agt-jail serves the agent's resolver, the addresses its answers opened (what
+/// the agent itself was told).
+pub type DomainResolver = Arc<dyn Fn(&[String]) -> Resolved + Send + Sync>;
+
+/// The host's resolver as a [`DomainResolver`].
+pub fn host_resolver() -> DomainResolver {
+    Arc::new(|domains| resolve_domains(domains).0)
+}
+
 /// Resolves every domain a policy names, with the system resolver. Names that do not
 /// resolve are returned apart (they match no address until they do).
 pub fn resolve_domains(domains: &[String]) -> (Resolved, Vec<String>) {
@@ -469,7 +486,8 @@ pub fn host_caps(ring: u8, confined: bool, bpf_lsm: bool) -> HostCaps {
 }
 
 /// Compiles the policy for this agent on this host and prints what cannot be enforced
-/// before effect (an error instead with `--strict`).
+/// before effect (an error instead with `--strict`). `fed`: the domains' addresses come
+/// from the agent's resolver, so none has one yet and none is warned about.
 pub fn compile_plan(
     set: &PolicySet,
     agent: &AgentFacts,
@@ -477,13 +495,18 @@ pub fn compile_plan(
     confined: bool,
     bpf_lsm: bool,
     strict: bool,
+    (resolve, fed): (&DomainResolver, bool),
 ) -> Result<(Plan, Resolved)> {
     let caps = host_caps(ring, confined, bpf_lsm);
-    // Names that do not resolve are reported by the compiler, one warning each.
-    let (resolved, _) = resolve_domains(&plan::domains(set));
+    // Names that do not resolve are reported by the compiler, one warning each; where the
+    // agent's resolver feeds them, none has an address before the agent asks for it.
+    let resolved = resolve(&plan::domains(set));
     let compiled = plan::compile(set, agent, &caps, &resolved, strict)
         .map_err(|e| anyhow!("the policy cannot be enforced on this host: {e}"))?;
     for warning in &compiled.warnings {
+        if fed && warning.starts_with("domain ") && warning.contains(" did not resolve;") {
+            continue;
+        }
         agt_jail_jail::stderr_line!("agt-jail: warning: {warning}");
     }
     Ok((compiled, resolved))
@@ -763,6 +786,7 @@ pub fn demoter(
     current: Arc<Mutex<Option<Plan>>>,
     confined: bool,
     bpf_lsm: bool,
+    resolve: DomainResolver,
 ) -> Tighten {
     Box::new(move |agent: &AgentFacts| {
         let mut programs = lock(&programs);
@@ -770,7 +794,7 @@ pub fn demoter(
             programs.deny_all_net(agent_id).map_err(io::Error::other)?;
         }
         let caps = host_caps(agent.ring, confined, bpf_lsm);
-        let (resolved, _) = resolve_domains(&plan::domains(&set));
+        let resolved = resolve(&plan::domains(&set));
         // Not strict: the agent is running; a plan that no longer compiles keeps the old tables.
         let compiled = plan::compile(&set, agent, &caps, &resolved, false).map_err(io::Error::other)?;
         install_plan(&mut programs, agent_id, &compiled).map_err(io::Error::other)?;

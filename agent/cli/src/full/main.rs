@@ -15,6 +15,7 @@ mod govern;
 mod identity_cmd;
 mod pinned_run;
 mod policy_cmd;
+mod resolver;
 
 pub use agt_jail_cli::EXIT_INTERNAL;
 
