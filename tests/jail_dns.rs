@@ -231,6 +231,18 @@ fn a_policy_domain_is_opened_by_the_agents_resolver_and_the_plan_learns_its_addr
     assert!(records
         .iter()
         .any(|r| r["event"] == "dns" && r["name"] == "other.agt-test.example" && r["outcome"] == "refused"));
+    // Host-side polling of the policy's domains has no place where the resolver feeds them.
+    let refused = Command::new(BIN)
+        .args(["exec", "--ring", "2", "--agent", "named", "--dns-refresh", "10", "--policy"])
+        .arg(&policy)
+        .arg("--dns-upstream")
+        .arg(upstream.addr.to_string())
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    let (_, err) = text(&refused);
+    assert_eq!(refused.status.code(), Some(125), "{err}");
+    assert!(err.contains("--dns-refresh polls the host's resolver"), "{err}");
 }
 
 #[test]

@@ -255,8 +255,9 @@ pub struct PolicyArgs {
     /// network tables are re-installed (0: resolve only at start; at most 86400). Needs --policy.
     /// Ring 0 and --net host only: in network mode allowlist the agent's resolver feeds the
     /// domains from its own answers (docs/dns-egress.md).
-    #[arg(long, value_name = "SECS", default_value_t = 30, requires = "policy", value_parser = clap::value_parser!(u64).range(0..=86_400))]
-    pub dns_refresh: u64,
+    /// Default 30; refused where the agent's resolver is served.
+    #[arg(long, value_name = "SECS", requires = "policy", value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub dns_refresh: Option<u64>,
 }
 
 /// The tamper-evident audit log of `exec` (docs/audit.md).

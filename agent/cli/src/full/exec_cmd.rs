@@ -267,16 +267,19 @@ impl<'a> Governed<'a> {
         let domains = agt_jail_policy::plan::domains(&domain_set);
         // Where the agent's resolver is served, its answers feed the plan's domains instead.
         let polled = self.learned.is_none();
-        if polled
-            && args.policy.dns_refresh > 0
-            && !domains.is_empty()
-            && lock(&governance.actuator.on_demote).is_some()
-        {
+        if !polled && args.policy.dns_refresh.is_some() {
+            bail!(
+                "--dns-refresh polls the host's resolver (ring 0 and --net host); in network mode allowlist the \
+                 agent's own resolver feeds the policy's domains from its answers (docs/dns-egress.md)"
+            );
+        }
+        let refresh = args.policy.dns_refresh.unwrap_or(DNS_REFRESH_SECS);
+        if polled && refresh > 0 && !domains.is_empty() && lock(&governance.actuator.on_demote).is_some() {
             let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
             self.dns_thread = Some(
                 govern::follow_domains(
                     domains,
-                    Duration::from_secs(args.policy.dns_refresh),
+                    Duration::from_secs(refresh),
                     Arc::clone(&self.dns_stop),
                     |names| govern::resolve_domains(names).0,
                     move || match lock(&actuator.on_demote).as_mut() {
@@ -874,6 +877,9 @@ impl DropWatch {
         }
     }
 }
+
+/// `--dns-refresh` when not given.
+const DNS_REFRESH_SECS: u64 = 30;
 
 /// Moves events from the ring buffer to the sink until told to stop, then drains
 /// what is left, so nothing the command caused is lost. Each batch is flushed as it
