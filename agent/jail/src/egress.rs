@@ -16,6 +16,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
     path::Path,
+    thread::JoinHandle,
 };
 
 use crate::{
@@ -406,6 +407,98 @@ impl Egress {
     /// The host end's address: the agent's gateway.
     pub fn gateway(&self) -> Ipv4Addr {
         self.slot.gateway()
+    }
+}
+
+/// An [`Egress`] being made on a thread of its own ([`PendingEgress::start`]), so the
+/// launch goes on meanwhile (the agent's cgroup, the BPF programs). The run joins it
+/// before the agent exists: the jail needs the namespace it makes, so no agent runs
+/// without its network, and a failure is the run's failure. Dropped unjoined (a launch
+/// step failed first), it waits for the thread and the guard undoes what it made.
+#[derive(Debug)]
+pub struct PendingEgress {
+    thread: Option<JoinHandle<Result<Egress, EgressError>>>,
+    done: Option<Result<Egress, EgressError>>,
+}
+
+fn setup_thread_failed() -> EgressError {
+    netlink_err("set up the agent's network (the setup thread ended without an answer)")(io::ErrorKind::Other.into())
+}
+
+impl PendingEgress {
+    /// Starts [`Egress::create`] with the same arguments on a new thread.
+    pub fn start(proc_root: &Path, sys_net: &Path, forward: bool) -> Result<Self, EgressError> {
+        let (proc_root, sys_net) = (proc_root.to_path_buf(), sys_net.to_path_buf());
+        let thread = std::thread::Builder::new()
+            .name("agent-network".into())
+            .spawn(move || Egress::create(&proc_root, &sys_net, forward))
+            .map_err(netlink_err("start the agent's network setup"))?;
+        Ok(Self { thread: Some(thread), done: None })
+    }
+
+    fn join(&mut self) -> &Result<Egress, EgressError> {
+        if let Some(thread) = self.thread.take() {
+            self.done = Some(thread.join().unwrap_or_else(|_| Err(setup_thread_failed())));
+        }
+        self.done.get_or_insert_with(|| Err(setup_thread_failed()))
+    }
+
+    /// The agent's gateway (the host end's address), waiting for the setup; None when it
+    /// failed, whose error [`PendingEgress::finish`] returns.
+    pub fn gateway(&mut self) -> Option<Ipv4Addr> {
+        self.join().as_ref().ok().map(Egress::gateway)
+    }
+
+    /// Waits for the setup: the finished path, or why there is none.
+    pub fn finish(mut self) -> Result<Egress, EgressError> {
+        self.join();
+        self.done.take().unwrap_or_else(|| Err(setup_thread_failed()))
+    }
+}
+
+impl Drop for PendingEgress {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+impl Egress {
+    /// Tears the path down off agt-jail's exit path (the agent has ended). Deleting the
+    /// NAT table makes its nf_tables socket's close wait for nf_tables' deferred destroy
+    /// work, which waits for an RCU grace period: ~10 ms that agt-jail's exit (where the
+    /// socket would close at the latest) would otherwise wait for. Instead a process
+    /// of its own sends the prepared delete batch and closes the socket, holding the
+    /// agent's namespace (and with it the veth, the slot's reservation) until the table
+    /// is gone, so no next run takes the slot and has its new table deleted. The host
+    /// end's alias names that process as the owner, so a next run's sweep leaves the pair
+    /// alone while it works (and removes it if it is killed). When no process can be
+    /// made, the teardown happens here, as a drop does.
+    pub fn release(mut self) {
+        if !self.nat {
+            return;
+        }
+        let mut batch = Vec::new();
+        for (seq, msg) in nft::delete(&self.slot.table_name()).iter().enumerate() {
+            batch.extend_from_slice(&msg.bytes(seq as u32 + 1));
+        }
+        let netns = self.netns.as_raw_fd();
+        match sys::clone_process(libc::SIGCHLD as libc::c_ulong) {
+            Ok(0) => {
+                // The child: system calls on memory made before the fork only.
+                sys::close_all_but(netns);
+                let _ = sys::setsid();
+                sys::netlink_send_once(libc::NETLINK_NETFILTER, &batch);
+                sys::exit_now(0)
+            }
+            Ok(child) => {
+                self.nat = false;
+                if let (Ok(host), Ok(mut route)) = (index_of(&self.slot.host_name()), Socket::open(libc::NETLINK_ROUTE))
+                {
+                    let _ = route.transact(&[link_up(host, Some(&owner_alias(child.unsigned_abs())))]);
+                }
+            }
+            Err(_) => {}
+        }
     }
 }
 

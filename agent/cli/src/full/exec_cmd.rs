@@ -24,7 +24,7 @@ use agt_jail_cli::{
     run::{self, Governor, Prepared},
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader, TaskFactsMap};
-use agt_jail_jail::{cgroup::CgroupLayout, egress::Egress, profile::Dest, AgentCgroup, NetMode, Profile};
+use agt_jail_jail::{cgroup::CgroupLayout, egress::PendingEgress, profile::Dest, AgentCgroup, NetMode, Profile};
 use agt_jail_policy::plan::Plan;
 use agt_jail_supervisor::{
     evaluator::Evaluator,
@@ -104,16 +104,9 @@ impl<'a> Governed<'a> {
         &mut self,
         cgroup: &AgentCgroup,
         profile: &Profile,
-        egress: Option<&Egress>,
+        egress: Option<&mut PendingEgress>,
     ) -> Result<Option<Plan>> {
         let args = self.args;
-        let mut rules: Vec<ConnectRule> =
-            args.deny_connect.iter().map(|dest| ConnectRule::new(dest.addr, dest.port)).collect();
-        if profile.confine && profile.net == NetMode::Allowlist {
-            let gateway = egress.map(|e| IpAddr::V4(e.gateway()));
-            let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
-            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied()));
-        }
         // Loading the BPF object costs ~90 ms per run: only for the runs that need it.
         let allowlist = profile.confine && profile.net == NetMode::Allowlist;
         if !run::needs_bpf(args, profile) {
@@ -139,6 +132,15 @@ impl<'a> Governed<'a> {
                 self.tier_a = Some(govern::arm_tier_a(&mut programs, agent_id, exec_lsm, &compiled)?);
             }
             plan = Some(compiled);
+        }
+        let mut rules: Vec<ConnectRule> =
+            args.deny_connect.iter().map(|dest| ConnectRule::new(dest.addr, dest.port)).collect();
+        if profile.confine && profile.net == NetMode::Allowlist {
+            // The agent's network is made meanwhile (it exists before the agent does; a
+            // failed setup fails the run when it is joined, so no gateway is fine here).
+            let gateway = egress.and_then(PendingEgress::gateway).map(IpAddr::V4);
+            let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
+            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied()));
         }
         for rule in rules {
             programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
@@ -309,7 +311,7 @@ impl Governor for Governed<'_> {
         cgroup: &AgentCgroup,
         profile: &Profile,
         program: &Path,
-        egress: Option<&Egress>,
+        egress: Option<&mut PendingEgress>,
     ) -> Result<()> {
         let plan = self.load_programs(cgroup, profile, egress)?;
         self.start_governance(cgroup, profile, program, plan)?;
