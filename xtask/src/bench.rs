@@ -94,9 +94,10 @@ fn bwrap_share_net() -> Vec<String> {
     argv
 }
 
-/// A connect rule that loads ring 2's BPF programs without an allow-list (TEST-NET-1,
-/// RFC 5737: nothing is ever there), so `--net none` does the same work but the network.
-const BPF_WITHOUT_NETWORK: [&str; 2] = ["--deny-connect", "192.0.2.1:9"];
+/// Ring 2 without its routed namespace: `--net none` (a bare namespace, loopback only) and
+/// a connect rule (TEST-NET-1, RFC 5737: nothing is ever there) that loads the same BPF
+/// programs the allow-list needs, so the run does the same work but the network.
+const BPF_WITHOUT_NETWORK: [&str; 4] = ["--net", "none", "--deny-connect", "192.0.2.1:9"];
 
 struct Case {
     name: &'static str,
@@ -274,6 +275,8 @@ pub fn run(opts: &Options) -> Result<()> {
     let root = repo_root();
     run_checked(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "agt-jail-cli"]))?;
     let bin = target_dir().join("release/agt-jail");
+    // The load when the runs begin (the machine line), and again when they end.
+    let machine = machine();
     if !bin.exists() {
         bail!("{} was not built", bin.display());
     }
@@ -429,7 +432,7 @@ pub fn run(opts: &Options) -> Result<()> {
          executable runs the jail itself, without handing over to `agt-jail-full`. The agent is born in its cgroup v2 (clone3 with CLONE_INTO_CGROUP); its v1 cgroups are created, limited and joined \
          while the jail builds its root, before the agent exists; agt-jail exits on the status the jail's init sends, without waiting for the init's namespace teardown (docs/adr/0004-jail-start-up.md).\n",
         runs = opts.runs,
-        machine = machine(),
+        machine = machine,
         jail = cases[1].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
         unlimited = cases[2].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
         bwrap = BWRAP.join(" "),
