@@ -239,14 +239,14 @@ fn load_average() -> String {
     load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
-/// The median of `values` (the mean of the middle two for an even count); 0 when empty.
-fn median_f64(mut values: Vec<f64>) -> f64 {
+/// The first quartile, the median and the third quartile of `values` (nearest rank, as
+/// [`percentile`]); zeros when empty.
+fn quartiles(mut values: Vec<f64>) -> [f64; 3] {
     values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
+    [25.0, 50.0, 75.0].map(|p| {
+        let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+        values.get(rank.clamp(1, values.len().max(1)) - 1).copied().unwrap_or(0.0)
+    })
 }
 
 fn machine() -> String {
@@ -352,7 +352,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     // The network's cost on each side: the difference of the medians, and the median of
     // the differences within each round (the rounds are interleaved, so drift cancels).
-    let net_cost = |with: usize, without: usize| -> (f64, f64) {
+    let net_cost = |with: usize, without: usize| -> (f64, [f64; 3]) {
         let paired: Vec<f64> = cases[with]
             .samples
             .iter()
@@ -364,7 +364,7 @@ pub fn run(opts: &Options) -> Result<()> {
         sorted_with.sort();
         sorted_without.sort();
         let of_medians = percentile(&sorted_with, 50.0).as_secs_f64() - percentile(&sorted_without, 50.0).as_secs_f64();
-        (of_medians * 1000.0, median_f64(paired) * 1000.0)
+        (of_medians * 1000.0, quartiles(paired).map(|q| q * 1000.0))
     };
     let (jail_net, jail_net_paired) = net_cost(RING2_ROW, RING2_NONE_ROW);
     let (bwrap_net, bwrap_net_paired) = net_cost(BWRAP_ROW, BWRAP_SHARED_ROW);
@@ -410,9 +410,9 @@ pub fn run(opts: &Options) -> Result<()> {
          median ratio: {ratio:.2} with ring 3's limits, {ratio_unlimited:.2} without (bwrap sets none){limited_ratio}.\n\n\
          Load average at the end: {load_after}.\n\n\
          What the network namespace costs (difference of the medians; in brackets the median of the per-round \
-         differences): agt-jail's routed namespace (ring 2 against ring 2 `--net none`) {jail_net:.2} ms \
-         [{jail_net_paired:.2}]; bwrap's namespace (bwrap against bwrap `--share-net`) {bwrap_net:.2} ms \
-         [{bwrap_net_paired:.2}].\n\n\
+         differences, then its quartiles): agt-jail's routed namespace (ring 2 against ring 2 `--net none`) \
+         {jail_net:.2} ms [{:.2}; {:.2} to {:.2}]; bwrap's namespace (bwrap against bwrap `--share-net`) \
+         {bwrap_net:.2} ms [{:.2}; {:.2} to {:.2}].\n\n\
          {migration}Commands:\n\n```\n{jail}\n{unlimited}\n{bwrap}\n{bwrap_shared}\n{ring2}\n{ring2_none}\n```\n\n\
          Ring 2 makes the agent's network namespace, its veth pair (the agent's end created right in it), the /30, \
          the default route and the nf_tables masquerade table on a thread while its cgroup and its BPF programs \
@@ -431,6 +431,12 @@ pub fn run(opts: &Options) -> Result<()> {
          (ring 3 without `--events` or connect rules does not; see docs/adr/0003-launcher.md), so the `agt-jail` \
          executable runs the jail itself, without handing over to `agt-jail-full`. The agent is born in its cgroup v2 (clone3 with CLONE_INTO_CGROUP); its v1 cgroups are created, limited and joined \
          while the jail builds its root, before the agent exists; agt-jail exits on the status the jail's init sends, without waiting for the init's namespace teardown (docs/adr/0004-jail-start-up.md).\n",
+        jail_net_paired[1],
+        jail_net_paired[0],
+        jail_net_paired[2],
+        bwrap_net_paired[1],
+        bwrap_net_paired[0],
+        bwrap_net_paired[2],
         runs = opts.runs,
         machine = machine,
         jail = cases[1].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
@@ -491,10 +497,10 @@ mod tests {
     }
 
     #[test]
-    fn medians_of_differences() {
-        assert_eq!(median_f64(vec![3.0, -1.0, 2.0]), 2.0);
-        assert_eq!(median_f64(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(median_f64(Vec::new()), 0.0);
+    fn quartiles_of_differences() {
+        assert_eq!(quartiles(vec![3.0, -1.0, 2.0, 0.0]), [-1.0, 0.0, 2.0]);
+        assert_eq!(quartiles((1..=100).rev().map(f64::from).collect()), [25.0, 50.0, 75.0]);
+        assert_eq!(quartiles(Vec::new()), [0.0; 3]);
     }
 
     #[test]
