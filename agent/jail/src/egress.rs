@@ -313,6 +313,54 @@ pub struct Egress {
     /// jail's end) makes the kernel delete the pair.
     netns: OwnedFd,
     nat: bool,
+    /// The process that deletes the NAT table after the run ([`Egress::release`]).
+    teardown: Option<Teardown>,
+}
+
+/// A process forked when the path is made (off the start-up path), waiting on a pipe with
+/// the table's delete batch ready: deleting a hooked chain makes the nf_tables socket's
+/// close wait for nf_tables' deferred destroy work, which waits for an RCU grace period
+/// (~10 ms), and agt-jail's exit would wait for it. One byte on the pipe
+/// ([`Egress::release`]) makes it delete the table; it holds the agent's namespace until
+/// then, so the veth (the slot's reservation) outlives the table and no next run takes the
+/// slot and has its new table deleted. End of file (agt-jail gone without a release, or a
+/// guard dropped on an error path) makes it leave without deleting: the guard or a next
+/// run's sweep does it then, as without it.
+#[derive(Debug)]
+struct Teardown {
+    pid: u32,
+    go: OwnedFd,
+}
+
+impl Teardown {
+    fn start(slot: Slot, netns: RawFd) -> io::Result<Self> {
+        let mut batch = Vec::new();
+        for (seq, msg) in nft::delete(&slot.table_name()).iter().enumerate() {
+            batch.extend_from_slice(&msg.bytes(seq as u32 + 1));
+        }
+        let (wait, go) = sys::pipe_cloexec()?;
+        match sys::clone_process(libc::SIGCHLD as libc::c_ulong) {
+            Ok(0) => {
+                // The child: system calls on memory made before the fork only.
+                sys::close_all_but([netns, wait]);
+                let _ = sys::setsid();
+                let mut byte = [0u8; 1];
+                if matches!(sys::read_raw(wait, &mut byte), Ok(1)) {
+                    sys::netlink_send_once(libc::NETLINK_NETFILTER, &batch);
+                }
+                sys::exit_now(0)
+            }
+            Ok(pid) => {
+                sys::close(wait);
+                Ok(Self { pid: pid.unsigned_abs(), go: sys::owned(go) })
+            }
+            Err(e) => {
+                sys::close(wait);
+                sys::close(go);
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Runs `work` on a thread of its own that entered `netns` (or a new namespace when
@@ -377,7 +425,7 @@ impl Egress {
         }
         let slot = reserved.ok_or(EgressError::NoSlot(RANGE.0, RANGE.1))?;
         // From here the guard undoes what exists when a later step fails.
-        let mut egress = Self { slot, netns, nat: false };
+        let mut egress = Self { slot, netns, nat: false, teardown: None };
         let host = index_of(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
         route
             .transact(&[link_up(host, Some(&owner_alias(std::process::id()))), new_addr(host, slot.gateway(), 30)])
@@ -397,6 +445,8 @@ impl Egress {
         egress.nat = true;
         nf.transact(&nft::masquerade(&slot.table_name(), slot.network, 30))
             .map_err(|(_, e)| netlink_err("add the nf_tables masquerade rule (is nf_tables NAT available?)")(e))?;
+        // Without it the guard deletes the table itself.
+        egress.teardown = Teardown::start(slot, egress.netns.as_raw_fd()).ok();
         Ok(egress)
     }
 
@@ -463,41 +513,19 @@ impl Drop for PendingEgress {
 }
 
 impl Egress {
-    /// Tears the path down off agt-jail's exit path (the agent has ended). Deleting the
-    /// NAT table makes its nf_tables socket's close wait for nf_tables' deferred destroy
-    /// work, which waits for an RCU grace period: ~10 ms that agt-jail's exit (where the
-    /// socket would close at the latest) would otherwise wait for. Instead a process
-    /// of its own sends the prepared delete batch and closes the socket, holding the
-    /// agent's namespace (and with it the veth, the slot's reservation) until the table
-    /// is gone, so no next run takes the slot and has its new table deleted. The host
-    /// end's alias names that process as the owner, so a next run's sweep leaves the pair
-    /// alone while it works (and removes it if it is killed). When no process can be
-    /// made, the teardown happens here, as a drop does.
+    /// The agent has ended: its teardown process deletes the NAT table, off agt-jail's
+    /// exit path ([`Teardown`]). The host end's alias names that process as the pair's
+    /// owner first, so a next run's sweep leaves the pair alone while it works. Without
+    /// the process (it could not be made, or it is gone) the guard deletes the table here.
     pub fn release(mut self) {
-        if !self.nat {
-            return;
-        }
-        let mut batch = Vec::new();
-        for (seq, msg) in nft::delete(&self.slot.table_name()).iter().enumerate() {
-            batch.extend_from_slice(&msg.bytes(seq as u32 + 1));
-        }
-        let netns = self.netns.as_raw_fd();
-        match sys::clone_process(libc::SIGCHLD as libc::c_ulong) {
-            Ok(0) => {
-                // The child: system calls on memory made before the fork only.
-                sys::close_all_but(netns);
-                let _ = sys::setsid();
-                sys::netlink_send_once(libc::NETLINK_NETFILTER, &batch);
-                sys::exit_now(0)
+        let Some(teardown) = self.teardown.take() else { return };
+        if self.nat {
+            if let (Ok(host), Ok(mut route)) = (index_of(&self.slot.host_name()), Socket::open(libc::NETLINK_ROUTE)) {
+                let _ = route.transact(&[link_up(host, Some(&owner_alias(teardown.pid)))]);
             }
-            Ok(child) => {
+            if sys::write_all_raw(teardown.go.as_raw_fd(), &[1]).is_ok() {
                 self.nat = false;
-                if let (Ok(host), Ok(mut route)) = (index_of(&self.slot.host_name()), Socket::open(libc::NETLINK_ROUTE))
-                {
-                    let _ = route.transact(&[link_up(host, Some(&owner_alias(child.unsigned_abs())))]);
-                }
             }
-            Err(_) => {}
         }
     }
 }

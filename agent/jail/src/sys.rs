@@ -130,16 +130,20 @@ pub fn close(fd: libc::c_int) {
     unsafe { libc::close(fd) };
 }
 
-/// Closes every descriptor of the process but `keep` (close_range, Linux 5.9). Child-safe.
-pub fn close_all_but(keep: libc::c_int) {
-    let keep = libc::c_uint::try_from(keep).unwrap_or(0);
-    // SAFETY: close_range(2) with plain integers; only this process's table changes.
-    unsafe {
-        if keep > 0 {
-            libc::syscall(libc::SYS_close_range, 0 as libc::c_uint, keep - 1, 0 as libc::c_uint);
+/// Closes every descriptor of the process but the two in `keep` (close_range, Linux 5.9).
+/// Child-safe.
+pub fn close_all_but(keep: [libc::c_int; 2]) {
+    let (a, b) = (keep[0].min(keep[1]), keep[0].max(keep[1]));
+    let mut first: libc::c_int = 0;
+    for kept in [a, b] {
+        if kept > first {
+            // SAFETY: close_range(2) with plain integers; only this process's table changes.
+            unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, (kept - 1) as libc::c_uint, 0u32) };
         }
-        libc::syscall(libc::SYS_close_range, keep.saturating_add(1), libc::c_uint::MAX, 0 as libc::c_uint);
+        first = first.max(kept.saturating_add(1));
     }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0u32) };
 }
 
 /// Writes `bytes` (whole netlink messages) on a new netlink socket of `protocol` and
