@@ -315,6 +315,8 @@ pub struct Egress {
     nat: bool,
     /// The process that deletes the NAT table after the run ([`Egress::release`]).
     teardown: Option<Teardown>,
+    /// The host end's interface index (the release renames its owner).
+    host_index: u32,
 }
 
 /// A process forked when the path is made (off the start-up path), waiting on a pipe with
@@ -425,8 +427,9 @@ impl Egress {
         }
         let slot = reserved.ok_or(EgressError::NoSlot(RANGE.0, RANGE.1))?;
         // From here the guard undoes what exists when a later step fails.
-        let mut egress = Self { slot, netns, nat: false, teardown: None };
+        let mut egress = Self { slot, netns, nat: false, teardown: None, host_index: 0 };
         let host = index_of(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
+        egress.host_index = host;
         route
             .transact(&[link_up(host, Some(&owner_alias(std::process::id()))), new_addr(host, slot.gateway(), 30)])
             .map_err(|(_, e)| netlink_err(format!("configure {}", slot.host_name()))(e))?;
@@ -520,8 +523,8 @@ impl Egress {
     pub fn release(mut self) {
         let Some(teardown) = self.teardown.take() else { return };
         if self.nat {
-            if let (Ok(host), Ok(mut route)) = (index_of(&self.slot.host_name()), Socket::open(libc::NETLINK_ROUTE)) {
-                let _ = route.transact(&[link_up(host, Some(&owner_alias(teardown.pid)))]);
+            if let Ok(mut route) = Socket::open(libc::NETLINK_ROUTE) {
+                let _ = route.transact(&[link_up(self.host_index, Some(&owner_alias(teardown.pid)))]);
             }
             if sys::write_all_raw(teardown.go.as_raw_fd(), &[1]).is_ok() {
                 self.nat = false;
