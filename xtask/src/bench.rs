@@ -1,6 +1,10 @@
 //! `cargo xtask bench`: jail start-up, side by side with bubblewrap doing equivalent
 //! isolation. Runs are interleaved (bare, agt-jail, bwrap, bare, ...) so drift in the
 //! machine's load hits every command alike; median and p95 over `--runs` each.
+//! The network namespace's cost is isolated on both sides in the same run: agt-jail's
+//! ring 2 with its routed namespace (veth, /30, NAT) against ring 2 with `--net none`
+//! (a bare namespace; the same BPF programs, forced by a connect rule), and bwrap with
+//! and without its network namespace (`--share-net`).
 //! Needs no extra tool: timing is done here with a monotonic clock around spawn+wait.
 use std::{
     fs::{self, File},
@@ -81,6 +85,19 @@ const RING3_LIMITS: [(&str, &str, &str); 4] = [
     ("cpu", "cpu.cfs_period_us", "100000"),
     ("cpu", "cpu.cfs_quota_us", "100000"),
 ];
+
+/// Where `--share-net` goes in [`BWRAP`] (after `--unshare-all`): bwrap then keeps the
+/// host's network namespace and unshares every other one.
+fn bwrap_share_net() -> Vec<String> {
+    let mut argv: Vec<String> = BWRAP.iter().map(|s| s.to_string()).collect();
+    argv.insert(2, "--share-net".into());
+    argv
+}
+
+/// Ring 2 without its routed namespace: `--net none` (a bare namespace, loopback only) and
+/// a connect rule (TEST-NET-1, RFC 5737: nothing is ever there) that loads the same BPF
+/// programs the allow-list needs, so the run does the same work but the network.
+const BPF_WITHOUT_NETWORK: [&str; 4] = ["--net", "none", "--deny-connect", "192.0.2.1:9"];
 
 struct Case {
     name: &'static str,
@@ -217,6 +234,21 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
+fn load_average() -> String {
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// The first quartile, the median and the third quartile of `values` (nearest rank, as
+/// [`percentile`]); zeros when empty.
+fn quartiles(mut values: Vec<f64>) -> [f64; 3] {
+    values.sort_by(f64::total_cmp);
+    [25.0, 50.0, 75.0].map(|p| {
+        let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+        values.get(rank.clamp(1, values.len().max(1)) - 1).copied().unwrap_or(0.0)
+    })
+}
+
 fn machine() -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -229,8 +261,7 @@ fn machine() -> String {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     // Shared build machines are rarely idle: say how busy this one was.
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let load = load_average();
     format!("{nproc} CPUs (`nproc`), {cpu}, Linux {}; load average at the start: {load}", kernel.trim())
 }
 
@@ -244,6 +275,8 @@ pub fn run(opts: &Options) -> Result<()> {
     let root = repo_root();
     run_checked(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "agt-jail-cli"]))?;
     let bin = target_dir().join("release/agt-jail");
+    // The load when the runs begin (the machine line), and again when they end.
+    let machine = machine();
     if !bin.exists() {
         bail!("{} was not built", bin.display());
     }
@@ -261,14 +294,33 @@ pub fn run(opts: &Options) -> Result<()> {
                 .map(String::from),
         )
         .collect();
+    let ring2 = |extra: &[&str]| -> Vec<String> {
+        [bin.display().to_string()]
+            .into_iter()
+            .chain(["exec", "--ring", "2"].map(String::from))
+            .chain(extra.iter().map(|s| s.to_string()))
+            .chain(["--", "/bin/true"].map(String::from))
+            .collect()
+    };
     let bwrap: Vec<String> = BWRAP.iter().map(|s| s.to_string()).collect();
     let roots = v1_roots();
+    let case = |name, argv| Case { name, argv, limited: false, samples: Vec::new() };
     let mut cases = vec![
-        Case { name: "bare /bin/true", argv: vec!["/bin/true".into()], limited: false, samples: Vec::new() },
-        Case { name: "agt-jail exec --ring 3", argv: jail, limited: false, samples: Vec::new() },
-        Case { name: "agt-jail exec --ring 3, no cgroup limits", argv: unlimited, limited: false, samples: Vec::new() },
-        Case { name: "bwrap (equivalent isolation)", argv: bwrap.clone(), limited: false, samples: Vec::new() },
+        case("bare /bin/true", vec!["/bin/true".into()]),
+        case("agt-jail exec --ring 3", jail),
+        case("agt-jail exec --ring 3, no cgroup limits", unlimited),
+        case("bwrap (equivalent isolation)", bwrap.clone()),
+        case("bwrap --share-net (no network namespace)", bwrap_share_net()),
+        case("agt-jail exec --ring 2 (own namespace, veth, NAT)", ring2(&[])),
+        case(
+            "agt-jail exec --ring 2 --net none (own namespace, no veth; same BPF programs)",
+            ring2(&BPF_WITHOUT_NETWORK),
+        ),
     ];
+    const BWRAP_ROW: usize = 3;
+    const BWRAP_SHARED_ROW: usize = 4;
+    const RING2_ROW: usize = 5;
+    const RING2_NONE_ROW: usize = 6;
     // On a hybrid host, also bwrap with ring 3's limits in v1 cgroups the harness makes:
     // the isolation agt-jail's first row gives (on pure v2 hosts agt-jail's limits need
     // no migration, and this row is left out).
@@ -298,6 +350,25 @@ pub fn run(opts: &Options) -> Result<()> {
     for (_, root) in &roots {
         let _ = fs::remove_dir(root.join("agt-bench"));
     }
+    // The network's cost on each side: the difference of the medians, and the median of
+    // the differences within each round (the rounds are interleaved, so drift cancels).
+    let net_cost = |with: usize, without: usize| -> (f64, [f64; 3]) {
+        let paired: Vec<f64> = cases[with]
+            .samples
+            .iter()
+            .zip(&cases[without].samples)
+            .map(|(a, b)| a.as_secs_f64() - b.as_secs_f64())
+            .collect();
+        let mut sorted_with = cases[with].samples.clone();
+        let mut sorted_without = cases[without].samples.clone();
+        sorted_with.sort();
+        sorted_without.sort();
+        let of_medians = percentile(&sorted_with, 50.0).as_secs_f64() - percentile(&sorted_without, 50.0).as_secs_f64();
+        (of_medians * 1000.0, quartiles(paired).map(|q| q * 1000.0))
+    };
+    let (jail_net, jail_net_paired) = net_cost(RING2_ROW, RING2_NONE_ROW);
+    let (bwrap_net, bwrap_net_paired) = net_cost(BWRAP_ROW, BWRAP_SHARED_ROW);
+    let load_after = load_average();
     let mut table = String::from("| command | median ms | p95 ms | mean ms |\n| --- | --- | --- | --- |\n");
     let mut medians = Vec::new();
     for case in cases.iter_mut() {
@@ -313,10 +384,10 @@ pub fn run(opts: &Options) -> Result<()> {
             ms(mean)
         ));
     }
-    let bwrap_median = medians[3].as_secs_f64().max(1e-9);
+    let bwrap_median = medians[BWRAP_ROW].as_secs_f64().max(1e-9);
     let ratio = medians[1].as_secs_f64() / bwrap_median;
     let ratio_unlimited = medians[2].as_secs_f64() / bwrap_median;
-    let limited_ratio = match medians.get(4) {
+    let limited_ratio = match medians.get(RING2_NONE_ROW + 1) {
         Some(limited) => format!(
             "; against bwrap with the same limits: {:.2}",
             medians[1].as_secs_f64() / limited.as_secs_f64().max(1e-9)
@@ -337,7 +408,21 @@ pub fn run(opts: &Options) -> Result<()> {
         "## Jail start-up\n\nMeasured by `cargo xtask bench --runs {runs}` (as root): {runs} interleaved runs of each \
          command after 10 warm-up runs, wall time from spawn to exit.\n\nMachine: {machine}.\n\n{table}\nagt-jail / bwrap \
          median ratio: {ratio:.2} with ring 3's limits, {ratio_unlimited:.2} without (bwrap sets none){limited_ratio}.\n\n\
-         {migration}Commands:\n\n```\n{jail}\n{unlimited}\n{bwrap}\n```\n\nWhat each does: agt-jail creates the \
+         Load average at the end: {load_after}.\n\n\
+         What the network namespace costs (difference of the medians; in brackets the median of the per-round \
+         differences, then its quartiles): agt-jail's routed namespace (ring 2 against ring 2 `--net none`) \
+         {jail_net:.2} ms [{:.2}; {:.2} to {:.2}]; bwrap's namespace (bwrap against bwrap `--share-net`) \
+         {bwrap_net:.2} ms [{:.2}; {:.2} to {:.2}].\n\n\
+         {migration}Commands:\n\n```\n{jail}\n{unlimited}\n{bwrap}\n{bwrap_shared}\n{ring2}\n{ring2_none}\n```\n\n\
+         Ring 2 makes the agent's network namespace, its veth pair (the agent's end created right in it), the /30, \
+         the default route and the nf_tables masquerade table on a thread while its cgroup and its BPF programs \
+         (the load dominates ring 2) are made, and joins it before the jail starts: the jail's init joins that \
+         namespace, so the agent never runs without it, and a failed setup refuses the run (125). When the agent \
+         has ended, a process of its own deletes the NAT table (the socket's close waits for an RCU grace period) \
+         while holding the namespace, so agt-jail exits without that wait (docs/adr/0009-agent-network-veth-nat.md). \
+         Ring 2 `--net none` clones a bare namespace (loopback only) and loads the same programs (a connect rule \
+         forces them); ring 3 clones the same bare namespace as bwrap. \
+         What each ring 3 row does: agt-jail creates the \
          agent's cgroup v2 (and, with limits on a hybrid host, v1 memory/pids/cpu cgroups) with ring 3's limits, clones \
          into new pid, mount, net, ipc, uts and cgroup namespaces, builds the view with pivot_root, drops every capability, applies Landlock and the seccomp filter, execs, reaps \
          and removes the cgroups. bwrap does the namespaces (plus a user namespace) and the view but no cgroup, \
@@ -346,11 +431,20 @@ pub fn run(opts: &Options) -> Result<()> {
          (ring 3 without `--events` or connect rules does not; see docs/adr/0003-launcher.md), so the `agt-jail` \
          executable runs the jail itself, without handing over to `agt-jail-full`. The agent is born in its cgroup v2 (clone3 with CLONE_INTO_CGROUP); its v1 cgroups are created, limited and joined \
          while the jail builds its root, before the agent exists; agt-jail exits on the status the jail's init sends, without waiting for the init's namespace teardown (docs/adr/0004-jail-start-up.md).\n",
+        jail_net_paired[1],
+        jail_net_paired[0],
+        jail_net_paired[2],
+        bwrap_net_paired[1],
+        bwrap_net_paired[0],
+        bwrap_net_paired[2],
         runs = opts.runs,
-        machine = machine(),
+        machine = machine,
         jail = cases[1].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
         unlimited = cases[2].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
         bwrap = BWRAP.join(" "),
+        bwrap_shared = cases[BWRAP_SHARED_ROW].argv.join(" "),
+        ring2 = cases[RING2_ROW].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
+        ring2_none = cases[RING2_NONE_ROW].argv.join(" ").replace(&bin.display().to_string(), "agt-jail"),
     );
     print!("{section}");
     if opts.write {
@@ -400,6 +494,20 @@ mod tests {
             replace_section(both, "## Jail start-up\n\nnew\n"),
             "# B\n\n## Jail start-up\n\nnew\n## Policy kernel\n\nfast\n"
         );
+    }
+
+    #[test]
+    fn quartiles_of_differences() {
+        assert_eq!(quartiles(vec![3.0, -1.0, 2.0, 0.0]), [-1.0, 0.0, 2.0]);
+        assert_eq!(quartiles((1..=100).rev().map(f64::from).collect()), [25.0, 50.0, 75.0]);
+        assert_eq!(quartiles(Vec::new()), [0.0; 3]);
+    }
+
+    #[test]
+    fn share_net_keeps_every_other_namespace() {
+        let argv = bwrap_share_net();
+        assert_eq!(&argv[..3], ["/usr/bin/bwrap", "--unshare-all", "--share-net"]);
+        assert_eq!(argv.len(), BWRAP.len() + 1);
     }
 
     #[test]

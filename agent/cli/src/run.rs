@@ -30,7 +30,7 @@ use std::{
 use agt_jail_jail::profile::{self, AllowEntry};
 use agt_jail_jail::{
     cgroup,
-    egress::Egress,
+    egress::{Egress, PendingEgress},
     host, launch, mounts,
     pty::{copy_window_size, Pty, RawMode},
     spawn_in_cgroup_notified, AgentCgroup, CgroupLayout, CgroupLimits, JailConfig, JailProcess, LaunchError, NetMode,
@@ -97,13 +97,14 @@ pub trait Governor {
     /// Loads and attaches what governs the agent, once its cgroup exists with its
     /// limits and before the command starts.
     /// `egress` is the agent's routed path out of its own network namespace (allowlist
-    /// mode), whose host end the agent must not reach unless listed.
+    /// mode), still being made: its host end (the gateway), which the agent must not reach
+    /// unless listed, is waited for only when the rules are installed.
     fn attach(
         &mut self,
         cgroup: &AgentCgroup,
         profile: &Profile,
         program: &Path,
-        egress: Option<&Egress>,
+        egress: Option<&mut PendingEgress>,
     ) -> Result<()>;
     /// The agent's end of the exec listener socket (the seccomp user-notification plane).
     fn exec_listener(&self) -> Option<RawFd>;
@@ -127,7 +128,7 @@ pub trait Governor {
 pub struct Ungoverned;
 
 impl Governor for Ungoverned {
-    fn attach(&mut self, _: &AgentCgroup, _: &Profile, _: &Path, _: Option<&Egress>) -> Result<()> {
+    fn attach(&mut self, _: &AgentCgroup, _: &Profile, _: &Path, _: Option<&mut PendingEgress>) -> Result<()> {
         Ok(())
     }
 
@@ -444,11 +445,13 @@ pub fn execute<G: Governor>(
     let mut agent_cgroup = None;
     let mut cgroup_v1 = Vec::new();
     let mut stale_sweep = None;
-    // Allowlist mode: the agent's own network namespace gets a routed path out. A host
-    // that cannot give one refuses the run; the host network is never the fallback.
-    let egress = if root && profile.confine && profile.net == NetMode::Allowlist {
+    // Allowlist mode: the agent's own network namespace gets a routed path out, made on a
+    // thread while the cgroup and the BPF programs are made, and joined before the jail
+    // starts (the jail joins the namespace it makes). A host that cannot give one refuses
+    // the run; the host network is never the fallback.
+    let mut pending_egress = if root && profile.confine && profile.net == NetMode::Allowlist {
         Some(
-            Egress::create(Path::new("/proc"), Path::new("/sys/class/net"), true)
+            PendingEgress::start(Path::new("/proc"), Path::new("/sys/class/net"), true)
                 .map_err(|e| Failure::Launch(e.into()))?,
         )
     } else {
@@ -476,7 +479,7 @@ pub fn execute<G: Governor>(
         } else {
             cgroup.apply_limits(&layout, &limits).context("cannot set the agent's limits")?;
         }
-        governor.attach(&cgroup, &profile, &program_path, egress.as_ref())?;
+        governor.attach(&cgroup, &profile, &program_path, pending_egress.as_mut())?;
         agent_cgroup = Some(cgroup);
         stale_sweep = Some((parent, layout));
     } else {
@@ -485,6 +488,7 @@ pub fn execute<G: Governor>(
         );
     }
 
+    let egress = pending_egress.map(PendingEgress::finish).transpose().map_err(|e| Failure::Launch(e.into()))?;
     let exec_notify = governor.exec_listener();
     let additions = governor.jail_additions();
     profile.ro.extend(additions.ro.iter().cloned());
@@ -585,6 +589,10 @@ pub fn execute<G: Governor>(
     let status = running.wait().context("cannot wait for the command")?;
     forwarder.stop();
     governor.ended();
+    // The agent is done with its network: its teardown leaves agt-jail's exit path.
+    if let Some(egress) = egress {
+        egress.release();
+    }
     if let Some((raw, output)) = relay {
         let _ = output.join();
         drop(raw);

@@ -16,6 +16,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
     path::Path,
+    thread::JoinHandle,
 };
 
 use crate::{
@@ -312,6 +313,56 @@ pub struct Egress {
     /// jail's end) makes the kernel delete the pair.
     netns: OwnedFd,
     nat: bool,
+    /// The process that deletes the NAT table after the run ([`Egress::release`]).
+    teardown: Option<Teardown>,
+    /// The host end's interface index (the release renames its owner).
+    host_index: u32,
+}
+
+/// A process forked when the path is made (off the start-up path), waiting on a pipe with
+/// the table's delete batch ready: deleting a hooked chain makes the nf_tables socket's
+/// close wait for nf_tables' deferred destroy work, which waits for an RCU grace period
+/// (~10 ms), and agt-jail's exit would wait for it. One byte on the pipe
+/// ([`Egress::release`]) makes it delete the table; it holds the agent's namespace until
+/// then, so the veth (the slot's reservation) outlives the table and no next run takes the
+/// slot and has its new table deleted. End of file (agt-jail gone without a release, or a
+/// guard dropped on an error path) makes it leave without deleting: the guard or a next
+/// run's sweep does it then, as without it.
+#[derive(Debug)]
+struct Teardown {
+    pid: u32,
+    go: OwnedFd,
+}
+
+impl Teardown {
+    fn start(slot: Slot, netns: RawFd) -> io::Result<Self> {
+        let mut batch = Vec::new();
+        for (seq, msg) in nft::delete(&slot.table_name()).iter().enumerate() {
+            batch.extend_from_slice(&msg.bytes(seq as u32 + 1));
+        }
+        let (wait, go) = sys::pipe_cloexec()?;
+        match sys::clone_process(libc::SIGCHLD as libc::c_ulong) {
+            Ok(0) => {
+                // The child: system calls on memory made before the fork only.
+                sys::close_all_but([netns, wait]);
+                let _ = sys::setsid();
+                let mut byte = [0u8; 1];
+                if matches!(sys::read_raw(wait, &mut byte), Ok(1)) {
+                    sys::netlink_send_once(libc::NETLINK_NETFILTER, &batch);
+                }
+                sys::exit_now(0)
+            }
+            Ok(pid) => {
+                sys::close(wait);
+                Ok(Self { pid: pid.unsigned_abs(), go: sys::owned(go) })
+            }
+            Err(e) => {
+                sys::close(wait);
+                sys::close(go);
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Runs `work` on a thread of its own that entered `netns` (or a new namespace when
@@ -376,8 +427,9 @@ impl Egress {
         }
         let slot = reserved.ok_or(EgressError::NoSlot(RANGE.0, RANGE.1))?;
         // From here the guard undoes what exists when a later step fails.
-        let mut egress = Self { slot, netns, nat: false };
+        let mut egress = Self { slot, netns, nat: false, teardown: None, host_index: 0 };
         let host = index_of(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
+        egress.host_index = host;
         route
             .transact(&[link_up(host, Some(&owner_alias(std::process::id()))), new_addr(host, slot.gateway(), 30)])
             .map_err(|(_, e)| netlink_err(format!("configure {}", slot.host_name()))(e))?;
@@ -396,6 +448,8 @@ impl Egress {
         egress.nat = true;
         nf.transact(&nft::masquerade(&slot.table_name(), slot.network, 30))
             .map_err(|(_, e)| netlink_err("add the nf_tables masquerade rule (is nf_tables NAT available?)")(e))?;
+        // Without it the guard deletes the table itself.
+        egress.teardown = Teardown::start(slot, egress.netns.as_raw_fd()).ok();
         Ok(egress)
     }
 
@@ -406,6 +460,76 @@ impl Egress {
     /// The host end's address: the agent's gateway.
     pub fn gateway(&self) -> Ipv4Addr {
         self.slot.gateway()
+    }
+}
+
+/// An [`Egress`] being made on a thread of its own ([`PendingEgress::start`]), so the
+/// launch goes on meanwhile (the agent's cgroup, the BPF programs). The run joins it
+/// before the agent exists: the jail needs the namespace it makes, so no agent runs
+/// without its network, and a failure is the run's failure. Dropped unjoined (a launch
+/// step failed first), it waits for the thread and the guard undoes what it made.
+#[derive(Debug)]
+pub struct PendingEgress {
+    thread: Option<JoinHandle<Result<Egress, EgressError>>>,
+    done: Option<Result<Egress, EgressError>>,
+}
+
+fn setup_thread_failed() -> EgressError {
+    netlink_err("set up the agent's network (the setup thread ended without an answer)")(io::ErrorKind::Other.into())
+}
+
+impl PendingEgress {
+    /// Starts [`Egress::create`] with the same arguments on a new thread.
+    pub fn start(proc_root: &Path, sys_net: &Path, forward: bool) -> Result<Self, EgressError> {
+        let (proc_root, sys_net) = (proc_root.to_path_buf(), sys_net.to_path_buf());
+        let thread = std::thread::Builder::new()
+            .name("agent-network".into())
+            .spawn(move || Egress::create(&proc_root, &sys_net, forward))
+            .map_err(netlink_err("start the agent's network setup"))?;
+        Ok(Self { thread: Some(thread), done: None })
+    }
+
+    fn join(&mut self) -> &Result<Egress, EgressError> {
+        if let Some(thread) = self.thread.take() {
+            self.done = Some(thread.join().unwrap_or_else(|_| Err(setup_thread_failed())));
+        }
+        self.done.get_or_insert_with(|| Err(setup_thread_failed()))
+    }
+
+    /// The agent's gateway (the host end's address), waiting for the setup; None when it
+    /// failed, whose error [`PendingEgress::finish`] returns.
+    pub fn gateway(&mut self) -> Option<Ipv4Addr> {
+        self.join().as_ref().ok().map(Egress::gateway)
+    }
+
+    /// Waits for the setup: the finished path, or why there is none.
+    pub fn finish(mut self) -> Result<Egress, EgressError> {
+        self.join();
+        self.done.take().unwrap_or_else(|| Err(setup_thread_failed()))
+    }
+}
+
+impl Drop for PendingEgress {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+impl Egress {
+    /// The agent has ended: its teardown process deletes the NAT table, off agt-jail's
+    /// exit path ([`Teardown`]). The host end's alias names that process as the pair's
+    /// owner first, so a next run's sweep leaves the pair alone while it works. Without
+    /// the process (it could not be made, or it is gone) the guard deletes the table here.
+    pub fn release(mut self) {
+        let Some(teardown) = self.teardown.take() else { return };
+        if self.nat {
+            if let Ok(mut route) = Socket::open(libc::NETLINK_ROUTE) {
+                let _ = route.transact(&[link_up(self.host_index, Some(&owner_alias(teardown.pid)))]);
+            }
+            if sys::write_all_raw(teardown.go.as_raw_fd(), &[1]).is_ok() {
+                self.nat = false;
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, BufWriter, Write},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd, RawFd},
     path::Path,
     process::ExitCode,
@@ -24,7 +24,7 @@ use agt_jail_cli::{
     run::{self, Governor, Prepared},
 };
 use agt_jail_ebpf_loader::{AgentPrograms, AllowRule, ConnectRule, Event, EventReader, TaskFactsMap};
-use agt_jail_jail::{cgroup::CgroupLayout, egress::Egress, profile::Dest, AgentCgroup, NetMode, Profile};
+use agt_jail_jail::{cgroup::CgroupLayout, egress::PendingEgress, profile::Dest, AgentCgroup, NetMode, Profile};
 use agt_jail_policy::plan::{Plan, Resolved};
 use agt_jail_supervisor::{
     evaluator::Evaluator,
@@ -127,18 +127,10 @@ impl<'a> Governed<'a> {
         &mut self,
         cgroup: &AgentCgroup,
         profile: &Profile,
-        egress: Option<&Egress>,
+        egress: Option<&mut PendingEgress>,
         dns: bool,
     ) -> Result<Option<Plan>> {
         let args = self.args;
-        let mut rules: Vec<ConnectRule> =
-            args.deny_connect.iter().map(|dest| ConnectRule::new(dest.addr, dest.port)).collect();
-        if profile.confine && profile.net == NetMode::Allowlist {
-            let gateway = egress.map(|e| IpAddr::V4(e.gateway()));
-            let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
-            let served = if dns { gateway } else { None };
-            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied(), served));
-        }
         // Loading the BPF object costs ~90 ms per run: only for the runs that need it.
         let allowlist = profile.confine && profile.net == NetMode::Allowlist;
         if !run::needs_bpf(args, profile) {
@@ -166,6 +158,17 @@ impl<'a> Governed<'a> {
             }
             plan = Some(compiled);
         }
+        let mut rules: Vec<ConnectRule> =
+            args.deny_connect.iter().map(|dest| ConnectRule::new(dest.addr, dest.port)).collect();
+        let mut gateway = None;
+        if profile.confine && profile.net == NetMode::Allowlist {
+            // The agent's network is made meanwhile (it exists before the agent does; a
+            // failed setup fails the run when it is joined, so no gateway is fine here).
+            gateway = egress.and_then(PendingEgress::gateway).map(IpAddr::V4);
+            let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
+            let served = if dns { gateway } else { None };
+            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied(), served));
+        }
         for rule in rules {
             programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
         }
@@ -177,8 +180,8 @@ impl<'a> Governed<'a> {
                 programs.allow_connect(agent_id, rule).context("cannot install an allow-list entry")?;
             }
             // The agent's resolver: UDP and TCP to gateway:53, its only way to DNS.
-            if let (true, Some(egress)) = (dns, egress) {
-                let rule = AllowRule::host(IpAddr::V4(egress.gateway()), resolver::DNS_PORT);
+            if let (true, Some(gateway)) = (dns, gateway) {
+                let rule = AllowRule::host(gateway, resolver::DNS_PORT);
                 programs.allow_connect(agent_id, rule).context("cannot allow the agent's resolver")?;
             }
             programs.enable_connect_allowlist(agent_id).context("cannot enable the connect allow-list")?;
@@ -336,8 +339,8 @@ impl<'a> Governed<'a> {
     /// with a routed path out. Without an upstream (no `--dns-upstream`, no nameserver in
     /// the host's resolv.conf) a run that allows names is refused; one that allows none
     /// keeps the agent without DNS.
-    fn dns_upstream(&self, profile: &Profile, egress: Option<&Egress>) -> Result<Option<SocketAddr>> {
-        let served = egress.is_some() && profile.confine && profile.net == NetMode::Allowlist;
+    fn dns_upstream(&self, profile: &Profile, egress: bool) -> Result<Option<SocketAddr>> {
+        let served = egress && profile.confine && profile.net == NetMode::Allowlist;
         if !served {
             if self.args.dns_upstream.is_some() {
                 bail!(
@@ -369,7 +372,7 @@ impl<'a> Governed<'a> {
         &mut self,
         cgroup: &AgentCgroup,
         profile: &Profile,
-        egress: &Egress,
+        gateway: Ipv4Addr,
         upstream: SocketAddr,
     ) -> Result<()> {
         let Some(programs) = self.programs.as_ref() else { return Ok(()) };
@@ -401,7 +404,7 @@ impl<'a> Governed<'a> {
         let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
         let mut never: Vec<IpAddr> =
             allowlist_denies(profile, host.iter().copied(), None).iter().map(|r| r.addr).collect();
-        never.push(IpAddr::V4(egress.gateway()));
+        never.push(IpAddr::V4(gateway));
         let feed = match (self.learned.as_ref(), self.governance.as_ref()) {
             (Some((domains, learned)), Some(governance)) => {
                 let (actuator, evaluator) = (Arc::clone(&governance.actuator), Arc::clone(&governance.evaluator));
@@ -424,7 +427,7 @@ impl<'a> Governed<'a> {
                 .as_ref()
                 .map(|g| g.evaluator.agent().id.clone())
                 .unwrap_or_else(|| cgroup.id().to_string()),
-            gateway: egress.gateway(),
+            gateway,
             upstream,
             allow: resolver::allow_set(&profile.allow_names, &policy_domains),
             pinned: &pinned,
@@ -436,7 +439,7 @@ impl<'a> Governed<'a> {
         if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
             agt_jail_jail::stderr_line!(
                 "agt-jail: debug: the agent's resolver on {}:53 started in {} µs",
-                egress.gateway(),
+                gateway,
                 began.elapsed().as_micros()
             );
         }
@@ -505,19 +508,21 @@ impl Governor for Governed<'_> {
         cgroup: &AgentCgroup,
         profile: &Profile,
         program: &Path,
-        egress: Option<&Egress>,
+        mut egress: Option<&mut PendingEgress>,
     ) -> Result<()> {
-        let upstream = self.dns_upstream(profile, egress)?;
+        let upstream = self.dns_upstream(profile, egress.is_some())?;
         if let (Some(_), Some(loaded)) = (upstream, self.policy.as_ref()) {
             let domains = agt_jail_policy::plan::domains(&loaded.set);
             let learned = Arc::new(Mutex::new(resolver::initial(&domains)));
             self.learned = Some((domains, learned));
         }
-        let plan = self.load_programs(cgroup, profile, egress, upstream.is_some())?;
+        let plan = self.load_programs(cgroup, profile, egress.as_deref_mut(), upstream.is_some())?;
         self.start_governance(cgroup, profile, program, plan)?;
         self.start_pump()?;
-        if let (Some(upstream), Some(egress)) = (upstream, egress) {
-            self.start_resolver(cgroup, profile, egress, upstream)?;
+        // The network's setup has been joined by now (the connect rules needed its gateway);
+        // when it failed there is no resolver to serve, and the launch fails on that error.
+        if let (Some(upstream), Some(gateway)) = (upstream, egress.and_then(PendingEgress::gateway)) {
+            self.start_resolver(cgroup, profile, gateway, upstream)?;
         }
         self.start_exec_plane(profile)
     }
