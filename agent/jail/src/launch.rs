@@ -415,7 +415,11 @@ fn landlock_abi_in_use() -> u32 {
 
 /// Reports what Landlock can enforce here for `profile`, or why the ring cannot run.
 pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> {
-    let abi = landlock_abi_in_use();
+    enforcement_at(profile, landlock_abi_in_use())
+}
+
+/// [`check_enforcement`] with the Landlock ABI given.
+fn enforcement_at(profile: &Profile, abi: u32) -> Result<Enforcement, LaunchError> {
     let mut unenforced = Vec::new();
     if profile.confine && abi == 0 {
         const ABSENT: &str = "this kernel does not enforce Landlock (not built in or not in the active LSM list)";
@@ -1330,6 +1334,60 @@ mod tests {
             &build_plan(&cfg, &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap(),
         );
         assert!(!execs.contains(&ws_path) && !execs.contains(&mounts::SCRATCH.to_string()), "{execs:?}");
+    }
+
+    /// Without Landlock the mount view says what runs: the same paths as the EXECUTE rules.
+    #[test]
+    fn without_landlock_what_must_not_run_is_mounted_noexec() {
+        let ws = tempfile::tempdir().unwrap();
+        let ro = tempfile::tempdir().unwrap();
+        let tool = ro.path().join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        let none = Enforcement { landlock_abi: 0, unenforced: vec![], memfd_noexec: false };
+        let mut cfg = config(2);
+        cfg.workspace = Some(ws.path().to_path_buf());
+        cfg.profile.ro.push(ro.path().to_path_buf());
+        cfg.allow_exec.push(tool.clone());
+        let plan = build_plan(&cfg, &none).unwrap();
+        assert!(plan.landlock.is_none());
+        let step = |name: String| plan.op_names.iter().any(|op| *op == name);
+        let at = |path: &Path| format!("{}{}", mounts::NEWROOT, path.display());
+        // The --ro path: read-only and noexec; the --allow-exec file in it: a bind of its own.
+        assert!(step(format!("remount {} read-only and noexec", at(ro.path()))), "{:?}", plan.op_names);
+        assert!(step(format!("bind {}{} on {}", mounts::OLDROOT, tool.display(), at(&tool))), "{:?}", plan.op_names);
+        assert!(!step(format!("remount {} read-only and noexec", at(&tool))), "{:?}", plan.op_names);
+        // System paths and the workspace run; /usr stays merely read-only.
+        assert!(step(format!("remount {}/usr read-only", mounts::NEWROOT)), "{:?}", plan.op_names);
+        assert!(!plan.op_names.iter().any(|op| op.contains(&at(ws.path())) && op.contains("noexec")));
+        // The private /tmp is noexec.
+        let tmp = ViewSpec { tmp_noexec: true, ..Default::default() }.plan();
+        assert!(tmp.iter().any(|op| matches!(op, mounts::MountOp::Tmpfs { dst, flags, .. }
+            if dst == Path::new("/newroot/tmp") && flags & libc::MS_NOEXEC != 0)));
+        // exec.workspace: false: the workspace is noexec too.
+        cfg.profile.exec_workspace = false;
+        let plan = build_plan(&cfg, &none).unwrap();
+        assert!(
+            plan.op_names.iter().any(|op| *op == format!("remount {} noexec", at(ws.path()))),
+            "{:?}",
+            plan.op_names
+        );
+    }
+
+    #[test]
+    fn without_landlock_ring_3_refuses_and_rings_1_2_say_what_holds_instead() {
+        let err = enforcement_at(&Profile::builtin(3).unwrap(), 0).unwrap_err().to_string();
+        assert!(err.contains("only its entry command"), "{err}");
+        assert!(enforcement_at(&Profile::builtin(3).unwrap(), 1).is_ok());
+        for ring in [1, 2] {
+            let e = enforcement_at(&Profile::builtin(ring).unwrap(), 0).unwrap();
+            assert!(e.unenforced.iter().any(|gap| gap.contains("no Landlock on this kernel")), "{:?}", e.unenforced);
+            let with = enforcement_at(&Profile::builtin(ring).unwrap(), 2).unwrap();
+            assert!(!with.unenforced.iter().any(|gap| gap.contains("no Landlock")), "{:?}", with.unenforced);
+            let mut insist = Profile::builtin(ring).unwrap();
+            insist.landlock_required = true;
+            assert!(enforcement_at(&insist, 0).unwrap_err().to_string().contains("landlock.required"));
+            assert!(enforcement_at(&insist, 1).is_ok());
+        }
     }
 
     #[test]
