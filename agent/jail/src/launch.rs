@@ -1350,7 +1350,7 @@ mod tests {
         cfg.allow_exec.push(tool.clone());
         let plan = build_plan(&cfg, &none).unwrap();
         assert!(plan.landlock.is_none());
-        let step = |name: String| plan.op_names.iter().any(|op| *op == name);
+        let step = |name: String| plan.op_names.contains(&name);
         let at = |path: &Path| format!("{}{}", mounts::NEWROOT, path.display());
         // The --ro path: read-only and noexec; the --allow-exec file in it: a bind of its own.
         assert!(step(format!("remount {} read-only and noexec", at(ro.path()))), "{:?}", plan.op_names);
