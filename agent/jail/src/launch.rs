@@ -1191,30 +1191,43 @@ fn child_agent(plan: &Plan, report: libc::c_int, in_v2: bool) -> ! {
 /// and once the agent is gone, send its status to the parent and leave with it (the
 /// kernel then kills whatever is left in the pid namespace).
 fn init_loop(agent: libc::pid_t, status_pipe: libc::c_int) -> ! {
+    // The forwarded signals and SIGCHLD stay blocked except inside `wait_for_signal`,
+    // which unblocks them atomically: a signal that arrives while the init is busy (say,
+    // before it first waits, on a loaded machine) stays pending and ends the next wait
+    // instead of being recorded by a handler and left unforwarded.
+    let mut watched = [0; FORWARDED.len() + 1];
+    watched[..FORWARDED.len()].copy_from_slice(&FORWARDED);
+    watched[FORWARDED.len()] = libc::SIGCHLD;
+    if sys::install_forwarding_handlers(&[libc::SIGCHLD]).is_err() || sys::block_signals(&watched).is_err() {
+        sys::exit_now(125);
+    }
     loop {
-        match sys::waitpid(-1, true) {
-            Ok((pid, status)) if pid == agent => {
-                let code = if libc::WIFEXITED(status) {
-                    libc::WEXITSTATUS(status)
-                } else if libc::WIFSIGNALED(status) {
-                    128 + libc::WTERMSIG(status)
-                } else {
-                    125
-                };
-                let _ = sys::write_all_raw(status_pipe, &code.to_ne_bytes());
-                sys::exit_now(code);
-            }
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                let pending = sys::take_pending_signals();
-                for signal in FORWARDED {
-                    if pending & (1u64 << signal) != 0 {
-                        let _ = sys::kill(-agent, signal);
-                    }
+        loop {
+            match sys::reap_one() {
+                Ok(Some((pid, status))) if pid == agent => {
+                    let code = if libc::WIFEXITED(status) {
+                        libc::WEXITSTATUS(status)
+                    } else if libc::WIFSIGNALED(status) {
+                        128 + libc::WTERMSIG(status)
+                    } else {
+                        125
+                    };
+                    let _ = sys::write_all_raw(status_pipe, &code.to_ne_bytes());
+                    sys::exit_now(code);
                 }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => sys::exit_now(125),
             }
-            Err(_) => sys::exit_now(125),
         }
+        let pending = sys::take_pending_signals();
+        for signal in FORWARDED {
+            if pending & (1u64 << signal) != 0 {
+                let _ = sys::kill(-agent, signal);
+            }
+        }
+        sys::wait_for_signal();
     }
 }
 

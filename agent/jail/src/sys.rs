@@ -594,6 +594,41 @@ pub fn install_forwarding_handlers(signals: &[libc::c_int]) -> io::Result<()> {
     Ok(())
 }
 
+/// Blocks `signals` (sigprocmask SIG_BLOCK). Child-safe.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    // SAFETY: an all-zero sigset_t is valid storage; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is initialised by sigemptyset before signals are added.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &signal in signals {
+        // SAFETY: `set` is an initialised sigset_t.
+        check(unsafe { libc::sigaddset(&mut set, signal) })?;
+    }
+    // SAFETY: a valid set and a null old-set pointer.
+    check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, ptr::null_mut()) }).map(|_| ())
+}
+
+/// Waits, with no signal blocked, until a handler has run (sigsuspend): a signal blocked
+/// outside the wait and raised meanwhile ends it at once, so none is lost. Child-safe.
+pub fn wait_for_signal() {
+    // SAFETY: an all-zero sigset_t is valid storage; sigemptyset initialises it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is initialised by sigemptyset; sigsuspend always returns -1/EINTR.
+    unsafe {
+        libc::sigemptyset(&mut empty);
+        libc::sigsuspend(&empty);
+    }
+}
+
+/// waitpid(-1, WNOHANG): Some((pid, status)) for a child that ended, None while every
+/// child still runs. Child-safe.
+pub fn reap_one() -> io::Result<Option<(libc::pid_t, libc::c_int)>> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out pointer.
+    let rc = check(unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG | libc::__WALL) })?;
+    Ok((rc > 0).then_some((rc, status)))
+}
+
 /// Takes the signals recorded since the last call (bit N set = signal N).
 pub fn take_pending_signals() -> u64 {
     PENDING_SIGNALS.swap(0, std::sync::atomic::Ordering::SeqCst)
