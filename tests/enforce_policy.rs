@@ -488,7 +488,7 @@ fn a_fileless_exec_is_denied() {
 
 #[test]
 fn a_running_agent_is_demoted_live_and_never_promoted() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     let ws = Workspace::new();
     let port = listener();
     let agent = format!("demote-{}", std::process::id());

@@ -52,8 +52,8 @@ fn listen(host: &str) -> u16 {
 }
 
 impl Fixture {
-    fn new(ring: u8) -> Self {
-        let id = format!("{}-r{ring}", std::process::id());
+    fn new(ring: u8, tag: &str) -> Self {
+        let id = format!("{}-r{ring}{tag}", std::process::id());
         let workspace = PathBuf::from(format!("/tmp/agt-jail-escape-{id}"));
         let _ = fs::remove_dir_all(&workspace);
         fs::create_dir_all(&workspace).unwrap();
@@ -99,7 +99,7 @@ impl Fixture {
                 port
             },
             abstract_name,
-            remote: (ring == 2).then(|| RemoteHost::start("esc")),
+            remote: (ring == 2).then(|| RemoteHost::start(if tag.is_empty() { "esc" } else { "esc0" })),
         }
     }
 
@@ -218,8 +218,10 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
     ]
 }
 
-fn battery(ring: u8) {
-    let mut fx = Fixture::new(ring);
+/// `landlock_abi`: run agt-jail as on a kernel with at most this Landlock ABI
+/// (`AGT_JAIL_TEST_LANDLOCK_ABI`, honoured by debug builds only; see tests/support).
+fn battery(ring: u8, landlock_abi: Option<u32>) {
+    let mut fx = Fixture::new(ring, if landlock_abi.is_some() { "-abi" } else { "" });
     let config = fx.config(ring);
     let mut cmd = Command::new(BIN);
     cmd.args(["exec", "--ring", &ring.to_string(), "--workspace"])
@@ -230,6 +232,9 @@ fn battery(ring: u8) {
         .arg(fx.workspace.join("suid-python"))
         .args(["--memory", "256M", "--pids", "64"])
         .env("AGT_JAIL_TEST_SECRET", SECRET_ENV);
+    if let Some(abi) = landlock_abi {
+        cmd.env("AGT_JAIL_TEST_LANDLOCK_ABI", abi.to_string());
+    }
     if let Some((allowed, _, _)) = fx.allowed() {
         cmd.args(["--allow-connect", &allowed]);
     } else {
@@ -269,17 +274,48 @@ fn battery(ring: u8) {
     // agt-jail reported the OOM, and the fork bomb did not take the host's pids.
     assert!(fx.sleeper.try_wait().unwrap().is_none(), "the host process was killed");
     assert!(stderr.contains("the agent hit its memory limit"), "no OOM report: {stderr}");
+    // The run said what holds the line where Landlock is absent (and so really ran that way).
+    let no_landlock = landlock_abi == Some(0) || Need::Ring3.missing().is_some();
+    assert_eq!(stderr.contains("no Landlock on this kernel"), no_landlock, "{stderr}");
     assert!(Command::new("true").status().unwrap().success());
 }
+
+/// Ring 2's remote host has fixed addresses (RemoteHost): one ring-2 battery at a time.
+static REMOTE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn ring2_escape_battery() {
     require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
-    battery(2);
+    let _one = REMOTE.lock().unwrap_or_else(|e| e.into_inner());
+    battery(2, None);
+}
+
+/// Ring 2 as on a kernel without Landlock (5.10): the mount view alone (read-only and
+/// noexec mounts) must refuse every attempt the battery makes. On such a kernel
+/// (the 5.10 guest) `ring2_escape_battery` is this test without pretending.
+#[test]
+fn ring2_escape_battery_without_landlock() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    let _one = REMOTE.lock().unwrap_or_else(|e| e.into_inner());
+    battery(2, Some(0));
 }
 
 #[test]
 fn ring3_escape_battery() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
-    battery(3);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Ring3);
+    battery(3, None);
+}
+
+/// Ring 3 runs only its entry command; without Landlock nothing holds that race-free, so
+/// it refuses to start (125) and says why, before anything is created.
+#[test]
+fn ring3_refuses_to_start_without_landlock() {
+    require!(Need::Root);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["exec", "--ring", "3", "--", "/bin/true"]).env("AGT_JAIL_TEST_LANDLOCK_ABI", "0");
+    let output = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("does not enforce Landlock") && stderr.contains("only its entry command"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }

@@ -45,10 +45,17 @@ fn cgroups_of(owner: u32) -> Vec<PathBuf> {
     dirs.into_iter().filter(|d| d.exists()).collect()
 }
 
+/// Those of `rings` this kernel runs: ring 3 needs Landlock, and where the kernel lacks
+/// it the ring-3 half of a test is skipped with that reason (a `VM-SKIP` in the VM).
+fn rings_here<'a>(rings: &[&'a str]) -> Vec<&'a str> {
+    let name = format!("{} (ring 3)", agt_jail_test_support::current_test_name("?"));
+    rings.iter().copied().filter(|ring| *ring != "3" || agt_jail_test_support::require(&name, &[Need::Ring3])).collect()
+}
+
 #[test]
 fn exit_codes_and_signals_are_propagated_from_rings_2_and_3() {
     require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
-    for ring in ["2", "3"] {
+    for ring in rings_here(&["2", "3"]) {
         let status = agt_jail().args(["exec", "--ring", ring, "--", "/bin/sh", "-c", "exit 42"]).status().unwrap();
         assert_eq!(status.code(), Some(42), "ring {ring}");
         let status =
@@ -61,7 +68,7 @@ fn exit_codes_and_signals_are_propagated_from_rings_2_and_3() {
 
 #[test]
 fn an_agent_never_inherits_real_time_scheduling() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     // agt-jail itself runs SCHED_FIFO; ring 3's default limits include a v1 cpu cgroup
     // on hybrid hosts, which a real-time task could not even join.
     let script = "read -r stat < /proc/self/stat; echo \"$stat\"";
@@ -89,7 +96,7 @@ fn an_agent_never_inherits_real_time_scheduling() {
 
 #[test]
 fn stdin_and_stdout_are_piped() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     let mut child = agt_jail()
         .args(["exec", "--ring", "3", "--", "/bin/cat"])
         .stdin(Stdio::piped())
@@ -104,7 +111,7 @@ fn stdin_and_stdout_are_piped() {
 
 #[test]
 fn environment_is_scrubbed_and_env_adds() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     let output = agt_jail()
         .args([
             "exec",
@@ -205,7 +212,7 @@ fn tty_gives_the_agent_a_terminal() {
 
 #[test]
 fn limits_hold_pids_and_memory() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     // 20 sleepers under --pids 8: some forks fail with EAGAIN.
     let script = "import os\nn=0\ntry:\n  for _ in range(20):\n    if os.fork()==0:\n      import time; time.sleep(5); os._exit(0)\n    n+=1\nexcept OSError as e:\n  print('stopped', n, e.errno)";
     let output = agt_jail()
@@ -258,7 +265,7 @@ fn executable_of(child: &Child) -> String {
 
 #[test]
 fn jails_without_bpf_run_in_agt_jail_and_the_rest_in_agt_jail_full() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     let script = "echo ready; read line";
     let cases: [(&[&str], &str); 4] = [
         (&["--ring", "3"], "agt-jail"),
@@ -277,7 +284,7 @@ fn jails_without_bpf_run_in_agt_jail_and_the_rest_in_agt_jail_full() {
 
 #[test]
 fn without_agt_jail_full_beside_it_agt_jail_still_runs_jails_and_says_what_is_missing() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     let dir = scratch("alone");
     let bin = dir.join("agt-jail");
     fs::copy(BIN, &bin).unwrap();
@@ -292,7 +299,7 @@ fn without_agt_jail_full_beside_it_agt_jail_still_runs_jails_and_says_what_is_mi
 
 #[test]
 fn unprivileged_ring3_runs_in_a_user_namespace() {
-    require!(Need::Root, Need::UserNamespaces, Need::Landlock);
+    require!(Need::Root, Need::UserNamespaces, Need::Ring3);
     // The test runs as root; drop to nobody for the launch. The build directory may not
     // be reachable for nobody, so run a world-readable copy of the binary.
     let dir = scratch("rootless");
@@ -399,7 +406,8 @@ fn failures_after_setup_began_leave_nothing_behind() {
     fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
     let mounts_before = fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
-    for args in [vec!["--ring", "3"], vec!["--ring", "2", "--workspace", "/tmp"]] {
+    for ring in rings_here(&["3", "2"]) {
+        let args = if ring == "3" { vec!["--ring", "3"] } else { vec!["--ring", "2", "--workspace", "/tmp"] };
         let child = agt_jail().arg("exec").args(&args).arg("--").arg(&script).stderr(Stdio::piped()).spawn().unwrap();
         let owner = child.id();
         let output = child.wait_with_output().unwrap();

@@ -64,7 +64,7 @@ fn assert_loopback_works(args: &[&str]) {
 
 #[test]
 fn ring3_loopback_server_and_client_inside_the_jail() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Ring3);
     let _serial = serial();
     assert_loopback_works(&["--ring", "3"]);
 }

@@ -208,7 +208,7 @@ fn a_profile_can_turn_workspace_exec_off() {
 
 #[test]
 fn ring_3_runs_only_its_entry_command() {
-    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock);
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Landlock, Need::Ring3);
     let fx = Fixture::new("r3");
     let ws = fx.workspace();
     // The entry command (python) tries the workspace, shown read-only beside the scratch

@@ -171,6 +171,7 @@ enum COp {
     Touch(CString),
     Bind(CString, CString),
     RemountRo(CString),
+    RemountNoexec(CString, bool),
     Tmpfs(CString, CString, libc::c_ulong),
     Proc(CString),
     Devpts(CString),
@@ -371,17 +372,93 @@ pub fn workspace_exec_paths(profile: &Profile, workspace: Option<&Path>) -> Vec<
     paths
 }
 
+/// Without Landlock, exec is confined by the mount view: every bind that is not under a
+/// path in `execute` is remounted noexec, a path in `execute` inside such a bind gets a
+/// bind of its own (from the host, so it is executable), and the private /tmp (and the
+/// scratch workspace unless the ring runs what is in it) are mounted noexec. The result
+/// runs what Landlock's EXECUTE rules would, and less: nothing at all, shared libraries
+/// included, is mapped executable from a noexec mount (`--ro` paths, /tmp).
+fn noexec_view(view: &mut ViewSpec, execute: &[PathBuf], exec_workspace: bool) {
+    let real = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let roots: Vec<PathBuf> = execute
+        .iter()
+        .filter(|path| !(view.scratch && path.as_path() == Path::new(mounts::SCRATCH)))
+        .map(|path| real(path))
+        .collect();
+    let runnable = |path: &Path| roots.iter().any(|root| is_under(path, root));
+    for bind in &mut view.binds {
+        bind.noexec = !runnable(&bind.path);
+    }
+    for root in &roots {
+        if view.binds.iter().any(|b| b.path == *root) {
+            continue;
+        }
+        // The innermost bind holding it decides what it gets otherwise.
+        let holder = view.binds.iter().filter(|b| is_under(root, &b.path)).max_by_key(|b| b.path.components().count());
+        if let Some(holder) = holder.filter(|b| b.noexec) {
+            let writable = holder.writable;
+            // A path that does not exist runs nothing (as with a Landlock rule it could not open).
+            let Ok(meta) = root.metadata() else { continue };
+            view.binds.push(Bind { path: root.clone(), writable, is_dir: meta.is_dir(), noexec: false });
+        }
+    }
+    view.tmp_noexec = true;
+    view.scratch_noexec = !exec_workspace;
+}
+
+/// The Landlock ABI the jail uses: the kernel's. A debug build (tests only) takes a lower
+/// one from `AGT_JAIL_TEST_LANDLOCK_ABI`, so that the paths for older kernels and for
+/// kernels without Landlock (`0`) can be exercised on a newer one; it never raises the
+/// kernel's, and a release build ignores it.
+fn landlock_abi_in_use() -> u32 {
+    let abi = sys::landlock_abi().unwrap_or(0);
+    #[cfg(debug_assertions)]
+    if let Some(lower) = std::env::var("AGT_JAIL_TEST_LANDLOCK_ABI").ok().and_then(|v| v.trim().parse::<u32>().ok()) {
+        return abi.min(lower);
+    }
+    abi
+}
+
 /// Reports what Landlock can enforce here for `profile`, or why the ring cannot run.
 pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> {
-    let abi = sys::landlock_abi().unwrap_or(0);
+    enforcement_at(profile, landlock_abi_in_use())
+}
+
+/// [`check_enforcement`] with the Landlock ABI given.
+fn enforcement_at(profile: &Profile, abi: u32) -> Result<Enforcement, LaunchError> {
     let mut unenforced = Vec::new();
-    if profile.confine {
-        if abi == 0 && profile.landlock_required {
+    if profile.confine && abi == 0 {
+        const ABSENT: &str = "this kernel does not enforce Landlock (not built in or not in the active LSM list)";
+        if profile.landlock_required {
             return Err(LaunchError::Landlock {
                 ring: profile.ring,
-                reason: "this kernel does not enforce Landlock (not built in or not in the active LSM list)".into(),
+                reason: format!("{ABSENT}; the profile requires it (landlock.required: true)"),
             });
         }
+        // What runs: with exec of the system paths the mount view holds the line (system
+        // paths read-only, everything else that must not run mounted noexec). Without it
+        // (ring 3: its entry command only) no race-free plane here can: the system paths
+        // must stay executable for the shared libraries every program maps, and the
+        // seccomp exec plane reads the path from the agent's memory, which another
+        // thread can change after the check (docs/threat-model.md).
+        if !profile.exec_system {
+            return Err(LaunchError::Landlock {
+                ring: profile.ring,
+                reason: format!(
+                    "{ABSENT}: ring {} runs only its entry command (exec.system: false), and without Landlock \
+                     nothing on this kernel holds that against the agent (the system paths stay executable for \
+                     shared libraries; the seccomp exec plane can be raced)",
+                    profile.ring
+                ),
+            });
+        }
+        unenforced.push(
+            "no Landlock on this kernel: writes and exec are held by the mount view alone (read-only and noexec \
+             mounts); --ro paths and the private /tmp are noexec, so shared libraries there cannot be loaded either"
+                .to_string(),
+        );
+    }
+    if profile.confine {
         if profile.scope_ipc && abi < 6 {
             // The jail's own pid namespace keeps the host's processes out of reach and its
             // own network namespace the host's abstract sockets; what ABI 6 adds is the
@@ -473,7 +550,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
                 b.writable |= writable;
                 return Ok(());
             }
-            view.binds.push(Bind { is_dir: path.is_dir(), path: path.clone(), writable });
+            view.binds.push(Bind { is_dir: path.is_dir(), path: path.clone(), writable, noexec: false });
             bound.push(path);
             Ok(())
         };
@@ -547,16 +624,21 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
         view.files.push((generated.clone(), resolv_conf_target(Path::new(RESOLV_CONF))));
     }
 
+    // What may run: Landlock's EXECUTE rules, or without Landlock the mounts that are not noexec.
+    let mut execute: Vec<PathBuf> = Vec::new();
+    if p.exec_system {
+        execute.extend(system_dirs.iter().cloned());
+    }
+    if p.exec_workspace {
+        execute.extend(workspace_exec_paths(p, cfg.workspace.as_deref()));
+    }
+    execute.extend(exec_paths.iter().cloned());
+    if enforcement.landlock_abi == 0 {
+        noexec_view(&mut view, &execute, p.exec_workspace);
+    }
+
     // Landlock.
     let landlock = if enforcement.landlock_abi > 0 {
-        let mut execute: Vec<PathBuf> = Vec::new();
-        if p.exec_system {
-            execute.extend(system_dirs.iter().cloned());
-        }
-        if p.exec_workspace {
-            execute.extend(workspace_exec_paths(p, cfg.workspace.as_deref()));
-        }
-        execute.extend(exec_paths.iter().cloned());
         // No TCP port rules: a confined jail's network is a namespace of its own, whose
         // loopback is the agent's (port rules would only break servers and clients
         // talking inside the jail) and whose every way out is decided by the cgroup BPF
@@ -614,6 +696,7 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
             MountOp::Touch(p) => COp::Touch(path_c(p)?),
             MountOp::Bind { src, dst } => COp::Bind(path_c(src)?, path_c(dst)?),
             MountOp::RemountRo { dst } => COp::RemountRo(path_c(dst)?),
+            MountOp::RemountNoexec { dst, readonly } => COp::RemountNoexec(path_c(dst)?, *readonly),
             MountOp::Tmpfs { dst, options, flags } => COp::Tmpfs(path_c(dst)?, cstr(options)?, *flags as libc::c_ulong),
             MountOp::Proc { dst } => COp::Proc(path_c(dst)?),
             MountOp::Devpts { dst } => COp::Devpts(path_c(dst)?),
@@ -1005,6 +1088,14 @@ fn build_root(plan: &Plan, report: libc::c_int) {
                     flags | libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
                 sys::mount(None, dst, None, flags, None)
             }),
+            COp::RemountNoexec(dst, readonly) => sys::mount_flags_of(dst).and_then(|flags| {
+                let mut flags =
+                    flags | libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOEXEC | libc::MS_NOSUID | libc::MS_NODEV;
+                if *readonly {
+                    flags |= libc::MS_RDONLY;
+                }
+                sys::mount(None, dst, None, flags, None)
+            }),
             COp::Tmpfs(dst, options, flags) => sys::mount(Some(C_TMPFS), dst, Some(C_TMPFS), *flags, Some(options)),
             COp::Proc(dst) => {
                 let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -1164,30 +1255,43 @@ fn child_agent(plan: &Plan, report: libc::c_int, in_v2: bool) -> ! {
 /// and once the agent is gone, send its status to the parent and leave with it (the
 /// kernel then kills whatever is left in the pid namespace).
 fn init_loop(agent: libc::pid_t, status_pipe: libc::c_int) -> ! {
+    // The forwarded signals and SIGCHLD stay blocked except inside `wait_for_signal`,
+    // which unblocks them atomically: a signal that arrives while the init is busy (say,
+    // before it first waits, on a loaded machine) stays pending and ends the next wait
+    // instead of being recorded by a handler and left unforwarded.
+    let mut watched = [0; FORWARDED.len() + 1];
+    watched[..FORWARDED.len()].copy_from_slice(&FORWARDED);
+    watched[FORWARDED.len()] = libc::SIGCHLD;
+    if sys::install_forwarding_handlers(&[libc::SIGCHLD]).is_err() || sys::block_signals(&watched).is_err() {
+        sys::exit_now(125);
+    }
     loop {
-        match sys::waitpid(-1, true) {
-            Ok((pid, status)) if pid == agent => {
-                let code = if libc::WIFEXITED(status) {
-                    libc::WEXITSTATUS(status)
-                } else if libc::WIFSIGNALED(status) {
-                    128 + libc::WTERMSIG(status)
-                } else {
-                    125
-                };
-                let _ = sys::write_all_raw(status_pipe, &code.to_ne_bytes());
-                sys::exit_now(code);
-            }
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                let pending = sys::take_pending_signals();
-                for signal in FORWARDED {
-                    if pending & (1u64 << signal) != 0 {
-                        let _ = sys::kill(-agent, signal);
-                    }
+        loop {
+            match sys::reap_one() {
+                Ok(Some((pid, status))) if pid == agent => {
+                    let code = if libc::WIFEXITED(status) {
+                        libc::WEXITSTATUS(status)
+                    } else if libc::WIFSIGNALED(status) {
+                        128 + libc::WTERMSIG(status)
+                    } else {
+                        125
+                    };
+                    let _ = sys::write_all_raw(status_pipe, &code.to_ne_bytes());
+                    sys::exit_now(code);
                 }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => sys::exit_now(125),
             }
-            Err(_) => sys::exit_now(125),
         }
+        let pending = sys::take_pending_signals();
+        for signal in FORWARDED {
+            if pending & (1u64 << signal) != 0 {
+                let _ = sys::kill(-agent, signal);
+            }
+        }
+        sys::wait_for_signal();
     }
 }
 
@@ -1328,6 +1432,60 @@ mod tests {
             &build_plan(&cfg, &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap(),
         );
         assert!(!execs.contains(&ws_path) && !execs.contains(&mounts::SCRATCH.to_string()), "{execs:?}");
+    }
+
+    /// Without Landlock the mount view says what runs: the same paths as the EXECUTE rules.
+    #[test]
+    fn without_landlock_what_must_not_run_is_mounted_noexec() {
+        let ws = tempfile::tempdir().unwrap();
+        let ro = tempfile::tempdir().unwrap();
+        let tool = ro.path().join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        let none = Enforcement { landlock_abi: 0, unenforced: vec![], memfd_noexec: false };
+        let mut cfg = config(2);
+        cfg.workspace = Some(ws.path().to_path_buf());
+        cfg.profile.ro.push(ro.path().to_path_buf());
+        cfg.allow_exec.push(tool.clone());
+        let plan = build_plan(&cfg, &none).unwrap();
+        assert!(plan.landlock.is_none());
+        let step = |name: String| plan.op_names.contains(&name);
+        let at = |path: &Path| format!("{}{}", mounts::NEWROOT, path.display());
+        // The --ro path: read-only and noexec; the --allow-exec file in it: a bind of its own.
+        assert!(step(format!("remount {} read-only and noexec", at(ro.path()))), "{:?}", plan.op_names);
+        assert!(step(format!("bind {}{} on {}", mounts::OLDROOT, tool.display(), at(&tool))), "{:?}", plan.op_names);
+        assert!(!step(format!("remount {} read-only and noexec", at(&tool))), "{:?}", plan.op_names);
+        // System paths and the workspace run; /usr stays merely read-only.
+        assert!(step(format!("remount {}/usr read-only", mounts::NEWROOT)), "{:?}", plan.op_names);
+        assert!(!plan.op_names.iter().any(|op| op.contains(&at(ws.path())) && op.contains("noexec")));
+        // The private /tmp is noexec.
+        let tmp = ViewSpec { tmp_noexec: true, ..Default::default() }.plan();
+        assert!(tmp.iter().any(|op| matches!(op, mounts::MountOp::Tmpfs { dst, flags, .. }
+            if dst == Path::new("/newroot/tmp") && flags & libc::MS_NOEXEC != 0)));
+        // exec.workspace: false: the workspace is noexec too.
+        cfg.profile.exec_workspace = false;
+        let plan = build_plan(&cfg, &none).unwrap();
+        assert!(
+            plan.op_names.iter().any(|op| *op == format!("remount {} noexec", at(ws.path()))),
+            "{:?}",
+            plan.op_names
+        );
+    }
+
+    #[test]
+    fn without_landlock_ring_3_refuses_and_rings_1_2_say_what_holds_instead() {
+        let err = enforcement_at(&Profile::builtin(3).unwrap(), 0).unwrap_err().to_string();
+        assert!(err.contains("only its entry command"), "{err}");
+        assert!(enforcement_at(&Profile::builtin(3).unwrap(), 1).is_ok());
+        for ring in [1, 2] {
+            let e = enforcement_at(&Profile::builtin(ring).unwrap(), 0).unwrap();
+            assert!(e.unenforced.iter().any(|gap| gap.contains("no Landlock on this kernel")), "{:?}", e.unenforced);
+            let with = enforcement_at(&Profile::builtin(ring).unwrap(), 2).unwrap();
+            assert!(!with.unenforced.iter().any(|gap| gap.contains("no Landlock")), "{:?}", with.unenforced);
+            let mut insist = Profile::builtin(ring).unwrap();
+            insist.landlock_required = true;
+            assert!(enforcement_at(&insist, 0).unwrap_err().to_string().contains("landlock.required"));
+            assert!(enforcement_at(&insist, 1).is_ok());
+        }
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub enum MountOp {
     RemountRo {
         dst: PathBuf,
     },
+    /// Make the mount at `dst` non-executable (keeping its other flags), plus nosuid and
+    /// nodev, and read-only when `readonly`: where Landlock is absent, what must not run is
+    /// on a noexec mount.
+    RemountNoexec {
+        dst: PathBuf,
+        readonly: bool,
+    },
     /// tmpfs with options at `dst`.
     Tmpfs {
         dst: PathBuf,
@@ -66,6 +73,10 @@ impl std::fmt::Display for MountOp {
             MountOp::Touch(path) => write!(f, "create {}", path.display()),
             MountOp::Bind { src, dst } => write!(f, "bind {} on {}", src.display(), dst.display()),
             MountOp::RemountRo { dst } => write!(f, "remount {} read-only", dst.display()),
+            MountOp::RemountNoexec { dst, readonly: true } => {
+                write!(f, "remount {} read-only and noexec", dst.display())
+            }
+            MountOp::RemountNoexec { dst, readonly: false } => write!(f, "remount {} noexec", dst.display()),
             MountOp::Tmpfs { dst, .. } => write!(f, "tmpfs on {}", dst.display()),
             MountOp::Proc { dst } => write!(f, "proc on {}", dst.display()),
             MountOp::Devpts { dst } => write!(f, "devpts on {}", dst.display()),
@@ -82,6 +93,9 @@ pub struct Bind {
     pub path: PathBuf,
     pub writable: bool,
     pub is_dir: bool,
+    /// Mounted noexec: nothing in it may run (used where Landlock is absent, whose
+    /// EXECUTE rules otherwise say what runs).
+    pub noexec: bool,
 }
 
 /// What the view contains.
@@ -105,6 +119,11 @@ pub struct ViewSpec {
     /// generated resolv.conf. The destination must not be a symlink inside the view (the
     /// launcher resolves `/etc/resolv.conf` to its final target first).
     pub files: Vec<(PathBuf, PathBuf)>,
+    /// The private /tmp is mounted noexec (where Landlock is absent: written files never run).
+    pub tmp_noexec: bool,
+    /// The scratch workspace is mounted noexec (where Landlock is absent and the ring does
+    /// not run what is in its workspace).
+    pub scratch_noexec: bool,
 }
 
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -137,8 +156,11 @@ impl ViewSpec {
         // then bound on top of the private one, not hidden by it.
         for (dir, options) in [("/tmp", "mode=1777,size=256m"), ("/dev", "mode=0755,size=64k")] {
             ops.push(MountOp::Mkdir(under(NEWROOT, Path::new(dir))));
-            let flags =
-                if dir == "/dev" { libc::MS_NOSUID | libc::MS_NOEXEC } else { libc::MS_NOSUID | libc::MS_NODEV };
+            let flags = match dir {
+                "/dev" => libc::MS_NOSUID | libc::MS_NOEXEC,
+                _ if self.tmp_noexec => libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                _ => libc::MS_NOSUID | libc::MS_NODEV,
+            };
             ops.push(MountOp::Tmpfs { dst: under(NEWROOT, Path::new(dir)), options: options.into(), flags });
         }
         let mut binds = self.binds.clone();
@@ -157,7 +179,9 @@ impl ViewSpec {
             }
             let dst = under(NEWROOT, &bind.path);
             ops.push(MountOp::Bind { src: under(OLDROOT, &bind.path), dst: dst.clone() });
-            if !bind.writable {
+            if bind.noexec {
+                ops.push(MountOp::RemountNoexec { dst, readonly: !bind.writable });
+            } else if !bind.writable {
                 ops.push(MountOp::RemountRo { dst });
             }
         }
@@ -181,7 +205,7 @@ impl ViewSpec {
             ops.push(MountOp::Tmpfs {
                 dst: under(NEWROOT, Path::new(SCRATCH)),
                 options: "mode=0755,size=256m".into(),
-                flags: libc::MS_NOSUID | libc::MS_NODEV,
+                flags: libc::MS_NOSUID | libc::MS_NODEV | if self.scratch_noexec { libc::MS_NOEXEC } else { 0 },
             });
         }
         for dev in &self.devices {
@@ -213,6 +237,9 @@ impl ViewSpec {
         ] {
             ops.push(MountOp::Symlink { target: target.into(), link: under(NEWROOT, &Path::new("/dev").join(link)) });
         }
+        // /dev itself read-only once complete: nothing new appears beside the devices
+        // (its devices, /dev/pts and /dev/shm are mounts of their own and keep their flags).
+        ops.push(MountOp::RemountRo { dst: under(NEWROOT, Path::new("/dev")) });
         ops.push(MountOp::Mkdir(under(NEWROOT, Path::new("/proc"))));
         ops.push(MountOp::Proc { dst: under(NEWROOT, Path::new("/proc")) });
         // /proc/sys read-only (global sysctls); Landlock refuses the writes as well.
@@ -221,9 +248,21 @@ impl ViewSpec {
             dst: under(NEWROOT, Path::new("/proc/sys")),
         });
         ops.push(MountOp::RemountRo { dst: under(NEWROOT, Path::new("/proc/sys")) });
+        // All of /proc read-only: the agent writes no proc file (Landlock refuses those
+        // writes as well; without Landlock this mount is what refuses them, e.g.
+        // /proc/sysrq-trigger, which uid 0 without capabilities could otherwise write).
+        // Reopening /proc/self/fd/N reaches the file's own mount, not this one.
+        ops.push(MountOp::RemountRo { dst: under(NEWROOT, Path::new("/proc")) });
         for (path, is_dir) in &self.hide {
             let dst = under(NEWROOT, path);
-            ops.push(if *is_dir { MountOp::HideDir { dst } } else { MountOp::HideFile { dst } });
+            if *is_dir {
+                ops.push(MountOp::HideDir { dst });
+            } else {
+                // The empty file is the agent's uid's to chmod: read-only and noexec, so
+                // it never becomes a place to write to or run from.
+                ops.push(MountOp::HideFile { dst: dst.clone() });
+                ops.push(MountOp::RemountNoexec { dst, readonly: true });
+            }
         }
         ops
     }
@@ -237,9 +276,9 @@ mod tests {
     fn spec() -> ViewSpec {
         ViewSpec {
             binds: vec![
-                Bind { path: "/home/u/work/sub".into(), writable: true, is_dir: true },
-                Bind { path: "/usr".into(), writable: false, is_dir: true },
-                Bind { path: "/home/u/work".into(), writable: true, is_dir: true },
+                Bind { path: "/home/u/work/sub".into(), writable: true, is_dir: true, noexec: false },
+                Bind { path: "/usr".into(), writable: false, is_dir: true, noexec: false },
+                Bind { path: "/home/u/work".into(), writable: true, is_dir: true, noexec: false },
             ],
             scratch: false,
             hide: vec![("/home/u/work/.ssh".into(), true), ("/etc/shadow".into(), false)],
@@ -248,6 +287,8 @@ mod tests {
             symlinks: vec![("/bin".into(), "usr/bin".into())],
             console: Some("/dev/pts/3".into()),
             files: Vec::new(),
+            tmp_noexec: false,
+            scratch_noexec: false,
         }
     }
 
@@ -286,7 +327,8 @@ mod tests {
     fn paths_are_bytes_not_text() {
         use std::{ffi::OsStr, os::unix::ffi::OsStrExt};
         let odd = Path::new(OsStr::from_bytes(b"/srv/caf\xe9"));
-        let spec = ViewSpec { binds: vec![Bind { path: odd.into(), writable: true, is_dir: true }], ..spec() };
+        let spec =
+            ViewSpec { binds: vec![Bind { path: odd.into(), writable: true, is_dir: true, noexec: false }], ..spec() };
         let src = Path::new(OsStr::from_bytes(b"/oldroot/srv/caf\xe9")).to_path_buf();
         let dst = Path::new(OsStr::from_bytes(b"/newroot/srv/caf\xe9")).to_path_buf();
         assert!(spec.plan().contains(&MountOp::Bind { src, dst }));
@@ -304,7 +346,10 @@ mod tests {
 
     #[test]
     fn a_workspace_under_tmp_is_mounted_over_the_private_tmp() {
-        let spec = ViewSpec { binds: vec![Bind { path: "/tmp/ws".into(), writable: true, is_dir: true }], ..spec() };
+        let spec = ViewSpec {
+            binds: vec![Bind { path: "/tmp/ws".into(), writable: true, is_dir: true, noexec: false }],
+            ..spec()
+        };
         let ops = spec.plan();
         let tmp = ops
             .iter()

@@ -234,6 +234,8 @@ pub struct Profile {
     pub exec_workspace: bool,
     /// Extra executables (files or directories).
     pub exec_allow: Vec<String>,
+    /// Refuse to start where the kernel lacks Landlock, even when the mount view holds
+    /// the ring's guarantee there (`landlock.required`; default false).
     pub landlock_required: bool,
     pub scope_ipc: bool,
     /// None: no seccomp filter (ring 0).
@@ -483,7 +485,9 @@ impl Profile {
             exec_system: ring != 3,
             exec_workspace: confine && ring != 3,
             exec_allow: Vec::new(),
-            landlock_required: confine,
+            // Landlock where the kernel has it; where it does not, the ring runs on the
+            // planes that give its guarantee or refuses (launch::check_enforcement).
+            landlock_required: false,
             scope_ipc: confine,
             seccomp: confine.then(SeccompPolicy::default),
             limits: Limits::default(),
@@ -793,7 +797,7 @@ mod tests {
         assert!(!r3.exec_system);
         let r2 = Profile::builtin(2).unwrap();
         assert_eq!(r2.net, NetMode::Allowlist);
-        assert!(r2.exec_system && r2.seccomp.is_some() && r2.landlock_required);
+        assert!(r2.exec_system && r2.seccomp.is_some() && !r2.landlock_required);
         assert!(r2.hide.iter().any(|h| h == "/etc/shadow"));
         assert!(r2.limits.memory.is_some() && r2.limits.pids.is_some());
         let r0 = Profile::builtin(0).unwrap();

@@ -161,12 +161,72 @@ pub fn netlink_send_once(protocol: libc::c_int, bytes: &[u8]) -> bool {
     written >= 0 && written as usize == bytes.len()
 }
 
-/// Marks every fd from `first` up close-on-exec (close_range, Linux 5.11), so the
-/// agent inherits only stdio. Child-safe.
+/// Marks every fd from `first` up close-on-exec, so the agent inherits only stdio:
+/// close_range(CLOSE_RANGE_CLOEXEC) (Linux 5.11); where the kernel refuses the flag
+/// (EINVAL: 5.10) or the call (ENOSYS), each open fd listed in /proc/self/fd. Child-safe.
 pub fn cloexec_from(first: libc::c_uint) -> io::Result<()> {
     // SAFETY: close_range with plain integers.
     let rc = unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-    check_long(rc).map(|_| ())
+    match check_long(rc) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => cloexec_listed(first),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`cloexec_from`] by reading /proc/self/fd (getdents64 into a buffer on the stack:
+/// child-safe, no allocation).
+fn cloexec_listed(first: libc::c_uint) -> io::Result<()> {
+    const DIR: &CStr = c"/proc/self/fd";
+    // SAFETY: a NUL-terminated path and plain flags.
+    let dir = check(unsafe { libc::open(DIR.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+    let mut buf = [0u8; 4096];
+    let result = loop {
+        // SAFETY: the buffer is valid for writes of its length.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+        let n = match check_long(n) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n as usize,
+            Err(e) => break Err(e),
+        };
+        // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, then the NUL-terminated name.
+        let mut at = 0;
+        let mut failed = None;
+        while at + 19 <= n {
+            let reclen = usize::from(u16::from_ne_bytes([buf[at + 16], buf[at + 17]]));
+            if reclen == 0 || at + reclen > n {
+                break;
+            }
+            let mut fd: libc::c_uint = 0;
+            let mut digits = 0;
+            for byte in &buf[at + 19..at + reclen] {
+                match byte {
+                    b'0'..=b'9' => {
+                        fd = fd.saturating_mul(10).saturating_add(libc::c_uint::from(byte - b'0'));
+                        digits += 1;
+                    }
+                    _ => break,
+                }
+            }
+            at += reclen;
+            if digits == 0 || fd < first || fd as libc::c_int == dir {
+                continue;
+            }
+            // SAFETY: fcntl on an fd number with a plain flag; a closed fd fails with EBADF.
+            let rc = unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
+            if let Err(e) = check(rc) {
+                if e.raw_os_error() != Some(libc::EBADF) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+    };
+    close(dir);
+    result
 }
 
 /// dup2(2). Child-safe.
@@ -565,6 +625,41 @@ pub fn install_forwarding_handlers(signals: &[libc::c_int]) -> io::Result<()> {
     Ok(())
 }
 
+/// Blocks `signals` (sigprocmask SIG_BLOCK). Child-safe.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    // SAFETY: an all-zero sigset_t is valid storage; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is initialised by sigemptyset before signals are added.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &signal in signals {
+        // SAFETY: `set` is an initialised sigset_t.
+        check(unsafe { libc::sigaddset(&mut set, signal) })?;
+    }
+    // SAFETY: a valid set and a null old-set pointer.
+    check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, ptr::null_mut()) }).map(|_| ())
+}
+
+/// Waits, with no signal blocked, until a handler has run (sigsuspend): a signal blocked
+/// outside the wait and raised meanwhile ends it at once, so none is lost. Child-safe.
+pub fn wait_for_signal() {
+    // SAFETY: an all-zero sigset_t is valid storage; sigemptyset initialises it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is initialised by sigemptyset; sigsuspend always returns -1/EINTR.
+    unsafe {
+        libc::sigemptyset(&mut empty);
+        libc::sigsuspend(&empty);
+    }
+}
+
+/// waitpid(-1, WNOHANG): Some((pid, status)) for a child that ended, None while every
+/// child still runs. Child-safe.
+pub fn reap_one() -> io::Result<Option<(libc::pid_t, libc::c_int)>> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out pointer.
+    let rc = check(unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG | libc::__WALL) })?;
+    Ok((rc > 0).then_some((rc, status)))
+}
+
 /// Takes the signals recorded since the last call (bit N set = signal N).
 pub fn take_pending_signals() -> u64 {
     PENDING_SIGNALS.swap(0, std::sync::atomic::Ordering::SeqCst)
@@ -766,4 +861,34 @@ pub fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
     // SAFETY: `head` came from getifaddrs and is freed once; no node is used afterwards.
     unsafe { libc::freeifaddrs(head) };
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::fd::AsRawFd;
+
+    fn cloexec(fd: libc::c_int) -> bool {
+        // SAFETY: F_GETFD on an fd this test owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert!(flags >= 0);
+        flags & libc::FD_CLOEXEC != 0
+    }
+
+    /// The path for kernels whose close_range lacks CLOSE_RANGE_CLOEXEC (5.10): every fd
+    /// from `first` up listed in /proc/self/fd gets FD_CLOEXEC, those below keep theirs.
+    #[test]
+    fn fds_listed_in_proc_become_close_on_exec() {
+        let (r, w) = super::pipe_cloexec().unwrap();
+        let (r, w) = (super::owned(r), super::owned(w));
+        for fd in [&r, &w] {
+            // SAFETY: clearing FD_CLOEXEC on an fd this test owns.
+            assert_eq!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+        }
+        let (low, high) = (r.as_raw_fd().min(w.as_raw_fd()), r.as_raw_fd().max(w.as_raw_fd()));
+        super::cloexec_listed(high as libc::c_uint).unwrap();
+        assert!(cloexec(high) && !cloexec(low));
+        super::cloexec_listed(low as libc::c_uint).unwrap();
+        assert!(cloexec(high) && cloexec(low));
+    }
 }

@@ -494,7 +494,7 @@ fn when_the_receiving_process_is_killed_the_exec_fails_and_does_not_run() {
 
 #[test]
 fn the_jail_ring3_path_asks_before_the_entry_command_runs() {
-    require!(Need::Root, Need::Landlock);
+    require!(Need::Root, Need::Ring3);
     use agt_jail_jail::{launch, JailConfig, LaunchError, Profile};
     let profile = Profile::builtin(3).unwrap();
     let enforcement = match launch::check_enforcement(&profile) {

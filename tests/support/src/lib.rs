@@ -5,8 +5,12 @@
 //! skipped. Inside the test VM (`AGT_JAIL_IN_VM=1`) every requirement the VM provides
 //! on all its kernels must hold (see [`Need::vm_provides`]): a missing one there is a
 //! failure, never a skip, so the VM proves what the host cannot. A requirement that
-//! depends on the kernel version (whether a confined ring can start: Landlock and its ABI on the
-//! 6.1 guest) is a counted skip with its reason, reported per kernel by `cargo xtask vm-test`.
+//! depends on the kernel version (whether ring 3 can start: it needs Landlock, which the 5.10
+//! guest lacks) is a counted skip with its reason, reported per kernel by `cargo xtask vm-test`.
+//!
+//! A debug build of agt-jail takes a lower Landlock ABI than the kernel's from
+//! `AGT_JAIL_TEST_LANDLOCK_ABI` (tests only; `0`: as on a kernel without Landlock), so the
+//! paths of older kernels run on a newer one; the needs below ask the kernel itself.
 use std::{
     fs::OpenOptions,
     io::Write,
@@ -25,11 +29,15 @@ pub enum Need {
     BpfLsm,
     /// Kernel BTF at /sys/kernel/btf/vmlinux (tp_btf programs and struct offsets).
     Btf,
-    /// The kernel can run the confined rings (1-3) with their built-in profiles: what
-    /// `agt-jail exec` itself checks before it starts one (`launch::check_enforcement`;
-    /// on a kernel without Landlock, or with an ABI too old for a ring's network mode,
-    /// the ring refuses to start, and so the test cannot run).
+    /// The kernel can run rings 1 and 2 with their built-in profiles: what `agt-jail exec`
+    /// itself checks before it starts one (`launch::check_enforcement`). They run with
+    /// Landlock at any ABI and without it (the mount view then holds writes and exec), so
+    /// this holds on every kernel of the VM matrix.
     Landlock,
+    /// The kernel can run ring 3 with its built-in profile: ring 3 runs only its entry
+    /// command, which nothing but Landlock holds race-free, so on a kernel without
+    /// Landlock (5.10) it refuses to start and the test cannot run.
+    Ring3,
     /// Unprivileged users may create user namespaces.
     UserNamespaces,
 }
@@ -50,7 +58,8 @@ impl Need {
             Need::Btf => (!Path::new("/sys/kernel/btf/vmlinux").exists())
                 .then(|| "kernel has no BTF at /sys/kernel/btf/vmlinux".to_string()),
             Need::BpfLsm => bpf_lsm_missing(),
-            Need::Landlock => confined_rings_missing(),
+            Need::Landlock => confined_rings_missing(1..=2),
+            Need::Ring3 => confined_rings_missing(3..=3),
             Need::UserNamespaces => {
                 let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
                 let clone = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").unwrap_or("1".into());
@@ -63,20 +72,21 @@ impl Need {
 
 impl Need {
     /// Whether the test VM provides this need on every kernel of its matrix (Debian 6.1
-    /// and 6.12 booted with `lsm=...,bpf`, pure cgroup v2, as root). In the VM a missing
+    /// and 6.12 booted with `lsm=...,bpf`, and 5.10, pure cgroup v2, as root). In the VM a missing
     /// need of this kind is a failure; a missing need that only newer kernels have is a
     /// skip with its reason (`VM-SKIP` line, counted by the VM runner).
     pub fn vm_provides(self) -> bool {
         match self {
             Need::Root | Need::CgroupV2 | Need::BpfLsm | Need::Btf | Need::UserNamespaces => true,
-            Need::Landlock => false,
+            Need::Landlock => true,
+            Need::Ring3 => false,
         }
     }
 }
 
-/// Why a confined ring cannot start on this kernel, if one cannot.
-fn confined_rings_missing() -> Option<String> {
-    (1..=3u8).find_map(|ring| {
+/// Why one of `rings` cannot start on this kernel, if one cannot.
+fn confined_rings_missing(rings: std::ops::RangeInclusive<u8>) -> Option<String> {
+    rings.into_iter().find_map(|ring| {
         let profile = match agt_jail_jail::Profile::builtin(ring) {
             Ok(profile) => profile,
             Err(e) => return Some(format!("ring {ring}'s built-in profile does not load: {e}")),

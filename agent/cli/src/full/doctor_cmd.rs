@@ -7,7 +7,7 @@ use std::{path::Path, process::ExitCode};
 
 use agt_jail_ebpf_loader::{lsm::ExecLsm, AgentPrograms};
 use agt_jail_jail::{
-    cgroup::Placement, egress, egress::Egress, host, seccomp, CgroupLayout, NetMode, Profile, WorkspaceMode,
+    cgroup::Placement, egress, egress::Egress, host, launch, seccomp, CgroupLayout, NetMode, Profile, WorkspaceMode,
 };
 use clap::Args;
 
@@ -150,7 +150,20 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
         off.push("seccomp: not available, ring refuses to start".into());
     }
     if abi == 0 {
-        off.push("Landlock: not enforced, ring refuses to start".into());
+        // What `exec` itself decides on this kernel: the mount view holds writes and exec
+        // where the ring runs system binaries; ring 3 (its entry command only) refuses.
+        match launch::check_enforcement(&profile) {
+            Err(e) => off.push(format!("{e}: ring refuses to start")),
+            Ok(enforcement) => {
+                let exec =
+                    if profile.exec_workspace { "system paths, the workspace and --rw paths" } else { "system paths" };
+                on.push(format!(
+                    "no Landlock: writes only to the workspace, --rw paths and /tmp (read-only mounts elsewhere, \
+                     /proc and /dev included), exec of {exec} (noexec mounts elsewhere)"
+                ));
+                off.extend(enforcement.unenforced);
+            }
+        }
     } else {
         let exec = match (profile.exec_system, profile.exec_workspace) {
             (true, true) => "system paths, the workspace and --rw paths",
@@ -209,6 +222,9 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
     }
     match &facts.bpf_lsm {
         Ok(()) => on.push("Tier A: BPF LSM exec denial available".into()),
+        Err(_) if abi == 0 => {
+            off.push("Tier A (BPF LSM) hooks: exec is held by the mount view instead (noexec mounts)".into())
+        }
         Err(_) => off.push("Tier A (BPF LSM) hooks: exec is enforced by Landlock instead (Tier B)".into()),
     }
     if !facts.root {
