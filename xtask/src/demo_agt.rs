@@ -175,7 +175,8 @@ fn ensure_agt(venv: &Path) -> Result<()> {
     let can_make_venvs =
         |py: &str| Command::new(py).args(["-c", "import ensurepip, venv"]).stderr(Stdio::null()).status();
     if !can_make_venvs(SYSTEM_PYTHON).is_ok_and(|s| s.success()) {
-        apt_install(&["python3", "python3-venv"])?;
+        crate::util::apt_install(&["python3", "python3-venv"])
+            .with_context(|| format!("{SYSTEM_PYTHON} cannot make a venv"))?;
     }
     run_checked(Command::new(SYSTEM_PYTHON).args(["-m", "venv", "--clear"]).arg(venv))?;
     run_checked(Command::new(&python).args([
@@ -203,21 +204,6 @@ fn made_from_system_python(venv: &Path) -> bool {
 fn has_agt(python: &Path) -> bool {
     let probe = format!("import importlib.metadata as m; print(m.version('{AGT_PACKAGE}'))");
     output(Command::new(python).args(["-c", &probe]).stderr(Stdio::null())).is_some_and(|v| v.trim() == AGT_VERSION)
-}
-
-fn apt_install(packages: &[&str]) -> Result<()> {
-    ensure!(
-        output(Command::new("sh").args(["-c", "command -v apt-get"])).is_some(),
-        "{SYSTEM_PYTHON} cannot make a venv and there is no apt-get: install {}",
-        packages.join(" ")
-    );
-    run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_checked(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 // ------------------------------------------------------------------------------ the policy

@@ -24,6 +24,12 @@ pub struct Options {
     cargo_args: Vec<String>,
 }
 
+/// Debian packages of the programs the root integration tests drive: `nft` (the NAT tables
+/// of the network tests), tmux (the tty case), pip and wheel (the venv case), git, make and a
+/// C compiler (the build cases).
+const HOST_PACKAGES: &[&str] =
+    &["nftables", "tmux", "python3-venv", "python3-pip", "python3-wheel", "git", "make", "gcc"];
+
 #[derive(Default)]
 struct Tally {
     passed: u64,
@@ -37,6 +43,11 @@ pub fn run(opts: &Options) -> Result<()> {
     fs::create_dir_all(target_dir()).context("cannot create the target directory")?;
     let _ = fs::remove_file(&skip_log);
 
+    // Programs the root integration tests drive (tests/real_workloads.rs, tests/jail_network.rs):
+    // installed where they can be, said where they cannot (those tests then skip or fail).
+    if let Err(err) = crate::util::apt_install(HOST_PACKAGES) {
+        eprintln!("xtask test: {err:#}");
+    }
     let mut tally = Tally::default();
     let mut failures = Vec::new();
 

@@ -54,3 +54,40 @@ pub fn clean_cargo_env(cmd: &mut Command) -> &mut Command {
 pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
 }
+
+/// The Debian packages of `packages` that are not installed (`dpkg -s`), or all of them
+/// where there is no dpkg.
+pub fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            !Command::new("dpkg")
+                .args(["-s", pkg])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect()
+}
+
+/// Installs the missing ones of `packages` with apt-get (as root, where apt-get exists).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing = missing_packages(packages);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        is_root() && output(Command::new("sh").args(["-c", "command -v apt-get"])).is_some(),
+        "these packages are missing and cannot be installed here (needs root and apt-get): {}",
+        missing.join(" ")
+    );
+    run_checked(Command::new("apt-get").args(["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
