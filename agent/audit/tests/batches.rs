@@ -8,32 +8,20 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use agt_jail_audit::{
     pipeline::PIPELINE_MIN_BYTES,
     verify::walk,
-    writer::{rotated_path, AuditLog, LineWriter, LogOptions, SyncPolicy},
-    AuditError, SigningKey,
+    writer::{rotated_path, AuditLog, LineWriter, LogOptions},
+    AuditError,
 };
+
+mod common;
+use common::{key, options};
 
 const DID: &str = "did:mesh:00112233445566778899aabbccddeeff";
 const POLICY: &str = "sha256:abc";
-
-fn key() -> SigningKey {
-    SigningKey::from_bytes(&[3; 32])
-}
-
-fn options(every: u64, rotate: Option<u64>) -> LogOptions {
-    LogOptions {
-        checkpoint_every: every,
-        checkpoint_interval: Duration::from_secs(3600),
-        sync: SyncPolicy::None,
-        rotate_bytes: rotate,
-        clock: || 1_765_000_000_000,
-    }
-}
 
 /// Records of varied shapes and lengths: keys out of order, escapes, non-ASCII text,
 /// numbers that canonicalise differently from how they are written, whitespace.

@@ -14,23 +14,12 @@ use agt_jail_audit::{
     merkle::sha256,
     proof::{self, verify_proof, Proof},
     verify::{walk, walk_with, Tamper, Verified, VerifyError},
-    writer::{rotated_path, AuditLog, LineWriter, LogOptions, SyncPolicy},
+    writer::{rotated_path, AuditLog, LineWriter, SyncPolicy},
 };
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
-fn key() -> SigningKey {
-    SigningKey::from_bytes(&[3; 32])
-}
-
-fn options(every: u64, rotate: Option<u64>) -> LogOptions {
-    LogOptions {
-        checkpoint_every: every,
-        checkpoint_interval: Duration::from_secs(3600),
-        sync: SyncPolicy::None,
-        rotate_bytes: rotate,
-        clock: || 1_765_000_000_000,
-    }
-}
+mod common;
+use common::{key, options};
 
 fn record(i: u64, tag: &str) -> String {
     let outcome = if i.is_multiple_of(3) { "deny" } else { "allow" };
