@@ -45,8 +45,9 @@ fn cgroups_of(owner: u32) -> Vec<PathBuf> {
     dirs.into_iter().filter(|d| d.exists()).collect()
 }
 
-/// Those of `rings` this kernel runs: ring 3 needs Landlock, and where the kernel lacks
-/// it the ring-3 half of a test is skipped with that reason (a `VM-SKIP` in the VM).
+/// Those of `rings` this kernel runs: ring 3 needs Landlock or seccomp user notification
+/// (the entry-only exec plane), and where the kernel has neither the ring-3 half of a test
+/// is skipped with that reason (a failure in the VM, whose kernels all have it).
 fn rings_here<'a>(rings: &[&'a str]) -> Vec<&'a str> {
     let name = format!("{} (ring 3)", agt_jail_test_support::current_test_name("?"));
     rings.iter().copied().filter(|ring| *ring != "3" || agt_jail_test_support::require(&name, &[Need::Ring3])).collect()
