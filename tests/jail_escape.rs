@@ -373,3 +373,19 @@ fn ring3_without_landlock_refuses_allow_exec() {
         .unwrap();
     agt_jail_test_support::assert_one_line_error(&output, 125, "--allow-exec /usr/bin/true");
 }
+
+/// The policy's exec plane would need the listener the entry-only plane takes: refused
+/// (125) with the reason, before anything is created, instead of one of them not holding.
+#[test]
+fn ring3_without_landlock_refuses_policy() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Ring3);
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/policies/guard.yaml");
+    let output = Command::new(BIN)
+        .args(["exec", "--ring", "3", "--agent", "audited", "--policy"])
+        .arg(&policy)
+        .args(["--", "/bin/true"])
+        .env("AGT_JAIL_TEST_LANDLOCK_ABI", "0")
+        .output()
+        .unwrap();
+    agt_jail_test_support::assert_one_line_error(&output, 125, "--policy cannot be combined");
+}

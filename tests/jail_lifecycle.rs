@@ -436,6 +436,10 @@ fn doctor_reports_the_host_and_every_ring() {
     for needle in ["kernel", "landlock", "seccomp", "user namespaces", "cgroup", "BTF", "BPF LSM", "ring 0", "ring 3"] {
         assert!(text.contains(needle), "{needle} missing in:\n{text}");
     }
+    // Without Landlock, ring 3 is said to run on the entry-only exec plane, not to refuse.
+    if agt_jail_jail::host::landlock_abi().is_none() && Need::Ring3.missing().is_none() {
+        assert!(text.contains("the entry command only (the entry-only exec plane"), "{text}");
+    }
     let output = agt_jail().args(["doctor", "--json"]).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["rings"].as_array().unwrap().len(), 4);
