@@ -49,7 +49,7 @@ fn jailed(args: &[&str], script: &str) -> Output {
     Command::new(BIN)
         .args(["exec", "--quiet"])
         .args(args)
-        .args(["--allow-exec", PYTHON, "--", PYTHON, "-c", script])
+        .args(["--", PYTHON, "-c", script])
         .output()
         .unwrap()
 }
