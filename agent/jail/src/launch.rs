@@ -1542,6 +1542,24 @@ mod tests {
         );
     }
 
+    /// Ring 3 on the entry-only exec plane: the plane's listener is required, --allow-exec
+    /// refused, and the system paths stay executable (shared libraries) in the view.
+    #[test]
+    fn the_entry_only_plane_needs_its_listener_and_keeps_system_paths_executable() {
+        let plane = Enforcement { landlock_abi: 0, unenforced: vec![], memfd_noexec: false, entry_exec_plane: true };
+        let mut cfg = config(3);
+        let err = build_plan(&cfg, &plane).err().unwrap().to_string();
+        assert!(err.contains("no exec listener"), "{err}");
+        cfg.exec_notify = Some(-1);
+        let plan = build_plan(&cfg, &plane).unwrap();
+        assert!(plan.landlock.is_none());
+        assert!(plan.op_names.contains(&format!("remount {}/usr read-only", mounts::NEWROOT)), "{:?}", plan.op_names);
+        assert!(!plan.op_names.iter().any(|op| op.contains("/usr") && op.contains("noexec")), "{:?}", plan.op_names);
+        cfg.allow_exec.push("/usr/bin/true".into());
+        let err = build_plan(&cfg, &plane).err().unwrap().to_string();
+        assert!(err.contains("--allow-exec /usr/bin/true"), "{err}");
+    }
+
     #[test]
     fn without_landlock_ring_3_takes_the_entry_only_plane_and_rings_1_2_say_what_holds_instead() {
         let ring3 = Profile::builtin(3).unwrap();
