@@ -110,7 +110,10 @@ impl Fixture {
         Some((format!("{}:{}", RemoteHost::LISTED, remote.port), RemoteHost::UNLISTED, remote.port))
     }
 
-    fn config(&mut self, ring: u8) -> PathBuf {
+    /// `entry_only`: ring 3 held by the entry-only exec plane (no Landlock), where no exec
+    /// after the entry command's runs: the unlisted binary is a system one (the mount view
+    /// would run it) and no --allow-exec is given.
+    fn config(&mut self, ring: u8, entry_only: bool) -> PathBuf {
         let inside = if ring == 3 { "/workspace".to_string() } else { self.workspace.display().to_string() };
         let (allowed, unlisted, allowed_port) = match self.allowed() {
             Some((allowed, unlisted, port)) if ring == 2 => (Value::from(allowed), unlisted, port),
@@ -127,8 +130,15 @@ impl Fixture {
             "visible_file": self.home.join("notes.txt"),
             "abstract": self.abstract_name,
             "setuid_copy": self.workspace.join("suid-python"),
-            "foreign_exe": if ring == 3 { self.workspace.join("true-copy") } else { self.home.join("true-copy") },
+            "foreign_exe": if entry_only {
+                PathBuf::from("/usr/bin/true")
+            } else if ring == 3 {
+                self.workspace.join("true-copy")
+            } else {
+                self.home.join("true-copy")
+            },
             "allowed_exe": "/usr/bin/true",
+            "entry_only": entry_only,
         });
         let path = self.workspace.join(format!("ring{ring}.json"));
         fs::File::create(&path).unwrap().write_all(config.to_string().as_bytes()).unwrap();
@@ -148,7 +158,9 @@ impl Drop for Fixture {
 /// Expected outcome per attempt: the accepted errno names (or labels) for ring 2 and 3.
 /// Where two layers can answer first (a read-only mount and Landlock, or a missing
 /// route and Landlock), both names are accepted; "ok" never is.
-fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
+/// `entry_only`: ring 3 without Landlock, where the setuid binary's exec is refused
+/// (EACCES) before it could show its capabilities.
+fn expectations(ring: u8, entry_only: bool) -> Vec<(&'static str, &'static [&'static str])> {
     let r2 = ring == 2;
     vec![
         ("read_etc_shadow", &["EACCES"]),
@@ -194,7 +206,7 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
         // EACCES: the memfd is made non-executable (vm.memfd_noexec, 6.3+); EPERM: before
         // 6.3 seccomp refuses memfd_create (Landlock does not see memfds).
         ("fileless_proc_fd", &["EACCES", "EPERM"]),
-        ("setuid_gains_caps", &["no-caps"]),
+        ("setuid_gains_caps", if entry_only { &["EACCES"] } else { &["no-caps"] }),
         ("write_proc_sys", &["EROFS", "EACCES"]),
         ("drop_caches", &["EROFS", "EACCES"]),
         ("leave_cgroup", &["ENOENT"]),
@@ -222,22 +234,26 @@ fn expectations(ring: u8) -> Vec<(&'static str, &'static [&'static str])> {
 /// (`AGT_JAIL_TEST_LANDLOCK_ABI`, honoured by debug builds only; see tests/support).
 fn battery(ring: u8, landlock_abi: Option<u32>) {
     let mut fx = Fixture::new(ring, if landlock_abi.is_some() { "-abi" } else { "" });
-    let config = fx.config(ring);
+    let no_landlock = landlock_abi == Some(0) || !kernel_has_landlock();
+    // Ring 3 without Landlock: the entry-only exec plane, which takes no --allow-exec.
+    let entry_only = ring == 3 && no_landlock;
+    let config = fx.config(ring, entry_only);
     let mut cmd = Command::new(BIN);
     cmd.args(["exec", "--ring", &ring.to_string(), "--workspace"])
         .arg(&fx.workspace)
         .arg("--ro")
         .arg(&fx.home)
-        .arg("--allow-exec")
-        .arg(fx.workspace.join("suid-python"))
         .args(["--memory", "256M", "--pids", "64"])
         .env("AGT_JAIL_TEST_SECRET", SECRET_ENV);
+    if !entry_only {
+        cmd.arg("--allow-exec").arg(fx.workspace.join("suid-python"));
+    }
     if let Some(abi) = landlock_abi {
         cmd.env("AGT_JAIL_TEST_LANDLOCK_ABI", abi.to_string());
     }
     if let Some((allowed, _, _)) = fx.allowed() {
         cmd.args(["--allow-connect", &allowed]);
-    } else {
+    } else if !entry_only {
         cmd.args(["--allow-exec", "/usr/bin/true"]);
     }
     let probe = fx.workspace.join("escape.py");
@@ -253,7 +269,7 @@ fn battery(ring: u8, landlock_abi: Option<u32>) {
         .map(|v| (v["name"].as_str().unwrap().to_string(), v))
         .collect();
     let mut failures = Vec::new();
-    let expected = expectations(ring);
+    let expected = expectations(ring, entry_only);
     assert!(expected.len() >= 30);
     for (name, accepted) in &expected {
         let Some(result) = results.get(*name) else {
@@ -275,8 +291,8 @@ fn battery(ring: u8, landlock_abi: Option<u32>) {
     assert!(fx.sleeper.try_wait().unwrap().is_none(), "the host process was killed");
     assert!(stderr.contains("the agent hit its memory limit"), "no OOM report: {stderr}");
     // The run said what holds the line where Landlock is absent (and so really ran that way).
-    let no_landlock = landlock_abi == Some(0) || Need::Ring3.missing().is_some();
     assert_eq!(stderr.contains("no Landlock on this kernel"), no_landlock, "{stderr}");
+    assert_eq!(stderr.contains("entry-only exec plane"), entry_only, "{stderr}");
     assert!(Command::new("true").status().unwrap().success());
 }
 
@@ -306,16 +322,70 @@ fn ring3_escape_battery() {
     battery(3, None);
 }
 
-/// Ring 3 runs only its entry command; without Landlock nothing holds that race-free, so
-/// it refuses to start (125) and says why, before anything is created.
+/// Ring 3 as on a kernel without Landlock (5.10): the entry-only exec plane (seccomp user
+/// notification) lets the entry command run and refuses every later exec, the battery's
+/// included. On such a kernel `ring3_escape_battery` is this test without pretending.
 #[test]
-fn ring3_refuses_to_start_without_landlock() {
-    require!(Need::Root);
-    let mut cmd = Command::new(BIN);
-    cmd.args(["exec", "--ring", "3", "--", "/bin/true"]).env("AGT_JAIL_TEST_LANDLOCK_ABI", "0");
-    let output = cmd.output().unwrap();
+fn ring3_escape_battery_without_landlock() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Ring3);
+    battery(3, Some(0));
+}
+
+/// Whether the running kernel enforces Landlock (at any ABI).
+fn kernel_has_landlock() -> bool {
+    agt_jail_jail::host::landlock_abi().is_some()
+}
+
+/// Ring 3 runs only its entry command. Without Landlock the entry-only exec plane holds
+/// that: the entry command runs, and a later exec of a system binary (which the mount
+/// view alone would let run) fails with EACCES, as a Landlock denial does.
+#[test]
+fn ring3_without_landlock_runs_only_its_entry_command() {
+    require!(Need::Root, Need::Ring3);
+    let script = "echo entry; /bin/true; echo \"true=$?\"; exec /usr/bin/env; echo \"env=$?\"";
+    let output = Command::new(BIN)
+        .args(["exec", "--ring", "3", "--", "/bin/sh", "-c", script])
+        .env("AGT_JAIL_TEST_LANDLOCK_ABI", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "{stderr}");
-    assert!(stderr.contains("does not enforce Landlock") && stderr.contains("only its entry command"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("entry-only exec plane"), "{stderr}");
+    assert!(stdout.starts_with("entry\n"), "the entry command did not run: {stdout}\n{stderr}");
+    // 126: the shell's "cannot execute" (EACCES), not 127 (not found) or a run of true.
+    assert!(stdout.contains("true=126\n"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    // `exec` in a non-interactive shell that fails ends the shell with 126.
+    assert!(!stdout.contains("env="), "{stdout}");
+    assert_eq!(output.status.code(), Some(126), "{stdout}\n{stderr}");
+}
+
+/// Where the entry-only plane holds ring 3, what would need a path check on later execs
+/// (which can be raced) is refused before anything starts (125), with the reason.
+#[test]
+fn ring3_without_landlock_refuses_allow_exec() {
+    require!(Need::Root, Need::Ring3);
+    let output = Command::new(BIN)
+        .args(["exec", "--ring", "3", "--allow-exec", "/usr/bin/true", "--", "/bin/true"])
+        .env("AGT_JAIL_TEST_LANDLOCK_ABI", "0")
+        .output()
+        .unwrap();
+    agt_jail_test_support::assert_one_line_error(&output, 125, "--allow-exec /usr/bin/true");
+}
+
+/// The policy's exec plane would need the listener the entry-only plane takes: refused
+/// (125) with the reason, before anything is created, instead of one of them not holding.
+#[test]
+fn ring3_without_landlock_refuses_policy() {
+    require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Ring3);
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/policies/guard.yaml");
+    let output = Command::new(BIN)
+        .args(["exec", "--ring", "3", "--agent", "audited", "--policy"])
+        .arg(&policy)
+        .args(["--", "/bin/true"])
+        .env("AGT_JAIL_TEST_LANDLOCK_ABI", "0")
+        .output()
+        .unwrap();
+    agt_jail_test_support::assert_one_line_error(&output, 125, "--policy cannot be combined");
 }

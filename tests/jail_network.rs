@@ -46,12 +46,7 @@ for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
 "#;
 
 fn jailed(args: &[&str], script: &str) -> Output {
-    Command::new(BIN)
-        .args(["exec", "--quiet"])
-        .args(args)
-        .args(["--allow-exec", PYTHON, "--", PYTHON, "-c", script])
-        .output()
-        .unwrap()
+    Command::new(BIN).args(["exec", "--quiet"]).args(args).args(["--", PYTHON, "-c", script]).output().unwrap()
 }
 
 fn assert_loopback_works(args: &[&str]) {

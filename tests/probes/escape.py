@@ -7,7 +7,8 @@ CONFIG_JSON (written by tests/jail_escape.rs) names the host facts an attempt ne
 workspace, host_pid, host_port, allowed (host:port reachable by policy), allowed_port,
 unlisted_host (an address listening on allowed_port but not allow-listed), secret_file,
 visible_file, abstract (host abstract socket name), setuid_copy, foreign_exe (a binary
-outside the ring's exec allow-list), allowed_exe.
+outside the ring's exec allow-list), allowed_exe, entry_only (only the entry command runs:
+no exec control can run a program, see exec_control).
 
 Prints one JSON object per attempt:
   {"name": ..., "blocked": bool, "how": "EPERM" | "ok" | label, "control": "ok" | error}
@@ -285,6 +286,18 @@ def exec_and_wait(path, args):
         raise RuntimeError("exit %d" % code)
 
 
+def exec_control():
+    """The allowed counterpart of an exec attempt: the allowed binary runs. Under the
+    entry-only exec plane (`entry_only`: ring 3 without Landlock) no exec after the entry
+    command's can run, so the control is that the binary could run but for that plane:
+    it is there, executable, on a mount that is not noexec (access(X_OK) checks both)."""
+    if CFG.get("entry_only"):
+        if not os.access(CFG["allowed_exe"], os.X_OK):
+            raise RuntimeError("%s is not executable here" % CFG["allowed_exe"])
+        return
+    exec_and_wait(CFG["allowed_exe"], [])
+
+
 def exec_written_tmp():
     # Write-then-exec outside the workspace: a copy of an allowed binary in the private /tmp.
     path = "/tmp/agt-written-%d" % os.getpid()
@@ -477,7 +490,7 @@ ATTEMPTS = {
     "userfaultfd": (lambda: sc("userfaultfd", 0), memory_ok),
     "fileless_execveat": (fileless_execveat, memfd_ok),
     "fileless_proc_fd": (fileless_procfd, memfd_ok),
-    "setuid_gains_caps": (setuid_attempt, lambda: exec_and_wait(CFG["allowed_exe"], [])),
+    "setuid_gains_caps": (setuid_attempt, exec_control),
     "write_proc_sys": (lambda: write("/proc/sys/kernel/hostname", b"pwned"), lambda: read("/proc/sys/kernel/hostname")),
     "drop_caches": (lambda: write("/proc/sys/vm/drop_caches", b"3"), lambda: read("/proc/sys/vm/swappiness")),
     "leave_cgroup": (cgroup_escape, cgroup_view_ok),
@@ -493,8 +506,8 @@ ATTEMPTS = {
     "mknod_device": (lambda: os.mknod("/tmp/agt-null", 0o600 | 0o020000, os.makedev(1, 3)),
                      lambda: os.mkfifo("/tmp/agt-fifo-%d" % os.getpid())),
     "pivot_root": (lambda: sc("pivot_root", ctypes.c_char_p(b"/tmp"), ctypes.c_char_p(b"/tmp")), lambda: os.chdir("/tmp")),
-    "exec_unlisted": (lambda: exec_and_wait(CFG["foreign_exe"], []), lambda: exec_and_wait(CFG["allowed_exe"], [])),
-    "exec_written_tmp": (exec_written_tmp, lambda: exec_and_wait(CFG["allowed_exe"], [])),
+    "exec_unlisted": (lambda: exec_and_wait(CFG["foreign_exe"], []), exec_control),
+    "exec_written_tmp": (exec_written_tmp, exec_control),
     "fork_bomb": (fork_bomb, fork_ok),
     "memory_bomb": (memory_bomb, memory_ok),
 }

@@ -437,6 +437,9 @@ pub fn execute<G: Governor>(
     // (after the flags are known to be right, so a flag error reads the same everywhere).
     let enforcement =
         if profile.confine { Some(launch::check_enforcement(&profile).map_err(Failure::Launch)?) } else { None };
+    if enforcement.as_ref().is_some_and(|e| e.entry_exec_plane) {
+        entry_plane_fits(args, &profile).map_err(Failure::Launch)?;
+    }
     for gap in enforcement.iter().flat_map(|e| &e.unenforced) {
         agt_jail_jail::stderr_line!("agt-jail: warning: {gap}");
     }
@@ -489,7 +492,20 @@ pub fn execute<G: Governor>(
     }
 
     let egress = pending_egress.map(PendingEgress::finish).transpose().map_err(|e| Failure::Launch(e.into()))?;
-    let exec_notify = governor.exec_listener();
+    // Without Landlock, a ring that runs only its entry command is held by the entry-only
+    // exec plane (its own listener; nothing else uses one then: see entry_plane_fits).
+    let mut entry_plane = None;
+    let exec_notify = if enforcement.as_ref().is_some_and(|e| e.entry_exec_plane) {
+        if governor.exec_listener().is_some() {
+            return Err(Failure::Internal(anyhow::anyhow!("two exec listeners for one jail")));
+        }
+        let plane = EntryPlane::start()?;
+        let fd = plane.theirs.as_ref().map(AsRawFd::as_raw_fd);
+        entry_plane = Some(plane);
+        fd
+    } else {
+        governor.exec_listener()
+    };
     let additions = governor.jail_additions();
     profile.ro.extend(additions.ro.iter().cloned());
     let kill_file = agent_cgroup.as_ref().map(|c| c.path().join("cgroup.kill"));
@@ -544,6 +560,10 @@ pub fn execute<G: Governor>(
             None => Err(Failure::Internal(anyhow::anyhow!("ring 0 needs root"))),
         }
     };
+    // The agent has sent its listener (or is gone): agt-jail keeps no copy of its end.
+    if let Some(plane) = entry_plane.as_mut() {
+        plane.theirs = None;
+    }
     let running = match started {
         Ok(running) => running,
         Err(err) => {
@@ -589,6 +609,7 @@ pub fn execute<G: Governor>(
     let status = running.wait().context("cannot wait for the command")?;
     forwarder.stop();
     governor.ended();
+    drop(entry_plane);
     // The agent is done with its network: its teardown leaves agt-jail's exit path.
     if let Some(egress) = egress {
         egress.release();
@@ -612,6 +633,54 @@ pub fn execute<G: Governor>(
     governor.finish()?;
     cleanup?;
     Ok(exit_code(status))
+}
+
+/// Without Landlock the entry-only exec plane lets the entry command alone run: what
+/// would need more (a path check on later execs, which can be raced, or the policy's exec
+/// plane on the same execs) is refused before anything is created (125).
+fn entry_plane_fits(args: &ExecArgs, profile: &Profile) -> Result<(), LaunchError> {
+    const WHY: &str = "this kernel does not enforce Landlock, and the entry-only exec plane that holds";
+    if let Some(path) = args.allow_exec.first() {
+        return Err(LaunchError::Landlock {
+            ring: profile.ring,
+            reason: format!(
+                "{WHY} ring {} here lets only the entry command run: --allow-exec {} would need a path check on \
+                 later execs, which can be raced",
+                profile.ring,
+                path.display()
+            ),
+        });
+    }
+    if args.policy.given() {
+        return Err(LaunchError::Landlock {
+            ring: profile.ring,
+            reason: format!(
+                "{WHY} ring {} here takes the exec listener the policy's exec plane would need: --policy cannot \
+                 be combined with it on this kernel",
+                profile.ring
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The entry-only exec plane of one run: its notifier and, until the launch returned,
+/// the agent's end of the listener socket.
+struct EntryPlane {
+    _notifier: agt_jail_supervisor::exec_notify::Handle,
+    theirs: Option<OwnedFd>,
+}
+
+impl EntryPlane {
+    fn start() -> Result<Self, Failure> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .context("cannot create the exec listener socket")
+            .map_err(Failure::Internal)?;
+        let notifier = agt_jail_supervisor::exec_notify::ExecNotifier::start_entry_only(OwnedFd::from(ours), |_| {})
+            .context("cannot start the entry-only exec plane (seccomp user notification)")
+            .map_err(Failure::Internal)?;
+        Ok(Self { _notifier: notifier, theirs: Some(OwnedFd::from(theirs)) })
+    }
 }
 
 /// Relays agt-jail's stdin to the pty and the pty to stdout (raw mode when stdin is a

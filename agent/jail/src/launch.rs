@@ -133,6 +133,12 @@ pub struct Enforcement {
     /// where this is missing seccomp refuses `memfd_create` in the confined rings:
     /// otherwise `/proc/self/fd/N` of a memfd would run code outside the exec allow-list.
     pub memfd_noexec: bool,
+    /// Without Landlock, a ring that runs only its entry command (exec.system and
+    /// exec.workspace false, no exec.allow) is held by the entry-only exec plane: the
+    /// caller must pass [`JailConfig::exec_notify`] served by
+    /// `agt_jail_supervisor::exec_notify::ExecNotifier::start_entry_only`, and no
+    /// `allow_exec` paths.
+    pub entry_exec_plane: bool,
 }
 
 /// A started jail: its init process, as seen from the host.
@@ -427,6 +433,7 @@ pub fn check_enforcement(profile: &Profile) -> Result<Enforcement, LaunchError> 
 /// [`check_enforcement`] with the Landlock ABI given.
 fn enforcement_at(profile: &Profile, abi: u32) -> Result<Enforcement, LaunchError> {
     let mut unenforced = Vec::new();
+    let mut entry_exec_plane = false;
     if profile.confine && abi == 0 {
         const ABSENT: &str = "this kernel does not enforce Landlock (not built in or not in the active LSM list)";
         if profile.landlock_required {
@@ -437,26 +444,50 @@ fn enforcement_at(profile: &Profile, abi: u32) -> Result<Enforcement, LaunchErro
         }
         // What runs: with exec of the system paths the mount view holds the line (system
         // paths read-only, everything else that must not run mounted noexec). Without it
-        // (ring 3: its entry command only) no race-free plane here can: the system paths
-        // must stay executable for the shared libraries every program maps, and the
-        // seccomp exec plane reads the path from the agent's memory, which another
-        // thread can change after the check (docs/threat-model.md).
+        // (ring 3: its entry command only) the system paths must stay executable for the
+        // shared libraries every program maps, so the mount view cannot; the entry-only
+        // exec plane can: a seccomp user-notification filter on execve/execveat whose
+        // supervisor lets the launcher's own exec through and fails every later one. It
+        // reads nothing from the agent's memory, so there is nothing to race. What it
+        // cannot do is tell one path from another: extra runnable paths would need the
+        // path-reading plane, which can be raced (docs/threat-model.md).
         if !profile.exec_system {
-            return Err(LaunchError::Landlock {
-                ring: profile.ring,
-                reason: format!(
-                    "{ABSENT}: ring {} runs only its entry command (exec.system: false), and without Landlock \
-                     nothing on this kernel holds that against the agent (the system paths stay executable for \
-                     shared libraries; the seccomp exec plane can be raced)",
-                    profile.ring
-                ),
-            });
-        }
-        unenforced.push(
-            "no Landlock on this kernel: writes and exec are held by the mount view alone (read-only and noexec \
+            if profile.exec_workspace || !profile.exec_allow.is_empty() {
+                let what = if profile.exec_workspace { "exec.workspace: true" } else { "exec.allow" };
+                return Err(LaunchError::Landlock {
+                    ring: profile.ring,
+                    reason: format!(
+                        "{ABSENT}: ring {} runs only its entry command plus {what}, and without Landlock only the \
+                         entry command can be held race-free here (the entry-only exec plane); a path check \
+                         on later execs could be raced",
+                        profile.ring
+                    ),
+                });
+            }
+            if !sys::seccomp_notify_available() {
+                return Err(LaunchError::Landlock {
+                    ring: profile.ring,
+                    reason: format!(
+                        "{ABSENT}: ring {} runs only its entry command (exec.system: false), and this kernel has \
+                         no seccomp user notification (Linux 5.0) for the entry-only exec plane",
+                        profile.ring
+                    ),
+                });
+            }
+            entry_exec_plane = true;
+            unenforced.push(
+                "no Landlock on this kernel: only the entry command runs by the entry-only exec plane (seccomp \
+                 user notification: every exec after the first fails with EACCES, ENOSYS once agt-jail is gone); \
+                 writes are held by the mount view alone"
+                    .to_string(),
+            );
+        } else {
+            unenforced.push(
+                "no Landlock on this kernel: writes and exec are held by the mount view alone (read-only and noexec \
              mounts); --ro paths and the private /tmp are noexec, so shared libraries there cannot be loaded either"
-                .to_string(),
-        );
+                    .to_string(),
+            );
+        }
     }
     if profile.confine {
         if profile.scope_ipc && abi < 6 {
@@ -474,7 +505,7 @@ fn enforcement_at(profile: &Profile, abi: u32) -> Result<Enforcement, LaunchErro
         }
     }
     let memfd_noexec = Path::new("/proc/sys/vm/memfd_noexec").exists();
-    Ok(Enforcement { landlock_abi: abi, unenforced, memfd_noexec })
+    Ok(Enforcement { landlock_abi: abi, unenforced, memfd_noexec, entry_exec_plane })
 }
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -634,6 +665,30 @@ fn build_plan(cfg: &JailConfig, enforcement: &Enforcement) -> Result<Plan, Launc
     }
     execute.extend(exec_paths.iter().cloned());
     if enforcement.landlock_abi == 0 {
+        if enforcement.entry_exec_plane {
+            // Only the entry command runs, by the entry-only exec plane: it must be there,
+            // and it can hold nothing else. The system paths stay executable in the view
+            // (the shared libraries every program maps), beside the entry command's file.
+            if cfg.exec_notify.is_none() {
+                return Err(LaunchError::Config(
+                    "the entry-only exec plane holds this ring's exec without Landlock, and no exec listener was \
+                     given"
+                        .into(),
+                ));
+            }
+            if let Some(path) = cfg.allow_exec.first() {
+                return Err(LaunchError::Landlock {
+                    ring: p.ring,
+                    reason: format!(
+                        "this kernel does not enforce Landlock: --allow-exec {} cannot be honoured in ring {}, whose \
+                         only race-free exec plane here lets the entry command alone run",
+                        path.display(),
+                        p.ring
+                    ),
+                });
+            }
+            execute.extend(system_dirs.iter().cloned());
+        }
         noexec_view(&mut view, &execute, p.exec_workspace);
     }
 
@@ -1303,8 +1358,14 @@ mod tests {
     #[test]
     fn without_memfd_noexec_the_confined_rings_refuse_memfd_create() {
         let has = |plan: &Plan| plan.seccomp.as_ref().map(Vec::len);
-        let with = build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true });
-        let without = build_plan(&config(2), &Enforcement { landlock_abi: 2, unenforced: vec![], memfd_noexec: false });
+        let with = build_plan(
+            &config(2),
+            &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true, entry_exec_plane: false },
+        );
+        let without = build_plan(
+            &config(2),
+            &Enforcement { landlock_abi: 2, unenforced: vec![], memfd_noexec: false, entry_exec_plane: false },
+        );
         let (with, without) = (with.unwrap(), without.unwrap());
         // One more rule: memfd_create → EPERM (its effect is tested in the seccomp module).
         assert!(has(&without) > has(&with), "{:?} vs {:?}", has(&without), has(&with));
@@ -1366,8 +1427,11 @@ mod tests {
 
     #[test]
     fn ring3_plan_allows_exec_of_the_entry_only() {
-        let plan =
-            build_plan(&config(3), &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap();
+        let plan = build_plan(
+            &config(3),
+            &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true, entry_exec_plane: false },
+        )
+        .unwrap();
         let l = plan.landlock.unwrap();
         let execs: Vec<_> = l
             .paths
@@ -1384,8 +1448,11 @@ mod tests {
 
     #[test]
     fn ring2_plan_execs_system_in_a_network_namespace_of_its_own() {
-        let plan =
-            build_plan(&config(2), &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap();
+        let plan = build_plan(
+            &config(2),
+            &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true, entry_exec_plane: false },
+        )
+        .unwrap();
         assert_ne!(plan.clone_flags & libc::CLONE_NEWNET as libc::c_ulong, 0);
         assert!(plan.net_ns, "lo comes up in the jail's init");
         let l = plan.landlock.unwrap();
@@ -1412,7 +1479,7 @@ mod tests {
             let mut cfg = config(ring);
             cfg.workspace = Some(ws.path().to_path_buf());
             cfg.profile.rw.push(extra.path().to_path_buf());
-            let abi7 = Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true };
+            let abi7 = Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true, entry_exec_plane: false };
             let execs = executable(&build_plan(&cfg, &abi7).unwrap());
             assert!(execs.contains(&ws_path) && execs.contains(&extra_path), "ring {ring}: {execs:?}");
             assert!(execs.contains(&"/usr".to_string()), "ring {ring}: {execs:?}");
@@ -1429,7 +1496,11 @@ mod tests {
         let mut cfg = config(3);
         cfg.workspace = Some(ws.path().to_path_buf());
         let execs = executable(
-            &build_plan(&cfg, &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true }).unwrap(),
+            &build_plan(
+                &cfg,
+                &Enforcement { landlock_abi: 7, unenforced: vec![], memfd_noexec: true, entry_exec_plane: false },
+            )
+            .unwrap(),
         );
         assert!(!execs.contains(&ws_path) && !execs.contains(&mounts::SCRATCH.to_string()), "{execs:?}");
     }
@@ -1441,7 +1512,7 @@ mod tests {
         let ro = tempfile::tempdir().unwrap();
         let tool = ro.path().join("tool");
         std::fs::write(&tool, "#!/bin/sh\n").unwrap();
-        let none = Enforcement { landlock_abi: 0, unenforced: vec![], memfd_noexec: false };
+        let none = Enforcement { landlock_abi: 0, unenforced: vec![], memfd_noexec: false, entry_exec_plane: false };
         let mut cfg = config(2);
         cfg.workspace = Some(ws.path().to_path_buf());
         cfg.profile.ro.push(ro.path().to_path_buf());
@@ -1471,11 +1542,42 @@ mod tests {
         );
     }
 
+    /// Ring 3 on the entry-only exec plane: the plane's listener is required, --allow-exec
+    /// refused, and the system paths stay executable (shared libraries) in the view.
     #[test]
-    fn without_landlock_ring_3_refuses_and_rings_1_2_say_what_holds_instead() {
-        let err = enforcement_at(&Profile::builtin(3).unwrap(), 0).unwrap_err().to_string();
-        assert!(err.contains("only its entry command"), "{err}");
-        assert!(enforcement_at(&Profile::builtin(3).unwrap(), 1).is_ok());
+    fn the_entry_only_plane_needs_its_listener_and_keeps_system_paths_executable() {
+        let plane = Enforcement { landlock_abi: 0, unenforced: vec![], memfd_noexec: false, entry_exec_plane: true };
+        let mut cfg = config(3);
+        let err = build_plan(&cfg, &plane).err().unwrap().to_string();
+        assert!(err.contains("no exec listener"), "{err}");
+        cfg.exec_notify = Some(-1);
+        let plan = build_plan(&cfg, &plane).unwrap();
+        assert!(plan.landlock.is_none());
+        assert!(plan.op_names.contains(&format!("remount {}/usr read-only", mounts::NEWROOT)), "{:?}", plan.op_names);
+        assert!(!plan.op_names.iter().any(|op| op.contains("/usr") && op.contains("noexec")), "{:?}", plan.op_names);
+        cfg.allow_exec.push("/usr/bin/true".into());
+        let err = build_plan(&cfg, &plane).err().unwrap().to_string();
+        assert!(err.contains("--allow-exec /usr/bin/true"), "{err}");
+    }
+
+    #[test]
+    fn without_landlock_ring_3_takes_the_entry_only_plane_and_rings_1_2_say_what_holds_instead() {
+        let ring3 = Profile::builtin(3).unwrap();
+        if sys::seccomp_notify_available() {
+            let e = enforcement_at(&ring3, 0).unwrap();
+            assert!(e.entry_exec_plane);
+            assert!(e.unenforced.iter().any(|gap| gap.contains("entry-only exec plane")), "{:?}", e.unenforced);
+            // More than the entry command would need a path check: refused, with the key named.
+            let mut allow = ring3.clone();
+            allow.exec_allow.push("/usr/bin/true".into());
+            let err = enforcement_at(&allow, 0).unwrap_err().to_string();
+            assert!(err.contains("exec.allow") && err.contains("raced"), "{err}");
+        } else {
+            let err = enforcement_at(&ring3, 0).unwrap_err().to_string();
+            assert!(err.contains("seccomp user notification"), "{err}");
+        }
+        let with = enforcement_at(&ring3, 1).unwrap();
+        assert!(!with.entry_exec_plane);
         for ring in [1, 2] {
             let e = enforcement_at(&Profile::builtin(ring).unwrap(), 0).unwrap();
             assert!(e.unenforced.iter().any(|gap| gap.contains("no Landlock on this kernel")), "{:?}", e.unenforced);

@@ -590,6 +590,14 @@ pub fn seccomp_available() -> bool {
     rc == 0
 }
 
+/// Whether this kernel has seccomp user notification (SECCOMP_RET_USER_NOTIF, Linux 5.0).
+pub fn seccomp_notify_available() -> bool {
+    let action: u32 = libc::SECCOMP_RET_USER_NOTIF;
+    // SAFETY: SECCOMP_GET_ACTION_AVAIL reads one u32.
+    let rc = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0 as libc::c_uint, &action) };
+    rc == 0
+}
+
 /// execve(2): returns only on failure. Child-safe.
 pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> io::Error {
     // SAFETY: `argv` and `envp` are null-terminated arrays of pointers to

@@ -236,6 +236,106 @@ impl ExecNotifier {
     }
 }
 
+/// What the entry-only plane did with one exec: `Denied` is every exec after the entry's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryOnly {
+    /// The launcher's own exec of the entry command was let through.
+    Entry { tid: u32 },
+    /// A later exec, failed with EACCES.
+    Denied { tid: u32 },
+}
+
+impl ExecNotifier {
+    /// Serves the exec listener that arrives on `socket` as the entry-only exec plane: the
+    /// first exec (the launcher's own, installed right before it, when no code of the
+    /// agent exists yet) continues, every later one fails with EACCES, as a Landlock
+    /// EXECUTE denial does. Nothing is read from the agent's memory: the answer depends
+    /// only on the order, so nothing can be raced. A launcher exec interrupted by a signal
+    /// before its answer arrived comes again from the same thread and is let through again;
+    /// once a CONTINUE was delivered, nothing is. `on_exec` hears of each answer.
+    ///
+    /// Fail closed: when the loop ends (stop, agt-jail gone, an error) the listener closes
+    /// and the kernel fails every pending and later exec with ENOSYS.
+    pub fn start_entry_only(
+        socket: OwnedFd,
+        on_exec: impl Fn(EntryOnly) + Send + Sync + 'static,
+    ) -> io::Result<Handle> {
+        let sizes = sys::seccomp_notif_sizes()?;
+        let stop = Arc::new(sys::eventfd()?);
+        let listener = Arc::new(Listener {
+            fd: RwLock::new(None),
+            resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8),
+            wake: AtomicU8::new(WAKE_UNKNOWN),
+        });
+        let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
+        let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
+        let thread = std::thread::Builder::new().name("exec-entry-only".into()).spawn(move || {
+            let served = serve_entry_only(&socket, &thread_stop, &thread_listener, notif_words, &on_exec);
+            thread_listener.close();
+            served
+        })?;
+        Ok(Handle { stop, listener, thread: Some(thread) })
+    }
+}
+
+fn serve_entry_only(
+    socket: &OwnedFd,
+    stop: &OwnedFd,
+    listener: &Arc<Listener>,
+    notif_words: usize,
+    on_exec: &dyn Fn(EntryOnly),
+) -> Result<(), NotifyError> {
+    let (go, _) = wait(socket.as_fd(), stop)?;
+    if !go {
+        return Ok(());
+    }
+    let fd = sys::recv_fd(socket.as_fd()).map_err(NotifyError::Listener)?.ok_or(NotifyError::NoListener)?;
+    let wake = if sys::seccomp_notif_set_sync_wake_up(fd.as_fd()).is_ok() { WAKE_SYNC } else { WAKE_PLAIN };
+    listener.wake.store(wake, Ordering::Relaxed);
+    let resp_words = listener.resp_words;
+    let mut buf = vec![0u64; notif_words];
+    // The launcher's thread until its exec was let through; None afterwards.
+    let mut launcher: Option<u32> = None;
+    let mut entered = false;
+    loop {
+        let (go, hup) = wait(fd.as_fd(), stop)?;
+        if !go || hup {
+            return Ok(());
+        }
+        let notif = match sys::seccomp_notif_recv(fd.as_fd(), &mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => continue,
+            Err(e) => return Err(NotifyError::Listener(e)),
+        };
+        let tid = notif.pid;
+        let entry = !entered && launcher.is_none_or(|first| first == tid);
+        if entry {
+            launcher = Some(tid);
+        }
+        let mut delivered = false;
+        for _ in 0..8 {
+            match sys::seccomp_notif_send(fd.as_fd(), notif.id, entry, libc::EACCES, resp_words) {
+                Ok(()) => delivered = true,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // ENOENT: the target died or was interrupted (a restarted call comes again).
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                // EINVAL on an allow: no SECCOMP_USER_NOTIF_FLAG_CONTINUE (before Linux 5.5);
+                // the loop ends and the listener closes, so the exec fails (ENOSYS).
+                Err(e) => return Err(NotifyError::Listener(e)),
+            }
+            break;
+        }
+        if delivered {
+            if entry {
+                entered = true;
+                on_exec(EntryOnly::Entry { tid });
+            } else {
+                on_exec(EntryOnly::Denied { tid });
+            }
+        }
+    }
+}
+
 impl Handle {
     /// Stops serving and closes the listener; returns what ended the loop if it failed.
     pub fn stop(mut self) -> Result<(), NotifyError> {

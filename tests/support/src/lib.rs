@@ -5,8 +5,8 @@
 //! skipped. Inside the test VM (`AGT_JAIL_IN_VM=1`) every requirement the VM provides
 //! on all its kernels must hold (see [`Need::vm_provides`]): a missing one there is a
 //! failure, never a skip, so the VM proves what the host cannot. A requirement that
-//! depends on the kernel version (whether ring 3 can start: it needs Landlock, which the 5.10
-//! guest lacks) is a counted skip with its reason, reported per kernel by `cargo xtask vm-test`.
+//! depends on the kernel version is a counted skip with its reason, reported per kernel by
+//! `cargo xtask vm-test`.
 //!
 //! A debug build of agt-jail takes a lower Landlock ABI than the kernel's from
 //! `AGT_JAIL_TEST_LANDLOCK_ABI` (tests only; `0`: as on a kernel without Landlock), so the
@@ -35,8 +35,9 @@ pub enum Need {
     /// this holds on every kernel of the VM matrix.
     Landlock,
     /// The kernel can run ring 3 with its built-in profile: ring 3 runs only its entry
-    /// command, which nothing but Landlock holds race-free, so on a kernel without
-    /// Landlock (5.10) it refuses to start and the test cannot run.
+    /// command, held by Landlock where the kernel has it and otherwise by the entry-only
+    /// exec plane (seccomp user notification, Linux 5.0; its CONTINUE answer 5.5), so
+    /// this holds on every kernel of the VM matrix (5.10 included).
     Ring3,
     /// Unprivileged users may create user namespaces.
     UserNamespaces,
@@ -78,8 +79,7 @@ impl Need {
     pub fn vm_provides(self) -> bool {
         match self {
             Need::Root | Need::CgroupV2 | Need::BpfLsm | Need::Btf | Need::UserNamespaces => true,
-            Need::Landlock => true,
-            Need::Ring3 => false,
+            Need::Landlock | Need::Ring3 => true,
         }
     }
 }

@@ -151,12 +151,21 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
     }
     if abi == 0 {
         // What `exec` itself decides on this kernel: the mount view holds writes and exec
-        // where the ring runs system binaries; ring 3 (its entry command only) refuses.
+        // where the ring runs system binaries; where it runs only its entry command (ring
+        // 3) the entry-only exec plane holds exec, and without seccomp user notification
+        // the ring refuses.
         match launch::check_enforcement(&profile) {
             Err(e) => off.push(format!("{e}: ring refuses to start")),
             Ok(enforcement) => {
-                let exec =
-                    if profile.exec_workspace { "system paths, the workspace and --rw paths" } else { "system paths" };
+                let exec = if enforcement.entry_exec_plane {
+                    "the entry command only (the entry-only exec plane: seccomp user notification lets the \
+                     launcher's exec through and fails every later one with EACCES; --allow-exec and --policy \
+                     are refused with it)"
+                } else if profile.exec_workspace {
+                    "system paths, the workspace and --rw paths"
+                } else {
+                    "system paths"
+                };
                 on.push(format!(
                     "no Landlock: writes only to the workspace, --rw paths and /tmp (read-only mounts elsewhere, \
                      /proc and /dev included), exec of {exec} (noexec mounts elsewhere)"
