@@ -270,7 +270,12 @@ impl Drop for RemoteHost {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = std::process::Command::new(which("ip")).args(["netns", "del", &self.name]).status();
+        // The host end first: deleting the link takes both ends and the host's address with
+        // it at once, while a deleted namespace is torn down later by the kernel (a slow guest
+        // showed the next test a host address that vanished under it).
+        let ip = which("ip");
+        let _ = std::process::Command::new(&ip).args(["link", "del", &format!("{}h", self.name)]).status();
+        let _ = std::process::Command::new(&ip).args(["netns", "del", &self.name]).status();
     }
 }
 
