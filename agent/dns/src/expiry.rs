@@ -196,7 +196,8 @@ pub fn spawn_expiry<M: AllowMap + Send + 'static>(
     thread::Builder::new().name("dns-expiry".into()).spawn(move || {
         let mut next = Instant::now() + period;
         while !stop.load(Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(50).min(period));
+            // Parked rather than asleep, so that whoever sets `stop` can unpark it at once.
+            thread::park_timeout(Duration::from_millis(50).min(period));
             let now = Instant::now();
             if now < next {
                 continue;

@@ -9,7 +9,7 @@
 //! nothing is opened that the agent was not told, and nothing is told that was not opened.
 use std::{
     io,
-    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc::{self, Receiver, SyncSender, TrySendError},
@@ -211,6 +211,14 @@ impl DnsProxy {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Wake the receiving thread now rather than at its next timeout (an agent's run
+        // ends waiting for this): an empty datagram, which it drops once it sees the flag.
+        let target = crate::tcp::reachable(self.local);
+        let unspecified: SocketAddr =
+            if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+        if let Ok(socket) = UdpSocket::bind(unspecified) {
+            let _ = socket.send_to(&[], target);
+        }
         if let Some(addr) = self.tcp {
             crate::tcp::wake(addr);
         }
@@ -236,6 +244,9 @@ fn receive<S: AllowSink>(shared: &Shared<S>, tx: &SyncSender<(Job, SocketAddr)>,
             // surfaces here and leaves the socket usable.
             Err(_) => continue,
         };
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         if len > max {
             shared.observe(String::new(), String::new(), dropped_oversized(max));
             continue;

@@ -53,12 +53,17 @@ pub(crate) fn serve<S: AllowSink + 'static>(
 
 /// Unblocks [`serve`]'s accept after the stop flag was set.
 pub(crate) fn wake(addr: SocketAddr) {
-    let target = match addr.ip() {
+    let _ = TcpStream::connect_timeout(&reachable(addr), Duration::from_secs(1));
+}
+
+/// Where a socket bound to `addr` can be reached from this host (an unspecified address
+/// is reached on loopback).
+pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
         IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
         _ => addr,
-    };
-    let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+    }
 }
 
 /// Answers the queries of one connection in turn until it closes, idles, errs or the

@@ -294,10 +294,14 @@ impl Resolver {
 
     /// Stops answering and expiring; the agent's allow-list goes with its programs.
     pub fn stop(&mut self) {
+        // The expiry timer first, so that it winds down while the proxy's threads do.
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.expiry.as_ref() {
+            thread.thread().unpark();
+        }
         if let Some(proxy) = self.proxy.take() {
             proxy.stop();
         }
-        self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.expiry.take() {
             let _ = thread.join();
         }
