@@ -216,24 +216,50 @@ impl ExecNotifier {
         options: NotifierOptions,
         on_error: impl Fn(&NotifyError) + Send + Sync + 'static,
     ) -> io::Result<Handle> {
-        let sizes = sys::seccomp_notif_sizes()?;
-        let stop = Arc::new(sys::eventfd()?);
-        let listener = Arc::new(Listener {
-            fd: RwLock::new(None),
-            resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8),
-            wake: AtomicU8::new(WAKE_UNKNOWN),
-        });
-        let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
-        let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
-        let thread = std::thread::Builder::new().name("exec-notify".into()).spawn(move || {
-            let served = serve(&socket, &thread_stop, &thread_listener, notif_words, &*decider, options, &on_error);
-            // Whatever ended the loop, nothing answers any more: close, so the kernel fails
-            // pending and future execs instead of holding them.
-            thread_listener.close();
-            served
-        })?;
-        Ok(Handle { stop, listener, thread: Some(thread) })
+        spawn_serving("exec-notify", move |stop, listener, notif_words| {
+            serve(&socket, stop, listener, notif_words, &*decider, options, &on_error)
+        })
     }
+}
+
+/// Starts the thread serving one listener with `body(stop, listener, notif_words)`.
+/// Whatever ends `body`, nothing answers any more: the listener is closed, so the kernel
+/// fails pending and future execs instead of holding them.
+fn spawn_serving(
+    name: &str,
+    body: impl FnOnce(&OwnedFd, &Arc<Listener>, usize) -> Result<(), NotifyError> + Send + 'static,
+) -> io::Result<Handle> {
+    let sizes = sys::seccomp_notif_sizes()?;
+    let stop = Arc::new(sys::eventfd()?);
+    let listener = Arc::new(Listener {
+        fd: RwLock::new(None),
+        resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8),
+        wake: AtomicU8::new(WAKE_UNKNOWN),
+    });
+    let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
+    let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
+    let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let served = body(&thread_stop, &thread_listener, notif_words);
+        thread_listener.close();
+        served
+    })?;
+    Ok(Handle { stop, listener, thread: Some(thread) })
+}
+
+/// Waits for the listener to arrive on `socket` and notes which wake-ups it uses; None on
+/// stop. The caller's copy of the child end closes after the launch, so EOF here means
+/// the child ended before its exec.
+fn receive_listener(socket: &OwnedFd, stop: &OwnedFd, listener: &Listener) -> Result<Option<OwnedFd>, NotifyError> {
+    let (go, _) = wait(socket.as_fd(), stop)?;
+    if !go {
+        return Ok(None);
+    }
+    let fd = sys::recv_fd(socket.as_fd()).map_err(NotifyError::Listener)?.ok_or(NotifyError::NoListener)?;
+    // Synchronous wake-ups only change which CPU each side runs on; where the kernel lacks
+    // them (EINVAL before Linux 6.6) the listener works the same with ordinary ones.
+    let wake = if sys::seccomp_notif_set_sync_wake_up(fd.as_fd()).is_ok() { WAKE_SYNC } else { WAKE_PLAIN };
+    listener.wake.store(wake, Ordering::Relaxed);
+    Ok(Some(fd))
 }
 
 /// What the entry-only plane did with one exec: `Denied` is every exec after the entry's.
@@ -260,21 +286,9 @@ impl ExecNotifier {
         socket: OwnedFd,
         on_exec: impl Fn(EntryOnly) + Send + Sync + 'static,
     ) -> io::Result<Handle> {
-        let sizes = sys::seccomp_notif_sizes()?;
-        let stop = Arc::new(sys::eventfd()?);
-        let listener = Arc::new(Listener {
-            fd: RwLock::new(None),
-            resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8),
-            wake: AtomicU8::new(WAKE_UNKNOWN),
-        });
-        let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
-        let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
-        let thread = std::thread::Builder::new().name("exec-entry-only".into()).spawn(move || {
-            let served = serve_entry_only(&socket, &thread_stop, &thread_listener, notif_words, &on_exec);
-            thread_listener.close();
-            served
-        })?;
-        Ok(Handle { stop, listener, thread: Some(thread) })
+        spawn_serving("exec-entry-only", move |stop, listener, notif_words| {
+            serve_entry_only(&socket, stop, listener, notif_words, &on_exec)
+        })
     }
 }
 
@@ -285,13 +299,7 @@ fn serve_entry_only(
     notif_words: usize,
     on_exec: &dyn Fn(EntryOnly),
 ) -> Result<(), NotifyError> {
-    let (go, _) = wait(socket.as_fd(), stop)?;
-    if !go {
-        return Ok(());
-    }
-    let fd = sys::recv_fd(socket.as_fd()).map_err(NotifyError::Listener)?.ok_or(NotifyError::NoListener)?;
-    let wake = if sys::seccomp_notif_set_sync_wake_up(fd.as_fd()).is_ok() { WAKE_SYNC } else { WAKE_PLAIN };
-    listener.wake.store(wake, Ordering::Relaxed);
+    let Some(fd) = receive_listener(socket, stop, listener)? else { return Ok(()) };
     let resp_words = listener.resp_words;
     let mut buf = vec![0u64; notif_words];
     // The launcher's thread until its exec was let through; None afterwards.
@@ -400,17 +408,7 @@ fn serve(
     options: NotifierOptions,
     on_error: &dyn Fn(&NotifyError),
 ) -> Result<(), NotifyError> {
-    // The listener first. The caller's copy of the child end closes after the launch, so
-    // EOF here means the child ended before its exec.
-    let (go, _) = wait(socket.as_fd(), stop)?;
-    if !go {
-        return Ok(());
-    }
-    let fd = sys::recv_fd(socket.as_fd()).map_err(NotifyError::Listener)?.ok_or(NotifyError::NoListener)?;
-    // Synchronous wake-ups only change which CPU each side runs on; where the kernel lacks
-    // them (EINVAL before Linux 6.6) the listener works the same with ordinary ones.
-    let wake = if sys::seccomp_notif_set_sync_wake_up(fd.as_fd()).is_ok() { WAKE_SYNC } else { WAKE_PLAIN };
-    listener.wake.store(wake, Ordering::Relaxed);
+    let Some(fd) = receive_listener(socket, stop, listener)? else { return Ok(()) };
     *listener.fd.write().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))? = Some(fd);
     let mut buf = vec![0u64; notif_words];
     let mut memory = ReadMemory { options, ..ReadMemory::default() };
