@@ -18,7 +18,7 @@ pub use events::{
     comm_string, decode, decode_summary, exe_key, pins, Caller, DecodeError, Event, EventReader, NetDetail, NetFamily,
     NetLayer, NetPlanHit, VerdictName,
 };
-pub use name_allow::{name_allows, KernelAllowMap, NameAllows};
+pub use name_allow::{name_allows, pinned_hosts, KernelAllowMap, NameAllows};
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
 pub use programs::{pinned_counter, AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
 pub use ring::Ring;

@@ -49,6 +49,11 @@ impl AllowMap for KernelAllowMap {
 /// those that name one host and one port are never removed by a name lapsing (wider
 /// entries are other trie keys, which a name's removal does not touch anyway).
 pub fn name_allows(programs: Arc<Mutex<AgentPrograms>>, agent_id: u64, pinned: &[AllowRule]) -> NameAllows {
-    let hosts = pinned.iter().filter(|rule| *rule == &AllowRule::host(rule.addr, rule.port)).map(|r| (r.addr, r.port));
-    ExpiringAllows::new(KernelAllowMap::new(programs, agent_id), hosts)
+    ExpiringAllows::new(KernelAllowMap::new(programs, agent_id), pinned_hosts(pinned))
+}
+
+/// The destinations of `pinned` that a name lapsing must never remove: the entries that
+/// name one host and one port (the keys a name's allowance writes).
+pub fn pinned_hosts(pinned: &[AllowRule]) -> impl Iterator<Item = Dest> + '_ {
+    pinned.iter().filter(|rule| **rule == AllowRule::host(rule.addr, rule.port)).map(|rule| (rule.addr, rule.port))
 }

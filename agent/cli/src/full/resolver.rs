@@ -246,11 +246,7 @@ impl Resolver {
         let tcp =
             TcpListener::bind(bind).with_context(|| format!("cannot serve the agent's resolver on tcp {bind}"))?;
         let resolv_conf = write_resolv_conf(setup.gateway)?;
-        let hosts = setup
-            .pinned
-            .iter()
-            .filter(|rule| **rule == AllowRule::host(rule.addr, rule.port))
-            .map(|rule| (rule.addr, rule.port));
+        let hosts = agt_jail_ebpf_loader::pinned_hosts(setup.pinned);
         let map = GuardedMap {
             kernel: KernelAllowMap::new(setup.programs, setup.agent_id),
             never: setup.never.iter().map(|a| a.to_canonical()).collect(),
