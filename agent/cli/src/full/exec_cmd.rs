@@ -73,6 +73,9 @@ struct Governed<'a> {
     /// Under a policy where the resolver is served: the policy's domains and the addresses
     /// the resolver opened for them, which the plan's `net.domain` classes are made of.
     learned: Option<(Vec<String>, Arc<Mutex<Resolved>>)>,
+    /// The host's addresses as the allow-list's denies were made from them (allowlist
+    /// mode): the resolver never opens them either.
+    host_addrs: Vec<IpAddr>,
 }
 
 impl<'a> Governed<'a> {
@@ -118,6 +121,7 @@ impl<'a> Governed<'a> {
             sink: None,
             resolver: None,
             learned: None,
+            host_addrs: Vec::new(),
         })
     }
 
@@ -165,9 +169,9 @@ impl<'a> Governed<'a> {
             // The agent's network is made meanwhile (it exists before the agent does; a
             // failed setup fails the run when it is joined, so no gateway is fine here).
             gateway = egress.and_then(PendingEgress::gateway).map(IpAddr::V4);
-            let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
+            self.host_addrs = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
             let served = if dns { gateway } else { None };
-            rules.extend(allowlist_denies(profile, gateway.iter().chain(&host).copied(), served));
+            rules.extend(allowlist_denies(profile, gateway.iter().chain(&self.host_addrs).copied(), served));
         }
         for rule in rules {
             programs.deny_connect(agent_id, rule).context("cannot install a connect rule")?;
@@ -401,9 +405,8 @@ impl<'a> Governed<'a> {
             .iter()
             .map(|dest| AllowRule { addr: dest.addr, prefix: dest.prefix, port: dest.port })
             .collect();
-        let host = agt_jail_jail::host::interface_addresses().context("cannot list the host's addresses")?;
         let mut never: Vec<IpAddr> =
-            allowlist_denies(profile, host.iter().copied(), None).iter().map(|r| r.addr).collect();
+            allowlist_denies(profile, self.host_addrs.iter().copied(), None).iter().map(|r| r.addr).collect();
         never.push(IpAddr::V4(gateway));
         let feed = match (self.learned.as_ref(), self.governance.as_ref()) {
             (Some((domains, learned)), Some(governance)) => {
