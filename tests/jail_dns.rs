@@ -262,6 +262,19 @@ fn names_are_refused_where_no_resolver_of_agt_jails_serves_the_agent() {
         assert_eq!(output.status.code(), Some(125), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // Nor is an upstream for a resolver the run does not have (ring 3 never hands over to
+    // the governing binary, so this is refused before any plane is chosen).
+    for args in [&["--ring", "3"][..], &["--ring", "0"][..], &["--ring", "2", "--net", "none"][..]] {
+        let output = Command::new(BIN)
+            .arg("exec")
+            .args(args)
+            .args(["--dns-upstream", "127.0.0.1", "--", "/bin/true"])
+            .output()
+            .unwrap();
+        let (_, err) = text(&output);
+        assert_eq!(output.status.code(), Some(125), "{args:?}: {err}");
+        assert!(err.contains("--dns-upstream cannot be honoured"), "{args:?}: {err}");
+    }
     for bad in ["*:443", "api.example.com", "api.example.com:0", "a..b:443"] {
         let output = Command::new(BIN)
             .args(["exec", "--ring", "2", "--allow-connect", bad, "--", "/bin/true"])

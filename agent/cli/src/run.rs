@@ -323,6 +323,14 @@ fn narrow_network(args: &ExecArgs, profile: &mut Profile) -> Result<()> {
         }
         bail!("--allow-connect cannot be honoured in ring {ring}: ring {ring} has no network");
     }
+    // Only network mode allowlist serves the agent a resolver of agt-jail's to ask upstream.
+    if args.dns_upstream.is_some() && !(profile.confine && profile.net == NetMode::Allowlist) {
+        bail!(
+            "--dns-upstream cannot be honoured: the agent's resolver is served in network mode allowlist (rings 1-2) \
+             only, and this run's mode is {}",
+            profile.net.name()
+        );
+    }
     // A profile's names under `--net host` (rings 1-2 with a policy): no resolver of
     // agt-jail's is in the agent's path there, so nothing could open their addresses.
     if let (Some((name, port)), false) = (profile.allow_names.first(), profile.net == NetMode::Allowlist) {
