@@ -207,6 +207,9 @@ fn kill_9_in_a_flood_then_recover(round: u64, policy: bool) {
 
     let listed = agt_jail().args(["audit", "recover", "--list"]).output().unwrap();
     assert!(text(&listed).0.contains(&format!("{run} orphaned {}", log.display())), "{:?}", text(&listed));
+    // --list recovers nothing, so it takes no runs (nor a key) it would leave untouched.
+    let both = agt_jail().args(["audit", "recover", "--list", &run]).output().unwrap();
+    assert_eq!(both.status.code(), Some(2), "{:?}", text(&both));
     let recovered = agt_jail().args(["audit", "recover", &run]).output().unwrap();
     assert_eq!(recovered.status.code(), Some(0), "{:?}", text(&recovered));
     // The agent is gone now (recovery ends what is left of it): its count is final.

@@ -107,7 +107,7 @@ pub enum AuditCommand {
         #[arg(value_name = "RUN")]
         runs: Vec<String>,
         /// List the pinned runs (running or orphaned) and their logs; recover nothing.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["runs", "key"])]
         list: bool,
         /// The signing key (default: the key the run was started with).
         #[arg(long = "audit-key", value_name = "FILE")]
