@@ -618,10 +618,8 @@ pub fn execute<G: Governor>(
     forwarder.stop();
     governor.ended();
     drop(entry_plane);
-    // The agent is done with its network: its teardown leaves agt-jail's exit path.
-    if let Some(egress) = egress {
-        egress.release();
-    }
+    // The agent is done with its network: the kernel deletes the pair with its namespace.
+    drop(egress);
     if let Some((raw, output)) = relay {
         let _ = output.join();
         drop(raw);

@@ -331,7 +331,12 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     println!(
         "agent egress      {}",
         match &facts.egress {
-            Ok(()) => format!("veth + nf_tables masquerade, /30s from {}/{}", egress::RANGE.0, egress::RANGE.1),
+            Ok(()) => format!(
+                "veth + nf_tables masquerade (one shared `table ip {}`, kept between runs), /30s from {}/{}",
+                egress::NAT_TABLE,
+                egress::RANGE.0,
+                egress::RANGE.1
+            ),
             Err(e) => e.clone(),
         }
     );
