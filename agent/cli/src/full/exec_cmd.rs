@@ -461,12 +461,21 @@ impl<'a> Governed<'a> {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().context("cannot create the exec listener socket")?;
         // A confined agent cannot change its root (no capabilities, no new namespaces).
+        // Where no Landlock holds a ring to its entry command, this plane holds it too
+        // (the same check the launch makes; the jail gets this plane's listener then).
+        let entry_only =
+            profile.confine && agt_jail_jail::launch::check_enforcement(profile).is_ok_and(|e| e.entry_exec_plane);
         let options = NotifierOptions {
             tasks: self.task_facts.clone().map(|tasks| tasks as Arc<dyn TaskSource>),
             fixed_root: profile.confine,
+            entry_only,
         };
         let notifier = ExecNotifier::start_with_options(OwnedFd::from(ours), decider.clone(), options, |err| {
-            agt_jail_jail::stderr_line!("agt-jail: denied an exec that could not be decided: {err}");
+            if matches!(err, exec_notify::NotifyError::AfterEntry { .. }) {
+                agt_jail_jail::stderr_line!("agt-jail: denied the {err}");
+            } else {
+                agt_jail_jail::stderr_line!("agt-jail: denied an exec that could not be decided: {err}");
+            }
         })
         .context("cannot start the exec plane")?;
         self.exec_plane = Some((notifier, decider));
