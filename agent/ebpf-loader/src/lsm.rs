@@ -414,10 +414,13 @@ impl FileLsm {
         Self::load_with_btf(programs, Path::new(KernelOffsets::VMLINUX))
     }
 
-    /// Loads `file_open` (required) and the `path_*` hooks the kernel accepts; see
-    /// [`FileLsm::unavailable`] for those it refused (e.g. no `bpf_d_path` there on 6.1).
+    /// Loads the `file_open` and `path_*` hooks the kernel accepts; see
+    /// [`FileLsm::unavailable`] for those it refused (no `bpf_d_path` for the `path_*` hooks
+    /// on 6.1, nor for `file_open` on 5.10). The fanotify plane holds every file rule
+    /// anyway; the hooks only deny earlier, so a refused one is reported, not fatal.
     pub fn load_with_btf(programs: &mut AgentPrograms, vmlinux: &Path) -> Result<Self, LoaderError> {
-        let (group, unavailable) = Group::load(programs, vmlinux, &[FILE_OPEN_HOOK], &FILE_PATH_HOOKS)?;
+        let optional: Vec<&'static str> = std::iter::once(FILE_OPEN_HOOK).chain(FILE_PATH_HOOKS).collect();
+        let (group, unavailable) = Group::load(programs, vmlinux, &[], &optional)?;
         Ok(Self { group, unavailable })
     }
 
