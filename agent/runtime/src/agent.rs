@@ -759,7 +759,9 @@ impl EventSink {
             Ok(event) => match evaluator {
                 Some((evaluator, plan)) => {
                     let names = self.names.as_ref();
-                    govern::observe(evaluator, plan, &event, &|addr| names.and_then(|n| resolver::names_of(n, addr)))
+                    crate::plane::observe(evaluator, plan, &event, &|addr| {
+                        names.and_then(|n| resolver::names_of(n, addr))
+                    })
                 }
                 None => {
                     if let Err(err) = self.record(&event) {

@@ -14,24 +14,19 @@ use std::{
     },
 };
 
-use std::net::IpAddr;
-
 use agt_jail_audit::LineWriter;
-use agt_jail_common::FileRuleKind;
 use agt_jail_ebpf_loader::{
-    lsm::{self, ExecIdentity, ExecLsm, FileLsm, FileRule, GuardLsm},
-    AgentPrograms, Event, NetLayer, NetTables, VerdictName,
+    lsm::{self, ExecIdentity, ExecLsm, FileLsm, GuardLsm},
+    AgentPrograms,
 };
 use agt_jail_policy::{
-    context::{AgentFacts, FileEvent, NetEvent, NetFamily, NetProto},
-    plan::{self, HostCaps, NetPlan, PathKind, Plan, Resolved},
+    context::AgentFacts,
+    plan::{self, HostCaps, Plan, Resolved},
     PolicySet,
 };
 use agt_jail_supervisor::{
     control::{self, ControlServer, IdentityView},
-    evaluator::{
-        Actuator, Evaluator, EvaluatorConfig, KernelCaller, KernelVerdict, NetObservation, RecordSink, TrustRules,
-    },
+    evaluator::{Actuator, Evaluator, EvaluatorConfig, RecordSink, TrustRules},
     fanotify::{FanotifyError, FileGuard, FileGuardHandle, FileGuardOptions},
     identity::{self, AgentIdentity},
     identity_socket::{IdentityFacts, IdentitySocket, IDENTITY_DIR},
@@ -40,7 +35,11 @@ use agt_jail_supervisor::{
 };
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{audit_run, PolicyOptions};
+use crate::{
+    audit_run,
+    plane::{ExecPlane, FilePlane, GuardPlane, NetPlane, Plane},
+    PolicyOptions,
+};
 
 /// Locks shared state, recovering it from a panicked holder (cleanup must still run).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -167,6 +166,20 @@ pub struct HostActuator {
     pub on_first_exec: Mutex<Option<ArmHook>>,
 }
 
+impl HostActuator {
+    /// Effects with nothing wired yet but the kill switch (`kill_file`: the agent's
+    /// `cgroup.kill`); the planes set theirs once they exist.
+    pub fn new(kill_file: Option<PathBuf>) -> HostActuator {
+        HostActuator {
+            kill_file,
+            on_demote: Mutex::new(None),
+            file_cache: Mutex::new(None),
+            exec_approvals: Mutex::new(None),
+            on_first_exec: Mutex::new(None),
+        }
+    }
+}
+
 /// What the evaluator needs of the file plane's cache.
 pub trait FileCache: Send + Sync {
     fn allow_always(&self, identity: FileIdentity);
@@ -259,13 +272,7 @@ impl Governance {
         audit: Option<LineWriter>,
         show_denials: bool,
     ) -> Result<Governance> {
-        let actuator = Arc::new(HostActuator {
-            kill_file,
-            on_demote: Mutex::new(None),
-            file_cache: Mutex::new(None),
-            exec_approvals: Mutex::new(None),
-            on_first_exec: Mutex::new(None),
-        });
+        let actuator = Arc::new(HostActuator::new(kill_file));
         let Loaded { set: policies, agent, identity, policy_hash, trust } = loaded;
         let name = agent.id.clone();
         let cfg = EvaluatorConfig {
@@ -318,130 +325,6 @@ impl Governance {
             _decay: decay,
             _control: control,
         })
-    }
-}
-
-/// Hands one kernel event to the evaluator: network events carry the kernel's verdict
-/// and are checked against the policy; the rest are recorded as observations.
-/// `names`: the names the agent's resolver opened an address for (the proxy's answers
-/// give `net.domain` before the plan's host-side resolution does).
-pub fn observe(
-    evaluator: &Evaluator,
-    plan: &Mutex<Option<Plan>>,
-    event: &Event,
-    names: &dyn Fn(std::net::IpAddr) -> Option<String>,
-) {
-    let (hook, tgid, net, verdict) = match event {
-        Event::Connect { tgid, family, addr, port, protocol, verdict, layer, plan, caller, count, .. } => {
-            let net = NetParts {
-                family: *family,
-                addr: *addr,
-                port: *port,
-                protocol,
-                layer: *layer,
-                plan: *plan,
-                caller,
-                count: *count,
-            };
-            (NetEvent::Connect, *tgid, net, *verdict)
-        }
-        Event::Sendmsg { tgid, net, verdict, .. } => (NetEvent::Sendmsg, *tgid, NetParts::of(net), *verdict),
-        // Tier A: an open the kernel's file hook decided from the policy's path forms.
-        Event::File { tgid, op, access, path, verdict, .. } if op == "open" => {
-            let writes = access.iter().any(|a| a != "read");
-            let (event, access) = match (writes, access.iter().any(|a| a == "read")) {
-                (false, _) => (FileEvent::Open, "read"),
-                (true, true) => (FileEvent::Write, "read_write"),
-                (true, false) => (FileEvent::Write, "write"),
-            };
-            let kernel = if *verdict == VerdictName::Allow { KernelVerdict::Allow } else { KernelVerdict::Deny };
-            evaluator.observe_file(*tgid, event, path, access, kernel);
-            return;
-        }
-        Event::Bind { tgid, net, verdict, .. } => (NetEvent::Bind, *tgid, NetParts::of(net), *verdict),
-        other => {
-            // A process's facts change when it execs or exits.
-            match other {
-                Event::Exec { tgid, exe, filename, .. } => evaluator.process_execd(*tgid, *exe, filename),
-                Event::Exit { tgid, .. } => evaluator.forget_process(*tgid),
-                _ => {}
-            }
-            if let Ok(value) = serde_json::to_value(other) {
-                evaluator.observe_raw(&value);
-            }
-            return;
-        }
-    };
-    let domain = names(net.addr).or_else(|| domain_of(plan, net.addr));
-    evaluator.observe_net(&net_observation(hook, tgid, &net, verdict, domain.as_deref()));
-}
-
-/// A decoded network event's details, borrowed from the event (connect records carry them
-/// in the event itself, sendmsg and bind in a [`agt_jail_ebpf_loader::NetDetail`]).
-pub struct NetParts<'a> {
-    pub family: agt_jail_ebpf_loader::NetFamily,
-    pub addr: std::net::IpAddr,
-    pub port: u16,
-    pub protocol: &'a str,
-    pub layer: NetLayer,
-    pub plan: Option<agt_jail_ebpf_loader::NetPlanHit>,
-    pub caller: &'a agt_jail_ebpf_loader::Caller,
-    pub count: u64,
-}
-
-impl<'a> NetParts<'a> {
-    pub fn of(net: &'a agt_jail_ebpf_loader::NetDetail) -> NetParts<'a> {
-        NetParts {
-            family: net.family,
-            addr: net.addr,
-            port: net.port,
-            protocol: &net.protocol,
-            layer: net.layer,
-            plan: net.plan,
-            caller: &net.caller,
-            count: net.count,
-        }
-    }
-}
-
-/// The evaluator's view of a decoded network event.
-pub fn net_observation<'a>(
-    hook: NetEvent,
-    tgid: u32,
-    net: &NetParts<'a>,
-    verdict: VerdictName,
-    domain: Option<&'a str>,
-) -> NetObservation<'a> {
-    let family = match net.family {
-        agt_jail_ebpf_loader::NetFamily::Inet => NetFamily::Inet,
-        agt_jail_ebpf_loader::NetFamily::Inet6 => NetFamily::Inet6,
-    };
-    let protocol = match net.protocol {
-        "tcp" => NetProto::Tcp,
-        "udp" => NetProto::Udp,
-        _ => NetProto::Other,
-    };
-    let kernel = match (verdict, net.layer) {
-        (VerdictName::Allow, _) => KernelVerdict::Allow,
-        (VerdictName::Kill, _) => KernelVerdict::Kill,
-        (VerdictName::Deny, NetLayer::Plan) if net.plan.is_some_and(|hit| hit.rate_limited) => {
-            KernelVerdict::RateLimited
-        }
-        (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
-        (VerdictName::Deny, _) => KernelVerdict::Floor,
-    };
-    let caller = net.caller;
-    NetObservation {
-        pid: tgid,
-        event: hook,
-        family,
-        protocol,
-        addr: net.addr,
-        port: net.port,
-        domain,
-        kernel,
-        caller: Some(KernelCaller { ppid: caller.ppid, uid: caller.uid, comm: &caller.comm, exe: caller.exe }),
-        count: net.count,
     }
 }
 
@@ -511,13 +394,6 @@ pub fn compile_plan(
     Ok((compiled, resolved))
 }
 
-/// The policy domain an address was resolved from, as the plan in force knows it.
-fn domain_of(plan: &Mutex<Option<Plan>>, addr: std::net::IpAddr) -> Option<String> {
-    let plan = lock(plan);
-    let class = plan.as_ref()?.net.as_ref()?.class_of(addr)?;
-    class.domains.first().cloned()
-}
-
 impl FileCache for FileGuardHandle {
     fn allow_always(&self, identity: FileIdentity) {
         // A failed cache mark only means the file is asked again.
@@ -561,9 +437,14 @@ enum Entry {
 
 impl ArmingDecider {
     pub fn new(governance: &Governance, file_plane: bool) -> Arc<ArmingDecider> {
+        ArmingDecider::with(Arc::clone(&governance.evaluator), Arc::clone(&governance.actuator), file_plane)
+    }
+
+    /// The decider of an evaluator and the effects it acts through.
+    pub fn with(evaluator: Arc<Evaluator>, actuator: Arc<HostActuator>, file_plane: bool) -> Arc<ArmingDecider> {
         Arc::new(ArmingDecider {
-            evaluator: Arc::clone(&governance.evaluator),
-            actuator: Arc::clone(&governance.actuator),
+            evaluator,
+            actuator,
             pending_file_plane: Mutex::new(file_plane),
             file_guard: Mutex::new(None),
             entry: Arc::new(AtomicU8::new(Entry::NotAsked as u8)),
@@ -638,53 +519,11 @@ impl Decider for ArmingDecider {
         self.evaluator.handle(request, reply);
     }
 }
-/// The kernel tables of a compiled network plan (the loader's shape of the same data).
-pub fn net_tables(net: &NetPlan) -> NetTables {
-    use agt_jail_ebpf_loader::{NetAction, NetHook, NetLimitRow, NetProto as Proto, NetVerdictRow};
-    let mut tables = NetTables::default();
-    for class in &net.addr_classes {
-        match class.addr {
-            IpAddr::V4(v4) => tables.v4.push((v4, class.prefix_len, class.id)),
-            IpAddr::V6(v6) => tables.v6.push((v6, class.prefix_len, class.id)),
-        }
-    }
-    tables.ports = net.ports.iter().map(|(port, class)| (*port, *class)).collect();
-    for row in &net.rows {
-        let hook = match NetEvent::from_code(row.event) {
-            Some(NetEvent::Sendmsg) => NetHook::Sendmsg,
-            Some(NetEvent::Bind) => NetHook::Bind,
-            _ => NetHook::Connect,
-        };
-        let proto = match NetProto::ALL.iter().find(|p| p.code() == row.proto) {
-            Some(NetProto::Tcp) => Proto::Tcp,
-            Some(NetProto::Udp) => Proto::Udp,
-            _ => Proto::Other,
-        };
-        let action = match row.action {
-            plan::ACTION_ALLOW => NetAction::Allow,
-            plan::ACTION_KILL => NetAction::Kill,
-            _ => NetAction::Deny,
-        };
-        tables.verdicts.push(NetVerdictRow {
-            addr_class: row.addr_class,
-            port_class: row.port_class,
-            hook,
-            proto,
-            action,
-            log: row.flags & plan::FLAG_LOG != 0,
-            rule: row.rule,
-            limit: row.limit,
-        });
-    }
-    tables.limits = net.limits.iter().map(|l| NetLimitRow { id: l.id, max: l.max, period_ns: l.period_ns }).collect();
-    tables
-}
-
 /// Installs the plan's network tables for the agent (or, when the plan could not be
 /// compiled, leaves the ring's floor as the only network rule).
 pub fn install_plan(programs: &mut AgentPrograms, agent_id: u64, plan: &Plan) -> Result<()> {
-    if let Some(net) = &plan.net {
-        programs.install_net_plan(agent_id, &net_tables(net)).context("cannot install the network tables")?;
+    if let Some(tables) = NetPlane.compile(plan) {
+        NetPlane.install(programs, agent_id, &tables).context("cannot install the network tables")?;
     }
     Ok(())
 }
@@ -701,44 +540,21 @@ pub struct TierA {
 /// bpf, module loading and foreign sockets for the agent.
 pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm, plan: &Plan) -> Result<TierA> {
     exec.attach(programs).context("cannot attach the exec hook")?;
-    ExecLsm::enable_exec_verdicts(programs, agent_id).context("cannot turn on exec verdicts")?;
-    let file = match plan.file.as_ref().filter(|f| !f.paths.is_empty()) {
-        Some(kernel_plan) => {
+    ExecPlane.install(programs, agent_id, &()).context("cannot turn on exec verdicts")?;
+    let file = match FilePlane.compile(plan) {
+        Some(tables) => {
             let mut lsm = FileLsm::load(programs).context("cannot load the file hooks")?;
             for (hook, why) in lsm.unavailable() {
                 agt_jail_jail::stderr_line!("agt-jail: warning: the kernel refused the {hook} hook ({why}); its rules stay on the fanotify plane");
             }
             lsm.attach(programs).context("cannot attach the file hooks")?;
-            // The kernel matches one path component per name rule; a name spanning
-            // components (".config/gcloud") stays with the file plane.
-            let (names_with_slash, kernel_paths): (Vec<_>, Vec<_>) = kernel_plan.paths.iter().partition(|p| {
-                matches!(p.kind, PathKind::Component | PathKind::Basename | PathKind::BasenamePrefix)
-                    && p.text.contains('/')
-            });
-            for p in names_with_slash {
+            for text in &tables.spanning {
                 agt_jail_jail::stderr_line!(
                     "agt-jail: note: the path form {} spans components; the kernel's file hook leaves it to the fanotify plane",
-                    agt_jail_policy::quoted(&p.text)
+                    agt_jail_policy::quoted(text)
                 );
             }
-            let rules: Vec<FileRule> = kernel_paths
-                .into_iter()
-                .map(|p| FileRule {
-                    kind: match p.kind {
-                        PathKind::Exact => FileRuleKind::Exact,
-                        PathKind::Prefix => FileRuleKind::Prefix,
-                        PathKind::Component => FileRuleKind::Component,
-                        PathKind::Basename => FileRuleKind::Basename,
-                        PathKind::BasenamePrefix => FileRuleKind::BasenamePrefix,
-                    },
-                    text: p.text.clone(),
-                    // mkdir is a kind of create for the kernel's access bits.
-                    access_mask: (p.access & 0x1f)
-                        | if p.access & plan::ACCESS_MKDIR != 0 { plan::ACCESS_CREATE } else { 0 },
-                    rule_index: u32::from(p.rule),
-                })
-                .collect();
-            FileLsm::install_file_rules(programs, agent_id, &rules).context("cannot install the file rules")?;
+            FilePlane.install(programs, agent_id, &tables).context("cannot install the file rules")?;
             Some(lsm)
         }
         None => None,
@@ -755,14 +571,8 @@ pub fn arm_tier_a(programs: &mut AgentPrograms, agent_id: u64, mut exec: ExecLsm
 /// module loading and foreign sockets).
 pub fn guard_enabler(programs: Arc<Mutex<AgentPrograms>>, agent_id: u64) -> ArmHook {
     Box::new(move || {
-        let flags = lsm::guard::DENY_PTRACE
-            | lsm::guard::DENY_FOREIGN_SIGNALS
-            | lsm::guard::DENY_MOUNT
-            | lsm::guard::DENY_BPF
-            | lsm::guard::DENY_KERNEL_LOAD
-            | lsm::guard::DENY_FOREIGN_SOCKETS;
         let mut programs = lock(&programs);
-        GuardLsm::enable(&mut programs, agent_id, flags).map_err(io::Error::other)
+        GuardPlane.install(&mut *programs, agent_id, &GuardPlane::FLAGS).map_err(io::Error::other)
     })
 }
 
@@ -846,6 +656,7 @@ pub fn follow_domains(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::net::IpAddr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     #[test]

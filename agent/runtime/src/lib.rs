@@ -19,6 +19,7 @@ pub mod agent;
 pub mod audit_run;
 pub mod govern;
 pub mod pinned_run;
+pub mod plane;
 pub mod resolver;
 
 pub use agent::{Agent, JailAdditions};
