@@ -422,3 +422,6 @@ pub fn net_tables(net: &NetPlan) -> NetTables {
     tables
 }
 
+
+#[cfg(test)]
+mod tests;
