@@ -422,6 +422,5 @@ pub fn net_tables(net: &NetPlan) -> NetTables {
     tables
 }
 
-
 #[cfg(test)]
 mod tests;
