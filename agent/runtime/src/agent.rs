@@ -968,6 +968,83 @@ mod tests {
 
     use super::*;
 
+    fn policy_file(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const ALLOW_ALL: &str = "apiVersion: governance.toolkit/v1\nname: p\nagents: ['*']\ndefault_action: allow\n";
+
+    fn governed(dir: &Path, policy: &str) -> RunOptions {
+        RunOptions {
+            command: vec!["/bin/true".into()],
+            quiet: true,
+            policy: crate::PolicyOptions {
+                policy: vec![policy_file(dir, policy)],
+                trust: 500,
+                approval_timeout: 5,
+                token_ttl: 300,
+                trust_domain: "agt-jail.local".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_policy_that_does_not_load_fails_the_run_with_its_located_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = governed(dir.path(), "apiVersion: governance.toolkit/v1\nname: p\nrules: [\n");
+        let err = Agent::new(opts, &Profile::builtin(2).unwrap()).err().unwrap().to_string();
+        assert!(err.contains("policy.yaml:"), "{err}");
+    }
+
+    #[test]
+    fn a_command_line_the_exec_plane_cannot_read_is_refused_under_a_policy_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = governed(dir.path(), ALLOW_ALL);
+        opts.command = (0..exec_notify::MAX_ARGS + 1).map(|_| "x".into()).collect();
+        assert!(Agent::new(opts.clone(), &Profile::builtin(2).unwrap()).is_err());
+        opts.policy.policy.clear();
+        assert!(Agent::new(opts, &Profile::builtin(2).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn an_agent_that_never_attached_finishes_and_closes_its_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = governed(dir.path(), ALLOW_ALL);
+        opts.audit = crate::AuditOptions {
+            file: Some(dir.path().join("run.audit")),
+            key: dir.path().join("key"),
+            sync: "batch".into(),
+            checkpoint_every: 1000,
+            checkpoint_secs: 60,
+            rotate: None,
+        };
+        let profile = Profile::builtin(3).unwrap();
+        assert!(opts.needs_bpf(&profile), "an audit log is written from the kernel's events");
+        let agent = Agent::new(opts, &profile).unwrap();
+        assert!(agent.exec_listener().is_none() && !agent.entry_denied());
+        assert!(agent.jail_additions().ro.is_empty(), "no identity socket before attach");
+        agent.finish().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("run.audit")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+        assert_eq!(last["checkpoint"]["reason"], "close", "the closing checkpoint is written: {log}");
+    }
+
+    #[test]
+    fn runs_need_bpf_programs_for_what_only_they_enforce_or_record() {
+        let ring3 = Profile::builtin(3).unwrap();
+        let plain = RunOptions::default();
+        assert!(!plain.needs_bpf(&ring3), "the jail alone enforces ring 3");
+        assert!(plain.needs_bpf(&Profile::builtin(0).unwrap()), "record mode is observed");
+        let events = RunOptions { events: Some("-".into()), ..RunOptions::default() };
+        assert!(events.needs_bpf(&ring3));
+        let deny = RunOptions { deny_connect: vec![("10.0.0.1".parse().unwrap(), 0)], ..RunOptions::default() };
+        assert!(deny.needs_bpf(&ring3));
+    }
+
     #[test]
     fn command_lines_the_exec_plane_cannot_read_are_refused() {
         let args =
