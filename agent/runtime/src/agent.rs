@@ -7,8 +7,7 @@
 //! instruction, so nothing it does escapes them. Cleanup runs on every path.
 use std::{
     ffi::OsString,
-    fs::{File, OpenOptions},
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
@@ -31,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::{
-    audit_run::{self, AuditRun},
+    audit_run::AuditRun,
     govern::{self, lock},
     pinned_run::{self, PinnedRun, RunMeta},
     resolver::{self, Names, Resolver, ResolverSetup},
@@ -734,19 +733,7 @@ struct EventSink {
 
 impl EventSink {
     fn open(path: Option<&Path>, show_denials: bool, audit: Option<LineWriter>) -> Result<Self> {
-        let out: Option<Box<dyn Write + Send>> = match path {
-            None => None,
-            Some(path) if path == Path::new("-") => Some(Box::new(BufWriter::new(io::stdout()))),
-            Some(path) => {
-                let file: File = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("cannot open events file {}", path.display()))?;
-                Some(Box::new(BufWriter::new(file)))
-            }
-        };
-        Ok(Self { out: audit_run::tee(out, audit), show_denials, error: None, names: None })
+        Ok(Self { out: govern::records_out(path, audit)?, show_denials, error: None, names: None })
     }
 
     /// Hands one decoded event to the evaluator, or records it here.

@@ -224,9 +224,16 @@ impl Actuator for HostActuator {
 /// Opens the events file (or stdout for `-`) for decision records; the audit log, when
 /// there is one, gets every line too.
 pub fn record_sink(path: Option<&Path>, audit: Option<LineWriter>) -> Result<RecordSink> {
+    Ok(RecordSink::new(records_out(path, audit)?))
+}
+
+/// Where a run's records go, with or without a policy: the events file (appended to; `-`
+/// is stdout) and the audit log, as one writer that gets every line. Buffered: the writers
+/// of records hand it whole batches and flush at the end of each.
+pub fn records_out(path: Option<&Path>, audit: Option<LineWriter>) -> Result<Option<Box<dyn Write + Send>>> {
     let out: Option<Box<dyn Write + Send>> = match path {
         None => None,
-        Some(p) if p == Path::new("-") => Some(Box::new(io::stdout())),
+        Some(p) if p == Path::new("-") => Some(Box::new(BufWriter::new(io::stdout()))),
         Some(p) => {
             let file = OpenOptions::new()
                 .create(true)
@@ -236,7 +243,7 @@ pub fn record_sink(path: Option<&Path>, audit: Option<LineWriter>) -> Result<Rec
             Some(Box::new(BufWriter::new(file)))
         }
     };
-    Ok(RecordSink::new(audit_run::tee(out, audit)))
+    Ok(audit_run::tee(out, audit))
 }
 
 /// The evaluator and the control socket of one governed run.
