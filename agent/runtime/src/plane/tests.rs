@@ -346,3 +346,74 @@ fn protocol_names_and_codes_convert_one_way_each() {
     assert_eq!(net_proto("sctp"), NetProto::Other);
     assert_eq!(kernel_proto(NetProto::Udp), agt_jail_ebpf_loader::NetProto::Udp);
 }
+
+fn file_event(op: &str, access: &[&str], verdict: VerdictName) -> Event {
+    Event::File {
+        pid: 9,
+        tgid: 9,
+        cgroup_id: 7,
+        agent_id: 7,
+        ktime_ns: 3,
+        op: op.into(),
+        access: access.iter().map(|a| a.to_string()).collect(),
+        path: "/root/.ssh/id_ed25519".into(),
+        rule_index: Some(1),
+        rule_kind: "prefix".into(),
+        verdict,
+    }
+}
+
+#[test]
+fn each_event_is_its_own_planes_and_an_open_is_decided_by_what_it_asked_for() {
+    let denied_rw = file_event("open", &["read", "write"], VerdictName::Deny);
+    match observation(&denied_rw) {
+        Observation::File { pid, event, path, access, kernel } => {
+            assert_eq!((pid, event, access, kernel), (9, FileEvent::Write, "read_write", KernelVerdict::Deny));
+            assert_eq!(path, "/root/.ssh/id_ed25519");
+        }
+        other => panic!("{other:?}"),
+    }
+    let read = file_event("open", &["read"], VerdictName::Allow);
+    assert!(matches!(
+        observation(&read),
+        Observation::File { event: FileEvent::Open, access: "read", kernel: KernelVerdict::Allow, .. }
+    ));
+    let create = file_event("open", &["create"], VerdictName::Deny);
+    assert!(matches!(observation(&create), Observation::File { event: FileEvent::Write, access: "write", .. }));
+    // Other file operations are the kernel's own decisions, recorded as they are.
+    let unlink = file_event("unlink", &["unlink"], VerdictName::Deny);
+    assert!(matches!(observation(&unlink), Observation::Record(_)));
+    let connect = decode(&connect_record([10, 0, 0, 1], 443, Verdict::Allow)).unwrap();
+    assert!(matches!(observation(&connect), Observation::Net { hook: NetEvent::Connect, .. }));
+    assert!(NetPlane.observe(&unlink).is_none() && FilePlane.observe(&connect).is_none());
+    assert!(ExecPlane.observe(&connect).is_none() && GuardPlane.observe(&connect).is_none());
+}
+
+#[test]
+fn a_kernel_file_decision_reaches_the_record_with_the_policys_rule() {
+    let policy = r#"
+apiVersion: governance.toolkit/v1
+name: files
+agents: ["*"]
+default_action: allow
+rules:
+  - name: keys
+    condition: "event in ['file_open', 'file_write'] and file.path startswith '/root/.ssh/'"
+    action: deny
+    priority: 900
+"#;
+    let lines = Lines::default();
+    let ev = evaluator(PolicySet::from_str("files", policy).unwrap(), &lines, Arc::new(HostActuator::new(None)));
+    let mut event = file_event("open", &["read"], VerdictName::Deny);
+    if let Event::File { tgid, pid, .. } = &mut event {
+        (*tgid, *pid) = (std::process::id(), std::process::id());
+    }
+    observe(&ev, &Mutex::new(None), &event, &|_| None);
+    ev.flush();
+    let records = lines.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["event"], "file_open");
+    assert_eq!(records[0]["outcome"], "deny");
+    assert_eq!(records[0]["matched_rule"], "keys");
+    assert_eq!(records[0]["plane"], "kernel");
+}
