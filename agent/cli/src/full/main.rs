@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 
 mod audit_cmd;
 mod audit_recover;
-mod audit_run;
 mod control_cmd;
 mod doctor_cmd;
 mod exec_cmd;
@@ -15,7 +14,6 @@ mod govern;
 mod identity_cmd;
 mod pinned_run;
 mod policy_cmd;
-mod resolver;
 
 pub use agt_jail_cli::EXIT_INTERNAL;
 
