@@ -35,6 +35,8 @@ pub enum LoaderError {
     Map { map: &'static str, message: String },
     #[error(transparent)]
     NetPlan(#[from] crate::net::NetPlanError),
+    #[error("cannot pin at {path}: {message}")]
+    Pin { path: std::path::PathBuf, message: String },
 }
 
 /// A connect destination to deny. `port == 0` denies every port of `addr`.
@@ -142,9 +144,14 @@ const TRACEPOINTS: [&str; 4] = ["sched_process_exec", "sched_process_fork", "sch
 
 /// The loaded object with its always-on programs (process tracking, network hooks).
 pub struct AgentPrograms {
-    bpf: Ebpf,
+    pub(crate) bpf: Ebpf,
     reader: Option<EventReader>,
     task_facts: Option<TaskFactsMap>,
+    /// Cgroup attachments whose links the object still owns (until pinned).
+    pub(crate) attached: Vec<crate::pinned::Attached>,
+    /// Descriptors of pinned links: they keep the programs attached while this object
+    /// lives, whatever became of the pins.
+    pub(crate) held_links: Vec<std::os::fd::OwnedFd>,
 }
 
 /// The kernel's per-thread record of agents' `comm` and executable (`TASK_FACTS`, kept by
@@ -228,17 +235,25 @@ impl AgentPrograms {
         )?;
         let task_facts = HashMap::try_from(take("TASK_FACTS")?)
             .map_err(|err| LoaderError::Map { map: "TASK_FACTS", message: err.to_string() })?;
-        Ok(Self { bpf, reader: Some(reader), task_facts: Some(TaskFactsMap { map: task_facts }) })
+        Ok(Self {
+            bpf,
+            reader: Some(reader),
+            task_facts: Some(TaskFactsMap { map: task_facts }),
+            attached: Vec::new(),
+            held_links: Vec::new(),
+        })
     }
 
     /// Attaches the network programs (connect, UDP sendmsg, bind; IPv4 and IPv6) to an
     /// agent's cgroup v2 directory. Must happen before any of the agent's processes join it.
     pub fn attach_cgroup(&mut self, cgroup_dir: impl AsFd + Copy) -> Result<(), LoaderError> {
+        let cgroup_id = crate::pinned::cgroup_id_of(cgroup_dir)?;
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
-            program
+            let link = program
                 .attach(cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|err| LoaderError::Attach { program: name, message: err.to_string() })?;
+            self.attached.push(crate::pinned::Attached { cgroup_id, program: name, link });
         }
         Ok(())
     }
@@ -368,7 +383,7 @@ pub fn pinned_counter(dir: &Path, pin: &'static str) -> Result<u64, LoaderError>
     Ok(per_cpu.iter().sum())
 }
 
-fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
+pub(crate) fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
