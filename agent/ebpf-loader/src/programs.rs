@@ -12,7 +12,7 @@ use agt_jail_common::{
 use aya::{
     maps::{lpm_trie::Key as LpmKey, Array, HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr},
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 
 use crate::{btf::KernelOffsets, events::EventReader, OffsetError, EBPF_OBJECT};
@@ -152,6 +152,8 @@ pub struct AgentPrograms {
     /// Descriptors of pinned links: they keep the programs attached while this object
     /// lives, whatever became of the pins.
     pub(crate) held_links: Vec<std::os::fd::OwnedFd>,
+    /// The kernel BTF read at load (and its path), for the programs loaded on demand.
+    kernel_btf: Option<(std::path::PathBuf, std::sync::Arc<crate::btf::KernelBtf>)>,
 }
 
 /// The kernel's per-thread record of agents' `comm` and executable (`TASK_FACTS`, kept by
@@ -177,11 +179,14 @@ impl AgentPrograms {
     }
 
     pub fn load_with_btf(vmlinux: &Path) -> Result<Self, LoaderError> {
-        let offsets = KernelOffsets::from_btf_file(vmlinux)?;
-        let btf = Btf::parse_file(vmlinux, aya::Endianness::default())
-            .map_err(|err| LoaderError::KernelBtf(err.to_string()))?;
-        let mut bpf = EbpfLoader::new()
-            .btf(Some(&btf))
+        // aya's loader parses the whole kernel BTF when it is made (for CO-RE, which this
+        // object does not use); dropping it before anything else is read keeps the peak low.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let kernel = std::sync::Arc::new(crate::btf::KernelBtf::read(vmlinux)?);
+        let offsets = KernelOffsets::from_btf(&kernel)?;
+        let btf = kernel.attach_targets()?;
+        let mut bpf = loader
             .override_global("BINPRM_FILENAME_OFFSET", &offsets.binprm_filename, true)
             .override_global("TASK_PID_OFFSET", &offsets.task_pid, true)
             .override_global("TASK_TGID_OFFSET", &offsets.task_tgid, true)
@@ -241,6 +246,7 @@ impl AgentPrograms {
             task_facts: Some(TaskFactsMap { map: task_facts }),
             attached: Vec::new(),
             held_links: Vec::new(),
+            kernel_btf: Some((vmlinux.to_path_buf(), kernel)),
         })
     }
 
@@ -356,6 +362,18 @@ impl AgentPrograms {
             PerCpuArray::try_from(map).map_err(|err| LoaderError::Map { map: name, message: err.to_string() })?;
         let per_cpu = drops.get(&0, 0).map_err(|err| LoaderError::Map { map: name, message: err.to_string() })?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// The kernel BTF at `vmlinux`, read once per object.
+    pub(crate) fn kernel_btf(&mut self, vmlinux: &Path) -> Result<std::sync::Arc<crate::btf::KernelBtf>, LoaderError> {
+        if let Some((path, btf)) = &self.kernel_btf {
+            if path == vmlinux {
+                return Ok(std::sync::Arc::clone(btf));
+            }
+        }
+        let btf = std::sync::Arc::new(crate::btf::KernelBtf::read(vmlinux)?);
+        self.kernel_btf = Some((vmlinux.to_path_buf(), std::sync::Arc::clone(&btf)));
+        Ok(btf)
     }
 
     /// The underlying object, for programs that other modules load on demand.
