@@ -96,7 +96,7 @@ impl LsmOffsets {
         Self::from_btf(&KernelBtf::read(path)?)
     }
 
-    fn from_btf(btf: &KernelBtf) -> Result<Self, OffsetError> {
+    pub(crate) fn from_btf(btf: &KernelBtf) -> Result<Self, OffsetError> {
         let mut offsets = [0u64; MEMBERS.len()];
         for (slot, (strukt, member)) in offsets.iter_mut().zip(MEMBERS) {
             *slot = btf.member_offset(strukt, member)?;
@@ -157,14 +157,14 @@ impl Group {
         names: &[&'static str],
         optional: &[&'static str],
     ) -> Result<(Self, Unavailable), LoaderError> {
-        let kernel = programs.kernel_btf(vmlinux)?;
-        ensure_offsets(programs, &kernel)?;
-        let btf = kernel.attach_targets()?;
+        let kernel = programs.kernel_facts(vmlinux)?;
+        ensure_offsets(programs, kernel.lsm_offsets, vmlinux)?;
+        let btf = &kernel.targets;
         let mut loaded = Vec::new();
         let mut unavailable = Vec::new();
         for &name in names.iter().chain(optional) {
             let program = lsm_program(programs, name)?;
-            match program.load(name, &btf) {
+            match program.load(name, btf) {
                 Ok(()) => loaded.push(name),
                 Err(err) if optional.contains(&name) => unavailable.push((name, one_line(&err.to_string()))),
                 Err(err) => return Err(LoaderError::Program { program: name, message: one_line(&err.to_string()) }),
@@ -540,7 +540,11 @@ fn add_agent_flags(
 }
 
 /// Fills `LSM_OFFSETS` from the kernel's BTF and freezes it, once per loaded object.
-fn ensure_offsets(programs: &mut AgentPrograms, kernel: &KernelBtf) -> Result<(), LoaderError> {
+fn ensure_offsets(
+    programs: &mut AgentPrograms,
+    offsets: Option<LsmOffsets>,
+    vmlinux: &Path,
+) -> Result<(), LoaderError> {
     let map =
         programs.ebpf_mut().map_mut(OFFSETS_MAP).ok_or(LoaderError::Missing { what: "map", name: OFFSETS_MAP })?;
     let mut array: Array<&mut MapData, [u64; MEMBERS.len()]> =
@@ -548,7 +552,11 @@ fn ensure_offsets(programs: &mut AgentPrograms, kernel: &KernelBtf) -> Result<()
     if array.get(&0, 0).map_err(|err| map_error(OFFSETS_MAP, err))?[0] != 0 {
         return Ok(());
     }
-    let offsets = LsmOffsets::from_btf(kernel)?;
+    let offsets = match offsets {
+        Some(offsets) => offsets,
+        // Read again for the located reason.
+        None => LsmOffsets::from_btf_file(vmlinux)?,
+    };
     array.set(0, offsets.0, 0).map_err(|err| map_error(OFFSETS_MAP, err))?;
     let map = programs.ebpf_mut().map(OFFSETS_MAP).ok_or(LoaderError::Missing { what: "map", name: OFFSETS_MAP })?;
     let aya::maps::Map::Array(data) = map else {

@@ -153,7 +153,21 @@ pub struct AgentPrograms {
     /// lives, whatever became of the pins.
     pub(crate) held_links: Vec<std::os::fd::OwnedFd>,
     /// The kernel BTF read at load (and its path), for the programs loaded on demand.
-    kernel_btf: Option<(std::path::PathBuf, std::sync::Arc<crate::btf::KernelBtf>)>,
+    kernel: Option<(std::path::PathBuf, std::sync::Arc<KernelFacts>)>,
+}
+
+/// What is kept of the kernel BTF after loading: the attach targets of every program
+/// (tracepoints and LSM hooks) and the LSM programs' struct offsets (`None` when this
+/// kernel lacks one of their members: loading those programs then fails with the reason).
+pub(crate) struct KernelFacts {
+    pub(crate) targets: aya::Btf,
+    pub(crate) lsm_offsets: Option<crate::lsm::LsmOffsets>,
+}
+
+impl KernelFacts {
+    fn of(btf: &crate::btf::KernelBtf) -> Result<Self, LoaderError> {
+        Ok(Self { targets: btf.attach_targets()?, lsm_offsets: crate::lsm::LsmOffsets::from_btf(btf).ok() })
+    }
 }
 
 /// The kernel's per-thread record of agents' `comm` and executable (`TASK_FACTS`, kept by
@@ -183,9 +197,13 @@ impl AgentPrograms {
         // object does not use); dropping it before anything else is read keeps the peak low.
         let mut loader = EbpfLoader::new();
         loader.btf(None);
-        let kernel = std::sync::Arc::new(crate::btf::KernelBtf::read(vmlinux)?);
-        let offsets = KernelOffsets::from_btf(&kernel)?;
-        let btf = kernel.attach_targets()?;
+        let (offsets, kernel) = {
+            // The BTF itself (its file) is dropped at the end of this block: what the
+            // programs loaded later need of it is kept, and is small.
+            let btf = crate::btf::KernelBtf::read(vmlinux)?;
+            (KernelOffsets::from_btf(&btf)?, std::sync::Arc::new(KernelFacts::of(&btf)?))
+        };
+        let btf = &kernel.targets;
         let mut bpf = loader
             .override_global("BINPRM_FILENAME_OFFSET", &offsets.binprm_filename, true)
             .override_global("TASK_PID_OFFSET", &offsets.task_pid, true)
@@ -223,7 +241,7 @@ impl AgentPrograms {
         }
         for name in TRACEPOINTS {
             let tracepoint: &mut BtfTracePoint = program(&mut bpf, name)?;
-            tracepoint.load(name, &btf).map_err(|err| program_error(name, err))?;
+            tracepoint.load(name, btf).map_err(|err| program_error(name, err))?;
             tracepoint.attach().map_err(|err| program_error(name, err))?;
         }
 
@@ -246,7 +264,7 @@ impl AgentPrograms {
             task_facts: Some(TaskFactsMap { map: task_facts }),
             attached: Vec::new(),
             held_links: Vec::new(),
-            kernel_btf: Some((vmlinux.to_path_buf(), kernel)),
+            kernel: Some((vmlinux.to_path_buf(), kernel)),
         })
     }
 
@@ -364,16 +382,17 @@ impl AgentPrograms {
         Ok(per_cpu.iter().sum())
     }
 
-    /// The kernel BTF at `vmlinux`, read once per object.
-    pub(crate) fn kernel_btf(&mut self, vmlinux: &Path) -> Result<std::sync::Arc<crate::btf::KernelBtf>, LoaderError> {
-        if let Some((path, btf)) = &self.kernel_btf {
+    /// What the programs loaded on demand need of the kernel BTF at `vmlinux`: kept from
+    /// the load when it is the same file, else read now.
+    pub(crate) fn kernel_facts(&mut self, vmlinux: &Path) -> Result<std::sync::Arc<KernelFacts>, LoaderError> {
+        if let Some((path, facts)) = &self.kernel {
             if path == vmlinux {
-                return Ok(std::sync::Arc::clone(btf));
+                return Ok(std::sync::Arc::clone(facts));
             }
         }
-        let btf = std::sync::Arc::new(crate::btf::KernelBtf::read(vmlinux)?);
-        self.kernel_btf = Some((vmlinux.to_path_buf(), std::sync::Arc::clone(&btf)));
-        Ok(btf)
+        let facts = std::sync::Arc::new(KernelFacts::of(&crate::btf::KernelBtf::read(vmlinux)?)?);
+        self.kernel = Some((vmlinux.to_path_buf(), std::sync::Arc::clone(&facts)));
+        Ok(facts)
     }
 
     /// The underlying object, for programs that other modules load on demand.
