@@ -75,9 +75,20 @@ impl AgentPrograms {
     /// [`PinnedEnforcement::unpin`].
     ///
     /// Needs `bpf_link` (Linux 5.7); older kernels attach without a link, which cannot be
-    /// pinned, and get [`LoaderError::Pin`]. A link whose pin fails stays held by this
-    /// object (never detached by the failure); pins already made stay for `unpin`.
+    /// pinned, and get [`LoaderError::Pin`] before anything is pinned. A link whose pin
+    /// fails stays held by this object (never detached by the failure); pins already made
+    /// stay for `unpin`. Call once per attachment: pinning again finds the map pins there.
     pub fn pin_enforcement(&mut self, dir: &Path) -> Result<(), LoaderError> {
+        // aya attaches cgroup programs through a bpf_link from 5.7 on; before, the link
+        // cannot be pinned and taking it out to try would detach it.
+        let linked = aya::util::KernelVersion::current()
+            .map_err(|err| pin_error(dir, format!("cannot read the kernel version: {err}")))?;
+        if linked < aya::util::KernelVersion::new(5, 7, 0) {
+            return Err(pin_error(
+                dir,
+                format!("kernel {linked:?} attaches cgroup programs without a bpf_link (Linux < 5.7)"),
+            ));
+        }
         for (name, pin) in enforcement_pins::MAPS {
             let map = self.bpf.map(name).ok_or(LoaderError::Missing { what: "map", name })?;
             let path = dir.join(pin);
@@ -90,20 +101,24 @@ impl AgentPrograms {
                 message: format!("cannot take the link: {err}"),
             })?;
             let path = dir.join(link_pin_name(attached.cgroup_id, attached.program));
-            let fd_link = match FdLink::try_from(link) {
-                Ok(fd_link) => fd_link,
-                Err(err) => {
-                    // The conversion consumed the link, which detached it: say so loudly.
-                    return Err(pin_error(
-                        &path,
-                        format!("{err}: the kernel attached without a bpf_link (Linux < 5.7), nothing to pin"),
-                    ));
-                }
-            };
+            // From 5.7 on (checked above) every cgroup attachment is a bpf_link.
+            let fd_link = FdLink::try_from(link).map_err(|err| pin_error(&path, err))?;
             // A second descriptor of the link, held by this object whatever happens to the
             // pin: a failed pin must not detach the agent's programs (fail closed).
-            let id = fd_link.info().map_err(|err| pin_error(&path, err))?.id();
-            let keep = crate::sys::link_fd_by_id(id).map_err(|err| pin_error(&path, err))?;
+            let keep = fd_link
+                .info()
+                .map(|info| info.id())
+                .map_err(|err| err.to_string())
+                .and_then(|id| crate::sys::link_fd_by_id(id).map_err(|err| err.to_string()));
+            let keep = match keep {
+                Ok(keep) => keep,
+                Err(err) => {
+                    // Dropping the link would detach it: its descriptor stays open (and the
+                    // programs attached) until this process ends.
+                    std::mem::forget(fd_link);
+                    return Err(pin_error(&path, format!("cannot hold a second descriptor of the link: {err}")));
+                }
+            };
             self.held_links.push(keep);
             fd_link.pin(&path).map_err(|err| pin_error(&path, err))?;
         }

@@ -186,3 +186,35 @@ fn without_pins_enforcement_ends_with_its_process() {
     assert!(after.status.success(), "{after:?}");
     cgroup.remove().unwrap();
 }
+
+/// A link whose pin fails stays attached while its owner lives (fail closed), and the pins
+/// made before the failure can be adopted and removed.
+#[test]
+fn a_failed_link_pin_leaves_the_cgroup_governed() {
+    require!(Need::Root, Need::Btf, Need::CgroupV2);
+    let agent = 0x6661_696c;
+    let bpffs = Bpffs::mount("fail");
+    let cgroup = test_cgroup(0x91e3);
+    let procs = cgroup.path().join("cgroup.procs");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut programs = AgentPrograms::load().unwrap();
+    programs.register_agent(cgroup.id(), agent).unwrap();
+    programs.install_net_plan(agent, &deny_every_tcp_connect()).unwrap();
+    programs.attach_cgroup(cgroup.dir()).unwrap();
+    // Something already sits where connect4's link would be pinned.
+    let taken = bpffs.0.join(format!("{}{}-connect4", enforcement_pins::LINK_PREFIX, cgroup.id()));
+    std::fs::create_dir(&taken).unwrap();
+    let err = programs.pin_enforcement(&bpffs.0).unwrap_err().to_string();
+    assert!(err.contains("connect4"), "{err}");
+    assert!(denied(&connect_from(&procs, port)), "the link whose pin failed is still attached");
+    std::fs::remove_dir(&taken).unwrap();
+    let adopted = PinnedEnforcement::open(&bpffs.0).unwrap();
+    assert_eq!(adopted.links(), 5, "the pins made before the failure");
+    adopted.unpin().unwrap();
+    assert!(denied(&connect_from(&procs, port)), "still held by the live owner");
+    drop(programs);
+    let freed = connect_from(&procs, port);
+    assert!(freed.status.success(), "{freed:?}");
+    cgroup.remove().unwrap();
+}
