@@ -14,6 +14,9 @@ pub const OLDROOT: &str = "/oldroot";
 pub const EMPTY_FILE: &str = "/.agt-jail-empty";
 /// The scratch workspace mount point in ring 3.
 pub const SCRATCH: &str = "/workspace";
+/// The host daemon's directory (its control socket, the agents' control sockets): never
+/// reachable from inside, whatever the profile's `hide` list says.
+pub const DAEMON_DIR: &str = "/run/agt-jail";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MountOp {
@@ -253,7 +256,11 @@ impl ViewSpec {
         // /proc/sysrq-trigger, which uid 0 without capabilities could otherwise write).
         // Reopening /proc/self/fd/N reaches the file's own mount, not this one.
         ops.push(MountOp::RemountRo { dst: under(NEWROOT, Path::new("/proc")) });
-        for (path, is_dir) in &self.hide {
+        let mut hide = self.hide.clone();
+        if daemon_dir_exposed(&self.binds, &hide) && Path::new(DAEMON_DIR).is_dir() {
+            hide.push((DAEMON_DIR.into(), true));
+        }
+        for (path, is_dir) in &hide {
             let dst = under(NEWROOT, path);
             if *is_dir {
                 ops.push(MountOp::HideDir { dst });
@@ -266,6 +273,14 @@ impl ViewSpec {
         }
         ops
     }
+}
+
+/// Whether a bind shows [`DAEMON_DIR`] (a bind of it, of a parent or of a path inside)
+/// and no hidden entry covers it.
+fn daemon_dir_exposed(binds: &[Bind], hide: &[(PathBuf, bool)]) -> bool {
+    let dir = Path::new(DAEMON_DIR);
+    let shown = binds.iter().any(|b| dir.starts_with(&b.path) || b.path.starts_with(dir));
+    shown && !hide.iter().any(|(h, _)| dir.starts_with(h))
 }
 
 #[cfg(test)]
@@ -289,6 +304,25 @@ mod tests {
             files: Vec::new(),
             tmp_noexec: false,
             scratch_noexec: false,
+        }
+    }
+
+    #[test]
+    fn the_daemon_directory_is_hidden_wherever_a_bind_shows_it() {
+        let bind = |path: &str| Bind { path: path.into(), writable: false, is_dir: true, noexec: false };
+        assert!(!daemon_dir_exposed(&[bind("/usr"), bind("/etc")], &[]));
+        assert!(daemon_dir_exposed(&[bind("/usr"), bind("/run")], &[]));
+        assert!(daemon_dir_exposed(&[bind("/")], &[]));
+        assert!(daemon_dir_exposed(&[bind("/run/agt-jail/agents")], &[]));
+        assert!(!daemon_dir_exposed(&[bind("/run/agt-jailx")], &[]));
+        assert!(!daemon_dir_exposed(&[bind("/run")], &[("/run/agt-jail".into(), true)]));
+        assert!(!daemon_dir_exposed(&[bind("/run")], &[("/run".into(), true)]));
+        if Path::new(DAEMON_DIR).is_dir() {
+            let ops = ViewSpec { binds: vec![bind("/run")], ..Default::default() }.plan();
+            let hidden = ops.iter().position(|o| *o == MountOp::HideDir { dst: "/newroot/run/agt-jail".into() });
+            let bound =
+                ops.iter().position(|o| matches!(o, MountOp::Bind { dst, .. } if dst == Path::new("/newroot/run")));
+            assert!(hidden.unwrap() > bound.unwrap(), "hidden after the bind that shows it: {ops:?}");
         }
     }
 
