@@ -247,6 +247,27 @@ fn a_ring_2_jail_cannot_reach_the_socket() {
         let out = daemon.cmd(&args).output().unwrap();
         assert_eq!(text(&out.stdout), "hidden\n", "{extra:?}: {}", text(&out.stderr));
     }
+    // Under a policy the agent's own identity socket is bound inside the directory: that
+    // path alone is shown, the rest stays hidden.
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/coding-agent/policy.yaml");
+    let out = daemon
+        .cmd(&[
+            "exec",
+            "--standalone",
+            "--ring",
+            "2",
+            "--ro",
+            "/run",
+            "--policy",
+            policy,
+            "--",
+            "/bin/sh",
+            "-c",
+            &probe,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "hidden\nidentity\n", "{}", text(&out.stderr));
 }
 
 /// The agents' loop: a connect to the denied port every 200 ms, its outcome appended to FILE.
@@ -341,4 +362,79 @@ fn agents_outlive_a_kill_9_of_the_daemon_keep_enforcing_and_are_adopted() {
     for (client, _) in &mut clients[1..] {
         assert!(wait_exit(client, Duration::from_secs(30)).is_some(), "a killed agent's client never ended");
     }
+}
+
+#[test]
+fn events_status_and_demote_go_through_the_daemon() {
+    if !require("daemon events and control", &[Need::Root, Need::CgroupV2, Need::Landlock, Need::Btf]) {
+        return;
+    }
+    let daemon = Daemon::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/coding-agent/policy.yaml");
+    let name = format!("dtest-{}", std::process::id());
+    let mut agent = daemon
+        .cmd(&["exec", "--ring", "2", "--agent", &name, "--policy", policy, "--events"])
+        .arg(&events)
+        .args(["--", "/bin/sh", "-c", "while :; do /bin/true; sleep 0.3; done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(daemon.wait_listed(&name), name);
+
+    // The supervisor's evaluator answers through the daemon (once its control socket is up:
+    // until then the daemon answers from its record).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let out = daemon.cmd(&["status", "--agent", &name]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["ring"], 2, "{status}");
+        if status["did"].is_string() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the supervisor's control socket never answered: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status["did"].as_str().unwrap().starts_with("did:mesh:"), "{status}");
+    let out = daemon.cmd(&["demote", "--agent", &name, "--ring", "3"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("agt-jail: agent {name} is now in ring 3"));
+    let out = daemon.cmd(&["demote", "--agent", &name, "--ring", "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a ring lower than its own is the agent's refusal");
+
+    // The records written so far, then following: new ones arrive, and the stream ends with the agent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let out = daemon.cmd(&["events", "--agent", &name]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        if let Some(line) = text(&out.stdout).lines().next() {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no records");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let record: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert!(record.is_object(), "{first}");
+    let mut follow =
+        daemon.cmd(&["events", "-f", "--agent", &name]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Read on a thread: a reader that stops reading would hold the stream (and the test) up.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("no record followed");
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(!record["agent_id"].is_null(), "{line}");
+    let out = daemon.cmd(&["kill", "--agent", &name]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(wait_exit(&mut agent, Duration::from_secs(30)).is_some(), "killed agent never ended");
+    let status = wait_exit(&mut follow, Duration::from_secs(30)).expect("events -f did not end with the agent");
+    assert!(status.success());
 }
