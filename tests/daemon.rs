@@ -438,3 +438,52 @@ fn events_status_and_demote_go_through_the_daemon() {
     let status = wait_exit(&mut follow, Duration::from_secs(30)).expect("events -f did not end with the agent");
     assert!(status.success());
 }
+
+#[test]
+fn signals_to_the_client_reach_the_agent_and_metrics_count() {
+    if !require("daemon signals", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
+        return;
+    }
+    use agt_jail_daemon::proto::{request::Op, response::Body};
+    let daemon = Daemon::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let script = format!("touch {}; while :; do sleep 0.1; done # sigtest", ready.display());
+    let mut agent = daemon
+        .cmd(&["exec", "--ring", "2", "--workspace", dir.path().to_str().unwrap(), "--", "/bin/sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    daemon.wait_listed("# sigtest");
+    // The command runs (its supervisor forwards signals from before it starts it).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the agent never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The supervisor is in a session of its own: only the client's forwarding reaches it.
+    let metrics =
+        |daemon: &Daemon| match agt_jail_daemon::client::call(&daemon.socket(), Op::Metrics(Default::default()))
+            .unwrap()
+            .body
+        {
+            Some(Body::Metrics(m)) => m,
+            other => panic!("not metrics: {other:?}"),
+        };
+    let before = metrics(&daemon);
+    assert_eq!((before.agents_running, before.launched, before.exited), (1, 1, 0), "{before:?}");
+    // SAFETY: SIGTERM to our own child, which has not been waited for.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut agent, Duration::from_secs(30)).expect("SIGTERM did not end the agent");
+    // The client was not killed by the signal (its status would be the signal, not a
+    // code): it forwarded it and exits with the agent's status, 128+15 as standalone.
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    assert!(daemon.log_text().contains("ended with status 143"), "{}", daemon.log_text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics(&daemon).exited == 0 {
+        assert!(Instant::now() < deadline, "the end was not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = metrics(&daemon);
+    assert_eq!(after.agents_running, 0, "{after:?}");
+    assert!(after.requests > before.requests, "{after:?}");
+}
