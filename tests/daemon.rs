@@ -197,13 +197,18 @@ fn another_uid_is_refused_with_a_clear_message_and_a_member_is_served() {
     if !require("daemon peers", &[Need::Root]) {
         return;
     }
+    // util-linux's setpriv runs the client as another uid (test guests may lack it).
+    let Some(setpriv) = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| Path::new(p).exists()) else {
+        agt_jail_test_support::program_missing("daemon peers", "no setpriv (util-linux) to run a client as uid 65534");
+        return;
+    };
     let daemon = Daemon::start("");
     let meta = std::fs::metadata(daemon.socket()).unwrap();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, TEST_GID, 0o660));
     // Open the file mode so that only SO_PEERCRED stands between uid 65534 and the API.
     std::fs::set_permissions(daemon.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
-    let out = Command::new("setpriv")
+    let out = Command::new(setpriv)
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", BIN, "ps"])
         .env("AGT_JAIL_SOCKET", daemon.socket())
         .output()
@@ -217,13 +222,37 @@ fn another_uid_is_refused_with_a_clear_message_and_a_member_is_served() {
     assert!(daemon.log_text().contains("refused pid"), "{}", daemon.log_text());
 
     // The same uid as a member of the group (supplementary) is served.
-    let out = Command::new("setpriv")
+    let out = Command::new(setpriv)
         .args(["--reuid", "65534", "--regid", "65534", "--groups", &TEST_GID.to_string(), BIN, "ps"])
         .env("AGT_JAIL_SOCKET", daemon.socket())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("AGENT"), "{}", text(&out.stdout));
+    // A member may not launch: the agent would run with root's authority.
+    let out = Command::new(setpriv)
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--groups",
+            &TEST_GID.to_string(),
+            BIN,
+            "exec",
+            "--",
+            "/bin/true",
+        ])
+        .env("AGT_JAIL_SOCKET", daemon.socket())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with("agt-jail: permission denied: uid 65534 may not launch"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!daemon.log_text().contains("launched for uid 65534"), "{}", daemon.log_text());
 }
 
 #[test]

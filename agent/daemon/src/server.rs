@@ -352,6 +352,20 @@ async fn connection(state: Arc<State>, mut stream: UnixStream) {
         return;
     };
     let reply = match op {
+        // The supervisor runs as root and so does a ring 0 command: a launch for another
+        // uid would make the group root-equivalent.
+        Op::Launch(_) if peer.1 != 0 => {
+            log!("launch refused for uid {}: only root may launch", peer.1);
+            error(
+                format!(
+                    "permission denied: uid {} may not launch agents through the daemon (agents run with root's \
+                     authority; members of {} may list, inspect, follow and control them)",
+                    peer.1,
+                    crate::GROUP
+                ),
+                125,
+            )
+        }
         Op::Launch(launch) => return launch_agent(&state, stream, launch, fds, peer).await,
         Op::Events(events) => return stream_events(&state, stream, events).await,
         Op::List(_) => {
