@@ -33,6 +33,10 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Daemon {
     fn start(members: &str) -> Daemon {
+        Daemon::start_with(members, &[])
+    }
+
+    fn start_with(members: &str, env: &[(&str, &str)]) -> Daemon {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let run_dir = PathBuf::from(format!("/run/agt-jail/test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
@@ -42,7 +46,7 @@ impl Daemon {
         let group_file = scratch.join("group");
         std::fs::write(&group_file, format!("root:x:0:\nagt-jail:x:{TEST_GID}:{members}\n")).unwrap();
         let mut daemon = Daemon { child: None, run_dir, log: scratch.join("daemon.log"), group_file };
-        daemon.spawn();
+        daemon.spawn_with(env);
         daemon
     }
 
@@ -52,6 +56,10 @@ impl Daemon {
 
     /// Starts (again) the daemon on the same runtime directory and waits until it answers.
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, env: &[(&str, &str)]) {
         let readies = self.log_text().matches("ready:").count();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(BIN)
@@ -62,6 +70,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            .envs(env.iter().copied())
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -515,4 +524,42 @@ fn signals_to_the_client_reach_the_agent_and_metrics_count() {
     let after = metrics(&daemon);
     assert_eq!(after.agents_running, 0, "{after:?}");
     assert!(after.requests > before.requests, "{after:?}");
+}
+
+#[test]
+fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
+    if !require("daemon sd_notify", &[Need::Root]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut daemon =
+        Daemon::start_with("", &[("NOTIFY_SOCKET", notify.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = listener.recv(&mut buf).expect("no notification");
+        String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
+    };
+    // READY=1 only once the socket listens (the helper waited for the log's "ready:").
+    got.push(next());
+    assert_eq!(got[0], "READY=1", "{got:?}");
+    got.push(next());
+    assert_eq!(got[1], "WATCHDOG=1", "{got:?}");
+    let child = daemon.child.take().unwrap();
+    // SAFETY: SIGTERM to our own child, which has not been waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopping = loop {
+        let message = next();
+        if message != "WATCHDOG=1" {
+            break message;
+        }
+    };
+    assert_eq!(stopping, "STOPPING=1");
+    let mut child = child;
+    let status = wait_exit(&mut child, Duration::from_secs(30)).expect("the daemon did not stop on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(!daemon.socket().exists(), "the socket outlived the daemon");
 }

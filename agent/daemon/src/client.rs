@@ -31,8 +31,16 @@ pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
 pub fn call(path: &Path, op: Op) -> Result<Response, ClientError> {
     let mut stream = connect(path)?;
     let wire_err = |source| ClientError::Wire { path: path.to_path_buf(), source };
-    stream.write_all(&wire::frame(&Request { op: Some(op) })).map_err(|e| wire_err(e.into()))?;
+    if let Err(err) = stream.write_all(&wire::frame(&Request { op: Some(op) })) {
+        return refusal(&mut stream).ok_or_else(|| wire_err(err.into()));
+    }
     wire::read_blocking(&mut stream).map_err(wire_err)
+}
+
+/// The response a daemon sent before it closed a connection the client could not finish
+/// writing to: a refused peer gets its refusal at once, before its request is read.
+fn refusal(stream: &mut UnixStream) -> Option<Response> {
+    wire::read_blocking(stream).ok()
 }
 
 /// Reads the next response of a streaming request.
@@ -43,9 +51,8 @@ pub fn next(stream: &mut UnixStream) -> Result<Response, wire::WireError> {
 /// Opens a streaming request (events) and returns the connection to read from.
 pub fn open(path: &Path, op: Op) -> Result<UnixStream, ClientError> {
     let mut stream = connect(path)?;
-    stream
-        .write_all(&wire::frame(&Request { op: Some(op) }))
-        .map_err(|e| ClientError::Wire { path: path.to_path_buf(), source: e.into() })?;
+    // On a failed write the daemon's refusal, if any, is still there to read.
+    let _ = stream.write_all(&wire::frame(&Request { op: Some(op) }));
     Ok(stream)
 }
 
@@ -89,6 +96,10 @@ pub fn launch(path: &Path, mut stream: UnixStream, args: &[OsString]) -> u8 {
     let bytes = wire::frame(&request);
     let sent = sys::send_with_fds(stream.as_fd(), &bytes, &[0, 1, 2]).and_then(|n| stream.write_all(&bytes[n..]));
     if let Err(err) = sent {
+        if let Some(Response { body: Some(Body::Error(e)) }) = refusal(&mut stream) {
+            say(&e.message);
+            return u8::try_from(e.exit_code).unwrap_or(125);
+        }
         say(&format!("cannot send the launch to the daemon at {}: {err}", path.display()));
         return 125;
     }
