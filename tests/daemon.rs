@@ -190,12 +190,16 @@ fn the_list_shows_a_running_agent_and_kill_ends_it() {
     let mut agent = daemon.cmd(&["exec", "--ring", "2", "--", "/bin/sleep", "3001"]).spawn().unwrap();
     let name = daemon.wait_listed("/bin/sleep 3001");
     assert!(name.starts_with("agent-"), "{name}");
+    let record = daemon.run_dir.join(format!("agents/{name}.json"));
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!((saved["ring"].as_u64(), saved["command"][1].as_str()), (Some(2), Some("3001")), "{saved}");
     let out = daemon.cmd(&["kill", "--agent", &name]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), format!("agt-jail: killed agent {name}"));
     let status = wait_exit(&mut agent, Duration::from_secs(30)).expect("the killed agent's exec never ended");
     assert_eq!(status.code(), Some(137));
     assert!(!daemon.ps().contains("/bin/sleep 3001"));
+    assert!(!record.exists(), "the record outlived the agent");
     let out = daemon.cmd(&["kill", "--agent", &name]).output().unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains(&format!("no agent \"{name}\" is running")), "{}", text(&out.stderr));
@@ -374,8 +378,17 @@ fn agents_outlive_a_kill_9_of_the_daemon_keep_enforcing_and_are_adopted() {
         assert!(denied_lines(file) > before[i], "agent {i} stopped trying (or stopped being refused)");
     }
 
+    // A record whose supervisor is gone is dropped at start, with a line saying so.
+    let mut gone = Command::new("/bin/true").spawn().unwrap();
+    gone.wait().unwrap();
+    let ghost = daemon.run_dir.join("agents/ghost.json");
+    let record = serde_json::json!({"agent": "ghost", "pid": gone.id(), "start_ticks": 1, "started": 0, "ring": 0,
+                                    "policy": false, "events": null, "command": ["x"]});
+    std::fs::write(&ghost, record.to_string()).unwrap();
     daemon.spawn();
     let log = daemon.log_text();
+    assert!(log.contains("agent ghost dropped: its supervisor"), "{log}");
+    assert!(!ghost.exists());
     assert_eq!(log.matches(" adopted (supervisor pid").count(), AGENTS, "{log}");
     let ps = daemon.ps();
     for name in &names {
@@ -443,6 +456,8 @@ fn events_status_and_demote_go_through_the_daemon() {
     assert_eq!(text(&out.stdout).trim(), format!("agt-jail: agent {name} is now in ring 3"));
     let out = daemon.cmd(&["demote", "--agent", &name, "--ring", "2"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "a ring lower than its own is the agent's refusal");
+    let out = daemon.cmd(&["approve", "--agent", &name, "99"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "no held request 99: {}", text(&out.stderr));
 
     // The records written so far, then following: new ones arrive, and the stream ends with the agent.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -457,6 +472,9 @@ fn events_status_and_demote_go_through_the_daemon() {
     };
     let record: serde_json::Value = serde_json::from_str(&first).unwrap();
     assert!(record.is_object(), "{first}");
+    // Every agent's records when no agent is named.
+    let out = daemon.cmd(&["events"]).output().unwrap();
+    assert!(text(&out.stdout).lines().count() > 0, "{}", text(&out.stderr));
     let mut follow =
         daemon.cmd(&["events", "-f", "--agent", &name]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // Read on a thread: a reader that stops reading would hold the stream (and the test) up.
