@@ -500,6 +500,13 @@ pub fn execute<G: Governor>(
     }
 
     let egress = pending_egress.map(PendingEgress::finish).transpose().map_err(|e| Failure::Launch(e.into()))?;
+    if let Some(timing) = egress.as_ref().filter(|_| std::env::var_os("AGT_JAIL_DEBUG").is_some()).map(|e| e.timing) {
+        agt_jail_jail::stderr_line!(
+            "agt-jail: debug: the agent's network was set up in {} µs on its thread; the launch waited {} µs for it",
+            timing.setup.as_micros(),
+            timing.waited.as_micros()
+        );
+    }
     // Without Landlock, a ring that runs only its entry command is held by the entry-only
     // exec plane: the policy's, which then answers every exec after the entry's itself
     // (NotifierOptions::entry_only), or one of its own without a policy.

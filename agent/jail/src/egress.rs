@@ -326,6 +326,16 @@ pub struct Egress {
     /// A probe (`doctor`) that had to add the shared NAT table takes it away again, so
     /// asking what the host can do changes nothing on it.
     probe_made_nat: bool,
+    /// How long the set-up took, and how long the launch waited for it ([`PendingEgress`]):
+    /// what the routed namespace costs, told by `AGT_JAIL_DEBUG` and the start-up bench.
+    pub timing: EgressTiming,
+}
+
+/// See [`Egress::timing`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EgressTiming {
+    pub setup: std::time::Duration,
+    pub waited: std::time::Duration,
 }
 
 /// Runs `work` on a thread of its own that entered `netns` (or a new namespace when
@@ -378,6 +388,7 @@ impl Egress {
     /// to add goes when the guard does. `proc_root` is /proc (the host's routes, the forwarding switch), `sys_net`
     /// /sys/class/net (the sweep).
     pub fn create(proc_root: &Path, sys_net: &Path, forward: bool) -> Result<Self, EgressError> {
+        let began = std::time::Instant::now();
         let mut route = Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
         for (name, _slot) in stale_links(sys_net, proc_root) {
             let _ = route.transact(&[del_link(&name)]);
@@ -405,7 +416,7 @@ impl Egress {
         }
         let slot = reserved.ok_or(EgressError::NoSlot(RANGE.0, RANGE.1))?;
         // From here a failed step drops the namespace, and the kernel deletes the pair.
-        let mut egress = Self { slot, netns, probe_made_nat: false };
+        let mut egress = Self { slot, netns, probe_made_nat: false, timing: EgressTiming::default() };
         let host = index_of(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
         route
             .transact(&[link_up(host, Some(&owner_alias(std::process::id()))), new_addr(host, slot.gateway(), 30)])
@@ -422,6 +433,7 @@ impl Egress {
                 .map_err(netlink_err("turn on IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)"))?;
         }
         egress.probe_made_nat = ensure_nat()? && !forward;
+        egress.timing.setup = began.elapsed();
         Ok(egress)
     }
 
@@ -454,6 +466,8 @@ impl Drop for Egress {
 pub struct PendingEgress {
     thread: Option<JoinHandle<Result<Egress, EgressError>>>,
     done: Option<Result<Egress, EgressError>>,
+    /// How long the launch was blocked joining the thread.
+    waited: std::time::Duration,
 }
 
 fn setup_thread_failed() -> EgressError {
@@ -468,12 +482,14 @@ impl PendingEgress {
             .name("agent-network".into())
             .spawn(move || Egress::create(&proc_root, &sys_net, forward))
             .map_err(netlink_err("start the agent's network setup"))?;
-        Ok(Self { thread: Some(thread), done: None })
+        Ok(Self { thread: Some(thread), done: None, waited: std::time::Duration::ZERO })
     }
 
     fn join(&mut self) -> &Result<Egress, EgressError> {
         if let Some(thread) = self.thread.take() {
+            let began = std::time::Instant::now();
             self.done = Some(thread.join().unwrap_or_else(|_| Err(setup_thread_failed())));
+            self.waited = began.elapsed();
         }
         self.done.get_or_insert_with(|| Err(setup_thread_failed()))
     }
@@ -487,7 +503,11 @@ impl PendingEgress {
     /// Waits for the setup: the finished path, or why there is none.
     pub fn finish(mut self) -> Result<Egress, EgressError> {
         self.join();
-        self.done.take().unwrap_or_else(|| Err(setup_thread_failed()))
+        let waited = self.waited;
+        self.done.take().unwrap_or_else(|| Err(setup_thread_failed())).map(|mut egress| {
+            egress.timing.waited = waited;
+            egress
+        })
     }
 }
 
