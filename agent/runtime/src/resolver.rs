@@ -213,11 +213,17 @@ impl AllowSink for Sink {
 
 /// The running resolver of one agent.
 pub struct Resolver {
-    proxy: Option<DnsProxy>,
+    /// The thread that starts the proxy and the expiry timer, until [`Resolver::stop`].
+    starting: Option<JoinHandle<Option<Serving>>>,
     names: Names,
     stop: Arc<AtomicBool>,
-    expiry: Option<JoinHandle<()>>,
     resolv_conf: PathBuf,
+}
+
+/// The resolver's threads once started.
+struct Serving {
+    proxy: DnsProxy,
+    expiry: JoinHandle<()>,
 }
 
 pub struct ResolverSetup<'a> {
@@ -252,31 +258,34 @@ impl Resolver {
             never: setup.never.iter().map(|a| a.to_canonical()).collect(),
         };
         let names: Names = Arc::new(Mutex::new(ExpiringAllows::new(map, hosts)));
-        let mut resolver = Self {
-            proxy: None,
+        let stop = Arc::new(AtomicBool::new(false));
+        // The sockets are bound and the resolv.conf written: a query the agent sends waits in
+        // the socket until the workers are up. Starting the seven threads is left to a
+        // thread of its own, off the launch's path; should that fail, queries go unanswered
+        // (no name is opened) and the reason is said.
+        let threads = Threads {
+            udp,
+            tcp,
+            config: ProxyConfig::new(setup.upstream, setup.allow, setup.agent),
             names: Arc::clone(&names),
-            stop: Arc::new(AtomicBool::new(false)),
-            expiry: None,
-            resolv_conf,
+            stop: Arc::clone(&stop),
+            record: setup.record,
+            feed: setup.feed,
+            show_denials: setup.show_denials,
         };
-        let record = Arc::clone(&setup.record);
-        let feed = setup.feed.map(Arc::new);
-        let (expiry_feed, expiry_names) = (feed.clone(), Arc::clone(&names));
-        resolver.expiry = Some(
-            spawn_expiry(Arc::clone(&names), EXPIRY_PERIOD, Arc::clone(&resolver.stop), move |result| {
-                record(&expiry_record(result));
-                if let Some(Err(SinkError(reason))) = expiry_feed.as_ref().map(|f| f.forget_lapsed(&expiry_names)) {
-                    record(&json!({ "event": "dns", "time": now(), "outcome": "expiry_failed", "reason": reason }));
+        let starting = std::thread::Builder::new()
+            .name("dns-start".into())
+            .spawn(move || match threads.start() {
+                Ok(serving) => Some(serving),
+                Err(err) => {
+                    agt_jail_jail::stderr_line!(
+                        "agt-jail: the agent's resolver did not start, its queries go unanswered: {err:#}"
+                    );
+                    None
                 }
             })
-            .context("cannot start the resolver's expiry timer")?,
-        );
-        let config = ProxyConfig::new(setup.upstream, setup.allow, setup.agent);
-        let observer = Arc::new(Records { record: setup.record, show_denials: setup.show_denials });
-        let sink = Arc::new(Mutex::new(Sink { names, feed }));
-        resolver.proxy =
-            Some(DnsProxy::start(udp, Some(tcp), config, sink, observer).context("cannot start the agent's resolver")?);
-        Ok(resolver)
+            .context("cannot start the agent's resolver")?;
+        Ok(Self { starting: Some(starting), names, stop, resolv_conf })
     }
 
     pub fn names(&self) -> &Names {
@@ -292,14 +301,48 @@ impl Resolver {
     pub fn stop(&mut self) {
         // The expiry timer first, so that it winds down while the proxy's threads do.
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.expiry.as_ref() {
-            thread.thread().unpark();
-        }
-        if let Some(proxy) = self.proxy.take() {
-            proxy.stop();
-        }
-        if let Some(thread) = self.expiry.take() {
-            let _ = thread.join();
+        let Some(serving) = self.starting.take().and_then(|starting| starting.join().ok().flatten()) else { return };
+        serving.expiry.thread().unpark();
+        serving.proxy.stop();
+        let _ = serving.expiry.join();
+    }
+}
+
+/// What the resolver's threads are made of ([`Resolver::start`] hands it to a thread).
+struct Threads {
+    udp: UdpSocket,
+    tcp: TcpListener,
+    config: ProxyConfig,
+    names: Names,
+    stop: Arc<AtomicBool>,
+    record: RecordFn,
+    feed: Option<Feed>,
+    show_denials: bool,
+}
+
+impl Threads {
+    fn start(self) -> Result<Serving> {
+        let record = Arc::clone(&self.record);
+        let feed = self.feed.map(Arc::new);
+        let (expiry_feed, expiry_names) = (feed.clone(), Arc::clone(&self.names));
+        let expiry = spawn_expiry(Arc::clone(&self.names), EXPIRY_PERIOD, Arc::clone(&self.stop), move |result| {
+            record(&expiry_record(result));
+            if let Some(Err(SinkError(reason))) = expiry_feed.as_ref().map(|f| f.forget_lapsed(&expiry_names)) {
+                record(&json!({ "event": "dns", "time": now(), "outcome": "expiry_failed", "reason": reason }));
+            }
+        })
+        .context("cannot start the resolver's expiry timer")?;
+        let observer = Arc::new(Records { record: self.record, show_denials: self.show_denials });
+        let sink = Arc::new(Mutex::new(Sink { names: self.names, feed }));
+        match DnsProxy::start(self.udp, Some(self.tcp), self.config, sink, observer) {
+            Ok(proxy) => Ok(Serving { proxy, expiry }),
+            Err(err) => {
+                // The timer ends on the flag; nothing else holds it.
+                self.stop.store(true, Ordering::SeqCst);
+                expiry.thread().unpark();
+                let _ = expiry.join();
+                Err(anyhow::Error::new(err).context("cannot start the agent's resolver"))
+            }
         }
     }
 }
