@@ -8,6 +8,7 @@ mod bench_enforce;
 mod build_ebpf;
 mod demo;
 mod demo_agt;
+mod install;
 mod test;
 mod util;
 mod vm;
@@ -33,6 +34,9 @@ enum Task {
     VmTest(vm::Options),
     /// Measure jail start-up side by side with bubblewrap (needs root); --write updates docs/benchmarks.md.
     Bench(bench::Options),
+    /// Build release binaries and install them, the profiles, example policies and the systemd unit
+    /// (as root); then `systemctl enable --now agt-jail`.
+    Install(install::Options),
     /// Measure per-hook enforcement overhead and event-pipeline throughput (needs root); --write updates docs/benchmarks.md.
     BenchEnforce(bench_enforce::Options),
 }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Task::VmTest(opts) => vm::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
         Task::BenchEnforce(opts) => bench_enforce::run(&opts),
+        Task::Install(opts) => install::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
