@@ -13,6 +13,7 @@ mod test;
 mod util;
 mod vm;
 mod vm_matrix;
+mod vm_systemd;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "agt-jail developer tasks")]
@@ -30,7 +31,8 @@ enum Task {
     /// Show the main job (needs root): `demo agt` runs an AGT-governed agent, honest and compromised,
     /// with and without agt-jail; `demo` alone runs a jailed command whose denied connect is reported.
     Demo(demo::Options),
-    /// Boot Debian kernels (5.10, 6.1, 6.12) in QEMU and run in each the tests vm-tests/matrix gives it (Tier A).
+    /// Boot Debian kernels (5.10, 6.1, 6.12) in QEMU and run in each the tests vm-tests/matrix gives it (Tier A);
+    /// `--systemd` boots a Debian userspace with systemd as PID 1 and runs the unit there.
     VmTest(vm::Options),
     /// Measure jail start-up side by side with bubblewrap (needs root); --write updates docs/benchmarks.md.
     Bench(bench::Options),

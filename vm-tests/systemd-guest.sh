@@ -1,0 +1,84 @@
+#!/bin/bash
+# The checks of the systemd test guest (`cargo xtask vm-test --systemd`): systemd is PID 1,
+# the agt-jail unit installed by the staged `cargo xtask install` tree loads and passes
+# `systemd-analyze verify`, then the daemon runs under it. One line per check, read by
+# the runner on the host like the busybox guests' lines (vm-tests/init.sh):
+#   AGT-VM-RESULT test=systemd::NAME status=pass|fail [reason=...]
+#   AGT-VM-VERDICT pass=N fail=N skip=0
+# and the guest powers off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+UNIT=/etc/systemd/system/agt-jail.service
+pass=0
+fail=0
+
+result() { # NAME pass|fail [REASON]
+    if [ "$2" = pass ]; then
+        pass=$((pass + 1))
+        echo "AGT-VM-RESULT test=systemd::$1 status=pass"
+    else
+        fail=$((fail + 1))
+        echo "AGT-VM-RESULT test=systemd::$1 status=fail reason=$(printf '%s' "$3" | tr '\n' ' ' | cut -c1-400)"
+    fi
+}
+
+check() { # NAME COMMAND...: pass when COMMAND succeeds; its output is the reason otherwise
+    local name=$1 said
+    shift
+    echo "AGT-VM-RUN test=systemd::$name"
+    if said=$("$@" 2>&1); then
+        result "$name" pass
+    else
+        result "$name" fail "$said"
+    fi
+}
+
+finish() {
+    echo "AGT-VM-VERDICT pass=$pass fail=$fail skip=0"
+    # Through systemd's private socket: the guest runs no D-Bus (nor logind).
+    systemctl --no-block start poweroff.target
+    exit 0
+}
+
+echo "AGT-VM-INIT kernel=$(uname -r) init=$(cat /proc/1/comm) lsm=$(cat /sys/kernel/security/lsm 2>/dev/null) tests=systemd"
+
+pid1_is_systemd() {
+    local exe
+    exe=$(readlink /proc/1/exe)
+    [ "$(cat /proc/1/comm)" = systemd ] && [ "${exe##*/}" = systemd ] || {
+        echo "PID 1 is $exe ($(cat /proc/1/comm))"
+        return 1
+    }
+}
+check pid1_is_systemd pid1_is_systemd
+
+booted() {
+    local state
+    state=$(timeout 300 systemctl is-system-running --wait)
+    [ "$state" = running ] || {
+        echo "system state $state; failed units: $(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | tr '\n' ' ')"
+        return 1
+    }
+}
+check boot_reaches_running booted
+
+# What `cargo xtask install` does after placing files (xtask/src/install.rs).
+check install_group sh -c 'getent group agt-jail >/dev/null || groupadd --system agt-jail'
+check daemon_reload systemctl daemon-reload
+
+verify_clean() {
+    local said
+    said=$(systemd-analyze verify "$UNIT" 2>&1) || { echo "$said"; return 1; }
+    [ -z "$said" ] || { echo "$said"; return 1; }
+}
+check unit_verifies verify_clean
+
+unit_loads() {
+    local shown expected
+    shown=$(systemctl show agt-jail -p LoadState -p Type -p KillMode -p NotifyAccess -p RuntimeDirectoryPreserve -p ExecStart)
+    for expected in LoadState=loaded Type=notify KillMode=process NotifyAccess=main RuntimeDirectoryPreserve=yes "path=/usr/local/bin/agt-jail"; do
+        grep -qF -- "$expected" <<<"$shown" || { echo "no $expected in: $shown"; return 1; }
+    done
+}
+check unit_loads unit_loads
+
+finish
