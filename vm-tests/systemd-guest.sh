@@ -1,6 +1,6 @@
 #!/bin/bash
 # The checks of the systemd test guest (`cargo xtask vm-test --systemd`): systemd is PID 1,
-# the agt-jail unit installed by the staged `cargo xtask install` tree loads and passes
+# `cargo xtask install` runs there, and the unit it installs loads and passes
 # `systemd-analyze verify`, then the daemon runs under it. One line per check, read by
 # the runner on the host like the busybox guests' lines (vm-tests/init.sh):
 #   AGT-VM-RESULT test=systemd::NAME status=pass|fail [reason=...]
@@ -61,9 +61,19 @@ booted() {
 }
 check boot_reaches_running booted
 
-# What `cargo xtask install` does after placing files (xtask/src/install.rs).
-check install_group sh -c 'getent group agt-jail >/dev/null || groupadd --system agt-jail'
-check daemon_reload systemctl daemon-reload
+# `cargo xtask install` itself, with the binaries the runner built (xtask/src/install.rs):
+# binaries, profiles, policies, the unit, the agt-jail group, `systemctl daemon-reload`.
+check xtask_install /usr/local/lib/agt-vm/bin/xtask install --prefix /usr/local --prebuilt /usr/local/lib/agt-vm/bin
+installed() {
+    local path
+    for path in /usr/local/bin/agt-jail /usr/local/bin/agt-jail-full "$UNIT" \
+        /usr/local/share/agt-jail/profiles/ring2.yaml /usr/local/share/agt-jail/policies/coding-agent/policy.yaml; do
+        [ -e "$path" ] || { echo "install left no $path"; return 1; }
+    done
+    getent group agt-jail >/dev/null || { echo "install added no group agt-jail"; return 1; }
+    /usr/local/bin/agt-jail --version >/dev/null || { echo "the installed agt-jail does not run"; return 1; }
+}
+check install_placed_everything installed
 
 verify_clean() {
     local said

@@ -4,7 +4,7 @@
 # The guest's root is a Debian image built from Debian packages (mmdebstrap) on a virtio
 # disk, opened copy-on-write (QEMU -snapshot), so every run starts from the same image.
 # Debian builds virtio_blk and ext4 as modules: this initramfs loads them, mounts the
-# disk, copies in what the run installs (the staged `cargo xtask install` tree and the
+# disk, copies in what the run installs (binaries, the xtask that installs them, and the
 # guest test unit, under /payload) and hands PID 1 to systemd.
 /bin/busybox mkdir -p /proc /sys /dev /newroot
 /bin/busybox --install -s /bin

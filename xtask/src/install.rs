@@ -10,8 +10,8 @@
 //! - the system group `agt-jail` (members may use the control socket), when missing;
 //! - `systemctl daemon-reload` where systemd runs.
 //!
-//! Then: `systemctl enable --now agt-jail`. The test VM's systemd guest installs with the
-//! same [`stage`], into a tree copied over the guest's root.
+//! Then: `systemctl enable --now agt-jail`. The test VM's systemd guest runs this command
+//! itself (`--prebuilt`), under systemd.
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -38,6 +38,10 @@ pub struct Options {
     /// PREFIX/share/agt-jail. The unit always goes to /etc/systemd/system.
     #[arg(long, default_value = "/usr/local")]
     prefix: PathBuf,
+    /// Install the `agt-jail` and `agt-jail-full` found in DIR instead of building release
+    /// binaries (binaries built elsewhere; the test VM's systemd guest installs this way).
+    #[arg(long, value_name = "DIR")]
+    prebuilt: Option<PathBuf>,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -47,7 +51,10 @@ pub fn run(opts: &Options) -> Result<()> {
         "install writes {} and /{UNIT_PATH} and adds a system group: run it as root",
         opts.prefix.display()
     );
-    let built = build_release()?;
+    let built = match &opts.prebuilt {
+        Some(dir) => dir.clone(),
+        None => build_release()?,
+    };
     let placed = stage(Path::new("/"), &opts.prefix, &built)?;
     for path in &placed {
         println!("install: {}", path.display());

@@ -12,9 +12,11 @@
 //!    (`snapshot=on`), so every run starts from the same image. An initramfs root (the
 //!    whole userspace unpacked into RAM, then copied to a tmpfs because pivot_root refuses
 //!    the initial rootfs) was the alternative: slower to boot and ~3x the guest memory.
-//! 2. payload: the debug `agt-jail` binaries placed with `cargo xtask install`'s own
-//!    [`install::stage`] (prefix /usr/local, the unit in /etc/systemd/system), the guest
-//!    script vm-tests/systemd-guest.sh and its unit.
+//! 2. payload: the debug `agt-jail` binaries, this xtask binary and the repository's
+//!    profiles/ and policies/, so that the guest runs `xtask install --prebuilt` itself
+//!    under systemd (the real install: files, group, `systemctl daemon-reload`); the guest
+//!    script vm-tests/systemd-guest.sh and its unit. The guest is Debian of the host's
+//!    release, so host-built binaries run there as they are.
 //! 3. initramfs: a static busybox running vm-tests/systemd-stage1.sh, the kernel's staged
 //!    modules (virtio_blk and ext4 are modules in Debian's kernels), and the payload. It
 //!    mounts the disk, copies the payload in and `switch_root`s to /lib/systemd/systemd.
@@ -31,7 +33,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    install,
     util::{is_root, output, repo_root, run_checked, target_dir},
     vm::{self, Apt, Cpio, Extra, KernelChoice, Options, RemoveOnDrop, SERIES},
 };
@@ -46,6 +47,8 @@ const IMAGE_SIZE: &str = "1G";
 /// Where the guest script and its unit go in the guest.
 const GUEST_SCRIPT: &str = "usr/local/libexec/agt-vm/systemd-guest.sh";
 const GUEST_UNIT: &str = "etc/systemd/system/agt-vm-guest.service";
+/// Where the binaries the guest installs wait (vm-tests/systemd-guest.sh names it too).
+const PREBUILT: &str = "usr/local/lib/agt-vm/bin";
 
 pub fn run(opts: &Options) -> Result<()> {
     let started = Instant::now();
@@ -86,9 +89,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let initrd = dir.join(format!("stage1-{}.cpio", std::process::id()));
     let _remove_initrd = RemoveOnDrop(initrd.clone());
-    let payload = dir.join(format!("payload-{}", std::process::id()));
-    let _remove_payload = RemoveDirOnDrop(payload.clone());
-    build_stage1(&kernel, &bin_dir, &payload, &initrd)?;
+    build_stage1(&kernel, &bin_dir, &initrd)?;
 
     let accel = vm::choose_accel(opts.accel);
     println!("vm-test: accelerator {accel}");
@@ -201,11 +202,22 @@ fn build_debug(root: &Path) -> Result<PathBuf> {
 }
 
 /// The first-stage initramfs: busybox, the kernel's modules, vm-tests/systemd-stage1.sh as
-/// /init, and under /payload what stage 1 copies over the guest's root.
-fn build_stage1(kernel: &vm::Kernel, bin_dir: &Path, payload: &Path, out: &Path) -> Result<()> {
-    install::stage(payload, Path::new("/usr/local"), bin_dir)?;
+/// /init, and under /payload what stage 1 copies over the guest's root: the binaries to
+/// install and this xtask (in [`PREBUILT`]), the repository's profiles/ and policies/ at
+/// their host paths (where the xtask binary looks for them), the guest script and its unit.
+fn build_stage1(kernel: &vm::Kernel, bin_dir: &Path, out: &Path) -> Result<()> {
     let mut archive = Cpio::default();
-    add_payload(&mut archive, payload, "payload")?;
+    for name in ["agt-jail", "agt-jail-full"] {
+        archive.file(&format!("payload/{PREBUILT}/{name}"), 0o755, vm::read(&bin_dir.join(name))?);
+    }
+    let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
+    archive.file(&format!("payload/{PREBUILT}/xtask"), 0o755, vm::read(&xtask)?);
+    let repo = repo_root();
+    for dir in ["profiles", "policies"] {
+        let inside = format!("payload/{}", repo.join(dir).to_string_lossy().trim_start_matches('/'));
+        archive.dir(&inside);
+        add_payload(&mut archive, &repo.join(dir), &inside)?;
+    }
     archive.file(&format!("payload/{GUEST_SCRIPT}"), 0o755, include_bytes!("../../vm-tests/systemd-guest.sh").to_vec());
     archive.file(
         &format!("payload/{GUEST_UNIT}"),
