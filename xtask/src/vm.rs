@@ -124,17 +124,17 @@ pub struct Options {
     /// Also run the unit-test binaries (default: the integration tests, `[[test]]` targets);
     /// vm-tests/matrix places them under its `*` line.
     #[arg(long)]
-    unit: bool,
+    pub(crate) unit: bool,
     /// Run every built test on every kernel booted, not the selection of vm-tests/matrix.
     #[arg(long)]
-    no_matrix: bool,
+    pub(crate) no_matrix: bool,
     /// Print the whole guest console, not only the result lines.
     #[arg(long, short)]
     pub(crate) verbose: bool,
     /// Run only tests whose `TARGET::NAME` contains one of these strings (within each
     /// kernel's selection from vm-tests/matrix unless --no-matrix).
     #[arg(last = true)]
-    filter: Vec<String>,
+    pub(crate) filter: Vec<String>,
 }
 
 /// A kernel series of the matrix and how its Debian packages are named.
@@ -236,7 +236,7 @@ pub(crate) struct Outcome {
     /// The test started last and when its `AGT-VM-RUN` line came.
     running: Option<(String, Instant)>,
     /// The guest was stopped because it had not reached init by the KVM init bound.
-    init_timed_out: bool,
+    pub(crate) init_timed_out: bool,
     pub(crate) total_secs: f64,
     pub(crate) problem: Option<String>,
 }
