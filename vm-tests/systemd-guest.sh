@@ -63,6 +63,14 @@ check boot_reaches_running booted
 
 # `cargo xtask install` itself, with the binaries the runner built (xtask/src/install.rs):
 # binaries, profiles, policies, the unit, the agt-jail group, `systemctl daemon-reload`.
+# xtask reads profiles/ and policies/ at the repository's host path.
+repo_at_host_path() {
+    local repo
+    repo=$(cat /usr/local/lib/agt-vm/repo.path) && mkdir -p "$repo" &&
+        ln -sfn /usr/local/lib/agt-vm/repo/profiles "$repo/profiles" &&
+        ln -sfn /usr/local/lib/agt-vm/repo/policies "$repo/policies"
+}
+check repository_files_in_place repo_at_host_path
 check xtask_install /usr/local/lib/agt-vm/bin/xtask install --prefix /usr/local --prebuilt /usr/local/lib/agt-vm/bin
 installed() {
     local path

@@ -49,6 +49,9 @@ const GUEST_SCRIPT: &str = "usr/local/libexec/agt-vm/systemd-guest.sh";
 const GUEST_UNIT: &str = "etc/systemd/system/agt-vm-guest.service";
 /// Where the binaries the guest installs wait (vm-tests/systemd-guest.sh names it too).
 const PREBUILT: &str = "usr/local/lib/agt-vm/bin";
+/// The repository's profiles/ and policies/ for the xtask binary, which finds them at the
+/// repository's host path (written beside it as `REPO_COPY.path`).
+const REPO_COPY: &str = "usr/local/lib/agt-vm/repo";
 
 pub fn run(opts: &Options) -> Result<()> {
     // They select tests of the busybox guests; this guest runs its own fixed checks.
@@ -215,8 +218,8 @@ fn build_debug(root: &Path) -> Result<PathBuf> {
 
 /// The first-stage initramfs: busybox, the kernel's modules, vm-tests/systemd-stage1.sh as
 /// /init, and under /payload what stage 1 copies over the guest's root: the binaries to
-/// install and this xtask (in [`PREBUILT`]), the repository's profiles/ and policies/ at
-/// their host paths (where the xtask binary looks for them), the guest script and its unit.
+/// install and this xtask (in [`PREBUILT`]), the repository's profiles/ and policies/
+/// ([`REPO_COPY`]), the guest script and its unit.
 fn build_stage1(kernel: &vm::Kernel, bin_dir: &Path, out: &Path) -> Result<()> {
     let mut archive = Cpio::default();
     for name in ["agt-jail", "agt-jail-full"] {
@@ -224,12 +227,15 @@ fn build_stage1(kernel: &vm::Kernel, bin_dir: &Path, out: &Path) -> Result<()> {
     }
     let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
     archive.file(&format!("payload/{PREBUILT}/xtask"), 0o755, vm::read(&xtask)?);
+    // The guest script links the repository path to these: under /tmp (a checkout there)
+    // they would not survive boot, which empties /tmp (systemd-tmpfiles).
     let repo = repo_root();
     for dir in ["profiles", "policies"] {
-        let inside = format!("payload/{}", repo.join(dir).to_string_lossy().trim_start_matches('/'));
+        let inside = format!("payload/{REPO_COPY}/{dir}");
         archive.dir(&inside);
         add_payload(&mut archive, &repo.join(dir), &inside)?;
     }
+    archive.file(&format!("payload/{REPO_COPY}.path"), 0o644, repo.to_string_lossy().into_owned().into_bytes());
     archive.file(&format!("payload/{GUEST_SCRIPT}"), 0o755, include_bytes!("../../vm-tests/systemd-guest.sh").to_vec());
     archive.file(
         &format!("payload/{GUEST_UNIT}"),
