@@ -374,18 +374,35 @@ fn ring3_without_landlock_refuses_allow_exec() {
     agt_jail_test_support::assert_one_line_error(&output, 125, "--allow-exec /usr/bin/true");
 }
 
-/// The policy's exec plane would need the listener the entry-only plane takes: refused
-/// (125) with the reason, before anything is created, instead of one of them not holding.
+/// Under a policy the policy's exec plane holds ring 3 to its entry command where no
+/// Landlock does: the entry command is decided by the policy like any exec (a denied one
+/// never runs), and every later exec fails with EACCES without reaching the policy.
 #[test]
-fn ring3_without_landlock_refuses_policy() {
+fn ring3_without_landlock_runs_only_its_entry_command_under_a_policy() {
     require!(Need::Root, Need::CgroupV2, Need::Btf, Need::Ring3);
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/policies/guard.yaml");
-    let output = Command::new(BIN)
-        .args(["exec", "--ring", "3", "--agent", "audited", "--policy"])
-        .arg(&policy)
-        .args(["--", "/bin/true"])
-        .env("AGT_JAIL_TEST_LANDLOCK_ABI", "0")
-        .output()
-        .unwrap();
-    agt_jail_test_support::assert_one_line_error(&output, 125, "--policy cannot be combined");
+    let run = |command: &[&str]| {
+        Command::new(BIN)
+            .args(["exec", "--ring", "3", "--agent", "audited", "--policy"])
+            .arg(&policy)
+            .arg("--")
+            .args(command)
+            .env("AGT_JAIL_TEST_LANDLOCK_ABI", "0")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let output = run(&["/bin/sh", "-c", "echo entry; /bin/true; echo \"true=$?\""]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(stdout, "entry\ntrue=126\n", "{stderr}");
+    assert!(stderr.contains("denied the exec by pid"), "the later exec's denial is reported: {stderr}");
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+
+    // The policy's rule on the entry command itself still holds.
+    let victim = tempfile::tempdir().unwrap();
+    let output = run(&["/bin/rm", "-rf", victim.path().to_str().unwrap()]);
+    assert!(victim.path().exists(), "a denied entry command must not run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-recursive-rm") || stderr.contains("denied"), "{stderr}");
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
 }

@@ -415,11 +415,11 @@ pub fn run(opts: &Options) -> Result<()> {
          {bwrap_net:.2} ms [{:.2}; {:.2} to {:.2}].\n\n\
          {migration}Commands:\n\n```\n{jail}\n{unlimited}\n{bwrap}\n{bwrap_shared}\n{ring2}\n{ring2_none}\n```\n\n\
          Ring 2 makes the agent's network namespace, its veth pair (the agent's end created right in it), the /30, \
-         the default route and the nf_tables masquerade table on a thread while its cgroup and its BPF programs \
+         the default route (and checks the shared nf_tables masquerade table) on a thread while its cgroup and its BPF programs \
          (the load dominates ring 2) are made, and joins it before the jail starts: the jail's init joins that \
-         namespace, so the agent never runs without it, and a failed setup refuses the run (125). When the agent \
-         has ended, a process of its own deletes the NAT table (the socket's close waits for an RCU grace period) \
-         while holding the namespace, so agt-jail exits without that wait (docs/adr/0009-agent-network-veth-nat.md). \
+         namespace, so the agent never runs without it, and a failed setup refuses the run (125). The masquerade \
+         table is one for all agents, added only when missing, so a run neither adds nor deletes nf_tables \
+         state; the pair goes with the agent's namespace (docs/adr/0009-agent-network-veth-nat.md). \
          Ring 2 `--net none` clones a bare namespace (loopback only) and loads the same programs (a connect rule \
          forces them); ring 3 clones the same bare namespace as bwrap. \
          What each ring 3 row does: agt-jail creates the \

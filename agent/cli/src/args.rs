@@ -133,9 +133,15 @@ pub struct ExecArgs {
     #[arg(long = "env", value_name = "KEY=VAL", value_parser = clap::builder::TypedValueParser::try_map(clap::builder::OsStringValueParser::new(), parse_env))]
     pub env: Vec<(OsString, OsString)>,
 
-    /// Run the command on a new pseudo-terminal (rings 1-3).
+    /// Run the command on a new pseudo-terminal (rings 1-3). Always standalone: the
+    /// daemon does not relay terminals.
     #[arg(long)]
     pub tty: bool,
+
+    /// Run here, without the host daemon, even when its socket answers (otherwise a
+    /// running daemon launches the command; same flags, output and exit status).
+    #[arg(long)]
+    pub standalone: bool,
 
     /// Seconds (0-86400) between forwarding SIGTERM/SIGINT/SIGHUP and killing everything with SIGKILL.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]

@@ -42,6 +42,8 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|word| word == "exec") {
         if let Ok(Front { command: FrontCommand::Exec(args) }) = Front::try_parse_from(&argv) {
             match Prepared::new(&args) {
+                // A running daemon launches the command: `agt-jail-full` talks to it.
+                _ if !args.standalone && daemon_socket().exists() => {}
                 Ok(prepared) if !prepared.needs_bpf(&args) => {
                     return run::exit_status(run::execute(&args, prepared, |_| Ok(Ungoverned)));
                 }
@@ -51,6 +53,15 @@ fn main() -> ExitCode {
         }
     }
     hand_over(&argv)
+}
+
+/// The host daemon's socket (`AGT_JAIL_SOCKET`, else /run/agt-jail/agt.sock; the same
+/// rule as `agt_jail_daemon::socket_path`, which this executable does not link).
+fn daemon_socket() -> PathBuf {
+    match std::env::var_os("AGT_JAIL_SOCKET") {
+        Some(path) if !path.is_empty() => path.into(),
+        _ => PathBuf::from("/run/agt-jail/agt.sock"),
+    }
 }
 
 /// Replaces this process with `agt-jail-full` and the same arguments (and `argv[0]`,

@@ -501,12 +501,11 @@ pub fn execute<G: Governor>(
 
     let egress = pending_egress.map(PendingEgress::finish).transpose().map_err(|e| Failure::Launch(e.into()))?;
     // Without Landlock, a ring that runs only its entry command is held by the entry-only
-    // exec plane (its own listener; nothing else uses one then: see entry_plane_fits).
+    // exec plane: the policy's, which then answers every exec after the entry's itself
+    // (NotifierOptions::entry_only), or one of its own without a policy.
     let mut entry_plane = None;
-    let exec_notify = if enforcement.as_ref().is_some_and(|e| e.entry_exec_plane) {
-        if governor.exec_listener().is_some() {
-            return Err(Failure::Internal(anyhow::anyhow!("two exec listeners for one jail")));
-        }
+    let exec_notify = if enforcement.as_ref().is_some_and(|e| e.entry_exec_plane) && governor.exec_listener().is_none()
+    {
         let plane = EntryPlane::start()?;
         let fd = plane.theirs.as_ref().map(AsRawFd::as_raw_fd);
         entry_plane = Some(plane);
@@ -618,10 +617,8 @@ pub fn execute<G: Governor>(
     forwarder.stop();
     governor.ended();
     drop(entry_plane);
-    // The agent is done with its network: its teardown leaves agt-jail's exit path.
-    if let Some(egress) = egress {
-        egress.release();
-    }
+    // The agent is done with its network: the kernel deletes the pair with its namespace.
+    drop(egress);
     if let Some((raw, output)) = relay {
         let _ = output.join();
         drop(raw);
@@ -644,8 +641,8 @@ pub fn execute<G: Governor>(
 }
 
 /// Without Landlock the entry-only exec plane lets the entry command alone run: what
-/// would need more (a path check on later execs, which can be raced, or the policy's exec
-/// plane on the same execs) is refused before anything is created (125).
+/// would need more (a path check on later execs, which can be raced) is refused before
+/// anything is created (125). A policy's exec plane takes the entry-only rule on instead.
 fn entry_plane_fits(args: &ExecArgs, profile: &Profile) -> Result<(), LaunchError> {
     const WHY: &str = "this kernel does not enforce Landlock, and the entry-only exec plane that holds";
     if let Some(path) = args.allow_exec.first() {
@@ -656,16 +653,6 @@ fn entry_plane_fits(args: &ExecArgs, profile: &Profile) -> Result<(), LaunchErro
                  later execs, which can be raced",
                 profile.ring,
                 path.display()
-            ),
-        });
-    }
-    if args.policy.given() {
-        return Err(LaunchError::Landlock {
-            ring: profile.ring,
-            reason: format!(
-                "{WHY} ring {} here takes the exec listener the policy's exec plane would need: --policy cannot \
-                 be combined with it on this kernel",
-                profile.ring
             ),
         });
     }

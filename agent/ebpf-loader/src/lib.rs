@@ -9,6 +9,7 @@ mod events;
 pub mod lsm;
 mod name_allow;
 mod net;
+mod pinned;
 mod programs;
 mod ring;
 mod sys;
@@ -20,6 +21,7 @@ pub use events::{
 };
 pub use name_allow::{name_allows, pinned_hosts, KernelAllowMap, NameAllows};
 pub use net::{NetAction, NetHook, NetLimitRow, NetPlanError, NetProto, NetTables, NetVerdictRow};
+pub use pinned::{enforcement_pins, unpin_maps, PinnedEnforcement};
 pub use programs::{pinned_counter, AgentPrograms, AllowRule, ConnectRule, LoaderError, TaskFactsMap};
 pub use ring::Ring;
 

@@ -34,10 +34,9 @@ use aya::{
         Array, HashMap, MapData,
     },
     programs::{lsm::LsmLinkId, Lsm},
-    Btf,
 };
 
-use crate::{btf::StructLookup, AgentPrograms, KernelOffsets, LoaderError, OffsetError};
+use crate::{btf::KernelBtf, AgentPrograms, KernelOffsets, LoaderError, OffsetError};
 
 /// The exec program's name in the object (its function name).
 pub const EXEC_LSM_PROGRAM: &str = "bprm_check_security";
@@ -94,12 +93,13 @@ pub struct LsmOffsets(pub [u64; MEMBERS.len()]);
 
 impl LsmOffsets {
     pub fn from_btf_file(path: &Path) -> Result<Self, OffsetError> {
-        let btf = btf_rs::Btf::from_file(path)
-            .map_err(|err| OffsetError::Read { path: path.to_path_buf(), message: err.to_string() })?;
-        let lookup = StructLookup { btf: &btf, path };
+        Self::from_btf(&KernelBtf::read(path)?)
+    }
+
+    pub(crate) fn from_btf(btf: &KernelBtf) -> Result<Self, OffsetError> {
         let mut offsets = [0u64; MEMBERS.len()];
         for (slot, (strukt, member)) in offsets.iter_mut().zip(MEMBERS) {
-            *slot = lookup.member_offset(strukt, member)?;
+            *slot = btf.member_offset(strukt, member)?;
         }
         Ok(Self(offsets))
     }
@@ -157,14 +157,14 @@ impl Group {
         names: &[&'static str],
         optional: &[&'static str],
     ) -> Result<(Self, Unavailable), LoaderError> {
-        ensure_offsets(programs, vmlinux)?;
-        let btf = Btf::parse_file(vmlinux, aya::Endianness::default())
-            .map_err(|err| LoaderError::KernelBtf(err.to_string()))?;
+        let kernel = programs.kernel_facts(vmlinux)?;
+        ensure_offsets(programs, kernel.lsm_offsets, vmlinux)?;
+        let btf = &kernel.targets;
         let mut loaded = Vec::new();
         let mut unavailable = Vec::new();
         for &name in names.iter().chain(optional) {
             let program = lsm_program(programs, name)?;
-            match program.load(name, &btf) {
+            match program.load(name, btf) {
                 Ok(()) => loaded.push(name),
                 Err(err) if optional.contains(&name) => unavailable.push((name, one_line(&err.to_string()))),
                 Err(err) => return Err(LoaderError::Program { program: name, message: one_line(&err.to_string()) }),
@@ -414,10 +414,13 @@ impl FileLsm {
         Self::load_with_btf(programs, Path::new(KernelOffsets::VMLINUX))
     }
 
-    /// Loads `file_open` (required) and the `path_*` hooks the kernel accepts; see
-    /// [`FileLsm::unavailable`] for those it refused (e.g. no `bpf_d_path` there on 6.1).
+    /// Loads the `file_open` and `path_*` hooks the kernel accepts; see
+    /// [`FileLsm::unavailable`] for those it refused (no `bpf_d_path` for the `path_*` hooks
+    /// on 6.1, nor for `file_open` on 5.10). The fanotify plane holds every file rule
+    /// anyway; the hooks only deny earlier, so a refused one is reported, not fatal.
     pub fn load_with_btf(programs: &mut AgentPrograms, vmlinux: &Path) -> Result<Self, LoaderError> {
-        let (group, unavailable) = Group::load(programs, vmlinux, &[FILE_OPEN_HOOK], &FILE_PATH_HOOKS)?;
+        let optional: Vec<&'static str> = std::iter::once(FILE_OPEN_HOOK).chain(FILE_PATH_HOOKS).collect();
+        let (group, unavailable) = Group::load(programs, vmlinux, &[], &optional)?;
         Ok(Self { group, unavailable })
     }
 
@@ -540,7 +543,11 @@ fn add_agent_flags(
 }
 
 /// Fills `LSM_OFFSETS` from the kernel's BTF and freezes it, once per loaded object.
-fn ensure_offsets(programs: &mut AgentPrograms, vmlinux: &Path) -> Result<(), LoaderError> {
+fn ensure_offsets(
+    programs: &mut AgentPrograms,
+    offsets: Option<LsmOffsets>,
+    vmlinux: &Path,
+) -> Result<(), LoaderError> {
     let map =
         programs.ebpf_mut().map_mut(OFFSETS_MAP).ok_or(LoaderError::Missing { what: "map", name: OFFSETS_MAP })?;
     let mut array: Array<&mut MapData, [u64; MEMBERS.len()]> =
@@ -548,7 +555,11 @@ fn ensure_offsets(programs: &mut AgentPrograms, vmlinux: &Path) -> Result<(), Lo
     if array.get(&0, 0).map_err(|err| map_error(OFFSETS_MAP, err))?[0] != 0 {
         return Ok(());
     }
-    let offsets = LsmOffsets::from_btf_file(vmlinux)?;
+    let offsets = match offsets {
+        Some(offsets) => offsets,
+        // Read again for the located reason.
+        None => LsmOffsets::from_btf_file(vmlinux)?,
+    };
     array.set(0, offsets.0, 0).map_err(|err| map_error(OFFSETS_MAP, err))?;
     let map = programs.ebpf_mut().map(OFFSETS_MAP).ok_or(LoaderError::Missing { what: "map", name: OFFSETS_MAP })?;
     let aya::maps::Map::Array(data) = map else {

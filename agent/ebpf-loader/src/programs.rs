@@ -12,7 +12,7 @@ use agt_jail_common::{
 use aya::{
     maps::{lpm_trie::Key as LpmKey, Array, HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr},
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 
 use crate::{btf::KernelOffsets, events::EventReader, OffsetError, EBPF_OBJECT};
@@ -35,6 +35,8 @@ pub enum LoaderError {
     Map { map: &'static str, message: String },
     #[error(transparent)]
     NetPlan(#[from] crate::net::NetPlanError),
+    #[error("cannot pin at {path}: {message}")]
+    Pin { path: std::path::PathBuf, message: String },
 }
 
 /// A connect destination to deny. `port == 0` denies every port of `addr`.
@@ -142,9 +144,30 @@ const TRACEPOINTS: [&str; 4] = ["sched_process_exec", "sched_process_fork", "sch
 
 /// The loaded object with its always-on programs (process tracking, network hooks).
 pub struct AgentPrograms {
-    bpf: Ebpf,
+    pub(crate) bpf: Ebpf,
     reader: Option<EventReader>,
     task_facts: Option<TaskFactsMap>,
+    /// Cgroup attachments whose links the object still owns (until pinned).
+    pub(crate) attached: Vec<crate::pinned::Attached>,
+    /// Descriptors of pinned links: they keep the programs attached while this object
+    /// lives, whatever became of the pins.
+    pub(crate) held_links: Vec<std::os::fd::OwnedFd>,
+    /// The kernel BTF read at load (and its path), for the programs loaded on demand.
+    kernel: Option<(std::path::PathBuf, std::sync::Arc<KernelFacts>)>,
+}
+
+/// What is kept of the kernel BTF after loading: the attach targets of every program
+/// (tracepoints and LSM hooks) and the LSM programs' struct offsets (`None` when this
+/// kernel lacks one of their members: loading those programs then fails with the reason).
+pub(crate) struct KernelFacts {
+    pub(crate) targets: aya::Btf,
+    pub(crate) lsm_offsets: Option<crate::lsm::LsmOffsets>,
+}
+
+impl KernelFacts {
+    fn of(btf: &crate::btf::KernelBtf) -> Result<Self, LoaderError> {
+        Ok(Self { targets: btf.attach_targets()?, lsm_offsets: crate::lsm::LsmOffsets::from_btf(btf).ok() })
+    }
 }
 
 /// The kernel's per-thread record of agents' `comm` and executable (`TASK_FACTS`, kept by
@@ -170,11 +193,18 @@ impl AgentPrograms {
     }
 
     pub fn load_with_btf(vmlinux: &Path) -> Result<Self, LoaderError> {
-        let offsets = KernelOffsets::from_btf_file(vmlinux)?;
-        let btf = Btf::parse_file(vmlinux, aya::Endianness::default())
-            .map_err(|err| LoaderError::KernelBtf(err.to_string()))?;
-        let mut bpf = EbpfLoader::new()
-            .btf(Some(&btf))
+        // aya's loader parses the whole kernel BTF when it is made (for CO-RE, which this
+        // object does not use); dropping it before anything else is read keeps the peak low.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let (offsets, kernel) = {
+            // The BTF itself (its file) is dropped at the end of this block: what the
+            // programs loaded later need of it is kept, and is small.
+            let btf = crate::btf::KernelBtf::read(vmlinux)?;
+            (KernelOffsets::from_btf(&btf)?, std::sync::Arc::new(KernelFacts::of(&btf)?))
+        };
+        let btf = &kernel.targets;
+        let mut bpf = loader
             .override_global("BINPRM_FILENAME_OFFSET", &offsets.binprm_filename, true)
             .override_global("TASK_PID_OFFSET", &offsets.task_pid, true)
             .override_global("TASK_TGID_OFFSET", &offsets.task_tgid, true)
@@ -211,7 +241,7 @@ impl AgentPrograms {
         }
         for name in TRACEPOINTS {
             let tracepoint: &mut BtfTracePoint = program(&mut bpf, name)?;
-            tracepoint.load(name, &btf).map_err(|err| program_error(name, err))?;
+            tracepoint.load(name, btf).map_err(|err| program_error(name, err))?;
             tracepoint.attach().map_err(|err| program_error(name, err))?;
         }
 
@@ -228,17 +258,26 @@ impl AgentPrograms {
         )?;
         let task_facts = HashMap::try_from(take("TASK_FACTS")?)
             .map_err(|err| LoaderError::Map { map: "TASK_FACTS", message: err.to_string() })?;
-        Ok(Self { bpf, reader: Some(reader), task_facts: Some(TaskFactsMap { map: task_facts }) })
+        Ok(Self {
+            bpf,
+            reader: Some(reader),
+            task_facts: Some(TaskFactsMap { map: task_facts }),
+            attached: Vec::new(),
+            held_links: Vec::new(),
+            kernel: Some((vmlinux.to_path_buf(), kernel)),
+        })
     }
 
     /// Attaches the network programs (connect, UDP sendmsg, bind; IPv4 and IPv6) to an
     /// agent's cgroup v2 directory. Must happen before any of the agent's processes join it.
     pub fn attach_cgroup(&mut self, cgroup_dir: impl AsFd + Copy) -> Result<(), LoaderError> {
+        let cgroup_id = crate::pinned::cgroup_id_of(cgroup_dir)?;
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
-            program
+            let link = program
                 .attach(cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|err| LoaderError::Attach { program: name, message: err.to_string() })?;
+            self.attached.push(crate::pinned::Attached { cgroup_id, program: name, link });
         }
         Ok(())
     }
@@ -343,6 +382,19 @@ impl AgentPrograms {
         Ok(per_cpu.iter().sum())
     }
 
+    /// What the programs loaded on demand need of the kernel BTF at `vmlinux`: kept from
+    /// the load when it is the same file, else read now.
+    pub(crate) fn kernel_facts(&mut self, vmlinux: &Path) -> Result<std::sync::Arc<KernelFacts>, LoaderError> {
+        if let Some((path, facts)) = &self.kernel {
+            if path == vmlinux {
+                return Ok(std::sync::Arc::clone(facts));
+            }
+        }
+        let facts = std::sync::Arc::new(KernelFacts::of(&crate::btf::KernelBtf::read(vmlinux)?)?);
+        self.kernel = Some((vmlinux.to_path_buf(), std::sync::Arc::clone(&facts)));
+        Ok(facts)
+    }
+
     /// The underlying object, for programs that other modules load on demand.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.bpf
@@ -368,7 +420,7 @@ pub fn pinned_counter(dir: &Path, pin: &'static str) -> Result<u64, LoaderError>
     Ok(per_cpu.iter().sum())
 }
 
-fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
+pub(crate) fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {

@@ -22,6 +22,33 @@ pub(crate) fn freeze_map(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// `BPF_LINK_GET_FD_BY_ID` from include/uapi/linux/bpf.h.
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// A new descriptor of the bpf_link with kernel id `id` (Linux 5.8).
+pub(crate) fn link_fd_by_id(id: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // union bpf_attr for the *_GET_FD_BY_ID commands: `link_id`, `next_id`, `open_flags`.
+    let mut attr = [0u32; 16];
+    attr[0] = id;
+    // SAFETY: `attr` is a valid, initialised buffer of the size passed; the kernel only
+    // reads it. The result is a new descriptor or -1.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(ret).map_err(|_| io::Error::other("bpf returned an out-of-range descriptor"))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// `SO_NETNS_COOKIE` (Linux 5.14): the cookie of the socket's network namespace.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 

@@ -6,10 +6,10 @@
 //! created right in it and configured; the jail's init joins it. Names carry the slot,
 //! so state a killed agt-jail left behind never blocks the next run: a slot whose /30 is
 //! routed is taken (its veth still exists, or the host uses the range), the veth name is
-//! the reservation (creating it fails with EEXIST when another run won the race), and the
-//! NAT table of a slot is replaced, not added to. When the agent's namespace goes, the
-//! kernel deletes the pair with it; the guard deletes the table and lets go of the
-//! namespace when the run ends, error paths included.
+//! the reservation (creating it fails with EEXIST when another run won the race). One
+//! masquerade table serves every agent and stays, as container engines' rules do: a run
+//! adds it only when it is missing, so a run's start and end change no nf_tables state.
+//! When the agent's namespace goes, the kernel deletes the pair with it.
 use std::{
     ffi::CString,
     io,
@@ -62,14 +62,10 @@ impl Slot {
     pub fn host_name(self) -> String {
         format!("{HOST_PREFIX}{}", self.index)
     }
-    pub fn table_name(self) -> String {
-        table_name(self.index)
-    }
 }
 
-fn table_name(slot: u32) -> String {
-    format!("agt-jail-{slot}")
-}
+/// The nf_tables table (family ip) that masquerades every agent's traffic.
+pub const NAT_TABLE: &str = "agt-jail";
 
 /// IPv4 routes of `/proc/net/route` as (network, prefix length); default routes left out
 /// (they overlap everything and say nothing about the range).
@@ -223,10 +219,11 @@ pub mod nft {
     const BATCH_BEGIN: u16 = 0x10;
     const BATCH_END: u16 = 0x11;
     const NEWTABLE: u16 = 0;
+    const GETTABLE: u16 = 1;
     const DELTABLE: u16 = 2;
     const NEWCHAIN: u16 = 3;
     const NEWRULE: u16 = 6;
-    const DELRULE: u16 = 8;
+    const NFT_META_IIFNAME: u32 = 6;
     const NFPROTO_IPV4: u8 = 2;
     const NF_INET_POST_ROUTING: u32 = 4;
     const NF_IP_PRI_NAT_SRC: u32 = 100;
@@ -256,21 +253,30 @@ pub mod nft {
     }
 
     /// `table ip NAME { chain postrouting { type nat hook postrouting priority srcnat;
-    /// ip saddr NET/30 masquerade } }`, replacing the rules of a table of that name a dead
-    /// run left (add table, add chain, flush chain, add rule). Not "add, delete, add" of
-    /// the table: a batch that destroys a hooked chain makes the socket's close wait for
-    /// an RCU grace period (~10 ms), and a flush of an empty chain destroys nothing.
-    pub fn masquerade(name: &str, network: Ipv4Addr, prefix: u8) -> Vec<Message> {
+    /// iifname "agtj*" ip saddr RANGE masquerade } }` in one batch whose table is added
+    /// with NLM_F_EXCL: when the table exists the whole batch fails with EEXIST and changes
+    /// nothing, so every run can send it and only the first one on a host adds the table.
+    /// Nothing is ever destroyed on a run's path (destroying nf_tables objects makes the
+    /// socket's close wait for an RCU grace period, ~10 ms). The input interface keeps
+    /// addresses the host itself may have in the range out of the rule.
+    pub fn masquerade(name: &str, range: (Ipv4Addr, u8)) -> Vec<Message> {
         let mut chain = msg(NEWCHAIN, NLM_F_ACK | NLM_F_CREATE);
         chain.attr_str(1, name).attr_str(3, CHAIN); // NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME
         chain.begin(4).attr_be32(1, NF_INET_POST_ROUTING).attr_be32(2, NF_IP_PRI_NAT_SRC).end(); // NFTA_CHAIN_HOOK
         chain.attr_str(7, "nat"); // NFTA_CHAIN_TYPE
 
+        let (network, prefix) = range;
         let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
         let mut rule = msg(NEWRULE, NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND);
         rule.attr_str(1, name).attr_str(2, CHAIN); // NFTA_RULE_TABLE, NFTA_RULE_CHAIN
         rule.begin(4); // NFTA_RULE_EXPRESSIONS
-                       // payload: reg1 = network header bytes 12..16 (the source address).
+                       // meta: reg1 = the input interface's name (NFT_META_IIFNAME).
+        rule.begin(1).attr_str(1, "meta").begin(2).attr_be32(1, 1).attr_be32(2, NFT_META_IIFNAME).end().end();
+        // cmp: its first bytes are the host ends' prefix (nft's `iifname "agtj*"`).
+        rule.begin(1).attr_str(1, "cmp").begin(2);
+        rule.attr_be32(1, 1).attr_be32(2, 0).begin(3).attr(1, HOST_PREFIX.as_bytes()).end();
+        rule.end().end();
+        // payload: reg1 = network header bytes 12..16 (the source address).
         rule.begin(1).attr_str(1, "payload").begin(2);
         rule.attr_be32(1, 1).attr_be32(2, 1).attr_be32(3, 12).attr_be32(4, 4).end().end();
         // bitwise: reg1 &= mask.
@@ -285,12 +291,15 @@ pub mod nft {
         rule.begin(1).attr_str(1, "masq").end();
         rule.end();
 
-        let mut flush = msg(DELRULE, NLM_F_ACK);
-        flush.attr_str(1, name).attr_str(2, CHAIN);
-        batch(vec![table(NEWTABLE, NLM_F_ACK | NLM_F_CREATE, name), chain, flush, rule])
+        batch(vec![table(NEWTABLE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, name), chain, rule])
     }
 
-    /// Deletes table `name` with everything in it.
+    /// Asks for table `name`: acknowledged when it exists, ENOENT when not.
+    pub fn get_table(name: &str) -> Message {
+        table(GETTABLE, NLM_F_ACK, name)
+    }
+
+    /// Deletes table `name` with everything in it (tests and uninstall; never a run).
     pub fn delete(name: &str) -> Vec<Message> {
         batch(vec![table(DELTABLE, NLM_F_ACK, name)])
     }
@@ -305,64 +314,18 @@ pub struct EgressPlan {
     pub netns: RawFd,
 }
 
-/// One agent's routed path: held for the agent's life, torn down on drop.
+/// One agent's routed path, held for the agent's life. Nothing to undo by hand: the pair
+/// goes with the agent's namespace, which the kernel tears down once this descriptor and
+/// the jail are gone, and the NAT table is shared by every agent.
 #[derive(Debug)]
 pub struct Egress {
     slot: Slot,
     /// The agent's namespace: it holds the agent's end of the pair, so closing it (and the
     /// jail's end) makes the kernel delete the pair.
     netns: OwnedFd,
-    nat: bool,
-    /// The process that deletes the NAT table after the run ([`Egress::release`]).
-    teardown: Option<Teardown>,
-    /// The host end's interface index (the release renames its owner).
-    host_index: u32,
-}
-
-/// A process forked when the path is made (off the start-up path), waiting on a pipe with
-/// the table's delete batch ready: deleting a hooked chain makes the nf_tables socket's
-/// close wait for nf_tables' deferred destroy work, which waits for an RCU grace period
-/// (~10 ms), and agt-jail's exit would wait for it. One byte on the pipe
-/// ([`Egress::release`]) makes it delete the table; it holds the agent's namespace until
-/// then, so the veth (the slot's reservation) outlives the table and no next run takes the
-/// slot and has its new table deleted. End of file (agt-jail gone without a release, or a
-/// guard dropped on an error path) makes it leave without deleting: the guard or a next
-/// run's sweep does it then, as without it.
-#[derive(Debug)]
-struct Teardown {
-    pid: u32,
-    go: OwnedFd,
-}
-
-impl Teardown {
-    fn start(slot: Slot, netns: RawFd) -> io::Result<Self> {
-        let mut batch = Vec::new();
-        for (seq, msg) in nft::delete(&slot.table_name()).iter().enumerate() {
-            batch.extend_from_slice(&msg.bytes(seq as u32 + 1));
-        }
-        let (wait, go) = sys::pipe_cloexec()?;
-        match sys::clone_process(libc::SIGCHLD as libc::c_ulong) {
-            Ok(0) => {
-                // The child: system calls on memory made before the fork only.
-                sys::close_all_but([netns, wait]);
-                let _ = sys::setsid();
-                let mut byte = [0u8; 1];
-                if matches!(sys::read_raw(wait, &mut byte), Ok(1)) {
-                    sys::netlink_send_once(libc::NETLINK_NETFILTER, &batch);
-                }
-                sys::exit_now(0)
-            }
-            Ok(pid) => {
-                sys::close(wait);
-                Ok(Self { pid: pid.unsigned_abs(), go: sys::owned(go) })
-            }
-            Err(e) => {
-                sys::close(wait);
-                sys::close(go);
-                Err(e)
-            }
-        }
-    }
+    /// A probe (`doctor`) that had to add the shared NAT table takes it away again, so
+    /// asking what the host can do changes nothing on it.
+    probe_made_nat: bool,
 }
 
 /// Runs `work` on a thread of its own that entered `netns` (or a new namespace when
@@ -385,6 +348,23 @@ fn in_namespace<T: Send>(
     })
 }
 
+/// Makes sure the shared masquerade table exists: one request when it does (every run
+/// but a host's first); the table is added only when it is missing, and a run that lost
+/// that race to another finds it made. Returns whether this call added it.
+fn ensure_nat() -> Result<bool, EgressError> {
+    let mut nf = Socket::open(libc::NETLINK_NETFILTER).map_err(netlink_err("open a netfilter netlink socket"))?;
+    match nf.transact(&[nft::get_table(NAT_TABLE)]) {
+        Ok(()) => return Ok(false),
+        Err((_, e)) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err((_, e)) => return Err(netlink_err(format!("look up the nf_tables table ip {NAT_TABLE}"))(e)),
+    }
+    match nf.transact(&nft::masquerade(NAT_TABLE, RANGE)) {
+        Ok(()) => Ok(true),
+        Err((_, e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err((_, e)) => Err(netlink_err("add the nf_tables masquerade rule (is nf_tables NAT available?)")(e)),
+    }
+}
+
 fn index_of(name: &str) -> io::Result<u32> {
     let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     sys::if_index(&c)
@@ -393,16 +373,14 @@ fn index_of(name: &str) -> io::Result<u32> {
 impl Egress {
     /// Creates the agent's namespace and the pair (its end inside, named eth0, with its
     /// address and default route; the host end with the gateway address), forwarding
-    /// (when `forward`: `doctor` probes without changing the host's switch) and the NAT
-    /// rule. `proc_root` is /proc (the host's routes, the forwarding switch), `sys_net`
+    /// and the shared NAT table when it is missing. Without `forward` this is `doctor`'s
+    /// probe: the host's forwarding switch is left as it is, and a NAT table the probe had
+    /// to add goes when the guard does. `proc_root` is /proc (the host's routes, the forwarding switch), `sys_net`
     /// /sys/class/net (the sweep).
     pub fn create(proc_root: &Path, sys_net: &Path, forward: bool) -> Result<Self, EgressError> {
         let mut route = Socket::open(libc::NETLINK_ROUTE).map_err(netlink_err("open a route netlink socket"))?;
-        for (name, slot) in stale_links(sys_net, proc_root) {
+        for (name, _slot) in stale_links(sys_net, proc_root) {
             let _ = route.transact(&[del_link(&name)]);
-            if let Ok(mut nf) = Socket::open(libc::NETLINK_NETFILTER) {
-                let _ = nf.transact(&nft::delete(&table_name(slot)));
-            }
         }
         let routes_path = proc_root.join("net/route");
         let routes = std::fs::read_to_string(&routes_path)
@@ -426,10 +404,9 @@ impl Egress {
             }
         }
         let slot = reserved.ok_or(EgressError::NoSlot(RANGE.0, RANGE.1))?;
-        // From here the guard undoes what exists when a later step fails.
-        let mut egress = Self { slot, netns, nat: false, teardown: None, host_index: 0 };
+        // From here a failed step drops the namespace, and the kernel deletes the pair.
+        let mut egress = Self { slot, netns, probe_made_nat: false };
         let host = index_of(&slot.host_name()).map_err(netlink_err(format!("find {}", slot.host_name())))?;
-        egress.host_index = host;
         route
             .transact(&[link_up(host, Some(&owner_alias(std::process::id()))), new_addr(host, slot.gateway(), 30)])
             .map_err(|(_, e)| netlink_err(format!("configure {}", slot.host_name()))(e))?;
@@ -444,12 +421,7 @@ impl Egress {
             std::fs::write(proc_root.join("sys/net/ipv4/ip_forward"), "1")
                 .map_err(netlink_err("turn on IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)"))?;
         }
-        let mut nf = Socket::open(libc::NETLINK_NETFILTER).map_err(netlink_err("open a netfilter netlink socket"))?;
-        egress.nat = true;
-        nf.transact(&nft::masquerade(&slot.table_name(), slot.network, 30))
-            .map_err(|(_, e)| netlink_err("add the nf_tables masquerade rule (is nf_tables NAT available?)")(e))?;
-        // Without it the guard deletes the table itself.
-        egress.teardown = Teardown::start(slot, egress.netns.as_raw_fd()).ok();
+        egress.probe_made_nat = ensure_nat()? && !forward;
         Ok(egress)
     }
 
@@ -460,6 +432,16 @@ impl Egress {
     /// The host end's address: the agent's gateway.
     pub fn gateway(&self) -> Ipv4Addr {
         self.slot.gateway()
+    }
+}
+
+impl Drop for Egress {
+    fn drop(&mut self) {
+        if self.probe_made_nat {
+            if let Ok(mut nf) = Socket::open(libc::NETLINK_NETFILTER) {
+                let _ = nf.transact(&nft::delete(NAT_TABLE));
+            }
+        }
     }
 }
 
@@ -515,37 +497,6 @@ impl Drop for PendingEgress {
     }
 }
 
-impl Egress {
-    /// The agent has ended: its teardown process deletes the NAT table, off agt-jail's
-    /// exit path ([`Teardown`]). The host end's alias names that process as the pair's
-    /// owner first, so a next run's sweep leaves the pair alone while it works. Without
-    /// the process (it could not be made, or it is gone) the guard deletes the table here.
-    pub fn release(mut self) {
-        let Some(teardown) = self.teardown.take() else { return };
-        if self.nat {
-            if let Ok(mut route) = Socket::open(libc::NETLINK_ROUTE) {
-                let _ = route.transact(&[link_up(self.host_index, Some(&owner_alias(teardown.pid)))]);
-            }
-            if sys::write_all_raw(teardown.go.as_raw_fd(), &[1]).is_ok() {
-                self.nat = false;
-            }
-        }
-    }
-}
-
-impl Drop for Egress {
-    /// The NAT table goes now; the pair goes with the agent's namespace, which the kernel
-    /// tears down once this guard's descriptor and the jail are gone (deleting the link
-    /// here would wait for the same teardown, ~25 ms, on every run's exit).
-    fn drop(&mut self) {
-        if self.nat {
-            if let Ok(mut nf) = Socket::open(libc::NETLINK_NETFILTER) {
-                let _ = nf.transact(&nft::delete(&self.slot.table_name()));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -577,7 +528,7 @@ mod tests {
         assert_eq!(free_slots(RANGE, &[], &[]).count(), 16384);
         // A host route over the whole range leaves nothing.
         assert_eq!(free_slots(RANGE, &[(Ipv4Addr::new(10, 0, 0, 0), 8)], &[]).count(), 0);
-        assert_eq!((slots[0].host_name(), slots[0].table_name()), ("agtj2".into(), "agt-jail-2".into()));
+        assert_eq!(slots[0].host_name(), "agtj2");
     }
 
     #[test]
@@ -615,23 +566,25 @@ mod tests {
     }
 
     #[test]
-    fn the_nat_batch_replaces_the_rules_and_masquerades_the_slot() {
-        let batch = nft::masquerade("agt-jail-2", Ipv4Addr::new(10, 213, 0, 8), 30);
-        let kinds: Vec<u16> = batch
-            .iter()
-            .map(|m| {
-                let b = m.bytes(0);
-                u16::from_ne_bytes([b[4], b[5]])
-            })
-            .collect();
-        assert_eq!(kinds, vec![0x10, 0xa00, 0xa03, 0xa08, 0xa06, 0x11]);
-        let rule = batch[4].bytes(0);
+    fn the_nat_batch_adds_the_table_only_when_missing_and_masquerades_the_range_from_agents() {
+        let batch = nft::masquerade(NAT_TABLE, RANGE);
+        let header = |m: &Message| {
+            let b = m.bytes(0);
+            (u16::from_ne_bytes([b[4], b[5]]), u16::from_ne_bytes([b[6], b[7]]))
+        };
+        let kinds: Vec<u16> = batch.iter().map(|m| header(m).0).collect();
+        assert_eq!(kinds, vec![0x10, 0xa00, 0xa03, 0xa06, 0x11], "begin, table, chain, rule, end: nothing deleted");
+        assert_ne!(header(&batch[1]).1 & NLM_F_EXCL, 0, "an existing table must fail the whole batch");
+        let rule = batch[3].bytes(0);
         let text = String::from_utf8_lossy(&rule);
-        for needle in ["payload\0", "bitwise\0", "cmp\0", "masq\0", "postrouting\0"] {
+        for needle in ["meta\0", "agtj", "payload\0", "bitwise\0", "cmp\0", "masq\0", "postrouting\0"] {
             assert!(text.contains(needle), "{needle}");
         }
-        assert!(rule.windows(4).any(|w| w == [10, 213, 0, 8]) && rule.windows(4).any(|w| w == [255, 255, 255, 252]));
-        assert_eq!(nft::delete("agt-jail-2").len(), 3);
+        // NFTA_META_KEY = NFT_META_IIFNAME (6), big-endian.
+        assert!(rule.windows(8).any(|w| w == [8, 0, 2, 0, 0, 0, 0, 6]), "the input interface's name is matched");
+        assert!(rule.windows(4).any(|w| w == [10, 213, 0, 0]) && rule.windows(4).any(|w| w == [255, 255, 0, 0]));
+        assert_eq!(header(&nft::get_table(NAT_TABLE)).0, 0xa01);
+        assert_eq!(nft::delete(NAT_TABLE).len(), 3);
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub const OLDROOT: &str = "/oldroot";
 pub const EMPTY_FILE: &str = "/.agt-jail-empty";
 /// The scratch workspace mount point in ring 3.
 pub const SCRATCH: &str = "/workspace";
+/// The host daemon's directory (its control socket, the agents' control sockets): never
+/// reachable from inside, whatever the profile's `hide` list says.
+pub const DAEMON_DIR: &str = "/run/agt-jail";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MountOp {
@@ -165,7 +168,17 @@ impl ViewSpec {
         }
         let mut binds = self.binds.clone();
         binds.sort_by_key(|b| b.path.components().count());
+        // The daemon's directory, where a bind of it or of a parent shows it: an empty
+        // tmpfs goes over it before the binds inside it (the agent's own identity socket)
+        // are made, and turns read-only after them.
+        let daemon_depth = Path::new(DAEMON_DIR).components().count();
+        let mut cover_daemon_dir = daemon_dir_exposed(&self.binds, &self.hide) && Path::new(DAEMON_DIR).is_dir();
+        let daemon_dir_covered = cover_daemon_dir;
         for bind in &binds {
+            if cover_daemon_dir && bind.path.components().count() > daemon_depth {
+                ops.push(daemon_dir_cover());
+                cover_daemon_dir = false;
+            }
             match bind.path.parent() {
                 Some(parent) if bind.is_dir => {
                     mkdirs(&mut ops, parent);
@@ -184,6 +197,12 @@ impl ViewSpec {
             } else if !bind.writable {
                 ops.push(MountOp::RemountRo { dst });
             }
+        }
+        if cover_daemon_dir {
+            ops.push(daemon_dir_cover());
+        }
+        if daemon_dir_covered {
+            ops.push(MountOp::RemountRo { dst: under(NEWROOT, Path::new(DAEMON_DIR)) });
         }
         for (link, target) in &self.symlinks {
             if let Some(parent) = link.parent() {
@@ -268,6 +287,23 @@ impl ViewSpec {
     }
 }
 
+/// Whether a bind shows [`DAEMON_DIR`] (a bind of it or of a parent) and no hidden entry
+/// covers it. A bind of a path inside it shows only that path.
+fn daemon_dir_exposed(binds: &[Bind], hide: &[(PathBuf, bool)]) -> bool {
+    let dir = Path::new(DAEMON_DIR);
+    binds.iter().any(|b| dir.starts_with(&b.path)) && !hide.iter().any(|(h, _)| dir.starts_with(h))
+}
+
+/// The writable-while-building tmpfs over [`DAEMON_DIR`] (remounted read-only once the
+/// binds inside it are made).
+fn daemon_dir_cover() -> MountOp {
+    MountOp::Tmpfs {
+        dst: under(NEWROOT, Path::new(DAEMON_DIR)),
+        options: "mode=0755,size=64k".into(),
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -289,6 +325,32 @@ mod tests {
             files: Vec::new(),
             tmp_noexec: false,
             scratch_noexec: false,
+        }
+    }
+
+    #[test]
+    fn the_daemon_directory_is_hidden_wherever_a_bind_shows_it() {
+        let bind = |path: &str| Bind { path: path.into(), writable: false, is_dir: true, noexec: false };
+        assert!(!daemon_dir_exposed(&[bind("/usr"), bind("/etc")], &[]));
+        assert!(daemon_dir_exposed(&[bind("/usr"), bind("/run")], &[]));
+        assert!(daemon_dir_exposed(&[bind("/")], &[]));
+        assert!(daemon_dir_exposed(&[bind("/run/agt-jail")], &[]));
+        assert!(!daemon_dir_exposed(&[bind("/run/agt-jail/identity/a")], &[]), "only that path is shown");
+        assert!(!daemon_dir_exposed(&[bind("/run/agt-jailx")], &[]));
+        assert!(!daemon_dir_exposed(&[bind("/run")], &[("/run/agt-jail".into(), true)]));
+        assert!(!daemon_dir_exposed(&[bind("/run")], &[("/run".into(), true)]));
+        // The plan (where this host has the directory): the cover goes on after the bind
+        // that shows it and before a bind inside it, and is made read-only after that.
+        if Path::new(DAEMON_DIR).is_dir() {
+            let spec = ViewSpec { binds: vec![bind("/run/agt-jail/identity/a"), bind("/run")], ..Default::default() };
+            let ops = spec.plan();
+            let at = |want: &dyn Fn(&MountOp) -> bool| ops.iter().position(want).unwrap();
+            let run = at(&|o| matches!(o, MountOp::Bind { dst, .. } if dst == Path::new("/newroot/run")));
+            let cover = at(&|o| matches!(o, MountOp::Tmpfs { dst, .. } if dst == Path::new("/newroot/run/agt-jail")));
+            let inner =
+                at(&|o| matches!(o, MountOp::Bind { dst, .. } if dst == Path::new("/newroot/run/agt-jail/identity/a")));
+            let ro = at(&|o| matches!(o, MountOp::RemountRo { dst } if dst == Path::new("/newroot/run/agt-jail")));
+            assert!(run < cover && cover < inner && inner < ro, "{ops:?}");
         }
     }
 

@@ -130,37 +130,6 @@ pub fn close(fd: libc::c_int) {
     unsafe { libc::close(fd) };
 }
 
-/// Closes every descriptor of the process but the two in `keep` (close_range, Linux 5.9).
-/// Child-safe.
-pub fn close_all_but(keep: [libc::c_int; 2]) {
-    let (a, b) = (keep[0].min(keep[1]), keep[0].max(keep[1]));
-    let mut first: libc::c_int = 0;
-    for kept in [a, b] {
-        if kept > first {
-            // SAFETY: close_range(2) with plain integers; only this process's table changes.
-            unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, (kept - 1) as libc::c_uint, 0u32) };
-        }
-        first = first.max(kept.saturating_add(1));
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0u32) };
-}
-
-/// Writes `bytes` (whole netlink messages) on a new netlink socket of `protocol` and
-/// closes it without reading the replies: the kernel handles a netlink write before the
-/// call returns. Returns whether the write went through. Child-safe (no allocation).
-pub fn netlink_send_once(protocol: libc::c_int, bytes: &[u8]) -> bool {
-    // SAFETY: socket(2) with integer arguments.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: `bytes` is valid for reads of its length; `fd` was just opened here.
-    let written = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
-    close(fd);
-    written >= 0 && written as usize == bytes.len()
-}
-
 /// Marks every fd from `first` up close-on-exec, so the agent inherits only stdio:
 /// close_range(CLOSE_RANGE_CLOEXEC) (Linux 5.11); where the kernel refuses the flag
 /// (EINVAL: 5.10) or the call (ENOSYS), each open fd listed in /proc/self/fd. Child-safe.

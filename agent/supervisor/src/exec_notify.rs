@@ -73,7 +73,7 @@ use std::{
         unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
     },
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
         Arc, RwLock,
     },
     thread::JoinHandle,
@@ -109,6 +109,8 @@ pub enum NotifyError {
     Unresolvable { tid: u32, path: String, source: io::Error },
     #[error("unexpected syscall {nr} (arch {arch:#x}) from pid {tid} on the exec listener")]
     Unexpected { tid: u32, nr: i32, arch: u32 },
+    #[error("exec by pid {tid} after the entry command: this ring runs its entry command only (EACCES)")]
+    AfterEntry { tid: u32 },
     #[error("no seccomp listener arrived on the socket (the child ended before its exec)")]
     NoListener,
     #[error("seccomp listener: {0}")]
@@ -139,6 +141,12 @@ pub struct NotifierOptions {
     /// namespaces and pivot_root refused by its seccomp filter, as in rings 1-3): the root
     /// is opened once, from the first exec, instead of from `/proc/TID/root` each time.
     pub fixed_root: bool,
+    /// The ring runs its entry command only and no Landlock holds that (a kernel without
+    /// it): the launcher's own exec goes to the decider like any other; once one exec was
+    /// let through, every later exec fails with EACCES without asking (a Landlock EXECUTE
+    /// denial's errno), and `on_error` hears [`NotifyError::AfterEntry`]. The policy's
+    /// plane and the entry-only rule then share the jail's one exec listener.
+    pub entry_only: bool,
 }
 
 /// The listener, shared by the loop and every pending [`Reply`]. Closed (set to None)
@@ -149,6 +157,9 @@ struct Listener {
     resp_words: usize,
     /// [`WAKE_UNKNOWN`] until the listener arrived, then [`WAKE_SYNC`] or [`WAKE_PLAIN`].
     wake: AtomicU8,
+    /// An exec was let through (delivered): with [`NotifierOptions::entry_only`] the
+    /// entry command runs and nothing more may.
+    entered: AtomicBool,
 }
 
 const WAKE_UNKNOWN: u8 = 0;
@@ -157,13 +168,20 @@ const WAKE_PLAIN: u8 = 2;
 
 impl Listener {
     fn send(&self, id: u64, answer: Answer) {
+        self.send_errno(id, answer, libc::EPERM);
+    }
+
+    /// Answers `id`; a denial fails the exec with `errno`.
+    fn send_errno(&self, id: u64, answer: Answer, errno: libc::c_int) {
         let Ok(guard) = self.fd.read() else { return };
         let Some(fd) = guard.as_ref() else { return };
+        let allow = answer == Answer::Allow;
         for _ in 0..8 {
-            match sys::seccomp_notif_send(fd.as_fd(), id, answer == Answer::Allow, libc::EPERM, self.resp_words) {
+            match sys::seccomp_notif_send(fd.as_fd(), id, allow, errno, self.resp_words) {
                 // EINTR: not delivered, try again. ENOENT: the target died or was interrupted
                 // by a signal (its syscall restarts as a new notification): nothing to answer.
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Ok(()) if allow => return self.entered.store(true, Ordering::SeqCst),
                 _ => return,
             }
         }
@@ -235,6 +253,7 @@ fn spawn_serving(
         fd: RwLock::new(None),
         resp_words: usize::from(sizes.seccomp_notif_resp).div_ceil(8),
         wake: AtomicU8::new(WAKE_UNKNOWN),
+        entered: AtomicBool::new(false),
     });
     let notif_words = usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()).div_ceil(8);
     let (thread_stop, thread_listener) = (Arc::clone(&stop), Arc::clone(&listener));
@@ -411,6 +430,10 @@ fn serve(
     let Some(fd) = receive_listener(socket, stop, listener)? else { return Ok(()) };
     *listener.fd.write().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))? = Some(fd);
     let mut buf = vec![0u64; notif_words];
+    let entry_only = options.entry_only;
+    // With `entry_only`: the launcher's thread, whose execs go to the decider until one
+    // was let through (an exec interrupted by a signal comes again from it).
+    let mut launcher: Option<u32> = None;
     let mut memory = ReadMemory { options, ..ReadMemory::default() };
     loop {
         let guard = listener.fd.read().map_err(|_| NotifyError::Listener(io::Error::other("lock poisoned")))?;
@@ -426,6 +449,18 @@ fn serve(
             Err(e) => return Err(NotifyError::Listener(e)),
         };
         let id = notif.id;
+        if entry_only {
+            let tid = notif.pid;
+            // Only the launcher's thread exists until its exec is let through; any other
+            // exec is after the entry's, or not the launcher's: neither may run.
+            if listener.entered.load(Ordering::SeqCst) || launcher.is_some_and(|first| first != tid) {
+                drop(guard);
+                listener.send_errno(id, Answer::Deny, libc::EACCES);
+                on_error(&NotifyError::AfterEntry { tid });
+                continue;
+            }
+            launcher = Some(tid);
+        }
         let request = read_request(&notif, &mut memory);
         // The target may have died (and its pid been reused) or been interrupted while we
         // read: only a still-pending notification is worth a decision.
@@ -1109,14 +1144,19 @@ mod tests {
         let exe = std::fs::read_link("/proc/self/exe").unwrap().display().to_string();
         let own_comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim_end().to_string();
         let task = KernelTask { comm: "named".into(), exe: [1, 2, 3] };
-        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(tid, task.clone()))), fixed_root: false };
+        let options =
+            NotifierOptions { tasks: Some(Arc::new(OneTask(tid, task.clone()))), fixed_root: false, entry_only: false };
         let mut memory = ReadMemory { options, ..ReadMemory::default() };
         assert_eq!(memory.comm_and_exe(&mut ProcDir::new(tid), tid), ("named".to_string(), exe.clone()));
         assert_eq!(memory.exes.get(&[1, 2, 3]), Some(&exe), "the path is remembered by the executable's key");
         // Known executable: no /proc at all (a pid that does not exist would fail it).
         memory.exes.insert([1, 2, 3], "/remembered".into());
         let gone = u32::MAX - 1;
-        let options = NotifierOptions { tasks: Some(Arc::new(OneTask(gone, task.clone()))), fixed_root: false };
+        let options = NotifierOptions {
+            tasks: Some(Arc::new(OneTask(gone, task.clone()))),
+            fixed_root: false,
+            entry_only: false,
+        };
         memory.options = options;
         assert_eq!(memory.comm_and_exe(&mut ProcDir::new(gone), gone), ("named".into(), "/remembered".into()));
         // A thread the kernel has no record of, or whose executable it could not read.

@@ -1,11 +1,13 @@
 //! `agt-jail approve|deny|kill|demote|status`: talk to a running agent through its
-//! control socket (see `agt_jail_supervisor::control`).
+//! control socket (see `agt_jail_supervisor::control`), or through the host daemon when
+//! it answers (docs/control-api.md).
 use std::{path::PathBuf, process::ExitCode};
 
+use agt_jail_daemon::proto::{request::Op, response::Body, AgentRef, Decide, Demote, Response};
 use agt_jail_supervisor::control;
 use clap::Args;
 
-use crate::EXIT_INTERNAL;
+use crate::{daemon_cmd, EXIT_INTERNAL};
 
 #[derive(Args, Debug)]
 pub struct AgentArg {
@@ -49,8 +51,30 @@ fn parse_request(text: &str) -> Result<u64, String> {
 }
 
 /// Sends `line` to the agent and prints the outcome; exit 0 on success, 1 when the
-/// agent refused, 125 when it could not be reached.
-fn send(target: &AgentArg, line: &str, done: &str) -> ExitCode {
+/// agent refused, 125 when it could not be reached. When the host daemon answers, the
+/// request goes through it (`op`): it knows agents run without --policy too.
+fn send(target: &AgentArg, line: &str, done: &str, op: Op) -> ExitCode {
+    if let Some(answer) = daemon_cmd::through_daemon(op) {
+        return match answer {
+            Ok(Response { body: Some(Body::Agent(info)) }) => {
+                let status: serde_json::Value = serde_json::from_str(&info.status).unwrap_or_else(|_| {
+                    serde_json::json!({"agent": info.agent, "pid": info.pid, "ring": info.ring,
+                                       "policy": info.policy, "command": info.command, "adopted": info.adopted})
+                });
+                println!("{}", serde_json::to_string_pretty(&status).unwrap_or_else(|_| status.to_string()));
+                ExitCode::SUCCESS
+            }
+            Ok(Response { body: Some(Body::Done(d)) }) => {
+                println!("agt-jail: {}", d.message);
+                ExitCode::SUCCESS
+            }
+            Ok(_) => {
+                eprintln!("agt-jail: unexpected answer from the daemon");
+                ExitCode::from(EXIT_INTERNAL)
+            }
+            Err(code) => code,
+        };
+    }
     match control::request(&target.runtime_dir, &target.agent, line) {
         Ok(answer) => {
             if line == "status" {
@@ -72,25 +96,30 @@ fn send(target: &AgentArg, line: &str, done: &str) -> ExitCode {
 }
 
 pub fn approve(args: RequestArgs) -> ExitCode {
-    send(&args.target, &format!("approve {}", args.request), &format!("approved request {}", args.request))
+    let op = Op::Approve(Decide { agent: args.target.agent.clone(), request: args.request });
+    send(&args.target, &format!("approve {}", args.request), &format!("approved request {}", args.request), op)
 }
 
 pub fn deny(args: RequestArgs) -> ExitCode {
-    send(&args.target, &format!("deny {}", args.request), &format!("denied request {}", args.request))
+    let op = Op::Deny(Decide { agent: args.target.agent.clone(), request: args.request });
+    send(&args.target, &format!("deny {}", args.request), &format!("denied request {}", args.request), op)
 }
 
 pub fn kill(args: AgentArg) -> ExitCode {
     let done = format!("killed agent {}", args.agent);
-    send(&args, "kill", &done)
+    let op = Op::Kill(AgentRef { agent: args.agent.clone() });
+    send(&args, "kill", &done, op)
 }
 
 pub fn demote(args: DemoteArgs) -> ExitCode {
     let done = format!("agent {} is now in ring {}", args.target.agent, args.ring);
-    send(&args.target, &format!("demote {}", args.ring), &done)
+    let op = Op::Demote(Demote { agent: args.target.agent.clone(), ring: u32::from(args.ring) });
+    send(&args.target, &format!("demote {}", args.ring), &done, op)
 }
 
 pub fn status(args: AgentArg) -> ExitCode {
-    send(&args, "status", "")
+    let op = Op::Inspect(AgentRef { agent: args.agent.clone() });
+    send(&args, "status", "", op)
 }
 
 #[derive(Args, Debug)]
@@ -100,8 +129,12 @@ pub struct PsArgs {
     runtime_dir: PathBuf,
 }
 
-/// One line per running agent: name, ring, trust, tier, DID, cgroup id, held requests.
+/// One line per running agent: name, ring, trust, tier, DID, cgroup id, held requests
+/// (with the supervisor's pid and the command when the host daemon answers: its agents).
 pub fn ps(args: PsArgs) -> ExitCode {
+    if let Some(code) = daemon_cmd::ps() {
+        return code;
+    }
     let mut names: Vec<String> = match std::fs::read_dir(&args.runtime_dir) {
         Ok(entries) => {
             entries.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".sock").map(str::to_string)).collect()

@@ -159,8 +159,8 @@ fn ring_report(facts: &Facts, ring: u8) -> (Vec<String>, Vec<String>) {
             Ok(enforcement) => {
                 let exec = if enforcement.entry_exec_plane {
                     "the entry command only (the entry-only exec plane: seccomp user notification lets the \
-                     launcher's exec through and fails every later one with EACCES; --allow-exec and --policy \
-                     are refused with it)"
+                     launcher's exec through and fails every later one with EACCES; --allow-exec is refused \
+                     with it, and under --policy the policy's exec plane holds the same rule)"
                 } else if profile.exec_workspace {
                     "system paths, the workspace and --rw paths"
                 } else {
@@ -331,7 +331,12 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     println!(
         "agent egress      {}",
         match &facts.egress {
-            Ok(()) => format!("veth + nf_tables masquerade, /30s from {}/{}", egress::RANGE.0, egress::RANGE.1),
+            Ok(()) => format!(
+                "veth + nf_tables masquerade (one shared `table ip {}`, kept between runs), /30s from {}/{}",
+                egress::NAT_TABLE,
+                egress::RANGE.0,
+                egress::RANGE.1
+            ),
             Err(e) => e.clone(),
         }
     );

@@ -7,15 +7,14 @@ use clap::{Parser, Subcommand};
 
 mod audit_cmd;
 mod audit_recover;
-mod audit_run;
 mod control_cmd;
+mod daemon_cmd;
 mod doctor_cmd;
 mod exec_cmd;
 mod govern;
 mod identity_cmd;
 mod pinned_run;
 mod policy_cmd;
-mod resolver;
 
 pub use agt_jail_cli::EXIT_INTERNAL;
 
@@ -69,6 +68,11 @@ enum Command {
     /// Verify a tamper-evident audit log (`exec --audit`), prove records and checkpoints.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
+    /// The host daemon (foreground; systemd Type=notify): launches and governs agents for
+    /// `exec` and serves the control API on /run/agt-jail/agt.sock (docs/control-api.md).
+    Daemon(daemon_cmd::DaemonArgs),
+    /// The --events records of the agents the daemon runs (`-f` follows new ones).
+    Events(daemon_cmd::EventsArgs),
 }
 
 /// Names the first argument that is not UTF-8 (clap only says there is one): its
@@ -92,7 +96,8 @@ fn not_utf8(argv: &[std::ffi::OsString]) -> String {
 /// it ignores SIGPIPE and never panics on a failed write (`stderr_line!`, records that
 /// report their write error), and the command it runs starts with the default action.
 fn sigpipe_ends_the_process(command: Option<&std::ffi::OsStr>) {
-    if command.is_some_and(|word| word == "exec") {
+    // The daemon ignores SIGPIPE itself: a client that hangs up must not end it.
+    if command.is_some_and(|word| word == "exec" || word == "daemon") {
         return;
     }
     // SAFETY: SIG_DFL for a valid signal, before any other thread exists.
@@ -139,7 +144,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Exec(args) => exec_cmd::run(*args),
+        Command::Exec(args) => daemon_cmd::exec(&args).unwrap_or_else(|| exec_cmd::run(*args)),
         Command::Doctor(args) => doctor_cmd::run(args),
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Approve(args) => control_cmd::approve(args),
@@ -150,5 +155,7 @@ fn main() -> ExitCode {
         Command::Ps(args) => control_cmd::ps(args),
         Command::Identity(cmd) => identity_cmd::run(cmd),
         Command::Audit(cmd) => audit_cmd::run(cmd),
+        Command::Daemon(args) => daemon_cmd::daemon(args),
+        Command::Events(args) => daemon_cmd::events(args),
     }
 }

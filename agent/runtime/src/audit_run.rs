@@ -9,8 +9,9 @@ use std::{
 };
 
 use agt_jail_audit::{key, AuditLog, LineWriter, LogOptions, SharedLog, SyncPolicy, Ticker};
-use agt_jail_cli::args::AuditArgs;
 use anyhow::{anyhow, Context, Result};
+
+use crate::AuditOptions;
 
 /// An open audit log, closed (final checkpoint) by [`AuditRun::close`] or when dropped.
 pub struct AuditRun {
@@ -25,7 +26,7 @@ impl AuditRun {
     /// Opens the log `args` names, if any: the key loads (or is created) and the file is
     /// started before anything of the run exists, so a bad flag fails the run at once.
     /// `did` and `policy` name the agent and the policy in force (`policy_hash`) in every entry.
-    pub fn open(args: &AuditArgs, did: &str, policy: &str) -> Result<Option<AuditRun>> {
+    pub fn open(args: &AuditOptions, did: &str, policy: &str) -> Result<Option<AuditRun>> {
         let Some(path) = args.file.as_deref() else { return Ok(None) };
         let signing = key::load_or_create(&args.key).map_err(|e| anyhow!("{e}"))?;
         let opts = LogOptions {

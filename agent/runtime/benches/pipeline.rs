@@ -4,8 +4,8 @@
 //! measures the whole pipeline with the kernel in it; docs/benchmarks.md has both.
 //!
 //! The records are byte images of the common crate's `#[repr(C)]` events, as the
-//! kernel writes them. The observe step is what `agt-jail exec --policy` does with a
-//! connect event (agent/cli/src/govern.rs): the kernel's verdict, the policy's decision,
+//! kernel writes them. The observe step is the runtime's own (agent/runtime/src/plane.rs),
+//! what a governed run does with each event: the kernel's verdict, the policy's decision,
 //! one JSON line.
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +13,7 @@ use std::{
     hint::black_box,
     io::{self, BufWriter, Write},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -21,14 +21,10 @@ use agt_jail_common::{
     EventHeader, EventKind, ExeKey, ExecTraceEvent, NetEvent as NetRecord, Verdict, AF_INET, EXEC_FILENAME_LEN,
     NET_LAYER_ALLOW_LIST, NET_LAYER_NONE, NET_RULE_DEFAULT, TASK_COMM_LEN,
 };
-use agt_jail_ebpf_loader::{decode, Event, NetLayer, VerdictName};
-use agt_jail_policy::{
-    context::{AgentFacts, NetEvent, NetFamily, NetProto},
-    PolicySet,
-};
-use agt_jail_supervisor::evaluator::{
-    Actuator, Evaluator, EvaluatorConfig, KernelCaller, KernelVerdict, NetObservation, RecordSink, TrustRules,
-};
+use agt_jail_ebpf_loader::{decode, Event};
+use agt_jail_policy::{context::AgentFacts, plan::Plan, PolicySet};
+use agt_jail_runtime::plane::{self, Observation};
+use agt_jail_supervisor::evaluator::{Actuator, Evaluator, EvaluatorConfig, RecordSink, TrustRules};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// How large the bench's events file may grow before it is emptied (between timed batches).
@@ -131,40 +127,21 @@ fn evaluator(out: Box<dyn Write + Send>, proc_root: &str) -> Arc<Evaluator> {
     Evaluator::new(cfg, RecordSink::new(Some(out)), Arc::new(NoEffects))
 }
 
-/// What `agt_jail::govern::observe` does with one decoded event (connects to addresses
-/// the policy names by domain would also carry the domain; this policy names none).
-/// `from_record`: process facts from the kernel's record (as agt-jail does); otherwise
-/// from /proc (through the per-process cache).
-fn observe(evaluator: &Evaluator, event: &Event, from_record: bool) {
-    match event {
-        Event::Connect { tgid, addr, port, protocol, verdict, layer, caller, count, .. } => {
-            let protocol = if protocol == "tcp" { NetProto::Tcp } else { NetProto::Other };
-            let kernel = match (verdict, layer) {
-                (VerdictName::Allow, _) => KernelVerdict::Allow,
-                (VerdictName::Kill, _) => KernelVerdict::Kill,
-                (VerdictName::Deny, NetLayer::Plan) => KernelVerdict::Deny,
-                (VerdictName::Deny, _) => KernelVerdict::Floor,
-            };
-            let caller = from_record.then_some(KernelCaller {
-                ppid: caller.ppid,
-                uid: caller.uid,
-                comm: &caller.comm,
-                exe: caller.exe,
-            });
-            evaluator.observe_net(&NetObservation {
-                pid: *tgid,
-                event: NetEvent::Connect,
-                family: NetFamily::Inet,
-                protocol,
-                addr: *addr,
-                port: *port,
-                domain: None,
-                kernel,
-                caller,
-                count: *count,
-            });
+/// The runtime's own observe path (`agt_jail_runtime::plane::observe`, what a governed
+/// run's event thread calls): this policy names no domain, so no destination has one.
+/// `from_record`: process facts from the kernel's record (as a run does); otherwise from
+/// /proc (through the per-process cache).
+fn observe(evaluator: &Evaluator, plan: &Mutex<Option<Plan>>, event: &Event, from_record: bool) {
+    if from_record {
+        return plane::observe(evaluator, plan, event, &|_| None);
+    }
+    match plane::observation(event) {
+        Observation::Net { hook, pid, net, verdict } => {
+            let mut obs = plane::net_observation(hook, pid, &net, verdict, None);
+            obs.caller = None;
+            evaluator.observe_net(&obs);
         }
-        other => evaluator.observe_raw(&serde_json::to_value(other).unwrap()),
+        other => plane::deliver(evaluator, other, &|_| None),
     }
 }
 
@@ -199,11 +176,13 @@ fn pipeline(c: &mut Criterion) {
     // record, the executable from /proc once per process (cached), as agt-jail runs it. The
     // same event over and over: after the first, the evaluator writes the remembered record.
     let to_sink = evaluator(Box::new(io::sink()), "/proc");
+    // The plan in force, which names a destination's domain: this policy compiles none.
+    let no_plan: Mutex<Option<Plan>> = Mutex::new(None);
     group.bench_function("decode_observe_connect_no_file", |b| {
-        b.iter(|| observe(&to_sink, &decode(black_box(&allowed)).unwrap(), true))
+        b.iter(|| observe(&to_sink, &no_plan, &decode(black_box(&allowed)).unwrap(), true))
     });
     group.bench_function("decode_observe_denied_connect_no_file", |b| {
-        b.iter(|| observe(&to_sink, &decode(black_box(&denied)).unwrap(), true))
+        b.iter(|| observe(&to_sink, &no_plan, &decode(black_box(&denied)).unwrap(), true))
     });
     // Every event different (8,192 destinations in turn, more than the evaluator remembers):
     // each one is evaluated and serialised afresh.
@@ -212,12 +191,12 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function("decode_observe_distinct_connects_no_file", |b| {
         b.iter(|| {
             next = (next + 1) % distinct.len();
-            observe(&to_sink, &decode(black_box(&distinct[next])).unwrap(), true)
+            observe(&to_sink, &no_plan, &decode(black_box(&distinct[next])).unwrap(), true)
         })
     });
     // Process facts from /proc through the per-process cache (events without them).
     group.bench_function("decode_observe_connect_no_file_proc_cache", |b| {
-        b.iter(|| observe(&to_sink, &decode(black_box(&allowed)).unwrap(), false))
+        b.iter(|| observe(&to_sink, &no_plan, &decode(black_box(&allowed)).unwrap(), false))
     });
 
     // As `agt-jail exec --policy --events FILE` runs it: records buffered and written to
@@ -236,7 +215,7 @@ fn pipeline(c: &mut Criterion) {
         b.iter_custom(|iters| {
             timed_batches(&kept, iters, || {
                 for _ in 0..1000 {
-                    observe(&to_file, &decode(black_box(&allowed)).unwrap(), true);
+                    observe(&to_file, &no_plan, &decode(black_box(&allowed)).unwrap(), true);
                 }
                 to_file.flush();
             })
@@ -248,7 +227,7 @@ fn pipeline(c: &mut Criterion) {
             timed_batches(&kept, iters, || {
                 for _ in 0..1000 {
                     next = (next + 1) % distinct.len();
-                    observe(&to_file, &decode(black_box(&distinct[next])).unwrap(), true);
+                    observe(&to_file, &no_plan, &decode(black_box(&distinct[next])).unwrap(), true);
                 }
                 to_file.flush();
             })
@@ -256,7 +235,7 @@ fn pipeline(c: &mut Criterion) {
     });
     group.throughput(Throughput::Elements(1));
     group.bench_function("decode_observe_exec_to_file", |b| {
-        b.iter(|| observe(&to_file, &decode(black_box(&exec)).unwrap(), true))
+        b.iter(|| observe(&to_file, &no_plan, &decode(black_box(&exec)).unwrap(), true))
     });
     group.finish();
     let _ = std::fs::remove_dir_all(&dir);
