@@ -1,7 +1,8 @@
 #!/bin/bash
 # The checks of the systemd test guest (`cargo xtask vm-test --systemd`): systemd is PID 1,
 # `cargo xtask install` runs there, and the unit it installs loads and passes
-# `systemd-analyze verify`, then the daemon runs under it. One line per check, read by
+# `systemd-analyze verify`; then the daemon runs under it: ready, its socket, a governed
+# launch through it, a restart that a running agent survives and is re-adopted across. One line per check, read by
 # the runner on the host like the busybox guests' lines (vm-tests/init.sh):
 #   AGT-VM-RESULT test=systemd::NAME status=pass|fail [reason=...]
 #   AGT-VM-VERDICT pass=N fail=N skip=0
@@ -98,5 +99,91 @@ unit_loads() {
     done
 }
 check unit_loads unit_loads
+
+# The daemon under systemd: Type=notify start (systemctl start returns once READY=1 came),
+# the control socket, a governed launch through it, and a restart that running agents
+# survive (KillMode=process) and the new daemon lists again (re-adoption).
+# Agents' workspace: the launching client's directory.
+check workspace_directory sh -c 'mkdir -p /var/tmp/agt-work'
+cd /var/tmp/agt-work || cd /
+check daemon_starts timeout 120 systemctl start agt-jail
+
+daemon_ready() {
+    local state
+    state=$(systemctl show agt-jail -p ActiveState -p SubState -p MainPID -p Result)
+    grep -qx ActiveState=active <<<"$state" && grep -qx SubState=running <<<"$state" &&
+        grep -qx Result=success <<<"$state" && ! grep -qx MainPID=0 <<<"$state" || {
+        echo "$state"
+        journalctl -u agt-jail --no-pager -n 20 -o cat
+        return 1
+    }
+    systemctl status agt-jail --no-pager >/dev/null || { echo "systemctl status exits $?"; return 1; }
+}
+check daemon_active_and_ready daemon_ready
+
+socket_mode() {
+    local said
+    said=$(stat -c '%a %U %G %F' /run/agt-jail/agt.sock 2>&1)
+    [ "$said" = "660 root agt-jail socket" ] || { echo "/run/agt-jail/agt.sock: $said"; return 1; }
+}
+check control_socket_root_agt_jail_0660 socket_mode
+
+launch_through_daemon() {
+    local out since
+    since=$(date '+%Y-%m-%d %H:%M:%S')
+    out=$(timeout 120 agt-jail exec --ring 2 -- /bin/echo hi 2>&1) || { echo "exit $?: $out"; return 1; }
+    [ "$out" = hi ] || { echo "output: $out"; return 1; }
+    # The daemon's own journal lines for it: launched in ring 2 through the socket (not a
+    # standalone exec), and its end with the status the client got.
+    out=$(journalctl -u agt-jail --no-pager -o cat --since "$since")
+    grep -q 'launched for uid 0 (supervisor pid [0-9]*, ring 2)' <<<"$out" &&
+        grep -q 'ended with status 0' <<<"$out" || { echo "daemon journal: $out"; return 1; }
+}
+check governed_launch_through_socket launch_through_daemon
+
+listed() { # PHASE: `agt-jail ps` (through the daemon) lists the `sleep 600` agent; its name on stdout
+    local i name
+    for i in $(seq 1 60); do
+        name=$(agt-jail ps 2>/dev/null | awk 'NR > 1 && /sleep 600$/ {print $1}')
+        [ -n "$name" ] && { echo "$name"; return 0; }
+        sleep 1
+    done
+    echo "$1: agt-jail ps does not list the sleep 600 agent: $(agt-jail ps 2>&1); its exec said: $(cat /var/tmp/agt-sleeper.log); daemon: $(journalctl -u agt-jail --no-pager -o cat -n 8)"
+    return 1
+}
+
+agent_survives_restart() {
+    local old new name i said
+    timeout 900 agt-jail exec --ring 2 -- /bin/sleep 600 >/var/tmp/agt-sleeper.log 2>&1 &
+    name=$(listed "before the restart") || { echo "$name"; return 1; }
+    # The record comes first; under TCG the jail takes seconds more to exec the command.
+    # (No procps in the guest: the agent's `sleep` by name from /proc.)
+    for i in $(seq 1 120); do
+        grep -qx sleep /proc/[0-9]*/comm 2>/dev/null && break
+        sleep 1
+    done
+    grep -qx sleep /proc/[0-9]*/comm 2>/dev/null || { echo "the agent never ran its sleep: $(cat /var/tmp/agt-sleeper.log)"; return 1; }
+    old=$(systemctl show agt-jail -p MainPID --value)
+    timeout 120 systemctl restart agt-jail || { echo "systemctl restart failed"; return 1; }
+    new=$(systemctl show agt-jail -p MainPID --value)
+    [ "$new" != "$old" ] && [ "$new" != 0 ] || { echo "MainPID $old before, $new after the restart"; return 1; }
+    [ "$(systemctl is-active agt-jail)" = active ] || { echo "not active after the restart"; return 1; }
+    grep -qx sleep /proc/[0-9]*/comm 2>/dev/null || {
+        echo "the agent's sleep is gone after the restart; its exec said: $(cat /var/tmp/agt-sleeper.log); daemon: $(journalctl -u agt-jail --no-pager -o cat -n 12)"
+        return 1
+    }
+    name=$(listed "after the restart") || { echo "$name"; return 1; }
+    journalctl -u agt-jail --no-pager -o cat _PID="$new" | grep -q "agent $name adopted" ||
+        { echo "the new daemon (pid $new) did not log adopting $name"; return 1; }
+    said=$(agt-jail kill --agent "$name" 2>&1) || { echo "agt-jail kill --agent $name through the new daemon: $said"; return 1; }
+    for i in $(seq 1 60); do
+        grep -qx sleep /proc/[0-9]*/comm 2>/dev/null || return 0
+        sleep 1
+    done
+    echo "the agent's sleep still runs 60 s after agt-jail kill --agent $name ($said)"
+    return 1
+}
+check restart_keeps_agents_and_readopts agent_survives_restart
+check daemon_stops timeout 60 systemctl stop agt-jail
 
 finish
