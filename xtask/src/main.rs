@@ -8,10 +8,12 @@ mod bench_enforce;
 mod build_ebpf;
 mod demo;
 mod demo_agt;
+mod install;
 mod test;
 mod util;
 mod vm;
 mod vm_matrix;
+mod vm_systemd;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "agt-jail developer tasks")]
@@ -29,10 +31,14 @@ enum Task {
     /// Show the main job (needs root): `demo agt` runs an AGT-governed agent, honest and compromised,
     /// with and without agt-jail; `demo` alone runs a jailed command whose denied connect is reported.
     Demo(demo::Options),
-    /// Boot Debian kernels (5.10, 6.1, 6.12) in QEMU and run in each the tests vm-tests/matrix gives it (Tier A).
+    /// Boot Debian kernels (5.10, 6.1, 6.12) in QEMU and run in each the tests vm-tests/matrix gives it (Tier A);
+    /// `--systemd` boots a Debian userspace with systemd as PID 1 and runs the unit there.
     VmTest(vm::Options),
     /// Measure jail start-up side by side with bubblewrap (needs root); --write updates docs/benchmarks.md.
     Bench(bench::Options),
+    /// Build release binaries and install them, the profiles, example policies and the systemd unit
+    /// (as root); then `systemctl enable --now agt-jail`.
+    Install(install::Options),
     /// Measure per-hook enforcement overhead and event-pipeline throughput (needs root); --write updates docs/benchmarks.md.
     BenchEnforce(bench_enforce::Options),
 }
@@ -46,6 +52,7 @@ fn main() -> ExitCode {
         Task::VmTest(opts) => vm::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
         Task::BenchEnforce(opts) => bench_enforce::run(&opts),
+        Task::Install(opts) => install::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

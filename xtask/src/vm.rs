@@ -93,16 +93,21 @@ pub enum Accel {
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Kernel(s) to boot.
+    /// Kernel(s) to boot (with --systemd, `all` means 6.12).
     #[arg(long, value_enum, default_value = "all")]
-    kernel: KernelChoice,
+    pub(crate) kernel: KernelChoice,
     /// QEMU accelerator.
     #[arg(long, value_enum, default_value = "auto")]
-    accel: Accel,
+    pub(crate) accel: Accel,
+    /// Boot a Debian userspace with systemd as PID 1 (built with mmdebstrap, cached under
+    /// target/vm/systemd) instead of the test suite, install agt-jail and its unit there
+    /// and run vm-tests/systemd-guest.sh (xtask/src/vm_systemd.rs).
+    #[arg(long)]
+    pub(crate) systemd: bool,
     /// Limit for one VM run (boot + all tests), in seconds; past it the VM is killed and
     /// the run fails.
     #[arg(long, default_value_t = 1800)]
-    timeout: u64,
+    pub(crate) timeout: u64,
     /// Limit for a KVM guest to reach init, in seconds; past it the guest is stopped and
     /// this and every later kernel boot under TCG instead (with `--accel auto`).
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..))]
@@ -112,30 +117,30 @@ pub struct Options {
     test_timeout: u64,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
-    memory: u32,
+    pub(crate) memory: u32,
     /// Ask apt for the newest kernel packages even when kernels are cached.
     #[arg(long)]
-    refresh: bool,
+    pub(crate) refresh: bool,
     /// Also run the unit-test binaries (default: the integration tests, `[[test]]` targets);
     /// vm-tests/matrix places them under its `*` line.
     #[arg(long)]
-    unit: bool,
+    pub(crate) unit: bool,
     /// Run every built test on every kernel booted, not the selection of vm-tests/matrix.
     #[arg(long)]
-    no_matrix: bool,
+    pub(crate) no_matrix: bool,
     /// Print the whole guest console, not only the result lines.
     #[arg(long, short)]
-    verbose: bool,
+    pub(crate) verbose: bool,
     /// Run only tests whose `TARGET::NAME` contains one of these strings (within each
     /// kernel's selection from vm-tests/matrix unless --no-matrix).
     #[arg(last = true)]
-    filter: Vec<String>,
+    pub(crate) filter: Vec<String>,
 }
 
 /// A kernel series of the matrix and how its Debian packages are named.
 #[derive(Clone, Copy, Debug)]
-struct Series {
-    name: &'static str,
+pub(crate) struct Series {
+    pub(crate) name: &'static str,
     /// `apt-cache search --names-only` pattern.
     search: &'static str,
     /// Name prefix before the number that orders packages of the series.
@@ -156,7 +161,7 @@ enum Archive {
     Suite(&'static str),
 }
 
-const SERIES: [Series; 3] = [
+pub(crate) const SERIES: [Series; 3] = [
     Series {
         name: "5.10",
         search: r"^linux-image-5\.10\.0-[0-9]+-amd64-unsigned$",
@@ -192,16 +197,16 @@ impl Series {
 
 /// An unpacked kernel in the cache.
 #[derive(Debug)]
-struct Kernel {
-    series: &'static str,
-    package: String,
-    version: String,
+pub(crate) struct Kernel {
+    pub(crate) series: &'static str,
+    pub(crate) package: String,
+    pub(crate) version: String,
     vmlinuz: PathBuf,
     /// `uname -r` of the guest (from the vmlinuz file name).
-    release: String,
+    pub(crate) release: String,
     /// The modules the guest loads at boot ([`GUEST_MODULES`] and what they depend on),
     /// uncompressed, with `order` listing them dependencies first.
-    modules: PathBuf,
+    pub(crate) modules: PathBuf,
 }
 
 struct TestBinary {
@@ -216,24 +221,24 @@ struct Built {
 }
 
 #[derive(Default, Debug)]
-struct Outcome {
-    pass: u64,
-    fail: u64,
+pub(crate) struct Outcome {
+    pub(crate) pass: u64,
+    pub(crate) fail: u64,
     skip: u64,
-    verdict: bool,
-    failed_tests: Vec<String>,
+    pub(crate) verdict: bool,
+    pub(crate) failed_tests: Vec<String>,
     /// (test, reason) of every skip, shown in the summary.
     skipped_tests: Vec<(String, String)>,
-    boot_secs: Option<f64>,
+    pub(crate) boot_secs: Option<f64>,
     /// Seconds spent per test target (from each `AGT-VM-RUN` line to its result), to
     /// show what each part of vm-tests/matrix costs.
     target_secs: BTreeMap<String, f64>,
     /// The test started last and when its `AGT-VM-RUN` line came.
     running: Option<(String, Instant)>,
     /// The guest was stopped because it had not reached init by the KVM init bound.
-    init_timed_out: bool,
-    total_secs: f64,
-    problem: Option<String>,
+    pub(crate) init_timed_out: bool,
+    pub(crate) total_secs: f64,
+    pub(crate) problem: Option<String>,
 }
 
 /// Totals over every kernel booted, for `cargo xtask test`'s summary.
@@ -248,6 +253,9 @@ pub struct VmTotals {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    if opts.systemd {
+        return crate::vm_systemd::run(opts);
+    }
     if run_suite(opts)?.any_failure {
         bail!("vm-test failed");
     }
@@ -347,7 +355,7 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
     for (kernel, selection) in kernels.iter().zip(&selections) {
         println!("vm-test: booting {} ({})", kernel.release, kernel.package);
         let log = logs.join(format!("{}.log", kernel.series));
-        let mut outcome = boot(kernel, &initrd, accel, opts, &log)?;
+        let mut outcome = boot(kernel, &initrd, &Extra::default(), accel, opts, &log)?;
         // Some paravirtual KVMs pass the firmware probe yet never bring a Linux guest to
         // init: under `--accel auto` that is a host problem, not a test result, so the
         // rest of the run uses TCG (which works everywhere, only slower).
@@ -358,7 +366,7 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
             );
             let _ = fs::rename(&log, log.with_extension("log.kvm"));
             accel = Accelerator::Tcg;
-            outcome = boot(kernel, &initrd, accel, opts, &log)?;
+            outcome = boot(kernel, &initrd, &Extra::default(), accel, opts, &log)?;
         }
         // A guest that dies before our init ran (seen: a TCG guest kernel panicking in
         // early boot) says nothing about the code under test: boot it once more. A guest
@@ -366,7 +374,7 @@ pub fn run_suite(opts: &Options) -> Result<VmTotals> {
         if outcome.boot_secs.is_none() {
             println!("vm-test: {} never reached init; booting it once more (log kept as .first)", kernel.release);
             let _ = fs::rename(&log, log.with_extension("log.first"));
-            outcome = boot(kernel, &initrd, accel, opts, &log)?;
+            outcome = boot(kernel, &initrd, &Extra::default(), accel, opts, &log)?;
         }
         outcomes.push((kernel, selection, outcome, log));
     }
@@ -419,7 +427,7 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 /// Removes a per-run file however the run ends.
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -431,7 +439,7 @@ impl Drop for RemoveOnDrop {
 // Host packages and apt
 
 #[derive(Default)]
-struct Apt {
+pub(crate) struct Apt {
     updated: bool,
     /// Private archives (`Archive::Suite`) already updated in this run.
     updated_suites: Vec<&'static str>,
@@ -454,7 +462,7 @@ impl Apt {
         Ok(())
     }
 
-    fn install(&mut self, packages: &[&str]) -> Result<()> {
+    pub(crate) fn install(&mut self, packages: &[&str]) -> Result<()> {
         self.update()?;
         run_cmd(
             Command::new("apt-get")
@@ -465,13 +473,13 @@ impl Apt {
     }
 }
 
-fn package_installed(name: &str) -> bool {
+pub(crate) fn package_installed(name: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", name]))
         .is_some_and(|status| status.contains("install ok installed"))
 }
 
 /// qemu-system-x86 and busybox-static (a static busybox is the guest's userland).
-fn ensure_host_packages(apt: &mut Apt) -> Result<()> {
+pub(crate) fn ensure_host_packages(apt: &mut Apt) -> Result<()> {
     let mut missing = Vec::new();
     if output(Command::new("sh").args(["-c", "command -v qemu-system-x86_64"])).is_none() {
         missing.push("qemu-system-x86");
@@ -501,7 +509,7 @@ fn kernels_dir(vm_dir: &Path) -> PathBuf {
 }
 
 /// The newest cached kernel of the series, or the newest in the archive (downloaded once).
-fn resolve_kernel(vm_dir: &Path, series: &Series, refresh: bool, apt: &mut Apt) -> Result<Kernel> {
+pub(crate) fn resolve_kernel(vm_dir: &Path, series: &Series, refresh: bool, apt: &mut Apt) -> Result<Kernel> {
     let cache = kernels_dir(vm_dir);
     if !refresh {
         if let Some(kernel) = newest_cached(&cache, series) {
@@ -570,8 +578,9 @@ fn cached_kernel(dir: &Path, series: &Series) -> Option<Kernel> {
     let vmlinuz = dir.join("vmlinuz");
     let release = fs::read_to_string(dir.join("release")).ok()?.trim().to_string();
     let modules = dir.join("modules");
-    // A kernel cached before its modules were kept is fetched again.
-    (vmlinuz.is_file() && modules.join("order").is_file()).then(|| Kernel {
+    // A kernel cached before its modules (or the ones [`GUEST_MODULES`] names now) were
+    // kept is fetched again.
+    (vmlinuz.is_file() && modules_current(&modules)).then(|| Kernel {
         series: series.name,
         package: package.to_string(),
         version: version.to_string(),
@@ -586,7 +595,16 @@ fn cached_kernel(dir: &Path, series: &Series) -> Option<Kernel> {
 /// Modules the guest loads at boot, for what Debian builds as modules and the jail uses:
 /// the veth pair and the nf_tables masquerade of an allowlist ring's egress
 /// (agent/jail/src/egress.rs). Their dependencies come along ([`stage_modules`]).
-const GUEST_MODULES: [&str; 6] = ["veth", "nf_tables", "nf_nat", "nf_conntrack", "nft_chain_nat", "nft_masq"];
+/// virtio_blk and ext4 mount the systemd guest's root disk (xtask/src/vm_systemd.rs).
+const GUEST_MODULES: [&str; 8] =
+    ["veth", "nf_tables", "nf_nat", "nf_conntrack", "nft_chain_nat", "nft_masq", "virtio_blk", "ext4"];
+
+/// Whether a kernel's staged modules are those of [`GUEST_MODULES`] (stage_modules writes
+/// the list it staged for as `wanted`).
+fn modules_current(modules: &Path) -> bool {
+    modules.join("order").is_file()
+        && fs::read_to_string(modules.join("wanted")).is_ok_and(|wanted| wanted == GUEST_MODULES.join("\n"))
+}
 
 /// Copies [`GUEST_MODULES`] and every module they depend on (`modinfo -F depends`) from a
 /// kernel package's `lib/modules/RELEASE` into `out`, uncompressed (busybox's insmod
@@ -602,6 +620,7 @@ fn stage_modules(tree: &Path, out: &Path) -> Result<()> {
         add_module(name, &files, out, &mut seen, &mut order)?;
     }
     fs::write(out.join("order"), order.iter().map(|n| format!("{n}\n")).collect::<String>())?;
+    fs::write(out.join("wanted"), GUEST_MODULES.join("\n"))?;
     Ok(())
 }
 
@@ -732,7 +751,7 @@ fn download_kernel(cache: &Path, dir: &Path, package: &str, apt_options: &[Strin
     fs::write(staged.join("package"), format!("{package}\n"))?;
     // A concurrent run may have cached the same kernel meanwhile; then keep its copy
     // (a copy from before modules were kept is replaced).
-    if !(dir.join("vmlinuz").is_file() && dir.join("modules/order").is_file()) {
+    if !(dir.join("vmlinuz").is_file() && modules_current(&dir.join("modules"))) {
         let _ = fs::remove_dir_all(dir);
         fs::rename(&staged, dir).with_context(|| format!("cannot move the kernel to {}", dir.display()))?;
     }
@@ -821,13 +840,13 @@ fn private_sources_list(suite: &str, mirror: &str, security: Option<&str>) -> St
 }
 
 /// `VERSION_CODENAME` from /etc/os-release.
-fn host_codename() -> Option<String> {
+pub(crate) fn host_codename() -> Option<String> {
     let release = fs::read_to_string("/etc/os-release").ok()?;
     release.lines().find_map(|line| line.strip_prefix("VERSION_CODENAME=")).map(|c| c.trim_matches('"').to_string())
 }
 
 /// The text of every apt source file: `sources.list` and `sources.list.d/*.list|*.sources`.
-fn apt_sources(etc_apt: &Path) -> Vec<String> {
+pub(crate) fn apt_sources(etc_apt: &Path) -> Vec<String> {
     let mut files = vec![etc_apt.join("sources.list")];
     if let Ok(entries) = fs::read_dir(etc_apt.join("sources.list.d")) {
         let mut found: Vec<PathBuf> = entries
@@ -843,7 +862,7 @@ fn apt_sources(etc_apt: &Path) -> Vec<String> {
 /// The first mirror URI that serves `suite` itself (not `suite-security` or another
 /// suite), from one-line (`deb URI SUITE ...`) or deb822 (`URIs:` / `Suites:`) sources:
 /// machines with a local mirror keep using it for the extra suites the VM needs.
-fn debian_mirror(sources: &[String], suite: &str) -> Option<String> {
+pub(crate) fn debian_mirror(sources: &[String], suite: &str) -> Option<String> {
     for text in sources {
         for stanza in text.split("\n\n") {
             let mut uris = Vec::new();
@@ -1251,7 +1270,7 @@ fn host_program(name: &str) -> Result<PathBuf> {
     fs::canonicalize(&found).with_context(|| format!("cannot resolve {}", found.display()))
 }
 
-fn read(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
@@ -1280,7 +1299,7 @@ fn stripped(elf: &Path, stage: &Path) -> Result<Vec<u8>> {
 }
 
 /// The shared libraries (and dynamic loader) an ELF needs, as absolute paths.
-fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn ldd(elf: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(elf).output().context("cannot run ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut libs = Vec::new();
@@ -1324,7 +1343,7 @@ enum Node {
 /// Parents are added for every path; entries are written in path order, so each
 /// directory precedes its contents. Timestamps are zero, so equal inputs give equal bytes.
 #[derive(Default)]
-struct Cpio {
+pub(crate) struct Cpio {
     nodes: BTreeMap<String, Node>,
 }
 
@@ -1341,27 +1360,27 @@ impl Cpio {
         }
     }
 
-    fn dir(&mut self, path: &str) {
+    pub(crate) fn dir(&mut self, path: &str) {
         self.parents(path);
         self.nodes.entry(path.to_string()).or_insert(Node::Dir);
     }
 
-    fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) {
+    pub(crate) fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) {
         self.parents(path);
         self.nodes.insert(path.to_string(), Node::File { mode, data });
     }
 
-    fn symlink(&mut self, path: &str, target: &str) {
+    pub(crate) fn symlink(&mut self, path: &str, target: &str) {
         self.parents(path);
         self.nodes.insert(path.to_string(), Node::Symlink(target.to_string()));
     }
 
-    fn device(&mut self, path: &str, mode: u32, major: u32, minor: u32) {
+    pub(crate) fn device(&mut self, path: &str, mode: u32, major: u32, minor: u32) {
         self.parents(path);
         self.nodes.insert(path.to_string(), Node::Device { mode, major, minor });
     }
 
-    fn finish(self) -> Vec<u8> {
+    pub(crate) fn finish(self) -> Vec<u8> {
         let mut out = Vec::new();
         for (ino, (path, node)) in (1u32..).zip(&self.nodes) {
             let (mode, data, rdev): (u32, &[u8], (u32, u32)) = match node {
@@ -1415,7 +1434,7 @@ fn pad4(out: &mut Vec<u8>) {
 // QEMU
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Accelerator {
+pub(crate) enum Accelerator {
     Tcg,
     Kvm,
 }
@@ -1429,7 +1448,7 @@ impl std::fmt::Display for Accelerator {
     }
 }
 
-fn choose_accel(wanted: Accel) -> Accelerator {
+pub(crate) fn choose_accel(wanted: Accel) -> Accelerator {
     match wanted {
         Accel::Tcg => Accelerator::Tcg,
         Accel::Kvm => Accelerator::Kvm,
@@ -1479,7 +1498,24 @@ fn kvm_runs_guests() -> bool {
     runs
 }
 
-fn boot(kernel: &Kernel, initrd: &Path, accel: Accelerator, opts: &Options, log: &Path) -> Result<Outcome> {
+/// What a guest boots with besides the kernel and the initramfs.
+#[derive(Default)]
+pub(crate) struct Extra<'a> {
+    /// More kernel command-line words.
+    pub(crate) append: &'a str,
+    /// A raw disk image attached as virtio disk `vda`, copy-on-write (`snapshot=on`): the
+    /// guest's writes go to a temporary overlay and the image stays as it was.
+    pub(crate) disk: Option<&'a Path>,
+}
+
+pub(crate) fn boot(
+    kernel: &Kernel,
+    initrd: &Path,
+    extra: &Extra,
+    accel: Accelerator,
+    opts: &Options,
+    log: &Path,
+) -> Result<Outcome> {
     let started = Instant::now();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", &accel.to_string()])
@@ -1490,10 +1526,16 @@ fn boot(kernel: &Kernel, initrd: &Path, accel: Accelerator, opts: &Options, log:
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", &format!("console=ttyS0 panic=-1 quiet lsm={LSM} agt_vm_series={}", kernel.series)])
+        .args([
+            "-append",
+            &format!("console=ttyS0 panic=-1 quiet lsm={LSM} agt_vm_series={} {}", kernel.series, extra.append),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(disk) = extra.disk {
+        cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,snapshot=on", disk.display()));
+    }
     let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
     let (tx, rx) = mpsc::channel::<String>();
     let readers = [
