@@ -346,8 +346,11 @@ fn agents_outlive_a_kill_9_of_the_daemon_keep_enforcing_and_are_adopted() {
         let file = dir.path().join(format!("agent-{i}.out"));
         let script = looping_agent(port, &file);
         let marker = format!("marker-{i}-{}", std::process::id());
+        let events = dir.path().join(format!("agent-{i}.events"));
         let client = daemon
-            .cmd(&["exec", "--deny-connect", &format!("127.0.0.1:{port}"), "--"])
+            .cmd(&["exec", "--deny-connect", &format!("127.0.0.1:{port}"), "--events"])
+            .arg(&events)
+            .arg("--")
             .args(["/bin/bash", "-c", &format!("{script} # {marker}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -412,6 +415,30 @@ fn agents_outlive_a_kill_9_of_the_daemon_keep_enforcing_and_are_adopted() {
     }
     for (client, _) in &mut clients[1..] {
         assert!(wait_exit(client, Duration::from_secs(30)).is_some(), "a killed agent's client never ended");
+    }
+    // None lost: every connect the kernel refused (each agent wrote one line per EPERM it
+    // got, before and after the daemon's death) is a deny record of its supervisor's. The
+    // kill can land between a refusal and its line, so a record may be one ahead.
+    for (i, (_, file)) in clients.iter().enumerate() {
+        // Each client ended after its supervisor did, so the file is whole.
+        let text = std::fs::read_to_string(dir.path().join(format!("agent-{i}.events"))).unwrap_or_default();
+        let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let denies =
+            records.iter().filter(|r| r["kind"] == "connect" && r["verdict"] == "deny" && r["port"] == port).count();
+        let drops: u64 = records
+            .iter()
+            .filter(|r| r["event"] == "kernel_drops")
+            .filter_map(|r| Some(r["events_dropped"].as_u64()? + r["denies_dropped"].as_u64()?))
+            .sum();
+        // bash says each refusal twice ("connect: ..." and "/dev/tcp/...: ..."): count one.
+        let refused =
+            std::fs::read_to_string(file).unwrap_or_default().matches("connect: Operation not permitted").count();
+        assert_eq!(drops, 0, "agent {i}: the kernel dropped records");
+        assert!(
+            denies == refused || denies == refused + 1,
+            "agent {i}: {refused} connects refused, {denies} deny records of {} records",
+            records.len()
+        );
     }
 }
 

@@ -330,6 +330,8 @@ pub fn run(opts: &Options) -> Result<()> {
     if !bin.exists() {
         bail!("{} was not built", bin.display());
     }
+    // The peer is measured in the same run: install it as the test command installs its tools.
+    crate::util::apt_install(&["bubblewrap"])?;
     if !std::path::Path::new(BWRAP[0]).exists() {
         bail!("bubblewrap is not installed at {} (apt-get install bubblewrap)", BWRAP[0]);
     }
