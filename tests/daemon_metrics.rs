@@ -201,12 +201,24 @@ fn the_metrics_endpoint_counts_decisions_and_a_restart() {
     let decisions = sum(&first, "agt_jail_decisions_total", &me);
     let (inf, count) = histogram_counts(&first, &text, &name);
     assert_eq!((inf, count), (decisions, decisions), "{text}");
-    let records = std::fs::read_to_string(&events).unwrap();
-    let recorded = records
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|r| r["outcome"].is_string() && r["decision"].is_object())
-        .count();
+    // Kernel observations reach the file once per batch: it may trail the counters a moment.
+    let recorded = || {
+        let records = std::fs::read_to_string(&events).unwrap();
+        let n = records
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["outcome"].is_string() && r["decision"].is_object())
+            .count();
+        (n, records)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (recorded, records) = loop {
+        let (n, records) = recorded();
+        if n as f64 >= decisions || Instant::now() > deadline {
+            break (n, records);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(recorded as f64, decisions, "{records}\n{text}");
     assert_eq!(sum(&first, "agt_jail_agents", &[]), 1.0, "{text}");
     assert_eq!(sum(&first, "agt_jail_agents", &[("ring", "2")]), 1.0, "{text}");
@@ -285,6 +297,18 @@ fn a_silent_agent_is_a_scrape_error_not_a_hang() {
         .unwrap() as i32;
     // SAFETY: SIGSTOP to the supervisor this test launched; SIGCONT below.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // The stop takes effect a moment later, thread by thread.
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stopped() {
+        assert!(Instant::now() < deadline, "the supervisor never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (parsed, text) = scrape(&addr);
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
