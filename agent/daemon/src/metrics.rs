@@ -346,6 +346,46 @@ mod tests {
     }
 
     #[test]
+    fn http_serves_get_metrics_only() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let listener = listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let asks = [
+                "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+                "GET /metrics?x=1 HTTP/1.0\n\n".to_string(),
+                "POST /metrics HTTP/1.1\r\n\r\n".to_string(),
+                "GET / HTTP/1.1\r\n\r\n".to_string(),
+                format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(MAX_HEAD)),
+            ];
+            let client = std::thread::spawn(move || {
+                asks.iter()
+                    .map(|ask| {
+                        use std::io::{Read, Write};
+                        let mut s = std::net::TcpStream::connect(addr).unwrap();
+                        let _ = s.write_all(ask.as_bytes());
+                        let mut reply = String::new();
+                        let _ = s.read_to_string(&mut reply);
+                        reply
+                    })
+                    .collect::<Vec<_>>()
+            });
+            for _ in 0..5 {
+                let (stream, _) = listener.accept().await.unwrap();
+                http(stream, async { "agt_jail_x 1\n".to_string() }).await.unwrap();
+            }
+            let replies = tokio::task::spawn_blocking(move || client.join().unwrap()).await.unwrap();
+            assert!(replies[0].starts_with("HTTP/1.1 200 OK\r\n"), "{}", replies[0]);
+            assert!(replies[0].contains("Content-Type: text/plain; version=0.0.4"), "{}", replies[0]);
+            assert!(replies[0].ends_with("\r\n\r\nagt_jail_x 1\n"), "{}", replies[0]);
+            assert!(replies[1].starts_with("HTTP/1.1 200 OK"), "{}", replies[1]);
+            assert!(replies[2].starts_with("HTTP/1.1 405"), "{}", replies[2]);
+            assert!(replies[3].starts_with("HTTP/1.1 404"), "{}", replies[3]);
+            assert_eq!(replies[4], "", "a head beyond the limit is dropped unanswered");
+        });
+    }
+
+    #[test]
     fn an_answer_becomes_a_sample() {
         let answer = serde_json::json!({"ok": true, "ring": 2, "tier": "trusted", "metrics": snapshot()});
         let s = sample_from_answer("x", &answer).unwrap();
