@@ -10,6 +10,7 @@
 //! docs/control-api.md).
 pub mod auth;
 pub mod client;
+pub mod metrics;
 pub mod record;
 pub mod server;
 pub mod sys;

@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsString,
     io,
+    net::SocketAddr,
     os::{
         fd::{AsFd, OwnedFd},
         unix::{ffi::OsStringExt, fs::PermissionsExt, process::CommandExt},
@@ -28,6 +29,7 @@ use tokio::{
 
 use crate::{
     auth,
+    metrics::{self, AgentSample, DaemonCounts, MetricsError},
     proto::{self, request::Op, response::Body, AgentInfo, Response},
     record::{self, Record},
     sys::{self, Ended},
@@ -60,6 +62,8 @@ pub struct Config {
     /// The executable started as `SUPERVISOR exec --standalone ARGS`.
     pub supervisor: PathBuf,
     pub describe: DescribeFn,
+    /// `--metrics-listen`: where `GET /metrics` is served (loopback only); none by default.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,8 @@ pub enum DaemonError {
     Runtime(io::Error),
     #[error("cannot install the signal handlers: {0}")]
     Signals(io::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// One line in the journal.
@@ -102,6 +108,7 @@ struct Counters {
     refused_peers: AtomicU64,
     requests: AtomicU64,
     events_streamed: AtomicU64,
+    scrape_errors: AtomicU64,
 }
 
 struct State {
@@ -109,6 +116,8 @@ struct State {
     group: Option<u32>,
     agents: Mutex<BTreeMap<String, Arc<Agent>>>,
     counters: Counters,
+    /// Daemon starts on this runtime directory, this one included.
+    starts: u64,
 }
 
 impl State {
@@ -177,8 +186,19 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let state = Arc::new(State { config, group, agents: Mutex::default(), counters: Counters::default() });
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(metrics::listen(addr).await?),
+        None => None,
+    };
+    let starts = metrics::count_start(&config.run_dir)?;
+    let state = Arc::new(State { config, group, agents: Mutex::default(), counters: Counters::default(), starts });
     adopt(&state);
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            log!("metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(serve_metrics(Arc::clone(&state), listener));
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
@@ -392,23 +412,103 @@ async fn connection(state: Arc<State>, mut stream: UnixStream) {
             forward(&state, &d.agent, format!("deny {}", d.request), format!("denied request {}", d.request)).await
         }
         Op::Metrics(_) => {
-            let c = &state.counters;
-            let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+            let (counts, agents) = scrape(&state).await;
             Response {
                 body: Some(Body::Metrics(proto::MetricsReply {
-                    agents_running: state.all().len() as u64,
-                    launched: get(&c.launched),
-                    adopted: get(&c.adopted),
-                    exited: get(&c.exited),
-                    killed: get(&c.killed),
-                    refused_peers: get(&c.refused_peers),
-                    requests: get(&c.requests),
-                    events_streamed: get(&c.events_streamed),
+                    agents_running: agents.len() as u64,
+                    launched: counts.launched,
+                    adopted: counts.adopted,
+                    exited: counts.exited,
+                    killed: counts.killed,
+                    refused_peers: counts.refused_peers,
+                    requests: counts.requests,
+                    events_streamed: counts.events_streamed,
+                    daemon_starts: counts.starts,
+                    scrape_errors: counts.scrape_errors,
+                    exposition: metrics::render(&counts, &agents),
                 })),
             }
         }
     };
     let _ = send(&mut stream, &reply).await;
+}
+
+/// Serves `GET /metrics` until the daemon stops.
+async fn serve_metrics(state: Arc<State>, listener: tokio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let state = Arc::clone(&state);
+                tokio::spawn(async move {
+                    let body = async {
+                        let (counts, agents) = scrape(&state).await;
+                        metrics::render(&counts, &agents)
+                    };
+                    if let Err(err) = metrics::http(stream, body).await {
+                        log!("metrics client: {err}");
+                    }
+                });
+            }
+            Err(err) => {
+                log!("metrics accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The daemon's counters and every running agent, each agent under --policy asked for its
+/// evaluator's counters at once; one whose socket takes the request but gives no valid
+/// answer in time is a scrape error.
+async fn scrape(state: &Arc<State>) -> (DaemonCounts, Vec<AgentSample>) {
+    let mut asked = Vec::new();
+    for agent in state.all() {
+        let rec = &agent.record;
+        let plain = AgentSample { agent: rec.agent.clone(), ring: rec.ring, tier: "none".into(), metrics: None };
+        if !rec.policy {
+            asked.push((plain, None));
+            continue;
+        }
+        let (dir, id) = (state.config.control_dir.clone(), rec.agent.clone());
+        // A supervisor still starting has no control socket yet: not an error, no sample.
+        let task = tokio::task::spawn_blocking(move || {
+            match control::request_within(&dir, &id, "metrics", metrics::AGENT_TIMEOUT) {
+                Ok(answer) => metrics::sample_from_answer(&id, &answer).ok_or(()).map(Some),
+                Err(control::ControlError::NotRunning { .. }) => Ok(None),
+                Err(_) => Err(()),
+            }
+        });
+        asked.push((plain, Some(task)));
+    }
+    let mut agents = Vec::new();
+    for (plain, task) in asked {
+        let Some(task) = task else {
+            agents.push(plain);
+            continue;
+        };
+        match tokio::time::timeout(metrics::AGENT_TIMEOUT * 2, task).await {
+            Ok(Ok(Ok(Some(sample)))) => agents.push(sample),
+            Ok(Ok(Ok(None))) => agents.push(plain),
+            _ => {
+                state.counters.scrape_errors.fetch_add(1, Ordering::Relaxed);
+                agents.push(plain);
+            }
+        }
+    }
+    let c = &state.counters;
+    let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+    let counts = DaemonCounts {
+        starts: state.starts,
+        launched: get(&c.launched),
+        adopted: get(&c.adopted),
+        exited: get(&c.exited),
+        killed: get(&c.killed),
+        refused_peers: get(&c.refused_peers),
+        requests: get(&c.requests),
+        events_streamed: get(&c.events_streamed),
+        scrape_errors: get(&c.scrape_errors),
+    };
+    (counts, agents)
 }
 
 fn no_agent(id: &str) -> Response {

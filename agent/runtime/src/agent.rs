@@ -882,6 +882,9 @@ impl DropWatch {
             return;
         }
         self.seen = now;
+        if let Some((evaluator, _)) = evaluator {
+            evaluator.metrics().kernel_drops(now.0, now.1);
+        }
         let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let value = serde_json::json!({
             "event": "kernel_drops", "time": time.as_secs_f64(), "events_dropped": now.0, "denies_dropped": now.1,

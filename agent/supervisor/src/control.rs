@@ -128,7 +128,7 @@ impl Drop for ControlServer {
     }
 }
 
-/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `key`.
+/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `metrics`, `key`.
 pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line: &str) -> Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     let id = |w: Option<&&str>| -> Result<u64, String> {
@@ -168,12 +168,18 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
             }
             return status;
         }
+        ["metrics"] => {
+            let agent = evaluator.agent();
+            let mut answer = json!({"ok": true, "agent": agent.id, "ring": agent.ring, "tier": agent.tier});
+            answer["metrics"] = json!(evaluator.metrics().snapshot());
+            return answer;
+        }
         ["key"] => match identity {
             Some(id) => return json!({"ok": true, "did": evaluator.agent().did, "jwks": id.jwks}),
             None => Err("the agent has no identity key".to_string()),
         },
         _ => Err(format!(
-            "unknown request {}; expected approve ID, deny ID, kill, demote RING, status or key",
+            "unknown request {}; expected approve ID, deny ID, kill, demote RING, status, metrics or key",
             quoted(line)
         )),
     };
@@ -185,6 +191,11 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
 
 /// Sends one request to a running agent and returns its JSON answer.
 pub fn request(dir: &Path, name: &str, line: &str) -> Result<Value, ControlError> {
+    request_within(dir, name, line, Duration::from_secs(10))
+}
+
+/// [`request`], waiting at most `timeout` for each read and write.
+pub fn request_within(dir: &Path, name: &str, line: &str, timeout: Duration) -> Result<Value, ControlError> {
     check_name(name)?;
     let path = socket_path(dir, name);
     let stream = UnixStream::connect(&path).map_err(|source| ControlError::NotRunning {
@@ -193,7 +204,8 @@ pub fn request(dir: &Path, name: &str, line: &str) -> Result<Value, ControlError
         source,
     })?;
     let io = |source| ControlError::Io { path: path.clone(), source };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     sys::send_all(&stream, format!("{line}\n").as_bytes()).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(io)?;

@@ -23,7 +23,7 @@ use agt_jail_policy::{
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::{trust, Answer, FileAccess, FileIdentity, Reply, Request, RequestKind};
+use crate::{metrics::DecisionMetrics, trust, Answer, FileAccess, FileIdentity, Reply, Request, RequestKind};
 
 /// Host-side effects the evaluator asks for. Implemented by the caller over the
 /// agent's cgroup and BPF maps; a test double records the calls.
@@ -279,6 +279,7 @@ pub struct Evaluator {
     net: Mutex<NetPath>,
     sink: Mutex<RecordSink>,
     actuator: Arc<dyn Actuator>,
+    metrics: DecisionMetrics,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the evaluator
@@ -318,12 +319,18 @@ impl Evaluator {
             net: Mutex::new(NetPath::default()),
             sink: Mutex::new(sink),
             actuator,
+            metrics: DecisionMetrics::default(),
         })
     }
 
     /// The agent as the policy sees it now (ring and trust change over its life).
     pub fn agent(&self) -> AgentFacts {
         lock(&self.state).agent.clone()
+    }
+
+    /// The decision counters (the control socket's `metrics`).
+    pub fn metrics(&self) -> &DecisionMetrics {
+        &self.metrics
     }
 
     /// The first error writing records, if any.
@@ -841,11 +848,13 @@ impl Evaluator {
         let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
         let (decision, outcome, note) = self.decide_kernel(net.ctx.value(), &what, obs.kernel);
         let decision_json = decision_json(&mut net.decision, &decision);
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.metrics.decision(outcome, "kernel", obs.count, latency_us);
         lock(&self.sink).write_kernel(&KernelRecord {
             ctx: &net.ctx,
             count: (obs.count != 1).then_some(obs.count),
             decision_json,
-            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            latency_us,
             matched_rule: decision.matched_rule.as_deref(),
             note,
             outcome,
@@ -961,6 +970,7 @@ impl Evaluator {
         note: Option<&str>,
     ) {
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.metrics.decision(outcome, r.plane, 1, latency_us);
         let mut sink = lock(&self.sink);
         sink.write_buffered(Record {
             seq: 0,
@@ -1287,6 +1297,12 @@ rules:
         assert_eq!(records[1]["outcome"], "allow");
         // Only the allowed exec's file is handed to the kernel's exec hook.
         assert_eq!(lock(&actuator.approvals).len(), 1);
+        // Each record is counted once, by its outcome and plane.
+        let m = ev.metrics().snapshot();
+        let plane = "seccomp_notify".to_string();
+        assert_eq!(m.decisions, vec![("allow".into(), plane.clone(), 1), ("deny".into(), plane.clone(), 1)]);
+        assert_eq!(m.denied_calls, vec![(plane, 1)]);
+        assert_eq!(m.latency_buckets.last(), Some(&2));
     }
 
     #[test]

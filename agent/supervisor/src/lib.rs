@@ -12,6 +12,7 @@ pub mod fanotify;
 pub mod identity;
 pub mod identity_socket;
 mod line_socket;
+pub mod metrics;
 pub mod peer;
 mod sys;
 pub mod trust;

@@ -27,6 +27,11 @@ pub struct DaemonArgs {
 
     #[arg(long, value_name = "FILE", default_value = "/etc/group", hide = true)]
     group_file: PathBuf,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (loopback addresses only; port 0
+    /// picks a free one, logged at start). Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `exec`'s flags alone, to read a launch's options in the daemon.
@@ -62,6 +67,13 @@ pub fn daemon(args: DaemonArgs) -> ExitCode {
     // A client that hangs up must cost the daemon one failed write, not its life.
     // SAFETY: SIG_IGN for a valid signal, before any other thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    if let Some(addr) = args.metrics_listen {
+        // Refused before anything starts: the listener has no authentication.
+        if let Err(err) = agt_jail_daemon::metrics::check_listen(addr) {
+            eprintln!("agt-jail: {err}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    }
     let supervisor = match supervisor() {
         Ok(path) => path,
         Err(err) => {
@@ -76,6 +88,7 @@ pub fn daemon(args: DaemonArgs) -> ExitCode {
         group_file: args.group_file,
         supervisor,
         describe,
+        metrics_listen: args.metrics_listen,
     };
     match server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
