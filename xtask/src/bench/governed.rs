@@ -181,12 +181,16 @@ pub fn section(bin: &Path, runs: usize) -> Result<String> {
             median.as_secs_f64() / bwrap_median,
         ));
     }
-    let commands: String = rows
-        .iter()
-        .map(|r| r.argv.join(" ").replace(&bin.display().to_string(), "agt-jail"))
-        .map(|line| line.replace(&root.display().to_string(), "."))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let scratch_prefix = scratch.display().to_string();
+    let shown = |word: &String| {
+        if word.starts_with(&scratch_prefix) {
+            "F".to_string()
+        } else {
+            word.replace(&bin.display().to_string(), "agt-jail").replace(&root.display().to_string(), ".")
+        }
+    };
+    let commands: String =
+        rows.iter().map(|r| r.argv.iter().map(shown).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n");
     Ok(format!(
         "### Governed start-up: standalone and through the daemon\n\n\
          The same run, {runs} more interleaved rounds after 5 warm-up runs of each: the commands a harness that \
@@ -195,6 +199,6 @@ pub fn section(bin: &Path, runs: usize) -> Result<String> {
          daemon, which starts the agent's supervisor (`agt-jail exec --standalone`, docs/adr/0012) and returns its \
          exit status. Peak RSS is the largest resident set of the run's process tree (`ru_maxrss` from wait4 on \
          the command: for the daemon rows that is the client alone, the supervisor being the daemon's child).\n\n\
-         {table}\nCommands (`F` is a fresh events file per row; `./` is the repository):\n\n```\n{commands}\n```\n"
+         {table}\nCommands (`F` is an events file of the row's own; `./` is the repository):\n\n```\n{commands}\n```\n"
     ))
 }
