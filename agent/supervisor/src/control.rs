@@ -1,5 +1,5 @@
-//! The control socket of one running agent: approvals, denials, the kill switch and
-//! live demotion from outside the jail.
+//! The control socket of one running agent: approvals, denials, the kill switch, live
+//! demotion and policy reload from outside the jail.
 //!
 //! One request line in, one JSON line out. The socket lives in agt-jail's runtime
 //! directory, which every confined ring hides, and only root or the user running
@@ -33,9 +33,12 @@ pub struct IdentityView {
     pub jwks: Value,
     /// The identity socket the agent asks for tokens.
     pub socket: PathBuf,
-    /// SHA-256 of the policy files in force.
-    pub policy_hash: String,
 }
+
+/// Reads the agent's policy files again and puts them in force as one snapshot; on
+/// success the hashes of the policy that was in force and of the one now in force, on any
+/// error the one located error line (the old policy stays in force).
+pub type Reloader = Arc<dyn Fn() -> Result<(String, String), String> + Send + Sync>;
 
 /// Longest accepted request line.
 const MAX_REQUEST: u64 = 4096;
@@ -89,6 +92,7 @@ impl ControlServer {
         name: &str,
         evaluator: Arc<Evaluator>,
         identity: Option<IdentityView>,
+        reload: Option<Reloader>,
     ) -> Result<ControlServer, ControlError> {
         check_name(name)?;
         let create = |source| ControlError::Create { path: dir.to_path_buf(), source };
@@ -107,7 +111,9 @@ impl ControlServer {
         let server = LineServer::spawn("control", listener, move |stream| {
             if sys::peer_uid(stream).is_ok_and(|uid| uid == 0 || uid == me) {
                 line_socket::read_request(stream, MAX_REQUEST)
-                    .map_or_else(|e| json!({"ok": false, "error": e}), |line| answer(&evaluator, identity.as_ref(), &line))
+                    .map_or_else(|e| json!({"ok": false, "error": e}), |line| {
+                    answer(&evaluator, identity.as_ref(), reload.as_ref(), &line)
+                })
             } else {
                 json!({"ok": false, "error": "permission denied: only root or the user running agt-jail may control an agent"})
             }
@@ -128,8 +134,14 @@ impl Drop for ControlServer {
     }
 }
 
-/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `key`.
-pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line: &str) -> Value {
+/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `key`,
+/// `reload`.
+pub fn answer(
+    evaluator: &Arc<Evaluator>,
+    identity: Option<&IdentityView>,
+    reload: Option<&Reloader>,
+    line: &str,
+) -> Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     let id = |w: Option<&&str>| -> Result<u64, String> {
         w.and_then(|s| s.parse().ok()).ok_or_else(|| format!("expected a request number in {}", quoted(line)))
@@ -164,16 +176,24 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
                 status["spiffe_id"] = json!(id.spiffe_id);
                 status["cgroup_id"] = json!(id.cgroup_id);
                 status["identity_socket"] = json!(id.socket.display().to_string());
-                status["policy_hash"] = json!(id.policy_hash);
             }
+            // The policy in force now (a reload replaces it).
+            status["policy_hash"] = json!(evaluator.policy().hash);
             return status;
         }
         ["key"] => match identity {
             Some(id) => return json!({"ok": true, "did": evaluator.agent().did, "jwks": id.jwks}),
             None => Err("the agent has no identity key".to_string()),
         },
+        ["reload"] => match reload {
+            Some(reload) => match reload() {
+                Ok((old, new)) => return json!({"ok": true, "old_policy": old, "policy": new}),
+                Err(e) => Err(e),
+            },
+            None => Err("this agent's policy cannot be reloaded".to_string()),
+        },
         _ => Err(format!(
-            "unknown request {}; expected approve ID, deny ID, kill, demote RING, status or key",
+            "unknown request {}; expected approve ID, deny ID, kill, demote RING, status, key or reload",
             quoted(line)
         )),
     };
