@@ -315,3 +315,78 @@ fn sighup_to_the_daemon_reloads_its_agents() {
         assert!(daemon.log_text().contains(&format!("agent {name}: policy ")), "{}", daemon.log_text());
     });
 }
+
+/// The network tables follow a reload: a ring 0 agent connects to a listener in a loop; A
+/// allows it, B denies its port in the kernel. After the reload the connects fail with
+/// EPERM in the kernel and the listener gets no more of them; the records name B.
+#[test]
+fn a_reload_replaces_the_kernel_network_tables() {
+    if !require("policy_reload::network", &[Need::Root, Need::CgroupV2, Need::Btf]) {
+        return;
+    }
+    let cli = Cli { socket: PathBuf::from("/nonexistent/agt.sock") };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY_A).unwrap();
+    let events = dir.path().join("events.jsonl");
+    let name = format!("reload-net-{}", std::process::id());
+    let script = format!("while :; do bash -c 'echo > /dev/tcp/127.0.0.1/{port}' 2>/dev/null; sleep 0.02; done");
+    let mut agent = cli
+        .cmd(&["exec", "--ring", "0", "--agent", &name, "--deny-penalty", "0", "--policy"])
+        .arg(&policy)
+        .arg("--events")
+        .arg(&events)
+        .args(["--", "/bin/sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let hash_a = cli.policy_hash(&name);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+        assert!(Instant::now() < deadline && agent.try_wait().unwrap().is_none(), "A's connects never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = POLICY_A.replace(
+        "    condition: \"event == 'exec' and exec.path endswith '/false'\"",
+        &format!("    condition: \"event == 'connect' and net.port == {port}\""),
+    );
+    std::fs::write(&policy, b).unwrap();
+    let out = cli.run(&["reload", "--agent", &name]);
+    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    let hash_b = cli.policy_hash(&name);
+    let connects = |outcome: &str, policy: &str| {
+        records(&events)
+            .iter()
+            .filter(|r| r["event"] == "connect" && r["context"]["net"]["port"] == port)
+            .filter(|r| r["outcome"] == outcome && r["policy"] == policy)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while connects("deny", &hash_b) < 5 {
+        assert!(Instant::now() < deadline, "no denied connects under B: {:?}", records(&events));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Denied in the kernel: nothing more reaches the listener.
+    let after = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), after, "a connect got through under B");
+    let out = cli.run(&["kill", "--agent", &name]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    assert!(wait_exit(&mut agent, Duration::from_secs(30)));
+    assert!(connects("allow", &hash_a) >= 5, "A's connects are on record under A");
+    for r in records(&events).iter().filter(|r| r["event"] == "connect") {
+        assert!(r["policy"] == *hash_a || r["policy"] == *hash_b, "{r}");
+    }
+}

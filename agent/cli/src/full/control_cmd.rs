@@ -174,7 +174,12 @@ pub fn reload(args: ReloadArgs) -> ExitCode {
         } else if a.error.is_empty() {
             println!("agt-jail: agent {}: policy {} in force (was {})", a.agent, a.policy, a.old_policy);
         } else {
-            eprintln!("agt-jail: agent {}: {}", a.agent, a.error.trim_start_matches(&format!("agent {}: ", a.agent)));
+            // The agent's errors name it already ("agent A: …", "no running agent A: …").
+            if a.error.contains(&a.agent) {
+                eprintln!("agt-jail: {}", a.error);
+            } else {
+                eprintln!("agt-jail: agent {}: {}", a.agent, a.error);
+            }
         }
         code = code.max(c);
     }
