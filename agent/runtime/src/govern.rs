@@ -766,6 +766,73 @@ mod tests {
     use std::net::IpAddr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+    const ALLOW: &str = "name: p\nagents: ['*']\ndefault_action: allow\n";
+    const DENY: &str = "name: p\nagents: ['*']\ndefault_action: deny\n";
+
+    fn governed(dir: &Path) -> (PathBuf, Arc<Evaluator>, Arc<HostActuator>) {
+        let path = dir.join("p.yaml");
+        std::fs::write(&path, ALLOW).unwrap();
+        let hash = identity::policy_hash(std::slice::from_ref(&path)).unwrap();
+        let actuator = Arc::new(HostActuator::new(None));
+        let cfg = EvaluatorConfig {
+            policies: Arc::new(PolicySet::load(std::slice::from_ref(&path)).unwrap()),
+            policy_hash: hash,
+            agent: AgentFacts::new("r", "did:mesh:00", 2, 500, "s"),
+            approval_timeout: std::time::Duration::from_secs(5),
+            trust: TrustRules::default(),
+            entry_program: PathBuf::from("/bin/true"),
+            show_denials: false,
+            proc_root: PathBuf::from("/proc"),
+        };
+        let evaluator = Evaluator::new(cfg, RecordSink::new(None), actuator.clone());
+        (path, evaluator, actuator)
+    }
+
+    #[test]
+    fn a_reload_installs_the_kernel_tables_before_the_evaluator_sees_the_new_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, evaluator, actuator) = governed(dir.path());
+        let old = evaluator.policy().hash.clone();
+        let audit = Arc::new(Mutex::new(old.clone()));
+        let reload = reloader(vec![path.clone()], Arc::clone(&evaluator), Arc::clone(&actuator), Some(audit.clone()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ev, s) = (Arc::clone(&evaluator), Arc::clone(&seen));
+        *lock(&actuator.on_reload) = Some(Box::new(move |_: &AgentFacts, next: &Arc<PolicySet>| {
+            // The kernel side runs while the evaluator still decides by the old policy.
+            lock(&s).push((ev.policy().hash.clone(), next.rules().len()));
+            Ok(())
+        }));
+        assert_eq!(reload().unwrap(), (old.clone(), old.clone()), "unchanged files: nothing to do");
+        assert!(lock(&seen).is_empty());
+
+        std::fs::write(&path, DENY).unwrap();
+        let (was, now) = reload().unwrap();
+        assert_eq!(was, old);
+        assert_ne!(now, old);
+        assert_eq!(*lock(&seen), vec![(old.clone(), 0)], "the tables were installed under the old snapshot");
+        assert_eq!(evaluator.policy().hash, now);
+        assert_eq!(*lock(&audit), now, "the audit log's entries name the new policy");
+
+        // A broken file: its located error, nothing changes anywhere.
+        std::fs::write(&path, "name: p\nrules: [\n").unwrap();
+        let err = reload().unwrap_err();
+        assert!(err.starts_with(&format!("{}:", path.display())), "{err}");
+        assert_eq!((evaluator.policy().hash.clone(), lock(&seen).len()), (now.clone(), 1));
+
+        // The kernel refuses the tables: the evaluator keeps the old policy too.
+        std::fs::write(&path, ALLOW).unwrap();
+        *lock(&actuator.on_reload) =
+            Some(Box::new(|_: &AgentFacts, _: &Arc<PolicySet>| Err(io::Error::other("no room"))));
+        let err = reload().unwrap_err();
+        assert_eq!(err, "the policy was not reloaded: no room");
+        assert_eq!(evaluator.policy().hash, now);
+
+        // Without kernel planes nothing is put in force.
+        *lock(&actuator.on_reload) = None;
+        assert!(reload().unwrap_err().contains("kernel planes are not set up"));
+        assert_eq!(evaluator.policy().hash, now);
+    }
+
     #[test]
     fn domain_changes_re_install_the_tables_and_nothing_else_does() {
         let answers = Arc::new(Mutex::new(vec!["10.0.0.1".parse::<IpAddr>().unwrap()]));
