@@ -232,6 +232,48 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn evaluator() -> Arc<Evaluator> {
+        let set = agt_jail_policy::PolicySet::from_str("p.yaml", "name: p\nagents: ['*']\ndefault_action: allow\n");
+        let cfg = crate::evaluator::EvaluatorConfig {
+            policies: Arc::new(set.unwrap()),
+            policy_hash: "sha256:a".into(),
+            agent: agt_jail_policy::context::AgentFacts::new("a1", "did:mesh:00", 2, 500, "s"),
+            approval_timeout: Duration::from_secs(1),
+            trust: crate::evaluator::TrustRules::default(),
+            entry_program: PathBuf::from("/bin/true"),
+            show_denials: false,
+            proc_root: PathBuf::from("/proc"),
+        };
+        struct NoEffects;
+        impl crate::evaluator::Actuator for NoEffects {
+            fn kill_agent(&self) -> io::Result<()> {
+                Ok(())
+            }
+            fn demote(&self, _: &agt_jail_policy::context::AgentFacts) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        Evaluator::new(cfg, crate::evaluator::RecordSink::new(None), Arc::new(NoEffects))
+    }
+
+    #[test]
+    fn reload_answers_with_both_hashes_or_the_located_error() {
+        let ev = evaluator();
+        let none = answer(&ev, None, None, "reload");
+        assert_eq!(none["ok"], false, "{none}");
+        let ok: Reloader = Arc::new(|| Ok(("sha256:a".into(), "sha256:b".into())));
+        let done = answer(&ev, None, Some(&ok), "reload");
+        assert_eq!(
+            (done["ok"].as_bool(), done["old_policy"].as_str(), done["policy"].as_str()),
+            (Some(true), Some("sha256:a"), Some("sha256:b"))
+        );
+        let bad: Reloader = Arc::new(|| Err("/etc/p.yaml:3:1: expected a mapping".into()));
+        let refused = answer(&ev, None, Some(&bad), "reload");
+        assert_eq!(refused, json!({"ok": false, "error": "/etc/p.yaml:3:1: expected a mapping"}));
+        // `status` names the policy in force.
+        assert_eq!(answer(&ev, None, None, "status")["policy_hash"], "sha256:a");
+    }
+
     #[test]
     fn names_become_file_names_safely() {
         for good in ["a", "agent-1", "coder.v2_x"] {
