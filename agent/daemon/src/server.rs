@@ -191,6 +191,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         None => None,
     };
     let starts = metrics::count_start(&config.run_dir)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let state = Arc::new(State { config, group, agents: Mutex::default(), counters: Counters::default(), starts });
     adopt(&state);
     if let Some(listener) = metrics_listener {
@@ -220,6 +221,10 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
                 Err(err) => log!("accept failed: {err}"),
             },
             _ = term.recv() => { log!("SIGTERM: stopping; {} agents keep running under their supervisors", state.all().len()); break; }
+            _ = hup.recv() => {
+                let state = Arc::clone(&state);
+                tokio::spawn(async move { reload_on_sighup(&state).await });
+            }
             _ = int.recv() => { log!("SIGINT: stopping; {} agents keep running under their supervisors", state.all().len()); break; }
         }
     }
@@ -411,6 +416,7 @@ async fn connection(state: Arc<State>, mut stream: UnixStream) {
         Op::Deny(d) => {
             forward(&state, &d.agent, format!("deny {}", d.request), format!("denied request {}", d.request)).await
         }
+        Op::Reload(r) => reload(&state, &r.agent).await,
         Op::Metrics(_) => {
             let (counts, agents) = scrape(&state).await;
             Response {
@@ -554,6 +560,51 @@ async fn forward(state: &State, id: &str, line: String, done_message: String) ->
         Ok(Err(err @ control::ControlError::Refused { .. })) => error(err.to_string(), 1),
         Ok(Err(err)) => error(err.to_string(), 125),
         Err(err) => error(format!("control request failed: {err}"), 125),
+    }
+}
+
+/// `reload`: the named agent (it must run under --policy) or every agent under --policy.
+async fn reload(state: &State, id: &str) -> Response {
+    let targets = if id.is_empty() {
+        state.all().into_iter().filter(|a| a.record.policy).map(|a| a.record.agent.clone()).collect()
+    } else {
+        let Some(agent) = state.agent(id) else { return no_agent(id) };
+        if !agent.record.policy {
+            return error(format!("agent {id} runs without --policy: it has no policy to reload"), 125);
+        }
+        vec![id.to_string()]
+    };
+    let mut agents = Vec::new();
+    for id in targets {
+        let dir = state.config.control_dir.clone();
+        let asked = id.clone();
+        let entry = match tokio::task::spawn_blocking(move || control::request(&dir, &asked, "reload")).await {
+            Ok(Ok(answer)) => proto::AgentReload {
+                agent: id,
+                old_policy: answer["old_policy"].as_str().unwrap_or_default().to_string(),
+                policy: answer["policy"].as_str().unwrap_or_default().to_string(),
+                error: String::new(),
+            },
+            Ok(Err(err)) => proto::AgentReload { agent: id, error: err.to_string(), ..Default::default() },
+            Err(err) => {
+                proto::AgentReload { agent: id, error: format!("control request failed: {err}"), ..Default::default() }
+            }
+        };
+        agents.push(entry);
+    }
+    Response { body: Some(Body::Reloaded(proto::Reloaded { agents })) }
+}
+
+/// SIGHUP: every agent under --policy reloads its policy; one journal line per agent.
+async fn reload_on_sighup(state: &State) {
+    let Response { body: Some(Body::Reloaded(reloaded)) } = reload(state, "").await else { return };
+    log!("SIGHUP: reloading the policies of {} agents", reloaded.agents.len());
+    for a in reloaded.agents {
+        if a.error.is_empty() {
+            log!("agent {}: policy {} (was {})", a.agent, a.policy, a.old_policy);
+        } else {
+            log!("agent {}: policy not reloaded: {}", a.agent, a.error);
+        }
     }
 }
 

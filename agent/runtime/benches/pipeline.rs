@@ -116,6 +116,7 @@ fn evaluator(out: Box<dyn Write + Send>, proc_root: &str) -> Arc<Evaluator> {
     let agent = AgentFacts::new("bench", format!("did:mesh:{}", "0".repeat(32)), 2, 500, "s");
     let cfg = EvaluatorConfig {
         policies: Arc::new(set),
+        policy_hash: "sha256:bench".into(),
         agent,
         approval_timeout: Duration::from_secs(60),
         // No trust movement: a million denials would otherwise demote and kill the agent.

@@ -36,7 +36,6 @@ use crate::{
     resolver::{self, Names, Resolver, ResolverSetup},
     RunOptions,
 };
-use agt_jail_audit::LineWriter;
 
 /// Host paths shown read-only inside the jail and variables set for the command, added by
 /// what governs it (the identity socket), and the agent's resolv.conf when agt-jail serves
@@ -263,13 +262,25 @@ impl Agent {
                 *lock(&governance.actuator.on_first_exec) =
                     Some(govern::guard_enabler(Arc::clone(programs), cgroup.id()));
             }
+            // The policy the kernel tables are compiled from: a reload replaces it.
+            let policy = Arc::new(Mutex::new(set));
             *lock(&governance.actuator.on_demote) = Some(govern::demoter(
                 Arc::clone(programs),
                 cgroup.id(),
-                set,
+                Arc::clone(&policy),
                 Arc::clone(&governance.plan),
                 profile.confine,
                 self.tier_a.is_some(),
+                self.domain_resolver(),
+            ));
+            *lock(&governance.actuator.on_reload) = Some(govern::replanner(
+                Arc::clone(programs),
+                cgroup.id(),
+                policy,
+                Arc::clone(&governance.plan),
+                profile.confine,
+                self.tier_a.is_some(),
+                args.policy.strict,
                 self.domain_resolver(),
             ));
         }
@@ -741,7 +752,7 @@ struct EventSink {
 }
 
 impl EventSink {
-    fn open(path: Option<&Path>, show_denials: bool, audit: Option<LineWriter>) -> Result<Self> {
+    fn open(path: Option<&Path>, show_denials: bool, audit: Option<crate::audit_run::AuditLines>) -> Result<Self> {
         Ok(Self { out: govern::records_out(path, audit)?, show_denials, error: None, names: None })
     }
 

@@ -19,6 +19,8 @@ pub struct AuditRun {
     ticker: Option<Ticker>,
     did: String,
     policy: String,
+    /// The policy the entries written from now on name (a reload replaces it).
+    in_force: Arc<Mutex<String>>,
     closed: bool,
 }
 
@@ -44,13 +46,21 @@ impl AuditRun {
             ticker: Some(ticker),
             did: did.to_string(),
             policy: policy.to_string(),
+            in_force: Arc::new(Mutex::new(policy.to_string())),
             closed: false,
         }))
     }
 
     /// A writer of record lines into the log.
-    pub fn writer(&self) -> LineWriter {
-        LineWriter::new(Arc::clone(&self.log), self.did.clone(), self.policy.clone())
+    pub fn writer(&self) -> AuditLines {
+        let current = lock(&self.in_force).clone();
+        AuditLines {
+            writer: LineWriter::new(Arc::clone(&self.log), self.did.clone(), current.clone()),
+            log: Arc::clone(&self.log),
+            did: self.did.clone(),
+            in_force: Arc::clone(&self.in_force),
+            current,
+        }
     }
 
     /// The DID every entry names.
@@ -58,7 +68,7 @@ impl AuditRun {
         &self.did
     }
 
-    /// The policy hash every entry names.
+    /// The policy hash the run started under.
     pub fn policy(&self) -> &str {
         &self.policy
     }
@@ -93,8 +103,50 @@ impl Drop for AuditRun {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Record lines into the log, as entries of the agent under the policy in force when they
+/// are written: a reload sets [`AuditLines::policy_in_force`] at its switch, after the
+/// lines recorded before it have been written.
+pub struct AuditLines {
+    log: SharedLog,
+    did: String,
+    in_force: Arc<Mutex<String>>,
+    current: String,
+    writer: LineWriter,
+}
+
+impl AuditLines {
+    /// The policy hash the entries written from now on name.
+    pub fn policy_in_force(&self) -> Arc<Mutex<String>> {
+        Arc::clone(&self.in_force)
+    }
+}
+
+impl Write for AuditLines {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let next = {
+            let in_force = lock(&self.in_force);
+            (*in_force != self.current).then(|| in_force.clone())
+        };
+        if let Some(next) = next {
+            // The sink writes whole lines only: nothing of a line is left in the old writer.
+            self.writer.flush()?;
+            self.writer = LineWriter::new(Arc::clone(&self.log), self.did.clone(), next.clone());
+            self.current = next;
+        }
+        self.writer.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
 /// The events file's writer and the audit log's, as one: both get every line.
-pub fn tee(events: Option<Box<dyn Write + Send>>, audit: Option<LineWriter>) -> Option<Box<dyn Write + Send>> {
+pub fn tee(events: Option<Box<dyn Write + Send>>, audit: Option<AuditLines>) -> Option<Box<dyn Write + Send>> {
     match (events, audit) {
         (events, None) => events,
         (events, Some(audit)) => Some(Box::new(Tee { events, audit })),
@@ -103,7 +155,7 @@ pub fn tee(events: Option<Box<dyn Write + Send>>, audit: Option<LineWriter>) -> 
 
 struct Tee {
     events: Option<Box<dyn Write + Send>>,
-    audit: LineWriter,
+    audit: AuditLines,
 }
 
 impl Write for Tee {

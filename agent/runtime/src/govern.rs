@@ -14,7 +14,6 @@ use std::{
     },
 };
 
-use agt_jail_audit::LineWriter;
 use agt_jail_ebpf_loader::{
     lsm::{self, ExecIdentity, ExecLsm, FileLsm, GuardLsm},
     AgentPrograms,
@@ -26,7 +25,7 @@ use agt_jail_policy::{
 };
 use agt_jail_supervisor::{
     control::{self, ControlServer, IdentityView},
-    evaluator::{Actuator, Evaluator, EvaluatorConfig, RecordSink, TrustRules},
+    evaluator::{Actuator, Evaluator, EvaluatorConfig, PolicySnapshot, RecordSink, TrustRules},
     fanotify::{FanotifyError, FileGuard, FileGuardHandle, FileGuardOptions},
     identity::{self, AgentIdentity},
     identity_socket::{IdentityFacts, IdentitySocket, IDENTITY_DIR},
@@ -145,6 +144,9 @@ impl Drop for DecayTicker {
 
 /// Tightens the kernel planes to a lower ring.
 pub type Tighten = Box<dyn FnMut(&AgentFacts) -> io::Result<()> + Send>;
+/// Compiles a reloaded policy for the agent as it is now and installs its kernel tables;
+/// on error nothing in the kernel changed.
+pub type Replan = Box<dyn FnMut(&AgentFacts, &Arc<PolicySet>) -> io::Result<()> + Send>;
 /// Work done once, when the entry command's execve is held (after the jail's set-up,
 /// before any agent code).
 pub type ArmHook = Box<dyn FnOnce() -> io::Result<()> + Send>;
@@ -158,6 +160,8 @@ pub struct HostActuator {
     /// Re-plans the kernel planes for the agent as it is now: on demotion and when the
     /// policy's domains resolve differently (set once the BPF programs exist).
     pub on_demote: Mutex<Option<Tighten>>,
+    /// Installs a reloaded policy's kernel tables (set once the BPF programs exist).
+    pub on_reload: Mutex<Option<Replan>>,
     /// The file plane's cache (set once the fanotify guard runs).
     pub file_cache: Mutex<Option<Box<dyn FileCache>>>,
     /// Tier A: the exec hook's approval map.
@@ -173,6 +177,7 @@ impl HostActuator {
         HostActuator {
             kill_file,
             on_demote: Mutex::new(None),
+            on_reload: Mutex::new(None),
             file_cache: Mutex::new(None),
             exec_approvals: Mutex::new(None),
             on_first_exec: Mutex::new(None),
@@ -223,14 +228,17 @@ impl Actuator for HostActuator {
 
 /// Opens the events file (or stdout for `-`) for decision records; the audit log, when
 /// there is one, gets every line too.
-pub fn record_sink(path: Option<&Path>, audit: Option<LineWriter>) -> Result<RecordSink> {
+pub fn record_sink(path: Option<&Path>, audit: Option<crate::audit_run::AuditLines>) -> Result<RecordSink> {
     Ok(RecordSink::new(records_out(path, audit)?))
 }
 
 /// Where a run's records go, with or without a policy: the events file (appended to; `-`
 /// is stdout) and the audit log, as one writer that gets every line. Buffered: the writers
 /// of records hand it whole batches and flush at the end of each.
-pub fn records_out(path: Option<&Path>, audit: Option<LineWriter>) -> Result<Option<Box<dyn Write + Send>>> {
+pub fn records_out(
+    path: Option<&Path>,
+    audit: Option<crate::audit_run::AuditLines>,
+) -> Result<Option<Box<dyn Write + Send>>> {
     let out: Option<Box<dyn Write + Send>> = match path {
         None => None,
         Some(p) if p == Path::new("-") => Some(Box::new(BufWriter::new(io::stdout()))),
@@ -276,7 +284,7 @@ impl Governance {
         kill_file: Option<PathBuf>,
         plan: Option<Plan>,
         events: Option<&Path>,
-        audit: Option<LineWriter>,
+        audit: Option<crate::audit_run::AuditLines>,
         show_denials: bool,
     ) -> Result<Governance> {
         let actuator = Arc::new(HostActuator::new(kill_file));
@@ -284,6 +292,7 @@ impl Governance {
         let name = agent.id.clone();
         let cfg = EvaluatorConfig {
             policies,
+            policy_hash: policy_hash.clone(),
             agent,
             approval_timeout: std::time::Duration::from_secs(args.approval_timeout),
             trust,
@@ -291,13 +300,13 @@ impl Governance {
             show_denials,
             proc_root: PathBuf::from("/proc"),
         };
+        let audit_policy = audit.as_ref().map(audit_run::AuditLines::policy_in_force);
         let evaluator = Evaluator::new(cfg, record_sink(events, audit)?, actuator.clone());
         let view = IdentityView {
             spiffe_id: identity.spiffe_id().to_string(),
             cgroup_id: cgroup.id,
             jwks: identity.jwks(),
             socket: Path::new(IDENTITY_DIR).join(&name).join("identity.sock"),
-            policy_hash: policy_hash.clone(),
         };
         // The identity bound to the cgroup, on file before the agent exists: whoever reads the
         // records (or the audit log) has the key that verifies the agent's tokens.
@@ -307,21 +316,23 @@ impl Governance {
             "cgroup_id": cgroup.id, "cgroup": cgroup.path, "jwks": view.jwks, "policy_hash": policy_hash,
         }));
         evaluator.flush();
-        let facts = IdentityFacts {
-            identity,
-            cgroup: cgroup.path,
-            cgroup_id: cgroup.id,
-            policy_hash,
-            proc_root: PathBuf::from("/proc"),
-        };
+        let facts =
+            IdentityFacts { identity, cgroup: cgroup.path, cgroup_id: cgroup.id, proc_root: PathBuf::from("/proc") };
         let decay = match trust.decay {
             Some(_) => Some(DecayTicker::start(Arc::clone(&evaluator)).context("cannot start the trust decay thread")?),
             None => None,
         };
         // The control socket first: it refuses a name already running, whose identity
         // socket must then be left alone.
-        let control = ControlServer::start(Path::new(control::RUNTIME_DIR), &name, Arc::clone(&evaluator), Some(view))
-            .map_err(|e| anyhow!("{e}"))?;
+        let reload = reloader(args.policy.clone(), Arc::clone(&evaluator), Arc::clone(&actuator), audit_policy);
+        let control = ControlServer::start(
+            Path::new(control::RUNTIME_DIR),
+            &name,
+            Arc::clone(&evaluator),
+            Some(view),
+            Some(reload),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         let identity_socket = IdentitySocket::start(Path::new(IDENTITY_DIR), &name, facts, Arc::clone(&evaluator))
             .context("cannot start the identity socket")?;
         Ok(Governance {
@@ -333,6 +344,51 @@ impl Governance {
             _control: control,
         })
     }
+}
+
+/// `agt-jail reload`: the policy files the agent was started with, read again. The new
+/// policy is loaded and hashed (a file that changes while it is read is refused), compiled
+/// for the agent as it is now, its kernel tables installed (one generation switch in the
+/// kernel), and only then put in force in the evaluator as one snapshot
+/// (docs/adr/0014-policy-reload.md). On any error the old policy stays in force everywhere.
+pub fn reloader(
+    paths: Vec<PathBuf>,
+    evaluator: Arc<Evaluator>,
+    actuator: Arc<HostActuator>,
+    audit_policy: Option<Arc<Mutex<String>>>,
+) -> control::Reloader {
+    // One reload at a time: two would race between the kernel and the evaluator.
+    let serial = Mutex::new(());
+    Arc::new(move || {
+        let _one = lock(&serial);
+        let hash = |paths: &[PathBuf]| identity::policy_hash(paths).map_err(|e| format!("cannot read the policy: {e}"));
+        let before = hash(&paths)?;
+        let set = PolicySet::load(&paths).map_err(|e| e.to_string())?;
+        if hash(&paths)? != before {
+            return Err("the policy files changed while they were read; reload again".to_string());
+        }
+        let old = evaluator.policy();
+        if old.hash == before {
+            return Ok((old.hash.clone(), before));
+        }
+        let set = Arc::new(set);
+        // The kernel's tables first, then the evaluator: see the ADR for why this order.
+        match lock(&actuator.on_reload).as_mut() {
+            Some(replan) => {
+                replan(&evaluator.agent(), &set).map_err(|e| format!("the policy was not reloaded: {e}"))?
+            }
+            // Nothing could install its kernel tables: it is not put in force.
+            None => return Err("the policy was not reloaded: the agent's kernel planes are not set up".to_string()),
+        }
+        // The audit log's entries name the new policy from the switch on.
+        let switched = |hash: &str| {
+            if let Some(cell) = &audit_policy {
+                *lock(cell) = hash.to_string();
+            }
+        };
+        let old = evaluator.reload(PolicySnapshot::new(set, before.clone()), &switched);
+        Ok((old, before))
+    })
 }
 
 /// How a policy's domains get their addresses: the host's resolver (ring 0, `--net host`),
@@ -598,14 +654,17 @@ pub fn exec_approver(programs: Arc<Mutex<AgentPrograms>>) -> ApproveExec {
 pub fn demoter(
     programs: Arc<Mutex<AgentPrograms>>,
     agent_id: u64,
-    set: Arc<PolicySet>,
+    policy: Arc<Mutex<Arc<PolicySet>>>,
     current: Arc<Mutex<Option<Plan>>>,
     confined: bool,
     bpf_lsm: bool,
     resolve: DomainResolver,
 ) -> Tighten {
     Box::new(move |agent: &AgentFacts| {
+        // The programs' lock first, then the policy: a reload (which holds the programs'
+        // lock while it installs) and a demotion never interleave.
         let mut programs = lock(&programs);
+        let set = Arc::clone(&lock(&policy));
         if agent.ring >= 3 {
             programs.deny_all_net(agent_id).map_err(io::Error::other)?;
         }
@@ -615,6 +674,47 @@ pub fn demoter(
         let compiled = plan::compile(&set, agent, &caps, &resolved, false).map_err(io::Error::other)?;
         install_plan(&mut programs, agent_id, &compiled).map_err(io::Error::other)?;
         *lock(&current) = Some(compiled);
+        Ok(())
+    })
+}
+
+/// The kernel side of a reload: the new policy compiled for the agent as it is now
+/// (`strict` as at start), its network tables installed, and the policy the demoter
+/// compiles from replaced, all under the programs' lock. A plan that does not compile
+/// changes nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn replanner(
+    programs: Arc<Mutex<AgentPrograms>>,
+    agent_id: u64,
+    policy: Arc<Mutex<Arc<PolicySet>>>,
+    current: Arc<Mutex<Option<Plan>>>,
+    confined: bool,
+    bpf_lsm: bool,
+    strict: bool,
+    resolve: DomainResolver,
+) -> Replan {
+    Box::new(move |agent: &AgentFacts, next: &Arc<PolicySet>| {
+        let mut programs = lock(&programs);
+        let caps = host_caps(agent.ring, confined, bpf_lsm);
+        let resolved = resolve(&plan::domains(next));
+        let compiled = plan::compile(next, agent, &caps, &resolved, strict)
+            .map_err(|e| io::Error::other(format!("the policy cannot be enforced on this host: {e}")))?;
+        if bpf_lsm && FilePlane.compile(&compiled) != lock(&current).as_ref().and_then(|p| FilePlane.compile(p)) {
+            // The kernel's file hooks keep the tables they were started with.
+            return Err(io::Error::other(
+                "its file rules differ from those in the kernel's file hooks, which are installed at start only; \
+                 restart the agent to change them",
+            ));
+        }
+        if confined && needs_file_plane(Some(&compiled)) && !needs_file_plane(lock(&current).as_ref()) {
+            // The fanotify plane is started with the agent only when its policy has file rules.
+            return Err(io::Error::other(
+                "it has file rules and the agent was started without the file plane; restart the agent to add them",
+            ));
+        }
+        install_plan(&mut programs, agent_id, &compiled).map_err(|e| io::Error::other(format!("{e:#}")))?;
+        *lock(&current) = Some(compiled);
+        *lock(&policy) = Arc::clone(next);
         Ok(())
     })
 }
@@ -665,6 +765,73 @@ mod tests {
     use super::*;
     use std::net::IpAddr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const ALLOW: &str = "name: p\nagents: ['*']\ndefault_action: allow\n";
+    const DENY: &str = "name: p\nagents: ['*']\ndefault_action: deny\n";
+
+    fn governed(dir: &Path) -> (PathBuf, Arc<Evaluator>, Arc<HostActuator>) {
+        let path = dir.join("p.yaml");
+        std::fs::write(&path, ALLOW).unwrap();
+        let hash = identity::policy_hash(std::slice::from_ref(&path)).unwrap();
+        let actuator = Arc::new(HostActuator::new(None));
+        let cfg = EvaluatorConfig {
+            policies: Arc::new(PolicySet::load(std::slice::from_ref(&path)).unwrap()),
+            policy_hash: hash,
+            agent: AgentFacts::new("r", "did:mesh:00", 2, 500, "s"),
+            approval_timeout: std::time::Duration::from_secs(5),
+            trust: TrustRules::default(),
+            entry_program: PathBuf::from("/bin/true"),
+            show_denials: false,
+            proc_root: PathBuf::from("/proc"),
+        };
+        let evaluator = Evaluator::new(cfg, RecordSink::new(None), actuator.clone());
+        (path, evaluator, actuator)
+    }
+
+    #[test]
+    fn a_reload_installs_the_kernel_tables_before_the_evaluator_sees_the_new_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, evaluator, actuator) = governed(dir.path());
+        let old = evaluator.policy().hash.clone();
+        let audit = Arc::new(Mutex::new(old.clone()));
+        let reload = reloader(vec![path.clone()], Arc::clone(&evaluator), Arc::clone(&actuator), Some(audit.clone()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ev, s) = (Arc::clone(&evaluator), Arc::clone(&seen));
+        *lock(&actuator.on_reload) = Some(Box::new(move |_: &AgentFacts, next: &Arc<PolicySet>| {
+            // The kernel side runs while the evaluator still decides by the old policy.
+            lock(&s).push((ev.policy().hash.clone(), next.rules().len()));
+            Ok(())
+        }));
+        assert_eq!(reload().unwrap(), (old.clone(), old.clone()), "unchanged files: nothing to do");
+        assert!(lock(&seen).is_empty());
+
+        std::fs::write(&path, DENY).unwrap();
+        let (was, now) = reload().unwrap();
+        assert_eq!(was, old);
+        assert_ne!(now, old);
+        assert_eq!(*lock(&seen), vec![(old.clone(), 0)], "the tables were installed under the old snapshot");
+        assert_eq!(evaluator.policy().hash, now);
+        assert_eq!(*lock(&audit), now, "the audit log's entries name the new policy");
+
+        // A broken file: its located error, nothing changes anywhere.
+        std::fs::write(&path, "name: p\nrules: [\n").unwrap();
+        let err = reload().unwrap_err();
+        assert!(err.starts_with(&format!("{}:", path.display())), "{err}");
+        assert_eq!((evaluator.policy().hash.clone(), lock(&seen).len()), (now.clone(), 1));
+
+        // The kernel refuses the tables: the evaluator keeps the old policy too.
+        std::fs::write(&path, ALLOW).unwrap();
+        *lock(&actuator.on_reload) =
+            Some(Box::new(|_: &AgentFacts, _: &Arc<PolicySet>| Err(io::Error::other("no room"))));
+        let err = reload().unwrap_err();
+        assert_eq!(err, "the policy was not reloaded: no room");
+        assert_eq!(evaluator.policy().hash, now);
+
+        // Without kernel planes nothing is put in force.
+        *lock(&actuator.on_reload) = None;
+        assert!(reload().unwrap_err().contains("kernel planes are not set up"));
+        assert_eq!(evaluator.policy().hash, now);
+    }
 
     #[test]
     fn domain_changes_re_install_the_tables_and_nothing_else_does() {

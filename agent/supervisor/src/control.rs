@@ -1,5 +1,5 @@
-//! The control socket of one running agent: approvals, denials, the kill switch and
-//! live demotion from outside the jail.
+//! The control socket of one running agent: approvals, denials, the kill switch, live
+//! demotion and policy reload from outside the jail.
 //!
 //! One request line in, one JSON line out. The socket lives in agt-jail's runtime
 //! directory, which every confined ring hides, and only root or the user running
@@ -33,9 +33,12 @@ pub struct IdentityView {
     pub jwks: Value,
     /// The identity socket the agent asks for tokens.
     pub socket: PathBuf,
-    /// SHA-256 of the policy files in force.
-    pub policy_hash: String,
 }
+
+/// Reads the agent's policy files again and puts them in force as one snapshot; on
+/// success the hashes of the policy that was in force and of the one now in force, on any
+/// error the one located error line (the old policy stays in force).
+pub type Reloader = Arc<dyn Fn() -> Result<(String, String), String> + Send + Sync>;
 
 /// Longest accepted request line.
 const MAX_REQUEST: u64 = 4096;
@@ -89,6 +92,7 @@ impl ControlServer {
         name: &str,
         evaluator: Arc<Evaluator>,
         identity: Option<IdentityView>,
+        reload: Option<Reloader>,
     ) -> Result<ControlServer, ControlError> {
         check_name(name)?;
         let create = |source| ControlError::Create { path: dir.to_path_buf(), source };
@@ -107,7 +111,9 @@ impl ControlServer {
         let server = LineServer::spawn("control", listener, move |stream| {
             if sys::peer_uid(stream).is_ok_and(|uid| uid == 0 || uid == me) {
                 line_socket::read_request(stream, MAX_REQUEST)
-                    .map_or_else(|e| json!({"ok": false, "error": e}), |line| answer(&evaluator, identity.as_ref(), &line))
+                    .map_or_else(|e| json!({"ok": false, "error": e}), |line| {
+                    answer(&evaluator, identity.as_ref(), reload.as_ref(), &line)
+                })
             } else {
                 json!({"ok": false, "error": "permission denied: only root or the user running agt-jail may control an agent"})
             }
@@ -128,8 +134,14 @@ impl Drop for ControlServer {
     }
 }
 
-/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `metrics`, `key`.
-pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line: &str) -> Value {
+/// Serves one request line: `approve ID`, `deny ID`, `kill`, `demote RING`, `status`, `metrics`,
+/// `key`, `reload`.
+pub fn answer(
+    evaluator: &Arc<Evaluator>,
+    identity: Option<&IdentityView>,
+    reload: Option<&Reloader>,
+    line: &str,
+) -> Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     let id = |w: Option<&&str>| -> Result<u64, String> {
         w.and_then(|s| s.parse().ok()).ok_or_else(|| format!("expected a request number in {}", quoted(line)))
@@ -164,8 +176,9 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
                 status["spiffe_id"] = json!(id.spiffe_id);
                 status["cgroup_id"] = json!(id.cgroup_id);
                 status["identity_socket"] = json!(id.socket.display().to_string());
-                status["policy_hash"] = json!(id.policy_hash);
             }
+            // The policy in force now (a reload replaces it).
+            status["policy_hash"] = json!(evaluator.policy().hash);
             return status;
         }
         ["metrics"] => {
@@ -178,8 +191,15 @@ pub fn answer(evaluator: &Arc<Evaluator>, identity: Option<&IdentityView>, line:
             Some(id) => return json!({"ok": true, "did": evaluator.agent().did, "jwks": id.jwks}),
             None => Err("the agent has no identity key".to_string()),
         },
+        ["reload"] => match reload {
+            Some(reload) => match reload() {
+                Ok((old, new)) => return json!({"ok": true, "old_policy": old, "policy": new}),
+                Err(e) => Err(e),
+            },
+            None => Err("this agent's policy cannot be reloaded".to_string()),
+        },
         _ => Err(format!(
-            "unknown request {}; expected approve ID, deny ID, kill, demote RING, status, metrics or key",
+            "unknown request {}; expected approve ID, deny ID, kill, demote RING, status, metrics, key or reload",
             quoted(line)
         )),
     };
@@ -223,6 +243,48 @@ pub fn request_within(dir: &Path, name: &str, line: &str, timeout: Duration) -> 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn evaluator() -> Arc<Evaluator> {
+        let set = agt_jail_policy::PolicySet::from_str("p.yaml", "name: p\nagents: ['*']\ndefault_action: allow\n");
+        let cfg = crate::evaluator::EvaluatorConfig {
+            policies: Arc::new(set.unwrap()),
+            policy_hash: "sha256:a".into(),
+            agent: agt_jail_policy::context::AgentFacts::new("a1", "did:mesh:00", 2, 500, "s"),
+            approval_timeout: Duration::from_secs(1),
+            trust: crate::evaluator::TrustRules::default(),
+            entry_program: PathBuf::from("/bin/true"),
+            show_denials: false,
+            proc_root: PathBuf::from("/proc"),
+        };
+        struct NoEffects;
+        impl crate::evaluator::Actuator for NoEffects {
+            fn kill_agent(&self) -> io::Result<()> {
+                Ok(())
+            }
+            fn demote(&self, _: &agt_jail_policy::context::AgentFacts) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        Evaluator::new(cfg, crate::evaluator::RecordSink::new(None), Arc::new(NoEffects))
+    }
+
+    #[test]
+    fn reload_answers_with_both_hashes_or_the_located_error() {
+        let ev = evaluator();
+        let none = answer(&ev, None, None, "reload");
+        assert_eq!(none["ok"], false, "{none}");
+        let ok: Reloader = Arc::new(|| Ok(("sha256:a".into(), "sha256:b".into())));
+        let done = answer(&ev, None, Some(&ok), "reload");
+        assert_eq!(
+            (done["ok"].as_bool(), done["old_policy"].as_str(), done["policy"].as_str()),
+            (Some(true), Some("sha256:a"), Some("sha256:b"))
+        );
+        let bad: Reloader = Arc::new(|| Err("/etc/p.yaml:3:1: expected a mapping".into()));
+        let refused = answer(&ev, None, Some(&bad), "reload");
+        assert_eq!(refused, json!({"ok": false, "error": "/etc/p.yaml:3:1: expected a mapping"}));
+        // `status` names the policy in force.
+        assert_eq!(answer(&ev, None, None, "status")["policy_hash"], "sha256:a");
+    }
 
     #[test]
     fn names_become_file_names_safely() {

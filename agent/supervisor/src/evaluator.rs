@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     io::{self, Write},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -58,6 +58,8 @@ pub fn ring_floor(trust: u32) -> u8 {
 /// Everything the evaluator needs to know at start.
 pub struct EvaluatorConfig {
     pub policies: Arc<PolicySet>,
+    /// SHA-256 of the policy files `policies` was loaded from (every decision record names it).
+    pub policy_hash: String,
     pub agent: AgentFacts,
     pub approval_timeout: Duration,
     pub trust: TrustRules,
@@ -96,6 +98,8 @@ pub struct Record<'a> {
     pub pid: u32,
     /// The mechanism that enforced the decision.
     pub plane: &'a str,
+    /// The hash of the policy the decision was made under (one snapshot; see [`Evaluator::reload`]).
+    pub policy: &'a str,
     pub seq: u64,
     /// Seconds since the Unix epoch.
     pub time: f64,
@@ -183,7 +187,9 @@ impl RecordSink {
         }
         line.extend_from_slice(b",\"outcome\":");
         let _ = serde_json::to_writer(&mut *line, r.outcome);
-        let _ = write!(line, ",\"pid\":{},\"plane\":\"kernel\",\"seq\":{},\"time\":", r.pid, self.seq);
+        let _ = write!(line, ",\"pid\":{},\"plane\":\"kernel\",\"policy\":", r.pid);
+        let _ = serde_json::to_writer(&mut *line, r.policy);
+        let _ = write!(line, ",\"seq\":{},\"time\":", self.seq);
         let _ = serde_json::to_writer(&mut *line, &now_secs());
         line.extend_from_slice(b"}\n");
         if self.pending.len() > SINK_BUFFER_MAX {
@@ -220,6 +226,25 @@ struct Pending {
     plane: &'static str,
     started: Instant,
     exec_approval: Option<(u32, FileIdentity)>,
+    /// The policy the action was held under: its approval or timeout is recorded under it.
+    policy: Arc<PolicySnapshot>,
+}
+
+/// The policy in force: the set, its hash and what follows from it, swapped as one by
+/// [`Evaluator::reload`]. A decision takes one snapshot and uses only it, so no decision is
+/// made by half of one policy and half of another, and its record names the snapshot's hash.
+pub struct PolicySnapshot {
+    pub set: Arc<PolicySet>,
+    pub hash: String,
+    /// File answers can be cached only when no rule reads per-process or per-time state.
+    file_cacheable: bool,
+}
+
+impl PolicySnapshot {
+    pub fn new(set: Arc<PolicySet>, hash: String) -> PolicySnapshot {
+        let file_cacheable = !reads_varying_state(&set);
+        PolicySnapshot { set, hash, file_cacheable }
+    }
 }
 
 /// Process facts of recently seen processes, so a burst of kernel events does not read
@@ -264,15 +289,13 @@ struct State {
 /// The evaluator of one agent. Shared between the synchronous planes (as their
 /// [`crate::Decider`]), the kernel event reader and the control socket.
 pub struct Evaluator {
-    policies: Arc<PolicySet>,
+    policy: RwLock<Arc<PolicySnapshot>>,
     opts: EvalOptions,
     approval_timeout: Duration,
     trust_rules: TrustRules,
     entry_program: PathBuf,
     show_denials: bool,
     proc_root: PathBuf,
-    /// File answers can be cached only when no rule reads per-process or per-time state.
-    file_cacheable: bool,
     state: Mutex<State>,
     procs: Mutex<ProcCache>,
     /// The kernel network events' reusable context and record parts.
@@ -295,17 +318,15 @@ fn now_secs() -> f64 {
 
 impl Evaluator {
     pub fn new(cfg: EvaluatorConfig, sink: RecordSink, actuator: Arc<dyn Actuator>) -> Arc<Self> {
-        let file_cacheable = !reads_varying_state(&cfg.policies);
         let opts = EvalOptions { agent: Some(cfg.agent.did.clone()), ..EvalOptions::default() };
         Arc::new(Evaluator {
-            policies: cfg.policies,
+            policy: RwLock::new(Arc::new(PolicySnapshot::new(cfg.policies, cfg.policy_hash))),
             opts,
             approval_timeout: cfg.approval_timeout,
             trust_rules: cfg.trust,
             entry_program: cfg.entry_program,
             show_denials: cfg.show_denials,
             proc_root: cfg.proc_root,
-            file_cacheable,
             state: Mutex::new(State {
                 reward_ceiling: cfg.trust.reward_max.unwrap_or(cfg.agent.trust),
                 decayed_to: Instant::now(),
@@ -321,6 +342,41 @@ impl Evaluator {
             actuator,
             metrics: DecisionMetrics::default(),
         })
+    }
+
+    /// The policy in force now (one snapshot: set and hash together).
+    pub fn policy(&self) -> Arc<PolicySnapshot> {
+        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Puts `next` in force for every decision that starts from now on, and records the
+    /// switch (`policy_reloaded`, old and new hash). Decisions already under way finish
+    /// under the snapshot they took, and their records name it; held actions are answered
+    /// under the policy they were held under. Trust, ring, budgets and held requests carry
+    /// over (docs/adr/0014-policy-reload.md). `switched` runs at the switch, once the
+    /// records made so far are written and before the `policy_reloaded` record is (the
+    /// audit log's entries name the new policy from there on). Returns the hash that was
+    /// in force.
+    pub fn reload(&self, next: PolicySnapshot, switched: &dyn Fn(&str)) -> String {
+        let next = Arc::new(next);
+        let agent = self.agent();
+        // The sink first: a decision under the new policy cannot write its record before
+        // the switch is on record. (No path holds the policy's lock while it takes the sink's.)
+        let mut sink = lock(&self.sink);
+        let old = {
+            let mut slot = self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::replace(&mut *slot, Arc::clone(&next))
+        };
+        // File answers cached under the old policy are not the new policy's.
+        self.actuator.forget_file_answers();
+        sink.flush();
+        switched(&next.hash);
+        sink.write_value(&json!({
+            "time": now_secs(), "agent": agent.id, "event": "policy_reloaded", "old_policy": old.hash,
+            "policy": next.hash,
+        }));
+        sink.flush();
+        old.hash.clone()
     }
 
     /// The agent as the policy sees it now (ring and trust change over its life).
@@ -463,7 +519,8 @@ impl Evaluator {
         // needs the evaluator to answer it.
         let agent = self.agent();
         let (context, event) = self.context_of(&agent, &request);
-        let mut decision = self.policies.evaluate(&context, &self.opts);
+        let policy = self.policy();
+        let mut decision = policy.set.evaluate(&context, &self.opts);
         let mut state = lock(&self.state);
         let mut note = None;
         if let RequestKind::Exec { path, fileless, .. } = &request.kind {
@@ -510,6 +567,7 @@ impl Evaluator {
                 }
                 self.record(
                     &agent,
+                    &policy.hash,
                     request.pid,
                     event,
                     &context,
@@ -531,6 +589,7 @@ impl Evaluator {
                         plane: request.plane,
                         started,
                         exec_approval,
+                        policy: Arc::clone(&policy),
                     },
                 );
                 drop(state);
@@ -554,7 +613,7 @@ impl Evaluator {
                         }
                     }
                     if let RequestKind::File { identity: Some(identity), path, .. } = &request.kind {
-                        if self.file_cacheable && self.file_always_allowed(&agent, request.pid, path) {
+                        if policy.file_cacheable && self.file_always_allowed(&policy.set, &agent, request.pid, path) {
                             self.actuator.allow_file_always(*identity);
                         }
                     }
@@ -576,6 +635,7 @@ impl Evaluator {
                 // agt-jail being killed in between loses no decision that had an effect.
                 self.record(
                     &agent,
+                    &policy.hash,
                     request.pid,
                     event,
                     &context,
@@ -600,11 +660,11 @@ impl Evaluator {
     }
 
     /// Whether every access to `path` is allowed without a budget, so the answer can be cached.
-    fn file_always_allowed(&self, agent: &AgentFacts, pid: u32, path: &str) -> bool {
+    fn file_always_allowed(&self, set: &PolicySet, agent: &AgentFacts, pid: u32, path: &str) -> bool {
         let proc = self.proc_facts(pid);
         [(FileEvent::Open, "read"), (FileEvent::Write, "write"), (FileEvent::Write, "read_write")].iter().all(
             |(event, access)| {
-                let d = self.policies.evaluate(&context::file_context(agent, &proc, *event, path, access), &self.opts);
+                let d = set.evaluate(&context::file_context(agent, &proc, *event, path, access), &self.opts);
                 d.allowed && d.limit.is_none()
             },
         )
@@ -664,7 +724,19 @@ impl Evaluator {
         decision.allowed = allowed;
         decision.reason = format!("{} ({outcome})", decision.reason);
         // Recorded before the answer, as in `handle`.
-        self.record(&agent, p.pid, &p.event, &p.context, &decision, p.plane, outcome, p.started, Some(id), None);
+        self.record(
+            &agent,
+            &p.policy.hash,
+            p.pid,
+            &p.event,
+            &p.context,
+            &decision,
+            p.plane,
+            outcome,
+            p.started,
+            Some(id),
+            None,
+        );
         // As in `handle`: a denial's trust effects before the answer.
         if allowed {
             p.reply.answer(Answer::Allow);
@@ -846,7 +918,8 @@ impl Evaluator {
         }
         net.ctx.set_net(obs.event, obs.family, obs.protocol, obs.addr, obs.port, obs.domain);
         let what = || format!("{} to {}:{}", obs.event.as_str(), obs.addr, obs.port);
-        let (decision, outcome, note) = self.decide_kernel(net.ctx.value(), &what, obs.kernel);
+        let policy = self.policy();
+        let (decision, outcome, note) = self.decide_kernel(&policy.set, net.ctx.value(), &what, obs.kernel);
         let decision_json = decision_json(&mut net.decision, &decision);
         let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.metrics.decision(outcome, "kernel", obs.count, latency_us);
@@ -859,6 +932,7 @@ impl Evaluator {
             note,
             outcome,
             pid: obs.pid,
+            policy: &policy.hash,
         });
         drop(guard);
         self.after_kernel_verdict(obs.kernel, obs.pid, &decision, &what, obs.count);
@@ -871,10 +945,18 @@ impl Evaluator {
         let ctx = context::file_context(&agent, &proc, event, path, access);
         let what = || format!("{} of {path}", event.as_str());
         let started = Instant::now();
-        let (decision, outcome, note) = self.decide_kernel(&ctx, &what, kernel);
+        let policy = self.policy();
+        let (decision, outcome, note) = self.decide_kernel(&policy.set, &ctx, &what, kernel);
         let event_name = ctx["event"].as_str().unwrap_or("?");
-        let record =
-            RecordArgs { agent: &agent, pid, event: event_name, context: &ctx, decision: &decision, plane: "kernel" };
+        let record = RecordArgs {
+            agent: &agent,
+            policy: &policy.hash,
+            pid,
+            event: event_name,
+            context: &ctx,
+            decision: &decision,
+            plane: "kernel",
+        };
         self.write_record(record, outcome, started, None, note);
         self.after_kernel_verdict(kernel, pid, &decision, &what, 1);
     }
@@ -883,11 +965,12 @@ impl Evaluator {
     /// means, and a note when they differ.
     fn decide_kernel(
         &self,
+        set: &PolicySet,
         ctx: &Value,
         what: &dyn Fn() -> String,
         kernel: KernelVerdict,
     ) -> (Decision, &'static str, Option<&'static str>) {
-        let mut decision = self.policies.evaluate(ctx, &self.opts);
+        let mut decision = set.evaluate(ctx, &self.opts);
         let mut note = None;
         let outcome = match kernel {
             KernelVerdict::Allow => "allow",
@@ -947,6 +1030,7 @@ impl Evaluator {
     fn record(
         &self,
         agent: &AgentFacts,
+        policy: &str,
         pid: u32,
         event: &str,
         context: &Value,
@@ -957,7 +1041,7 @@ impl Evaluator {
         approval: Option<u64>,
         note: Option<&str>,
     ) {
-        let record = RecordArgs { agent, pid, event, context, decision, plane };
+        let record = RecordArgs { agent, policy, pid, event, context, decision, plane };
         self.write_record(record, outcome, started, approval, note);
     }
 
@@ -982,6 +1066,7 @@ impl Evaluator {
             decision: r.decision,
             matched_rule: r.decision.matched_rule.as_deref(),
             plane: r.plane,
+            policy: r.policy,
             outcome,
             latency_us,
             approval,
@@ -1022,6 +1107,7 @@ struct KernelRecord<'a> {
     note: Option<&'a str>,
     outcome: &'a str,
     pid: u32,
+    policy: &'a str,
 }
 
 /// The JSON of `decision`, serialised again only when it differs from the `last` one.
@@ -1039,6 +1125,7 @@ fn decision_json<'a>(last: &'a mut Option<(Decision, Vec<u8>)>, decision: &Decis
 /// What a record is about (the fields [`Record`] borrows).
 struct RecordArgs<'a> {
     agent: &'a AgentFacts,
+    policy: &'a str,
     pid: u32,
     event: &'a str,
     context: &'a Value,
@@ -1252,6 +1339,7 @@ rules:
         };
         let cfg = EvaluatorConfig {
             policies: Arc::new(set),
+            policy_hash: "sha256:a".into(),
             agent,
             approval_timeout: timeout,
             trust,
@@ -1581,7 +1669,7 @@ rules:
         let ctx =
             context::net_context(&ev.agent(), &proc, NetEvent::Connect, NetFamily::Inet, NetProto::Tcp, addr, 80, None);
         assert_eq!(records[0]["context"], ctx);
-        let decision = ev.policies.evaluate(&ctx, &ev.opts);
+        let decision = ev.policy().set.evaluate(&ctx, &ev.opts);
         let direct = serde_json::to_value(Record {
             seq: 0,
             time: 0.0,
@@ -1592,6 +1680,7 @@ rules:
             decision: &decision,
             matched_rule: decision.matched_rule.as_deref(),
             plane: "kernel",
+            policy: "sha256:a",
             outcome: "deny",
             latency_us: 0,
             approval: None,
@@ -1638,7 +1727,7 @@ rules:
             let ctx = context::net_context(&ev.agent(), &proc, event, family, protocol, addr, port, domain);
             assert_eq!(record["context"], ctx);
             assert_eq!(record["event"], event.as_str());
-            let decision = ev.policies.evaluate(&ctx, &ev.opts);
+            let decision = ev.policy().set.evaluate(&ctx, &ev.opts);
             assert_eq!(record["decision"], serde_json::to_value(&decision).unwrap());
             assert_eq!(record["matched_rule"], json!(decision.matched_rule));
             let disagree = record["outcome"] == "allow" && !decision.allowed;
@@ -1727,5 +1816,84 @@ rules:
         assert_eq!((f.pid, f.ppid, f.uid, f.comm.as_str()), (42, 7, 1000, "bash"));
         let missing = proc_facts(dir.path(), 43);
         assert_eq!(missing.comm, "");
+    }
+
+    #[test]
+    fn a_reload_under_a_stream_of_decisions_switches_every_decision_at_once() {
+        let (ev, _, lines) = evaluator(Duration::from_secs(60));
+        // B denies `ls`, which A allows; the budget rule keeps its name (and its count).
+        let b = POLICY.replace(
+            "rules:\n",
+            "rules:\n  - name: no-ls\n    condition: \"event == 'exec' and exec.argv contains 'ls'\"\n    action: deny\n    priority: 200\n",
+        );
+        let set_b = Arc::new(PolicySet::from_str("t.yaml", &b).unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let streams: Vec<_> = (0..4)
+            .map(|_| {
+                let (ev, stop) = (Arc::clone(&ev), Arc::clone(&stop));
+                thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        ask(&ev, exec(&["ls", "-l"])).recv().unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(ev.reload(PolicySnapshot::new(set_b, "sha256:b".into()), &|_| {}), "sha256:a");
+        assert_eq!(ev.policy().hash, "sha256:b");
+        thread::sleep(Duration::from_millis(50));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in streams {
+            assert!(s.join().unwrap() > 0);
+        }
+        // After the reload has returned, every new decision is B's.
+        assert_eq!(ask(&ev, exec(&["ls"])).recv().unwrap(), Answer::Deny);
+        let records = lines.records();
+        let switch = records.iter().position(|r| r["event"] == "policy_reloaded").unwrap();
+        assert_eq!(
+            (records[switch]["old_policy"].as_str(), records[switch]["policy"].as_str()),
+            (Some("sha256:a"), Some("sha256:b"))
+        );
+        let (mut a, mut b) = (0, 0);
+        for (i, r) in records.iter().enumerate().filter(|(i, _)| *i != switch) {
+            match r["policy"].as_str() {
+                Some("sha256:a") => {
+                    a += 1;
+                    assert_ne!(r["matched_rule"], "no-ls", "record {i} names A but was decided by B: {r}");
+                    assert!(i < switch || r["outcome"] != "deny" || r["decision"]["rate_limited"] == true, "{r}");
+                }
+                Some("sha256:b") => {
+                    b += 1;
+                    assert!(i > switch, "a record of B before the switch: {r}");
+                    assert_eq!(
+                        (r["matched_rule"].as_str(), r["outcome"].as_str()),
+                        (Some("no-ls"), Some("deny")),
+                        "{r}"
+                    );
+                }
+                _ => panic!("record {i} names no policy or another one: {r}"),
+            }
+        }
+        assert!(a > 0 && b > 0, "both policies decided ({a} under A, {b} under B)");
+    }
+
+    #[test]
+    fn a_held_action_is_answered_under_the_policy_it_was_held_under() {
+        let (ev, _, lines) = evaluator(Duration::from_secs(600));
+        let rx = ask(&ev, exec(&["git", "push"]));
+        let other = Arc::new(PolicySet::from_str("t.yaml", "name: t\nagents: ['*']\ndefault_action: deny\n").unwrap());
+        ev.reload(PolicySnapshot::new(other, "sha256:b".into()), &|_| {});
+        ev.approve(ev.pending()[0].0).unwrap();
+        assert_eq!(rx.recv().unwrap(), Answer::Allow);
+        let policies: Vec<(String, String)> = lines
+            .records()
+            .iter()
+            .map(|r| (r["event"].as_str().unwrap().to_string(), r["policy"].as_str().unwrap().to_string()))
+            .collect();
+        let expect = [("exec", "sha256:a"), ("policy_reloaded", "sha256:b"), ("exec", "sha256:a")];
+        assert_eq!(policies, expect.map(|(e, p)| (e.to_string(), p.to_string())));
     }
 }

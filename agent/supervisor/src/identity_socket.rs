@@ -35,7 +35,6 @@ pub struct IdentityFacts {
     /// The agent's cgroup, as `/proc/PID/cgroup` names it.
     pub cgroup: String,
     pub cgroup_id: u64,
-    pub policy_hash: String,
     pub proc_root: PathBuf,
 }
 
@@ -141,7 +140,8 @@ fn issue(line: &str, facts: &IdentityFacts, evaluator: &Evaluator) -> Result<(St
         ring: agent.ring,
         trust: agent.trust,
         tier: agent.tier,
-        policy_hash: facts.policy_hash.clone(),
+        // The policy in force now: a reload replaces it.
+        policy_hash: evaluator.policy().hash.clone(),
         cgroup_id: facts.cgroup_id,
     };
     let token = facts.identity.issue(audience, claims, SystemTime::now()).map_err(|e| e.to_string())?;
@@ -205,6 +205,7 @@ mod tests {
             Arc::new(AgentIdentity::from_secret(&[3; 32], "a1", "example.org", Duration::from_secs(60)).unwrap());
         let cfg = EvaluatorConfig {
             policies: Arc::new(policies),
+            policy_hash: "ab".repeat(32),
             agent: AgentFacts::new("a1", identity.did(), 2, 640, "s"),
             approval_timeout: Duration::from_secs(1),
             trust: TrustRules::default(),
@@ -218,7 +219,6 @@ mod tests {
             identity: Arc::clone(&identity),
             cgroup: cgroup.to_string(),
             cgroup_id: 77,
-            policy_hash: "ab".repeat(32),
             proc_root: PathBuf::from("/proc"),
         };
         let dir = tempfile::tempdir().unwrap();

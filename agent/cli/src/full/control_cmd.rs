@@ -1,9 +1,9 @@
-//! `agt-jail approve|deny|kill|demote|status`: talk to a running agent through its
+//! `agt-jail approve|deny|kill|demote|status|reload`: talk to a running agent through its
 //! control socket (see `agt_jail_supervisor::control`), or through the host daemon when
 //! it answers (docs/control-api.md).
 use std::{path::PathBuf, process::ExitCode};
 
-use agt_jail_daemon::proto::{request::Op, response::Body, AgentRef, Decide, Demote, Response};
+use agt_jail_daemon::proto::{request::Op, response::Body, AgentRef, AgentReload, Decide, Demote, Reload, Response};
 use agt_jail_supervisor::control;
 use clap::Args;
 
@@ -123,6 +123,109 @@ pub fn status(args: AgentArg) -> ExitCode {
 }
 
 #[derive(Args, Debug)]
+pub struct ReloadArgs {
+    /// The agent whose policy is reloaded (`agt-jail exec --agent NAME`); every running
+    /// agent under --policy when not given.
+    #[arg(long, value_name = "NAME", value_parser = agt_jail_cli::args::parse_agent_name)]
+    agent: Option<String>,
+
+    /// Directory of the agents' control sockets.
+    #[arg(long, value_name = "DIR", default_value = control::RUNTIME_DIR, hide = true)]
+    runtime_dir: PathBuf,
+}
+
+/// One line per agent reached; exit 0 when every policy is in force, 1 when an agent
+/// refused its policy (the error line is printed, its old policy stays in force), 125 when
+/// an agent could not be reached.
+pub fn reload(args: ReloadArgs) -> ExitCode {
+    let op = Op::Reload(Reload { agent: args.agent.clone().unwrap_or_default() });
+    let results: Vec<(AgentReload, u8)> = match daemon_cmd::through_daemon(op) {
+        Some(Ok(Response { body: Some(Body::Reloaded(r)) })) => r
+            .agents
+            .into_iter()
+            .map(|a| {
+                let code = if a.error.is_empty() { 0 } else { 1 };
+                (a, code)
+            })
+            .collect(),
+        Some(Ok(_)) => {
+            eprintln!("agt-jail: unexpected answer from the daemon");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+        Some(Err(code)) => return code,
+        None => {
+            let names = match &args.agent {
+                Some(name) => vec![name.clone()],
+                None => match socket_names(&args.runtime_dir) {
+                    Ok(names) => names,
+                    Err(code) => return code,
+                },
+            };
+            names.into_iter().map(|name| reload_one(&args.runtime_dir, name)).collect()
+        }
+    };
+    if results.is_empty() {
+        println!("agt-jail: no running agent under --policy");
+    }
+    let mut code = 0;
+    for (a, c) in results {
+        if a.error.is_empty() && a.old_policy == a.policy {
+            println!("agt-jail: agent {}: policy {} unchanged", a.agent, a.policy);
+        } else if a.error.is_empty() {
+            println!("agt-jail: agent {}: policy {} in force (was {})", a.agent, a.policy, a.old_policy);
+        } else {
+            // The agent's errors name it already ("agent A: …", "no running agent A: …").
+            if a.error.contains(&a.agent) {
+                eprintln!("agt-jail: {}", a.error);
+            } else {
+                eprintln!("agt-jail: agent {}: {}", a.agent, a.error);
+            }
+        }
+        code = code.max(c);
+    }
+    ExitCode::from(code)
+}
+
+/// `reload` on one agent's own control socket: its entry and the exit code it stands for.
+fn reload_one(dir: &std::path::Path, name: String) -> (AgentReload, u8) {
+    match control::request(dir, &name, "reload") {
+        Ok(answer) => {
+            let field = |k: &str| answer[k].as_str().unwrap_or_default().to_string();
+            (
+                AgentReload {
+                    old_policy: field("old_policy"),
+                    policy: field("policy"),
+                    agent: name,
+                    error: String::new(),
+                },
+                0,
+            )
+        }
+        Err(err @ control::ControlError::Refused { .. }) => {
+            (AgentReload { agent: name, error: err.to_string(), ..Default::default() }, 1)
+        }
+        Err(err) => (AgentReload { agent: name, error: err.to_string(), ..Default::default() }, EXIT_INTERNAL),
+    }
+}
+
+/// The agents with a control socket in `dir` (none when it does not exist).
+fn socket_names(dir: &std::path::Path) -> Result<Vec<String>, ExitCode> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            entries.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".sock").map(str::to_string)).collect()
+        }
+        // No directory: no agent has run since boot.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => {
+            eprintln!("agt-jail: cannot list {}: {err}", dir.display());
+            return Err(ExitCode::from(EXIT_INTERNAL));
+        }
+    };
+    names.sort();
+    Ok(names)
+}
+
+#[derive(Args, Debug)]
 pub struct PsArgs {
     /// Directory of the agents' control sockets.
     #[arg(long, value_name = "DIR", default_value = control::RUNTIME_DIR, hide = true)]
@@ -135,18 +238,10 @@ pub fn ps(args: PsArgs) -> ExitCode {
     if let Some(code) = daemon_cmd::ps() {
         return code;
     }
-    let mut names: Vec<String> = match std::fs::read_dir(&args.runtime_dir) {
-        Ok(entries) => {
-            entries.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".sock").map(str::to_string)).collect()
-        }
-        // No directory: no agent has run since boot.
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(err) => {
-            eprintln!("agt-jail: cannot list {}: {err}", args.runtime_dir.display());
-            return ExitCode::from(EXIT_INTERNAL);
-        }
+    let names = match socket_names(&args.runtime_dir) {
+        Ok(names) => names,
+        Err(code) => return code,
     };
-    names.sort();
     println!("{:<24} {:>4} {:>5} {:<16} {:<41} {:>8} {:>4}", "AGENT", "RING", "TRUST", "TIER", "DID", "CGROUP", "HELD");
     for name in names {
         match control::request(&args.runtime_dir, &name, "status") {

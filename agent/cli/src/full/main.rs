@@ -36,6 +36,10 @@ const CONTROL_EXIT: &str = "Exit status: 0 done; 1 the agent refused (no such he
 lower than its own); 125 bad flags or no running agent of that name (only `exec --policy` \
 creates the control socket).";
 
+const RELOAD_EXIT: &str = "Exit status: 0 every agent reached has the policy in its files in force; 1 an \
+agent refused its policy (the located error is printed; its old policy stays in force); 125 bad flags or \
+an agent that could not be reached.";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run one command in a fresh agent cgroup with kernel-enforced rules (needs root).
@@ -60,6 +64,10 @@ enum Command {
     /// Show a running agent's DID, cgroup, ring, trust, tier and held requests.
     #[command(after_help = CONTROL_EXIT)]
     Status(control_cmd::AgentArg),
+    /// Re-read the policy files of a running agent (every agent without --agent) and put
+    /// them in force atomically; a policy with an error is refused and the old one stays.
+    #[command(after_help = RELOAD_EXIT)]
+    Reload(control_cmd::ReloadArgs),
     /// List the running agents: ring, trust, tier, DID, cgroup id and held requests.
     Ps(control_cmd::PsArgs),
     /// An agent's identity: its public key (`key`), a token for it (`token`, from inside).
@@ -152,6 +160,7 @@ fn main() -> ExitCode {
         Command::Kill(args) => control_cmd::kill(args),
         Command::Demote(args) => control_cmd::demote(args),
         Command::Status(args) => control_cmd::status(args),
+        Command::Reload(args) => control_cmd::reload(args),
         Command::Ps(args) => control_cmd::ps(args),
         Command::Identity(cmd) => identity_cmd::run(cmd),
         Command::Audit(cmd) => audit_cmd::run(cmd),

@@ -73,6 +73,7 @@ fn agent() -> AgentFacts {
 fn evaluator(set: PolicySet, lines: &Lines, actuator: Arc<HostActuator>) -> Arc<Evaluator> {
     let cfg = EvaluatorConfig {
         policies: Arc::new(set),
+        policy_hash: "sha256:a".into(),
         agent: agent(),
         approval_timeout: Duration::from_secs(5),
         trust: TrustRules { penalty: 0, kill_below: 0, ..TrustRules::default() },
