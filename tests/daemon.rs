@@ -9,134 +9,20 @@
 
 use std::{
     net::TcpListener,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-use agt_jail_test_support::{require, Need};
+use agt_jail_test_support::{
+    daemon::{TestDaemon, TEST_GID},
+    require, Need,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
 
-/// A gid no account on the build machines uses, for the test's agt-jail group.
-const TEST_GID: u32 = 64_999;
-
-struct Daemon {
-    child: Option<Child>,
-    run_dir: PathBuf,
-    log: PathBuf,
-    group_file: PathBuf,
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-impl Daemon {
-    fn start(members: &str) -> Daemon {
-        Daemon::start_with(members, &[])
-    }
-
-    fn start_with(members: &str, env: &[(&str, &str)]) -> Daemon {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let run_dir = PathBuf::from(format!("/run/agt-jail/test-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&run_dir);
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let scratch = std::env::temp_dir().join(format!("agt-jail-daemon-test-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&scratch).unwrap();
-        let group_file = scratch.join("group");
-        std::fs::write(&group_file, format!("root:x:0:\nagt-jail:x:{TEST_GID}:{members}\n")).unwrap();
-        let mut daemon = Daemon { child: None, run_dir, log: scratch.join("daemon.log"), group_file };
-        daemon.spawn_with(env);
-        daemon
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.run_dir.join("agt.sock")
-    }
-
-    /// Starts (again) the daemon on the same runtime directory and waits until it answers.
-    fn spawn(&mut self) {
-        self.spawn_with(&[]);
-    }
-
-    fn spawn_with(&mut self, env: &[(&str, &str)]) {
-        let readies = self.log_text().matches("ready:").count();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(BIN)
-            .args(["daemon", "--run-dir"])
-            .arg(&self.run_dir)
-            .arg("--group-file")
-            .arg(&self.group_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .envs(env.iter().copied())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.log_text().matches("ready:").count() == readies {
-            assert!(Instant::now() < deadline, "daemon not ready: {}", self.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// `agt-jail ARGS` pointed at this daemon.
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).env("AGT_JAIL_SOCKET", self.socket());
-        cmd
-    }
-
-    fn ps(&self) -> String {
-        let out = self.cmd(&["ps"]).output().unwrap();
-        assert!(out.status.success(), "ps: {}", text(&out.stderr));
-        text(&out.stdout)
-    }
-
-    /// Waits until `ps` shows a line containing `needle`; returns the agent's name.
-    fn wait_listed(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ps = self.ps();
-            if let Some(line) = ps.lines().find(|l| l.contains(needle)) {
-                return line.split_whitespace().next().unwrap().to_string();
-            }
-            assert!(Instant::now() < deadline, "{needle} never listed:\n{ps}\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // A failed test leaves no agent behind: SIGTERM to every supervisor on record
-        // (each forwards it to its agent).
-        for entry in std::fs::read_dir(self.run_dir.join("agents")).into_iter().flatten().flatten() {
-            let record: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(entry.path()).unwrap_or_default()).unwrap_or_default();
-            if let Some(pid) = record["pid"].as_i64() {
-                // SAFETY: kill takes plain integers; the pid is a supervisor this test launched.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-        }
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: SIGTERM to our own child, which has not been waited for.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-    }
+fn start_daemon(members: &str) -> TestDaemon {
+    TestDaemon::start(BIN, members, &[])
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -159,7 +45,7 @@ fn a_launch_through_the_socket_returns_the_agents_output_and_exit_status() {
     if !require("daemon launch", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
         return;
     }
-    let daemon = Daemon::start("");
+    let daemon = start_daemon("");
     let out: Output = daemon
         .cmd(&["exec", "--ring", "2", "--", "/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"])
         .output()
@@ -186,7 +72,7 @@ fn the_list_shows_a_running_agent_and_kill_ends_it() {
     if !require("daemon list and kill", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
         return;
     }
-    let daemon = Daemon::start("");
+    let daemon = start_daemon("");
     let mut agent = daemon.cmd(&["exec", "--ring", "2", "--", "/bin/sleep", "3001"]).spawn().unwrap();
     let name = daemon.wait_listed("/bin/sleep 3001");
     assert!(name.starts_with("agent-"), "{name}");
@@ -215,7 +101,7 @@ fn another_uid_is_refused_with_a_clear_message_and_a_member_is_served() {
         agt_jail_test_support::program_missing("daemon peers", "no setpriv (util-linux) to run a client as uid 65534");
         return;
     };
-    let daemon = Daemon::start("");
+    let daemon = start_daemon("");
     let meta = std::fs::metadata(daemon.socket()).unwrap();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, TEST_GID, 0o660));
@@ -273,7 +159,7 @@ fn a_ring_2_jail_cannot_reach_the_socket() {
     if !require("daemon hidden from jails", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
         return;
     }
-    let daemon = Daemon::start("");
+    let daemon = start_daemon("");
     let probe = format!(
         "if [ -S {0} ]; then echo visible; else echo hidden; fi; ls -A /run/agt-jail",
         daemon.socket().display()
@@ -337,7 +223,7 @@ fn agents_outlive_a_kill_9_of_the_daemon_keep_enforcing_and_are_adopted() {
         return;
     }
     const AGENTS: usize = 10;
-    let mut daemon = Daemon::start("");
+    let mut daemon = start_daemon("");
     let port = listener();
     let dir = tempfile::tempdir().unwrap();
     let mut clients = Vec::new();
@@ -447,7 +333,7 @@ fn events_status_and_demote_go_through_the_daemon() {
     if !require("daemon events and control", &[Need::Root, Need::CgroupV2, Need::Landlock, Need::Btf]) {
         return;
     }
-    let daemon = Daemon::start("");
+    let daemon = start_daemon("");
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/coding-agent/policy.yaml");
@@ -528,7 +414,7 @@ fn signals_to_the_client_reach_the_agent_and_metrics_count() {
         return;
     }
     use agt_jail_daemon::proto::{request::Op, response::Body};
-    let daemon = Daemon::start("");
+    let daemon = start_daemon("");
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("ready");
     let script = format!("touch {}; while :; do sleep 0.1; done # sigtest", ready.display());
@@ -545,7 +431,7 @@ fn signals_to_the_client_reach_the_agent_and_metrics_count() {
     }
     // The supervisor is in a session of its own: only the client's forwarding reaches it.
     let metrics =
-        |daemon: &Daemon| match agt_jail_daemon::client::call(&daemon.socket(), Op::Metrics(Default::default()))
+        |daemon: &TestDaemon| match agt_jail_daemon::client::call(&daemon.socket(), Op::Metrics(Default::default()))
             .unwrap()
             .body
         {
@@ -580,8 +466,12 @@ fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     let notify = dir.path().join("notify");
     let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     listener.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut daemon =
-        Daemon::start_with("", &[("NOTIFY_SOCKET", notify.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
+    let mut daemon = TestDaemon::start_with(
+        BIN,
+        "",
+        &[],
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap()), ("WATCHDOG_USEC", "200000")],
+    );
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
     let mut next = || {
@@ -593,7 +483,7 @@ fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     assert_eq!(got[0], "READY=1", "{got:?}");
     got.push(next());
     assert_eq!(got[1], "WATCHDOG=1", "{got:?}");
-    let child = daemon.child.take().unwrap();
+    let child = daemon.take_child().unwrap();
     // SAFETY: SIGTERM to our own child, which has not been waited for.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let stopping = loop {

@@ -8,100 +8,24 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use agt_jail_test_support::{require, Need};
+use agt_jail_test_support::{daemon::TestDaemon, require, Need};
 use prometheus_parse::{Sample, Scrape, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
 
-struct Daemon {
-    child: Option<Child>,
-    run_dir: PathBuf,
-    log: PathBuf,
-    group_file: PathBuf,
+fn start_daemon() -> TestDaemon {
+    TestDaemon::start(BIN, "", &["--metrics-listen", "127.0.0.1:0"])
 }
 
-impl Daemon {
-    fn start(tag: &str) -> Daemon {
-        let run_dir = PathBuf::from(format!("/run/agt-jail/test-metrics-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&run_dir);
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let scratch = std::env::temp_dir().join(format!("agt-jail-metrics-test-{}-{tag}", std::process::id()));
-        std::fs::create_dir_all(&scratch).unwrap();
-        let group_file = scratch.join("group");
-        std::fs::write(&group_file, "root:x:0:\n").unwrap();
-        let _ = std::fs::remove_file(scratch.join("daemon.log"));
-        let mut daemon = Daemon { child: None, run_dir, log: scratch.join("daemon.log"), group_file };
-        daemon.spawn();
-        daemon
-    }
-
-    fn spawn(&mut self) {
-        let readies = self.log_text().matches("ready:").count();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(BIN)
-            .args(["daemon", "--metrics-listen", "127.0.0.1:0", "--run-dir"])
-            .arg(&self.run_dir)
-            .arg("--group-file")
-            .arg(&self.group_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.log_text().matches("ready:").count() == readies {
-            assert!(Instant::now() < deadline, "daemon not ready: {}", self.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The address the last start logged.
-    fn metrics_addr(&self) -> String {
-        let log = self.log_text();
-        let line = log.lines().rev().find(|l| l.starts_with("metrics on http://")).expect("no metrics line");
-        line.trim_start_matches("metrics on http://").trim_end_matches("/metrics").to_string()
-    }
-
-    fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).env("AGT_JAIL_SOCKET", self.run_dir.join("agt.sock"));
-        cmd
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for entry in std::fs::read_dir(self.run_dir.join("agents")).into_iter().flatten().flatten() {
-            let record: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(entry.path()).unwrap_or_default()).unwrap_or_default();
-            if let Some(pid) = record["pid"].as_i64() {
-                // SAFETY: kill takes plain integers; the pid is a supervisor this test launched.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-        }
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: SIGTERM to our own child, which has not been waited for.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-    }
+/// The address the daemon's last start logged for its metrics.
+fn metrics_addr(daemon: &TestDaemon) -> String {
+    let log = daemon.log_text();
+    let line = log.lines().rev().find(|l| l.starts_with("metrics on http://")).expect("no metrics line");
+    line.trim_start_matches("metrics on http://").trim_end_matches("/metrics").to_string()
 }
 
 /// `GET /metrics` over plain HTTP/1.1; the body, parsed, and its text.
@@ -156,7 +80,7 @@ fn the_metrics_endpoint_counts_decisions_and_a_restart() {
     if !require("daemon metrics", &[Need::Root, Need::CgroupV2, Need::Landlock, Need::Btf]) {
         return;
     }
-    let mut daemon = Daemon::start("main");
+    let mut daemon = start_daemon();
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
@@ -180,7 +104,7 @@ fn the_metrics_endpoint_counts_decisions_and_a_restart() {
         .unwrap();
 
     // Until the agent's last exec (sleep) was decided: the denies all come before it.
-    let addr = daemon.metrics_addr();
+    let addr = metrics_addr(&daemon);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (first, text) = loop {
         let (parsed, text) = scrape(&addr);
@@ -248,7 +172,7 @@ fn the_metrics_endpoint_counts_decisions_and_a_restart() {
     // kill -9 and a new daemon: one start more, one re-adoption, the agent's counters kept.
     daemon.kill9();
     daemon.spawn();
-    let (second, text) = scrape(&daemon.metrics_addr());
+    let (second, text) = scrape(&metrics_addr(&daemon));
     assert_eq!(sum(&second, "agt_jail_daemon_starts_total", &[]), 2.0, "{text}");
     assert_eq!(sum(&second, "agt_jail_readoptions_total", &[]), 1.0, "{text}");
     assert_eq!(sum(&second, "agt_jail_launches_total", &[]), 0.0, "{text}");
@@ -271,7 +195,7 @@ fn a_silent_agent_is_a_scrape_error_not_a_hang() {
     if !require("daemon metrics", &[Need::Root, Need::CgroupV2, Need::Landlock, Need::Btf]) {
         return;
     }
-    let daemon = Daemon::start("silent");
+    let daemon = start_daemon();
     let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/coding-agent/policy.yaml");
     let name = format!("msilent-{}", std::process::id());
     let mut client = daemon
@@ -281,7 +205,7 @@ fn a_silent_agent_is_a_scrape_error_not_a_hang() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let addr = daemon.metrics_addr();
+    let addr = metrics_addr(&daemon);
     let deadline = Instant::now() + Duration::from_secs(60);
     let record = daemon.run_dir.join("agents").join(format!("{name}.json"));
     loop {

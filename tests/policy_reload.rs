@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agt_jail_test_support::{require, Need};
+use agt_jail_test_support::{daemon::TestDaemon, require, Need};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agt-jail");
@@ -244,64 +244,14 @@ fn a_reload_under_a_stream_of_execs_switches_every_decision_at_once() {
     assert!(verify.status.success(), "audit verify: {} {}", text(&verify.stdout), text(&verify.stderr));
 }
 
-/// A daemon on a runtime directory of its own under /run/agt-jail.
-struct Daemon {
-    child: Child,
-    run_dir: PathBuf,
-    log: PathBuf,
-    _scratch: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let run_dir = PathBuf::from(format!("/run/agt-jail/reload-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&run_dir);
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let scratch = tempfile::tempdir().unwrap();
-        let group_file = scratch.path().join("group");
-        std::fs::write(&group_file, "root:x:0:\n").unwrap();
-        let log = scratch.path().join("daemon.log");
-        let child = Command::new(BIN)
-            .args(["daemon", "--run-dir"])
-            .arg(&run_dir)
-            .arg("--group-file")
-            .arg(&group_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let daemon = Daemon { child, run_dir, log, _scratch: scratch };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !daemon.log_text().contains("ready:") {
-            assert!(Instant::now() < deadline, "daemon not ready: {}", daemon.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        daemon
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: SIGTERM to our own child, which has not been waited for.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-    }
-}
-
 #[test]
 fn sighup_to_the_daemon_reloads_its_agents() {
     if !require("policy_reload::daemon", &[Need::Root, Need::CgroupV2, Need::Landlock]) {
         return;
     }
-    let daemon = Daemon::start();
+    let daemon = TestDaemon::start(BIN, "", &[]);
     let cli = Cli { socket: daemon.run_dir.join("agt.sock") };
-    let pid = daemon.child.id() as i32;
+    let pid = daemon.pid().unwrap() as i32;
     let dir = tempfile::tempdir().unwrap();
     scenario(&cli, dir.path(), "hup", &[], &|cli, name| {
         let before = cli.policy_hash(name);

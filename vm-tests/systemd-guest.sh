@@ -93,8 +93,8 @@ check unit_verifies verify_clean
 
 unit_loads() {
     local shown expected
-    shown=$(systemctl show agt-jail -p LoadState -p Type -p KillMode -p NotifyAccess -p RuntimeDirectoryPreserve -p ExecStart)
-    for expected in LoadState=loaded Type=notify KillMode=process NotifyAccess=main RuntimeDirectoryPreserve=yes "path=/usr/local/bin/agt-jail"; do
+    shown=$(systemctl show agt-jail -p LoadState -p Type -p KillMode -p NotifyAccess -p RuntimeDirectoryPreserve -p ExecStart -p ExecReload)
+    for expected in LoadState=loaded Type=notify KillMode=process NotifyAccess=main RuntimeDirectoryPreserve=yes "path=/usr/local/bin/agt-jail" "argv[]=/usr/local/bin/agt-jail reload"; do
         grep -qF -- "$expected" <<<"$shown" || { echo "no $expected in: $shown"; return 1; }
     done
 }
@@ -127,6 +127,17 @@ socket_mode() {
     [ "$said" = "660 root agt-jail socket" ] || { echo "/run/agt-jail/agt.sock: $said"; return 1; }
 }
 check control_socket_root_agt_jail_0660 socket_mode
+
+# `systemctl reload`: ExecReload= runs `agt-jail reload` through the daemon's Reload op; the
+# daemon stays the same process.
+reload_through_systemd() {
+    local before after
+    before=$(systemctl show agt-jail -p MainPID --value)
+    timeout 60 systemctl reload agt-jail || { journalctl -u agt-jail --no-pager -n 20 -o cat; return 1; }
+    after=$(systemctl show agt-jail -p MainPID --value)
+    [ "$before" = "$after" ] && systemctl is-active --quiet agt-jail || { echo "MainPID $before -> $after"; return 1; }
+}
+check systemctl_reload reload_through_systemd
 
 launch_through_daemon() {
     local out since

@@ -111,7 +111,7 @@ pub fn stage(root: &Path, prefix: &Path, bin_dir: &Path) -> Result<Vec<PathBuf>>
     Ok(placed)
 }
 
-/// The unit with `ExecStart=` naming `binary`.
+/// The unit with `ExecStart=` (and `ExecReload=`) naming `binary`.
 pub fn unit_for(binary: &Path) -> Result<String> {
     let binary = binary.to_str().with_context(|| format!("{} is not UTF-8", binary.display()))?;
     ensure!(
@@ -121,12 +121,14 @@ pub fn unit_for(binary: &Path) -> Result<String> {
     let mut found = 0;
     let text: String = UNIT
         .lines()
-        .map(|line| match line.strip_prefix("ExecStart=").and_then(|rest| rest.strip_prefix(UNIT_BINARY)) {
-            Some(args) => {
-                found += 1;
-                format!("ExecStart={binary}{args}\n")
+        .map(|line| {
+            for key in ["ExecStart=", "ExecReload="] {
+                if let Some(args) = line.strip_prefix(key).and_then(|rest| rest.strip_prefix(UNIT_BINARY)) {
+                    found += usize::from(key == "ExecStart=");
+                    return format!("{key}{binary}{args}\n");
+                }
             }
-            None => format!("{line}\n"),
+            format!("{line}\n")
         })
         .collect();
     if found != 1 {
@@ -183,6 +185,7 @@ mod tests {
     fn the_unit_points_at_the_prefix_and_nothing_else_changes() {
         let unit = unit_for(Path::new("/opt/agt/bin/agt-jail")).unwrap();
         assert!(unit.contains("\nExecStart=/opt/agt/bin/agt-jail daemon\n"), "{unit}");
+        assert!(unit.contains("\nExecReload=/opt/agt/bin/agt-jail reload\n"), "{unit}");
         assert!(!unit.contains(UNIT_BINARY));
         assert_eq!(unit.lines().count(), UNIT.lines().count());
         assert!(format!("{:#}", unit_for(Path::new("/opt/a b/agt-jail")).unwrap_err()).contains("whitespace"));

@@ -11,6 +11,8 @@
 //! A debug build of agt-jail takes a lower Landlock ABI than the kernel's from
 //! `AGT_JAIL_TEST_LANDLOCK_ABI` (tests only; `0`: as on a kernel without Landlock), so the
 //! paths of older kernels run on a newer one; the needs below ask the kernel itself.
+pub mod daemon;
+
 use std::{
     fs::OpenOptions,
     io::Write,
