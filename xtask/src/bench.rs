@@ -183,7 +183,7 @@ fn once(argv: &[String], cgroups: Option<&[(String, PathBuf)]>, run: usize) -> R
     Ok(elapsed)
 }
 
-/// What ring 2's routed namespace puts on the start path, read from the run itself
+/// What ring 2's routed namespace puts on the run's path, read from the run itself
 /// (`AGT_JAIL_DEBUG` lines): the end-to-end rows cannot resolve it, since the BPF load's
 /// spread is many times larger. Medians over `runs` runs of `argv` (release build).
 fn network_start_path(argv: &[String], runs: usize) -> Result<String> {
@@ -192,21 +192,24 @@ fn network_start_path(argv: &[String], runs: usize) -> Result<String> {
         let at = line.find(before)? + before.len();
         line[at..].split_whitespace().next()?.parse().ok()
     };
-    let (mut setup, mut waited, mut resolver, mut path) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut setup, mut waited, mut resolver, mut stopped, mut path) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let out = Command::new(&argv[0]).args(&argv[1..]).env("AGT_JAIL_DEBUG", "1").stdin(Stdio::null()).output()?;
         let text = String::from_utf8_lossy(&out.stderr);
-        let (Some(s), Some(w), Some(r)) = (
+        let (Some(s), Some(w), Some(r), Some(e)) = (
             micros(&text, "network was set up in "),
             micros(&text, "the launch waited "),
             micros(&text, "started in "),
+            micros(&text, "stopped in "),
         ) else {
             bail!("{} did not report its network timing: {text}", argv.join(" "));
         };
         setup.push(s);
         waited.push(w);
         resolver.push(r);
-        path.push(w + r);
+        stopped.push(e);
+        path.push(w + r + e);
     }
     let median = |v: Vec<f64>| quartiles(v)[1] / 1000.0;
     let worst = |mut v: Vec<f64>| {
@@ -214,14 +217,16 @@ fn network_start_path(argv: &[String], runs: usize) -> Result<String> {
         v.get(v.len() * 95 / 100).copied().unwrap_or(0.0) / 1000.0
     };
     Ok(format!(
-        "Ring 2's routed namespace on the start path, from the run's own timing (`AGT_JAIL_DEBUG`, {runs} runs, \
+        "Ring 2's routed namespace on the run's path, from the run's own timing (`AGT_JAIL_DEBUG`, {runs} runs, \
          medians): the set-up (namespace, veth pair, addresses, route, forwarding, the shared NAT table's \
          lookup) took {:.2} ms on its thread, beside the BPF load; the launch waited {:.3} ms for it; the \
-         agent's resolver started in {:.2} ms. On the start path: {:.2} ms (p95 {:.2} ms). At the end of a run \
-         nothing is undone on the exit path (the kernel deletes the pair with the namespace).\n\n",
+         agent's resolver started in {:.2} ms and stopped in {:.2} ms. On the run's path: {:.2} ms (p95 {:.2} \
+         ms). Nothing else of the network is undone on the exit path (the kernel deletes the pair with the \
+         namespace).\n\n",
         median(setup),
         median(waited),
         median(resolver),
+        median(stopped),
         median(path.clone()),
         worst(path),
     ))

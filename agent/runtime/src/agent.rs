@@ -604,7 +604,14 @@ impl Agent {
     pub fn ended(&mut self) {
         // The resolver's last records reach the sink before the pump drains it.
         if let Some(mut resolver) = self.resolver.take() {
+            let began = std::time::Instant::now();
             resolver.stop();
+            if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
+                agt_jail_jail::stderr_line!(
+                    "agt-jail: debug: the agent's resolver stopped in {} µs",
+                    began.elapsed().as_micros()
+                );
+            }
         }
         self.dns_stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.dns_thread.take() {
