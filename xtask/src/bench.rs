@@ -201,7 +201,7 @@ fn network_start_path(argv: &[String], runs: usize) -> Result<String> {
             micros(&text, "network was set up in "),
             micros(&text, "the launch waited "),
             micros(&text, "started in "),
-            micros(&text, "stopped in "),
+            micros(&text, "stop took "),
         ) else {
             bail!("{} did not report its network timing: {text}", argv.join(" "));
         };
@@ -220,8 +220,7 @@ fn network_start_path(argv: &[String], runs: usize) -> Result<String> {
         "Ring 2's routed namespace on the run's path, from the run's own timing (`AGT_JAIL_DEBUG`, {runs} runs, \
          medians): the set-up (namespace, veth pair, addresses, route, forwarding, the shared NAT table's \
          lookup) took {:.2} ms on its thread, beside the BPF load; the launch waited {:.3} ms for it; the \
-         agent's resolver started in {:.2} ms and stopped in {:.2} ms. On the run's path: {:.2} ms (p95 {:.2} \
-         ms). Nothing else of the network is undone on the exit path (the kernel deletes the pair with the \
+         agent's resolver started in {:.2} ms and stopped in {:.2} ms. On the run's path: {:.2} ms (p95 {:.2} ms). Nothing else of the network is undone on the exit path (the kernel deletes the pair with the \
          namespace).\n\n",
         median(setup),
         median(waited),

@@ -210,6 +210,10 @@ impl DnsProxy {
     }
 
     fn shutdown(&mut self) {
+        // Stopped already (`stop` and then the drop): nothing left to wake or join.
+        if self.threads.is_empty() {
+            return;
+        }
         self.stop.store(true, Ordering::SeqCst);
         // Wake the receiving thread now rather than at its next timeout (an agent's run
         // ends waiting for this): an empty datagram, which it drops once it sees the flag.

@@ -603,12 +603,14 @@ impl Agent {
     /// The command ended: stop deciding, before its cgroup goes.
     pub fn ended(&mut self) {
         // The resolver's last records reach the sink before the pump drains it.
+        // Stopped here, while the agent's namespace (and so the gateway the resolver's
+        // threads are woken through) still exists: the run drops it after `ended`.
         if let Some(mut resolver) = self.resolver.take() {
             let began = std::time::Instant::now();
             resolver.stop();
             if std::env::var_os("AGT_JAIL_DEBUG").is_some() {
                 agt_jail_jail::stderr_line!(
-                    "agt-jail: debug: the agent's resolver stopped in {} µs",
+                    "agt-jail: debug: the agent's resolver's stop took {} µs on the run's path",
                     began.elapsed().as_micros()
                 );
             }
