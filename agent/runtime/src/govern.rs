@@ -668,14 +668,26 @@ pub fn demoter(
         if agent.ring >= 3 {
             programs.deny_all_net(agent_id).map_err(io::Error::other)?;
         }
-        let caps = host_caps(agent.ring, confined, bpf_lsm);
-        let resolved = resolve(&plan::domains(&set));
         // Not strict: the agent is running; a plan that no longer compiles keeps the old tables.
-        let compiled = plan::compile(&set, agent, &caps, &resolved, false).map_err(io::Error::other)?;
+        let compiled = compile_for(&set, agent, confined, bpf_lsm, &resolve, false).map_err(io::Error::other)?;
         install_plan(&mut programs, agent_id, &compiled).map_err(io::Error::other)?;
         *lock(&current) = Some(compiled);
         Ok(())
     })
+}
+
+/// `set` compiled for the agent as it is now (its ring, on this host), with its domains
+/// resolved: what a demotion and a reload both install.
+fn compile_for(
+    set: &PolicySet,
+    agent: &AgentFacts,
+    confined: bool,
+    bpf_lsm: bool,
+    resolve: &DomainResolver,
+    strict: bool,
+) -> Result<Plan, plan::PlanError> {
+    let caps = host_caps(agent.ring, confined, bpf_lsm);
+    plan::compile(set, agent, &caps, &resolve(&plan::domains(set)), strict)
 }
 
 /// The kernel side of a reload: the new policy compiled for the agent as it is now
@@ -695,9 +707,7 @@ pub fn replanner(
 ) -> Replan {
     Box::new(move |agent: &AgentFacts, next: &Arc<PolicySet>| {
         let mut programs = lock(&programs);
-        let caps = host_caps(agent.ring, confined, bpf_lsm);
-        let resolved = resolve(&plan::domains(next));
-        let compiled = plan::compile(next, agent, &caps, &resolved, strict)
+        let compiled = compile_for(next, agent, confined, bpf_lsm, &resolve, strict)
             .map_err(|e| io::Error::other(format!("the policy cannot be enforced on this host: {e}")))?;
         if bpf_lsm && FilePlane.compile(&compiled) != lock(&current).as_ref().and_then(|p| FilePlane.compile(p)) {
             // The kernel's file hooks keep the tables they were started with.
