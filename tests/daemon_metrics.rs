@@ -180,13 +180,7 @@ fn the_metrics_endpoint_counts_decisions_and_a_restart() {
     assert_eq!(sum(&second, "agt_jail_decisions_total", &deny), DENIES as f64, "{text}");
     assert_eq!(sum(&second, "agt_jail_agent_scrape_errors_total", &[]), 0.0, "{text}");
 
-    let out = daemon.cmd(&["kill", "--agent", &name]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the killed agent's client never ended");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    daemon.kill_and_wait(&name, &mut client);
 }
 
 /// An agent whose supervisor does not answer is a scrape error, and the scrape still comes.
@@ -238,13 +232,7 @@ fn a_silent_agent_is_a_scrape_error_not_a_hang() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(sum(&parsed, "agt_jail_agent_scrape_errors_total", &[]), 1.0, "{text}");
     assert_eq!(sum(&parsed, "agt_jail_agents", &[("tier", "none")]), 1.0, "counted, without its tier:\n{text}");
-    let out = daemon.cmd(&["kill", "--agent", &name]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the killed agent's client never ended");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    daemon.kill_and_wait(&name, &mut client);
 }
 
 #[test]

@@ -96,7 +96,7 @@ fn spawn_governing_child(cgroup: &Path, bpffs: &Path, agent: u64, pin: bool) -> 
 
 /// The governing side, run only as the child of the tests below.
 #[test]
-#[ignore = "run in a child process by the pinned-enforcement tests"]
+#[ignore = "helper: run in a child process by pinned_enforcement_survives_kill_9_until_unpinned and without_pins_enforcement_ends_with_its_process"]
 fn child_governs_and_waits_to_be_killed() {
     let var = |name: &str| std::env::var(name).expect(name);
     let cgroup = PathBuf::from(var("AGT_JAIL_TEST_CGROUP"));

@@ -117,6 +117,17 @@ impl TestDaemon {
         cmd
     }
 
+    /// Kills agent `name` through this daemon and waits for its client to end.
+    pub fn kill_and_wait(&self, name: &str, client: &mut Child) {
+        let out = self.cmd(&["kill", "--agent", name]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the killed agent's client never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `agt-jail ps` through this daemon.
     pub fn ps(&self) -> String {
         let out = self.cmd(&["ps"]).output().unwrap();
